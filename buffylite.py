@@ -1,0 +1,2 @@
+"""buffylite."""
+__version__ = "0.1.0"
