@@ -1,2 +1,2581 @@
-"""buffylite."""
+"""buffylite: a versioning HTTP download cache in one SQLite file.
+
+buffylite downloads a URL once, keeps every version of its content in a single
+SQLite file, and hands back the right version on every later call: the newest
+one, a pinned one, a tagged one, the one that was current last Tuesday. When
+the origin changes, breaks, rate-limits or disappears, the last good version is
+still there. It is the serverless descendant of Buffy (PyPI ``DZDBuffy``) and
+keeps Buffy's model: versions, pins, tags, re-caching strategies and a garbage
+collector, with no server to run::
+
+    import buffylite
+
+    resp = buffylite.fetch("https://example.org/ontology.owl")
+    print(resp.version, resp.outcome)          # 20261129084211123456 downloaded
+    with resp.open() as stream:                # streamed from SQLite
+        header = stream.read(1024)
+
+Runtime dependencies: pydantic >= 2.5, urllib3 >= 2.0, peewee >= 3.17.
+Optional: croniter (``buffylite[cron]``) for the ``cron`` strategy, tqdm
+(``buffylite[progress]``) for a nicer command-line progress bar.
+
+Homepage: https://github.com/buffylite/buffylite
+SPDX-License-Identifier: MIT
+
+Design notes (choices the specification leaves open):
+
+- The version chain (``previous_version``/``next_version``) is derived from the
+  ordered ``ready`` versions of a request each time a ``Response`` is built,
+  never stored, so it cannot disagree with the rows it describes.
+- A version string is stamped when the row reaches its final state (ready,
+  duplicate or failed), bumped past every version the request already has, so a
+  resumed download never lands behind a newer one.
+- A download lease lives on the ``wait``/``in_progress`` version row (owner +
+  expiry). A row whose lease expired is abandoned: a later ``fetch`` of the same
+  request resumes its partial content when the origin still validates it, and
+  ``gc()`` reclaims it otherwise.
+- A failed download keeps no content; a cancelled one (``progress`` raised)
+  keeps its partial content on an abandoned row for a later resume.
+- Sensitive header values are replaced by an HMAC-SHA256 digest keyed with a
+  random salt stored in the cache file. Requests carrying them cannot be
+  replayed by ``refresh()`` (their values are not stored); they report
+  ``"error"`` there.
+- ``expected_hash`` with no matching cached version makes a download due, even
+  under a strategy that would otherwise serve the cache.
+- ``VerifyReport.checked`` counts distinct contents re-hashed.
+- ``stats()["content_bytes"]`` counts complete contents; bytes of partial
+  downloads kept for resume are reported as ``partial_bytes``.
+"""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------------------
+# Imports
+# ---------------------------------------------------------------------------
+
+import argparse
+import bisect
+import contextlib
+import datetime as dt
+import email.message
+import email.utils
+import hashlib
+import hmac
+import io
+import json
+import logging
+import mimetypes
+import os
+import pathlib
+import random
+import secrets
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+from typing import Annotated, Any, Callable, Iterator, Literal, Optional, Union
+
+import peewee
+import pydantic
+import urllib3
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints
+from urllib3.util.retry import Retry
+
+try:  # optional extra: buffylite[cron]
+    import croniter as _croniter
+except ImportError:  # pragma: no cover - depends on the environment
+    _croniter = None
+
+try:  # optional extra: buffylite[progress]
+    import tqdm as _tqdm
+except ImportError:  # pragma: no cover - depends on the environment
+    _tqdm = None
+
 __version__ = "0.1.0"
+
+__all__ = sorted([
+    "BuffyliteError",
+    "Cache",
+    "CacheFileError",
+    "FetchError",
+    "GCReport",
+    "IntegrityError",
+    "InvalidRequestError",
+    "NotCachedError",
+    "ReCachingStrategy",
+    "RefreshResult",
+    "Request",
+    "RequestCacheConfiguration",
+    "Response",
+    "ResponseContentAttributes",
+    "ResponseDownloadStats",
+    "VerifyReport",
+    "fetch",
+    "main",
+])
+
+#: The library's logger. A literal name: under ``python -m`` ``__name__`` is ``__main__``.
+log = logging.getLogger("buffylite")
+log.addHandler(logging.NullHandler())
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+#: Seconds for connecting and for each read of the origin.
+DEFAULT_TIMEOUT_SEC = 30.0
+#: Retries after the first attempt of a download.
+DEFAULT_RETRIES = 5
+#: Cap, in seconds, on any single backoff or Retry-After wait.
+DEFAULT_MAX_RETRY_WAIT_SEC = 120.0
+#: Lifetime of an in-flight download's lease; renewed while bytes arrive.
+DEFAULT_DOWNLOAD_LEASE_SEC = 30.0
+#: First backoff wait; doubled on every further retry (with jitter).
+BACKOFF_BASE_SEC = 0.5
+#: Redirects followed before a download fails as a redirect loop.
+MAX_REDIRECTS = 10
+#: Group of requests fetched without ``group=``.
+DEFAULT_GROUP = "DEFAULT_GROUP"
+#: hashlib algorithm used when a request names none.
+DEFAULT_HASH_TYPE = "sha256"
+#: Content is stored in rows of this size. 1 MiB keeps the row count of large
+#: files low (fewer commits while writing, fewer lookups while reading) while a
+#: chunk in memory stays small.
+DEFAULT_CHUNK_SIZE_BYTES = 1 << 20
+#: Largest single read from the socket; progress and lease renewal run between reads.
+READ_SIZE_BYTES = 256 << 10
+#: How long SQLite waits for a lock held by another connection before failing.
+BUSY_TIMEOUT_SEC = 60.0
+#: Shortest and longest pause while polling another process's download.
+WAIT_POLL_MIN_SEC = 0.02
+WAIT_POLL_MAX_SEC = 0.5
+#: Version of the file layout; see ``_MIGRATIONS``.
+SCHEMA_VERSION = 1
+#: SQLite ``application_id`` marking a buffylite file ("BUFY").
+APPLICATION_ID = 0x42554659
+#: Size, in bytes, to which SQLite truncates the WAL file after a checkpoint.
+WAL_SIZE_LIMIT_BYTES = 64 << 20
+
+#: HTTP methods ``fetch`` accepts (stored lower-case).
+HTTP_METHODS = ("get", "post", "put")
+#: Life cycle of a version row (Buffy's meanings).
+VERSION_STATUSES = ("wait", "in_progress", "ready", "duplicate", "failed")
+#: Statuses of a download that is still running (or died while running).
+IN_FLIGHT_STATUSES = ("wait", "in_progress")
+#: Reasons the garbage collector removes a version row, as reported in GCReport.
+GC_REASONS = ("unpinned", "pinned", "duplicate", "failed", "abandoned")
+#: Status codes that are retried with backoff (and Retry-After).
+RETRY_STATUS_CODES = frozenset({429, 500, 502, 503, 504})
+#: Request headers always kept out of the cache file in clear.
+SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+#: Values of ``$BUFFYLITE_OFFLINE`` that mean offline (any case).
+OFFLINE_ENV_VALUES = frozenset({"1", "true", "yes", "on"})
+#: Name given to a saved file when nothing better is known.
+FALLBACK_FILENAME = "download"
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+class BuffyliteError(Exception):
+    """Base class of every error buffylite raises on purpose."""
+
+
+class FetchError(BuffyliteError):
+    """A download failed and no cached version could be served instead.
+
+    Attributes: ``url``; ``status_code`` (the origin's last HTTP status, or
+    ``None`` when no response arrived); ``cause`` (the underlying exception or
+    a short description).
+    """
+
+    def __init__(self, message: str, *, url: str, status_code: int | None = None,
+                 cause: object = None):
+        super().__init__(message)
+        self.url = url
+        self.status_code = status_code
+        self.cause = cause
+
+    def __reduce__(self):
+        return (_rebuild_fetch_error, (self.args[0], self.url, self.status_code, str(self.cause)))
+
+
+def _rebuild_fetch_error(message, url, status_code, cause):
+    return FetchError(message, url=url, status_code=status_code, cause=cause)
+
+
+class NotCachedError(BuffyliteError, LookupError):
+    """No version matching the call is in the cache (and none may be downloaded)."""
+
+
+class IntegrityError(BuffyliteError):
+    """Content does not match the hash it was expected to have."""
+
+
+class CacheFileError(BuffyliteError):
+    """The cache file cannot be used: not a buffylite file, corrupt, or from a newer version.
+
+    Attribute ``path``: the file concerned.
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike):
+        super().__init__(message)
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (_rebuild_cache_file_error, (self.args[0], self.path))
+
+
+def _rebuild_cache_file_error(message, path):
+    return CacheFileError(message, path=path)
+
+
+class InvalidRequestError(BuffyliteError, ValueError):
+    """An argument is invalid; nothing was written to the cache."""
+
+
+# ---------------------------------------------------------------------------
+# Small pure helpers
+# ---------------------------------------------------------------------------
+
+
+def _now() -> float:
+    """Current time as a Unix timestamp (the unit of every stored time)."""
+    return time.time()
+
+
+def _to_datetime(timestamp: float | None) -> dt.datetime | None:
+    """Unix timestamp -> aware UTC datetime (``None`` stays ``None``)."""
+    if timestamp is None:
+        return None
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
+
+
+def _format_version(moment: dt.datetime) -> str:
+    """Aware UTC datetime -> the 20-digit version string ``YYYYMMDDhhmmssffffff``."""
+    return moment.strftime("%Y%m%d%H%M%S%f")
+
+
+def _next_version_string(timestamp: float, newest_existing: str | None) -> str:
+    """A version string for ``timestamp``, bumped by 1 µs steps past ``newest_existing``."""
+    moment = _to_datetime(timestamp)
+    candidate = _format_version(moment)
+    if newest_existing is not None and candidate <= newest_existing:
+        parsed = dt.datetime.strptime(newest_existing, "%Y%m%d%H%M%S%f")
+        candidate = _format_version(parsed + dt.timedelta(microseconds=1))
+    return candidate
+
+
+def _is_offline_from_env() -> bool:
+    """True when ``$BUFFYLITE_OFFLINE`` says offline."""
+    return os.environ.get("BUFFYLITE_OFFLINE", "").strip().lower() in OFFLINE_ENV_VALUES
+
+
+def _default_cache_path() -> pathlib.Path:
+    """``$BUFFYLITE_CACHE``, else the platform's user cache directory / buffylite / cache.sqlite3."""
+    override = os.environ.get("BUFFYLITE_CACHE")
+    if override:
+        return pathlib.Path(override).expanduser()
+    home = pathlib.Path.home()
+    if sys.platform == "win32":
+        base = pathlib.Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = home / "Library" / "Caches"
+    else:
+        base = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache")
+    return base / "buffylite" / "cache.sqlite3"
+
+
+def _check_hash_type(name: str) -> str:
+    """Return ``name`` lower-cased if hashlib knows it, else raise InvalidRequestError."""
+    normalized = name.lower()
+    if normalized not in hashlib.algorithms_available:
+        raise InvalidRequestError(
+            f"Unknown hash type {name!r}; use a hashlib algorithm such as 'sha256'.")
+    if normalized.startswith("shake_"):
+        raise InvalidRequestError(f"Hash type {name!r} has no fixed digest size; use e.g. 'sha256'.")
+    return normalized
+
+
+def _parse_expected_hash(value: str) -> tuple[str | None, str]:
+    """``"sha256:<hex>"`` or ``"<hex>"`` -> (algorithm or None, lower-case hex)."""
+    algorithm, sep, digest = value.strip().rpartition(":")
+    digest = digest.lower()
+    if not digest or any(char not in "0123456789abcdef" for char in digest):
+        raise InvalidRequestError(
+            f"expected_hash {value!r} is not '<algorithm>:<hex digest>' or '<hex digest>'.")
+    return (_check_hash_type(algorithm) if sep else None), digest
+
+
+def _check_url(url: str) -> str:
+    """Return ``url`` if it is an absolute http(s) URL, else raise InvalidRequestError."""
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidRequestError(f"URL must be a non-empty string, got {url!r}.")
+    url = url.strip()
+    try:
+        parsed = urllib3.util.parse_url(url)
+    except urllib3.exceptions.LocationParseError as exc:
+        raise InvalidRequestError(f"URL {url!r} cannot be parsed: {exc}.") from exc
+    if (parsed.scheme or "").lower() not in ("http", "https"):
+        raise InvalidRequestError(f"URL {url!r} is not http or https; only those are fetched.")
+    if not parsed.host:
+        raise InvalidRequestError(f"URL {url!r} has no host.")
+    return url
+
+
+def _sanitize_filename(name: str | None) -> str | None:
+    """A bare file name safe to join under a directory, or None when nothing usable is left.
+
+    Keeps only the last path component (either slash), drops control characters and
+    leading dots, so the result can never name a parent, an absolute path or a hidden file.
+    """
+    if not name:
+        return None
+    last = name.replace("\\", "/").rsplit("/", 1)[-1]
+    cleaned = "".join(char for char in last if char.isprintable() and char not in ':*?"<>|')
+    cleaned = cleaned.strip().lstrip(".").strip()
+    return cleaned[:255] or None
+
+
+def _filename_from_content_disposition(value: str | None) -> str | None:
+    """File name from a Content-Disposition header; ``filename*`` wins over ``filename`` (RFC 6266)."""
+    if not value:
+        return None
+    message = email.message.Message()
+    message["Content-Disposition"] = value
+    plain = extended = None
+    for key, param in message.get_params(header="content-disposition", failobj=[])[1:]:
+        if key.lower() != "filename":
+            continue
+        if isinstance(param, tuple):  # filename*=charset'lang'value, RFC 2231/5987
+            extended = email.utils.collapse_rfc2231_value(param)
+        else:
+            plain = param
+    return extended or plain or None
+
+
+def _guess_filename(content_disposition: str | None, url: str, media_type: str | None) -> str | None:
+    """Content-Disposition, else the last URL path segment, else ``download`` + the media type's extension."""
+    name = _sanitize_filename(_filename_from_content_disposition(content_disposition))
+    if name:
+        return name
+    path = urllib.parse.urlsplit(url).path
+    name = _sanitize_filename(urllib.parse.unquote(path.rsplit("/", 1)[-1]))
+    if name:
+        return name
+    extension = mimetypes.guess_extension(media_type) if media_type else None
+    return FALLBACK_FILENAME + extension if extension else None
+
+
+def _parse_http_date(value: str | None) -> float | None:
+    """HTTP date header -> Unix timestamp, or None when absent or unparsable."""
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _canonical_json(value: Any) -> str:
+    """Stable JSON text: sorted keys, no spaces; used for identities and stored dicts."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _encode_body(body: dict | list | bytes | str | None) -> tuple[str | None, bytes | None]:
+    """fetch(body=...) -> (kind, bytes sent). Kinds: ``json``, ``text``, ``bytes``."""
+    if body is None:
+        return None, None
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        return "bytes", bytes(body)
+    if isinstance(body, str):
+        return "text", body.encode("utf-8")
+    if isinstance(body, (dict, list)):
+        return "json", _canonical_json(body).encode("utf-8")
+    raise InvalidRequestError(f"body must be a dict (sent as JSON), bytes or str, not {type(body).__name__}.")
+
+
+def _decode_body(kind: str | None, raw: bytes | None) -> Any:
+    """Inverse of ``_encode_body`` for the stored request body."""
+    if kind is None or raw is None:
+        return None
+    if kind == "json":
+        return json.loads(raw)
+    if kind == "text":
+        return raw.decode("utf-8")
+    return bytes(raw)
+
+
+def _charset_of(media_type_header: str | None) -> str | None:
+    """The ``charset`` parameter of a Content-Type header, if any."""
+    if not media_type_header:
+        return None
+    message = email.message.Message()
+    message["Content-Type"] = media_type_header
+    return message.get_content_charset()
+
+
+# ---------------------------------------------------------------------------
+# Data model (pydantic), with Buffy's names
+# ---------------------------------------------------------------------------
+
+Tag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{2,64}$")]
+_TAG_ADAPTER = pydantic.TypeAdapter(Tag)
+
+
+class _Model(BaseModel):
+    """Base of the public models: unknown fields are an error, not silently kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Strategy(_Model):
+    """Base of the strategy models; ``strategy_name`` discriminates them."""
+
+    strategy_name: str
+
+
+class ReCachingStrategy:
+    """When ``fetch`` downloads again instead of serving the newest cached version (SPEC §6).
+
+    Build one with the constructors, as in Buffy::
+
+        ReCachingStrategy.never()
+        ReCachingStrategy.age(seconds=3600)
+        ReCachingStrategy.when_requested()
+        ReCachingStrategy.when_remote_changed(check_interval_sec=21600, fallback_max_age_sec=86400)
+        ReCachingStrategy.cron(cron="0 0 * * *", run_at_start=True)   # needs buffylite[cron]
+
+    Each returns a pydantic model whose ``strategy_name`` discriminates it; a
+    ``RequestCacheConfiguration`` also accepts the equivalent dict.
+    """
+
+    @staticmethod
+    def never() -> "NeverStrategy":
+        """Download once; serve the cached version forever after."""
+        return NeverStrategy()
+
+    @staticmethod
+    def age(seconds: float = 3600) -> "AgeStrategy":
+        """Download again when the newest version was last validated more than ``seconds`` ago."""
+        return AgeStrategy(seconds=seconds)
+
+    @staticmethod
+    def when_requested() -> "WhenRequestedStrategy":
+        """Download on every fetch; serve the cached version if that fails."""
+        return WhenRequestedStrategy()
+
+    @staticmethod
+    def when_remote_changed(check_interval_sec: float = 21600,
+                            fallback_max_age_sec: float = 86400) -> "WhenRemoteChangedStrategy":
+        """Ask the origin (conditional GET) at most every ``check_interval_sec``; without
+        ETag/Last-Modified behave as ``age(fallback_max_age_sec)``."""
+        return WhenRemoteChangedStrategy(check_interval_sec=check_interval_sec,
+                                         fallback_max_age_sec=fallback_max_age_sec)
+
+    @staticmethod
+    def cron(cron: str = "0 0 * * *", run_at_start: bool = True) -> "CronStrategy":
+        """Download when a tick of the cron expression passed since the last validation;
+        with ``run_at_start`` also once per opened Cache. Needs ``buffylite[cron]``."""
+        return CronStrategy(cron=cron, run_at_start=run_at_start)
+
+
+class NeverStrategy(_Strategy):
+    """Serve the cached version forever."""
+
+    strategy_name: Literal["never"] = "never"
+
+
+class AgeStrategy(_Strategy):
+    """Download again once the newest version is older than ``seconds``."""
+
+    strategy_name: Literal["age"] = "age"
+    seconds: float = Field(3600, ge=0)
+
+
+class WhenRequestedStrategy(_Strategy):
+    """Download on every fetch (stale-if-error)."""
+
+    strategy_name: Literal["when_requested"] = "when_requested"
+
+
+class WhenRemoteChangedStrategy(_Strategy):
+    """Conditional GET at most every ``check_interval_sec``."""
+
+    strategy_name: Literal["when_remote_changed"] = "when_remote_changed"
+    check_interval_sec: float = Field(21600, ge=0)
+    fallback_max_age_sec: float = Field(86400, ge=0)
+
+
+class CronStrategy(_Strategy):
+    """Download on the ticks of a cron expression (needs ``buffylite[cron]``)."""
+
+    strategy_name: Literal["cron"] = "cron"
+    cron: str = "0 0 * * *"
+    run_at_start: bool = True
+
+    @pydantic.field_validator("cron")
+    @classmethod
+    def _check_expression(cls, value: str) -> str:
+        if _croniter is not None and not _croniter.croniter.is_valid(value):
+            raise ValueError(f"{value!r} is not a valid cron expression")
+        return value
+
+
+AnyStrategy = Annotated[
+    Union[NeverStrategy, AgeStrategy, WhenRequestedStrategy, WhenRemoteChangedStrategy, CronStrategy],
+    Field(discriminator="strategy_name"),
+]
+
+
+class RequestCacheConfiguration(_Model):
+    """How a request is cached: the re-caching strategy and how many versions the GC keeps (SPEC §5)."""
+
+    recaching_strategy: AnyStrategy = Field(default_factory=WhenRemoteChangedStrategy)
+    max_cached_unpinned_versions: int = Field(2, ge=1)
+    max_cached_pinned_versions: int = Field(10, ge=0)
+
+
+class Request(_Model):
+    """A stored request: what ``fetch`` asks the origin for (Buffy's field names)."""
+
+    id: int
+    url: str
+    http_method: str = "get"
+    http_header_fields: dict[str, str] = Field(default_factory=dict)
+    http_query_params: Optional[dict[str, Any]] = None
+    http_request_body: Any = None
+    group_name: str = DEFAULT_GROUP
+    description: Optional[str] = None
+    documentation_link: Optional[str] = None
+    validation_hash_type: str = DEFAULT_HASH_TYPE
+    cache_configuration: RequestCacheConfiguration = Field(default_factory=RequestCacheConfiguration)
+
+
+class ResponseContentAttributes(_Model):
+    """What the origin's headers said about the content."""
+
+    media_type: Optional[str] = None
+    etag: Optional[str] = None
+    content_size_bytes: Optional[int] = Field(None, ge=0)
+    last_modified_datetime_utc: Optional[dt.datetime] = None
+    filename: Optional[str] = None
+    content_disposition: Optional[str] = None
+
+
+class ResponseDownloadStats(_Model):
+    """How the download of a version went."""
+
+    downloaded_bytes: int = Field(0, ge=0)
+    avg_bytes_per_sec: float = Field(0.0, ge=0)
+    download_running_duration_sec: float = Field(0.0, ge=0)
+    download_start_time_unix_ts: Optional[float] = None
+    total_bytes_to_download: Optional[int] = Field(None, ge=0)
+    state: Optional[str] = None
+    error: Optional[str] = None
+
+
+class Response(_Model):
+    """One version of a request's content, as stored (SPEC §4).
+
+    The content itself stays in the cache file: ``read()``, ``open()``, ``text()``,
+    ``json()`` and ``save_to()`` fetch it through the ``Cache`` that produced this
+    object. ``outcome`` (not stored) says how this object came back from the call
+    that returned it: ``downloaded``, ``not_modified``, ``duplicate``, ``stale``,
+    ``offline`` or ``cached``.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+    id: int
+    request_id: int
+    url: str
+    version: str = Field(pattern=r"^\d{20}$")
+    previous_version: Optional[str] = None
+    next_version: Optional[str] = None
+    status: Literal["wait", "in_progress", "ready", "duplicate", "failed"]
+    cached_datetime_utc: Optional[dt.datetime] = None
+    validated_datetime_utc: Optional[dt.datetime] = None
+    request_datetime_utc: Optional[dt.datetime] = None
+    pinned: bool = False
+    pinned_until_utc: Optional[dt.datetime] = None
+    tags: list[Tag] = Field(default_factory=list)
+    content_hash_hex: Optional[str] = None
+    content_attributes: ResponseContentAttributes = Field(default_factory=ResponseContentAttributes)
+    download_stats: ResponseDownloadStats = Field(default_factory=ResponseDownloadStats)
+    outcome: Optional[Literal["downloaded", "not_modified", "duplicate", "stale", "offline", "cached"]] = None
+
+    _cache: Any = PrivateAttr(default=None)
+    _content_id: Optional[int] = PrivateAttr(default=None)
+
+    @property
+    def is_pinned(self) -> bool:
+        """True when permanently pinned or while a lease runs."""
+        return self.pinned or (self.pinned_until_utc is not None
+                               and self.pinned_until_utc.timestamp() > _now())
+
+    def _require_content(self) -> tuple["Cache", int]:
+        if self._cache is None or self._content_id is None:
+            raise NotCachedError(f"Version {self.version} of {self.url} has no stored content "
+                                 f"(status {self.status}).")
+        return self._cache, self._content_id
+
+    def read(self) -> bytes:
+        """The whole content as bytes (for large content prefer ``open()``)."""
+        cache, content_id = self._require_content()
+        return cache._store.read_content(content_id)
+
+    def open(self) -> "_ContentStream":
+        """A binary file-like object streaming the content from SQLite in bounded memory.
+
+        Use it as a context manager. It reads from a snapshot: it stays readable until
+        closed even if another thread or process deletes this version meanwhile.
+        """
+        cache, content_id = self._require_content()
+        return cache._store.open_content(content_id)
+
+    def text(self, encoding: str | None = None) -> str:
+        """The content decoded with ``encoding``, else the Content-Type charset, else UTF-8."""
+        charset = encoding or _charset_of(self.content_attributes.media_type) or "utf-8"
+        return self.read().decode(charset)
+
+    def json(self) -> Any:
+        """The content parsed as JSON."""
+        return json.loads(self.read())
+
+    def save_to(self, target: str | os.PathLike | io.IOBase | None = None, *,
+                dir: str | os.PathLike | None = None) -> pathlib.Path | None:  # noqa: A002 - SPEC name
+        """Write the content to a path, a writable binary file, or a directory.
+
+        ``target`` a path: written atomically (temporary file + rename), the path is
+        returned. ``target`` a file object: the bytes are written to it, ``None`` is
+        returned. ``dir``: the file is named from ``content_attributes.filename``,
+        sanitised so it can never leave ``dir`` (fallback ``download``).
+        Raises InvalidRequestError when neither or both of ``target``/``dir`` are given.
+        """
+        if (target is None) == (dir is None):
+            raise InvalidRequestError("save_to() needs exactly one of target or dir=.")
+        cache, content_id = self._require_content()
+        if hasattr(target, "write"):
+            with cache._store.open_content(content_id) as stream:
+                for piece in iter(lambda: stream.read(DEFAULT_CHUNK_SIZE_BYTES), b""):
+                    target.write(piece)
+            return None
+        if dir is not None:
+            directory = pathlib.Path(dir)
+            directory.mkdir(parents=True, exist_ok=True)
+            name = _sanitize_filename(self.content_attributes.filename) or FALLBACK_FILENAME
+            path = directory / name
+        else:
+            path = pathlib.Path(target)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(prefix=".buffylite-", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as output, cache._store.open_content(content_id) as stream:
+                for piece in iter(lambda: stream.read(DEFAULT_CHUNK_SIZE_BYTES), b""):
+                    output.write(piece)
+            os.replace(temp_name, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp_name)
+            raise
+        return path
+
+
+class GCReport(_Model):
+    """What a garbage collection removed (SPEC §10)."""
+
+    removed: dict[str, int] = Field(default_factory=lambda: dict.fromkeys(GC_REASONS, 0))
+    bytes_freed: int = 0
+    file_size_before: int = 0
+    file_size_after: int = 0
+
+
+class VerifyReport(_Model):
+    """Result of ``Cache.verify()``: contents re-hashed and versions found corrupted."""
+
+    checked: int = 0
+    corrupted: list[Response] = Field(default_factory=list)
+
+
+class RefreshResult(_Model):
+    """What ``Cache.refresh()`` did for one stored request."""
+
+    url: str
+    group: str
+    outcome: str
+    version: Optional[str] = None
+    error: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------
+# Storage: schema, connections, transactions, chunk I/O
+# ---------------------------------------------------------------------------
+#
+# Everything goes through peewee's portable query API. What only SQLite has
+# (pragmas, auto_vacuum, application_id/user_version, the file header check,
+# checkpoints) lives in the ``_sqlite_*`` functions right below the models, so a
+# PostgreSQL backend replaces those and nothing above ``_Store``.
+
+
+def _references(table: str, on_delete: str | None = None) -> list:
+    """A column constraint pointing at ``table(id)``."""
+    clause = f"REFERENCES {table}(id)" + (f" ON DELETE {on_delete}" if on_delete else "")
+    return [peewee.SQL(clause)]
+
+
+class _Row(peewee.Model):
+    """Base of the table models; bound to a database per Cache by ``_bind_tables``."""
+
+    class Meta:
+        legacy_table_names = False
+
+
+class _MetaRow(_Row):
+    """Key/value facts about the file (the salt for sensitive headers, the creation time)."""
+
+    key = peewee.CharField(primary_key=True)
+    value = peewee.TextField()
+
+    class Meta:
+        table_name = "meta"
+
+
+class _RequestRow(_Row):
+    """One request identity (method, URL, params, headers, body, group) and its settings."""
+
+    identity_key = peewee.CharField(unique=True)
+    url = peewee.TextField()
+    http_method = peewee.CharField()
+    group_name = peewee.CharField(index=True)
+    http_header_fields = peewee.TextField()          # JSON; sensitive values as digests
+    http_query_params = peewee.TextField(null=True)  # JSON
+    body_kind = peewee.CharField(null=True)          # json | text | bytes
+    http_request_body = peewee.BlobField(null=True)
+    description = peewee.TextField(null=True)
+    documentation_link = peewee.TextField(null=True)
+    validation_hash_type = peewee.CharField()
+    cache_configuration = peewee.TextField()         # JSON of RequestCacheConfiguration
+    created_unix = peewee.DoubleField()
+
+    class Meta:
+        table_name = "request"
+
+
+class _ContentRow(_Row):
+    """One distinct content. ``hash_hex`` is NULL while partial (or once found corrupted)."""
+
+    hash_type = peewee.CharField()
+    hash_hex = peewee.CharField(null=True)
+    size_bytes = peewee.BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "content"
+        indexes = ((("hash_type", "hash_hex"), True),)
+
+
+class _ChunkRow(_Row):
+    """A piece of a content. Kept apart from all metadata: SQLite rewrites a whole row
+    on any UPDATE, and a row with a large blob in it would make every status change cost
+    a copy of the blob."""
+
+    content_id = peewee.IntegerField(constraints=_references("content", "CASCADE"))
+    seq = peewee.IntegerField()
+    data = peewee.BlobField()
+
+    class Meta:
+        table_name = "chunk"
+        indexes = ((("content_id", "seq"), True),)
+
+
+class _VersionRow(_Row):
+    """One version of a request: its state, pins, tags, and a reference to its content."""
+
+    request_id = peewee.IntegerField(constraints=_references("request", "CASCADE"))
+    version = peewee.CharField(max_length=20)
+    status = peewee.CharField()
+    content_id = peewee.IntegerField(null=True, constraints=_references("content"))
+    content_hash_hex = peewee.CharField(null=True)
+    pinned = peewee.BooleanField(default=False)
+    pinned_until_unix = peewee.DoubleField(null=True)
+    tags = peewee.TextField(default="[]")             # JSON list
+    request_unix = peewee.DoubleField()
+    cached_unix = peewee.DoubleField(null=True)
+    validated_unix = peewee.DoubleField(null=True)
+    content_attributes = peewee.TextField(default="{}")  # JSON of ResponseContentAttributes
+    download_stats = peewee.TextField(default="{}")      # JSON of ResponseDownloadStats
+    lease_owner = peewee.CharField(null=True)          # download lease (§10)
+    lease_expires_unix = peewee.DoubleField(null=True)
+    resume_from = peewee.TextField(null=True)          # JSON: validators a resume needs
+
+    class Meta:
+        table_name = "version"
+        indexes = (
+            (("request_id", "version"), True),
+            (("request_id", "status", "version"), False),
+            (("content_id",), False),
+            (("status", "lease_expires_unix"), False),
+        )
+
+
+_TABLE_MODELS = (_MetaRow, _RequestRow, _ContentRow, _ChunkRow, _VersionRow)
+
+
+class _Tables:
+    """The table models bound to one database (one set per Cache, so two Cache
+    objects on two files never share a binding)."""
+
+    def __init__(self, database: peewee.Database):
+        for model in _TABLE_MODELS:
+            meta = type("Meta", (), {"database": database, "table_name": model._meta.table_name})
+            bound = type(model.__name__, (model,), {"Meta": meta, "__module__": __name__})
+            setattr(self, model._meta.table_name, bound)
+        self.all = [getattr(self, model._meta.table_name) for model in _TABLE_MODELS]
+
+
+# --- SQLite specifics --------------------------------------------------------
+
+
+def _sqlite_database(path: pathlib.Path) -> peewee.SqliteDatabase:
+    """A peewee database for ``path`` with the pragmas every connection needs.
+
+    WAL lets readers run beside the single writer; ``synchronous=NORMAL`` is safe in
+    WAL (a power cut may lose the last commits, never corrupt); foreign keys make
+    chunk rows follow their content; the busy timeout makes a writer wait for the lock
+    instead of failing with "database is locked".
+    """
+    return peewee.SqliteDatabase(
+        str(path),
+        timeout=BUSY_TIMEOUT_SEC,
+        pragmas=[
+            ("foreign_keys", 1),
+            ("synchronous", "normal"),
+            ("journal_size_limit", WAL_SIZE_LIMIT_BYTES),
+            ("busy_timeout", int(BUSY_TIMEOUT_SEC * 1000)),
+        ],
+    )
+
+
+def _sqlite_check_header(path: pathlib.Path) -> None:
+    """Refuse a non-empty file that is not SQLite, before SQLite touches it."""
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(len(_SQLITE_MAGIC))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CacheFileError(f"The cache file {path} cannot be read: {exc}.", path=path) from exc
+    if header and header != _SQLITE_MAGIC:
+        raise CacheFileError(f"The file {path} is not a buffylite cache (not an SQLite database).",
+                             path=path)
+
+
+def _sqlite_file_marks(database: peewee.Database) -> tuple[int, int, int]:
+    """(application_id, user_version, number of tables) of the open file."""
+    application_id = database.execute_sql("PRAGMA application_id").fetchone()[0]
+    user_version = database.execute_sql("PRAGMA user_version").fetchone()[0]
+    tables = database.execute_sql("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+    return application_id, user_version, tables
+
+
+def _sqlite_prepare_new_file(database: peewee.Database) -> None:
+    """File-level settings that must precede the first table: incremental auto-vacuum
+    (so freed pages can be given back and the file shrinks), then WAL (persistent)."""
+    database.execute_sql("PRAGMA auto_vacuum=INCREMENTAL")
+    database.execute_sql("PRAGMA journal_mode=WAL")
+
+
+def _sqlite_mark_file(database: peewee.Database, schema_version: int) -> None:
+    """Stamp the file as buffylite's, at ``schema_version``. Runs inside the migration's transaction."""
+    database.execute_sql(f"PRAGMA application_id={APPLICATION_ID}")
+    database.execute_sql(f"PRAGMA user_version={int(schema_version)}")
+
+
+def _sqlite_give_back_free_pages(database: peewee.Database, *, checkpoint: bool) -> None:
+    """Return freed pages to the file system; with ``checkpoint`` also fold the WAL in
+    so the main file shrinks now (not at the next automatic checkpoint)."""
+    database.execute_sql("PRAGMA incremental_vacuum")
+    if checkpoint:
+        database.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
+def _sqlite_write_transaction(database: peewee.SqliteDatabase):
+    """A write transaction taking the lock up front (``BEGIN IMMEDIATE``): a deferred one
+    that later needs to write can fail at once with SQLITE_BUSY in WAL mode instead of
+    waiting for the busy timeout."""
+    return database.atomic(lock_type="IMMEDIATE")
+
+
+# --- schema migrations ---------------------------------------------------------
+
+
+def _migrate_to_1(store: "_Store") -> None:
+    """Version 1: the five tables and the salt for sensitive header digests."""
+    store.db.create_tables(store.tables.all, safe=True)
+    store.tables.meta.create(key="salt", value=secrets.token_hex(32))
+    store.tables.meta.create(key="created_unix", value=repr(_now()))
+
+
+#: Ordered migrations: (schema version reached, function). Each runs in one write transaction.
+_MIGRATIONS = ((1, _migrate_to_1),)
+
+
+class _Store:
+    """The cache file: connections (one per thread, reopened after fork), transactions,
+    error translation, and chunked content I/O."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        _sqlite_check_header(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheFileError(f"Cannot create the directory of the cache file {path}: {exc}.",
+                                 path=path) from exc
+        self._open_database()
+        with self._translated():
+            self._upgrade_schema()
+            self.salt = bytes.fromhex(self.tables.meta.get_by_id("salt").value)
+
+    # --- connections and transactions ---
+
+    def _open_database(self) -> None:
+        self._pid = os.getpid()
+        self.db = _sqlite_database(self.path)
+        self.tables = _Tables(self.db)
+
+    def _ensure_same_process(self) -> None:
+        """After fork, drop the parent's connections: sharing one SQLite handle across
+        processes corrupts its locking."""
+        if os.getpid() != self._pid:
+            self._open_database()
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """The one place where driver errors become CacheFileError (keeping the cause)."""
+        try:
+            yield
+        except (peewee.DatabaseError, peewee.InterfaceError) as exc:
+            raise CacheFileError(f"The cache file {self.path} cannot be used: {exc}.",
+                                 path=self.path) from exc
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[_Tables]:
+        """Reads outside any explicit transaction (each statement sees a consistent snapshot)."""
+        self._ensure_same_process()
+        with self._translated():
+            yield self.tables
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[_Tables]:
+        """A short IMMEDIATE write transaction. Never hold one across network I/O."""
+        self._ensure_same_process()
+        with self._translated(), _sqlite_write_transaction(self.db):
+            yield self.tables
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.db.close()
+
+    # --- schema ---
+
+    def _upgrade_schema(self) -> None:
+        application_id, user_version, tables = _sqlite_file_marks(self.db)
+        if application_id != APPLICATION_ID and (application_id != 0 or tables):
+            raise CacheFileError(f"The file {self.path} is an SQLite database but not a buffylite cache.",
+                                 path=self.path)
+        if user_version > SCHEMA_VERSION:
+            raise CacheFileError(
+                f"The cache file {self.path} has schema version {user_version}, newer than this "
+                f"buffylite {__version__} understands ({SCHEMA_VERSION}); upgrade buffylite.",
+                path=self.path)
+        if user_version == SCHEMA_VERSION:
+            return
+        if user_version == 0:
+            _sqlite_prepare_new_file(self.db)
+        for target_version, migrate in _MIGRATIONS:
+            with _sqlite_write_transaction(self.db):
+                # Another process may have migrated while we waited for the lock.
+                if _sqlite_file_marks(self.db)[1] >= target_version:
+                    continue
+                migrate(self)
+                _sqlite_mark_file(self.db, target_version)
+
+    def schema_version(self) -> int:
+        with self.reading():
+            return _sqlite_file_marks(self.db)[1]
+
+    def give_back_free_pages(self, *, checkpoint: bool) -> None:
+        with self.reading():
+            _sqlite_give_back_free_pages(self.db, checkpoint=checkpoint)
+
+    def file_size(self) -> int:
+        """Bytes on disk: the main file plus its write-ahead log."""
+        total = 0
+        for path in (self.path, pathlib.Path(str(self.path) + "-wal")):
+            with contextlib.suppress(OSError):
+                total += path.stat().st_size
+        return total
+
+    # --- content I/O ---
+
+    def iter_chunks(self, content_id: int) -> Iterator[bytes]:
+        """The chunks of a content in order, one at a time (bounded memory)."""
+        chunk = self.tables.chunk
+        seq = -1
+        while True:
+            with self.reading():
+                row = (chunk.select(chunk.seq, chunk.data)
+                       .where((chunk.content_id == content_id) & (chunk.seq > seq))
+                       .order_by(chunk.seq).limit(1).tuples().first())
+            if row is None:
+                return
+            seq, data = row
+            yield bytes(data)
+
+    def read_content(self, content_id: int) -> bytes:
+        """The whole content, in one query."""
+        chunk = self.tables.chunk
+        with self.reading():
+            rows = (chunk.select(chunk.data).where(chunk.content_id == content_id)
+                    .order_by(chunk.seq).tuples())
+            return b"".join(row[0] for row in rows)
+
+    def open_content(self, content_id: int) -> "_ContentStream":
+        self._ensure_same_process()
+        chunk = self.tables.chunk
+        sql, params = (chunk.select(chunk.data).where(chunk.content_id == content_id)
+                       .order_by(chunk.seq).sql())
+        with self._translated():
+            return _ContentStream(self, sql, params)
+
+
+class _ContentStream(io.RawIOBase):
+    """A read-only binary stream over a content's chunks.
+
+    It runs on a connection of its own inside a read transaction opened at creation,
+    so it reads one consistent snapshot: deleting the version elsewhere does not
+    affect it. Only one chunk is held in memory at a time. Close it (or use ``with``)
+    to release the snapshot, which otherwise keeps the WAL from being checkpointed.
+    """
+
+    def __init__(self, store: _Store, sql: str, params: list):
+        super().__init__()
+        self._store = store
+        self._db = _sqlite_database(store.path)
+        self._db.connect()
+        self._db.begin()
+        self._cursor = self._db.execute_sql(sql, params)
+        self._current = memoryview(b"")
+        self._position = 0
+        self._exhausted = False
+        self._advance()  # The first step pins the snapshot.
+
+    def _advance(self) -> bool:
+        if self._exhausted:
+            return False
+        with self._store._translated():
+            row = self._cursor.fetchone()
+        if row is None:
+            self._exhausted = True
+            self._current = memoryview(b"")
+            return False
+        self._current = memoryview(bytes(row[0]))
+        self._position = 0
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self.closed:
+            raise ValueError("I/O operation on a closed buffylite stream.")
+        if size is None or size < 0:
+            return self.readall()
+        pieces = []
+        while size > 0:
+            if self._position >= len(self._current) and not self._advance():
+                break
+            piece = self._current[self._position:self._position + size]
+            self._position += len(piece)
+            size -= len(piece)
+            pieces.append(piece)
+        return b"".join(pieces)
+
+    def readall(self) -> bytes:
+        pieces = [self._current[self._position:]]
+        while self._advance():
+            pieces.append(self._current)
+        self._position = len(self._current)
+        return b"".join(pieces)
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            with contextlib.suppress(Exception):
+                self._cursor.close()
+                self._db.rollback()
+            with contextlib.suppress(Exception):
+                self._db.close()
+        super().close()
+
+
+# ---------------------------------------------------------------------------
+# HTTP: pool, proxies, one attempt, retry timing
+# ---------------------------------------------------------------------------
+
+
+class _AttemptError(Exception):
+    """One download attempt failed. ``retryable`` says whether another attempt may help;
+    ``retry_after`` is the origin's requested pause in seconds (or None)."""
+
+    def __init__(self, message: str, *, status_code: int | None = None, retryable: bool,
+                 retry_after: float | None = None, cause: BaseException | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.cause = cause
+
+
+#: urllib3 follows redirects (stripping credentials when scheme, host or port change,
+#: its default ``remove_headers_on_redirect``); every other retry is ours, so that
+#: Retry-After, max_retry_wait, resume and the download lease stay under our control.
+_URLLIB3_RETRY = Retry(total=None, connect=0, read=0, redirect=MAX_REDIRECTS, status=0, other=0,
+                       raise_on_redirect=True, raise_on_status=False)
+
+
+class _HttpClient:
+    """One PoolManager per Cache, plus a ProxyManager per proxy named by the environment
+    (``HTTP_PROXY``/``HTTPS_PROXY``/``NO_PROXY``, read as pip and requests do)."""
+
+    def __init__(self, timeout: float | urllib3.Timeout, user_agent: str):
+        self.timeout = timeout if isinstance(timeout, urllib3.Timeout) else urllib3.Timeout(
+            connect=timeout, read=timeout)
+        self._headers = {"User-Agent": user_agent}
+        self._direct = urllib3.PoolManager(headers=self._headers)
+        self._proxied: dict[str, urllib3.ProxyManager] = {}
+        self._lock = threading.Lock()
+
+    def _manager_for(self, url: str) -> urllib3.PoolManager:
+        parsed = urllib3.util.parse_url(url)
+        proxy = urllib.request.getproxies().get(parsed.scheme)
+        if not proxy or urllib.request.proxy_bypass(parsed.host or ""):
+            return self._direct
+        with self._lock:
+            if proxy not in self._proxied:
+                self._proxied[proxy] = urllib3.ProxyManager(proxy, headers=self._headers)
+            return self._proxied[proxy]
+
+    def send(self, method: str, url: str, headers: dict, body: bytes | None) -> urllib3.BaseHTTPResponse:
+        """Send one request; the body is left unread. Raises _AttemptError."""
+        try:
+            return self._manager_for(url).request(
+                method.upper(), url, headers=headers, body=body, retries=_URLLIB3_RETRY,
+                timeout=self.timeout, preload_content=False, redirect=True)
+        except urllib3.exceptions.MaxRetryError as exc:
+            reason = exc.reason
+            if isinstance(reason, urllib3.exceptions.ResponseError):
+                raise _AttemptError(f"more than {MAX_REDIRECTS} redirects (a redirect loop?)",
+                                    retryable=False, cause=exc) from exc
+            if isinstance(reason, urllib3.exceptions.SSLError):
+                raise _AttemptError(f"TLS error: {reason}", retryable=False, cause=exc) from exc
+            raise _AttemptError(f"cannot connect: {reason}", retryable=True, cause=exc) from exc
+        except urllib3.exceptions.LocationValueError as exc:
+            raise _AttemptError(f"bad redirect location: {exc}", retryable=False, cause=exc) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise _AttemptError(f"request failed: {exc}", retryable=True, cause=exc) from exc
+
+    def close(self) -> None:
+        self._direct.clear()
+        with self._lock:
+            for manager in self._proxied.values():
+                manager.clear()
+            self._proxied.clear()
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After (delta-seconds or HTTP-date) -> seconds to wait, or None."""
+    if not value:
+        return None
+    try:
+        return max(0.0, Retry().parse_retry_after(value))
+    except (urllib3.exceptions.InvalidHeader, ValueError, TypeError):
+        return None
+
+
+def _backoff_seconds(attempt: int, cap: float) -> float:
+    """Exponential backoff with jitter for retry number ``attempt`` (0-based), at most ``cap``."""
+    return min(cap, BACKOFF_BASE_SEC * (2 ** attempt) * random.uniform(0.75, 1.25))
+
+
+def _is_resumable(headers) -> bool:
+    """An interrupted body can continue with Range + If-Range: the origin accepts byte
+    ranges, names a validator If-Range can use, and sent no Content-Encoding (ranges
+    count encoded bytes, the content we hash is decoded)."""
+    if headers.get("Accept-Ranges", "").lower() != "bytes" or headers.get("Content-Encoding"):
+        return False
+    etag = headers.get("ETag") or ""
+    return bool(etag and not etag.startswith("W/")) or bool(headers.get("Last-Modified"))
+
+
+def _has_excess_body(response: urllib3.BaseHTTPResponse) -> bool:
+    """Best effort: did the origin send bytes past its Content-Length? Looks, without
+    blocking, for data already waiting on the connection after the declared end."""
+    import select
+
+    try:
+        raw = response._fp  # http.client.HTTPResponse
+        buffered = raw.fp
+        sock = response.connection.sock if response.connection else None
+        if sock is None:
+            return False
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and bool(buffered.peek(1))
+    except Exception:  # noqa: BLE001 - a best-effort probe must never break a download
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------
+
+
+class _Identity:
+    """A validated request identity: what makes two fetches the same request (§3)."""
+
+    __slots__ = ("url", "method", "params", "headers", "send_headers", "body_kind", "body",
+                 "group", "key", "stored_headers")
+
+    def __init__(self, url, method, params, headers, body, group, *, salt: bytes,
+                 sensitive: frozenset):
+        self.url = _check_url(url)
+        if not isinstance(method, str) or method.lower() not in HTTP_METHODS:
+            raise InvalidRequestError(f"method must be one of {', '.join(HTTP_METHODS)}, not {method!r}.")
+        self.method = method.lower()
+        if params is not None and not isinstance(params, dict):
+            raise InvalidRequestError(f"params must be a dict, not {type(params).__name__}.")
+        if headers is not None and not isinstance(headers, dict):
+            raise InvalidRequestError(f"headers must be a dict, not {type(headers).__name__}.")
+        if not isinstance(group, str) or not group:
+            raise InvalidRequestError(f"group must be a non-empty string, not {group!r}.")
+        self.params = dict(params) if params else None
+        self.send_headers = {str(name): str(value) for name, value in (headers or {}).items()}
+        self.body_kind, self.body = _encode_body(body)
+        self.group = group
+        # Sensitive values take part in the identity only as keyed digests.
+        self.stored_headers = {
+            name: ("hmac-sha256:" + hmac.new(salt, value.encode(), hashlib.sha256).hexdigest()
+                   if name.lower() in sensitive else value)
+            for name, value in self.send_headers.items()}
+        identity = [self.method, self.url, self.params,
+                    sorted((name.lower(), value) for name, value in self.stored_headers.items()),
+                    self.body_kind, hashlib.sha256(self.body).hexdigest() if self.body is not None else None,
+                    self.group]
+        self.key = hashlib.sha256(_canonical_json(identity).encode()).hexdigest()
+
+    def request_url(self) -> str:
+        """The URL with ``params`` encoded into its query string."""
+        if not self.params:
+            return self.url
+        query = urllib.parse.urlencode(self.params, doseq=True)
+        return self.url + ("&" if urllib.parse.urlsplit(self.url).query else "?") + query
+
+
+class _FetchCall:
+    """The validated options of one fetch() call."""
+
+    __slots__ = ("identity", "description", "documentation_link", "configuration", "hash_type",
+                 "expected_hash", "prefer_cached", "prefer_version", "prefer_tag", "prefer_pinned",
+                 "force_version", "force_tag", "force_pinned", "offline", "pin_for", "as_of",
+                 "validator", "progress")
+
+    def __init__(self, **options):
+        for name in self.__slots__:
+            setattr(self, name, options.get(name))
+
+    @property
+    def is_hard_choice(self) -> bool:
+        return (self.force_version is not None or self.force_tag is not None
+                or self.force_pinned is not None or self.as_of is not None)
+
+
+class _Claim:
+    """The result of trying to start a download: either this call owns the version row
+    ``row_id`` (and its lease), or another download ``other_row_id`` is running."""
+
+    __slots__ = ("request_id", "row_id", "owner", "other_row_id", "resume")
+
+    def __init__(self, request_id, row_id=None, owner=None, other_row_id=None, resume=None):
+        self.request_id = request_id
+        self.row_id = row_id
+        self.owner = owner
+        self.other_row_id = other_row_id
+        self.resume = resume
+
+
+class _Completed:
+    """A fully received content, not yet published."""
+
+    __slots__ = ("content_id", "hash_hex", "size", "attributes", "stats")
+
+    def __init__(self, content_id, hash_hex, size, attributes, stats):
+        self.content_id = content_id
+        self.hash_hex = hash_hex
+        self.size = size
+        self.attributes = attributes
+        self.stats = stats
+
+
+class _NotModified:
+    """The origin answered 304 to a conditional request."""
+
+
+class _DownloadFailure(Exception):
+    """A due download failed for good (after retries), or its content was rejected."""
+
+    def __init__(self, message: str, *, status_code: int | None = None, cause: object = None,
+                 stats: dict | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.cause = cause
+        self.stats = stats or {}
+
+
+class _LeaseLost(Exception):
+    """Another process took over this download (our lease had expired)."""
+
+
+def _is_leased(row, now: float) -> bool:
+    return row.pinned_until_unix is not None and row.pinned_until_unix > now
+
+
+def _row_tags(row) -> list[str]:
+    return json.loads(row.tags) if row.tags else []
+
+
+def _matches(row, *, version=None, tag=None, pinned=None, now: float) -> bool:
+    """Does a version row match the given choices (None = any)?"""
+    if version is not None and row.version != version:
+        return False
+    if tag is not None and tag not in _row_tags(row):
+        return False
+    if pinned is not None and (row.pinned or _is_leased(row, now)) != pinned:
+        return False
+    return True
+
+
+class _Sink:
+    """Receives the body of one download: hashes it and stores it chunk by chunk,
+    renewing the download lease as it goes. Each chunk commits in its own short
+    transaction, so a crash loses at most the chunk in memory."""
+
+    def __init__(self, cache: "Cache", claim: _Claim, hash_type: str, progress):
+        self._cache = cache
+        self._store = cache._store
+        self._claim = claim
+        self._hash_type = hash_type
+        self._progress = progress
+        self._lease_sec = cache._download_lease_sec
+        self._renewed_at = _now()
+        self.content_id: int | None = None
+        self.hasher = hashlib.new(hash_type)
+        self.offset = 0            # bytes received (stored + buffered)
+        self.received_now = 0      # bytes received by this process (for stats)
+        self.total: int | None = None
+        self._buffer = bytearray()
+        self._next_seq = 0
+
+    def load_partial(self, content_id: int) -> None:
+        """Adopt the stored partial content of a dead download: re-hash what is stored
+        (the hash must cover the whole content) and continue after it."""
+        self.content_id = content_id
+        for data in self._store.iter_chunks(content_id):
+            self.hasher.update(data)
+            self.offset += len(data)
+            self._next_seq += 1
+
+    def restart(self) -> None:
+        """Drop everything received so far (the origin sent a full body again)."""
+        if self.content_id is not None:
+            with self._store.writing() as t:
+                t.chunk.delete().where(t.chunk.content_id == self.content_id).execute()
+                t.content.update(size_bytes=0).where(t.content.id == self.content_id).execute()
+        self.hasher = hashlib.new(self._hash_type)
+        self.offset = 0
+        self._buffer.clear()
+        self._next_seq = 0
+
+    def write(self, data: bytes) -> None:
+        self.hasher.update(data)
+        self._buffer += data
+        self.offset += len(data)
+        self.received_now += len(data)
+        if len(self._buffer) >= DEFAULT_CHUNK_SIZE_BYTES:
+            self.flush()
+        elif _now() - self._renewed_at > self._lease_sec / 3:
+            self.renew_lease()
+        if self._progress is not None:
+            self._progress(self.offset, self.total)
+
+    def flush(self) -> None:
+        """Store the buffered bytes as the next chunk (and renew the lease) in one transaction."""
+        with self._store.writing() as t:
+            self._renew_in(t)  # First: never write chunks for a download someone took over.
+            self._ensure_content(t)
+            if self._buffer:
+                t.chunk.insert(content_id=self.content_id, seq=self._next_seq,
+                               data=bytes(self._buffer)).execute()
+                t.content.update(size_bytes=t.content.size_bytes + len(self._buffer)).where(
+                    t.content.id == self.content_id).execute()
+                self._next_seq += 1
+        self._buffer.clear()
+
+    def _ensure_content(self, t: _Tables) -> None:
+        if self.content_id is None:
+            self.content_id = t.content.insert(hash_type=self._hash_type, hash_hex=None).execute()
+            t.version.update(content_id=self.content_id).where(t.version.id == self._claim.row_id).execute()
+
+    def _renew_in(self, t: _Tables) -> None:
+        now = _now()
+        renewed = t.version.update(lease_expires_unix=now + self._lease_sec).where(
+            (t.version.id == self._claim.row_id) & (t.version.lease_owner == self._claim.owner)).execute()
+        if not renewed:
+            raise _LeaseLost()
+        self._renewed_at = now
+
+    def renew_lease(self) -> None:
+        with self._store.writing() as t:
+            self._renew_in(t)
+
+    def sleep(self, seconds: float) -> None:
+        """Wait between attempts, keeping the lease alive."""
+        deadline = _now() + seconds
+        while (remaining := deadline - _now()) > 0:
+            time.sleep(min(remaining, self._lease_sec / 3))
+            self.renew_lease()
+
+
+class _Transfer:
+    """One due download: attempts with backoff, Retry-After, resume with Range +
+    If-Range, and the conditional GET of ``when_remote_changed``. Returns a _Completed
+    or _NotModified, or raises _DownloadFailure once retrying cannot help."""
+
+    def __init__(self, cache: "Cache", call: _FetchCall, claim: _Claim, sink: _Sink, conditional_from):
+        self._cache = cache
+        self._call = call
+        self._claim = claim
+        self._sink = sink
+        self._conditional = (json.loads(conditional_from.content_attributes or "{}")
+                             if conditional_from is not None else None)
+        self._started = _now()
+        self._attributes: dict = {}
+        self._validators: dict | None = None   # what If-Range may use, when resumable
+        if claim.resume is not None:
+            self._attributes = json.loads(claim.resume.content_attributes or "{}")
+            self._validators = json.loads(claim.resume.resume_from)
+            sink.load_partial(claim.resume.content_id)
+
+    def run(self):
+        cache, identity = self._cache, self._call.identity
+        headers = dict(identity.send_headers)
+        if identity.body_kind == "json" and not any(name.lower() == "content-type" for name in headers):
+            headers["Content-Type"] = "application/json"
+        url = identity.request_url()
+        attempt, status_code = 0, None
+        while True:
+            try:
+                response = cache._http.send(identity.method, url, self._headers_for_attempt(headers),
+                                            identity.body)
+                try:
+                    return self._receive(response)
+                finally:
+                    response.release_conn()
+            except _AttemptError as error:
+                status_code = error.status_code or status_code
+                if not error.retryable or attempt >= cache._retries:
+                    raise self._failure(str(error), status_code, error.cause) from error
+                if error.retry_after is not None and error.retry_after > cache._max_retry_wait:
+                    raise self._failure(
+                        f"{error}; the origin asked to wait {error.retry_after:.0f} s, more than "
+                        f"max_retry_wait ({cache._max_retry_wait:g} s)", status_code, error.cause) from error
+                wait = (error.retry_after if error.retry_after is not None
+                        else _backoff_seconds(attempt, cache._max_retry_wait))
+                log.info("Attempt %d for %s failed (%s); retrying in %.1f s.", attempt + 1, url, error, wait)
+                self._sink.sleep(wait)
+                attempt += 1
+
+    def _headers_for_attempt(self, base: dict) -> dict:
+        headers = dict(base)
+        if self._sink.offset and self._validators:
+            headers["Range"] = f"bytes={self._sink.offset}-"
+            headers["If-Range"] = self._validators.get("etag") or self._validators["last_modified"]
+        elif self._conditional is not None:
+            if self._conditional.get("etag"):
+                headers["If-None-Match"] = self._conditional["etag"]
+            if self._conditional.get("last_modified_datetime_utc"):
+                moment = dt.datetime.fromisoformat(self._conditional["last_modified_datetime_utc"])
+                headers["If-Modified-Since"] = email.utils.format_datetime(moment, usegmt=True)
+        return headers
+
+    def _receive(self, response: urllib3.BaseHTTPResponse):
+        status, sink = response.status, self._sink
+        if status == 304 and self._conditional is not None and not sink.offset:
+            return _NotModified()
+        if status in RETRY_STATUS_CODES:
+            raise _AttemptError(f"HTTP {status} {response.reason or ''}".strip(), status_code=status,
+                                retryable=True,
+                                retry_after=_retry_after_seconds(response.headers.get("Retry-After")))
+        if status == 206 and sink.offset:
+            start, total = self._parse_content_range(response.headers.get("Content-Range"))
+            if start != sink.offset:
+                sink.restart()
+                raise _AttemptError(f"the origin resumed at byte {start}, not {sink.offset}", retryable=True)
+            sink.total = total
+        elif 200 <= status < 300 and status != 206:
+            if sink.offset:
+                sink.restart()  # The origin sent the whole content again (If-Range did not match).
+            self._begin(response)
+        else:
+            raise _AttemptError(f"HTTP {status} {response.reason or ''}".strip(), status_code=status,
+                                retryable=False)
+        try:
+            while data := response.read1(READ_SIZE_BYTES):
+                sink.write(data)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise _AttemptError(f"the connection broke after {sink.offset} bytes ({exc})",
+                                retryable=True, cause=exc) from exc
+        if sink.total is not None and sink.offset != sink.total:
+            raise _AttemptError(f"the body ended after {sink.offset} of {sink.total} bytes", retryable=True)
+        if _has_excess_body(response):
+            raise _AttemptError("the body is longer than its Content-Length", retryable=False)
+        sink.flush()
+        self._attributes["content_size_bytes"] = sink.offset
+        return _Completed(sink.content_id, sink.hasher.hexdigest(), sink.offset, self._attributes,
+                          self._stats())
+
+    @staticmethod
+    def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
+        """``bytes START-END/TOTAL`` -> (START, TOTAL or None)."""
+        try:
+            unit, _, spec = (value or "").partition(" ")
+            span, _, total = spec.partition("/")
+            return int(span.split("-")[0]), (int(total) if total.isdigit() else None)
+        except ValueError:
+            return None, None
+
+    def _begin(self, response: urllib3.BaseHTTPResponse) -> None:
+        """A full body starts: record its attributes and whether it could be resumed."""
+        headers = response.headers
+        media_type = headers.get("Content-Type")
+        last_modified = _parse_http_date(headers.get("Last-Modified"))
+        final_url = getattr(response, "url", None) or self._call.identity.url
+        self._attributes = ResponseContentAttributes(
+            media_type=media_type, etag=headers.get("ETag"),
+            last_modified_datetime_utc=_to_datetime(last_modified),
+            filename=_guess_filename(headers.get("Content-Disposition"), final_url,
+                                     (media_type or "").split(";")[0].strip() or None),
+            content_disposition=headers.get("Content-Disposition"),
+        ).model_dump(mode="json")
+        length = headers.get("Content-Length")
+        self._sink.total = int(length) if length and length.isdigit() and not headers.get(
+            "Content-Encoding") else None
+        self._validators = ({"etag": (headers.get("ETag") if not (headers.get("ETag") or "").startswith("W/")
+                                      else None),
+                             "last_modified": headers.get("Last-Modified")}
+                            if _is_resumable(headers) else None)
+        with self._cache._store.writing() as t:
+            t.version.update(status="in_progress", content_attributes=json.dumps(self._attributes),
+                             resume_from=json.dumps(self._validators) if self._validators else None,
+                             download_stats=json.dumps(self._stats())).where(
+                (t.version.id == self._claim.row_id) & (t.version.lease_owner == self._claim.owner)).execute()
+
+    def _stats(self) -> dict:
+        duration = max(_now() - self._started, 1e-9)
+        return ResponseDownloadStats(
+            downloaded_bytes=self._sink.offset, avg_bytes_per_sec=self._sink.received_now / duration,
+            download_running_duration_sec=duration, download_start_time_unix_ts=self._started,
+            total_bytes_to_download=self._sink.total, state="in_progress").model_dump(mode="json")
+
+    def _failure(self, message: str, status_code: int | None, cause) -> _DownloadFailure:
+        self._sink.restart()  # A failed download keeps no content.
+        return _DownloadFailure(message, status_code=status_code, cause=cause, stats=self._stats())
+
+
+
+class Cache:
+    """A versioning HTTP download cache in one SQLite file.
+
+    ``Cache(path=None, *, timeout=30.0, retries=5, max_retry_wait=120.0,
+    download_lease_sec=30.0, sensitive_headers=(), user_agent=None)``
+
+    - ``path``: the cache file. ``None`` means ``$BUFFYLITE_CACHE`` if set, else the
+      platform's user cache directory (Linux ``$XDG_CACHE_HOME`` or ``~/.cache``, macOS
+      ``~/Library/Caches``, Windows ``%LOCALAPPDATA%``) / ``buffylite/cache.sqlite3``.
+      Missing directories are created.
+    - ``timeout``: seconds for connecting and for each read (or a ``urllib3.Timeout``).
+    - ``retries``: retries after the first attempt of a download (0 = try once), on
+      connection and read errors and on 429, 500, 502, 503, 504. Waits grow
+      exponentially from 0.5 s; ``Retry-After`` (seconds or HTTP date) is honoured.
+    - ``max_retry_wait``: no wait exceeds this many seconds; a ``Retry-After`` asking
+      for more ends the retries at once (the download fails, and ``fetch`` falls back
+      to the cached version).
+    - ``download_lease_sec``: an in-flight download holds a lease of this length,
+      renewed while bytes arrive. Other threads and processes see it and do not
+      download the same request at the same time; once it expires (the process
+      died) the download is taken over or reclaimed.
+    - ``sensitive_headers``: header names, beyond Authorization, Proxy-Authorization
+      and Cookie, whose values never reach the file in clear (a salted digest is
+      stored; they still make requests distinct).
+    - ``user_agent``: default ``buffylite/<version>``.
+
+    Everything is stored in the one file: requests with their cache configuration,
+    versions with their state, pins, leases and tags, and content, once per distinct
+    hash, in 1 MiB chunks. One Cache may be shared by threads; any number of Cache
+    objects in any number of processes may use the same file. Use it as a context
+    manager, or call ``close()``.
+
+    Errors: ``CacheFileError`` when the file is not a buffylite cache, is corrupt or
+    comes from a newer version; ``InvalidRequestError`` for bad arguments.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, *,
+                 timeout: float | urllib3.Timeout = DEFAULT_TIMEOUT_SEC,
+                 retries: int = DEFAULT_RETRIES,
+                 max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT_SEC,
+                 download_lease_sec: float = DEFAULT_DOWNLOAD_LEASE_SEC,
+                 sensitive_headers: tuple[str, ...] | list[str] = (),
+                 user_agent: str | None = None):
+        if not isinstance(timeout, urllib3.Timeout):
+            timeout = self._positive_seconds("timeout", timeout)
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise InvalidRequestError(f"retries must be an integer >= 0, not {retries!r}.")
+        self._retries = retries
+        self._max_retry_wait = self._positive_seconds("max_retry_wait", max_retry_wait, allow_zero=True)
+        self._download_lease_sec = self._positive_seconds("download_lease_sec", download_lease_sec)
+        if isinstance(sensitive_headers, str):
+            raise InvalidRequestError("sensitive_headers must be a sequence of header names, not a string.")
+        self._sensitive = SENSITIVE_HEADERS | {str(name).lower() for name in sensitive_headers}
+        self.path = pathlib.Path(path).expanduser() if path is not None else _default_cache_path()
+        self._store = _Store(self.path)
+        self._http = _HttpClient(timeout, user_agent or f"buffylite/{__version__}")
+        self._cron_started: set[int] = set()
+        self._cron_lock = threading.Lock()
+
+    @staticmethod
+    def _positive_seconds(name: str, value, *, allow_zero: bool = False) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+                value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise InvalidRequestError(f"{name} must be a number of seconds {bound}, not {value!r}.")
+        return float(value)
+
+    def __repr__(self) -> str:
+        return f"Cache({str(self.path)!r})"
+
+    def __enter__(self) -> "Cache":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the HTTP pool and this thread's database connection."""
+        self._http.close()
+        self._store.close()
+
+    # --- identities and loading -------------------------------------------------
+
+    def _identity(self, url, method="get", params=None, headers=None, body=None,
+                  group=DEFAULT_GROUP) -> _Identity:
+        return _Identity(url, method, params, headers, body, group, salt=self._store.salt,
+                         sensitive=self._sensitive)
+
+    def _find_request(self, t: _Tables, identity: _Identity):
+        return t.request.get_or_none(t.request.identity_key == identity.key)
+
+    @staticmethod
+    def _ready_rows(t: _Tables, request_id: int) -> list:
+        """The request's ready versions, newest first."""
+        return list(t.version.select().where((t.version.request_id == request_id)
+                                             & (t.version.status == "ready"))
+                    .order_by(t.version.version.desc()))
+
+    def _response(self, row, url: str, chain: list[str], outcome: str | None = None) -> Response:
+        """Build the public object for a version row; ``chain`` is the request's ready
+        versions in ascending order (for previous/next)."""
+        previous_version = next_version = None
+        if row.status == "ready":
+            index = bisect.bisect_left(chain, row.version)
+            previous_version = chain[index - 1] if index > 0 else None
+            next_version = chain[index + 1] if index + 1 < len(chain) else None
+        response = Response.model_construct(
+            id=row.id, request_id=row.request_id, url=url, version=row.version,
+            previous_version=previous_version, next_version=next_version, status=row.status,
+            cached_datetime_utc=_to_datetime(row.cached_unix),
+            validated_datetime_utc=_to_datetime(row.validated_unix),
+            request_datetime_utc=_to_datetime(row.request_unix),
+            pinned=bool(row.pinned), pinned_until_utc=_to_datetime(row.pinned_until_unix),
+            tags=_row_tags(row), content_hash_hex=row.content_hash_hex,
+            content_attributes=ResponseContentAttributes.model_validate_json(row.content_attributes or "{}"),
+            download_stats=ResponseDownloadStats.model_validate_json(row.download_stats or "{}"),
+            outcome=outcome)
+        response._cache = self
+        response._content_id = row.content_id
+        return response
+
+    def _responses(self, rows: list, url: str, ready_rows: list, outcome: str | None = "cached"):
+        chain = sorted(row.version for row in ready_rows)
+        return [self._response(row, url, chain, outcome) for row in rows]
+
+    def _response_for_row_id(self, t: _Tables, row_id: int, outcome: str = "cached") -> Response:
+        row = t.version.get_or_none(t.version.id == row_id)
+        if row is None:
+            raise NotCachedError(f"Version row {row_id} is no longer in the cache {self.path}.")
+        request = t.request.get_by_id(row.request_id)
+        return self._responses([row], request.url, self._ready_rows(t, row.request_id), outcome)[0]
+
+    @staticmethod
+    def _configuration_of(request_row) -> RequestCacheConfiguration:
+        return RequestCacheConfiguration.model_validate_json(request_row.cache_configuration)
+
+    # --- fetch: argument validation ------------------------------------------------
+
+    def fetch(self, url: str, *, method: str = "get", params: dict | None = None,
+              headers: dict | None = None, body: dict | bytes | str | None = None,
+              group: str = DEFAULT_GROUP, description: str | None = None,
+              documentation_link: str | None = None,
+              cache_configuration: RequestCacheConfiguration | dict | None = None,
+              validation_hash_type: str | None = None, expected_hash: str | None = None,
+              prefer_cached: bool = True, prefer_version: str | None = None,
+              prefer_tag: str | None = None, prefer_pinned: bool | None = None,
+              force_version: str | None = None, force_tag: str | None = None,
+              force_pinned: bool | None = None, offline: bool | None = None,
+              pin_for: float | None = None, as_of: dt.datetime | None = None,
+              validator: Callable[[Response], None] | None = None,
+              progress: Callable[[int, int | None], None] | None = None) -> Response:
+        """Return a version of ``url``'s content, downloading it when the strategy says so.
+
+        Identity: ``method`` ("get", "post", "put"; any case), ``params`` (dict, encoded
+        into the query string), ``headers`` (dict), ``body`` (dict sent as JSON, bytes or
+        str) and ``group`` make a request distinct. ``description`` and
+        ``documentation_link`` are stored with it.
+
+        Caching: ``cache_configuration`` (a RequestCacheConfiguration or its dict) is
+        stored with the request and replaces a stored one; ``None`` keeps the stored one
+        (default: ``when_remote_changed()``, 2 unpinned and 10 pinned versions kept).
+        ``validation_hash_type``: hashlib algorithm for content hashes (default sha256).
+
+        Choice of version (SPEC §7): ``force_version``/``force_tag``/``force_pinned``
+        never download and raise NotCachedError when nothing matches; ``prefer_*`` are
+        soft (dropped in the order pinned, tag, version); ``as_of`` (aware datetime)
+        returns what was current then, without network; ``expected_hash``
+        ("sha256:<hex>" or "<hex>") admits only content with that hash; ``offline``
+        (None: ``$BUFFYLITE_OFFLINE``) never touches the network; ``prefer_cached``:
+        while another thread or process downloads this request, return the cached
+        version at once instead of waiting; ``pin_for``: seconds of lease put on the
+        returned version in the transaction that chooses it.
+
+        Callbacks: ``validator(response)`` sees a new download before it becomes ready
+        and rejects it by raising; ``progress(downloaded_bytes, total_or_None)`` is
+        called as bytes arrive and cancels the download by raising (the exception
+        reaches the caller; the partial content is kept for a later resume).
+
+        Returns a Response whose ``outcome`` is ``downloaded``, ``not_modified``,
+        ``duplicate``, ``stale``, ``offline`` or ``cached``.
+
+        Raises InvalidRequestError (bad arguments; nothing written), NotCachedError
+        (nothing suitable cached and no download allowed), FetchError (the download
+        failed and nothing suitable is cached), IntegrityError (the download does not
+        match ``expected_hash`` and no cached version does), CacheFileError.
+        """
+        identity = self._identity(url, method, params, headers, body, group)
+        call = _FetchCall(
+            identity=identity, description=description, documentation_link=documentation_link,
+            configuration=self._coerce_configuration(cache_configuration),
+            hash_type=_check_hash_type(validation_hash_type) if validation_hash_type else None,
+            prefer_cached=bool(prefer_cached),
+            prefer_version=self._check_version_string("prefer_version", prefer_version),
+            prefer_tag=self._check_tag(prefer_tag, "prefer_tag"), prefer_pinned=prefer_pinned,
+            force_version=self._check_version_string("force_version", force_version),
+            force_tag=self._check_tag(force_tag, "force_tag"), force_pinned=force_pinned,
+            offline=_is_offline_from_env() if offline is None else bool(offline),
+            pin_for=None if pin_for is None else self._positive_seconds("pin_for", pin_for),
+            as_of=self._check_as_of(as_of), validator=validator, progress=progress)
+        if expected_hash is not None:
+            algorithm, digest = _parse_expected_hash(expected_hash)
+            if algorithm and call.hash_type and algorithm != call.hash_type:
+                raise InvalidRequestError(f"expected_hash uses {algorithm} but validation_hash_type "
+                                          f"is {call.hash_type}.")
+            call.hash_type = call.hash_type or algorithm
+            call.expected_hash = digest
+        for name in ("validator", "progress"):
+            if getattr(call, name) is not None and not callable(getattr(call, name)):
+                raise InvalidRequestError(f"{name} must be callable.")
+        return self._fetch(call)
+
+    @staticmethod
+    def _coerce_configuration(value) -> RequestCacheConfiguration | None:
+        if value is None or isinstance(value, RequestCacheConfiguration):
+            return value
+        if isinstance(value, dict):
+            return RequestCacheConfiguration.model_validate(value)
+        raise InvalidRequestError("cache_configuration must be a RequestCacheConfiguration or a dict, "
+                                  f"not {type(value).__name__}.")
+
+    @staticmethod
+    def _check_tag(tag: str | None, name: str = "tag") -> str | None:
+        if tag is None:
+            return None
+        try:
+            return _TAG_ADAPTER.validate_python(tag)
+        except pydantic.ValidationError as exc:
+            raise InvalidRequestError(f"{name} {tag!r} is not 2-64 characters of A-Z, a-z, 0-9, _ "
+                                      "and -.") from exc
+
+    @staticmethod
+    def _check_version_string(name: str, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str) or len(value) != 20 or not value.isdigit():
+            raise InvalidRequestError(f"{name} {value!r} is not a 20-digit version string.")
+        return value
+
+    @staticmethod
+    def _check_as_of(value: dt.datetime | None) -> float | None:
+        if value is None:
+            return None
+        if not isinstance(value, dt.datetime):
+            raise InvalidRequestError(f"as_of must be a datetime, not {type(value).__name__}.")
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InvalidRequestError("as_of must be timezone-aware (e.g. datetime.now(timezone.utc)).")
+        return value.timestamp()
+
+    # --- fetch: deciding ---------------------------------------------------------------
+
+    def _fetch(self, call: _FetchCall) -> Response:
+        wait_started = None
+        while True:
+            with self._store.reading() as t:
+                request = self._find_request(t, call.identity)
+                ready = self._ready_rows(t, request.id) if request is not None else []
+            now = _now()
+            eligible = [row for row in ready
+                        if call.expected_hash is None or row.content_hash_hex == call.expected_hash]
+
+            # Hard choices and time travel never touch the network.
+            if call.is_hard_choice:
+                return self._serve(call, request, ready, "offline" if call.offline else "cached",
+                                   hard=True)
+            configuration = call.configuration or (
+                self._configuration_of(request) if request is not None else RequestCacheConfiguration())
+            strategy = configuration.recaching_strategy
+            if strategy.strategy_name == "cron" and _croniter is None:
+                raise InvalidRequestError(
+                    "The cron strategy needs the optional extra: pip install 'buffylite[cron]'.")
+            newest = ready[0] if ready else None
+            if call.offline:
+                return self._serve(call, request, ready, "offline")
+            plan = self._plan(strategy, newest, request, now) if eligible else "download"
+            if plan == "serve":
+                if request is not None:
+                    self._update_request_settings(call, request)
+                return self._serve(call, request, ready, "cached")
+
+            # A download (or a conditional check) is due: claim it, unless someone else runs it.
+            claim = self._claim(call)
+            if claim.other_row_id is None:
+                return self._run_download(call, claim, newest if plan == "conditional" else None)
+            if call.prefer_cached and eligible:
+                return self._serve(call, request, ready, "cached")
+            wait_started = wait_started or now
+            finished = self._await_download(claim.other_row_id)
+            if finished is not None:
+                return self._after_other_download(call, claim.request_id, finished)
+            # That download vanished (a 304 check) or died: decide again on fresh state.
+
+    def _plan(self, strategy, newest, request, now: float) -> str:
+        """Per SPEC §6: "serve" the newest ready version, "download", or "conditional" GET."""
+        if newest is None:
+            return "download"
+        age = now - (newest.validated_unix or 0.0)
+        name = strategy.strategy_name
+        if name == "never":
+            return "serve"
+        if name == "age":
+            return "download" if age > strategy.seconds else "serve"
+        if name == "when_requested":
+            return "download"
+        if name == "when_remote_changed":
+            if age < strategy.check_interval_sec:
+                return "serve"
+            attributes = json.loads(newest.content_attributes or "{}")
+            if attributes.get("etag") or attributes.get("last_modified_datetime_utc"):
+                return "conditional"
+            return "download" if age > strategy.fallback_max_age_sec else "serve"
+        # cron
+        if strategy.run_at_start:
+            with self._cron_lock:
+                if request.id not in self._cron_started:
+                    self._cron_started.add(request.id)
+                    return "download"
+        next_tick = _croniter.croniter(strategy.cron, _to_datetime(newest.validated_unix)).get_next(float)
+        return "download" if next_tick <= now else "serve"
+
+    def _choose(self, call: _FetchCall, ready: list, now: float, *, hard: bool = False):
+        """The newest ready row satisfying the call's choices (§7), or None."""
+        candidates = [row for row in ready
+                      if call.expected_hash is None or row.content_hash_hex == call.expected_hash]
+        if hard:
+            for row in candidates:
+                if (_matches(row, version=call.force_version, tag=call.force_tag,
+                             pinned=call.force_pinned, now=now)
+                        and (call.as_of is None or (row.cached_unix or 0) <= call.as_of)):
+                    return row
+            return None
+        # Soft preferences are dropped in Buffy's order: pinned, then tag, then version.
+        for keep in (3, 2, 1, 0):
+            wanted = {"version": call.prefer_version if keep >= 1 else None,
+                      "tag": call.prefer_tag if keep >= 2 else None,
+                      "pinned": call.prefer_pinned if keep >= 3 else None}
+            for row in candidates:
+                if _matches(row, now=now, **wanted):
+                    return row
+        return None
+
+    def _serve(self, call: _FetchCall, request, ready: list, outcome: str, *, hard: bool = False):
+        """Return a cached version without downloading (leasing it first if pin_for)."""
+        if request is None:
+            raise NotCachedError(f"{call.identity.url} is not in the cache {self.path}"
+                                 + (" (offline)." if call.offline else "."))
+        if call.pin_for is not None:
+            with self._store.writing() as t:
+                ready = self._ready_rows(t, request.id)
+                chosen = self._choose(call, ready, _now(), hard=hard)
+                if chosen is not None:
+                    self._extend_lease(t, chosen, call.pin_for)
+        else:
+            chosen = self._choose(call, ready, _now(), hard=hard)
+        if chosen is None:
+            raise NotCachedError(self._nothing_matches(call))
+        return self._responses([chosen], request.url, ready, outcome)[0]
+
+    def _nothing_matches(self, call: _FetchCall) -> str:
+        wanted = [f"{name}={getattr(call, name)!r}" for name in
+                  ("force_version", "force_tag", "force_pinned", "expected_hash")
+                  if getattr(call, name) is not None]
+        if call.as_of is not None:
+            wanted.append(f"as_of={_to_datetime(call.as_of).isoformat()}")
+        return (f"No cached version of {call.identity.url} matches "
+                f"{', '.join(wanted) or 'the request'} in {self.path}.")
+
+    @staticmethod
+    def _extend_lease(t: _Tables, row, seconds: float) -> None:
+        """Lease ``row`` for ``seconds`` from now; never shortens a running lease."""
+        until = _now() + seconds
+        if row.pinned_until_unix is None or row.pinned_until_unix < until:
+            t.version.update(pinned_until_unix=until).where(t.version.id == row.id).execute()
+            row.pinned_until_unix = until
+
+    def _update_request_settings(self, call: _FetchCall, request) -> None:
+        """Store a changed configuration / description / hash type passed to fetch()."""
+        changes = self._setting_changes(call, request)
+        if changes:
+            with self._store.writing() as t:
+                t.request.update(**changes).where(t.request.id == request.id).execute()
+
+    @staticmethod
+    def _setting_changes(call: _FetchCall, request) -> dict:
+        changes = {}
+        if call.configuration is not None:
+            stored = call.configuration.model_dump_json()
+            if stored != request.cache_configuration:
+                changes["cache_configuration"] = stored
+        for field, value in (("description", call.description),
+                             ("documentation_link", call.documentation_link),
+                             ("validation_hash_type", call.hash_type)):
+            if value is not None and value != getattr(request, field):
+                changes[field] = value
+        return changes
+
+    # --- fetch: single flight -------------------------------------------------------------
+
+    def _claim(self, call: _FetchCall) -> _Claim:
+        """Create the request if new and take the download lease, in one transaction.
+
+        A live lease on another row means someone else is downloading: report it.
+        An abandoned row with resumable partial content is taken over.
+        """
+        identity = call.identity
+        owner = f"{os.getpid()}:{threading.get_ident()}:{secrets.token_hex(6)}"
+        with self._store.writing() as t:
+            now = _now()
+            request = self._find_request(t, identity)
+            if request is None:
+                configuration = call.configuration or RequestCacheConfiguration()
+                request_id = t.request.insert(
+                    identity_key=identity.key, url=identity.url, http_method=identity.method,
+                    group_name=identity.group, http_header_fields=_canonical_json(identity.stored_headers),
+                    http_query_params=_canonical_json(identity.params) if identity.params else None,
+                    body_kind=identity.body_kind, http_request_body=identity.body,
+                    description=call.description, documentation_link=call.documentation_link,
+                    validation_hash_type=call.hash_type or DEFAULT_HASH_TYPE,
+                    cache_configuration=configuration.model_dump_json(), created_unix=now).execute()
+            else:
+                request_id = request.id
+                changes = self._setting_changes(call, request)
+                if changes:
+                    t.request.update(**changes).where(t.request.id == request_id).execute()
+            in_flight = list(t.version.select().where(
+                (t.version.request_id == request_id) & t.version.status.in_(IN_FLIGHT_STATUSES))
+                .order_by(t.version.version.desc()))
+            for row in in_flight:
+                if (row.lease_expires_unix or 0) > now:
+                    return _Claim(request_id, other_row_id=row.id)
+            lease = {"lease_owner": owner, "lease_expires_unix": now + self._download_lease_sec}
+            for row in in_flight:
+                if row.content_id is not None and row.resume_from:
+                    t.version.update(**lease).where(t.version.id == row.id).execute()
+                    return _Claim(request_id, row.id, owner, resume=row)
+            newest = (t.version.select(peewee.fn.MAX(t.version.version))
+                      .where(t.version.request_id == request_id).scalar())
+            row_id = t.version.insert(
+                request_id=request_id, version=_next_version_string(now, newest), status="wait",
+                request_unix=now, **lease).execute()
+            return _Claim(request_id, row_id, owner)
+
+    def _await_download(self, row_id: int):
+        """Wait, polling with backoff, until another download ends; return its final row,
+        or None when the row vanished or its lease expired (its process died)."""
+        pause = WAIT_POLL_MIN_SEC
+        while True:
+            with self._store.reading() as t:
+                row = t.version.get_or_none(t.version.id == row_id)
+            if row is None:
+                return None
+            if row.status not in IN_FLIGHT_STATUSES:
+                return row
+            if (row.lease_expires_unix or 0) <= _now():
+                return None
+            time.sleep(pause)
+            pause = min(pause * 1.5, WAIT_POLL_MAX_SEC)
+
+    def _after_other_download(self, call: _FetchCall, request_id: int, finished) -> Response:
+        """Report the outcome of the download another thread or process just finished."""
+        with self._store.reading() as t:
+            request = t.request.get_by_id(request_id)
+            ready = self._ready_rows(t, request_id)
+        if finished.status == "failed":
+            if not any(call.expected_hash is None or row.content_hash_hex == call.expected_hash
+                       for row in ready):
+                stats = json.loads(finished.download_stats or "{}")
+                raise FetchError(f"Downloading {call.identity.url} failed: {stats.get('error')}.",
+                                 url=call.identity.url, cause=stats.get("error"))
+            return self._serve(call, request, ready, "stale")
+        response = self._serve(call, request, ready, "cached")
+        if finished.status == "ready" and response.id == finished.id:
+            response.outcome = "downloaded"
+        elif finished.status == "duplicate" and ready and response.id == ready[0].id:
+            response.outcome = "duplicate"
+        return response
+
+    # --- fetch: downloading -----------------------------------------------------------------
+
+    def _run_download(self, call: _FetchCall, claim: _Claim, conditional_from) -> Response:
+        """Download for a claimed row, then publish, record the failure, or keep the
+        partial content (cancelled), and return what §7 says to return."""
+        with self._store.reading() as t:
+            request = t.request.get_by_id(claim.request_id)
+        sink = _Sink(self, claim, request.validation_hash_type, call.progress)
+        transfer = _Transfer(self, call, claim, sink, conditional_from)
+        try:
+            result = transfer.run()
+            if isinstance(result, _NotModified):
+                return self._finish(call, claim, request, "not_modified")
+            if call.expected_hash is not None and result.hash_hex != call.expected_hash:
+                raise _DownloadFailure(f"hash mismatch: expected {call.expected_hash}, got {result.hash_hex}",
+                                       stats=result.stats, cause="hash mismatch")
+            if call.validator is not None and not self._is_duplicate_of_newest(claim.request_id, result):
+                self._run_validator(call, claim, request, result)
+            return self._finish(call, claim, request, "completed", completed=result)
+        except _DownloadFailure as failure:
+            failure.stats.setdefault("downloaded_bytes", sink.offset)
+            return self._finish(call, claim, request, "failed", failure=failure)
+        except _LeaseLost:
+            log.warning("Download of %s was taken over by another process; waiting for it.", request.url)
+            return self._fetch(call)
+        except BaseException:
+            # Cancelled (progress raised, KeyboardInterrupt...): keep what arrived for a resume.
+            self._abandon(claim, sink)
+            raise
+
+    def _is_duplicate_of_newest(self, request_id: int, result: _Completed) -> bool:
+        with self._store.reading() as t:
+            ready = self._ready_rows(t, request_id)
+        return bool(ready) and ready[0].content_hash_hex == result.hash_hex
+
+    def _run_validator(self, call: _FetchCall, claim: _Claim, request, result: _Completed) -> None:
+        """Show the new, complete content to the user's validator before it is published."""
+        with self._store.reading() as t:
+            row = t.version.get_by_id(claim.row_id)
+        row.content_attributes = json.dumps(result.attributes)
+        row.content_hash_hex = result.hash_hex
+        candidate = self._response(row, request.url, [])
+        candidate._content_id = result.content_id
+        try:
+            call.validator(candidate)
+        except Exception as exc:  # noqa: BLE001 - any exception from the validator rejects the content
+            raise _DownloadFailure(f"rejected by validator: {exc}", stats=result.stats,
+                                   cause=exc) from exc
+
+    def _abandon(self, claim: _Claim, sink: _Sink) -> None:
+        """Store what is buffered and let the lease lapse now, keeping the partial content
+        so a later fetch can resume it (or gc() reclaim it)."""
+        with contextlib.suppress(Exception):
+            sink.flush()
+        with contextlib.suppress(Exception), self._store.writing() as t:
+            t.version.update(lease_expires_unix=0.0).where(
+                (t.version.id == claim.row_id) & (t.version.lease_owner == claim.owner)).execute()
+
+    def _finish(self, call: _FetchCall, claim: _Claim, request, kind: str, *,
+                completed: _Completed | None = None, failure: _DownloadFailure | None = None) -> Response:
+        """Settle a download in one transaction: publish it (ready or duplicate), record the
+        304 or the failure, collect garbage for the request, then choose the version to
+        return and lease it (pin_for), so no GC can slip in between."""
+        with self._store.writing() as t:
+            now = _now()
+            row = t.version.get_or_none(t.version.id == claim.row_id)
+            if row is None or row.lease_owner != claim.owner:
+                raise _LeaseLost()
+            newest_version = (t.version.select(peewee.fn.MAX(t.version.version))
+                              .where(t.version.request_id == request.id).scalar())
+            final = {"version": _next_version_string(now, newest_version), "lease_owner": None,
+                     "lease_expires_unix": None, "resume_from": None}
+            ready = self._ready_rows(t, request.id)
+            newest = ready[0] if ready else None
+            if kind == "not_modified":
+                t.version.delete().where(t.version.id == row.id).execute()
+                if newest is not None:
+                    t.version.update(validated_unix=now).where(t.version.id == newest.id).execute()
+                outcome, settled_id = "not_modified", newest.id if newest else None
+            elif kind == "completed":
+                content_id = self._settle_content(t, row, request.validation_hash_type, completed)
+                stats = dict(completed.stats, state="ready")
+                if newest is not None and newest.content_id == content_id:
+                    stats["state"] = "duplicate"
+                    t.version.update(status="duplicate", content_id=content_id,
+                                     content_hash_hex=completed.hash_hex, cached_unix=now,
+                                     content_attributes=json.dumps(completed.attributes),
+                                     download_stats=json.dumps(stats), **final).where(
+                        t.version.id == row.id).execute()
+                    t.version.update(validated_unix=now).where(t.version.id == newest.id).execute()
+                    outcome, settled_id = "duplicate", newest.id
+                else:
+                    t.version.update(status="ready", content_id=content_id,
+                                     content_hash_hex=completed.hash_hex, cached_unix=now,
+                                     validated_unix=now, content_attributes=json.dumps(completed.attributes),
+                                     download_stats=json.dumps(stats), **final).where(
+                        t.version.id == row.id).execute()
+                    outcome, settled_id = "downloaded", row.id
+            else:
+                stats = dict(failure.stats, state="failed", error=str(failure))
+                t.version.update(status="failed", content_id=None, cached_unix=None,
+                                 download_stats=json.dumps(stats), **final).where(
+                    t.version.id == row.id).execute()
+                if row.content_id is not None:
+                    self._delete_unreferenced_contents(t, {row.content_id})
+                outcome, settled_id = "stale", None
+            # Garbage collection of this request, before choosing what to return.
+            freed = 0
+            if kind != "not_modified":
+                freed = self._collect_request(t, request.id, now)[1]
+            ready = self._ready_rows(t, request.id)
+            chosen = self._choose(call, ready, now)
+            if chosen is not None and call.pin_for is not None:
+                self._extend_lease(t, chosen, call.pin_for)
+        if freed:
+            self._store.give_back_free_pages(checkpoint=False)
+
+        if kind == "failed":
+            return self._fall_back(call, request, chosen, ready, failure)
+        if chosen is None:  # only possible when the new content fails expected_hash
+            raise NotCachedError(self._nothing_matches(call))
+        if chosen.id != settled_id:
+            outcome = "cached"
+        if kind == "completed":
+            log.info("%s %s: version %s (%s bytes).", outcome, request.url, chosen.version,
+                     completed.size)
+        return self._responses([chosen], request.url, ready, outcome)[0]
+
+    def _settle_content(self, t: _Tables, row, hash_type: str, completed: _Completed) -> int:
+        """Make the received content addressable by its hash, or drop it for the identical
+        content already stored. Returns the content id the version points to."""
+        existing = t.content.get_or_none((t.content.hash_type == hash_type)
+                                         & (t.content.hash_hex == completed.hash_hex))
+        if existing is not None and existing.id != completed.content_id:
+            t.version.update(content_id=existing.id).where(t.version.id == row.id).execute()
+            t.content.delete().where(t.content.id == completed.content_id).execute()
+            return existing.id
+        t.content.update(hash_hex=completed.hash_hex, size_bytes=completed.size).where(
+            t.content.id == completed.content_id).execute()
+        return completed.content_id
+
+    def _fall_back(self, call: _FetchCall, request, chosen, ready: list, failure: _DownloadFailure):
+        """A due download failed: serve the newest suitable cached version (stale), else raise."""
+        if chosen is not None:
+            log.warning("Downloading %s failed (%s); serving the cached version %s.",
+                        request.url, failure, chosen.version)
+            return self._responses([chosen], request.url, ready, "stale")[0]
+        if failure.cause == "hash mismatch":
+            raise IntegrityError(f"The content downloaded from {request.url} does not match the "
+                                 f"expected hash ({failure}) and no cached version does.")
+        raise FetchError(f"Downloading {request.url} failed: {failure}.", url=request.url,
+                         status_code=failure.status_code, cause=failure.cause or str(failure))
+
+    # --- garbage collection -------------------------------------------------------------
+
+    def _collect_request(self, t: _Tables, request_id: int, now: float) -> tuple[dict, int]:
+        """Apply the GC rules of §10 to one request. Runs inside the caller's write
+        transaction; reads only this request's rows (index on request_id)."""
+        request = t.request.get_or_none(t.request.id == request_id)
+        if request is None:
+            return {}, 0
+        configuration = self._configuration_of(request)
+        rows = list(t.version.select().where(t.version.request_id == request_id)
+                    .order_by(t.version.version.desc()))
+        ready = [row for row in rows if row.status == "ready"]
+        newest_id = ready[0].id if ready else None
+        removals: dict = {}
+        permanent = [row for row in ready if row.pinned]
+        for row in permanent[configuration.max_cached_pinned_versions:]:
+            if row.id != newest_id and not _is_leased(row, now):
+                removals[row] = "pinned"
+        unpinned = [row for row in ready if not row.pinned and not _is_leased(row, now)]
+        for row in unpinned[configuration.max_cached_unpinned_versions:]:
+            if row.id != newest_id:
+                removals[row] = "unpinned"
+        for row in [row for row in rows if row.status == "failed"][1:]:
+            removals[row] = "failed"
+        for row in rows:
+            if row.status == "duplicate":
+                removals[row] = "duplicate"
+            elif row.status in IN_FLIGHT_STATUSES and (row.lease_expires_unix or 0) <= now:
+                removals[row] = "abandoned"
+        if not removals:
+            return {}, 0
+        t.version.delete().where(t.version.id.in_([row.id for row in removals])).execute()
+        freed = self._delete_unreferenced_contents(
+            t, {row.content_id for row in removals if row.content_id is not None})
+        counts: dict[str, int] = {}
+        for reason in removals.values():
+            counts[reason] = counts.get(reason, 0) + 1
+        return counts, freed
+
+    @staticmethod
+    def _delete_unreferenced_contents(t: _Tables, content_ids: set) -> int:
+        """Delete those contents no version points to (their chunks follow); return bytes freed."""
+        freed = 0
+        for content_id in content_ids:
+            if t.version.select().where(t.version.content_id == content_id).exists():
+                continue
+            content = t.content.get_or_none(t.content.id == content_id)
+            if content is not None:
+                freed += content.size_bytes or 0
+                t.content.delete().where(t.content.id == content_id).execute()
+        return freed
+
+    def gc(self, url: str | None = None, *, method: str = "get", params: dict | None = None,
+           headers: dict | None = None, body=None, group: str = DEFAULT_GROUP) -> GCReport:
+        """Collect garbage (§10) for one request, or for every request when ``url`` is None.
+
+        Keeps the newest ``max_cached_unpinned_versions`` ready unpinned versions, the
+        newest ``max_cached_pinned_versions`` permanently pinned ones, every leased one
+        and always the newest ready one; removes duplicate rows, failed rows but the
+        newest per request, and downloads whose lease expired (their process died).
+        Content nothing refers to any more is deleted and the file shrinks.
+        Returns a GCReport (removed per reason, bytes freed, file size before/after).
+        """
+        report = GCReport(file_size_before=self._store.file_size())
+        with self._store.reading() as t:
+            if url is None:
+                request_ids = [row[0] for row in t.request.select(t.request.id).tuples()]
+            else:
+                request = self._find_request(t, self._identity(url, method, params, headers, body, group))
+                request_ids = [request.id] if request is not None else []
+        for request_id in request_ids:
+            # One short transaction per request keeps other writers moving.
+            with self._store.writing() as t:
+                counts, freed = self._collect_request(t, request_id, _now())
+            for reason, count in counts.items():
+                report.removed[reason] += count
+            report.bytes_freed += freed
+        self._store.give_back_free_pages(checkpoint=True)
+        report.file_size_after = self._store.file_size()
+        return report
+
+    # --- reading the cache --------------------------------------------------------------
+
+    def _request_model(self, row) -> Request:
+        return Request(
+            id=row.id, url=row.url, http_method=row.http_method,
+            http_header_fields=json.loads(row.http_header_fields or "{}"),
+            http_query_params=json.loads(row.http_query_params) if row.http_query_params else None,
+            http_request_body=_decode_body(row.body_kind, row.http_request_body),
+            group_name=row.group_name, description=row.description,
+            documentation_link=row.documentation_link, validation_hash_type=row.validation_hash_type,
+            cache_configuration=self._configuration_of(row))
+
+    def get_request(self, url: str, *, method: str = "get", params: dict | None = None,
+                    headers: dict | None = None, body=None, group: str = DEFAULT_GROUP) -> Request | None:
+        """The stored Request for this identity, or None when it was never fetched."""
+        identity = self._identity(url, method, params, headers, body, group)
+        with self._store.reading() as t:
+            row = self._find_request(t, identity)
+            return self._request_model(row) if row is not None else None
+
+    def requests(self, group: str | None = None) -> list[Request]:
+        """Every stored request (of ``group`` when given), oldest first."""
+        with self._store.reading() as t:
+            query = t.request.select().order_by(t.request.id)
+            if group is not None:
+                query = query.where(t.request.group_name == group)
+            return [self._request_model(row) for row in query]
+
+    def versions(self, url: str, *, status: str | None = "ready", tag: str | None = None,
+                 pinned: bool | None = None, method: str = "get", params: dict | None = None,
+                 headers: dict | None = None, body=None, group: str = DEFAULT_GROUP) -> list[Response]:
+        """The versions of a request, newest first.
+
+        ``status``: one of wait, in_progress, ready, duplicate, failed; None for all.
+        ``tag``: only versions carrying it. ``pinned``: True for permanently pinned or
+        leased versions, False for the others. An unknown request gives an empty list.
+        """
+        if status is not None and status not in VERSION_STATUSES:
+            raise InvalidRequestError(f"status must be one of {', '.join(VERSION_STATUSES)} or None, "
+                                      f"not {status!r}.")
+        tag = self._check_tag(tag)
+        identity = self._identity(url, method, params, headers, body, group)
+        with self._store.reading() as t:
+            request = self._find_request(t, identity)
+            if request is None:
+                return []
+            query = t.version.select().where(t.version.request_id == request.id)
+            if status is not None:
+                query = query.where(t.version.status == status)
+            rows = list(query.order_by(t.version.version.desc()))
+            ready = [row for row in rows if row.status == "ready"] if status in (None, "ready") \
+                else self._ready_rows(t, request.id)
+        now = _now()
+        rows = [row for row in rows if _matches(row, tag=tag, pinned=pinned, now=now)]
+        return self._responses(rows, request.url, ready)
+
+    def get(self, url: str, version: str = "latest", *, method: str = "get", params: dict | None = None,
+            headers: dict | None = None, body=None, group: str = DEFAULT_GROUP) -> Response:
+        """A ready version of a request: ``"latest"`` (the newest) or a version string.
+
+        Never touches the network. Raises NotCachedError when absent.
+        """
+        if version != "latest":
+            self._check_version_string("version", version)
+        identity = self._identity(url, method, params, headers, body, group)
+        with self._store.reading() as t:
+            request = self._find_request(t, identity)
+            ready = self._ready_rows(t, request.id) if request is not None else []
+        chosen = next((row for row in ready if version in ("latest", row.version)), None)
+        if chosen is None:
+            raise NotCachedError(f"No ready version {version!r} of {identity.url} in {self.path}.")
+        return self._responses([chosen], request.url, ready)[0]
+
+    def stats(self) -> dict:
+        """Counts and sizes: path, file_size_bytes (main file + WAL), requests, versions per
+        status, content_bytes and unique_contents (each distinct content once), partial_bytes
+        (downloads kept for resume), schema_version, sqlite_version."""
+        with self._store.reading() as t:
+            per_status = dict.fromkeys(VERSION_STATUSES, 0)
+            for status, count in (t.version.select(t.version.status, peewee.fn.COUNT(t.version.id))
+                                  .group_by(t.version.status).tuples()):
+                per_status[status] = count
+            complete = t.content.hash_hex.is_null(False)
+            content_bytes, unique = (t.content.select(peewee.fn.COALESCE(peewee.fn.SUM(t.content.size_bytes), 0),
+                                                      peewee.fn.COUNT(t.content.id))
+                                     .where(complete).tuples().get())
+            partial = (t.content.select(peewee.fn.COALESCE(peewee.fn.SUM(t.content.size_bytes), 0))
+                       .where(~complete).scalar())
+            requests = t.request.select().count()
+        return {"path": str(self.path), "file_size_bytes": self._store.file_size(),
+                "requests": requests, "versions": per_status, "content_bytes": int(content_bytes),
+                "unique_contents": int(unique), "partial_bytes": int(partial),
+                "schema_version": self._store.schema_version(),
+                "sqlite_version": peewee.sqlite3.sqlite_version}
+
+    # --- pins, leases, tags ---------------------------------------------------------------
+
+    def _row_of(self, t: _Tables, response: Response):
+        if not isinstance(response, Response):
+            raise InvalidRequestError(f"Expected a Response, not {type(response).__name__}.")
+        row = t.version.get_or_none(t.version.id == response.id)
+        if row is None:
+            raise NotCachedError(f"Version {response.version} of {response.url} is no longer in {self.path}.")
+        return row
+
+    def pin(self, response: Response, *, seconds: float | None = None) -> Response:
+        """Pin a version: permanently (``seconds=None``; only the pinned GC may remove it,
+        beyond ``max_cached_pinned_versions``) or as a lease of ``seconds`` that no GC
+        touches while it runs (extending, never shortening, a running lease)."""
+        if seconds is not None:
+            seconds = self._positive_seconds("seconds", seconds)
+        with self._store.writing() as t:
+            row = self._row_of(t, response)
+            if seconds is None:
+                t.version.update(pinned=True).where(t.version.id == row.id).execute()
+            else:
+                self._extend_lease(t, row, seconds)
+            return self._response_for_row_id(t, row.id)
+
+    def unpin(self, response: Response) -> Response:
+        """Clear the permanent pin and any lease of a version."""
+        with self._store.writing() as t:
+            row = self._row_of(t, response)
+            t.version.update(pinned=False, pinned_until_unix=None).where(t.version.id == row.id).execute()
+            return self._response_for_row_id(t, row.id)
+
+    @contextlib.contextmanager
+    def lease(self, response: Response, seconds: float) -> Iterator[Response]:
+        """Lease a version for the ``with`` block (at most ``seconds``); on exit put back
+        the lease end that was there before, unless someone extended it further meanwhile."""
+        seconds = self._positive_seconds("seconds", seconds)
+        with self._store.writing() as t:
+            row = self._row_of(t, response)
+            before = row.pinned_until_unix
+            self._extend_lease(t, row, seconds)
+            ours = row.pinned_until_unix
+            leased = self._response_for_row_id(t, row.id)
+        try:
+            yield leased
+        finally:
+            with self._store.writing() as t:
+                t.version.update(pinned_until_unix=before).where(
+                    (t.version.id == row.id) & (t.version.pinned_until_unix == ours)).execute()
+
+    def tag(self, response: Response, tag: str) -> Response:
+        """Add a tag (2-64 characters of A-Z a-z 0-9 _ -) to a version."""
+        tag = self._check_tag(tag)
+        with self._store.writing() as t:
+            row = self._row_of(t, response)
+            tags = _row_tags(row)
+            if tag not in tags:
+                t.version.update(tags=json.dumps(tags + [tag])).where(t.version.id == row.id).execute()
+            return self._response_for_row_id(t, row.id)
+
+    def untag(self, response: Response, tag: str) -> Response:
+        """Remove a tag from a version (no error if it was not there)."""
+        tag = self._check_tag(tag)
+        with self._store.writing() as t:
+            row = self._row_of(t, response)
+            tags = [existing for existing in _row_tags(row) if existing != tag]
+            t.version.update(tags=json.dumps(tags)).where(t.version.id == row.id).execute()
+            return self._response_for_row_id(t, row.id)
+
+    # --- maintenance ----------------------------------------------------------------------
+
+    def verify(self) -> VerifyReport:
+        """Re-hash every stored content. A version whose content no longer matches its hash
+        leaves the chain and becomes ``failed`` with the error "content corrupted"; nothing
+        else changes. Returns a VerifyReport (contents checked, corrupted versions)."""
+        report = VerifyReport()
+        with self._store.reading() as t:
+            contents = list(t.content.select(t.content.id, t.content.hash_type, t.content.hash_hex,
+                                             t.content.size_bytes)
+                            .where(t.content.hash_hex.is_null(False)).tuples())
+        for content_id, hash_type, hash_hex, size in contents:
+            hasher, length = hashlib.new(hash_type), 0
+            for data in self._store.iter_chunks(content_id):
+                hasher.update(data)
+                length += len(data)
+            report.checked += 1
+            if hasher.hexdigest() == hash_hex and length == size:
+                continue
+            with self._store.writing() as t:
+                # No longer addressable: a new identical download must not reuse it.
+                t.content.update(hash_hex=None).where(t.content.id == content_id).execute()
+                rows = list(t.version.select().where((t.version.content_id == content_id)
+                                                     & (t.version.status == "ready")))
+                for row in rows:
+                    stats = json.loads(row.download_stats or "{}")
+                    stats.update(state="failed", error="content corrupted")
+                    t.version.update(status="failed", download_stats=json.dumps(stats)).where(
+                        t.version.id == row.id).execute()
+                report.corrupted.extend(self._response_for_row_id(t, row.id) for row in rows)
+            log.warning("Content %s is corrupted; %d version(s) marked failed.", hash_hex, len(rows))
+        return report
+
+    def refresh(self, group: str | None = None) -> list[RefreshResult]:
+        """Apply each stored request's strategy now (as ``fetch`` would), for every request
+        or those of ``group``. Requests whose sensitive header values are not stored
+        cannot be replayed and report ``"error"``."""
+        results = []
+        for request in self.requests(group):
+            result = RefreshResult(url=request.url, group=request.group_name, outcome="error")
+            secret = [name for name, value in request.http_header_fields.items()
+                      if name.lower() in self._sensitive and value.startswith("hmac-sha256:")]
+            if secret:
+                result.error = (f"cannot replay: the values of {', '.join(secret)} are not stored "
+                                "in the cache; fetch it with them instead.")
+                results.append(result)
+                continue
+            try:
+                response = self.fetch(request.url, method=request.http_method,
+                                      params=request.http_query_params,
+                                      headers=request.http_header_fields or None,
+                                      body=request.http_request_body, group=request.group_name)
+                result.outcome, result.version = response.outcome, response.version
+            except BuffyliteError as exc:
+                result.error = str(exc)
+            results.append(result)
+        return results
+
+    def delete(self, url: str, *, method: str = "get", params: dict | None = None,
+               headers: dict | None = None, body=None, group: str = DEFAULT_GROUP) -> int:
+        """Forget a request and all its versions; returns how many version rows were
+        removed (0 for an unknown request). Content no other version uses is deleted."""
+        identity = self._identity(url, method, params, headers, body, group)
+        with self._store.writing() as t:
+            request = self._find_request(t, identity)
+            if request is None:
+                return 0
+            content_ids = {row[0] for row in t.version.select(t.version.content_id).where(
+                (t.version.request_id == request.id) & t.version.content_id.is_null(False)).tuples()}
+            removed = t.version.delete().where(t.version.request_id == request.id).execute()
+            t.request.delete().where(t.request.id == request.id).execute()
+            freed = self._delete_unreferenced_contents(t, content_ids)
+        if freed:
+            self._store.give_back_free_pages(checkpoint=False)
+        return removed
+
+
+# ---------------------------------------------------------------------------
+# Module-level fetch()
+# ---------------------------------------------------------------------------
+
+_default_cache: Cache | None = None
+_default_cache_lock = threading.Lock()
+
+
+def fetch(url: str, **kwargs) -> Response:
+    """``Cache().fetch(url, **kwargs)`` on a default Cache opened once per process
+    (at ``$BUFFYLITE_CACHE`` or the platform's user cache directory). See ``Cache.fetch``."""
+    global _default_cache
+    with _default_cache_lock:
+        if _default_cache is None:
+            _default_cache = Cache()
+        cache = _default_cache
+    return cache.fetch(url, **kwargs)
