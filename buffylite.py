@@ -2579,3 +2579,415 @@ def fetch(url: str, **kwargs) -> Response:
             _default_cache = Cache()
         cache = _default_cache
     return cache.fetch(url, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Command line: python -m buffylite
+# ---------------------------------------------------------------------------
+#
+# A thin layer over the public API. Global options are accepted before or after
+# the subcommand; errors are one line on stderr with exit status 1 (usage: 2).
+
+
+class _UsageError(Exception):
+    """A command-line value the parser could not check (exit status 2)."""
+
+
+def _parse_strategy(text: str):
+    """``never | age:SECONDS | when_requested | when_remote_changed[:CHECK[:FALLBACK]] | cron:EXPR``."""
+    name, _, rest = text.partition(":")
+    try:
+        if name == "never" and not rest:
+            return ReCachingStrategy.never()
+        if name == "age" and rest:
+            return ReCachingStrategy.age(seconds=float(rest))
+        if name == "when_requested" and not rest:
+            return ReCachingStrategy.when_requested()
+        if name == "when_remote_changed":
+            numbers = [float(part) for part in rest.split(":")] if rest else []
+            if len(numbers) <= 2:
+                return ReCachingStrategy.when_remote_changed(*numbers)
+        if name == "cron" and rest:
+            return ReCachingStrategy.cron(cron=rest)
+    except (ValueError, pydantic.ValidationError) as exc:
+        raise _UsageError(f"--strategy {text!r}: {exc}") from exc
+    raise _UsageError(f"--strategy {text!r} is not never, age:SECONDS, when_requested, "
+                      "when_remote_changed[:CHECK[:FALLBACK]] or cron:EXPR.")
+
+
+def _parse_pairs(values: list[str] | None, separator: str, option: str) -> dict | None:
+    """``["K: V", ...]`` (headers) or ``["k=v", ...]`` (params) -> dict."""
+    if not values:
+        return None
+    pairs = {}
+    for value in values:
+        key, found, item = value.partition(separator)
+        if not found or not key.strip():
+            raise _UsageError(f"{option} {value!r} is not in the form 'K{separator}V'.")
+        pairs[key.strip()] = item.strip()
+    return pairs
+
+
+def _identity_arguments(args) -> dict:
+    return {"method": args.method, "group": args.group,
+            "headers": _parse_pairs(args.header, ":", "--header"),
+            "params": _parse_pairs(args.param, "=", "--param")}
+
+
+def _lease_text(response: Response) -> str:
+    if response.pinned:
+        return "pinned"
+    if response.is_pinned:
+        return "until " + response.pinned_until_utc.strftime("%Y-%m-%d %H:%M:%S")
+    return ""
+
+
+def _version_row(response: Response) -> dict:
+    return {"version": response.version, "status": response.status,
+            "size": response.content_attributes.content_size_bytes,
+            "hash": (response.content_hash_hex or "")[:12], "pin": _lease_text(response),
+            "tags": ",".join(response.tags),
+            "cached_at": (response.cached_datetime_utc.strftime("%Y-%m-%d %H:%M:%S")
+                          if response.cached_datetime_utc else "")}
+
+
+def _print_table(rows: list[dict], out) -> None:
+    """Short aligned columns; the keys of the first row are the header."""
+    if not rows:
+        out.write("(none)\n")
+        return
+    columns = list(rows[0])
+    cells = [[str("" if row[column] is None else row[column]) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(line[index]) for line in cells)) for index, column in enumerate(columns)]
+    for line in [[column.upper() for column in columns]] + cells:
+        out.write("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() + "\n")
+
+
+def _emit(args, data, human: Callable[[], None]) -> None:
+    """JSON with --json, else the human form."""
+    if args.json:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    else:
+        human()
+
+
+class _ProgressBar:
+    """A progress bar on stderr (tqdm when installed, else a plain one-line bar)."""
+
+    def __init__(self, label: str):
+        self._label = label
+        self._bar = None
+        self._started = time.monotonic()
+        self._last_drawn = 0.0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if _tqdm is not None:
+            if self._bar is None:
+                self._bar = _tqdm.tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                                       desc=self._label, file=sys.stderr, leave=False)
+            self._bar.update(done - self._bar.n)
+            return
+        now = time.monotonic()
+        if now - self._last_drawn < 0.1 and done != total:
+            return
+        self._last_drawn = now
+        speed = done / max(now - self._started, 1e-6)
+        if total:
+            filled = int(30 * done / total)
+            eta = (total - done) / speed if speed else 0
+            text = (f"\r{self._label} [{'#' * filled}{'.' * (30 - filled)}] {done / 2**20:7.1f}/"
+                    f"{total / 2**20:.1f} MiB {speed / 2**20:6.1f} MiB/s ETA {eta:4.0f}s")
+        else:
+            text = f"\r{self._label} {done / 2**20:7.1f} MiB {speed / 2**20:6.1f} MiB/s"
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self._last_drawn:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def _cmd_fetch(cache: Cache, args) -> int:
+    identity = _identity_arguments(args)
+    configuration = None
+    if args.strategy or args.keep is not None or args.keep_pinned is not None:
+        stored = cache.get_request(args.url, **identity)
+        base = stored.cache_configuration if stored else RequestCacheConfiguration()
+        changes = {"recaching_strategy": _parse_strategy(args.strategy) if args.strategy else None,
+                   "max_cached_unpinned_versions": args.keep, "max_cached_pinned_versions": args.keep_pinned}
+        configuration = RequestCacheConfiguration.model_validate(
+            {**base.model_dump(), **{key: value for key, value in changes.items() if value is not None}})
+    progress = _ProgressBar("download") if sys.stderr.isatty() and not args.quiet else None
+    try:
+        response = cache.fetch(args.url, cache_configuration=configuration, offline=args.offline or None,
+                               expected_hash=args.expected_hash, force_version=args.force_version,
+                               prefer_tag=args.prefer_tag, pin_for=args.pin_for, progress=progress,
+                               **identity)
+    finally:
+        if progress is not None:
+            progress.close()
+    if args.pin:
+        response = cache.pin(response).model_copy(update={"outcome": response.outcome})
+    for tag in args.tag or ():
+        response = cache.tag(response, tag).model_copy(update={"outcome": response.outcome})
+    saved = None
+    if args.output or args.dir:
+        saved = response.save_to(args.output) if args.output else response.save_to(dir=args.dir)
+    elif not args.json:
+        with response.open() as stream:
+            for piece in iter(lambda: stream.read(DEFAULT_CHUNK_SIZE_BYTES), b""):
+                sys.stdout.buffer.write(piece)
+        sys.stdout.buffer.flush()
+    if args.json:
+        data = response.model_dump(mode="json")
+        data["saved_to"] = str(saved) if saved else None
+        _emit(args, data, lambda: None)
+    elif not args.quiet:
+        where = f" -> {saved}" if saved else ""
+        sys.stderr.write(f"{response.url}: version {response.version} ({response.outcome}){where}\n")
+    return 0
+
+
+def _cmd_versions(cache: Cache, args) -> int:
+    status = None if args.status == "all" else args.status
+    versions = cache.versions(args.url, status=status, **_identity_arguments(args))
+    _emit(args, [response.model_dump(mode="json") for response in versions],
+          lambda: _print_table([_version_row(response) for response in versions], sys.stdout))
+    return 0
+
+
+def _cmd_requests(cache: Cache, args) -> int:
+    requests = cache.requests(args.group)
+    rows = [{"id": request.id, "group": request.group_name, "method": request.http_method,
+             "strategy": request.cache_configuration.recaching_strategy.strategy_name, "url": request.url}
+            for request in requests]
+    _emit(args, [request.model_dump(mode="json") for request in requests],
+          lambda: _print_table(rows, sys.stdout))
+    return 0
+
+
+def _cmd_show(cache: Cache, args) -> int:
+    response = cache.get(args.url, args.version or "latest", **_identity_arguments(args))
+    data = response.model_dump(mode="json", exclude={"outcome"})
+
+    def human() -> None:
+        for key, value in data.items():
+            if isinstance(value, dict):
+                for sub_key, sub_value in value.items():
+                    sys.stdout.write(f"{key}.{sub_key}: {sub_value}\n")
+            else:
+                sys.stdout.write(f"{key}: {value}\n")
+    _emit(args, data, human)
+    return 0
+
+
+def _cmd_pin(cache: Cache, args) -> int:
+    response = cache.pin(cache.get(args.url, args.version, **_identity_arguments(args)), seconds=args.seconds)
+    _emit(args, response.model_dump(mode="json"),
+          lambda: sys.stdout.write(f"{response.version}: {_lease_text(response)}\n"))
+    return 0
+
+
+def _cmd_unpin(cache: Cache, args) -> int:
+    response = cache.unpin(cache.get(args.url, args.version, **_identity_arguments(args)))
+    _emit(args, response.model_dump(mode="json"),
+          lambda: sys.stdout.write(f"{response.version}: unpinned\n"))
+    return 0
+
+
+def _cmd_tag(cache: Cache, args) -> int:
+    operation = cache.tag if args.command == "tag" else cache.untag
+    response = operation(cache.get(args.url, args.version, **_identity_arguments(args)), args.tag)
+    _emit(args, response.model_dump(mode="json"),
+          lambda: sys.stdout.write(f"{response.version}: tags {','.join(response.tags) or '(none)'}\n"))
+    return 0
+
+
+def _cmd_gc(cache: Cache, args) -> int:
+    report = cache.gc()
+
+    def human() -> None:
+        removed = ", ".join(f"{count} {reason}" for reason, count in report.removed.items() if count)
+        sys.stdout.write(f"removed: {removed or 'nothing'}\nbytes freed: {report.bytes_freed}\n"
+                         f"file size: {report.file_size_before} -> {report.file_size_after} bytes\n")
+    _emit(args, report.model_dump(mode="json"), human)
+    return 0
+
+
+def _cmd_verify(cache: Cache, args) -> int:
+    report = cache.verify()
+    _emit(args, report.model_dump(mode="json"),
+          lambda: _print_table([{"url": response.url, **_version_row(response)}
+                                for response in report.corrupted], sys.stdout)
+          if report.corrupted else sys.stdout.write(f"{report.checked} contents checked, all intact\n"))
+    if report.corrupted:
+        sys.stderr.write(f"buffylite: {len(report.corrupted)} versions have corrupted content "
+                         "(now marked failed).\n")
+        return 1
+    return 0
+
+
+def _cmd_refresh(cache: Cache, args) -> int:
+    results = cache.refresh(args.group)
+    _emit(args, [result.model_dump(mode="json") for result in results],
+          lambda: _print_table([result.model_dump() for result in results], sys.stdout))
+    return 1 if any(result.outcome == "error" for result in results) else 0
+
+
+def _cmd_delete(cache: Cache, args) -> int:
+    removed = cache.delete(args.url, **_identity_arguments(args))
+    _emit(args, {"url": args.url, "versions_removed": removed},
+          lambda: sys.stdout.write(f"{args.url}: {removed} versions removed\n"))
+    return 0
+
+
+def _cmd_info(cache: Cache, args) -> int:
+    stats = cache.stats()
+
+    def human() -> None:
+        for key, value in stats.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{status} {count}" for status, count in value.items())
+            sys.stdout.write(f"{key + ':':<18}{value}\n")
+    _emit(args, stats, human)
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    # Global options live in a parent parser shared by the main parser and every
+    # subcommand; SUPPRESS keeps a subcommand from resetting what came before it.
+    def global_options(suppress: bool) -> argparse.ArgumentParser:
+        default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
+        parent = argparse.ArgumentParser(add_help=False)
+        parent.add_argument("--cache", metavar="PATH", default=default(None),
+                            help="cache file (default: $BUFFYLITE_CACHE or the user cache directory)")
+        parent.add_argument("--json", action="store_true", default=default(False),
+                            help="machine-readable output")
+        parent.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                            help="log progress; show tracebacks")
+        parent.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                            help="only errors on stderr")
+        parent.add_argument("--retries", type=int, metavar="N", default=default(DEFAULT_RETRIES),
+                            help=f"retries of a failed download (default {DEFAULT_RETRIES})")
+        parent.add_argument("--timeout", type=float, metavar="SECONDS", default=default(DEFAULT_TIMEOUT_SEC),
+                            help=f"connect and read timeout (default {DEFAULT_TIMEOUT_SEC:g})")
+        return parent
+
+    identity = argparse.ArgumentParser(add_help=False)
+    identity.add_argument("--method", default="get", help="get, post or put (default get)")
+    identity.add_argument("--header", action="append", metavar="'K: V'", help="request header (repeatable)")
+    identity.add_argument("--param", action="append", metavar="k=v", help="query parameter (repeatable)")
+    identity.add_argument("--group", default=DEFAULT_GROUP, help=f"request group (default {DEFAULT_GROUP})")
+    common = [global_options(True)]
+
+    parser = argparse.ArgumentParser(
+        prog="buffylite", parents=[global_options(False)],
+        description="A versioning HTTP download cache in one SQLite file.")
+    parser.add_argument("--version", action="version", version=f"buffylite {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    fetch_parser = commands.add_parser("fetch", parents=common + [identity],
+                                       help="fetch a URL through the cache (content to stdout)")
+    fetch_parser.add_argument("url")
+    output = fetch_parser.add_mutually_exclusive_group()
+    output.add_argument("-o", "--output", metavar="FILE", help="write the content to FILE")
+    output.add_argument("-d", "--dir", metavar="DIR", help="write the content into DIR under its file name")
+    fetch_parser.add_argument("--strategy", help="never | age:SECONDS | when_requested | "
+                                                 "when_remote_changed[:CHECK[:FALLBACK]] | cron:EXPR")
+    fetch_parser.add_argument("--keep", type=int, metavar="N", help="unpinned versions to keep")
+    fetch_parser.add_argument("--keep-pinned", type=int, metavar="N", help="pinned versions to keep")
+    fetch_parser.add_argument("--pin", action="store_true", help="pin the returned version permanently")
+    fetch_parser.add_argument("--pin-for", type=float, metavar="SECONDS", help="lease the returned version")
+    fetch_parser.add_argument("--tag", action="append", metavar="T", help="tag the returned version")
+    fetch_parser.add_argument("--offline", action="store_true", help="never touch the network")
+    fetch_parser.add_argument("--expected-hash", metavar="HASH", help="'sha256:<hex>' or '<hex>'")
+    fetch_parser.add_argument("--force-version", metavar="V", help="return exactly this version")
+    fetch_parser.add_argument("--prefer-tag", metavar="T", help="prefer the newest version with this tag")
+    fetch_parser.set_defaults(handler=_cmd_fetch)
+
+    versions_parser = commands.add_parser("versions", parents=common + [identity], help="list versions")
+    versions_parser.add_argument("url")
+    versions_parser.add_argument("--status", default="ready", choices=VERSION_STATUSES + ("all",))
+    versions_parser.set_defaults(handler=_cmd_versions)
+
+    requests_parser = commands.add_parser("requests", parents=common, help="list stored requests")
+    requests_parser.add_argument("--group")
+    requests_parser.set_defaults(handler=_cmd_requests)
+
+    show_parser = commands.add_parser("show", parents=common + [identity], help="show one version")
+    show_parser.add_argument("url")
+    show_parser.add_argument("version", nargs="?")
+    show_parser.set_defaults(handler=_cmd_show)
+
+    pin_parser = commands.add_parser("pin", parents=common + [identity], help="pin a version")
+    pin_parser.add_argument("url")
+    pin_parser.add_argument("version")
+    pin_parser.add_argument("--for", dest="seconds", type=float, metavar="SECONDS",
+                            help="a lease of SECONDS instead of a permanent pin")
+    pin_parser.set_defaults(handler=_cmd_pin)
+
+    unpin_parser = commands.add_parser("unpin", parents=common + [identity], help="unpin a version")
+    unpin_parser.add_argument("url")
+    unpin_parser.add_argument("version")
+    unpin_parser.set_defaults(handler=_cmd_unpin)
+
+    for name, text in (("tag", "tag a version"), ("untag", "remove a tag from a version")):
+        tag_parser = commands.add_parser(name, parents=common + [identity], help=text)
+        tag_parser.add_argument("url")
+        tag_parser.add_argument("version")
+        tag_parser.add_argument("tag")
+        tag_parser.set_defaults(handler=_cmd_tag)
+
+    commands.add_parser("gc", parents=common, help="collect garbage, shrink the file").set_defaults(
+        handler=_cmd_gc)
+    commands.add_parser("verify", parents=common, help="re-hash all content").set_defaults(
+        handler=_cmd_verify)
+    refresh_parser = commands.add_parser("refresh", parents=common, help="apply every request's strategy now")
+    refresh_parser.add_argument("--group")
+    refresh_parser.set_defaults(handler=_cmd_refresh)
+
+    delete_parser = commands.add_parser("delete", parents=common + [identity], help="forget a request")
+    delete_parser.add_argument("url")
+    delete_parser.set_defaults(handler=_cmd_delete)
+
+    commands.add_parser("info", parents=common, help="cache file facts and counts").set_defaults(
+        handler=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("buffylite: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING)
+    try:
+        with Cache(args.cache, retries=args.retries, timeout=args.timeout) as cache:
+            return args.handler(cache, args)
+    except _UsageError as exc:
+        parser.error(str(exc))
+    except (BuffyliteError, pydantic.ValidationError, OSError) as exc:
+        if args.verbose:
+            import traceback
+            traceback.print_exc()
+        message = " ".join(str(exc).split()) if not isinstance(exc, pydantic.ValidationError) else \
+            "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors())
+        sys.stderr.write(f"buffylite: error: {message}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("buffylite: interrupted\n")
+        return 130
+    finally:
+        log.removeHandler(handler)
+
+
+if __name__ == "__main__":
+    # Under ``python -m buffylite`` this file runs as ``__main__``; alias it so an
+    # ``import buffylite`` elsewhere gets this same module, not a second copy.
+    sys.modules.setdefault("buffylite", sys.modules[__name__])
+    sys.exit(main())

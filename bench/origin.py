@@ -1,0 +1,92 @@
+"""A loopback origin for the benchmarks: deterministic bodies of any size, streamed
+(never held in memory), with ETag, Last-Modified and Range support.
+
+Run as a script it serves until killed and prints its port on the first line:
+``python bench/origin.py`` ; a body of N bytes lives at ``/bytes/N`` (add
+``?seed=S`` for other content).
+"""
+
+import hashlib
+import http.server
+import re
+import sys
+import threading
+
+BLOCK_BYTES = 1 << 20
+
+
+def block(seed: int, index: int) -> bytes:
+    """The index-th 1 MiB block of a body: cheap to make, different everywhere."""
+    head = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return (head * (BLOCK_BYTES // len(head)))[:BLOCK_BYTES]
+
+
+def body_bytes(size: int, seed: int = 0, start: int = 0):
+    """Yield the bytes [start, size) of the body in pieces of at most 1 MiB."""
+    position = start
+    while position < size:
+        index, offset = divmod(position, BLOCK_BYTES)
+        piece = block(seed, index)[offset:offset + (size - position)]
+        yield piece
+        position += len(piece)
+
+
+def body_sha256(size: int, seed: int = 0) -> str:
+    digest = hashlib.sha256()
+    for piece in body_bytes(size, seed):
+        digest.update(piece)
+    return digest.hexdigest()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    counts = {"requests": 0, "bytes": 0}
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        match = re.match(r"^/bytes/(\d+)(?:\?seed=(\d+))?$", self.path)
+        if not match:
+            self.send_error(404)
+            return
+        size, seed = int(match.group(1)), int(match.group(2) or 0)
+        etag = f'"{size}-{seed}"'
+        Handler.counts["requests"] += 1
+        if self.headers.get("If-None-Match") == etag:
+            self.send_response(304)
+            self.send_header("ETag", etag)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        start = 0
+        range_header = self.headers.get("Range")
+        if range_header and self.headers.get("If-Range", etag) == etag:
+            start = int(re.match(r"bytes=(\d+)-", range_header).group(1))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(size - start))
+        self.send_header("ETag", etag)
+        self.send_header("Last-Modified", "Sun, 01 Nov 2026 00:00:00 GMT")
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        for piece in body_bytes(size, seed, start):
+            self.wfile.write(piece)
+            Handler.counts["bytes"] += len(piece)
+
+
+def serve(port: int = 0) -> http.server.ThreadingHTTPServer:
+    """Start the origin in a daemon thread; returns the server (``server_port``)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+if __name__ == "__main__":
+    server = serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    print(server.server_port, flush=True)
+    threading.Event().wait()
