@@ -69,6 +69,8 @@ import os
 import pathlib
 import random
 import secrets
+import select
+import socket
 import sys
 import tempfile
 import threading
@@ -1228,19 +1230,22 @@ def _is_resumable(headers) -> bool:
     return bool(etag and not etag.startswith("W/")) or bool(headers.get("Last-Modified"))
 
 
-def _has_excess_body(response: urllib3.BaseHTTPResponse) -> bool:
-    """Best effort: did the origin send bytes past its Content-Length? Looks, without
-    blocking, for data already waiting on the connection after the declared end."""
-    import select
-
+def _has_excess_body(response: urllib3.BaseHTTPResponse, remaining: int) -> bool:
+    """Best effort, called before the last ``remaining`` bytes of a body are read: did
+    the origin send more than its Content-Length? http.client stops reading at the
+    declared length, so the surplus is looked for where it waits: in the connection's
+    read buffer beyond ``remaining``, or on the socket right after it."""
     try:
-        raw = response._fp  # http.client.HTTPResponse
-        buffered = raw.fp
-        sock = response.connection.sock if response.connection else None
-        if sock is None:
+        buffered = response._fp.fp  # the BufferedReader http.client reads from
+        waiting = len(buffered.peek(remaining))
+        if waiting > remaining:
+            return True
+        if waiting < remaining:
+            return False  # The rest of the body is still in flight: cannot tell.
+        sock = response.connection.sock
+        if not select.select([sock], [], [], 0.05)[0]:
             return False
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and bool(buffered.peek(1))
+        return bool(sock.recv(1, socket.MSG_PEEK))
     except Exception:  # noqa: BLE001 - a best-effort probe must never break a download
         return False
 
@@ -1548,16 +1553,23 @@ class _Transfer:
         else:
             raise _AttemptError(f"HTTP {status} {response.reason or ''}".strip(), status_code=status,
                                 retryable=False)
+        probe_excess = sink.total is not None
         try:
-            while data := response.read1(READ_SIZE_BYTES):
+            while True:
+                remaining = (sink.total or 0) - sink.offset
+                if probe_excess and 0 < remaining <= READ_SIZE_BYTES:
+                    probe_excess = False
+                    if _has_excess_body(response, remaining):
+                        raise _AttemptError("the body is longer than its Content-Length", retryable=False)
+                data = response.read1(READ_SIZE_BYTES)
+                if not data:
+                    break
                 sink.write(data)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise _AttemptError(f"the connection broke after {sink.offset} bytes ({exc})",
                                 retryable=True, cause=exc) from exc
         if sink.total is not None and sink.offset != sink.total:
             raise _AttemptError(f"the body ended after {sink.offset} of {sink.total} bytes", retryable=True)
-        if _has_excess_body(response):
-            raise _AttemptError("the body is longer than its Content-Length", retryable=False)
         sink.flush()
         self._attributes["content_size_bytes"] = sink.offset
         return _Completed(sink.content_id, sink.hasher.hexdigest(), sink.offset, self._attributes,
@@ -1863,7 +1875,6 @@ class Cache:
     # --- fetch: deciding ---------------------------------------------------------------
 
     def _fetch(self, call: _FetchCall) -> Response:
-        wait_started = None
         while True:
             with self._store.reading() as t:
                 request = self._find_request(t, call.identity)
@@ -1897,7 +1908,6 @@ class Cache:
                 return self._run_download(call, claim, newest if plan == "conditional" else None)
             if call.prefer_cached and eligible:
                 return self._serve(call, request, ready, "cached")
-            wait_started = wait_started or now
             finished = self._await_download(claim.other_row_id)
             if finished is not None:
                 return self._after_other_download(call, claim.request_id, finished)
