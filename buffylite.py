@@ -75,6 +75,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import urllib.parse
 import urllib.request
 from typing import Annotated, Any, Callable, Iterator, Literal, Optional, Union
@@ -828,6 +829,25 @@ class _VersionRow(_Row):
 _TABLE_MODELS = (_MetaRow, _RequestRow, _ContentRow, _ChunkRow, _VersionRow)
 
 
+_REQUEST_COLUMNS = tuple(_RequestRow._meta.sorted_field_names)
+_VERSION_COLUMNS = tuple(_VersionRow._meta.sorted_field_names)
+#: Placeholder for a value supplied when a prepared statement runs.
+_SLOT = "\x00buffylite-slot\x00"
+
+
+def _slot() -> peewee.Value:
+    return peewee.Value(_SLOT, converter=False)
+
+
+def _columns(model, names: tuple[str, ...]) -> list:
+    return [getattr(model, name) for name in names]
+
+
+def _record(names: tuple[str, ...], values) -> types.SimpleNamespace:
+    """A row as a plain object with one attribute per column."""
+    return types.SimpleNamespace(**dict(zip(names, values)))
+
+
 class _Tables:
     """The table models bound to one database (one set per Cache, so two Cache
     objects on two files never share a binding)."""
@@ -948,6 +968,7 @@ class _Store:
 
     def _open_database(self) -> None:
         self._pid = os.getpid()
+        self._statements: dict[str, tuple[str, list]] = {}
         self.db = _sqlite_database(self.path)
         self.tables = _Tables(self.db)
 
@@ -1024,6 +1045,46 @@ class _Store:
                 total += path.stat().st_size
         return total
 
+    # --- prepared statements (the fetch hot path) ---
+    #
+    # Building SQL through peewee costs far more than running it (about 100 µs per
+    # query against a few µs in SQLite), so the queries every fetch runs are built by
+    # peewee once per store and then executed with fresh values.
+
+    def _execute(self, name: str, build: Callable[[_Tables], peewee.Query], *values):
+        statement = self._statements.get(name)
+        if statement is None:
+            statement = self._statements[name] = build(self.tables).sql()
+        sql, template = statement
+        supplied = iter(values)
+        return self.db.execute_sql(sql, [next(supplied) if param == _SLOT else param for param in template])
+
+    def request_and_ready_rows(self, identity_key: str):
+        """(request record or None, its ready version records newest first), in one query."""
+        def build(t: _Tables):
+            return (t.request.select(*_columns(t.request, _REQUEST_COLUMNS), *_columns(t.version, _VERSION_COLUMNS))
+                    .join(t.version, peewee.JOIN.LEFT_OUTER,
+                          on=(t.version.request_id == t.request.id) & (t.version.status == "ready"))
+                    .where(t.request.identity_key == _slot()).order_by(t.version.version.desc()))
+        with self.reading():
+            rows = self._execute("request_and_ready_rows", build, identity_key).fetchall()
+        if not rows:
+            return None, []
+        split = len(_REQUEST_COLUMNS)
+        request = _record(_REQUEST_COLUMNS, rows[0][:split])
+        ready = [_record(_VERSION_COLUMNS, row[split:]) for row in rows if row[split] is not None]
+        return request, ready
+
+    def ready_rows(self, request_id: int) -> list:
+        """The request's ready version records, newest first."""
+        def build(t: _Tables):
+            return (t.version.select(*_columns(t.version, _VERSION_COLUMNS))
+                    .where((t.version.request_id == _slot()) & (t.version.status == "ready"))
+                    .order_by(t.version.version.desc()))
+        with self.reading():
+            return [_record(_VERSION_COLUMNS, row)
+                    for row in self._execute("ready_rows", build, request_id).fetchall()]
+
     # --- content I/O ---
 
     def iter_chunks(self, content_id: int) -> Iterator[bytes]:
@@ -1042,11 +1103,10 @@ class _Store:
 
     def read_content(self, content_id: int) -> bytes:
         """The whole content, in one query."""
-        chunk = self.tables.chunk
+        def build(t: _Tables):
+            return t.chunk.select(t.chunk.data).where(t.chunk.content_id == _slot()).order_by(t.chunk.seq)
         with self.reading():
-            rows = (chunk.select(chunk.data).where(chunk.content_id == content_id)
-                    .order_by(chunk.seq).tuples())
-            return b"".join(row[0] for row in rows)
+            return b"".join(row[0] for row in self._execute("read_content", build, content_id))
 
     def open_content(self, content_id: int) -> "_ContentStream":
         self._ensure_same_process()
@@ -1715,12 +1775,9 @@ class Cache:
     def _find_request(self, t: _Tables, identity: _Identity):
         return t.request.get_or_none(t.request.identity_key == identity.key)
 
-    @staticmethod
-    def _ready_rows(t: _Tables, request_id: int) -> list:
-        """The request's ready versions, newest first."""
-        return list(t.version.select().where((t.version.request_id == request_id)
-                                             & (t.version.status == "ready"))
-                    .order_by(t.version.version.desc()))
+    def _ready_rows(self, t: _Tables, request_id: int) -> list:
+        """The request's ready versions, newest first (inside the caller's read or write)."""
+        return self._store.ready_rows(request_id)
 
     def _response(self, row, url: str, chain: list[str], outcome: str | None = None) -> Response:
         """Build the public object for a version row; ``chain`` is the request's ready
@@ -1876,9 +1933,7 @@ class Cache:
 
     def _fetch(self, call: _FetchCall) -> Response:
         while True:
-            with self._store.reading() as t:
-                request = self._find_request(t, call.identity)
-                ready = self._ready_rows(t, request.id) if request is not None else []
+            request, ready = self._store.request_and_ready_rows(call.identity.key)
             now = _now()
             eligible = [row for row in ready
                         if call.expected_hash is None or row.content_hash_hex == call.expected_hash]
