@@ -154,6 +154,8 @@ BUSY_TIMEOUT_SEC = 60.0
 #: Shortest and longest pause while polling another process's download.
 WAIT_POLL_MIN_SEC = 0.02
 WAIT_POLL_MAX_SEC = 0.5
+#: Plain request identities (URL, method, group) remembered per Cache.
+IDENTITY_MEMO_SIZE = 4096
 #: Version of the file layout; see ``_MIGRATIONS``.
 SCHEMA_VERSION = 1
 #: SQLite ``application_id`` marking a buffylite file ("BUFY").
@@ -321,12 +323,14 @@ def _check_url(url: str) -> str:
         raise InvalidRequestError(f"URL must be a non-empty string, got {url!r}.")
     url = url.strip()
     try:
-        parsed = urllib3.util.parse_url(url)
-    except urllib3.exceptions.LocationParseError as exc:
+        parsed = urllib.parse.urlsplit(url)
+        host = parsed.hostname
+        parsed.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
         raise InvalidRequestError(f"URL {url!r} cannot be parsed: {exc}.") from exc
-    if (parsed.scheme or "").lower() not in ("http", "https"):
+    if parsed.scheme.lower() not in ("http", "https"):
         raise InvalidRequestError(f"URL {url!r} is not http or https; only those are fetched.")
-    if not parsed.host:
+    if not host:
         raise InvalidRequestError(f"URL {url!r} has no host.")
     return url
 
@@ -623,10 +627,11 @@ class Response(_Model):
                                and self.pinned_until_utc.timestamp() > _now())
 
     def _require_content(self) -> tuple["Cache", int]:
-        if self._cache is None or self._content_id is None:
+        private = self.__pydantic_private__
+        if private["_cache"] is None or private["_content_id"] is None:
             raise NotCachedError(f"Version {self.version} of {self.url} has no stored content "
                                  f"(status {self.status}).")
-        return self._cache, self._content_id
+        return private["_cache"], private["_content_id"]
 
     def read(self) -> bytes:
         """The whole content as bytes (for large content prefer ``open()``)."""
@@ -1740,6 +1745,7 @@ class Cache:
         self.path = pathlib.Path(path).expanduser() if path is not None else _default_cache_path()
         self._store = _Store(self.path)
         self._http = _HttpClient(timeout, user_agent or f"buffylite/{__version__}")
+        self._plain_identities: dict[tuple, _Identity] = {}
         self._cron_started: set[int] = set()
         self._cron_lock = threading.Lock()
 
@@ -1769,8 +1775,19 @@ class Cache:
 
     def _identity(self, url, method="get", params=None, headers=None, body=None,
                   group=DEFAULT_GROUP) -> _Identity:
-        return _Identity(url, method, params, headers, body, group, salt=self._store.salt,
-                         sensitive=self._sensitive)
+        if params or headers or body is not None:
+            return _Identity(url, method, params, headers, body, group, salt=self._store.salt,
+                             sensitive=self._sensitive)
+        # The plain case (URL, method, group) is memoised: identities are immutable.
+        memo_key = (url, method, group)
+        identity = self._plain_identities.get(memo_key)
+        if identity is None:
+            identity = _Identity(url, method, None, None, None, group, salt=self._store.salt,
+                                 sensitive=self._sensitive)
+            if len(self._plain_identities) >= IDENTITY_MEMO_SIZE:
+                self._plain_identities.clear()
+            self._plain_identities[memo_key] = identity
+        return identity
 
     def _find_request(self, t: _Tables, identity: _Identity):
         return t.request.get_or_none(t.request.identity_key == identity.key)
@@ -1798,8 +1815,7 @@ class Cache:
             content_attributes=ResponseContentAttributes.model_validate_json(row.content_attributes or "{}"),
             download_stats=ResponseDownloadStats.model_validate_json(row.download_stats or "{}"),
             outcome=outcome)
-        response._cache = self
-        response._content_id = row.content_id
+        response.__pydantic_private__ = {"_cache": self, "_content_id": row.content_id}
         return response
 
     def _responses(self, rows: list, url: str, ready_rows: list, outcome: str | None = "cached"):
