@@ -563,6 +563,14 @@ class Request(_Model):
     validation_hash_type: str = DEFAULT_HASH_TYPE
     cache_configuration: RequestCacheConfiguration = Field(default_factory=RequestCacheConfiguration)
 
+    @pydantic.field_validator("validation_hash_type")
+    @classmethod
+    def _known_hash_type(cls, value: str) -> str:
+        try:
+            return _check_hash_type(value)
+        except InvalidRequestError as exc:
+            raise ValueError(str(exc)) from None
+
 
 class ResponseContentAttributes(_Model):
     """What the origin's headers said about the content."""
@@ -926,7 +934,9 @@ def _sqlite_mark_file(database: peewee.Database, schema_version: int) -> None:
 def _sqlite_give_back_free_pages(database: peewee.Database, *, checkpoint: bool) -> None:
     """Return freed pages to the file system; with ``checkpoint`` also fold the WAL in
     so the main file shrinks now (not at the next automatic checkpoint)."""
-    database.execute_sql("PRAGMA incremental_vacuum")
+    # Through a cursor, Python's sqlite3 steps this pragma once, freeing one page;
+    # executescript runs it to completion. Never called inside a transaction.
+    database.connection().executescript("PRAGMA incremental_vacuum;")
     if checkpoint:
         database.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
@@ -2178,6 +2188,8 @@ class Cache:
             request = t.request.get_by_id(claim.request_id)
         sink = _Sink(self, claim, request.validation_hash_type, call.progress)
         transfer = _Transfer(self, call, claim, sink, conditional_from)
+        with self._cron_lock:  # A download in this Cache is the cron strategy's run at start.
+            self._cron_started.add(claim.request_id)
         try:
             result = transfer.run()
             if isinstance(result, _NotModified):
