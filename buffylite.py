@@ -1238,8 +1238,8 @@ class _HttpClient:
     def __init__(self, timeout: float | urllib3.Timeout, user_agent: str):
         self.timeout = timeout if isinstance(timeout, urllib3.Timeout) else urllib3.Timeout(
             connect=timeout, read=timeout)
-        self._headers = {"User-Agent": user_agent}
-        self._direct = urllib3.PoolManager(headers=self._headers)
+        self.user_agent = user_agent
+        self._direct = urllib3.PoolManager()
         self._proxied: dict[str, urllib3.ProxyManager] = {}
         self._lock = threading.Lock()
 
@@ -1250,11 +1250,18 @@ class _HttpClient:
             return self._direct
         with self._lock:
             if proxy not in self._proxied:
-                self._proxied[proxy] = urllib3.ProxyManager(proxy, headers=self._headers)
+                # Credentials in the proxy URL (http://user:pass@proxy:3128) become
+                # Proxy-Authorization, as pip and requests do.
+                auth = urllib3.util.parse_url(proxy).auth
+                proxy_headers = urllib3.make_headers(
+                    proxy_basic_auth=urllib.parse.unquote(auth)) if auth else None
+                self._proxied[proxy] = urllib3.ProxyManager(proxy, proxy_headers=proxy_headers)
             return self._proxied[proxy]
 
     def send(self, method: str, url: str, headers: dict, body: bytes | None) -> urllib3.BaseHTTPResponse:
         """Send one request; the body is left unread. Raises _AttemptError."""
+        if not any(name.lower() == "user-agent" for name in headers):
+            headers = {**headers, "User-Agent": self.user_agent}
         try:
             return self._manager_for(url).request(
                 method.upper(), url, headers=headers, body=body, retries=_URLLIB3_RETRY,
@@ -1577,9 +1584,14 @@ class _Transfer:
                 response = cache._http.send(identity.method, url, self._headers_for_attempt(headers),
                                             identity.body)
                 try:
-                    return self._receive(response)
+                    result = self._receive(response)
+                except BaseException:
+                    # Part of a body may still be unread: this connection cannot be reused.
+                    response.close()
+                    raise
                 finally:
                     response.release_conn()
+                return result
             except _AttemptError as error:
                 status_code = error.status_code or status_code
                 if not error.retryable or attempt >= cache._retries:
@@ -1631,12 +1643,14 @@ class _Transfer:
         probe_excess = sink.total is not None
         try:
             while True:
-                remaining = (sink.total or 0) - sink.offset
-                if probe_excess and 0 < remaining <= READ_SIZE_BYTES:
+                amount, remaining = READ_SIZE_BYTES, (sink.total or 0) - sink.offset
+                if probe_excess and remaining > 1:
+                    amount = min(amount, remaining - 1)  # Stop one byte short of the end ...
+                elif probe_excess and remaining == 1:  # ... to look past it.
                     probe_excess = False
                     if _has_excess_body(response, remaining):
                         raise _AttemptError("the body is longer than its Content-Length", retryable=False)
-                data = response.read1(READ_SIZE_BYTES)
+                data = response.read1(amount)
                 if not data:
                     break
                 sink.write(data)
@@ -1964,6 +1978,8 @@ class Cache:
             eligible = [row for row in ready
                         if call.expected_hash is None or row.content_hash_hex == call.expected_hash]
 
+            if request is not None:
+                self._update_request_settings(call, request)
             # Hard choices and time travel never touch the network.
             if call.is_hard_choice:
                 return self._serve(call, request, ready, "offline" if call.offline else "cached",
@@ -1979,8 +1995,6 @@ class Cache:
                 return self._serve(call, request, ready, "offline")
             plan = self._plan(strategy, newest, request, now) if eligible else "download"
             if plan == "serve":
-                if request is not None:
-                    self._update_request_settings(call, request)
                 return self._serve(call, request, ready, "cached")
 
             # A download (or a conditional check) is due: claim it, unless someone else runs it.
@@ -2608,7 +2622,7 @@ class Cache:
                     t.version.update(status="failed", download_stats=json.dumps(stats)).where(
                         t.version.id == row.id).execute()
                 report.corrupted.extend(self._response_for_row_id(t, row.id) for row in rows)
-            log.warning("Content %s is corrupted; %d version(s) marked failed.", hash_hex, len(rows))
+            log.info("Content %s is corrupted; %d version(s) marked failed.", hash_hex, len(rows))
         return report
 
     def refresh(self, group: str | None = None) -> list[RefreshResult]:
