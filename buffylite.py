@@ -160,6 +160,8 @@ IDENTITY_MEMO_SIZE = 4096
 SCHEMA_VERSION = 1
 #: SQLite ``application_id`` marking a buffylite file ("BUFY").
 APPLICATION_ID = 0x42554659
+#: How long gc() waits for readers before giving up on truncating the WAL (ms).
+CHECKPOINT_WAIT_MS = 200
 #: Size, in bytes, to which SQLite truncates the WAL file after a checkpoint.
 WAL_SIZE_LIMIT_BYTES = 64 << 20
 
@@ -938,7 +940,13 @@ def _sqlite_give_back_free_pages(database: peewee.Database, *, checkpoint: bool)
     # executescript runs it to completion. Never called inside a transaction.
     database.connection().executescript("PRAGMA incremental_vacuum;")
     if checkpoint:
-        database.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        # TRUNCATE waits for readers through the busy handler; an open Response.open()
+        # stream is such a reader. Wait briefly, then leave the rest to a later checkpoint.
+        database.execute_sql(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
+        try:
+            database.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            database.execute_sql(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SEC * 1000)}")
 
 
 def _sqlite_write_transaction(database: peewee.SqliteDatabase):
@@ -1325,7 +1333,7 @@ def _has_excess_body(response: urllib3.BaseHTTPResponse, remaining: int) -> bool
         if waiting < remaining:
             return False  # The rest of the body is still in flight: cannot tell.
         sock = response.connection.sock
-        if not select.select([sock], [], [], 0.05)[0]:
+        if not select.select([sock], [], [], 0)[0]:
             return False
         return bool(sock.recv(1, socket.MSG_PEEK))
     except Exception:  # noqa: BLE001 - a best-effort probe must never break a download
@@ -1960,14 +1968,14 @@ class Cache:
         return value
 
     @staticmethod
-    def _check_as_of(value: dt.datetime | None) -> float | None:
+    def _check_as_of(value: dt.datetime | None) -> dt.datetime | None:
         if value is None:
             return None
         if not isinstance(value, dt.datetime):
             raise InvalidRequestError(f"as_of must be a datetime, not {type(value).__name__}.")
         if value.tzinfo is None or value.utcoffset() is None:
             raise InvalidRequestError("as_of must be timezone-aware (e.g. datetime.now(timezone.utc)).")
-        return value.timestamp()
+        return value
 
     # --- fetch: deciding ---------------------------------------------------------------
 
@@ -2044,7 +2052,9 @@ class Cache:
             for row in candidates:
                 if (_matches(row, version=call.force_version, tag=call.force_tag,
                              pinned=call.force_pinned, now=now)
-                        and (call.as_of is None or (row.cached_unix or 0) <= call.as_of)):
+                        and (call.as_of is None or (row.cached_unix is not None
+                                                    # Compared as shown: microsecond datetimes.
+                                                    and _to_datetime(row.cached_unix) <= call.as_of))):
                     return row
             return None
         # Soft preferences are dropped in Buffy's order: pinned, then tag, then version.
@@ -2079,7 +2089,7 @@ class Cache:
                   ("force_version", "force_tag", "force_pinned", "expected_hash")
                   if getattr(call, name) is not None]
         if call.as_of is not None:
-            wanted.append(f"as_of={_to_datetime(call.as_of).isoformat()}")
+            wanted.append(f"as_of={call.as_of.isoformat()}")
         return (f"No cached version of {call.identity.url} matches "
                 f"{', '.join(wanted) or 'the request'} in {self.path}.")
 

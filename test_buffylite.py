@@ -1,0 +1,4836 @@
+"""Main test suite of buffylite: the behaviour of SPEC.md, section by section.
+
+The sections below follow the module's own order: fixtures and helpers, public
+names and errors (§3, §12), the data model (§4-§6), storage (§10), fetching and
+version choice (§6-§8), the ``Response`` content API (§3), request bookkeeping
+(§3, §5), pins and leases (§9), garbage collection and verification (§10), the
+module-level ``fetch()``, a stateful hypothesis model of the whole cache, and
+the command line (§13).
+
+Ground rules: a real HTTP origin on 127.0.0.1 (no mocks of HTTP or SQLite),
+every wait has a timeout, the cache file is only ever inspected through the
+``sqlite3`` module where the public API cannot show what is being checked.
+HTTP faults (short bodies, resets, Retry-After) and concurrency use a raw-socket
+origin of their own, in the section "HTTP faults and concurrency" near the end.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import datetime
+import datetime as dt
+import email.utils
+import fcntl
+import functools
+import gzip
+import hashlib
+import http
+import io
+import itertools
+import json
+import logging
+import os
+import pathlib
+import pty
+import random
+import re
+import select
+import signal
+import socket
+import socketserver
+import sqlite3
+import struct
+import subprocess
+import sys
+import termios
+import textwrap
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+from urllib.parse import urlsplit
+
+import pydantic
+import pytest
+import urllib3
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
+                                 run_state_machine_as_test)
+
+import buffylite
+
+MiB = 1 << 20
+UTC = dt.timezone.utc
+#: Every status a version row can have (SPEC §4).
+STATUSES = {"wait", "in_progress", "ready", "duplicate", "failed"}
+#: Reasons a GCReport counts removals under (SPEC §3).
+GC_REASONS = {"unpinned", "pinned", "duplicate", "failed", "abandoned"}
+#: Seconds any subprocess started by a test may run.
+SUBPROCESS_TIMEOUT_SEC = 60
+#: Python started by the subprocess helpers: the interpreter running the tests.
+PYTHON = sys.executable
+REPO_DIR = pathlib.Path(__file__).resolve().parent
+
+
+# ===========================================================================
+# Fixtures and helpers
+# ===========================================================================
+
+
+@dataclasses.dataclass
+class Route:
+    """What the origin answers on one path. Tests change the fields between requests.
+
+    ``etag`` / ``last_modified`` (an HTTP date string) are sent as validators and
+    make the origin answer ``304`` to a matching ``If-None-Match`` /
+    ``If-Modified-Since`` (``If-Modified-Since`` is ignored when ``If-None-Match``
+    is present, RFC 9110). ``headers`` are extra response headers.
+    ``close_connection`` answers with ``Connection: close`` instead of keeping it alive.
+    """
+
+    body: bytes = b"hello"
+    status: int = 200
+    content_type: str | None = "application/octet-stream"
+    etag: str | None = None
+    last_modified: str | None = None
+    content_disposition: str | None = None
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    close_connection: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggedRequest:
+    """One request the origin received: method, path with query, lower-cased headers, body."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def route_path(self) -> str:
+        """The path without its query string."""
+        return urllib.parse.urlsplit(self.path).path
+
+    @property
+    def query(self) -> dict[str, str]:
+        """The query string as a dict (last value wins)."""
+        return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+
+    def header(self, name: str) -> str | None:
+        """A request header by case-insensitive name, or None."""
+        return self.headers.get(name.lower())
+
+
+class Origin:
+    """A real threaded HTTP/1.1 server on 127.0.0.1 with a route table the test fills.
+
+    ``origin.route("/x", body=b"...", etag='"1"')`` adds or replaces a route and
+    returns its mutable ``Route``; unknown paths answer 404. ``origin.url("/x")``
+    is the full URL. ``origin.log`` lists every request received;
+    ``origin.requests_to("/x")`` those for one path.
+    """
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.log: list[LoggedRequest] = []
+        self._lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
+    def route(self, path: str, body: bytes = b"hello", **fields) -> Route:
+        """Create (or replace) the route for ``path`` and return it."""
+        with self._lock:
+            self.routes[path] = Route(body=body, **fields)
+            return self.routes[path]
+
+    def url(self, path: str) -> str:
+        """Full URL of ``path`` on this origin."""
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def requests_to(self, path: str) -> list[LoggedRequest]:
+        """Requests received for ``path`` (query string ignored), oldest first."""
+        with self._lock:
+            return [entry for entry in self.log if entry.route_path == path]
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=5)
+
+    def _answer(self, handler: BaseHTTPRequestHandler) -> None:
+        """Log the request, then answer it from the route table."""
+        length = int(handler.headers.get("Content-Length") or 0)
+        request_body = handler.rfile.read(length) if length else b""
+        entry = LoggedRequest(handler.command, handler.path,
+                              {key.lower(): value for key, value in handler.headers.items()},
+                              request_body)
+        with self._lock:
+            self.log.append(entry)
+            route = self.routes.get(entry.route_path)
+            route = dataclasses.replace(route, headers=dict(route.headers)) if route else None
+        if route is None:
+            route = Route(body=b"no such route", status=404, content_type="text/plain")
+        status = route.status
+        if status == 200 and self._is_not_modified(route, entry):
+            status = 304
+        handler.send_response(status)
+        if route.etag:
+            handler.send_header("ETag", route.etag)
+        if route.last_modified:
+            handler.send_header("Last-Modified", route.last_modified)
+        for name, value in route.headers.items():
+            handler.send_header(name, value)
+        if route.close_connection:
+            handler.send_header("Connection", "close")
+            handler.close_connection = True
+        if status == 304:
+            handler.end_headers()
+            return
+        if route.content_type:
+            handler.send_header("Content-Type", route.content_type)
+        if route.content_disposition is not None:
+            handler.send_header("Content-Disposition", route.content_disposition)
+        handler.send_header("Content-Length", str(len(route.body)))
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(route.body)
+
+    @staticmethod
+    def _is_not_modified(route: Route, entry: LoggedRequest) -> bool:
+        """True when the request's validators match the route (RFC 9110 §13.1)."""
+        if_none_match = entry.header("If-None-Match")
+        if if_none_match is not None:
+            if not route.etag:
+                return False
+            tags = [tag.strip() for tag in if_none_match.split(",")]
+            return "*" in tags or route.etag in tags
+        if_modified_since = entry.header("If-Modified-Since")
+        if if_modified_since and route.last_modified:
+            try:
+                since = email.utils.parsedate_to_datetime(if_modified_since)
+                modified = email.utils.parsedate_to_datetime(route.last_modified)
+            except (TypeError, ValueError):
+                return False
+            return modified <= since
+        return False
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        origin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            timeout = 30  # idle keep-alive connections end on their own
+
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                origin._answer(self)
+
+            do_POST = do_PUT = do_HEAD = do_DELETE = do_GET  # noqa: N815
+
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+        return Handler
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch):
+    """No developer setting leaks into a test: no offline mode, no default cache, no proxy."""
+    for name in ("BUFFYLITE_OFFLINE", "BUFFYLITE_CACHE", "HTTP_PROXY", "HTTPS_PROXY",
+                 "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def cache_path(tmp_path) -> pathlib.Path:
+    """A fresh, not yet existing cache file path inside the test's tmp_path."""
+    return tmp_path / "cache.sqlite3"
+
+
+@pytest.fixture
+def cache(cache_path):
+    """An open Cache on ``cache_path`` with quick retries (1 retry, waits <= 0.5 s, 5 s timeout)."""
+    opened = buffylite.Cache(cache_path, retries=1, max_retry_wait=0.5, timeout=5)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def origin():
+    """A real HTTP origin on 127.0.0.1 (see ``Origin``), shut down at teardown."""
+    server = Origin()
+    yield server
+    server.close()
+
+
+def subprocess_env(**overrides: str) -> dict[str, str]:
+    """The environment for a subprocess: ours minus buffylite/proxy settings, plus ``overrides``."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.upper().startswith("BUFFYLITE_") and "PROXY" not in key.upper()}
+    env["NO_PROXY"] = "127.0.0.1,localhost"
+    env.update(overrides)
+    return env
+
+
+def run_python(code: str, *args: str, env: dict[str, str] | None = None,
+               timeout: float = SUBPROCESS_TIMEOUT_SEC) -> subprocess.CompletedProcess:
+    """Run ``python -c code args...`` in the repository directory; return the finished process.
+
+    ``env`` defaults to ``subprocess_env()``. Raises ``subprocess.TimeoutExpired``
+    (after killing the child) when it runs longer than ``timeout`` seconds.
+    """
+    return subprocess.run([PYTHON, "-c", code, *args], cwd=REPO_DIR, env=env or subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None,
+            timeout: float = SUBPROCESS_TIMEOUT_SEC) -> subprocess.CompletedProcess:
+    """Run ``python -m buffylite args...`` like ``run_python``; return the finished process."""
+    return subprocess.run([PYTHON, "-m", "buffylite", *args], cwd=REPO_DIR,
+                          env=env or subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def config(strategy=None, keep: int = 2, keep_pinned: int = 10) -> buffylite.RequestCacheConfiguration:
+    """A RequestCacheConfiguration; ``strategy`` defaults to ``age(seconds=0)`` (always download)."""
+    if strategy is None:
+        strategy = buffylite.ReCachingStrategy.age(seconds=0)
+    return buffylite.RequestCacheConfiguration(recaching_strategy=strategy,
+                                               max_cached_unpinned_versions=keep,
+                                               max_cached_pinned_versions=keep_pinned)
+
+
+def always() -> buffylite.RequestCacheConfiguration:
+    """Shorthand: download on every fetch, keep up to 10 unpinned versions."""
+    return config(keep=10)
+
+
+def fetch_body(cache, origin: Origin, path: str, body: bytes, **kwargs):
+    """Make the origin serve ``body`` on ``path`` (keeping other route fields), then fetch it."""
+    route = origin.routes.get(path) or origin.route(path)
+    route.body = body
+    kwargs.setdefault("cache_configuration", always())
+    return cache.fetch(origin.url(path), **kwargs)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def assert_chain(cache, url: str, **identity) -> list:
+    """Check the §8 chain of a request's versions; return its ready versions oldest first."""
+    return check_chain(cache.versions(url, status=None, **identity))
+
+
+def check_chain(rows: list) -> list:
+    """Check the §8 chain over all version rows of one request; return the ready ones oldest first."""
+    ready = sorted((resp for resp in rows if resp.status == "ready"), key=lambda resp: resp.version)
+    names = [resp.version for resp in ready]
+    assert names == sorted(names) and len(set(names)) == len(names), names
+    for index, resp in enumerate(ready):
+        assert resp.status == "ready"
+        assert resp.previous_version == (names[index - 1] if index else None), (index, names)
+        assert resp.next_version == (names[index + 1] if index + 1 < len(names) else None), (index, names)
+    for resp in rows:
+        if resp.status != "ready":
+            assert resp.previous_version is None and resp.next_version is None, resp.status
+    return ready
+
+
+def version_datetime(version: str) -> dt.datetime:
+    """Parse a 20-digit version string as the UTC moment it names."""
+    return dt.datetime.strptime(version, "%Y%m%d%H%M%S%f").replace(tzinfo=UTC)
+
+
+def _columns_by_table(connection: sqlite3.Connection) -> dict[str, list[str]]:
+    names = [row[0] for row in connection.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+    return {name: [column[1] for column in connection.execute(f'PRAGMA table_info("{name}")')]
+            for name in names}
+
+
+def db_tables(path: pathlib.Path) -> dict[str, list[str]]:
+    """Table name -> column names of the cache file, read through ``sqlite3`` (read-only)."""
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return _columns_by_table(connection)
+    finally:
+        connection.close()
+
+
+def table_with_columns(path: pathlib.Path, columns: set[str]) -> str:
+    """The one table of the cache file that has all ``columns`` (found, not guessed)."""
+    matches = [name for name, cols in db_tables(path).items() if columns <= set(cols)]
+    assert len(matches) == 1, f"expected one table with columns {columns}, found {matches}"
+    return matches[0]
+
+
+def unreferenced_contents(path: pathlib.Path) -> list[int]:
+    """Content rows no version row references, and (negated) chunk content ids without a content row.
+
+    The tables are found from ``sqlite_master`` and the declared foreign keys to the
+    content table (the chunk table excepted), not guessed.
+    """
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        tables = _columns_by_table(connection)
+        [chunk_table] = [name for name, cols in tables.items() if {"content_id", "seq", "data"} <= set(cols)]
+        content_table = next(
+            (row[2] for row in connection.execute(f'PRAGMA foreign_key_list("{chunk_table}")')
+             if row[3] == "content_id"), "content")
+        content_key = next(row[1] for row in connection.execute(f'PRAGMA table_info("{content_table}")')
+                           if row[5] == 1)
+        references = [(table, row[3]) for table in tables if table not in (chunk_table, content_table)
+                      for row in connection.execute(f'PRAGMA foreign_key_list("{table}")')
+                      if row[2] == content_table]
+        if not references:  # no declared foreign keys: fall back to columns named content_id
+            references = [(table, "content_id") for table, columns in tables.items()
+                          if table not in (chunk_table, content_table) and "content_id" in columns]
+        assert references, "no table references the content table"
+        referenced = " UNION ".join(f'SELECT "{column}" FROM "{table}" WHERE "{column}" IS NOT NULL'
+                                    for table, column in references)
+        orphans = [row[0] for row in connection.execute(
+            f'SELECT "{content_key}" FROM "{content_table}" WHERE "{content_key}" NOT IN ({referenced})')]
+        orphans += [-row[0] for row in connection.execute(
+            f'SELECT DISTINCT content_id FROM "{chunk_table}" WHERE content_id NOT IN '
+            f'(SELECT "{content_key}" FROM "{content_table}")')]
+        return orphans
+    finally:
+        connection.close()
+
+
+@functools.lru_cache(maxsize=None)
+def random_bytes(size: int, seed: int = 2026) -> bytes:
+    """Deterministic incompressible bytes, generated once per (size, seed)."""
+    return random.Random(seed).randbytes(size)
+
+
+def test_origin_fixture_serves_routes_validators_and_logs(origin):
+    """The origin fixture itself (checked with plain urllib3): routes, 304s, 404s, request log."""
+    origin.route("/a", body=b"first", etag='"e1"', last_modified="Wed, 21 Oct 2015 07:28:00 GMT",
+                 content_disposition='attachment; filename="a.txt"')
+    http = urllib3.PoolManager()
+    try:
+        first = http.request("GET", origin.url("/a?x=1"), headers={"X-Test": "yes"})
+        assert (first.status, first.data) == (200, b"first")
+        assert first.headers["ETag"] == '"e1"'
+        assert first.headers["Content-Disposition"] == 'attachment; filename="a.txt"'
+        assert http.request("GET", origin.url("/a"), headers={"If-None-Match": '"e1"'}).status == 304
+        assert http.request("GET", origin.url("/a"), headers={"If-None-Match": '"zz"'}).status == 200
+        assert http.request("GET", origin.url("/a"), headers={
+            "If-Modified-Since": "Wed, 21 Oct 2015 07:28:00 GMT"}).status == 304
+        origin.routes["/a"].body = b"second"
+        assert http.request("GET", origin.url("/a")).data == b"second"
+        assert http.request("POST", origin.url("/a"), body=b"payload").status == 200
+        assert http.request("GET", origin.url("/missing")).status == 404
+    finally:
+        http.clear()
+    logged = origin.requests_to("/a")
+    assert len(logged) == 6
+    assert logged[0].query == {"x": "1"} and logged[0].header("x-test") == "yes"
+    assert logged[1].header("If-None-Match") == '"e1"'
+    assert (logged[5].method, logged[5].body) == ("POST", b"payload")
+
+
+def test_run_python_helper_runs_code_with_a_timeout():
+    """The subprocess helper returns output and enforces its timeout."""
+    done = run_python("import sys; print(sys.argv[1])", "hi")
+    assert (done.returncode, done.stdout.strip()) == (0, "hi")
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_python("import time; time.sleep(30)", timeout=1)
+
+
+# ===========================================================================
+# Public names and errors (§3, §12)
+# ===========================================================================
+
+#: SPEC §3's public names: the Cache and fetch(), the models of §4 and the reports
+#: of §3, the errors of §12, and main(), the CLI entry point of pyproject.toml.
+PUBLIC_NAMES = sorted([
+    "BuffyliteError", "Cache", "CacheFileError", "FetchError", "GCReport", "IntegrityError",
+    "InvalidRequestError", "NotCachedError", "ReCachingStrategy", "RefreshResult", "Request",
+    "RequestCacheConfiguration", "Response", "ResponseContentAttributes",
+    "ResponseDownloadStats", "VerifyReport", "fetch", "main",
+])
+
+
+def test_all_is_sorted_and_lists_the_public_names():
+    """§3: __all__ is sorted and equals the public names; each one is importable."""
+    assert buffylite.__all__ == sorted(buffylite.__all__)
+    assert buffylite.__all__ == PUBLIC_NAMES
+    for name in PUBLIC_NAMES:
+        assert getattr(buffylite, name) is not None
+
+
+@pytest.mark.parametrize("error, bases", [
+    ("FetchError", (Exception,)),
+    ("NotCachedError", (LookupError,)),
+    ("IntegrityError", ()),
+    ("CacheFileError", ()),
+    ("InvalidRequestError", (ValueError,)),
+])
+def test_errors_derive_from_buffylite_error(error, bases):
+    """§12: every error is a BuffyliteError; NotCachedError is a LookupError, InvalidRequestError a ValueError."""
+    cls = getattr(buffylite, error)
+    assert issubclass(cls, buffylite.BuffyliteError)
+    for base in bases:
+        assert issubclass(cls, base)
+
+
+# ===========================================================================
+# Data model (§4, §5, §6 constructors)
+# ===========================================================================
+
+
+@pytest.mark.parametrize("make, name, fields", [
+    (lambda: buffylite.ReCachingStrategy.never(), "never", {}),
+    (lambda: buffylite.ReCachingStrategy.age(seconds=60), "age", {"seconds": 60}),
+    (lambda: buffylite.ReCachingStrategy.when_requested(), "when_requested", {}),
+    (lambda: buffylite.ReCachingStrategy.when_remote_changed(),
+     "when_remote_changed", {"check_interval_sec": 21600, "fallback_max_age_sec": 86400}),
+    (lambda: buffylite.ReCachingStrategy.when_remote_changed(check_interval_sec=5, fallback_max_age_sec=7),
+     "when_remote_changed", {"check_interval_sec": 5, "fallback_max_age_sec": 7}),
+    (lambda: buffylite.ReCachingStrategy.cron(cron="*/5 * * * *", run_at_start=False),
+     "cron", {"cron": "*/5 * * * *", "run_at_start": False}),
+], ids=["never", "age", "when_requested", "when_remote_changed-defaults", "when_remote_changed", "cron"])
+def test_strategies_are_built_as_in_buffy(make, name, fields):
+    """§6: the Buffy constructors give models discriminated by strategy_name."""
+    strategy = make()
+    assert strategy.strategy_name == name
+    for field, value in fields.items():
+        assert getattr(strategy, field) == value
+    configuration = buffylite.RequestCacheConfiguration(recaching_strategy=strategy)
+    again = buffylite.RequestCacheConfiguration.model_validate_json(configuration.model_dump_json())
+    assert again == configuration
+    assert type(again.recaching_strategy) is type(strategy)
+
+
+def test_cache_configuration_has_buffys_defaults():
+    """§5: max 2 unpinned, 10 pinned, strategy when_remote_changed()."""
+    configuration = buffylite.RequestCacheConfiguration()
+    assert configuration.max_cached_unpinned_versions == 2
+    assert configuration.max_cached_pinned_versions == 10
+    assert configuration.recaching_strategy.strategy_name == "when_remote_changed"
+    assert configuration.recaching_strategy == buffylite.ReCachingStrategy.when_remote_changed()
+
+
+def test_strategy_is_chosen_from_plain_data():
+    """§6: a dict with strategy_name validates into the right strategy."""
+    configuration = buffylite.RequestCacheConfiguration.model_validate(
+        {"recaching_strategy": {"strategy_name": "age", "seconds": 5}})
+    assert configuration.recaching_strategy == buffylite.ReCachingStrategy.age(seconds=5)
+
+
+@pytest.mark.parametrize("make, mentions", [
+    (lambda: buffylite.ReCachingStrategy.age(seconds=-1), "seconds"),
+    (lambda: buffylite.ReCachingStrategy.when_remote_changed(check_interval_sec=-5), "check_interval_sec"),
+    (lambda: buffylite.ReCachingStrategy.when_remote_changed(fallback_max_age_sec=-5), "fallback_max_age_sec"),
+    (lambda: buffylite.ReCachingStrategy.cron(cron="not a cron line"), "cron"),
+    (lambda: buffylite.RequestCacheConfiguration.model_validate(
+        {"recaching_strategy": {"strategy_name": "sometimes"}}), "sometimes"),
+    (lambda: buffylite.RequestCacheConfiguration(max_cached_unpinned_versions=0),
+     "max_cached_unpinned_versions"),
+    (lambda: buffylite.RequestCacheConfiguration(max_cached_pinned_versions=-1),
+     "max_cached_pinned_versions"),
+    (lambda: buffylite.RequestCacheConfiguration(max_cached_unpinned_vrsions=3), "max_cached_unpinned_vrsions"),
+    (lambda: buffylite.Request(id=1, url="http://127.0.0.1/x", validation_hash_type="sha257"), "sha257"),
+    (lambda: buffylite.ResponseDownloadStats(downloaded_bytes=-1), "downloaded_bytes"),
+    (lambda: buffylite.ResponseContentAttributes(content_size_bytes=-1), "content_size_bytes"),
+], ids=["negative-age", "negative-check-interval", "negative-fallback", "bad-cron", "unknown-strategy",
+        "max-unpinned-0", "negative-max-pinned", "unknown-field", "unknown-hash-type",
+        "negative-downloaded-bytes", "negative-content-size"])
+def test_models_reject_bad_input_with_a_clear_message(make, mentions):
+    """§4/§5: negative numbers, unknown strategy or hash type, max unpinned 0 are rejected, naming the culprit."""
+    with pytest.raises((pydantic.ValidationError, buffylite.InvalidRequestError)) as info:
+        make()
+    assert mentions in str(info.value)
+
+
+# ===========================================================================
+# The Cache object and its file (§3, §10, §12)
+# ===========================================================================
+
+
+def test_cache_creates_missing_directories(tmp_path):
+    """§3: the directory of the cache file is created if missing."""
+    path = tmp_path / "deep" / "er" / "cache.sqlite3"
+    with buffylite.Cache(path) as opened:
+        assert opened.stats()["requests"] == 0
+    assert path.is_file()
+
+
+def test_cache_path_defaults_to_buffylite_cache_env(tmp_path, monkeypatch):
+    """§3: Cache() with no path uses $BUFFYLITE_CACHE."""
+    path = tmp_path / "from-env" / "c.sqlite3"
+    monkeypatch.setenv("BUFFYLITE_CACHE", str(path))
+    with buffylite.Cache() as opened:
+        assert pathlib.Path(opened.stats()["path"]).resolve() == path.resolve()
+    assert path.is_file()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="XDG layout is Linux's")
+def test_cache_path_defaults_to_xdg_cache_home(tmp_path):
+    """§3: without $BUFFYLITE_CACHE the file is $XDG_CACHE_HOME/buffylite/cache.sqlite3 (Linux)."""
+    env = subprocess_env(XDG_CACHE_HOME=str(tmp_path / "xdg"), HOME=str(tmp_path / "home"))
+    done = run_python("import buffylite; c = buffylite.Cache(); print(c.stats()['path']); c.close()", env=env)
+    assert done.returncode == 0, done.stderr
+    expected = tmp_path / "xdg" / "buffylite" / "cache.sqlite3"
+    assert pathlib.Path(done.stdout.strip()).resolve() == expected.resolve()
+    assert expected.is_file()
+
+
+def test_cache_is_a_context_manager(cache_path, origin):
+    """§3: `with Cache(...) as c` yields the cache and closes it; the data stays in the file."""
+    origin.route("/cm", body=b"context")
+    with buffylite.Cache(cache_path) as opened:
+        assert isinstance(opened, buffylite.Cache)
+        opened.fetch(origin.url("/cm"))
+    with buffylite.Cache(cache_path) as reopened:
+        assert reopened.get(origin.url("/cm")).read() == b"context"
+
+
+def test_user_agent_defaults_to_buffylite_version_and_can_be_set(tmp_path, origin):
+    """§3: requests carry User-Agent "buffylite/<version>" unless Cache(user_agent=...) says otherwise."""
+    origin.route("/ua", body=b"x")
+    with buffylite.Cache(tmp_path / "a.sqlite3") as default_agent:
+        default_agent.fetch(origin.url("/ua"))
+    with buffylite.Cache(tmp_path / "b.sqlite3", user_agent="my-app/2.0") as own_agent:
+        own_agent.fetch(origin.url("/ua"))
+    agents = [entry.header("User-Agent") for entry in origin.requests_to("/ua")]
+    assert agents == [f"buffylite/{buffylite.__version__}", "my-app/2.0"]
+
+
+def test_cache_accepts_a_urllib3_timeout(cache_path, origin):
+    """§3: timeout may be a urllib3.Timeout."""
+    origin.route("/timeout", body=b"in time")
+    with buffylite.Cache(cache_path, timeout=urllib3.Timeout(connect=2.0, read=5.0)) as opened:
+        assert opened.fetch(origin.url("/timeout")).read() == b"in time"
+
+
+def _write_random_bytes(path):
+    path.write_bytes(random_bytes(8192, seed=7))
+
+
+def _write_text(path):
+    path.write_text("These are my notes, not a cache.\n" * 200)
+
+
+def _write_foreign_sqlite(path):
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+    connection.execute("INSERT INTO users (name) VALUES ('ada'), ('grace')")
+    connection.commit()
+    connection.close()
+
+
+def _write_sqlite_header_then_garbage(path):
+    path.write_bytes(b"SQLite format 3\x00" + random_bytes(8192, seed=8))
+
+
+def _write_cache_from_the_future(path):
+    buffylite.Cache(path).close()
+    connection = sqlite3.connect(path)
+    connection.execute("PRAGMA user_version = 99999")
+    connection.commit()
+    connection.close()
+
+
+@pytest.mark.parametrize("write", [
+    _write_random_bytes, _write_text, _write_foreign_sqlite, _write_sqlite_header_then_garbage,
+    _write_cache_from_the_future,
+], ids=["random-bytes", "text", "foreign-sqlite", "sqlite-header-garbage", "future-schema"])
+def test_unusable_file_raises_cache_file_error_naming_the_path(tmp_path, write):
+    """§10/§12: a file that is not a buffylite database gives CacheFileError with the path, untouched."""
+    path = tmp_path / "not-a-cache.sqlite3"
+    write(path)
+    before = path.read_bytes()
+    with pytest.raises(buffylite.CacheFileError) as info:
+        with buffylite.Cache(path) as opened:
+            opened.stats()
+            opened.requests()
+    message = str(info.value)
+    assert str(path) in message or str(path.resolve()) in message, message
+    assert path.read_bytes() == before, "the user's file was modified"
+
+
+def test_stats_reports_counts_for_every_status(cache, cache_path, origin):
+    """§3: stats() has path, file size, requests, a count per status, content bytes and unique contents."""
+    stats = cache.stats()
+    assert {"path", "file_size_bytes", "requests", "versions", "content_bytes",
+            "unique_contents"} <= set(stats)
+    assert set(stats["versions"]) == STATUSES
+    assert stats["requests"] == 0 and stats["content_bytes"] == 0 and stats["unique_contents"] == 0
+    assert pathlib.Path(stats["path"]).resolve() == cache_path.resolve()
+    assert stats["file_size_bytes"] > 0
+    origin.route("/s", body=b"x" * 1000)
+    cache.fetch(origin.url("/s"))
+    stats = cache.stats()
+    assert stats["requests"] == 1
+    assert stats["versions"]["ready"] == 1
+    assert stats["content_bytes"] == 1000 and stats["unique_contents"] == 1
+
+
+def test_stats_counts_deduplicated_content_once(cache, origin):
+    """§3/§10: the same content under two requests is stored and counted once."""
+    same = b"shared content " * 100
+    origin.route("/one", body=same)
+    origin.route("/two", body=same)
+    origin.route("/three", body=b"other" * 100)
+    first = cache.fetch(origin.url("/one"))
+    second = cache.fetch(origin.url("/two"))
+    assert first.content_hash_hex == second.content_hash_hex == sha256(same)
+    stats = cache.stats()
+    assert stats["requests"] == 2 and stats["versions"]["ready"] == 2
+    assert stats["content_bytes"] == len(same) and stats["unique_contents"] == 1
+    cache.fetch(origin.url("/three"))
+    stats = cache.stats()
+    assert stats["content_bytes"] == len(same) + 500 and stats["unique_contents"] == 2
+
+
+# ===========================================================================
+# Fetching: argument checks (§3, §7, §12)
+# ===========================================================================
+
+NAIVE_MOMENT = dt.datetime(2024, 1, 1, 12, 0, 0)
+
+
+@pytest.mark.parametrize("url_path, kwargs", [
+    ("ftp", {}),
+    ("", {"method": "delete"}),
+    ("", {"method": "TRACE"}),
+    ("", {"validation_hash_type": "sha257"}),
+    ("", {"as_of": NAIVE_MOMENT}),
+    ("", {"expected_hash": "sha256:not-hex-at-all"}),
+    ("", {"expected_hash": "nosuchalgo:abcdef"}),
+    ("", {"body": 12345}),
+    ("", {"pin_for": -5}),
+    ("empty", {}),
+    ("nohost", {}),
+], ids=["ftp-url", "method-delete", "method-trace", "hash-type", "naive-as_of", "expected-hash-not-hex",
+        "expected-hash-algorithm", "body-int", "negative-pin_for", "empty-url", "no-host"])
+def test_bad_fetch_arguments_raise_and_write_nothing(cache, origin, url_path, kwargs):
+    """§12: bad arguments raise InvalidRequestError (a ValueError), send nothing, write nothing."""
+    origin.route("/bad", body=b"never fetched")
+    url = {"ftp": "ftp://127.0.0.1/bad", "empty": "", "nohost": "http:///bad"}.get(url_path,
+                                                                                 origin.url("/bad"))
+    before = cache.stats()
+    with pytest.raises(buffylite.InvalidRequestError) as info:
+        cache.fetch(url, **kwargs)
+    assert isinstance(info.value, ValueError)
+    assert str(info.value)
+    assert origin.log == []
+    assert cache.stats() == before
+    assert cache.requests() == []
+
+
+def test_method_is_case_insensitive_and_stored_lower_case(cache, origin):
+    """§3: method "POST" is sent as POST and stored as "post"."""
+    origin.route("/m", body=b"posted")
+    resp = cache.fetch(origin.url("/m"), method="POST", body={"q": 1})
+    assert resp.read() == b"posted"
+    assert origin.requests_to("/m")[0].method == "POST"
+    assert json.loads(origin.requests_to("/m")[0].body) == {"q": 1}
+    request = cache.get_request(origin.url("/m"), method="post", body={"q": 1})
+    assert request is not None and request.http_method == "post"
+    assert request.http_request_body == {"q": 1}
+
+
+# ===========================================================================
+# Fetching: re-caching strategies (§6)
+# ===========================================================================
+
+
+def test_first_fetch_downloads_and_describes_the_version(cache, origin):
+    """§4/§6: no L -> download; the Response carries version, hash, attributes, UTC datetimes."""
+    origin.route("/files/report.csv", body=b"a,b\n1,2\n", content_type="text/csv", etag='"r1"',
+                 last_modified="Wed, 21 Oct 2015 07:28:00 GMT")
+    url = origin.url("/files/report.csv")
+    started = dt.datetime.now(UTC)
+    resp = cache.fetch(url)
+    assert resp.outcome == "downloaded" and resp.status == "ready"
+    assert resp.read() == b"a,b\n1,2\n"
+    assert resp.content_hash_hex == sha256(b"a,b\n1,2\n")
+    assert len(resp.version) == 20 and resp.version.isdigit()
+    assert abs(version_datetime(resp.version) - started) < dt.timedelta(seconds=60)
+    assert resp.previous_version is None and resp.next_version is None
+    for moment in (resp.cached_datetime_utc, resp.validated_datetime_utc, resp.request_datetime_utc):
+        assert moment is not None and moment.utcoffset() == dt.timedelta(0)
+    attributes = resp.content_attributes
+    assert attributes.media_type.startswith("text/csv")
+    assert attributes.etag == '"r1"'
+    assert attributes.content_size_bytes == 8
+    assert attributes.last_modified_datetime_utc == dt.datetime(2015, 10, 21, 7, 28, tzinfo=UTC)
+    assert attributes.filename == "report.csv"
+    assert resp.download_stats.downloaded_bytes == 8
+    assert not resp.pinned and not resp.is_pinned and resp.tags == []
+
+
+def test_content_changing_three_times_keeps_two_versions_newest_first(cache, origin):
+    """§6/§8/§10 must-show: age(0), keep 2, three changes -> two ready versions, right bytes, sound chain."""
+    url = origin.url("/changing")
+    origin.route("/changing")
+    configuration = config(keep=2)
+    bodies = [f"content number {n}\n".encode() * (n + 1) for n in range(4)]
+    versions = []
+    for body in bodies:
+        origin.routes["/changing"].body = body
+        resp = cache.fetch(url, cache_configuration=configuration)
+        assert resp.outcome == "downloaded"
+        assert resp.read() == body
+        versions.append(resp.version)
+    assert all(len(v) == 20 and v.isdigit() for v in versions)
+    assert versions == sorted(versions) and len(set(versions)) == 4
+    kept = cache.versions(url)
+    assert [resp.version for resp in kept] == versions[:1:-1]
+    assert [resp.read() for resp in kept] == [bodies[3], bodies[2]]
+    oldest, newest = assert_chain(cache, url)
+    assert oldest.previous_version is None and oldest.next_version == newest.version
+    assert newest.previous_version == oldest.version and newest.next_version is None
+    assert len(origin.requests_to("/changing")) == 4
+
+
+def test_never_serves_the_cached_version_without_asking(cache, origin):
+    """§6: never -> serve L, nothing sent upstream."""
+    origin.route("/never", body=b"v1")
+    first = cache.fetch(origin.url("/never"),
+                        cache_configuration=config(buffylite.ReCachingStrategy.never()))
+    origin.routes["/never"].body = b"v2"
+    second = cache.fetch(origin.url("/never"))
+    assert second.outcome == "cached" and second.version == first.version
+    assert second.read() == b"v1"
+    assert len(origin.requests_to("/never")) == 1
+
+
+@pytest.mark.parametrize("seconds, downloads", [(3600, False), (0, True)])
+def test_age_downloads_only_when_validation_is_older_than_seconds(cache, origin, seconds, downloads):
+    """§6: age(seconds) downloads when now - L.validated_datetime_utc > seconds, else serves L."""
+    strategy = config(buffylite.ReCachingStrategy.age(seconds=seconds))
+    origin.route("/age", body=b"v1")
+    first = cache.fetch(origin.url("/age"), cache_configuration=strategy)
+    origin.routes["/age"].body = b"v2"
+    second = cache.fetch(origin.url("/age"), cache_configuration=strategy)
+    assert len(origin.requests_to("/age")) == (2 if downloads else 1)
+    if downloads:
+        assert second.outcome == "downloaded" and second.read() == b"v2"
+        assert second.previous_version == first.version
+    else:
+        assert second.outcome == "cached" and second.version == first.version
+
+
+def test_when_requested_downloads_on_every_fetch(cache, origin):
+    """§6: when_requested -> always download."""
+    strategy = config(buffylite.ReCachingStrategy.when_requested(), keep=5)
+    for n in range(3):
+        resp = fetch_body(cache, origin, "/wr", f"body {n}".encode(), cache_configuration=strategy)
+        assert resp.outcome == "downloaded"
+    assert len(origin.requests_to("/wr")) == 3
+    assert len(cache.versions(origin.url("/wr"))) == 3
+
+
+def test_when_requested_serves_stale_and_records_failure_when_origin_errors(cache, origin, caplog):
+    """§6: a failed due download serves L ("stale"), logs a WARNING and records a failed row with the error."""
+    strategy = config(buffylite.ReCachingStrategy.when_requested())
+    good = fetch_body(cache, origin, "/flaky", b"good content", cache_configuration=strategy)
+    origin.routes["/flaky"].status = 500
+    with caplog.at_level("WARNING", logger="buffylite"):
+        served = cache.fetch(origin.url("/flaky"), cache_configuration=strategy)
+    assert served.outcome == "stale"
+    assert served.version == good.version and served.read() == b"good content"
+    failed = cache.versions(origin.url("/flaky"), status="failed")
+    assert len(failed) == 1
+    assert failed[0].download_stats.error
+    assert failed[0].previous_version is None and failed[0].next_version is None
+    assert [r.version for r in cache.versions(origin.url("/flaky"))] == [good.version]
+    assert any(record.levelname == "WARNING" and record.name == "buffylite" for record in caplog.records)
+
+
+@pytest.mark.parametrize("status", [404, 500])
+def test_failed_download_without_cache_raises_fetch_error(cache, origin, status):
+    """§6/§12: a failed download with nothing cached raises FetchError (url, status_code) and records it failed."""
+    origin.route("/gone", body=b"nope", status=status)
+    url = origin.url("/gone")
+    with pytest.raises(buffylite.FetchError) as info:
+        cache.fetch(url)
+    assert info.value.url == url
+    assert info.value.status_code == status
+    assert url in str(info.value)
+    failed = cache.versions(url, status="failed")
+    assert len(failed) == 1 and failed[0].download_stats.error
+    assert cache.versions(url) == []
+
+
+@pytest.mark.parametrize("validators", [
+    {"etag": '"abc123"'},
+    {"last_modified": "Wed, 21 Oct 2015 07:28:00 GMT"},
+    {"etag": '"abc123"', "last_modified": "Wed, 21 Oct 2015 07:28:00 GMT"},
+], ids=["etag", "last-modified", "both"])
+def test_when_remote_changed_sends_one_conditional_request_and_304_makes_no_version(
+        cache, origin, validators):
+    """§6 must-show: check_interval 0 -> one conditional GET; 304 -> no version, "not_modified", validation advances."""
+    origin.route("/rc", body=b"stable content", **validators)
+    url = origin.url("/rc")
+    strategy = config(buffylite.ReCachingStrategy.when_remote_changed(
+        check_interval_sec=0, fallback_max_age_sec=10 ** 6))
+    first = cache.fetch(url, cache_configuration=strategy)
+    assert first.outcome == "downloaded"
+    assert origin.requests_to("/rc")[0].header("If-None-Match") is None
+    assert origin.requests_to("/rc")[0].header("If-Modified-Since") is None
+    second = cache.fetch(url, cache_configuration=strategy)
+    sent = origin.requests_to("/rc")
+    assert len(sent) == 2
+    conditional = sent[1]
+    if "etag" in validators:
+        assert conditional.header("If-None-Match") == validators["etag"]
+    if "last_modified" in validators:
+        assert email.utils.parsedate_to_datetime(conditional.header("If-Modified-Since")) == \
+            email.utils.parsedate_to_datetime(validators["last_modified"])
+    assert second.outcome == "not_modified"
+    assert second.version == first.version and second.read() == b"stable content"
+    assert second.validated_datetime_utc > first.validated_datetime_utc
+    assert len(cache.versions(url, status=None)) == 1
+    assert cache.get(url).validated_datetime_utc == second.validated_datetime_utc
+
+
+def test_when_remote_changed_downloads_when_the_origin_changed(cache, origin):
+    """§6: a 200 to the conditional GET makes a new version."""
+    route = origin.route("/rc2", body=b"one", etag='"1"')
+    strategy = config(buffylite.ReCachingStrategy.when_remote_changed(check_interval_sec=0))
+    first = cache.fetch(origin.url("/rc2"), cache_configuration=strategy)
+    route.body, route.etag = b"two", '"2"'
+    second = cache.fetch(origin.url("/rc2"), cache_configuration=strategy)
+    assert origin.requests_to("/rc2")[1].header("If-None-Match") == '"1"'
+    assert second.outcome == "downloaded" and second.read() == b"two"
+    assert second.previous_version == first.version
+    assert second.content_attributes.etag == '"2"'
+
+
+def test_when_remote_changed_within_check_interval_asks_nothing(cache, origin):
+    """§6: L validated less than check_interval_sec ago -> serve L, nothing sent."""
+    origin.route("/rc3", body=b"one", etag='"1"')
+    strategy = config(buffylite.ReCachingStrategy.when_remote_changed(check_interval_sec=3600))
+    first = cache.fetch(origin.url("/rc3"), cache_configuration=strategy)
+    second = cache.fetch(origin.url("/rc3"), cache_configuration=strategy)
+    assert second.outcome == "cached" and second.version == first.version
+    assert len(origin.requests_to("/rc3")) == 1
+
+
+@pytest.mark.parametrize("fallback, downloads", [(3600, False), (0, True)])
+def test_when_remote_changed_without_validators_behaves_like_age(cache, origin, fallback, downloads):
+    """§6: L without ETag/Last-Modified -> age(fallback_max_age_sec), plain (unconditional) GET."""
+    origin.route("/novalid", body=b"v1")
+    strategy = config(buffylite.ReCachingStrategy.when_remote_changed(
+        check_interval_sec=0, fallback_max_age_sec=fallback))
+    cache.fetch(origin.url("/novalid"), cache_configuration=strategy)
+    origin.routes["/novalid"].body = b"v2"
+    second = cache.fetch(origin.url("/novalid"), cache_configuration=strategy)
+    sent = origin.requests_to("/novalid")
+    assert len(sent) == (2 if downloads else 1)
+    if downloads:
+        assert second.outcome == "downloaded" and second.read() == b"v2"
+        assert sent[1].header("If-None-Match") is None and sent[1].header("If-Modified-Since") is None
+    else:
+        assert second.outcome == "cached" and second.read() == b"v1"
+
+
+def test_cron_with_run_at_start_downloads_once_per_opened_cache(cache_path, origin):
+    """§6: cron with a far tick serves L; run_at_start downloads once more in each newly opened Cache."""
+    yearly = config(buffylite.ReCachingStrategy.cron(cron="0 0 1 1 *", run_at_start=True))
+    origin.route("/cron", body=b"v1")
+    with buffylite.Cache(cache_path) as first_cache:
+        assert first_cache.fetch(origin.url("/cron"), cache_configuration=yearly).outcome == "downloaded"
+    origin.routes["/cron"].body = b"v2"
+    with buffylite.Cache(cache_path) as second_cache:
+        resp = second_cache.fetch(origin.url("/cron"))
+        assert resp.outcome == "downloaded" and resp.read() == b"v2"
+        origin.routes["/cron"].body = b"v3"
+        again = second_cache.fetch(origin.url("/cron"))
+        assert again.outcome == "cached" and again.read() == b"v2"
+    assert len(origin.requests_to("/cron")) == 2
+
+
+def test_cron_first_download_counts_as_the_run_at_start(cache_path, origin):
+    """§6: run_at_start means once per opened Cache: a first download (no L) in this Cache is that once."""
+    yearly = config(buffylite.ReCachingStrategy.cron(cron="0 0 1 1 *", run_at_start=True))
+    origin.route("/cron1", body=b"v1")
+    with buffylite.Cache(cache_path) as opened:
+        assert opened.fetch(origin.url("/cron1"), cache_configuration=yearly).outcome == "downloaded"
+        origin.routes["/cron1"].body = b"v2"
+        assert opened.fetch(origin.url("/cron1")).outcome == "cached"
+    assert len(origin.requests_to("/cron1")) == 1
+
+
+def test_cron_without_run_at_start_serves_l_in_a_new_cache(cache_path, origin):
+    """§6: cron(run_at_start=False) with no tick since L's validation serves L."""
+    yearly = config(buffylite.ReCachingStrategy.cron(cron="0 0 1 1 *", run_at_start=False))
+    origin.route("/cron2", body=b"v1")
+    with buffylite.Cache(cache_path) as first_cache:
+        first_cache.fetch(origin.url("/cron2"), cache_configuration=yearly)
+    with buffylite.Cache(cache_path) as second_cache:
+        assert second_cache.fetch(origin.url("/cron2")).outcome == "cached"
+    assert len(origin.requests_to("/cron2")) == 1
+
+
+# ===========================================================================
+# Fetching: offline and hard choices (§7)
+# ===========================================================================
+
+
+@pytest.fixture
+def two_versions(cache, origin):
+    """A request "/two" with versions v1 (tagged "stable", pinned) and v2 (newest), cached under age(0)."""
+    v1 = fetch_body(cache, origin, "/two", b"version one")
+    cache.tag(v1, "stable")
+    cache.pin(v1)
+    v2 = fetch_body(cache, origin, "/two", b"version two")
+    origin.routes["/two"].body = b"version three (never fetched)"
+    return cache.get(origin.url("/two"), version=v1.version), v2
+
+
+def test_offline_serves_cache_and_sends_nothing(cache, origin, two_versions):
+    """§7: offline=True applies §6 without network: L is served with outcome "offline"."""
+    _, v2 = two_versions
+    sent_before = len(origin.log)
+    resp = cache.fetch(origin.url("/two"), offline=True)
+    assert resp.outcome == "offline" and resp.version == v2.version
+    assert resp.read() == b"version two"
+    assert len(origin.log) == sent_before
+
+
+def test_offline_with_nothing_cached_raises_not_cached(cache, origin):
+    """§7: offline with nothing cached -> NotCachedError (a LookupError), nothing sent."""
+    origin.route("/nothing", body=b"x")
+    with pytest.raises(buffylite.NotCachedError) as info:
+        cache.fetch(origin.url("/nothing"), offline=True)
+    assert isinstance(info.value, LookupError)
+    assert origin.log == []
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES", "On"])
+def test_offline_env_var_is_respected(cache, origin, two_versions, monkeypatch, value):
+    """§3/§7: $BUFFYLITE_OFFLINE = 1/true/yes/on (any case) means offline."""
+    _, v2 = two_versions
+    sent_before = len(origin.log)
+    monkeypatch.setenv("BUFFYLITE_OFFLINE", value)
+    resp = cache.fetch(origin.url("/two"))
+    assert resp.outcome == "offline" and resp.version == v2.version
+    assert len(origin.log) == sent_before
+
+
+def test_offline_false_overrides_env_var(cache, origin, two_versions, monkeypatch):
+    """§3: an explicit offline=False wins over $BUFFYLITE_OFFLINE."""
+    monkeypatch.setenv("BUFFYLITE_OFFLINE", "1")
+    resp = cache.fetch(origin.url("/two"), offline=False)
+    assert resp.outcome == "downloaded" and resp.read() == b"version three (never fetched)"
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"force_version": "v1"}, "v1"),
+    ({"force_version": "v2"}, "v2"),
+    ({"force_tag": "stable"}, "v1"),
+    ({"force_pinned": True}, "v1"),
+    ({"force_tag": "stable", "force_pinned": True}, "v1"),
+    ({"force_tag": "stable", "force_version": "v1"}, "v1"),
+], ids=["version-v1", "version-v2", "tag", "pinned", "tag+pinned", "tag+version"])
+def test_force_choices_return_matching_version_without_network(cache, origin, two_versions, kwargs, expected):
+    """§7: force_* never download and return the newest ready version matching all."""
+    v1, v2 = two_versions
+    names = {"v1": v1, "v2": v2}
+    kwargs = {key: names[value].version if key == "force_version" else value for key, value in kwargs.items()}
+    sent_before = len(origin.log)
+    resp = cache.fetch(origin.url("/two"), **kwargs)
+    assert resp.version == names[expected].version
+    assert resp.read() == names[expected].read()
+    assert len(origin.log) == sent_before
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"force_version": "19990101000000000000"},
+    {"force_tag": "nosuchtag"},
+    {"force_tag": "stable", "force_version": "v2"},
+], ids=["unknown-version", "unknown-tag", "tag-and-version-disagree"])
+def test_force_choices_without_match_raise_not_cached(cache, origin, two_versions, kwargs):
+    """§7: force_* with nothing matching all -> NotCachedError, nothing sent."""
+    _, v2 = two_versions
+    if kwargs.get("force_version") == "v2":
+        kwargs = dict(kwargs, force_version=v2.version)
+    sent_before = len(origin.log)
+    with pytest.raises(buffylite.NotCachedError):
+        cache.fetch(origin.url("/two"), **kwargs)
+    assert len(origin.log) == sent_before
+
+
+def test_force_pinned_matches_a_running_lease(cache, origin):
+    """§7: force_pinned matches running leases too."""
+    v1 = fetch_body(cache, origin, "/lease-force", b"leased")
+    cache.pin(v1, seconds=3600)
+    fetch_body(cache, origin, "/lease-force", b"newer")
+    with pytest.raises(buffylite.NotCachedError):
+        cache.fetch(origin.url("/other-unknown"), force_pinned=True)
+    resp = cache.fetch(origin.url("/lease-force"), force_pinned=True)
+    assert resp.version == v1.version
+
+
+# ===========================================================================
+# Fetching: duplicates, expected_hash, preferences, as_of, validator, progress (§7)
+# ===========================================================================
+
+
+def test_identical_redownload_is_a_duplicate_and_leaves_no_row(cache, origin):
+    """§7: same content again -> outcome "duplicate", L returned and re-validated, no duplicate row left."""
+    first = fetch_body(cache, origin, "/dup", b"same bytes")
+    second = fetch_body(cache, origin, "/dup", b"same bytes")
+    assert len(origin.requests_to("/dup")) == 2
+    assert second.outcome == "duplicate"
+    assert second.version == first.version and second.read() == b"same bytes"
+    assert second.validated_datetime_utc > first.validated_datetime_utc
+    assert cache.get(origin.url("/dup")).validated_datetime_utc == second.validated_datetime_utc
+    every_row = cache.versions(origin.url("/dup"), status=None)
+    assert [(r.version, r.status) for r in every_row] == [(first.version, "ready")]
+
+
+def test_content_equal_to_an_older_version_is_a_new_version(cache, origin):
+    """§7: only content identical to L is a duplicate; A, B, A makes three versions sharing content."""
+    a1 = fetch_body(cache, origin, "/aba", b"A content")
+    fetch_body(cache, origin, "/aba", b"B content")
+    a2 = fetch_body(cache, origin, "/aba", b"A content")
+    assert a2.outcome == "downloaded" and a2.version != a1.version
+    assert len(cache.versions(origin.url("/aba"))) == 3
+    assert cache.stats()["unique_contents"] == 2
+
+
+@pytest.mark.parametrize("form", ["prefixed", "bare", "upper"])
+def test_expected_hash_matching_download_is_served(cache, origin, form):
+    """§3/§7: expected_hash as "sha256:<hex>" or "<hex>" accepts matching content."""
+    body = b"expected content"
+    digest = {"prefixed": "sha256:" + sha256(body), "bare": sha256(body),
+              "upper": "sha256:" + sha256(body).upper()}[form]
+    origin.route("/eh", body=body)
+    resp = cache.fetch(origin.url("/eh"), expected_hash=digest)
+    assert resp.outcome == "downloaded" and resp.content_hash_hex == sha256(body)
+
+
+def test_expected_hash_mismatch_without_match_raises_integrity_error(cache, origin):
+    """§7: a mismatching download is recorded failed ("hash mismatch"); nothing matching -> IntegrityError."""
+    origin.route("/ehx", body=b"actual content")
+    with pytest.raises(buffylite.IntegrityError):
+        cache.fetch(origin.url("/ehx"), expected_hash="sha256:" + sha256(b"what I expected"))
+    assert cache.versions(origin.url("/ehx")) == []
+    failed = cache.versions(origin.url("/ehx"), status="failed")
+    assert len(failed) == 1 and "mismatch" in failed[0].download_stats.error.lower()
+
+
+def test_expected_hash_mismatch_serves_the_matching_cached_version(cache, origin):
+    """§7: due download does not match -> failed row, the matching ready version served as "stale"."""
+    good = fetch_body(cache, origin, "/ehs", b"the good one")
+    fetch_body(cache, origin, "/ehs", b"a newer one")
+    origin.routes["/ehs"].body = b"yet another one"
+    resp = cache.fetch(origin.url("/ehs"), expected_hash=sha256(b"the good one"))
+    assert resp.outcome == "stale"
+    assert resp.version == good.version and resp.read() == b"the good one"
+    assert len(cache.versions(origin.url("/ehs"), status="failed")) == 1
+
+
+def test_expected_hash_matching_l_is_served_per_strategy(cache, origin):
+    """§7: a cached version that matches is served per §6 (never: no download)."""
+    never = config(buffylite.ReCachingStrategy.never())
+    first = fetch_body(cache, origin, "/ehn", b"pinned by hash", cache_configuration=never)
+    resp = cache.fetch(origin.url("/ehn"), expected_hash=sha256(b"pinned by hash"))
+    assert resp.outcome == "cached" and resp.version == first.version
+    assert len(origin.requests_to("/ehn")) == 1
+
+
+@pytest.fixture
+def three_versions(cache, origin):
+    """Request "/pref" (strategy never afterwards) with v1 pinned, v2 tagged "t2", v3 newest."""
+    v1 = fetch_body(cache, origin, "/pref", b"one")
+    v2 = fetch_body(cache, origin, "/pref", b"two")
+    v3 = fetch_body(cache, origin, "/pref", b"three")
+    cache.pin(v1)
+    cache.tag(v2, "t2")
+    return {"v1": v1, "v2": v2, "v3": v3}
+
+
+@pytest.mark.parametrize("prefs, expected", [
+    ({"prefer_pinned": True}, "v1"),
+    ({"prefer_tag": "t2"}, "v2"),
+    ({"prefer_version": "v1"}, "v1"),
+    ({"prefer_tag": "nosuch"}, "v3"),
+    ({"prefer_version": "19990101000000000000"}, "v3"),
+    ({"prefer_pinned": True, "prefer_tag": "t2"}, "v2"),
+    ({"prefer_pinned": True, "prefer_tag": "nosuch", "prefer_version": "v2"}, "v2"),
+    ({"prefer_tag": "t2", "prefer_version": "v1"}, "v1"),
+    ({"prefer_pinned": True, "prefer_version": "v2"}, "v2"),
+    ({"prefer_pinned": True, "prefer_tag": "nosuch", "prefer_version": "19990101000000000000"}, "v3"),
+], ids=["pinned", "tag", "version", "unknown-tag", "unknown-version", "drop-pinned-keep-tag",
+        "drop-pinned-and-tag", "drop-tag-keep-version", "drop-pinned-keep-version", "drop-all"])
+def test_preferences_drop_pinned_then_tag_then_version(cache, origin, three_versions, prefs, expected):
+    """§7: prefer_* pick the newest ready match, dropping pinned, tag, version in that order; never fail."""
+    names = three_versions
+    prefs = {key: names[value].version if key == "prefer_version" and value in names else value
+             for key, value in prefs.items()}
+    resp = cache.fetch(origin.url("/pref"), cache_configuration=config(buffylite.ReCachingStrategy.never()),
+                       **prefs)
+    assert resp.version == names[expected].version
+    assert resp.outcome == "cached"
+
+
+def test_preferences_are_applied_after_a_due_download(cache, origin, three_versions):
+    """§7: §6 decides the download first; the preferred older version is returned with outcome "cached"."""
+    origin.routes["/pref"].body = b"four"
+    resp = cache.fetch(origin.url("/pref"), prefer_tag="t2")
+    assert len(origin.requests_to("/pref")) == 4
+    assert resp.version == three_versions["v2"].version and resp.outcome == "cached"
+    assert cache.get(origin.url("/pref")).read() == b"four"
+
+
+def test_as_of_returns_the_version_current_then_without_network(cache, origin):
+    """§7: as_of picks the newest ready version cached at or before that moment; no network."""
+    v1 = fetch_body(cache, origin, "/asof", b"old")
+    time.sleep(0.01)
+    between = dt.datetime.now(UTC)
+    time.sleep(0.01)
+    v2 = fetch_body(cache, origin, "/asof", b"new")
+    origin.routes["/asof"].body = b"newest, never fetched"
+    sent_before = len(origin.log)
+    url = origin.url("/asof")
+    assert cache.fetch(url, as_of=v1.cached_datetime_utc).version == v1.version
+    assert cache.fetch(url, as_of=between).read() == b"old"
+    assert cache.fetch(url, as_of=v2.cached_datetime_utc).version == v2.version
+    assert cache.fetch(url, as_of=dt.datetime.now(UTC)).version == v2.version
+    in_paris = between.astimezone(dt.timezone(dt.timedelta(hours=2)))
+    assert cache.fetch(url, as_of=in_paris).version == v1.version
+    with pytest.raises(buffylite.NotCachedError):
+        cache.fetch(url, as_of=v1.cached_datetime_utc - dt.timedelta(seconds=1))
+    assert len(origin.log) == sent_before
+
+
+def test_as_of_equal_to_a_cached_datetime_returns_that_version(cache, origin):
+    """§7: as_of = a version's own cached_datetime_utc ("at or before") returns that very version."""
+    versions = [fetch_body(cache, origin, "/asof-eq", f"body {n}".encode()) for n in range(8)]
+    sent_before = len(origin.log)
+    for resp in versions:
+        assert cache.fetch(origin.url("/asof-eq"), as_of=resp.cached_datetime_utc).version == resp.version
+    assert len(origin.log) == sent_before
+
+
+def test_naive_as_of_is_rejected_before_anything_is_written(cache, origin):
+    """§7/§12: a naive as_of -> InvalidRequestError, no request created."""
+    origin.route("/naive", body=b"x")
+    with pytest.raises(buffylite.InvalidRequestError):
+        cache.fetch(origin.url("/naive"), as_of=dt.datetime.now())
+    assert cache.get_request(origin.url("/naive")) is None
+    assert origin.log == []
+
+
+def test_validator_receives_the_new_version_with_readable_content(cache, origin):
+    """§7: the validator gets the fully downloaded new version; not called for a duplicate."""
+    seen = []
+
+    def validator(resp):
+        seen.append(resp.read())
+
+    fetch_body(cache, origin, "/val", b"first body", validator=validator)
+    fetch_body(cache, origin, "/val", b"second body", validator=validator)
+    fetch_body(cache, origin, "/val", b"second body", validator=validator)
+    assert seen == [b"first body", b"second body"]
+
+
+def test_validator_rejection_serves_stale_and_records_its_message(cache, origin):
+    """§7: a raising validator -> version failed with its message; L served "stale"."""
+    good = fetch_body(cache, origin, "/valx", b'{"rows": 3}')
+
+    def validator(resp):
+        if "rows" not in resp.json():
+            raise ValueError("schema check failed: no rows key")
+
+    resp = fetch_body(cache, origin, "/valx", b'{"oops": 1}', validator=validator)
+    assert resp.outcome == "stale" and resp.version == good.version
+    failed = cache.versions(origin.url("/valx"), status="failed")
+    assert len(failed) == 1
+    assert "schema check failed: no rows key" in failed[0].download_stats.error
+    assert [r.version for r in cache.versions(origin.url("/valx"))] == [good.version]
+
+
+def test_validator_rejection_without_cache_raises_fetch_error(cache, origin):
+    """§6/§7: a raising validator with nothing cached -> FetchError; the failed row keeps the message."""
+    def validator(resp):
+        raise RuntimeError("content is garbage")
+
+    origin.route("/valn", body=b"garbage")
+    with pytest.raises(buffylite.FetchError):
+        cache.fetch(origin.url("/valn"), validator=validator)
+    assert cache.versions(origin.url("/valn")) == []
+    failed = cache.versions(origin.url("/valn"), status="failed")
+    assert len(failed) == 1 and "content is garbage" in failed[0].download_stats.error
+
+
+def test_progress_reports_increasing_byte_counts(cache, origin):
+    """§7: progress(downloaded, total) is called as bytes arrive, up to the full size."""
+    body = random_bytes(3 * MiB // 2, seed=3)
+    calls = []
+    origin.route("/prog", body=body)
+    cache.fetch(origin.url("/prog"), progress=lambda done, total: calls.append((done, total)))
+    assert calls, "progress was never called"
+    counts = [done for done, _ in calls]
+    assert counts == sorted(counts)
+    assert counts[-1] == len(body)
+    assert len(set(counts)) > 1
+    assert {total for _, total in calls} == {len(body)}
+
+
+class CancelDownload(Exception):
+    """Raised by a test's progress callback, as a "Cancel" button would."""
+
+
+@pytest.mark.parametrize("cached_before", [False, True], ids=["nothing-cached", "l-cached"])
+def test_raising_progress_cancels_and_propagates_unchanged(cache, origin, cached_before):
+    """§7: an exception from progress propagates unchanged and nothing becomes ready."""
+    url = origin.url("/cancel")
+    if cached_before:
+        old = fetch_body(cache, origin, "/cancel", b"old version")
+    cancel = CancelDownload("user pressed cancel")
+
+    def progress(done, total):
+        if done > 0:
+            raise cancel
+
+    origin.route("/cancel", body=random_bytes(2 * MiB, seed=4))
+    with pytest.raises(CancelDownload) as info:
+        cache.fetch(url, progress=progress, cache_configuration=always())
+    assert info.value is cancel
+    ready = cache.versions(url)
+    assert [r.version for r in ready] == ([old.version] if cached_before else [])
+
+
+# ===========================================================================
+# Response content (§3)
+# ===========================================================================
+
+
+def test_read_and_open_stream_the_content_in_pieces(cache, origin):
+    """§3: read() gives all bytes; open() is a context manager that reads in pieces."""
+    body = random_bytes(5 * MiB // 2, seed=5)
+    origin.route("/stream", body=body)
+    resp = cache.fetch(origin.url("/stream"))
+    assert resp.read() == body
+    pieces = []
+    with resp.open() as stream:
+        while piece := stream.read(100_000):
+            assert len(piece) <= 100_000
+            pieces.append(piece)
+        assert stream.read(10) == b""
+    assert b"".join(pieces) == body and len(pieces) > 2
+    with resp.open() as stream:
+        assert stream.read() == body
+
+
+@pytest.mark.parametrize("content_type, body, text", [
+    ("text/plain; charset=latin-1", "café crème".encode("latin-1"), "café crème"),
+    ("text/plain; charset=utf-16", "Grüße".encode("utf-16"), "Grüße"),
+    ("text/plain", "naïve utf-8".encode("utf-8"), "naïve utf-8"),
+    (None, "no content type ✓".encode("utf-8"), "no content type ✓"),
+])
+def test_text_uses_the_content_type_charset_else_utf8(cache, origin, content_type, body, text):
+    """§3: text() decodes with the Content-Type charset, else UTF-8."""
+    origin.route("/text", body=body, content_type=content_type)
+    assert cache.fetch(origin.url("/text")).text() == text
+
+
+def test_text_encoding_argument_wins(cache, origin):
+    """§3: text(encoding=...) overrides the charset."""
+    origin.route("/text2", body="é".encode("latin-1"), content_type="text/plain; charset=utf-8")
+    assert cache.fetch(origin.url("/text2")).text(encoding="latin-1") == "é"
+
+
+def test_json_parses_the_content(cache, origin):
+    """§3: json() parses the content."""
+    origin.route("/j", body=b'{"a": [1, 2, {"b": null}]}', content_type="application/json")
+    assert cache.fetch(origin.url("/j")).json() == {"a": [1, 2, {"b": None}]}
+
+
+def test_save_to_path_is_atomic_and_returns_the_path(cache, origin, tmp_path):
+    """§3: save_to(path) writes via temp + rename, replaces an old file, returns the path."""
+    body = random_bytes(MiB + 7, seed=6)
+    origin.route("/save", body=body)
+    resp = cache.fetch(origin.url("/save"))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    target = out_dir / "file.bin"
+    target.write_bytes(b"previous contents")
+    returned = resp.save_to(target)
+    assert pathlib.Path(returned) == target
+    assert target.read_bytes() == body
+    assert sorted(p.name for p in out_dir.iterdir()) == ["file.bin"], "temporary files left behind"
+    assert pathlib.Path(resp.save_to(str(out_dir / "other.bin"))).read_bytes() == body
+
+
+def test_save_to_file_object_writes_and_returns_none(cache, origin):
+    """§3: save_to(binary file) writes the bytes and returns None."""
+    origin.route("/savef", body=b"into a file object")
+    sink = io.BytesIO()
+    assert cache.fetch(origin.url("/savef")).save_to(sink) is None
+    assert sink.getvalue() == b"into a file object"
+
+
+@pytest.mark.parametrize("disposition, url_path, expected", [
+    ('attachment; filename="report.csv"', "/dl/x", "report.csv"),
+    ("attachment; filename=\"plain.txt\"; filename*=UTF-8''fancy%20name.txt", "/dl/x", "fancy name.txt"),
+    (None, "/dl/data.tsv", "data.tsv"),
+], ids=["filename", "filename-star-wins", "from-url"])
+def test_save_to_dir_uses_the_content_disposition_filename(cache, origin, tmp_path, disposition, url_path,
+                                                           expected):
+    """§3/§11: save_to(dir=) names the file from Content-Disposition (filename* wins), else the URL."""
+    origin.route(url_path, body=b"named", content_disposition=disposition)
+    resp = cache.fetch(origin.url(url_path))
+    assert resp.content_attributes.filename == expected
+    returned = resp.save_to(dir=tmp_path / "d")
+    assert pathlib.Path(returned) == tmp_path / "d" / expected
+    assert pathlib.Path(returned).read_bytes() == b"named"
+
+
+HOSTILE_NAMES = [
+    'attachment; filename="../../evil"',
+    'attachment; filename="ABSOLUTE"',
+    'attachment; filename=".."',
+    'attachment; filename="."',
+    'attachment; filename="..\\\\..\\\\evil"',
+    "attachment; filename*=UTF-8''..%2F..%2Fx",
+    "attachment; filename*=UTF-8''%2E%2E",
+    'attachment; filename=""',
+    "attachment; filename=",
+    'attachment; filename="sub/dir/../../../evil"',
+    'attachment; filename="C:\\\\Windows\\\\evil"',
+]
+
+
+@pytest.mark.parametrize("disposition", HOSTILE_NAMES)
+def test_save_to_dir_never_escapes_dir_with_hostile_filenames(cache, origin, tmp_path, disposition):
+    """§3 must-show #5: hostile Content-Disposition names never write outside dir."""
+    outer = tmp_path / "outer"
+    target_dir = outer / "dir"
+    target_dir.mkdir(parents=True)
+    absolute_target = tmp_path / "absolute-evil"
+    disposition = disposition.replace("ABSOLUTE", str(absolute_target))
+    origin.route("/", body=b"payload", content_disposition=disposition)
+    resp = cache.fetch(origin.url("/"))
+    outer_before = sorted(p for p in outer.rglob("*") if target_dir not in p.parents)
+    tmp_before = sorted(p.name for p in tmp_path.iterdir())
+    returned = pathlib.Path(resp.save_to(dir=target_dir)).resolve()
+    assert target_dir.resolve() in returned.parents, returned
+    assert returned.is_file() and returned.read_bytes() == b"payload"
+    assert sorted(p for p in outer.rglob("*") if target_dir not in p.parents) == outer_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == tmp_before
+    assert not absolute_target.exists()
+
+
+# ===========================================================================
+# Requests, identity and bookkeeping (§3, §5)
+# ===========================================================================
+
+
+def test_get_request_describes_the_stored_request(cache, origin):
+    """§3/§4: get_request returns the Request with Buffy's field names; None when unknown."""
+    origin.route("/req", body=b"x")
+    url = origin.url("/req")
+    assert cache.get_request(url) is None
+    configuration = config(buffylite.ReCachingStrategy.age(seconds=60), keep=3, keep_pinned=4)
+    cache.fetch(url, description="the thing", documentation_link="https://example.org/doc",
+                cache_configuration=configuration, validation_hash_type="md5")
+    request = cache.get_request(url)
+    assert isinstance(request, buffylite.Request)
+    assert request.url == url and request.http_method == "get"
+    assert request.group_name == "DEFAULT_GROUP"
+    assert request.description == "the thing"
+    assert request.documentation_link == "https://example.org/doc"
+    assert request.validation_hash_type == "md5"
+    assert request.cache_configuration == configuration
+    assert cache.get(url).content_hash_hex == hashlib.md5(b"x").hexdigest()
+
+
+def test_configuration_is_replaced_by_a_new_one_and_kept_otherwise(cache, origin):
+    """§5: a fetch passing a configuration replaces the stored one; one passing none keeps it."""
+    origin.route("/conf", body=b"x")
+    url = origin.url("/conf")
+    cache.fetch(url)
+    assert cache.get_request(url).cache_configuration == buffylite.RequestCacheConfiguration()
+    first = config(buffylite.ReCachingStrategy.never(), keep=3)
+    cache.fetch(url, cache_configuration=first)
+    cache.fetch(url)
+    assert cache.get_request(url).cache_configuration == first
+    second = config(buffylite.ReCachingStrategy.never(), keep=4, keep_pinned=0)
+    cache.fetch(url, cache_configuration=second)
+    assert cache.get_request(url).cache_configuration == second
+
+
+def test_same_url_in_two_groups_is_two_requests(cache, origin):
+    """§3: group is a namespace: same URL in two groups = two requests with their own versions."""
+    url = origin.url("/grouped")
+    origin.route("/grouped", body=b"for a")
+    cache.fetch(url, group="team-a")
+    origin.routes["/grouped"].body = b"for b"
+    cache.fetch(url, group="team-b")
+    assert len(origin.requests_to("/grouped")) == 2
+    assert cache.get(url, group="team-a").read() == b"for a"
+    assert cache.get(url, group="team-b").read() == b"for b"
+    assert [r.group_name for r in cache.requests(group="team-a")] == ["team-a"]
+    assert len(cache.requests()) == 2
+    assert cache.get_request(url) is None
+    with pytest.raises(buffylite.NotCachedError):
+        cache.get(url)
+
+
+@pytest.mark.parametrize("identity_a, identity_b", [
+    ({"params": {"q": "1"}}, {"params": {"q": "2"}}),
+    ({"headers": {"X-Api-Version": "1"}}, {"headers": {"X-Api-Version": "2"}}),
+    ({}, {"params": {"q": "1"}}),
+    ({"method": "post", "body": {"a": 1}}, {"method": "post", "body": {"a": 2}}),
+    ({"method": "get"}, {"method": "post"}),
+], ids=["params", "headers", "no-params", "body", "method"])
+def test_params_headers_body_and_method_are_part_of_identity(cache, origin, identity_a, identity_b):
+    """§3: method, params, headers and body make requests distinct, and are sent upstream."""
+    url = origin.url("/ident")
+    origin.route("/ident", body=b"A")
+    cache.fetch(url, **identity_a)
+    origin.routes["/ident"].body = b"B"
+    cache.fetch(url, **identity_b)
+    assert len(cache.requests()) == 2
+    assert cache.get(url, **identity_a).read() == b"A"
+    assert cache.get(url, **identity_b).read() == b"B"
+    sent = origin.requests_to("/ident")
+    for identity, logged in zip((identity_a, identity_b), sent):
+        assert logged.query == identity.get("params", {})
+        for name, value in identity.get("headers", {}).items():
+            assert logged.header(name) == value
+        assert logged.method == identity.get("method", "get").upper()
+        if "body" in identity:
+            assert json.loads(logged.body) == identity["body"]
+    for identity in (identity_a, identity_b):
+        if "params" in identity:
+            assert cache.get_request(url, **identity).http_query_params == identity["params"]
+
+
+def test_requests_lists_requests_by_group(cache, origin):
+    """§3: requests() lists all; requests(group=...) one group."""
+    for path, group in (("/r1", "g1"), ("/r2", "g1"), ("/r3", "g2"), ("/r4", None)):
+        origin.route(path, body=path.encode())
+        cache.fetch(origin.url(path), **({"group": group} if group else {}))
+    assert sorted(r.url for r in cache.requests(group="g1")) == [origin.url("/r1"), origin.url("/r2")]
+    assert [r.url for r in cache.requests(group="DEFAULT_GROUP")] == [origin.url("/r4")]
+    assert len(cache.requests()) == 4
+    assert cache.requests(group="nobody") == []
+
+
+def test_versions_and_get_return_cached_responses(cache, origin):
+    """§3: versions() is newest first (status=None: all states); get() latest or a given version."""
+    v1 = fetch_body(cache, origin, "/vg", b"one")
+    v2 = fetch_body(cache, origin, "/vg", b"two")
+    url = origin.url("/vg")
+    listed = cache.versions(url)
+    assert [r.version for r in listed] == [v2.version, v1.version]
+    assert all(r.outcome == "cached" for r in listed)
+    assert cache.get(url).version == v2.version
+    assert cache.get(url, version="latest").version == v2.version
+    old = cache.get(url, version=v1.version)
+    assert old.read() == b"one" and old.outcome == "cached"
+    with pytest.raises(buffylite.NotCachedError) as info:
+        cache.get(url, version="19990101000000000000")
+    assert isinstance(info.value, LookupError)
+    with pytest.raises(LookupError):
+        cache.get(origin.url("/never-fetched"))
+    assert cache.versions(origin.url("/never-fetched")) == []
+
+
+def test_delete_forgets_a_request_and_returns_the_versions_removed(cache, origin):
+    """§3: delete() removes the request and its versions and returns their count; unknown -> 0."""
+    fetch_body(cache, origin, "/del", b"one")
+    fetch_body(cache, origin, "/del", b"two")
+    fetch_body(cache, origin, "/keep", b"kept")
+    url = origin.url("/del")
+    assert cache.delete(url) == 2
+    assert cache.get_request(url) is None
+    with pytest.raises(buffylite.NotCachedError):
+        cache.get(url)
+    assert cache.delete(url) == 0
+    assert cache.delete(origin.url("/unknown")) == 0
+    cache.gc()
+    stats = cache.stats()
+    assert stats["requests"] == 1 and stats["versions"]["ready"] == 1
+    assert stats["content_bytes"] == len(b"kept") and stats["unique_contents"] == 1
+    assert cache.get(origin.url("/keep")).read() == b"kept"
+
+
+# ===========================================================================
+# Pins, leases and tags (§9)
+# ===========================================================================
+
+
+def _near(moment: dt.datetime | None, seconds_from_now: float, slack: float = 30) -> bool:
+    expected = dt.datetime.now(UTC) + dt.timedelta(seconds=seconds_from_now)
+    return moment is not None and abs((moment - expected).total_seconds()) < slack
+
+
+def test_pin_and_unpin(cache, origin):
+    """§9: pin() sets the permanent pin; unpin() clears it and any lease; outcome "cached"."""
+    resp = fetch_body(cache, origin, "/pin", b"pin me")
+    pinned = cache.pin(resp)
+    assert pinned.pinned and pinned.is_pinned and pinned.outcome == "cached"
+    assert [r.version for r in cache.versions(origin.url("/pin"), pinned=True)] == [resp.version]
+    cache.pin(resp, seconds=600)
+    unpinned = cache.unpin(resp)
+    assert not unpinned.pinned and not unpinned.is_pinned
+    assert unpinned.pinned_until_utc is None or unpinned.pinned_until_utc <= dt.datetime.now(UTC)
+    assert cache.versions(origin.url("/pin"), pinned=True) == []
+    assert [r.version for r in cache.versions(origin.url("/pin"), pinned=False)] == [resp.version]
+
+
+def test_pin_with_seconds_is_a_lease(cache, origin):
+    """§9: pin(seconds=) sets pinned_until_utc; is_pinned while it runs, pinned stays False."""
+    resp = fetch_body(cache, origin, "/lease", b"lease me")
+    leased = cache.pin(resp, seconds=600)
+    assert not leased.pinned and leased.is_pinned
+    assert _near(leased.pinned_until_utc, 600)
+    assert leased.pinned_until_utc.utcoffset() == dt.timedelta(0)
+    assert cache.get(origin.url("/lease")).pinned_until_utc == leased.pinned_until_utc
+
+
+def test_extending_a_lease_never_shortens_it(cache, origin):
+    """§9: a shorter lease on a version with a longer one changes nothing; a longer one extends."""
+    resp = fetch_body(cache, origin, "/extend", b"x")
+    long_end = cache.pin(resp, seconds=1000).pinned_until_utc
+    assert cache.pin(resp, seconds=10).pinned_until_utc == long_end
+    assert cache.get(origin.url("/extend")).pinned_until_utc == long_end
+    longer = cache.pin(resp, seconds=5000).pinned_until_utc
+    assert longer > long_end and _near(longer, 5000)
+
+
+def test_lease_context_manager_restores_the_previous_lease_end(cache, origin):
+    """§9: lease() leases on enter and puts back the previous lease end (none) on exit."""
+    resp = fetch_body(cache, origin, "/lcm", b"x")
+    url = origin.url("/lcm")
+    with cache.lease(resp, 600):
+        inside = cache.get(url)
+        assert inside.is_pinned and _near(inside.pinned_until_utc, 600)
+    after = cache.get(url)
+    assert after.pinned_until_utc is None and not after.is_pinned
+
+
+def test_lease_context_manager_keeps_a_longer_earlier_lease(cache, origin):
+    """§9: lease() on a version leased longer keeps that end inside and after."""
+    resp = fetch_body(cache, origin, "/lcm2", b"x")
+    url = origin.url("/lcm2")
+    before = cache.pin(resp, seconds=3000).pinned_until_utc
+    with cache.lease(resp, 60):
+        assert cache.get(url).pinned_until_utc == before
+    assert cache.get(url).pinned_until_utc == before
+
+
+def test_lease_context_manager_restores_a_shorter_earlier_lease(cache, origin):
+    """§9: lease() extends a shorter lease while inside and puts the shorter end back on exit."""
+    resp = fetch_body(cache, origin, "/lcm3", b"x")
+    url = origin.url("/lcm3")
+    before = cache.pin(resp, seconds=60).pinned_until_utc
+    with cache.lease(resp, 3000):
+        assert _near(cache.get(url).pinned_until_utc, 3000)
+    assert cache.get(url).pinned_until_utc == before
+
+
+def test_lease_context_manager_keeps_an_extension_made_meanwhile(cache, origin):
+    """§9: when someone extends the lease inside lease(), exit keeps the extension."""
+    resp = fetch_body(cache, origin, "/lcm4", b"x")
+    url = origin.url("/lcm4")
+    with cache.lease(resp, 60):
+        extended = cache.pin(resp, seconds=5000).pinned_until_utc
+    assert cache.get(url).pinned_until_utc == extended
+
+
+def test_lease_context_manager_keeps_the_permanent_pin(cache, origin):
+    """§9: lease() on a permanently pinned version leaves the pin in place."""
+    resp = cache.pin(fetch_body(cache, origin, "/lcm5", b"x"))
+    with cache.lease(resp, 60):
+        pass
+    assert cache.get(origin.url("/lcm5")).pinned
+
+
+def test_fetch_pin_for_leases_the_returned_version(cache, origin):
+    """§3/§9: fetch(pin_for=) returns the version leased for that many seconds."""
+    origin.route("/pinfor", body=b"x")
+    resp = cache.fetch(origin.url("/pinfor"), pin_for=900)
+    assert resp.is_pinned and not resp.pinned and _near(resp.pinned_until_utc, 900)
+    again = cache.fetch(origin.url("/pinfor"), pin_for=10)
+    assert again.pinned_until_utc == resp.pinned_until_utc
+
+
+def test_tag_and_untag(cache, origin):
+    """§4/§9: tag() adds a tag (idempotent), versions(tag=) filters, untag() removes it."""
+    v1 = fetch_body(cache, origin, "/tag", b"one")
+    v2 = fetch_body(cache, origin, "/tag", b"two")
+    url = origin.url("/tag")
+    tagged = cache.tag(v1, "release-1_0")
+    assert tagged.tags == ["release-1_0"] and tagged.outcome == "cached"
+    cache.tag(v1, "release-1_0")
+    cache.tag(v1, "qa")
+    assert sorted(cache.get(url, version=v1.version).tags) == ["qa", "release-1_0"]
+    assert [r.version for r in cache.versions(url, tag="qa")] == [v1.version]
+    cache.tag(v2, "qa")
+    assert [r.version for r in cache.versions(url, tag="qa")] == [v2.version, v1.version]
+    assert cache.untag(v1, "qa").tags == ["release-1_0"]
+    assert [r.version for r in cache.versions(url, tag="qa")] == [v2.version]
+
+
+@pytest.mark.parametrize("bad_tag", ["a", "", "has space", "x" * 65, "ümlaut", "semi;colon"])
+def test_bad_tag_is_rejected_and_nothing_changes(cache, origin, bad_tag):
+    """§4/§12: tags are 2-64 chars of [A-Za-z0-9_-]; a bad one is rejected and nothing is written."""
+    resp = fetch_body(cache, origin, "/badtag", b"x")
+    with pytest.raises((pydantic.ValidationError, buffylite.InvalidRequestError)):
+        cache.tag(resp, bad_tag)
+    assert cache.get(origin.url("/badtag")).tags == []
+
+
+@pytest.mark.parametrize("call", [
+    lambda cache, resp: cache.pin(resp, seconds=-1),
+    lambda cache, resp: cache.lease(resp, -1).__enter__(),
+], ids=["pin-negative-seconds", "lease-negative-seconds"])
+def test_negative_lease_is_rejected_and_nothing_changes(cache, origin, call):
+    """§9/§12: a negative lease length is an InvalidRequestError and writes nothing."""
+    resp = fetch_body(cache, origin, "/neglease", b"x")
+    with pytest.raises(buffylite.InvalidRequestError):
+        call(cache, resp)
+    after = cache.get(origin.url("/neglease"))
+    assert after.pinned_until_utc is None and not after.pinned
+
+
+# ===========================================================================
+# Garbage collection (§10)
+# ===========================================================================
+
+
+def _gc_versions(cache, url) -> list[str]:
+    return sorted(r.version for r in cache.versions(url))
+
+
+def test_gc_report_counts_unpinned_removals_and_freed_bytes(cache, origin):
+    """§10: gc() removes unpinned versions beyond the max; GCReport has every reason, bytes and sizes."""
+    keep_one = config(keep=1)
+    v1 = fetch_body(cache, origin, "/gc", b"1" * 5000, cache_configuration=keep_one, pin_for=3600)
+    v2 = fetch_body(cache, origin, "/gc", b"2" * 7000, cache_configuration=keep_one, pin_for=3600)
+    v3 = fetch_body(cache, origin, "/gc", b"3" * 9000, cache_configuration=keep_one)
+    url = origin.url("/gc")
+    assert _gc_versions(cache, url) == [v1.version, v2.version, v3.version]
+    cache.unpin(v1)
+    cache.unpin(v2)
+    assert len(cache.versions(url)) == 3, "unpin must not run the GC"
+    report = cache.gc()
+    assert isinstance(report, buffylite.GCReport)
+    assert set(report.removed) == GC_REASONS
+    assert report.removed["unpinned"] == 2 and sum(report.removed.values()) == 2
+    assert report.bytes_freed == 12000
+    assert report.file_size_before > 0 and report.file_size_after > 0
+    assert _gc_versions(cache, url) == [v3.version]
+    assert cache.gc().removed == dict.fromkeys(GC_REASONS, 0)
+
+
+def test_gc_removes_pinned_versions_beyond_max_oldest_first(cache, origin):
+    """§9/§10: permanent pins beyond max_cached_pinned_versions go, oldest first."""
+    conf = config(keep=1, keep_pinned=1)
+    v1 = fetch_body(cache, origin, "/gcp", b"one", cache_configuration=conf, pin_for=3600)
+    v2 = fetch_body(cache, origin, "/gcp", b"two", cache_configuration=conf, pin_for=3600)
+    v3 = fetch_body(cache, origin, "/gcp", b"three", cache_configuration=conf)
+    for resp in (v1, v2):
+        cache.unpin(resp)
+        cache.pin(resp)
+    report = cache.gc()
+    assert report.removed["pinned"] == 1 and report.removed["unpinned"] == 0
+    assert _gc_versions(cache, origin.url("/gcp")) == [v2.version, v3.version]
+    assert_chain(cache, origin.url("/gcp"))
+
+
+def test_fetch_gc_removes_the_oldest_pinned_beyond_max(cache, origin):
+    """§10: the GC at the end of a fetch applies the pinned limit too, oldest first."""
+    conf = config(keep=1, keep_pinned=1)
+    v1 = cache.pin(fetch_body(cache, origin, "/gcp2", b"one", cache_configuration=conf))
+    v2 = cache.pin(fetch_body(cache, origin, "/gcp2", b"two", cache_configuration=conf))
+    assert _gc_versions(cache, origin.url("/gcp2")) == [v1.version, v2.version]
+    v3 = fetch_body(cache, origin, "/gcp2", b"three", cache_configuration=conf)
+    assert _gc_versions(cache, origin.url("/gcp2")) == [v2.version, v3.version]
+
+
+def test_gc_never_removes_a_leased_version(cache, origin):
+    """§9/§10: a running lease survives every GC, even beyond the limits."""
+    conf = config(keep=1, keep_pinned=0)
+    leased = fetch_body(cache, origin, "/gcl", b"leased", cache_configuration=conf, pin_for=3600)
+    fetch_body(cache, origin, "/gcl", b"middle", cache_configuration=conf)
+    newest = fetch_body(cache, origin, "/gcl", b"newest", cache_configuration=conf)
+    cache.gc()
+    assert _gc_versions(cache, origin.url("/gcl")) == [leased.version, newest.version]
+    assert cache.get(origin.url("/gcl"), version=leased.version).read() == b"leased"
+
+
+def test_gc_never_removes_the_newest_ready_version(cache, origin):
+    """§10: L survives even when pinned with max_cached_pinned_versions=0."""
+    conf = config(keep=1, keep_pinned=0)
+    only = cache.pin(fetch_body(cache, origin, "/gcn", b"only", cache_configuration=conf))
+    report = cache.gc()
+    assert sum(report.removed.values()) == 0
+    assert _gc_versions(cache, origin.url("/gcn")) == [only.version]
+    newer = fetch_body(cache, origin, "/gcn", b"newer", cache_configuration=conf)
+    assert _gc_versions(cache, origin.url("/gcn")) == [newer.version]
+
+
+def test_gc_keeps_only_the_newest_failed_row(cache, origin):
+    """§10: all failed rows but the newest per request are removed (at the end of each fetch)."""
+    strategy = config(buffylite.ReCachingStrategy.when_requested())
+    good = fetch_body(cache, origin, "/gcf", b"good", cache_configuration=strategy)
+    for status in (404, 410, 403):
+        origin.routes["/gcf"].status = status
+        assert cache.fetch(origin.url("/gcf")).outcome == "stale"
+    rows = cache.versions(origin.url("/gcf"), status=None)
+    assert sorted(r.status for r in rows) == ["failed", "ready"]
+    failed = next(r for r in rows if r.status == "failed")
+    assert "403" in failed.download_stats.error
+    assert cache.get(origin.url("/gcf")).version == good.version
+
+
+def test_gc_reclaims_a_cancelled_download_once_its_lease_expired(cache_path, origin):
+    """§10: a wait/in_progress row whose download lease expired is removed as "abandoned"."""
+    origin.route("/abandon", body=random_bytes(2 * MiB, seed=9))
+
+    def cancel(done, total):
+        if done:
+            raise CancelDownload("stop")
+
+    with buffylite.Cache(cache_path, download_lease_sec=0.2, retries=0) as short:
+        with pytest.raises(CancelDownload):
+            short.fetch(origin.url("/abandon"), progress=cancel)
+        time.sleep(0.5)
+        report = short.gc()
+        assert report.removed["abandoned"] == 1
+        assert short.versions(origin.url("/abandon"), status=None) == []
+        assert unreferenced_contents(cache_path) == []
+
+
+def test_gc_without_url_covers_every_request(cache, origin):
+    """§10: cache.gc() collects all requests; gc(url) only that one."""
+    conf = config(keep=1)
+    paths = ("/all-1", "/all-2", "/all-3")
+    for path in paths:
+        for n in range(3):
+            fetch_body(cache, origin, path, f"{path} {n}".encode(), cache_configuration=conf, pin_for=3600)
+        for resp in cache.versions(origin.url(path)):
+            cache.unpin(resp)
+    report = cache.gc(origin.url("/all-3"))
+    assert report.removed["unpinned"] == 2
+    report = cache.gc()
+    assert report.removed["unpinned"] == 4
+    for path in paths:
+        assert [r.read() for r in cache.versions(origin.url(path))] == [f"{path} 2".encode()]
+    assert unreferenced_contents(cache.stats()["path"]) == []
+
+
+def test_gc_keeps_content_shared_with_a_surviving_version(cache, origin):
+    """§10: deduplicated content is deleted only when no version references it."""
+    conf = config(keep=1)
+    origin.route("/shared-a", body=b"shared bytes")
+    cache.fetch(origin.url("/shared-a"), cache_configuration=conf)
+    fetch_body(cache, origin, "/shared-b", b"shared bytes", cache_configuration=conf)
+    fetch_body(cache, origin, "/shared-b", b"other bytes", cache_configuration=conf)
+    cache.gc()
+    assert cache.get(origin.url("/shared-a")).read() == b"shared bytes"
+    assert cache.stats()["unique_contents"] == 2
+
+
+def test_deleting_a_50_mib_version_and_gc_shrinks_the_file(cache, cache_path, origin):
+    """§10 must-show: after deleting a 50 MiB version, gc() returns the file to within 10% of its size before."""
+    origin.route("/base", body=random_bytes(MiB, seed=10))
+    cache.fetch(origin.url("/base"))
+    cache.gc()
+    wal_path = pathlib.Path(f"{cache_path}-wal")
+
+    def sizes():
+        return os.path.getsize(cache_path), wal_path.stat().st_size if wal_path.exists() else 0
+
+    size_before, wal_before = sizes()
+    origin.route("/big", body=random_bytes(50 * MiB, seed=11))
+    big = cache.fetch(origin.url("/big"))
+    assert big.content_attributes.content_size_bytes == 50 * MiB
+    size_with, wal_with = sizes()
+    assert cache.delete(origin.url("/big")) == 1
+    report = cache.gc()
+    size_after, wal_after = sizes()
+    print(f"\ncache file before the 50 MiB download: {size_before:,} bytes (WAL {wal_before:,})"
+          f"\nwith the 50 MiB version:               {size_with:,} bytes (WAL {wal_with:,})"
+          f"\nafter delete() + gc():                 {size_after:,} bytes (WAL {wal_after:,})"
+          f"\nGCReport: before {report.file_size_before:,}, after {report.file_size_after:,},"
+          f" bytes_freed {report.bytes_freed:,}")
+    assert size_with + wal_with >= 50 * MiB
+    assert abs(size_after - size_before) <= 0.10 * size_before
+    assert cache.get(origin.url("/base")).read() == random_bytes(MiB, seed=10)
+
+
+# ===========================================================================
+# Verification and concurrent readers (§9, §10)
+# ===========================================================================
+
+
+def _corrupt_chunk_containing(path: pathlib.Path, marker: bytes) -> None:
+    """Flip one byte inside the stored chunk that holds ``marker`` (found via sqlite_master)."""
+    chunk_table = table_with_columns(path, {"content_id", "seq", "data"})
+    connection = sqlite3.connect(path, timeout=10)
+    try:
+        rows = [(content_id, seq, bytes(data)) for content_id, seq, data in connection.execute(
+            f'SELECT content_id, seq, data FROM "{chunk_table}"') if marker in bytes(data)]
+        assert len(rows) == 1, f"expected one chunk holding {marker!r}, found {len(rows)}"
+        content_id, seq, data = rows[0]
+        flipped = bytearray(data)
+        flipped[data.index(marker) + 3] ^= 0xFF
+        connection.execute(f'UPDATE "{chunk_table}" SET data = ? WHERE content_id = ? AND seq = ?',
+                           (bytes(flipped), content_id, seq))
+        connection.commit()
+    finally:
+        connection.close()
+
+
+def test_verify_finds_nothing_in_a_sound_cache(cache, origin):
+    """§10: verify() re-hashes every content; a sound cache reports no corruption."""
+    fetch_body(cache, origin, "/ok1", b"one")
+    fetch_body(cache, origin, "/ok2", b"two")
+    report = cache.verify()
+    assert isinstance(report, buffylite.VerifyReport)
+    assert report.checked == 2 and report.corrupted == []
+
+
+def test_verify_reports_corrupted_content_and_takes_it_out_of_the_chain(cache, cache_path, origin):
+    """§8/§10: corrupted content -> reported, its version failed ("content corrupted"), chain stitched."""
+    url = origin.url("/verify")
+    first = fetch_body(cache, origin, "/verify", b"first version\n" * 200)
+    middle = fetch_body(cache, origin, "/verify", b"middle version\n" * 200)
+    last = fetch_body(cache, origin, "/verify", b"last version\n" * 200)
+    cache.tag(first, "keep-me")
+    untouched_before = {r.version: r.model_dump(exclude={"previous_version", "next_version", "outcome"})
+                        for r in (cache.get(url, version=first.version), cache.get(url, version=last.version))}
+    _corrupt_chunk_containing(cache_path, b"middle version")
+    report = cache.verify()
+    assert report.checked == 3
+    assert [r.version for r in report.corrupted] == [middle.version]
+    row = next(r for r in cache.versions(url, status=None) if r.version == middle.version)
+    assert row.status == "failed"
+    assert "content corrupted" in row.download_stats.error
+    oldest, newest = assert_chain(cache, url)
+    assert (oldest.version, newest.version) == (first.version, last.version)
+    assert oldest.next_version == last.version and newest.previous_version == first.version
+    for version, before in untouched_before.items():
+        assert cache.get(url, version=version).model_dump(
+            exclude={"previous_version", "next_version", "outcome"}) == before
+    assert cache.get(url).read() == b"last version\n" * 200
+    assert cache.verify().corrupted == []
+
+
+def test_open_stream_survives_deletion_by_another_cache(cache, cache_path, origin):
+    """§9: a Response.open() stream stays readable after another Cache deletes the version and runs gc()."""
+    body = random_bytes(3 * MiB + 123, seed=12)
+    origin.route("/survive", body=body)
+    resp = cache.fetch(origin.url("/survive"))
+    errors: list[BaseException] = []
+    deleted = threading.Event()
+    other = buffylite.Cache(cache_path)
+
+    def delete_and_collect():
+        try:
+            other.delete(origin.url("/survive"))
+            deleted.set()
+            other.gc()
+        except BaseException as exc:  # reported in the main thread
+            errors.append(exc)
+
+    try:
+        with resp.open() as stream:
+            head = stream.read(1000)
+            worker = threading.Thread(target=delete_and_collect, daemon=True)
+            worker.start()
+            assert deleted.wait(timeout=30), f"delete() in another Cache never finished: {errors}"
+            middle = stream.read(MiB)
+            worker.join(timeout=5)  # a GC that waits for readers may only finish after close()
+            rest = stream.read()
+        worker.join(timeout=90)
+        assert not worker.is_alive(), "gc() in another Cache never finished"
+        assert errors == []
+        assert head + middle + rest == body
+        assert cache.get_request(origin.url("/survive")) is None
+    finally:
+        other.close()
+
+
+# ===========================================================================
+# refresh() (§3, §6)
+# ===========================================================================
+
+
+def test_refresh_applies_the_strategies_to_every_request(cache, origin):
+    """§3/§6: refresh(group) re-applies each request's strategy and reports outcome per request."""
+    age0 = config()
+    fetch_body(cache, origin, "/rf1", b"one", group="nightly", cache_configuration=age0)
+    fetch_body(cache, origin, "/rf2", b"two", group="nightly",
+               cache_configuration=config(buffylite.ReCachingStrategy.never()))
+    fetch_body(cache, origin, "/rf3", b"three", group="other", cache_configuration=age0)
+    origin.routes["/rf1"].body = b"one, updated"
+    origin.routes["/rf2"].body = b"two, updated"
+    results = cache.refresh(group="nightly")
+    assert all(isinstance(r, buffylite.RefreshResult) for r in results)
+    outcomes = {r.url: r.outcome for r in results}
+    assert outcomes == {origin.url("/rf1"): "downloaded", origin.url("/rf2"): "cached"}
+    assert {r.group for r in results} == {"nightly"}
+    assert cache.get(origin.url("/rf1"), group="nightly").read() == b"one, updated"
+    assert len(origin.requests_to("/rf3")) == 1
+
+
+def test_refresh_reports_error_when_nothing_is_cached(cache, origin):
+    """§3/§7: a due download that fails with nothing cached is outcome "error" with a message."""
+    origin.route("/rfe", body=b"x", status=404)
+    with pytest.raises(buffylite.FetchError):
+        cache.fetch(origin.url("/rfe"))
+    [result] = cache.refresh()
+    assert result.outcome == "error" and result.error
+
+
+# ===========================================================================
+# Module-level fetch() (§3)
+# ===========================================================================
+
+MODULE_FETCH_SCRIPT = """
+import json, sys
+import buffylite
+first = buffylite.fetch(sys.argv[1])
+second = buffylite.fetch(sys.argv[1])
+print(json.dumps({"first": [first.version, first.outcome], "second": [second.version, second.outcome],
+                  "body": first.read().decode()}))
+"""
+
+
+def test_module_fetch_uses_a_default_cache_from_the_env(tmp_path, origin):
+    """§3: buffylite.fetch() opens a default Cache() once per process, at $BUFFYLITE_CACHE."""
+    origin.route("/mod", body=b"module level")
+    path = tmp_path / "env-dir" / "cache.sqlite3"
+    done = run_python(MODULE_FETCH_SCRIPT, origin.url("/mod"), env=subprocess_env(BUFFYLITE_CACHE=str(path)))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["body"] == "module level"
+    assert result["first"][1] == "downloaded"
+    assert result["second"] == [result["first"][0], "cached"]
+    assert len(origin.requests_to("/mod")) == 1
+    with buffylite.Cache(path) as opened:
+        assert opened.get(origin.url("/mod")).version == result["first"][0]
+
+
+# ===========================================================================
+# Stateful model of the cache (hypothesis; §8, §9, §10)
+# ===========================================================================
+
+
+class CacheMachine(RuleBasedStateMachine):
+    """Drives one request through content changes, fetches, pins, leases, tags and GCs.
+
+    The machine keeps a model of the ready versions, their permanent pins and leases,
+    and checks after every step: the §8 chain, L never removed, leases never removed,
+    GC limits respected (and nothing it had to keep removed), content read back with
+    its recorded hash, and no content left unreferenced after a GC. One origin serves
+    every example (``CacheMachine.origin``); each example gets a fresh cache file.
+    """
+
+    MAX_UNPINNED = 2
+    MAX_PINNED = 1
+    LEASE_SEC = 10 ** 6
+    origin: ClassVar[Origin]
+    workdir: ClassVar[pathlib.Path]
+    examples: ClassVar[int] = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        CacheMachine.examples += 1
+        number = CacheMachine.examples
+        self.path = f"/machine/{number}"
+        self.url = self.origin.url(self.path)
+        # Connection: close lets the client see the end of each body at once, which keeps
+        # ~3000 steps fast; keep-alive is covered by every other test.
+        self.route = self.origin.route(self.path, body=b"content 0\n", close_connection=True)
+        self.bodies = [b"content 0\n"]
+        self.cache_path = self.workdir / f"machine-{number}.sqlite3"
+        self.cache = buffylite.Cache(self.cache_path, retries=0, timeout=10)
+        self.configuration = config(keep=self.MAX_UNPINNED, keep_pinned=self.MAX_PINNED)
+        self.hashes: dict[str, str] = {}     # version -> sha256 of the body it was downloaded from
+        self.ready: set[str] = set()         # model of the ready versions
+        self.pinned: set[str] = set()        # permanently pinned versions
+        self.leased: set[str] = set()        # versions with a running lease
+        self.newest: str | None = None       # L
+
+    def teardown(self) -> None:
+        self.cache.close()
+        for suffix in ("", "-wal", "-shm"):
+            pathlib.Path(f"{self.cache_path}{suffix}").unlink(missing_ok=True)
+
+    # -- helpers ------------------------------------------------------------
+
+    def _must_keep(self, ready: set[str]) -> set[str]:
+        """Versions of ``ready`` every reading of §10 keeps: L, leases, newest N unpinned, newest M pinned."""
+        ordered = sorted(ready, reverse=True)
+        keep = set(self.leased & ready)
+        keep.update(ordered[:1])
+        keep.update([v for v in ordered if v not in self.pinned][:self.MAX_UNPINNED])
+        keep.update([v for v in ordered if v in self.pinned][:self.MAX_PINNED])
+        return keep
+
+    def _stored_ready(self) -> set[str]:
+        return {resp.version for resp in self.cache.versions(self.url)}
+
+    def _after_gc(self, new_version: str | None = None) -> None:
+        """Check one GC's result against the model (plus ``new_version``), then adopt it."""
+        before = self.ready | ({new_version} if new_version else set())
+        must_keep = self._must_keep(before)
+        stored = self._stored_ready()
+        assert stored <= before, f"unexpected versions {stored - before}"
+        assert must_keep <= stored, f"GC removed {must_keep - stored}, which it had to keep"
+        free = [v for v in stored if v not in self.leased]
+        assert len([v for v in free if v not in self.pinned]) <= self.MAX_UNPINNED
+        assert len([v for v in free if v in self.pinned]) <= self.MAX_PINNED
+        assert unreferenced_contents(self.cache_path) == []
+        self.ready = stored
+        self.pinned &= stored
+        self.leased &= stored
+
+    def _get(self, version: str):
+        return self.cache.get(self.url, version=version)
+
+    # -- rules --------------------------------------------------------------
+
+    @rule()
+    def new_upstream_content(self):
+        number = len(self.bodies)
+        body = f"content {number}\n".encode() * (1 + number % 5)
+        self.bodies.append(body)
+        self.route.body = body
+
+    @rule(data=st.data())
+    def revert_upstream_content(self, data):
+        self.route.body = data.draw(st.sampled_from(self.bodies))
+
+    @rule()
+    def fetch(self):
+        body = self.route.body
+        resp = self.cache.fetch(self.url, cache_configuration=self.configuration)
+        if self.newest is not None and self.hashes[self.newest] == sha256(body):
+            assert resp.outcome == "duplicate" and resp.version == self.newest
+            self._after_gc()
+        else:
+            assert resp.outcome == "downloaded"
+            assert self.newest is None or resp.version > self.newest
+            self.hashes[resp.version] = sha256(body)
+            self.newest = resp.version
+            self._after_gc(new_version=resp.version)
+        assert resp.read() == body
+
+    @precondition(lambda self: self.ready)
+    @rule(data=st.data())
+    def pin(self, data):
+        version = data.draw(st.sampled_from(sorted(self.ready)))
+        assert self.cache.pin(self._get(version)).pinned
+        self.pinned.add(version)
+
+    @precondition(lambda self: self.ready)
+    @rule(data=st.data())
+    def unpin(self, data):
+        version = data.draw(st.sampled_from(sorted(self.ready)))
+        assert not self.cache.unpin(self._get(version)).is_pinned
+        self.pinned.discard(version)
+        self.leased.discard(version)
+
+    @precondition(lambda self: self.ready)
+    @rule(data=st.data())
+    def lease(self, data):
+        version = data.draw(st.sampled_from(sorted(self.ready)))
+        assert self.cache.pin(self._get(version), seconds=self.LEASE_SEC).is_pinned
+        self.leased.add(version)
+
+    @precondition(lambda self: self.ready)
+    @rule(data=st.data(), tag=st.sampled_from(["alpha", "beta"]))
+    def tag(self, data, tag):
+        version = data.draw(st.sampled_from(sorted(self.ready)))
+        assert tag in self.cache.tag(self._get(version), tag).tags
+        assert version in {r.version for r in self.cache.versions(self.url, tag=tag)}
+
+    @rule()
+    def gc(self):
+        self.cache.gc()
+        self._after_gc()
+
+    # -- invariants ---------------------------------------------------------
+
+    @invariant()
+    def cache_matches_the_model(self):
+        """One read of every version row, then every invariant of §8-§10 on it."""
+        rows = self.cache.versions(self.url, status=None)
+        assert {resp.status for resp in rows} <= {"ready"}, "a non-ready row outlived its fetch"
+        ready = check_chain(rows)
+        assert {resp.version for resp in ready} == self.ready
+        if self.newest is not None:
+            assert ready[-1].version == self.newest, "L was removed"
+        assert self.leased <= self.ready, "a leased version was removed"
+        for resp in ready:
+            assert resp.pinned == (resp.version in self.pinned)
+            assert resp.is_pinned == (resp.version in self.pinned or resp.version in self.leased)
+            assert sha256(resp.read()) == resp.content_hash_hex == self.hashes[resp.version]
+
+
+def test_cache_state_machine(origin, tmp_path):
+    """§8/§9/§10: random fetches, pins, leases, tags and GCs keep the chain, pins, limits and content sound."""
+    CacheMachine.origin = origin
+    CacheMachine.workdir = tmp_path
+    run_state_machine_as_test(CacheMachine, settings=settings(
+        max_examples=200, stateful_step_count=15, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                               HealthCheck.data_too_large]))
+
+
+# ===========================================================================
+# HTTP faults and concurrency (§6 fallback, §7, §10, §11, §12)
+# ===========================================================================
+# HTTP-fault and concurrency tests for buffylite (SPEC §6 fallback, §7, §10, §11, §12).
+#
+# Every fixture and
+# helper of this section is prefixed ``fault_`` / ``_fault`` / ``Fault`` so that nothing clashes.
+#
+# The origin is a raw-socket server (not ``http.server``) so that it can misbehave: cut a
+# body, reset a connection, lie about ``Content-Length``, stall, drip, redirect in circles.
+# It records every request it sees and how many body bytes it sent, so the tests can count
+# what went upstream. No HTTP or SQLite is mocked; every wait is bounded.
+
+_FAULT_HERE = Path(__file__).resolve().parent
+_FAULT_MIB = 1024 * 1024
+#: Body bytes the origin sends per ``sendall`` when not dripping.
+_FAULT_SEND_CHUNK_BYTES = 256 * 1024
+#: How long an idle keep-alive connection is kept open by the fake servers.
+_FAULT_IDLE_SEC = 10.0
+#: Upper bound of any single test (SIGALRM); a hung fetch fails instead of hanging CI.
+_FAULT_TEST_TIMEOUT_SEC = 150
+#: Environment variables that would change where requests go.
+_FAULT_ENV_VARS = (
+    "HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy",
+    "NO_PROXY", "no_proxy", "BUFFYLITE_OFFLINE", "BUFFYLITE_CACHE", "REQUEST_METHOD",
+)
+#: A 100 KiB body for the fault matrix (no validators: nothing to resume).
+_FAULT_BODY = bytes(range(256)) * 400
+_FAULT_OLD_BODY = b"the last good version\n" * 100
+
+
+# ---------------------------------------------------------------------------------------
+# Fault-injecting origin server (raw sockets)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FaultReply:
+    """One scripted answer of :class:`FaultOrigin`.
+
+    ``body`` is what a correct server would send; the other fields say how to deviate.
+    With ``accept_ranges`` the reply honours ``Range: bytes=N-`` (206 + Content-Range) when
+    ``If-Range`` is absent or matches ``etag`` / ``last_modified``; a matching
+    ``If-None-Match`` gets a 304. Header values may be callables (evaluated when sent).
+    """
+
+    status: int = 200
+    body: bytes = b""
+    headers: dict = dataclasses.field(default_factory=dict)
+    etag: str | None = None
+    last_modified: str | None = None
+    accept_ranges: bool = False
+    content_length: int | None = None  # None: the true length; -1: no header at all
+    extra_bytes: bytes = b""  # sent after the body: a body longer than Content-Length
+    cut_after: int | None = None  # stop after this many body bytes ...
+    cut_how: str = "close"  # ... and then: "close" (FIN), "reset" (RST), "stall" (silence)
+    delay_sec: float = 0.0  # before the status line
+    drip_after: int | None = None  # from this body offset on, send slowly:
+    drip_bytes: int = 1  # this many bytes ...
+    drip_interval_sec: float = 0.5  # ... every this many seconds
+    gzip: bool = False  # Content-Encoding: gzip (Content-Length is the compressed size)
+    raw: bytes | None = None  # send exactly these bytes instead of a response, then close
+
+
+def _fault_read_head(sock, buffer, is_closing):
+    """Read one request head from ``sock``; return ``(head, rest)`` or ``(None, b"")``."""
+    deadline = time.monotonic() + _FAULT_IDLE_SEC
+    while b"\r\n\r\n" not in buffer:
+        if is_closing() or time.monotonic() > deadline or len(buffer) > 65536:
+            return None, b""
+        readable, _, _ = select.select([sock], [], [], 0.1)
+        if not readable:
+            continue
+        try:
+            data = sock.recv(65536)
+        except OSError:
+            return None, b""
+        if not data:
+            return None, b""
+        buffer += data
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def _fault_parse_head(head):
+    """Split a request head into ``(method, target, headers)``; header names lower-cased."""
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _version = lines[0].split(" ", 2)
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        key, value = name.strip().lower(), value.strip()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return method, target, headers
+
+
+def _fault_read_body(sock, buffer, headers):
+    """Read a request body of ``Content-Length`` bytes (bounded); return ``(body, rest)``."""
+    length = int(headers.get("content-length", "0") or 0)
+    deadline = time.monotonic() + _FAULT_IDLE_SEC
+    while len(buffer) < length and time.monotonic() < deadline:
+        readable, _, _ = select.select([sock], [], [], 0.1)
+        if readable:
+            data = sock.recv(65536)
+            if not data:
+                break
+            buffer += data
+    return buffer[:length], buffer[length:]
+
+
+class _FaultTCPServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+
+
+class _FaultOriginHandler(socketserver.BaseRequestHandler):
+    """Serves requests on one connection (keep-alive) as the route table says."""
+
+    def handle(self):
+        origin = self.server.fault_owner
+        sock = self.request
+        sock.settimeout(30)  # bounds every sendall to a reader that stopped reading
+        buffer = b""
+        try:
+            while not origin.closing:
+                head, buffer = _fault_read_head(sock, buffer, lambda: origin.closing)
+                if head is None:
+                    return
+                method, target, headers = _fault_parse_head(head)
+                _body, buffer = _fault_read_body(sock, buffer, headers)
+                if not origin._answer(sock, method, target, headers):
+                    return
+        except OSError:
+            return  # the client went away (or was killed): nothing to do
+
+
+class FaultOrigin:
+    """An HTTP/1.1 origin on ``127.0.0.1:<free port>`` driven by a per-path route table.
+
+    ``route(path, reply0, reply1, ...)``: the n-th request to ``path`` gets reply n (the
+    last one repeats); a reply may also be a callable ``(record) -> FaultReply``.
+    Unknown paths get 404. ``requests`` holds one record per request: ``method``,
+    ``target``, ``path``, ``headers`` (lower-case names), ``status`` and ``bytes_sent``
+    (body bytes, updated while sending).
+    """
+
+    def __init__(self):
+        self.routes = {}
+        self.requests = []
+        self.closing = False
+        self._counts = {}
+        self._lock = threading.Lock()
+        self._server = _FaultTCPServer(("127.0.0.1", 0), _FaultOriginHandler)
+        self._server.fault_owner = self
+        self.port = self._server.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
+    def url(self, path):
+        return self.base_url + path
+
+    def route(self, path, *replies):
+        """Set the replies for ``path`` and restart its request counter."""
+        with self._lock:
+            self.routes[path] = list(replies)
+            self._counts[path] = 0
+
+    def hits(self, path=None, method="GET"):
+        """Snapshot of the records for ``path`` (all paths if None) with ``method``."""
+        with self._lock:
+            return [dict(record) for record in self.requests
+                    if (path is None or record["path"] == path)
+                    and (method is None or record["method"] == method)]
+
+    def served_bytes(self, path):
+        return sum(record["bytes_sent"] for record in self.hits(path, method=None))
+
+    def close(self):
+        self.closing = True
+        self._server.shutdown()
+        self._server.server_close()
+
+    # -- serving ------------------------------------------------------------------------
+
+    def _answer(self, sock, method, target, headers):
+        """Send one reply; return whether the connection may serve another request."""
+        path = urlsplit(target).path or "/"
+        record = {"method": method, "target": target, "path": path, "headers": headers,
+                  "status": None, "bytes_sent": 0}
+        with self._lock:
+            self.requests.append(record)
+            replies = self.routes.get(path)
+            index = self._counts.get(path, 0)
+            self._counts[path] = index + 1
+        if not replies:
+            reply = FaultReply(status=404, body=b"no such route\n")
+        else:
+            reply = replies[min(index, len(replies) - 1)]
+        if callable(reply):
+            reply = reply(record)
+        deadline = time.monotonic() + reply.delay_sec
+        while time.monotonic() < deadline and not self.closing:
+            time.sleep(0.02)
+        if reply.raw is not None:
+            sock.sendall(reply.raw)
+            return False
+        status, out_headers, body = self._shape(reply, method, headers)
+        client_closes = headers.get("connection", "").lower() == "close"
+        if client_closes:
+            out_headers["Connection"] = "close"
+        phrase = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else "X"
+        head = f"HTTP/1.1 {status} {phrase}\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in out_headers.items()) + "\r\n"
+        record["status"] = status  # recorded before sending: the client may be faster
+        sock.sendall(head.encode("latin-1"))
+        if method == "HEAD" or status in (204, 304):
+            return not client_closes
+        if reply.extra_bytes:  # body and excess in one send: they arrive together
+            record["bytes_sent"] += len(body) + len(reply.extra_bytes)
+            sock.sendall(bytes(body) + reply.extra_bytes)
+            return not client_closes
+        if not self._send_body(sock, record, body, reply):
+            return False
+        return not client_closes
+
+    def _shape(self, reply, method, headers):
+        """Status, headers and body view for ``reply`` given the request headers."""
+        status = reply.status
+        body = reply.body
+        out = {}
+        if reply.gzip:
+            body = gzip.compress(body, mtime=0)
+            out["Content-Encoding"] = "gzip"
+        if reply.etag:
+            out["ETag"] = reply.etag
+        if reply.last_modified:
+            out["Last-Modified"] = reply.last_modified
+        if reply.accept_ranges:
+            out["Accept-Ranges"] = "bytes"
+        view = memoryview(body)
+        validators = {v for v in (reply.etag, reply.last_modified) if v}
+        if status == 200 and reply.etag and headers.get("if-none-match") == reply.etag:
+            status, view = 304, memoryview(b"")
+        elif status == 200 and reply.accept_ranges and "range" in headers:
+            match = re.fullmatch(r"bytes=(\d+)-(\d*)", headers["range"].strip())
+            if_range = headers.get("if-range")
+            if match and (if_range is None or if_range in validators):
+                total = len(view)
+                start = int(match[1])
+                end = min(int(match[2]), total - 1) if match[2] else total - 1
+                if start >= total:
+                    status, view = 416, memoryview(b"")
+                    out["Content-Range"] = f"bytes */{total}"
+                else:
+                    status, view = 206, view[start:end + 1]
+                    out["Content-Range"] = f"bytes {start}-{end}/{total}"
+        for name, value in reply.headers.items():
+            out[name] = value() if callable(value) else value
+        length = len(view) if reply.content_length is None else reply.content_length
+        if length != -1 and status != 304:
+            out["Content-Length"] = str(length)
+        return status, out, view
+
+    def _send_body(self, sock, record, view, reply):
+        """Send the body, dripping or cutting it as scripted; False once the connection is cut."""
+        total = len(view)
+        limit = total if reply.cut_after is None else min(reply.cut_after, total)
+        pos = 0
+        while pos < limit:  # bounded: every pass sends at least one byte
+            if self.closing:
+                return False
+            if reply.drip_after is not None and pos >= reply.drip_after:
+                time.sleep(reply.drip_interval_sec)
+                step = reply.drip_bytes
+            else:
+                step = _FAULT_SEND_CHUNK_BYTES
+                if reply.drip_after is not None:
+                    step = min(step, reply.drip_after - pos)
+            step = min(step, limit - pos)
+            record["bytes_sent"] += step  # counted first: an upper bound of what was served
+            sock.sendall(view[pos:pos + step])
+            pos += step
+        if limit == total:
+            return True
+        if reply.cut_how == "reset":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        elif reply.cut_how == "stall":
+            deadline = time.monotonic() + 10.0
+            while time.monotonic() < deadline and not self.closing:
+                readable, _, _ = select.select([sock], [], [], 0.1)
+                if readable and not sock.recv(65536):
+                    break  # the client gave up
+        return False  # "close": socketserver shuts the socket down (FIN)
+
+
+# ---------------------------------------------------------------------------------------
+# Loopback forward proxy (plain HTTP, absolute-URI request lines)
+# ---------------------------------------------------------------------------------------
+
+_FAULT_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization",
+                     "te", "trailer", "transfer-encoding", "upgrade"}
+
+
+class _FaultProxyHandler(socketserver.BaseRequestHandler):
+    """Forwards one request per connection and records it."""
+
+    def handle(self):
+        proxy = self.server.fault_owner
+        sock = self.request
+        sock.settimeout(30)
+        try:
+            head, rest = _fault_read_head(sock, b"", lambda: proxy.closing)
+            if head is None:
+                return
+            method, target, headers = _fault_parse_head(head)
+            body, _ = _fault_read_body(sock, rest, headers)
+            with proxy._lock:
+                proxy.requests.append({"method": method, "target": target, "headers": headers})
+            if method == "CONNECT" or not target.startswith("http://"):
+                sock.sendall(b"HTTP/1.1 405 Method Not Allowed\r\n"
+                             b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            parts = urlsplit(target)
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            forwarded = "".join(f"{name}: {value}\r\n" for name, value in headers.items()
+                                if name not in _FAULT_HOP_BY_HOP)
+            upstream_request = (f"{method} {path} HTTP/1.1\r\n{forwarded}"
+                                "Connection: close\r\n\r\n").encode("latin-1") + body
+            with socket.create_connection((parts.hostname, parts.port or 80), timeout=30) as up:
+                up.sendall(upstream_request)
+                while True:  # bounded: the origin closes after one response (Connection: close)
+                    data = up.recv(65536)
+                    if not data:
+                        break
+                    sock.sendall(data)
+        except OSError:
+            return
+
+
+class FaultProxy:
+    """A forward proxy on ``127.0.0.1:<free port>``; ``requests`` records what passed."""
+
+    def __init__(self):
+        self.requests = []
+        self.closing = False
+        self._lock = threading.Lock()
+        self._server = _FaultTCPServer(("127.0.0.1", 0), _FaultProxyHandler)
+        self._server.fault_owner = self
+        self.port = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+
+    def close(self):
+        self.closing = True
+        self._server.shutdown()
+        self._server.server_close()
+
+
+# ---------------------------------------------------------------------------------------
+# Subprocess workers
+# ---------------------------------------------------------------------------------------
+
+#: The worker a subprocess runs: ``python fault_worker.py '<json args>'``. It prints
+#: ``READY`` once buffylite is imported and the Cache open, waits for ``GO`` on stdin when
+#: asked, and prints one ``RESULT <json>`` line.
+_FAULT_WORKER_SOURCE = textwrap.dedent('''
+    import hashlib, json, random, sys, time
+    import buffylite
+
+    def config(name):
+        if name is None:
+            return None
+        strategy = getattr(buffylite.ReCachingStrategy, name)()
+        return buffylite.RequestCacheConfiguration(recaching_strategy=strategy)
+
+    def result(payload):
+        print("RESULT " + json.dumps(payload), flush=True)
+
+    def fetch_once(cache, args):
+        try:
+            resp = cache.fetch(args["url"], cache_configuration=config(args.get("strategy")))
+            digest = hashlib.sha256(resp.read()).hexdigest()
+        except Exception as exc:
+            result({"error": f"{type(exc).__name__}: {exc}"})
+            return 1
+        result({"version": resp.version, "outcome": resp.outcome, "sha256": digest})
+        return 0
+
+    def mixed(cache, args):
+        rng = random.Random(args["seed"])
+        urls = args["urls"]
+        refetch = config("when_requested")
+        ops, benign, errors = {}, 0, []
+        deadline = time.monotonic() + args["duration_sec"]
+        while time.monotonic() < deadline:
+            url = rng.choice(urls)
+            op = rng.choice(["fetch", "fetch", "fetch_offline", "pin", "pin_lease", "unpin",
+                             "tag", "untag", "gc", "verify", "get", "read"])
+            try:
+                if op == "fetch":
+                    cache.fetch(url, cache_configuration=refetch)
+                elif op == "fetch_offline":
+                    cache.fetch(url, offline=True, pin_for=0.5)
+                elif op == "gc":
+                    cache.gc()
+                elif op == "verify":
+                    report = cache.verify()
+                    if report.corrupted:
+                        errors.append(f"verify: corrupted {[r.version for r in report.corrupted]}")
+                elif op == "get":
+                    resp = cache.get(url)
+                    if hashlib.sha256(resp.read()).hexdigest() != resp.content_hash_hex:
+                        errors.append(f"get: wrong content for {resp.version}")
+                else:
+                    versions = cache.versions(url)
+                    if not versions:
+                        continue
+                    resp = rng.choice(versions)
+                    if op == "pin":
+                        cache.pin(resp)
+                    elif op == "pin_lease":
+                        cache.pin(resp, seconds=0.5)
+                    elif op == "unpin":
+                        cache.unpin(resp)
+                    elif op == "tag":
+                        cache.tag(resp, rng.choice(["alpha", "beta"]))
+                    elif op == "untag":
+                        cache.untag(resp, rng.choice(["alpha", "beta"]))
+                    elif op == "read":
+                        with cache.lease(resp, 1.0):
+                            data = resp.read()
+                        if hashlib.sha256(data).hexdigest() != resp.content_hash_hex:
+                            errors.append(f"read: wrong content for {resp.version}")
+                ops[op] = ops.get(op, 0) + 1
+            except buffylite.NotCachedError:
+                benign += 1  # a version another process removed meanwhile
+            except Exception as exc:
+                errors.append(f"{op}: {type(exc).__name__}: {exc}")
+        result({"ops": ops, "benign": benign, "errors": errors[:20], "error_count": len(errors)})
+        return 0
+
+    def main():
+        args = json.loads(sys.argv[1])
+        cache = buffylite.Cache(args["cache"], **args.get("cache_kwargs", {}))
+        print("READY", flush=True)
+        if args.get("wait_go") and sys.stdin.readline().strip() != "GO":
+            return 3
+        try:
+            if args["mode"] == "fetch":
+                return fetch_once(cache, args)
+            return mixed(cache, args)
+        finally:
+            cache.close()
+
+    sys.exit(main())
+''')
+
+
+class FaultWorkers:
+    """Starts worker subprocesses and reads their lines with timeouts; kills leftovers."""
+
+    def __init__(self, tmp_path):
+        self._dir = tmp_path
+        self.script = tmp_path / "fault_worker.py"
+        self.script.write_text(_FAULT_WORKER_SOURCE)
+        self._procs = []
+        self._buffers = {}
+        self.env = dict(os.environ)
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            [str(_FAULT_HERE)] + ([self.env["PYTHONPATH"]] if self.env.get("PYTHONPATH") else []))
+
+    def spawn(self, args):
+        index = len(self._procs)
+        stderr_path = self._dir / f"fault_worker_{index}.stderr"
+        with open(stderr_path, "wb") as stderr:
+            proc = subprocess.Popen([sys.executable, str(self.script), json.dumps(args)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=stderr, bufsize=0, env=self.env, cwd=str(self._dir))
+        proc.fault_stderr_path = stderr_path
+        self._procs.append(proc)
+        self._buffers[proc.pid] = b""
+        return proc
+
+    def stderr(self, proc):
+        return proc.fault_stderr_path.read_text(errors="replace")[-4000:]
+
+    def read_line(self, proc, prefix, timeout_sec):
+        """The rest of the next stdout line starting with ``prefix``; fails on timeout/EOF."""
+        deadline = time.monotonic() + timeout_sec
+        fd = proc.stdout.fileno()
+        while True:
+            buffered = self._buffers[proc.pid]
+            while b"\n" in buffered:
+                line, _, buffered = buffered.partition(b"\n")
+                self._buffers[proc.pid] = buffered
+                text = line.decode(errors="replace")
+                if text.startswith(prefix):
+                    return text[len(prefix):]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail(f"worker {proc.pid}: no {prefix!r} line within {timeout_sec}s; "
+                            f"stderr:\n{self.stderr(proc)}")
+            readable, _, _ = select.select([fd], [], [], min(remaining, 0.2))
+            if readable:
+                data = os.read(fd, 65536)
+                if not data:
+                    proc.wait(5)
+                    pytest.fail(f"worker {proc.pid} exited ({proc.returncode}) before "
+                                f"{prefix!r}; stderr:\n{self.stderr(proc)}")
+                self._buffers[proc.pid] += data
+
+    def go(self, proc):
+        proc.stdin.write(b"GO\n")
+        proc.stdin.flush()
+
+    def result(self, proc, timeout_sec):
+        payload = json.loads(self.read_line(proc, "RESULT ", timeout_sec))
+        proc.wait(timeout_sec)
+        return payload
+
+    def close(self):
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(5)
+            for stream in (proc.stdin, proc.stdout):
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------
+
+
+class FaultTestTimeout(AssertionError):
+    """A test ran longer than _FAULT_TEST_TIMEOUT_SEC."""
+
+
+@pytest.fixture
+def fault_env(monkeypatch):
+    """A clean environment (no proxies, no offline switch) and a watchdog for the test."""
+    for name in _FAULT_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+    def on_alarm(signum, frame):
+        raise FaultTestTimeout(f"test exceeded {_FAULT_TEST_TIMEOUT_SEC}s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, _FAULT_TEST_TIMEOUT_SEC)
+    yield monkeypatch
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def fault_origin():
+    """The fault-injecting origin (see FaultOrigin)."""
+    origin = FaultOrigin()
+    yield origin
+    origin.close()
+
+
+@pytest.fixture
+def fault_other_origin():
+    """A second origin on another port: another origin for redirects and credentials."""
+    origin = FaultOrigin()
+    yield origin
+    origin.close()
+
+
+@pytest.fixture
+def fault_proxy():
+    """A recording loopback forward proxy."""
+    proxy = FaultProxy()
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def fault_cache_path(tmp_path):
+    """Path of a fresh (not yet created) cache file."""
+    return tmp_path / "fault-cache.sqlite3"
+
+
+@pytest.fixture
+def fault_open_cache(fault_env, fault_cache_path):
+    """Factory: ``open(path=None, **kwargs) -> Cache`` with small timeouts; all closed after."""
+    opened = []
+
+    def open_cache(path=None, **kwargs):
+        options = {"timeout": 1.0, "retries": 1, "max_retry_wait": 1.0,
+                   "download_lease_sec": 2.0}
+        options.update(kwargs)
+        cache = buffylite.Cache(path or fault_cache_path, **options)
+        opened.append(cache)
+        return cache
+
+    yield open_cache
+    for cache in reversed(opened):
+        with contextlib.suppress(Exception):
+            cache.close()
+
+
+@pytest.fixture
+def fault_workers(tmp_path, fault_env):
+    """Subprocess workers running _FAULT_WORKER_SOURCE; leftovers killed at teardown."""
+    workers = FaultWorkers(tmp_path)
+    yield workers
+    workers.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _fault_config(strategy):
+    return buffylite.RequestCacheConfiguration(recaching_strategy=strategy)
+
+
+def _fault_when_requested():
+    return _fault_config(buffylite.ReCachingStrategy.when_requested())
+
+
+@functools.lru_cache(maxsize=1)
+def _fault_big_body():
+    """64 MiB of deterministic bytes (and their sha256)."""
+    body = random.Random(64).randbytes(64 * _FAULT_MIB)
+    return body, hashlib.sha256(body).hexdigest()
+
+
+def _fault_stream_sha256(resp):
+    digest = hashlib.sha256()
+    with resp.open() as stream:
+        for block in iter(lambda: stream.read(_FAULT_MIB), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fault_range_start(record):
+    match = re.fullmatch(r"bytes=(\d+)-", record["headers"].get("range", ""))
+    assert match, f"expected a 'Range: bytes=N-' request, got {record['headers']}"
+    return int(match[1])
+
+
+def _fault_integrity(path):
+    """``PRAGMA integrity_check`` on a separate sqlite3 connection."""
+    connection = sqlite3.connect(str(path), timeout=10)
+    try:
+        return [row[0] for row in connection.execute("PRAGMA integrity_check").fetchall()]
+    finally:
+        connection.close()
+
+
+def _fault_file_bytes(path):
+    """Raw bytes of the cache file and its WAL / journal (whatever exists now)."""
+    data = b""
+    for suffix in ("", "-wal", "-journal"):
+        candidate = Path(f"{path}{suffix}")
+        if candidate.exists():
+            data += candidate.read_bytes()
+    return data
+
+
+def _fault_invariant_problems(cache, url, **identity):
+    """Chain (§8) and content-hash (§10) problems of one request; [] when all hold."""
+    problems = []
+    rows = cache.versions(url, status=None, **identity)
+    ready = sorted((row for row in rows if row.status == "ready"), key=lambda row: row.version)
+    for index, row in enumerate(ready):
+        expected = (ready[index - 1].version if index else None,
+                    ready[index + 1].version if index + 1 < len(ready) else None)
+        if (row.previous_version, row.next_version) != expected:
+            problems.append(f"{row.version}: links {(row.previous_version, row.next_version)}"
+                            f" != {expected}")
+        if hashlib.sha256(row.read()).hexdigest() != row.content_hash_hex:
+            problems.append(f"{row.version}: content does not match its hash")
+    for row in rows:
+        if row.status != "ready" and (row.previous_version or row.next_version):
+            problems.append(f"{row.version} ({row.status}) is linked into the chain")
+    newest_first = [row.version for row in cache.versions(url, **identity)]
+    if newest_first != [row.version for row in reversed(ready)]:
+        problems.append("versions() is not newest first")
+    return problems
+
+
+def _fault_warnings(caplog):
+    return [record for record in caplog.records
+            if record.name.startswith("buffylite") and record.levelno >= logging.WARNING]
+
+
+# ---------------------------------------------------------------------------------------
+# Fault matrix (§11 retries/lengths/redirects, §6 fallback, §12 FetchError)
+# ---------------------------------------------------------------------------------------
+
+#: fault name -> (allowed FetchError.status_code values or None for any,
+#:                upstream GETs expected: an int, "retried" = retries + 1, or None = bounded,
+#:                whether the failure is below HTTP so ``cause`` must be set)
+_FAULT_MATRIX = {
+    "reset_mid_body": ({None, 200}, "retried", True),
+    "short_body_then_close": ({None, 200}, "retried", True),
+    "body_longer_than_content_length": ({None, 200}, None, False),
+    "stall_mid_body_beyond_read_timeout": ({None, 200}, "retried", True),
+    "drip_slower_than_read_timeout": ({None, 200}, "retried", True),
+    "garbage_status_line": ({None}, "retried", True),
+    "empty_reply": ({None}, "retried", True),
+    "connection_refused": ({None}, 0, True),
+    "status_500_always": ({500}, "retried", False),
+    "status_404": ({404}, 1, False),
+    "status_429_retry_after_seconds_beyond_cap": ({429}, 1, False),
+    "status_503_retry_after_date_beyond_cap": ({503}, 1, False),
+    "redirect_loop": (None, None, False),
+}
+
+
+def _fault_install(name, origin):
+    """Route ``/fault`` (and helpers) of ``origin`` to misbehave as ``name`` says."""
+    body = _FAULT_BODY
+    replies = {
+        "reset_mid_body": FaultReply(body=body, cut_after=20_000, cut_how="reset"),
+        "short_body_then_close": FaultReply(body=body, cut_after=len(body) // 2),
+        "body_longer_than_content_length": FaultReply(body=body, extra_bytes=b"X" * 65536),
+        "stall_mid_body_beyond_read_timeout": FaultReply(body=body, cut_after=1000,
+                                                          cut_how="stall"),
+        "drip_slower_than_read_timeout": FaultReply(body=body, drip_after=1000,
+                                                    drip_interval_sec=1.6),
+        "garbage_status_line": FaultReply(raw=b"THIS IS NOT HTTP AT ALL\r\n\r\n"),
+        "empty_reply": FaultReply(raw=b""),
+        "status_500_always": FaultReply(status=500, body=b"boom\n"),
+        "status_404": FaultReply(status=404, body=b"gone\n"),
+        "status_429_retry_after_seconds_beyond_cap": FaultReply(
+            status=429, body=b"slow down\n", headers={"Retry-After": "30"}),
+        "status_503_retry_after_date_beyond_cap": FaultReply(
+            status=503, body=b"later\n", headers={"Retry-After": lambda: email.utils.formatdate(
+                time.time() + 120, usegmt=True)}),
+        "redirect_loop": FaultReply(status=302, headers={"Location": "/fault-loop"}),
+    }
+    if name == "connection_refused":
+        origin.close()
+        return
+    origin.route("/fault", replies[name])
+    if name == "redirect_loop":
+        origin.route("/fault-loop", FaultReply(status=302, headers={"Location": "/fault"}))
+
+
+@pytest.mark.parametrize("with_prior", [False, True], ids=["no_prior", "prior_good"])
+@pytest.mark.parametrize("fault", list(_FAULT_MATRIX))
+def test_fault_matrix(fault, with_prior, fault_origin, fault_other_origin, fault_open_cache,
+                      caplog):
+    """§11/§6/§12: each fault -> FetchError (or the last good version, "stale") + a failed row."""
+    allowed_status, expected_hits, needs_cause = _FAULT_MATRIX[fault]
+    retries = 1
+    cache = fault_open_cache(retries=retries, timeout=1.0, max_retry_wait=2.0)
+    origin = fault_other_origin if fault == "connection_refused" else fault_origin
+    url = origin.url("/fault")
+    prior = None
+    if with_prior:
+        origin.route("/fault", FaultReply(body=_FAULT_OLD_BODY))
+        prior = cache.fetch(url, cache_configuration=_fault_when_requested())
+        assert prior.outcome == "downloaded"
+    hits_before = len(fault_origin.hits("/fault", method=None)) if origin is fault_origin else 0
+    _fault_install(fault, origin)
+    caplog.set_level(logging.WARNING, logger="buffylite")
+
+    started = time.monotonic()
+    if with_prior:
+        resp = cache.fetch(url)
+        elapsed = time.monotonic() - started
+        assert resp.outcome == "stale"
+        assert resp.version == prior.version
+        assert resp.read() == _FAULT_OLD_BODY
+        assert _fault_warnings(caplog), "§6: serving stale after a failure logs a WARNING"
+    else:
+        with pytest.raises(buffylite.FetchError) as caught:
+            cache.fetch(url)
+        elapsed = time.monotonic() - started
+        error = caught.value
+        assert isinstance(error, buffylite.BuffyliteError)
+        assert error.url == url
+        if allowed_status is not None:
+            assert error.status_code in allowed_status
+        if needs_cause:
+            assert error.cause is not None
+
+    # What went upstream.
+    if origin is fault_origin:
+        hits = len(fault_origin.hits("/fault", method=None)) - hits_before
+        if expected_hits == "retried":
+            assert hits == retries + 1, f"{hits} requests for retries={retries}"
+        elif expected_hits is not None:
+            assert hits == expected_hits
+        else:
+            assert 1 <= hits <= 40
+    if fault.endswith("beyond_cap"):
+        assert elapsed < 1.0, f"§11: a Retry-After beyond max_retry_wait ends at once ({elapsed:.2f}s)"
+    assert elapsed < 15
+
+    # What is stored: one failed row with an error; ready rows untouched.
+    rows = cache.versions(url, status=None)
+    failed = [row for row in rows if row.status == "failed"]
+    assert len(failed) == 1, [(row.version, row.status) for row in rows]
+    assert failed[0].download_stats.error
+    ready = [row for row in rows if row.status == "ready"]
+    assert [row.version for row in ready] == ([prior.version] if prior else [])
+    for row in ready:
+        assert row.read() == _FAULT_OLD_BODY
+    assert not [row for row in rows if row.status in ("wait", "in_progress", "duplicate")]
+
+
+@pytest.mark.parametrize("status,retry_after", [
+    (429, "1"),
+    (503, "1"),
+    (503, "http-date"),
+], ids=["429_seconds", "503_seconds", "503_http_date"])
+def test_retry_after_is_honoured_then_success(status, retry_after, fault_origin,
+                                              fault_open_cache):
+    """§11: 429/503 with Retry-After (seconds or HTTP date) within the cap: wait, retry, succeed."""
+    if retry_after == "http-date":
+        header = lambda: email.utils.formatdate(time.time() + 2, usegmt=True)  # noqa: E731
+    else:
+        header = retry_after
+    fault_origin.route("/busy", FaultReply(status=status, body=b"busy\n",
+                                           headers={"Retry-After": header}),
+                       FaultReply(body=b"finally\n"))
+    cache = fault_open_cache(retries=3, max_retry_wait=3.0)
+    started = time.monotonic()
+    resp = cache.fetch(fault_origin.url("/busy"))
+    elapsed = time.monotonic() - started
+    assert resp.outcome == "downloaded"
+    assert resp.read() == b"finally\n"
+    assert len(fault_origin.hits("/busy")) == 2
+    assert 0.8 <= elapsed < 6, f"waited {elapsed:.2f}s"
+
+
+@pytest.mark.parametrize("first", [
+    FaultReply(body=_FAULT_BODY, cut_after=20_000, cut_how="reset"),
+    FaultReply(body=_FAULT_BODY, cut_after=50_000),
+    FaultReply(status=500, body=b"oops\n"),
+    FaultReply(status=502, body=b"bad gateway\n"),
+    FaultReply(status=503, body=b"unavailable\n"),
+    FaultReply(status=504, body=b"timeout\n"),
+    FaultReply(raw=b"THIS IS NOT HTTP AT ALL\r\n\r\n"),
+    FaultReply(raw=b""),
+], ids=["reset_mid_body", "short_body", "500", "502", "503", "504", "garbage_status_line",
+        "empty_reply"])
+def test_transient_fault_is_retried_then_succeeds(first, fault_origin, fault_open_cache):
+    """§11: a fault on the first attempt only (no validators: a fresh retry) -> one retry, ready."""
+    fault_origin.route("/flaky", first, FaultReply(body=_FAULT_BODY))
+    cache = fault_open_cache(retries=1, max_retry_wait=1.0)
+    url = fault_origin.url("/flaky")
+    resp = cache.fetch(url)
+    assert resp.outcome == "downloaded"
+    assert resp.read() == _FAULT_BODY
+    assert resp.content_hash_hex == hashlib.sha256(_FAULT_BODY).hexdigest()
+    assert len(fault_origin.hits("/flaky")) == 2
+    assert [row.status for row in cache.versions(url, status=None)] == ["ready"]
+
+
+def test_retry_after_beyond_cap_with_prior_serves_stale_after_one_request(fault_origin,
+                                                                          fault_open_cache):
+    """§11/§6: Retry-After > max_retry_wait: one request, no wait, the last good version."""
+    url = fault_origin.url("/pause")
+    fault_origin.route("/pause", FaultReply(body=_FAULT_OLD_BODY))
+    cache = fault_open_cache(retries=5, max_retry_wait=2.0)
+    prior = cache.fetch(url, cache_configuration=_fault_when_requested())
+    fault_origin.route("/pause", FaultReply(status=429, headers={"Retry-After": "3600"}))
+    hits_before = len(fault_origin.hits("/pause"))
+    started = time.monotonic()
+    resp = cache.fetch(url)
+    assert time.monotonic() - started < 1.0
+    assert (resp.outcome, resp.version) == ("stale", prior.version)
+    assert len(fault_origin.hits("/pause")) == hits_before + 1
+
+
+def test_read_timeout_is_per_read_not_total(fault_origin, fault_open_cache):
+    """§3/§11: a drip whose gaps stay under the read timeout completes, however long it takes."""
+    fault_origin.route("/drip", FaultReply(body=b"abcdef", drip_after=0, drip_interval_sec=0.4))
+    cache = fault_open_cache(timeout=1.0, retries=0)
+    started = time.monotonic()
+    resp = cache.fetch(fault_origin.url("/drip"))
+    assert time.monotonic() - started > 2.0
+    assert resp.read() == b"abcdef"
+    assert len(fault_origin.hits("/drip")) == 1
+
+
+@pytest.mark.parametrize("url", [
+    "ftp://127.0.0.1/file.txt",
+    "file:///etc/passwd",
+    "gopher://127.0.0.1/x",
+    "127.0.0.1/no-scheme",
+])
+def test_only_http_and_https_urls(url, fault_open_cache, fault_cache_path):
+    """§11/§12: other schemes -> InvalidRequestError (a ValueError), nothing written."""
+    cache = fault_open_cache()
+    before = _fault_file_bytes(fault_cache_path)
+    with pytest.raises(buffylite.InvalidRequestError) as caught:
+        cache.fetch(url)
+    assert isinstance(caught.value, ValueError)
+    assert cache.requests() == []
+    assert _fault_file_bytes(fault_cache_path) == before
+
+
+def test_user_agent_names_buffylite_version(fault_origin, fault_open_cache):
+    """§11: requests carry ``User-Agent: buffylite/<version>``."""
+    fault_origin.route("/ua", FaultReply(body=b"ok"))
+    fault_open_cache().fetch(fault_origin.url("/ua"))
+    (hit,) = fault_origin.hits("/ua")
+    assert hit["headers"]["user-agent"] == f"buffylite/{buffylite.__version__}"
+
+
+# ---------------------------------------------------------------------------------------
+# Redirects and credentials (§11)
+# ---------------------------------------------------------------------------------------
+
+_FAULT_CREDENTIALS = {"Authorization": "Bearer REDIRECT-SECRET",
+                      "Cookie": "session=REDIRECT-COOKIE",
+                      "Proxy-Authorization": "Basic UkVESVJFQ1Q="}
+
+
+def test_redirect_chain_is_followed(fault_origin, fault_open_cache):
+    """§11: 301 -> 302 -> 200: the final content, stored under the requested URL."""
+    fault_origin.route("/r1", FaultReply(status=301, headers={"Location": "/r2"}))
+    fault_origin.route("/r2", FaultReply(status=302,
+                                         headers={"Location": fault_origin.url("/final")}))
+    fault_origin.route("/final", FaultReply(body=b"arrived\n"))
+    cache = fault_open_cache()
+    url = fault_origin.url("/r1")
+    resp = cache.fetch(url)
+    assert resp.read() == b"arrived\n"
+    assert cache.get(url).version == resp.version
+    assert cache.get_request(url) is not None
+
+
+def test_credentials_not_forwarded_to_another_origin(fault_origin, fault_other_origin,
+                                                     fault_open_cache):
+    """§11: Authorization, Cookie, Proxy-Authorization dropped on a redirect to another port."""
+    fault_origin.route("/away", FaultReply(
+        status=302, headers={"Location": fault_other_origin.url("/landing")}))
+    fault_other_origin.route("/landing", FaultReply(body=b"elsewhere\n"))
+    resp = fault_open_cache().fetch(fault_origin.url("/away"), headers=_FAULT_CREDENTIALS)
+    assert resp.read() == b"elsewhere\n"
+    (first,) = fault_origin.hits("/away")
+    assert first["headers"]["authorization"] == _FAULT_CREDENTIALS["Authorization"]
+    (landing,) = fault_other_origin.hits("/landing")
+    for name in ("authorization", "cookie", "proxy-authorization"):
+        assert name not in landing["headers"], f"{name} leaked to another origin"
+
+
+def test_credentials_forwarded_on_same_origin_redirect(fault_origin, fault_open_cache):
+    """§11: a redirect within the same origin keeps the credentials."""
+    fault_origin.route("/here", FaultReply(status=307, headers={"Location": "/there"}))
+    fault_origin.route("/there", FaultReply(body=b"same origin\n"))
+    resp = fault_open_cache().fetch(fault_origin.url("/here"), headers=_FAULT_CREDENTIALS)
+    assert resp.read() == b"same origin\n"
+    (landing,) = fault_origin.hits("/there")
+    for name, value in _FAULT_CREDENTIALS.items():
+        assert landing["headers"].get(name.lower()) == value
+
+
+# ---------------------------------------------------------------------------------------
+# Proxies from the environment (§11)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy"])
+def test_http_proxy_from_environment(variable, fault_origin, fault_proxy, fault_env,
+                                     fault_open_cache):
+    """§11: HTTP_PROXY (either case) sends http:// requests through the proxy."""
+    fault_origin.route("/via-proxy", FaultReply(body=b"proxied\n"))
+    fault_env.setenv(variable, fault_proxy.url)
+    url = fault_origin.url("/via-proxy")
+    resp = fault_open_cache().fetch(url)
+    assert resp.read() == b"proxied\n"
+    assert [request["target"] for request in fault_proxy.requests] == [url]
+    assert len(fault_origin.hits("/via-proxy")) == 1
+
+
+def test_proxy_credentials_from_proxy_url(fault_origin, fault_proxy, fault_env,
+                                          fault_open_cache):
+    """§11: user:password in HTTP_PROXY becomes Proxy-Authorization to the proxy (as requests)."""
+    fault_origin.route("/auth-proxy", FaultReply(body=b"ok\n"))
+    fault_env.setenv("HTTP_PROXY", fault_proxy.url.replace("http://", "http://alice:s%40cret@"))
+    fault_open_cache().fetch(fault_origin.url("/auth-proxy"))
+    (request,) = fault_proxy.requests
+    expected = "Basic " + base64.b64encode(b"alice:s@cret").decode()
+    assert request["headers"].get("proxy-authorization") == expected
+
+
+@pytest.mark.parametrize("no_proxy", ["127.0.0.1", "localhost,127.0.0.1", "*"])
+def test_no_proxy_bypasses_proxy(no_proxy, fault_origin, fault_proxy, fault_env,
+                                 fault_open_cache):
+    """§11: a host listed in NO_PROXY is fetched directly."""
+    fault_origin.route("/direct", FaultReply(body=b"direct\n"))
+    fault_env.setenv("HTTP_PROXY", fault_proxy.url)
+    fault_env.setenv("NO_PROXY", no_proxy)
+    resp = fault_open_cache().fetch(fault_origin.url("/direct"))
+    assert resp.read() == b"direct\n"
+    assert fault_proxy.requests == []
+    assert len(fault_origin.hits("/direct")) == 1
+
+
+def test_https_proxy_not_used_for_http_urls(fault_origin, fault_proxy, fault_env,
+                                            fault_open_cache):
+    """§11: HTTPS_PROXY applies to https:// URLs only."""
+    fault_origin.route("/plain", FaultReply(body=b"plain\n"))
+    fault_env.setenv("HTTPS_PROXY", fault_proxy.url)
+    fault_open_cache().fetch(fault_origin.url("/plain"))
+    assert fault_proxy.requests == []
+    assert len(fault_origin.hits("/plain")) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Resume (§11, issue 4 must-show #2)
+# ---------------------------------------------------------------------------------------
+
+
+def test_resume_64mib_after_cut_uses_one_range_request(fault_origin, fault_open_cache):
+    """§11: a 64 MiB body cut at half resumes with one Range request; ~32 MiB re-served."""
+    body, sha256 = _fault_big_body()
+    half = len(body) // 2
+    fault_origin.route("/big.bin",
+                       FaultReply(body=body, etag='"big-1"', accept_ranges=True, cut_after=half),
+                       FaultReply(body=body, etag='"big-1"', accept_ranges=True))
+    cache = fault_open_cache(timeout=10.0, retries=2)
+    resp = cache.fetch(fault_origin.url("/big.bin"))
+    hits = fault_origin.hits("/big.bin", method=None)
+    assert len(hits) == 2, [hit["headers"].get("range") for hit in hits]
+    assert "range" not in hits[0]["headers"]
+    start = _fault_range_start(hits[1])
+    assert hits[1]["headers"].get("if-range") == '"big-1"'
+    assert hits[1]["status"] == 206
+    served = fault_origin.served_bytes("/big.bin")
+    print(f"64 MiB resume: range start {start / _FAULT_MIB:.1f} MiB, "
+          f"served {served / _FAULT_MIB:.1f} MiB")
+    assert start >= 26 * _FAULT_MIB
+    assert served < 70 * _FAULT_MIB
+    assert resp.outcome == "downloaded" and resp.status == "ready"
+    assert resp.content_hash_hex == sha256
+    assert resp.content_attributes.content_size_bytes == len(body)
+    assert _fault_stream_sha256(resp) == sha256
+
+
+def test_resume_with_last_modified_validator(fault_origin, fault_open_cache):
+    """§11: Last-Modified alone (no ETag) is enough to resume; If-Range carries it."""
+    body = random.Random(7).randbytes(4 * _FAULT_MIB)
+    stamp = "Wed, 21 Oct 2015 07:28:00 GMT"
+    fault_origin.route("/lm.bin",
+                       FaultReply(body=body, last_modified=stamp, accept_ranges=True,
+                                  cut_after=3 * _FAULT_MIB, cut_how="reset"),
+                       FaultReply(body=body, last_modified=stamp, accept_ranges=True))
+    resp = fault_open_cache(timeout=5.0).fetch(fault_origin.url("/lm.bin"))
+    hits = fault_origin.hits("/lm.bin")
+    assert len(hits) == 2
+    assert _fault_range_start(hits[1]) > 0
+    assert hits[1]["headers"].get("if-range") == stamp
+    assert resp.read() == body
+
+
+@pytest.mark.parametrize("second", ["ignores_range", "changed_etag"])
+def test_resume_answered_with_200_restarts_cleanly(second, fault_origin, fault_open_cache):
+    """§11: a 200 to a ranged request (Range ignored, or If-Range no longer matches) restarts."""
+    body = random.Random(8).randbytes(2 * _FAULT_MIB)
+    new_body = random.Random(9).randbytes(2 * _FAULT_MIB + 123)
+    first = FaultReply(body=body, etag='"one"', accept_ranges=True, cut_after=_FAULT_MIB)
+    if second == "ignores_range":
+        expected, again = body, FaultReply(body=body, etag='"one"')
+    else:
+        expected, again = new_body, FaultReply(body=new_body, etag='"two"', accept_ranges=True)
+    fault_origin.route("/restart.bin", first, again)
+    resp = fault_open_cache(timeout=5.0).fetch(fault_origin.url("/restart.bin"))
+    hits = fault_origin.hits("/restart.bin")
+    assert len(hits) == 2
+    assert "range" in hits[1]["headers"]
+    assert hits[1]["status"] == 200
+    assert resp.read() == expected
+    assert resp.content_hash_hex == hashlib.sha256(expected).hexdigest()
+
+
+def test_resume_64mib_after_downloading_process_killed(fault_origin, fault_workers,
+                                                       fault_open_cache, fault_cache_path):
+    """§11/§10: kill -9 a process half-way through 64 MiB; a new Cache resumes the rest."""
+    body, sha256 = _fault_big_body()
+    half = len(body) // 2
+    # The first answer slows to a drip after 32 MiB so that the kill lands in the middle.
+    fault_origin.route("/big-kill.bin",
+                       FaultReply(body=body, etag='"big-2"', accept_ranges=True,
+                                  drip_after=half, drip_bytes=64 * 1024, drip_interval_sec=0.05),
+                       FaultReply(body=body, etag='"big-2"', accept_ranges=True))
+    url = fault_origin.url("/big-kill.bin")
+    kwargs = {"timeout": 10.0, "retries": 1, "max_retry_wait": 1.0, "download_lease_sec": 1.0}
+    proc = fault_workers.spawn({"mode": "fetch", "cache": str(fault_cache_path), "url": url,
+                                "cache_kwargs": kwargs})
+    deadline = time.monotonic() + 60
+    while True:  # bounded by the deadline
+        hits = fault_origin.hits("/big-kill.bin")
+        if hits and hits[0]["bytes_sent"] >= half + 256 * 1024:
+            break
+        assert proc.poll() is None, fault_workers.stderr(proc)
+        assert time.monotonic() < deadline, "the worker never reached half way"
+        time.sleep(0.05)
+    time.sleep(1.5)  # let the worker store what it received
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    first_sent = fault_origin.hits("/big-kill.bin")[0]["bytes_sent"]
+    assert first_sent < len(body)
+
+    cache = fault_open_cache(**kwargs)
+    resp = cache.fetch(url)
+    hits = fault_origin.hits("/big-kill.bin")
+    assert len(hits) == 2, "exactly one request after the kill"
+    start = _fault_range_start(hits[1])
+    assert hits[1]["headers"].get("if-range") == '"big-2"'
+    served = fault_origin.served_bytes("/big-kill.bin")
+    print(f"64 MiB cross-process resume: killed after {first_sent / _FAULT_MIB:.1f} MiB, "
+          f"range start {start / _FAULT_MIB:.1f} MiB, served {served / _FAULT_MIB:.1f} MiB")
+    assert start >= 26 * _FAULT_MIB
+    assert served < 70 * _FAULT_MIB
+    assert resp.content_hash_hex == sha256
+    assert _fault_stream_sha256(resp) == sha256
+    assert _fault_integrity(fault_cache_path) == ["ok"]
+
+
+def test_progress_reports_and_cancel_keeps_partial_for_resume(fault_origin, fault_open_cache):
+    """§7/§11: progress sees the bytes; raising cancels (propagated), and the next fetch resumes."""
+    body = random.Random(10).randbytes(8 * _FAULT_MIB)
+    fault_origin.route("/cancel.bin", FaultReply(body=body, etag='"c"', accept_ranges=True))
+    cache = fault_open_cache(timeout=5.0)
+    url = fault_origin.url("/cancel.bin")
+    calls = []
+
+    class Cancelled(Exception):
+        pass
+
+    def progress(done, total):
+        calls.append((done, total))
+        if done >= 6 * _FAULT_MIB:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        cache.fetch(url, progress=progress)
+    assert calls and all(total == len(body) for _, total in calls)
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+    assert cache.versions(url) == []
+    resp = cache.fetch(url)
+    hits = fault_origin.hits("/cancel.bin")
+    assert len(hits) == 2
+    assert _fault_range_start(hits[1]) > 0, "the partial content was kept for a resume"
+    assert resp.read() == body
+
+
+# ---------------------------------------------------------------------------------------
+# Sensitive headers (§11, issue 4 must-show #3)
+# ---------------------------------------------------------------------------------------
+
+_FAULT_SECRETS = {"Authorization": "Bearer SECRET-TOKEN-123",
+                  "Cookie": "session=COOKIE-VALUE-456",
+                  "X-Api-Key": "KEYVALUE789",
+                  "Proxy-Authorization": "Basic PROXYSECRET000"}
+
+
+def _fault_secret_leaks(path):
+    data = _fault_file_bytes(path)
+    needles = ["SECRET-TOKEN-123", "COOKIE-VALUE-456", "KEYVALUE789", "PROXYSECRET000"]
+    return [needle for needle in needles if needle.encode() in data]
+
+
+def test_sensitive_header_values_never_reach_the_file(fault_origin, fault_open_cache,
+                                                      fault_cache_path):
+    """§11: Authorization/Cookie/Proxy-Authorization/extra names: not in file or WAL in clear."""
+    fault_origin.route("/secret", FaultReply(body=b"private data\n", etag='"s"'))
+    url = fault_origin.url("/secret")
+    cache = fault_open_cache(sensitive_headers=("X-Api-Key",))
+    resp = cache.fetch(url, headers=_FAULT_SECRETS)
+    assert resp.read() == b"private data\n"
+    hit = fault_origin.hits("/secret")[0]
+    assert hit["headers"]["authorization"] == _FAULT_SECRETS["Authorization"]  # really sent
+    assert hit["headers"]["x-api-key"] == _FAULT_SECRETS["X-Api-Key"]
+    assert Path(f"{fault_cache_path}-wal").exists(), "§10: WAL mode"
+    assert _fault_secret_leaks(fault_cache_path) == []
+    # Same headers: the same request (identity uses the digest); served from the cache.
+    again = cache.fetch(url, headers=_FAULT_SECRETS)
+    assert again.version == resp.version and len(fault_origin.hits("/secret")) == 1
+    cache.close()
+    assert _fault_secret_leaks(fault_cache_path) == []
+
+    reopened = fault_open_cache(sensitive_headers=("X-Api-Key",))
+    request = reopened.get_request(url, headers=_FAULT_SECRETS)
+    assert request is not None
+    assert "SECRET-TOKEN-123" not in json.dumps(request.model_dump(mode="json"))
+    assert reopened.get(url, headers=_FAULT_SECRETS).version == resp.version
+    reopened.close()
+    assert _fault_secret_leaks(fault_cache_path) == []
+
+
+def test_different_authorization_values_are_distinct_requests(fault_origin, fault_open_cache):
+    """§11: sensitive values take part in the request identity."""
+    fault_origin.route("/per-user", lambda record: FaultReply(
+        body=record["headers"].get("authorization", "").encode()))
+    cache = fault_open_cache()
+    url = fault_origin.url("/per-user")
+    alice = cache.fetch(url, headers={"Authorization": "Bearer alice"})
+    bob = cache.fetch(url, headers={"Authorization": "Bearer bob"})
+    assert len(fault_origin.hits("/per-user")) == 2
+    assert (alice.read(), bob.read()) == (b"Bearer alice", b"Bearer bob")
+    assert alice.request_id != bob.request_id
+    assert len(cache.requests()) == 2
+    assert cache.get(url, headers={"Authorization": "Bearer bob"}).read() == b"Bearer bob"
+    assert cache.get_request(url, headers={"Authorization": "Bearer carol"}) is None
+
+
+# ---------------------------------------------------------------------------------------
+# Content attributes, download stats, Content-Encoding (§4, §11)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path,headers,expected", [
+    ("/dl/ignored.bin",
+     {"Content-Disposition": "attachment; filename=\"plain.txt\"; "
+                             "filename*=UTF-8''r%C3%A9sum%C3%A9%20final.txt"},
+     "résumé final.txt"),
+    ("/dl/ignored.bin",
+     {"Content-Disposition": "attachment; filename*=UTF-8''%E2%82%AC-rates.csv; "
+                             "filename=\"EUR-rates.csv\""},
+     "€-rates.csv"),
+    ("/dl/ignored.bin", {"Content-Disposition": 'attachment; filename="plain.txt"'},
+     "plain.txt"),
+    ("/files/report.pdf", {"Content-Type": "application/pdf"}, "report.pdf"),
+    ("/files/", {"Content-Type": "application/json"}, ".json"),
+], ids=["filename_star_after", "filename_star_before", "filename_only", "url_path",
+        "media_type"])
+def test_filename_from_headers_url_or_media_type(path, headers, expected, fault_origin,
+                                                 fault_open_cache):
+    """§11: filename* (RFC 6266) beats filename; else the URL path; else the media type."""
+    fault_origin.route(path, FaultReply(body=b"{}", headers=headers))
+    resp = fault_open_cache().fetch(fault_origin.url(path))
+    filename = resp.content_attributes.filename
+    if expected.startswith("."):
+        assert filename and filename.endswith(expected) and "/" not in filename
+    else:
+        assert filename == expected
+    if "Content-Disposition" in headers:
+        assert resp.content_attributes.content_disposition == headers["Content-Disposition"]
+
+
+def test_content_attributes_and_download_stats_filled(fault_origin, fault_open_cache):
+    """§4/§11: attributes from the headers; download_stats bytes, total, state, timing."""
+    body = b"x" * 200_000
+    fault_origin.route("/stats.txt", FaultReply(
+        body=body, etag='"st-1"', last_modified="Wed, 21 Oct 2015 07:28:00 GMT",
+        headers={"Content-Type": "text/plain; charset=utf-8"}))
+    before = time.time()
+    resp = fault_open_cache().fetch(fault_origin.url("/stats.txt"))
+    attributes, stats = resp.content_attributes, resp.download_stats
+    assert attributes.media_type.startswith("text/plain")
+    assert attributes.etag in ('"st-1"', "st-1")
+    assert attributes.content_size_bytes == len(body)
+    assert attributes.last_modified_datetime_utc == datetime.datetime(
+        2015, 10, 21, 7, 28, tzinfo=datetime.timezone.utc)
+    assert attributes.filename == "stats.txt"
+    assert stats.downloaded_bytes == len(body)
+    assert stats.total_bytes_to_download == len(body)
+    assert stats.state in ("finished", "ready")  # SPEC names the field, not its words
+    assert stats.error is None
+    assert stats.download_running_duration_sec is not None and stats.download_running_duration_sec >= 0
+    assert stats.avg_bytes_per_sec is not None and stats.avg_bytes_per_sec >= 0
+    assert before - 1 <= stats.download_start_time_unix_ts <= time.time() + 1
+
+
+def test_gzip_content_encoding_stores_decoded_bytes(fault_origin, fault_open_cache):
+    """§11 (issue 4): Content-Encoding gzip is decoded; stored = what a browser saves."""
+    body = b"hello gzip world\n" * 5000
+    fault_origin.route("/gz.txt", FaultReply(body=body, gzip=True, etag='"gz"',
+                                             headers={"Content-Type": "text/plain"}))
+    resp = fault_open_cache().fetch(fault_origin.url("/gz.txt"))
+    assert fault_origin.served_bytes("/gz.txt") < len(body)  # really compressed on the wire
+    assert resp.read() == body
+    assert resp.content_hash_hex == hashlib.sha256(body).hexdigest()
+    assert resp.content_attributes.content_size_bytes == len(body)
+
+
+# ---------------------------------------------------------------------------------------
+# cron strategy and its optional extra (§2, §6)
+# ---------------------------------------------------------------------------------------
+
+
+def _fault_cron_config(run_at_start):
+    return _fault_config(buffylite.ReCachingStrategy.cron(cron="* * * * *",
+                                                          run_at_start=run_at_start))
+
+
+def _fault_tick_since(moment):
+    """Whether a '* * * * *' tick (a minute boundary) lies after ``moment``, up to now."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.replace(second=0, microsecond=0) > moment
+
+
+def test_cron_strategy_with_croniter(fault_origin, fault_open_cache):
+    """§6: cron downloads when a tick passed since the last check, and once per opened Cache."""
+    pytest.importorskip("croniter")
+    fault_origin.route("/cron.txt", FaultReply(body=b"scheduled\n"))
+    url = fault_origin.url("/cron.txt")
+    cache = fault_open_cache()
+    first = cache.fetch(url, cache_configuration=_fault_cron_config(False))
+    assert first.outcome == "downloaded"
+    second = cache.fetch(url, cache_configuration=_fault_cron_config(False))
+    if not _fault_tick_since(first.validated_datetime_utc):
+        assert second.outcome == "cached"
+        assert len(fault_origin.hits("/cron.txt")) == 1
+    hits = len(fault_origin.hits("/cron.txt"))
+    other = fault_open_cache()  # run_at_start: once per opened Cache
+    third = other.fetch(url, cache_configuration=_fault_cron_config(True))
+    assert third.outcome in ("duplicate", "not_modified")
+    assert third.version == first.version
+    assert len(fault_origin.hits("/cron.txt")) == hits + 1
+    fourth = other.fetch(url)
+    if not _fault_tick_since(third.validated_datetime_utc):
+        assert fourth.outcome == "cached"
+        assert len(fault_origin.hits("/cron.txt")) == hits + 1
+
+
+def test_cron_without_croniter_names_the_extra(fault_origin, fault_env, tmp_path):
+    """§2/§6: without croniter, import works; using cron raises an error naming buffylite[cron]."""
+    fault_origin.route("/cron-missing.txt", FaultReply(body=b"x"))
+    code = textwrap.dedent('''
+        import json, sys
+        sys.modules["croniter"] = None  # as if the extra were not installed
+        import buffylite
+        out = {"stage": "construct"}
+        try:
+            strategy = buffylite.ReCachingStrategy.cron(cron="* * * * *")
+            config = buffylite.RequestCacheConfiguration(recaching_strategy=strategy)
+            out["stage"] = "fetch"
+            with buffylite.Cache(sys.argv[1], timeout=1, retries=0) as cache:
+                cache.fetch(sys.argv[2], cache_configuration=config)
+                cache.fetch(sys.argv[2], cache_configuration=config)
+            out["error"] = None
+        except Exception as exc:
+            out["error"] = f"{type(exc).__name__}: {exc}"
+        with buffylite.Cache(sys.argv[1] + ".plain", timeout=1, retries=0) as cache:
+            out["plain"] = cache.fetch(sys.argv[2]).read().decode()
+        print(json.dumps(out))
+    ''')
+    env = dict(os.environ, PYTHONPATH=str(_FAULT_HERE))
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.sqlite3"),
+                           fault_origin.url("/cron-missing.txt")],
+                          capture_output=True, text=True, timeout=60, env=env, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["plain"] == "x", "the module works without the optional extra"
+    assert out["error"], "using cron without croniter must fail"
+    assert "buffylite[cron]" in out["error"], out
+
+
+# ---------------------------------------------------------------------------------------
+# Concurrency and crash safety (§7 single flight, §10; issue 5)
+# ---------------------------------------------------------------------------------------
+
+
+def test_single_flight_8_threads_and_3_processes_one_upstream_get(
+        fault_origin, fault_open_cache, fault_workers, fault_cache_path):
+    """§7/§10: 8 threads + 3 processes, one uncached URL, slow origin: one GET, one version."""
+    body = b"worth the wait\n" * 1000
+    fault_origin.route("/slow", FaultReply(body=body, etag='"slow"', delay_sec=2.0))
+    url = fault_origin.url("/slow")
+    kwargs = {"timeout": 10.0, "retries": 0, "max_retry_wait": 1.0, "download_lease_sec": 10.0}
+    cache = fault_open_cache(**kwargs)  # creates the file before the processes open it
+    procs = [fault_workers.spawn({"mode": "fetch", "cache": str(fault_cache_path), "url": url,
+                                  "wait_go": True, "cache_kwargs": kwargs}) for _ in range(3)]
+    for proc in procs:
+        fault_workers.read_line(proc, "READY", 30)
+    barrier = threading.Barrier(9)
+    results = [None] * 8
+
+    def fetch_in_thread(index):
+        barrier.wait(10)
+        try:
+            resp = cache.fetch(url)
+            results[index] = (resp.version, resp.read())
+        except Exception as exc:  # reported by the assertion below
+            results[index] = exc
+
+    threads = [threading.Thread(target=fetch_in_thread, args=(i,), daemon=True)
+               for i in range(8)]
+    for thread in threads:
+        thread.start()
+    barrier.wait(10)
+    for proc in procs:
+        fault_workers.go(proc)
+    for thread in threads:
+        thread.join(60)
+    outputs = [fault_workers.result(proc, 60) for proc in procs]
+    assert not any(thread.is_alive() for thread in threads)
+    assert all(isinstance(result, tuple) for result in results), results
+    assert all("error" not in output for output in outputs), outputs
+    versions = {version for version, _ in results} | {output["version"] for output in outputs}
+    assert len(versions) == 1, versions
+    assert all(content == body for _, content in results)
+    assert {output["sha256"] for output in outputs} == {hashlib.sha256(body).hexdigest()}
+    assert len(fault_origin.hits("/slow")) == 1, "single flight: exactly one upstream GET"
+
+
+def test_running_download_waiters_prefer_cached_or_wait(fault_origin, fault_open_cache):
+    """§7: while a download runs, prefer_cached=True returns L at once; False waits for it."""
+    url = fault_origin.url("/busy-download")
+    fault_origin.route("/busy-download", FaultReply(body=b"old\n"),
+                       FaultReply(body=b"new\n", delay_sec=1.5))
+    cache = fault_open_cache(timeout=5.0, download_lease_sec=10.0)
+    old = cache.fetch(url, cache_configuration=_fault_when_requested())
+    outcome = {}
+    downloader = threading.Thread(
+        target=lambda: outcome.setdefault("resp", cache.fetch(url)), daemon=True)
+    downloader.start()
+    deadline = time.monotonic() + 10
+    while len(fault_origin.hits("/busy-download")) < 2:  # the download is under way
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    started = time.monotonic()
+    at_once = cache.fetch(url, prefer_cached=True)
+    assert time.monotonic() - started < 0.5
+    assert (at_once.version, at_once.outcome, at_once.read()) == (old.version, "cached", b"old\n")
+    waited = cache.fetch(url, prefer_cached=False)
+    downloader.join(30)
+    assert outcome["resp"].read() == b"new\n"
+    assert waited.version == outcome["resp"].version and waited.read() == b"new\n"
+    assert len(fault_origin.hits("/busy-download")) == 2, "the waiters did not download again"
+
+
+def test_kill9_at_random_moments_keeps_cache_consistent(
+        fault_origin, fault_open_cache, fault_workers, fault_cache_path, capsys):
+    """§10: 25 rounds of SIGKILL during a download: integrity, last good served, hashes, GC."""
+    rounds = 25
+    rng = random.Random(1234)
+    lease_sec = 0.5
+    kwargs = {"timeout": 2.0, "retries": 0, "max_retry_wait": 1.0,
+              "download_lease_sec": lease_sec}
+    contents = {}
+    current = {"round": -1}
+
+    def content_for(round_index):
+        seed = f"round {round_index}\n".encode()
+        return (seed * (48 * 1024 // len(seed) + 1))[:48 * 1024]
+
+    def reply(record):
+        index = current["round"]
+        body = content_for(index)
+        contents[hashlib.sha256(body).hexdigest()] = body
+        drip = {} if index < 0 else {"drip_after": 0, "drip_bytes": 2048,
+                                     "drip_interval_sec": 0.015}
+        return FaultReply(body=body, etag=f'"r{index}"', accept_ranges=True, **drip)
+
+    fault_origin.route("/drip.bin", reply)
+    url = fault_origin.url("/drip.bin")
+    cache = fault_open_cache(**kwargs)
+    first = cache.fetch(url, cache_configuration=_fault_when_requested())
+    assert first.outcome == "downloaded"
+
+    def spawn():
+        return fault_workers.spawn({"mode": "fetch", "cache": str(fault_cache_path),
+                                    "url": url, "strategy": "when_requested", "wait_go": True,
+                                    "cache_kwargs": kwargs})
+
+    problems = {}
+    clean = mid_download = 0
+    upcoming = spawn()
+    for round_index in range(rounds):
+        current["round"] = round_index
+        proc, upcoming = upcoming, None
+        fault_workers.read_line(proc, "READY", 30)
+        previous = cache.get(url)
+        hits_before = len(fault_origin.hits("/drip.bin"))
+        fault_workers.go(proc)
+        time.sleep(rng.uniform(0.05, 0.5))  # start-up, mid-body, commit or after the end
+        proc.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        proc.wait(10)
+        upcoming = spawn() if round_index + 1 < rounds else None  # warms up meanwhile
+        round_hits = fault_origin.hits("/drip.bin")[hits_before:]
+        if round_hits and round_hits[-1]["bytes_sent"] < 48 * 1024:
+            mid_download += 1
+
+        found = []
+        integrity = _fault_integrity(fault_cache_path)
+        if integrity != ["ok"]:
+            found.append(f"integrity_check: {integrity[:3]}")
+        served = cache.fetch(url, offline=True)
+        if served.outcome != "offline" or served.version < previous.version:
+            found.append(f"served {served.version}/{served.outcome} after {previous.version}")
+        if served.read() not in contents.values():
+            found.append(f"served {served.version} with unknown content")
+        found += _fault_invariant_problems(cache, url)
+        for row in cache.versions(url):
+            if row.read() not in contents.values():
+                found.append(f"ready {row.version} has content nobody served")
+        time.sleep(max(0.0, killed_at + lease_sec + 0.3 - time.monotonic()))
+        cache.gc()
+        leftovers = [(row.version, row.status) for row in cache.versions(url, status=None)
+                     if row.status in ("wait", "in_progress")]
+        if leftovers:
+            found.append(f"after gc(): abandoned rows {leftovers}")
+        if found:
+            problems[round_index] = found
+        else:
+            clean += 1
+
+    assert cache.verify().corrupted == []
+    stats = cache.stats()
+    ready_sizes = {row.content_hash_hex: len(row.read()) for row in cache.versions(url)}
+    with capsys.disabled():
+        print(f"\nkill -9 harness: {clean}/{rounds} rounds clean "
+              f"({mid_download} kills landed mid-download); stats {stats}")
+    assert problems == {}
+    assert clean == rounds
+    # §10: the killed downloads' partial data was reclaimed: only ready contents remain.
+    assert stats["content_bytes"] == sum(ready_sizes.values())
+    assert stats["versions"].get("wait", 0) == stats["versions"].get("in_progress", 0) == 0
+
+
+def test_mixed_load_three_processes_no_errors(fault_origin, fault_open_cache, fault_workers,
+                                              fault_cache_path):
+    """§10: 3 processes fetch/pin/tag/gc/verify one (fresh) file for ~3 s: zero errors."""
+    counter = itertools.count()
+
+    def changing(record):
+        return FaultReply(body=(b"mixed content %d\n" % (next(counter) % 3)) * 300,
+                          headers={"Content-Type": "text/plain"})
+
+    paths = [f"/mix/{index}" for index in range(3)]
+    for path in paths:
+        fault_origin.route(path, changing)
+    urls = [fault_origin.url(path) for path in paths]
+    kwargs = {"timeout": 5.0, "retries": 1, "max_retry_wait": 1.0, "download_lease_sec": 5.0}
+    procs = [fault_workers.spawn({"mode": "mixed", "cache": str(fault_cache_path), "urls": urls,
+                                  "seed": seed, "duration_sec": 3.0, "wait_go": True,
+                                  "cache_kwargs": kwargs}) for seed in range(3)]
+    for proc in procs:
+        fault_workers.read_line(proc, "READY", 30)
+    for proc in procs:
+        fault_workers.go(proc)
+    outputs = [fault_workers.result(proc, 60) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0]
+    print("mixed load:", json.dumps(outputs))
+    assert [output["error_count"] for output in outputs] == [0, 0, 0], outputs
+    assert sum(sum(output["ops"].values()) for output in outputs) >= 30
+    assert all(output["ops"].get("fetch") for output in outputs)
+
+    assert _fault_integrity(fault_cache_path) == ["ok"]
+    cache = fault_open_cache(**kwargs)
+    assert cache.verify().corrupted == []
+    cache.gc()
+    for url in urls:
+        assert _fault_invariant_problems(cache, url) == []
+        rows = cache.versions(url, status=None)
+        assert not [row for row in rows if row.status in ("wait", "in_progress", "duplicate")]
+        assert len([row for row in rows if row.status == "failed"]) <= 1
+        assert cache.versions(url), "every URL has a ready version"
+
+
+# ===========================================================================
+# Command line (§13)
+# ===========================================================================
+# Command-line tests of buffylite: ``python -m buffylite`` in real subprocesses (SPEC §13).
+#
+# Every fixture and
+# helper of this section is prefixed ``cli_`` / ``Cli`` / ``CLI_``. Each test runs the CLI as a
+# child process (``sys.executable -m buffylite``, cwd = the repository, a timeout on
+# every call) against a real HTTP origin on 127.0.0.1, with ``BUFFYLITE_CACHE``
+# pointing into the test's ``tmp_path`` unless ``--cache`` is given. What the CLI
+# printed is checked against the Python API on the same cache file. No mocks.
+
+#: Interpreter and directory the CLI runs with (the module is found on the cwd).
+CLI_PYTHON = sys.executable
+CLI_REPO_DIR = pathlib.Path(__file__).resolve().parent
+#: Seconds any one CLI invocation may run before the test fails.
+CLI_TIMEOUT_SEC = 30
+#: Options that make an expected network failure fast.
+CLI_FAIL_FAST = ("--retries", "0", "--timeout", "2")
+#: A binary body: every byte value, CRLF line ends, a NUL run, every byte value backwards.
+CLI_BINARY_BODY = bytes(range(256)) + b"line one\r\nline two\r\n\r\n" + b"\x00" * 64 + bytes(range(255, -1, -1))
+#: Size of the body used for the progress-bar tests (bytes).
+CLI_LARGE_BODY_BYTES = 4 * 1024 * 1024
+
+
+# ===========================================================================
+# Fixtures and helpers
+# ===========================================================================
+
+
+@dataclasses.dataclass
+class CliRoute:
+    """What the origin answers on one path; tests change ``body`` etc. between requests.
+
+    ``etag`` is sent as a validator and a matching ``If-None-Match`` gets a 304.
+    ``content_disposition`` is sent as that header when set.
+    """
+
+    body: bytes = b"hello"
+    status: int = 200
+    content_type: str = "application/octet-stream"
+    etag: str | None = None
+    content_disposition: str | None = None
+
+
+class CliOrigin:
+    """A threaded HTTP/1.1 server on 127.0.0.1:0 with a route table and a request log.
+
+    ``route(path, body, ...)`` adds or replaces a route and returns it (mutable);
+    ``url(path)`` is the full URL; ``hits(path)`` counts the requests received for
+    ``path``; ``log`` holds ``(method, path_with_query, headers)`` of every request.
+    Unknown paths answer 404.
+    """
+
+    def __init__(self) -> None:
+        self.routes: dict[str, CliRoute] = {}
+        self.log: list[tuple[str, str, dict[str, str]]] = []
+        self._lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
+    def route(self, path: str, body: bytes = b"hello", **fields) -> CliRoute:
+        """Create (or replace) the route for ``path`` and return it."""
+        with self._lock:
+            self.routes[path] = CliRoute(body=body, **fields)
+            return self.routes[path]
+
+    def url(self, path: str) -> str:
+        """The full URL of ``path`` on this origin."""
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def hits(self, path: str) -> int:
+        """How many requests reached ``path`` (query string ignored)."""
+        with self._lock:
+            return sum(1 for _, target, _ in self.log if urllib.parse.urlsplit(target).path == path)
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=5)
+
+    def _answer(self, handler: BaseHTTPRequestHandler) -> None:
+        headers = {key.lower(): value for key, value in handler.headers.items()}
+        with self._lock:
+            self.log.append((handler.command, handler.path, headers))
+            route = self.routes.get(urllib.parse.urlsplit(handler.path).path)
+            route = dataclasses.replace(route) if route else CliRoute(b"no such route", status=404)
+        if route.status == 200 and route.etag and headers.get("if-none-match") == route.etag:
+            handler.send_response(304)
+            handler.send_header("ETag", route.etag)
+            handler.end_headers()
+            return
+        handler.send_response(route.status)
+        if route.etag:
+            handler.send_header("ETag", route.etag)
+        if route.content_disposition:
+            handler.send_header("Content-Disposition", route.content_disposition)
+        handler.send_header("Content-Type", route.content_type)
+        handler.send_header("Content-Length", str(len(route.body)))
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(route.body)
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        origin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            timeout = 30  # idle keep-alive connections end on their own
+
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                origin._answer(self)
+
+            do_HEAD = do_POST = do_PUT = do_GET  # noqa: N815
+
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+        return Handler
+
+
+@pytest.fixture
+def cli_origin():
+    """A real HTTP origin on 127.0.0.1 (see ``CliOrigin``), shut down at teardown."""
+    server = CliOrigin()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def cli_cache_path(tmp_path) -> pathlib.Path:
+    """The cache file the CLI uses by default (via ``BUFFYLITE_CACHE``); not created yet."""
+    return tmp_path / "cli-cache.sqlite3"
+
+
+def cli_env(**overrides: str) -> dict[str, str]:
+    """Our environment minus every BUFFYLITE_* and proxy setting, loopback unproxied, plus ``overrides``."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.upper().startswith("BUFFYLITE_") and "PROXY" not in key.upper()}
+    env["NO_PROXY"] = "127.0.0.1,localhost"
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture
+def cli_run(cli_cache_path):
+    """Run ``python -m buffylite *args``; return the CompletedProcess (stdout bytes, stderr str).
+
+    ``BUFFYLITE_CACHE`` is ``cli_cache_path`` unless ``env`` replaces the environment;
+    ``stdout`` may be an open binary file (as with ``> file`` in a shell).
+    """
+
+    def run(*args: str, env: dict[str, str] | None = None, stdout=subprocess.PIPE,
+            timeout: float = CLI_TIMEOUT_SEC) -> subprocess.CompletedProcess:
+        done = subprocess.run([CLI_PYTHON, "-m", "buffylite", *args], cwd=CLI_REPO_DIR,
+                              env=env if env is not None else cli_env(BUFFYLITE_CACHE=str(cli_cache_path)),
+                              stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE,
+                              timeout=timeout)
+        done.stderr = done.stderr.decode("utf-8", "replace")
+        return done
+
+    return run
+
+
+@pytest.fixture
+def cli_json(cli_run):
+    """Run the CLI with ``--json``, assert exit 0, and return the parsed stdout."""
+
+    def run(*args: str, **kwargs):
+        done = cli_run("--json", *args, **kwargs)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    return run
+
+
+@contextlib.contextmanager
+def cli_open_cache(path: pathlib.Path):
+    """The same cache file opened through the Python API, closed afterwards."""
+    cache = buffylite.Cache(path)
+    try:
+        yield cache
+    finally:
+        cache.close()
+
+
+def cli_closed_port_url() -> str:
+    """A URL on 127.0.0.1 whose port nothing listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/gone.bin"
+
+
+def cli_stderr_lines(done: subprocess.CompletedProcess) -> list[str]:
+    """The non-empty lines the process wrote to stderr."""
+    return [line for line in done.stderr.splitlines() if line.strip()]
+
+
+def cli_fetch_versions(cli_run, cli_origin: CliOrigin, path: str, bodies: list[bytes]) -> list[str]:
+    """Through the CLI: fetch ``path`` once per body (origin changed before each, strategy
+    when_requested, keep 10); return the stored ready versions, oldest first, as
+    ``versions --json`` lists them."""
+    cli_origin.routes.get(path) or cli_origin.route(path)
+    for body in bodies:
+        cli_origin.routes[path].body = body
+        done = cli_run("fetch", cli_origin.url(path), "--strategy", "when_requested", "--keep", "10", "-q")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == body
+    done = cli_run("versions", cli_origin.url(path), "--json")
+    assert done.returncode == 0, done.stderr
+    return [entry["version"] for entry in json.loads(done.stdout)][::-1]
+
+
+@pytest.fixture
+def cli_seed(cli_origin, cli_cache_path, monkeypatch):
+    """Set up state fast, in-process, through the Python API: ``cli_seed(path, bodies)``
+    fetches ``path`` once per body (origin changed before each; strategy when_requested,
+    keep 10) into ``cli_cache_path`` and returns the version strings, oldest first."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    configuration = buffylite.RequestCacheConfiguration(
+        recaching_strategy=buffylite.ReCachingStrategy.when_requested(), max_cached_unpinned_versions=10)
+
+    def seed(path: str, bodies: list[bytes]) -> list[str]:
+        route = cli_origin.routes.get(path) or cli_origin.route(path)
+        versions = []
+        with cli_open_cache(cli_cache_path) as cache:
+            for body in bodies:
+                route.body = body
+                response = cache.fetch(cli_origin.url(path), cache_configuration=configuration, offline=False)
+                assert response.outcome == "downloaded"
+                versions.append(response.version)
+        return versions
+
+    return seed
+
+
+# ===========================================================================
+# fetch: content, stderr status line, -o / -d (§13)
+# ===========================================================================
+
+
+def test_cli_fetch_to_stdout_is_byte_identical_to_origin(cli_run, cli_origin, tmp_path):
+    """§13: `fetch URL > file` writes exactly the origin's binary bytes."""
+    cli_origin.route("/binary.bin", CLI_BINARY_BODY)
+    target = tmp_path / "redirected.bin"
+    with open(target, "wb") as redirected:
+        done = cli_run("fetch", cli_origin.url("/binary.bin"), stdout=redirected)
+    assert done.returncode == 0, done.stderr
+    assert target.read_bytes() == CLI_BINARY_BODY
+
+
+def test_cli_fetch_from_cache_to_stdout_is_byte_identical(cli_run, cli_origin):
+    """§13: a second `fetch` served from the cache writes the same bytes, with no new request."""
+    cli_origin.route("/binary.bin", CLI_BINARY_BODY)
+    first = cli_run("fetch", cli_origin.url("/binary.bin"))
+    second = cli_run("fetch", cli_origin.url("/binary.bin"))
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout == second.stdout == CLI_BINARY_BODY
+    assert cli_origin.hits("/binary.bin") == 1
+
+
+def test_cli_fetch_stderr_names_version_and_outcome(cli_run, cli_origin, cli_cache_path):
+    """§13: `fetch` tells on stderr which version it returned and whether it came from the cache."""
+    cli_origin.route("/status.bin", b"status body")
+    url = cli_origin.url("/status.bin")
+    first = cli_run("fetch", url)
+    second = cli_run("fetch", url)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    with cli_open_cache(cli_cache_path) as cache:
+        version = cache.get(url).version
+    assert version in first.stderr and "downloaded" in first.stderr
+    assert version in second.stderr and "cached" in second.stderr
+    assert len(cli_stderr_lines(first)) == len(cli_stderr_lines(second)) == 1
+
+
+@pytest.mark.parametrize("placement", ["before", "after"])
+def test_cli_fetch_quiet_silences_stderr(cli_run, cli_origin, placement):
+    """§13: `-q` (before or after the subcommand) leaves stderr empty on success."""
+    cli_origin.route("/quiet.bin", CLI_BINARY_BODY)
+    url = cli_origin.url("/quiet.bin")
+    args = ("-q", "fetch", url) if placement == "before" else ("fetch", url, "-q")
+    done = cli_run(*args)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout == CLI_BINARY_BODY
+
+
+def test_cli_fetch_output_file(cli_run, cli_origin, tmp_path):
+    """§13: `fetch -o FILE` writes the content to FILE and nothing to stdout."""
+    cli_origin.route("/out.bin", CLI_BINARY_BODY)
+    target = tmp_path / "sub" / "saved.bin"
+    done = cli_run("fetch", cli_origin.url("/out.bin"), "-o", str(target))
+    assert done.returncode == 0, done.stderr
+    assert target.read_bytes() == CLI_BINARY_BODY
+    assert done.stdout == b""
+
+
+def test_cli_fetch_dir_names_file_from_content_disposition(cli_run, cli_origin, tmp_path):
+    """§13: `fetch -d DIR` saves under the Content-Disposition file name and says where."""
+    cli_origin.route("/download", CLI_BINARY_BODY, content_disposition='attachment; filename="ontology.owl"')
+    directory = tmp_path / "downloads"
+    done = cli_run("fetch", cli_origin.url("/download"), "-d", str(directory))
+    assert done.returncode == 0, done.stderr
+    saved = directory / "ontology.owl"
+    assert saved.read_bytes() == CLI_BINARY_BODY
+    assert sorted(path.name for path in directory.iterdir()) == ["ontology.owl"]
+    assert done.stdout == b""
+    assert "ontology.owl" in done.stderr
+
+
+def test_cli_fetch_json_matches_api(cli_run, cli_origin, cli_json, cli_cache_path):
+    """§13: `fetch --json` describes the returned version as the Python API does."""
+    cli_origin.route("/j.bin", CLI_BINARY_BODY, etag='"v1"')
+    url = cli_origin.url("/j.bin")
+    data = cli_json("fetch", url)
+    with cli_open_cache(cli_cache_path) as cache:
+        latest = cache.get(url)
+    assert data["version"] == latest.version
+    assert data["outcome"] == "downloaded"
+    assert data["content_hash_hex"] == latest.content_hash_hex == hashlib.sha256(CLI_BINARY_BODY).hexdigest()
+    assert data["content_attributes"]["etag"] == '"v1"'
+    assert data["content_attributes"]["content_size_bytes"] == len(CLI_BINARY_BODY)
+
+
+def test_cli_fetch_params_headers_and_group_reach_origin(cli_run, cli_origin, cli_cache_path):
+    """§13: `--param`, `--header` and `--group` mirror fetch()'s identity arguments."""
+    cli_origin.route("/q", b"query body")
+    url = cli_origin.url("/q")
+    done = cli_run("fetch", url, "--param", "term=cell", "--header", "X-Probe: yes", "--group", "g1")
+    assert done.returncode == 0, done.stderr
+    method, target, headers = cli_origin.log[-1]
+    assert method == "GET"
+    assert urllib.parse.parse_qs(urllib.parse.urlsplit(target).query) == {"term": ["cell"]}
+    assert headers["x-probe"] == "yes"
+    with cli_open_cache(cli_cache_path) as cache:
+        assert cache.get_request(url, params={"term": "cell"}, headers={"X-Probe": "yes"},
+                                 group="g1") is not None
+        assert cache.get_request(url) is None
+
+
+# ===========================================================================
+# Global options (§13)
+# ===========================================================================
+
+
+@pytest.mark.parametrize("layout", [
+    ("--cache", "{path}", "--json", "info"),
+    ("info", "--cache", "{path}", "--json"),
+    ("--json", "info", "--cache", "{path}"),
+])
+def test_cli_global_options_before_or_after_subcommand(cli_run, tmp_path, layout):
+    """§13: `--cache` and `--json` work before or after the subcommand."""
+    path = tmp_path / "explicit.sqlite3"
+    args = [item.format(path=path) for item in layout]
+    done = cli_run(*args, env=cli_env())  # no BUFFYLITE_CACHE: --cache must be what counts
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["path"] == str(path)
+    assert path.exists()
+
+
+def test_cli_cache_option_overrides_environment(cli_run, cli_origin, cli_cache_path, tmp_path):
+    """§13: `--cache PATH` wins over $BUFFYLITE_CACHE."""
+    cli_origin.route("/where.bin", b"where")
+    explicit = tmp_path / "explicit.sqlite3"
+    done = cli_run("fetch", cli_origin.url("/where.bin"), "--cache", str(explicit), "-q")
+    assert done.returncode == 0, done.stderr
+    with cli_open_cache(explicit) as cache:
+        assert cache.get(cli_origin.url("/where.bin")).read() == b"where"
+    assert not cli_cache_path.exists()
+
+
+def test_cli_verbose_logs_on_success(cli_run, cli_origin):
+    """§13: `-v` after the subcommand is accepted and adds log lines to the status line."""
+    cli_origin.route("/v.bin", b"verbose")
+    plain = cli_run("fetch", cli_origin.url("/v.bin"), "--strategy", "when_requested")
+    cli_origin.routes["/v.bin"].body = b"verbose, changed"
+    verbose = cli_run("fetch", cli_origin.url("/v.bin"), "-v")
+    assert plain.returncode == verbose.returncode == 0, plain.stderr + verbose.stderr
+    assert verbose.stdout == b"verbose, changed"
+    assert len(cli_stderr_lines(plain)) == 1
+    assert len(cli_stderr_lines(verbose)) > 1
+    assert "Traceback" not in verbose.stderr
+
+
+# ===========================================================================
+# Cache configuration and fetch choices (§5, §7, §13)
+# ===========================================================================
+
+
+def test_cli_configuration_options_merge_over_stored_configuration(cli_run, cli_origin, cli_cache_path):
+    """§13: `--strategy`, `--keep`, `--keep-pinned` each change one field and keep the others."""
+    cli_origin.route("/conf.bin", b"conf")
+    url = cli_origin.url("/conf.bin")
+    for option in (("--strategy", "age:123"), ("--keep", "5"), ("--keep-pinned", "3")):
+        done = cli_run("fetch", url, *option, "-q")
+        assert done.returncode == 0, done.stderr
+    with cli_open_cache(cli_cache_path) as cache:
+        configuration = cache.get_request(url).cache_configuration
+    assert configuration.recaching_strategy.strategy_name == "age"
+    assert configuration.recaching_strategy.seconds == 123
+    assert configuration.max_cached_unpinned_versions == 5
+    assert configuration.max_cached_pinned_versions == 3
+
+
+def test_cli_offline_fetch_stores_configuration_options(cli_run, cli_origin, cli_cache_path):
+    """§5/§13: `fetch --offline --keep N` still stores the merged configuration with the request."""
+    cli_origin.route("/conf-off.bin", b"conf")
+    url = cli_origin.url("/conf-off.bin")
+    assert cli_run("fetch", url, "--strategy", "age:50", "-q").returncode == 0
+    done = cli_run("fetch", url, "--keep", "7", "--offline", "-q")
+    assert done.returncode == 0, done.stderr
+    with cli_open_cache(cli_cache_path) as cache:
+        configuration = cache.get_request(url).cache_configuration
+    assert configuration.max_cached_unpinned_versions == 7
+    assert configuration.recaching_strategy.strategy_name == "age"
+
+
+def test_cli_strategy_change_keeps_stored_keep_counts(cli_run, cli_origin, cli_cache_path):
+    """§13: a later `--strategy` alone keeps the stored `--keep`/`--keep-pinned` values."""
+    cli_origin.route("/conf2.bin", b"conf")
+    url = cli_origin.url("/conf2.bin")
+    assert cli_run("fetch", url, "--keep", "4", "--keep-pinned", "0", "-q").returncode == 0
+    done = cli_run("fetch", url, "--strategy", "when_remote_changed:60:600", "-q")
+    assert done.returncode == 0, done.stderr
+    with cli_open_cache(cli_cache_path) as cache:
+        configuration = cache.get_request(url).cache_configuration
+    assert configuration.max_cached_unpinned_versions == 4
+    assert configuration.max_cached_pinned_versions == 0
+    assert configuration.recaching_strategy.strategy_name == "when_remote_changed"
+    assert configuration.recaching_strategy.check_interval_sec == 60
+    assert configuration.recaching_strategy.fallback_max_age_sec == 600
+
+
+def test_cli_fetch_pin_pins_returned_version(cli_run, cli_origin, cli_cache_path):
+    """§13: `fetch --pin` pins the returned version permanently."""
+    cli_origin.route("/pin.bin", b"pin me")
+    url = cli_origin.url("/pin.bin")
+    done = cli_run("fetch", url, "--pin")
+    assert done.returncode == 0, done.stderr
+    with cli_open_cache(cli_cache_path) as cache:
+        latest = cache.get(url)
+    assert latest.pinned is True
+    assert latest.version in done.stderr
+
+
+def test_cli_fetch_pin_for_leases_returned_version(cli_run, cli_origin, cli_cache_path):
+    """§13: `fetch --pin-for SECONDS` leases the returned version without a permanent pin."""
+    cli_origin.route("/lease.bin", b"lease me")
+    url = cli_origin.url("/lease.bin")
+    before = dt.datetime.now(dt.timezone.utc)
+    done = cli_run("fetch", url, "--pin-for", "600")
+    assert done.returncode == 0, done.stderr
+    with cli_open_cache(cli_cache_path) as cache:
+        latest = cache.get(url)
+    assert latest.pinned is False and latest.is_pinned
+    remaining = (latest.pinned_until_utc - before).total_seconds()
+    assert 590 <= remaining <= 660
+
+
+def test_cli_fetch_tag_tags_returned_version(cli_run, cli_origin, cli_cache_path):
+    """§13: `fetch --tag T` (repeatable) tags the returned version."""
+    cli_origin.route("/tag.bin", b"tag me")
+    url = cli_origin.url("/tag.bin")
+    done = cli_run("fetch", url, "--tag", "release-1", "--tag", "golden")
+    assert done.returncode == 0, done.stderr
+    with cli_open_cache(cli_cache_path) as cache:
+        assert sorted(cache.get(url).tags) == ["golden", "release-1"]
+
+
+def test_cli_fetch_offline_never_touches_origin(cli_run, cli_origin):
+    """§13: `fetch --offline` serves the cache even under when_requested, with no request."""
+    cli_origin.route("/off.bin", CLI_BINARY_BODY)
+    url = cli_origin.url("/off.bin")
+    assert cli_run("fetch", url, "--strategy", "when_requested", "-q").returncode == 0
+    assert cli_origin.hits("/off.bin") == 1
+    cli_origin.routes["/off.bin"].body = b"changed upstream"
+    done = cli_run("fetch", url, "--offline")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == CLI_BINARY_BODY
+    assert "offline" in done.stderr
+    assert cli_origin.hits("/off.bin") == 1
+
+
+def test_cli_fetch_offline_with_nothing_cached_fails_without_request(cli_run, cli_origin):
+    """§13/§7: `--offline` with nothing cached: exit 1, one stderr line, no request made."""
+    cli_origin.route("/never.bin", b"never fetched")
+    done = cli_run("fetch", cli_origin.url("/never.bin"), "--offline")
+    assert done.returncode == 1
+    assert len(cli_stderr_lines(done)) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout == b""
+    assert cli_origin.hits("/never.bin") == 0
+
+
+def test_cli_offline_environment_variable(cli_run, cli_origin, cli_cache_path):
+    """§3/§13: BUFFYLITE_OFFLINE=1 keeps `fetch` off the network."""
+    cli_origin.route("/envoff.bin", b"env offline")
+    url = cli_origin.url("/envoff.bin")
+    assert cli_run("fetch", url, "--strategy", "when_requested", "-q").returncode == 0
+    done = cli_run("fetch", url, env=cli_env(BUFFYLITE_CACHE=str(cli_cache_path), BUFFYLITE_OFFLINE="yes"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"env offline"
+    assert cli_origin.hits("/envoff.bin") == 1
+
+
+def test_cli_expected_hash_mismatch_exits_1(cli_run, cli_origin, cli_cache_path):
+    """§13/§7: `--expected-hash` that the content does not have: exit 1, one line, no content out."""
+    cli_origin.route("/hash.bin", CLI_BINARY_BODY)
+    url = cli_origin.url("/hash.bin")
+    done = cli_run("fetch", url, "--expected-hash", "sha256:" + "0" * 64)
+    assert done.returncode == 1
+    assert done.stdout == b""
+    lines = cli_stderr_lines(done)
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    with cli_open_cache(cli_cache_path) as cache:
+        assert cache.versions(url) == []
+        failed = cache.versions(url, status="failed")
+    assert len(failed) == 1
+
+
+def test_cli_expected_hash_match_exits_0(cli_run, cli_origin):
+    """§13/§7: `--expected-hash` equal to the content's hash (bare hex) succeeds."""
+    cli_origin.route("/hash-ok.bin", CLI_BINARY_BODY)
+    done = cli_run("fetch", cli_origin.url("/hash-ok.bin"),
+                   "--expected-hash", hashlib.sha256(CLI_BINARY_BODY).hexdigest())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == CLI_BINARY_BODY
+
+
+def test_cli_fetch_force_version_returns_that_version_offline(cli_run, cli_origin, cli_seed):
+    """§13/§7: `--force-version V` returns exactly V's content and never downloads."""
+    old, new = cli_seed("/fv.bin", [b"old content", b"new content"])
+    hits = cli_origin.hits("/fv.bin")
+    done = cli_run("fetch", cli_origin.url("/fv.bin"), "--force-version", old)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"old content"
+    assert old in done.stderr and new not in done.stderr
+    assert cli_origin.hits("/fv.bin") == hits
+
+
+def test_cli_fetch_force_version_unknown_exits_1(cli_run, cli_origin, cli_seed):
+    """§13/§7: `--force-version` of a version that does not exist: exit 1, one stderr line."""
+    cli_seed("/fv2.bin", [b"only"])
+    done = cli_run("fetch", cli_origin.url("/fv2.bin"), "--force-version", "20000101000000000000")
+    assert done.returncode == 1
+    assert len(cli_stderr_lines(done)) == 1, done.stderr
+    assert done.stdout == b""
+
+
+def test_cli_fetch_prefer_tag_returns_tagged_version(cli_run, cli_origin, cli_seed):
+    """§13/§7: `--prefer-tag T` returns the newest version carrying T."""
+    old, new = cli_seed("/pt.bin", [b"tagged content", b"newer content"])
+    assert cli_run("tag", cli_origin.url("/pt.bin"), old, "golden").returncode == 0
+    done = cli_run("fetch", cli_origin.url("/pt.bin"), "--prefer-tag", "golden")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"tagged content"
+    assert old in done.stderr
+
+
+def test_cli_fetch_prefer_missing_tag_falls_back_to_latest(cli_run, cli_origin, cli_seed):
+    """§7/§13: a `--prefer-tag` nobody carries never fails; the latest version comes back."""
+    old, new = cli_seed("/pt2.bin", [b"first", b"second"])
+    done = cli_run("fetch", cli_origin.url("/pt2.bin"), "--prefer-tag", "nobody", "--offline")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"second"
+
+
+# ===========================================================================
+# Inspection: versions, requests, show, info (§13)
+# ===========================================================================
+
+
+def test_cli_versions_json_matches_api(cli_run, cli_origin, cli_cache_path):
+    """§13: `versions --json` lists the same versions (newest first) as cache.versions()."""
+    versions = cli_fetch_versions(cli_run, cli_origin, "/vs.bin", [b"one", b"two", b"three"])
+    url = cli_origin.url("/vs.bin")
+    done = cli_run("--json", "versions", url)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    with cli_open_cache(cli_cache_path) as cache:
+        expected = cache.versions(url)
+    assert [entry["version"] for entry in data] == [response.version for response in expected]
+    assert [entry["version"] for entry in data] == versions[::-1]
+    assert data == [response.model_dump(mode="json") for response in expected]
+
+
+def test_cli_versions_human_table_lists_each_version(cli_run, cli_origin, cli_seed):
+    """§13: `versions URL` prints a table with one row per version and its hash prefix."""
+    versions = cli_seed("/vt.bin", [b"alpha", b"beta"])
+    done = cli_run("versions", cli_origin.url("/vt.bin"))
+    assert done.returncode == 0, done.stderr
+    text = done.stdout.decode()
+    for version, body in zip(versions, [b"alpha", b"beta"]):
+        row = next(line for line in text.splitlines() if version in line)
+        assert hashlib.sha256(body).hexdigest()[:12] in row
+        assert "ready" in row
+
+
+def test_cli_versions_status_all_includes_failed(cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `versions --status all` also lists failed attempts, as cache.versions(status=None)."""
+    cli_seed("/vf.bin", [b"good"])
+    url = cli_origin.url("/vf.bin")
+    cli_origin.routes["/vf.bin"].status = 500
+    stale = cli_run("fetch", url, "--strategy", "when_requested", *CLI_FAIL_FAST)
+    assert stale.returncode == 0, stale.stderr
+    assert stale.stdout == b"good" and "stale" in stale.stderr
+    done = cli_run("versions", url, "--status", "all", "--json")
+    assert done.returncode == 0, done.stderr
+    with cli_open_cache(cli_cache_path) as cache:
+        expected = cache.versions(url, status=None)
+    assert sorted(entry["status"] for entry in json.loads(done.stdout)) == ["failed", "ready"]
+    assert [entry["version"] for entry in json.loads(done.stdout)] == [response.version for response in expected]
+
+
+def test_cli_requests_json_matches_api(cli_run, cli_origin, cli_cache_path):
+    """§13: `requests --json` lists the stored requests as cache.requests(); `--group` filters."""
+    cli_origin.route("/ra.bin", b"a")
+    cli_origin.route("/rb.bin", b"b")
+    assert cli_run("fetch", cli_origin.url("/ra.bin"), "--group", "alpha", "-q").returncode == 0
+    assert cli_run("fetch", cli_origin.url("/rb.bin"), "--group", "beta", "-q").returncode == 0
+    everything = cli_run("requests", "--json")
+    only_beta = cli_run("requests", "--group", "beta", "--json")
+    human = cli_run("requests")
+    assert everything.returncode == only_beta.returncode == human.returncode == 0
+    with cli_open_cache(cli_cache_path) as cache:
+        assert json.loads(everything.stdout) == [request.model_dump(mode="json") for request in cache.requests()]
+        assert json.loads(only_beta.stdout) == [request.model_dump(mode="json")
+                                                for request in cache.requests("beta")]
+    assert [entry["url"] for entry in json.loads(only_beta.stdout)] == [cli_origin.url("/rb.bin")]
+    assert cli_origin.url("/ra.bin") in human.stdout.decode() and "alpha" in human.stdout.decode()
+
+
+def test_cli_show_json_matches_api(cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `show URL [VERSION]` gives one version's fields as cache.get() has them."""
+    old, new = cli_seed("/show.bin", [b"old", b"new"])
+    url = cli_origin.url("/show.bin")
+    latest = cli_run("show", url, "--json")
+    chosen = cli_run("--json", "show", url, old)
+    assert latest.returncode == chosen.returncode == 0, latest.stderr + chosen.stderr
+    with cli_open_cache(cli_cache_path) as cache:
+        expected_latest = cache.get(url).model_dump(mode="json")
+        expected_old = cache.get(url, old).model_dump(mode="json")
+    for data, expected in ((json.loads(latest.stdout), expected_latest), (json.loads(chosen.stdout), expected_old)):
+        assert data["version"] == expected["version"]
+        assert data["content_hash_hex"] == expected["content_hash_hex"]
+        assert data["previous_version"] == expected["previous_version"]
+        assert data["next_version"] == expected["next_version"]
+        assert data["content_attributes"] == expected["content_attributes"]
+    assert json.loads(latest.stdout)["version"] == new
+
+
+def test_cli_show_human_lists_fields(cli_run, cli_origin, cli_seed):
+    """§13: `show URL` prints the version, status and hash in human form."""
+    (version,) = cli_seed("/showh.bin", [b"shown"])
+    done = cli_run("show", cli_origin.url("/showh.bin"))
+    assert done.returncode == 0, done.stderr
+    text = done.stdout.decode()
+    assert version in text and "ready" in text
+    assert hashlib.sha256(b"shown").hexdigest() in text
+
+
+def test_cli_show_unknown_url_exits_1(cli_run, cli_origin):
+    """§13: `show` of a URL never fetched: exit 1 with one stderr line, no traceback."""
+    done = cli_run("show", cli_origin.url("/unknown.bin"))
+    assert done.returncode == 1
+    assert len(cli_stderr_lines(done)) == 1 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_cli_info_json_matches_stats(cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `info --json` reports what cache.stats() does: path, counts, sizes, versions."""
+    cli_seed("/info.bin", [b"x" * 1000, b"y" * 2000])
+    done = cli_run("info", "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    with cli_open_cache(cli_cache_path) as cache:
+        stats = cache.stats()
+    for key in ("path", "requests", "versions", "content_bytes", "unique_contents",
+                "schema_version", "sqlite_version"):
+        assert data[key] == stats[key], key
+    assert data["path"] == str(cli_cache_path)
+    assert data["versions"]["ready"] == 2 and data["content_bytes"] == 3000
+    assert data["file_size_bytes"] > 0
+
+
+def test_cli_info_human_shows_path_sqlite_and_schema(cli_run, cli_cache_path):
+    """§13 / issue 6: `info` shows the path, file size, counts per status, SQLite and schema version."""
+    done = cli_run("info")
+    assert done.returncode == 0, done.stderr
+    text = done.stdout.decode()
+    with cli_open_cache(cli_cache_path) as cache:
+        stats = cache.stats()
+    assert str(cli_cache_path) in text
+    assert stats["sqlite_version"] in text
+    assert "schema" in text.lower() and "ready" in text
+
+
+# ===========================================================================
+# Pins and tags (§9, §13)
+# ===========================================================================
+
+
+def test_cli_pin_and_unpin(cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `pin URL VERSION` pins permanently; `unpin URL VERSION` clears it."""
+    (version,) = cli_seed("/p.bin", [b"pinned"])
+    url = cli_origin.url("/p.bin")
+    pinned = cli_run("pin", url, version, "--json")
+    assert pinned.returncode == 0, pinned.stderr
+    with cli_open_cache(cli_cache_path) as cache:
+        assert cache.get(url, version).pinned is True
+    assert json.loads(pinned.stdout)["pinned"] is True
+    unpinned = cli_run("unpin", url, version)
+    assert unpinned.returncode == 0, unpinned.stderr
+    assert version in unpinned.stdout.decode()
+    with cli_open_cache(cli_cache_path) as cache:
+        after = cache.get(url, version)
+    assert after.pinned is False and not after.is_pinned
+
+
+def test_cli_pin_for_sets_lease(cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `pin URL VERSION --for SECONDS` leases the version instead of pinning it."""
+    (version,) = cli_seed("/pf.bin", [b"leased"])
+    url = cli_origin.url("/pf.bin")
+    before = dt.datetime.now(dt.timezone.utc)
+    done = cli_run("pin", url, version, "--for", "3600", "--json")
+    assert done.returncode == 0, done.stderr
+    with cli_open_cache(cli_cache_path) as cache:
+        response = cache.get(url, version)
+    assert response.pinned is False and response.is_pinned
+    assert 3590 <= (response.pinned_until_utc - before).total_seconds() <= 3660
+    data = json.loads(done.stdout)
+    assert data["pinned"] is False
+    assert dt.datetime.fromisoformat(data["pinned_until_utc"]) == response.pinned_until_utc
+
+
+def test_cli_tag_and_untag(cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `tag URL VERSION TAG` adds a tag; `untag URL VERSION TAG` removes it."""
+    old, new = cli_seed("/t.bin", [b"v1", b"v2"])
+    url = cli_origin.url("/t.bin")
+    tagged = cli_run("tag", url, old, "release-2024", "--json")
+    assert tagged.returncode == 0, tagged.stderr
+    assert json.loads(tagged.stdout)["tags"] == ["release-2024"]
+    with cli_open_cache(cli_cache_path) as cache:
+        assert cache.get(url, old).tags == ["release-2024"]
+        assert cache.get(url, new).tags == []
+    untagged = cli_run("untag", url, old, "release-2024")
+    assert untagged.returncode == 0, untagged.stderr
+    with cli_open_cache(cli_cache_path) as cache:
+        assert cache.get(url, old).tags == []
+
+
+def test_cli_tag_invalid_name_exits_1(cli_run, cli_origin, cli_seed):
+    """§4/§13: a tag outside 2-64 chars of [A-Za-z0-9_-] is refused: exit 1, one stderr line."""
+    (version,) = cli_seed("/tbad.bin", [b"v1"])
+    done = cli_run("tag", cli_origin.url("/tbad.bin"), version, "no spaces!")
+    assert done.returncode == 1
+    assert len(cli_stderr_lines(done)) == 1 and "Traceback" not in done.stderr, done.stderr
+
+
+# ===========================================================================
+# Maintenance: gc, verify, refresh, delete (§10, §13)
+# ===========================================================================
+
+
+def test_cli_gc_applies_lowered_keep(cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13/§10: after `--keep 1` is stored by a fetch served from cache (no fetch-time GC), `gc` removes the extras."""
+    cli_seed("/gc.bin", [b"a" * 100, b"b" * 100, b"c" * 100])
+    url = cli_origin.url("/gc.bin")
+    lowered = cli_run("fetch", url, "--keep", "1", "--strategy", "never", "-q")
+    assert lowered.returncode == 0, lowered.stderr
+    with cli_open_cache(cli_cache_path) as cache:
+        assert len(cache.versions(url)) == 3  # serving from the cache runs no GC (§10)
+    done = cli_run("gc", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert set(report) >= {"removed", "bytes_freed", "file_size_before", "file_size_after"}
+    assert report["removed"]["unpinned"] == 2
+    assert report["bytes_freed"] == 200
+    with cli_open_cache(cli_cache_path) as cache:
+        remaining = cache.versions(url)
+    assert [response.read() for response in remaining] == [b"c" * 100]
+
+
+def test_cli_gc_human_output(cli_run, cli_origin, cli_seed):
+    """§13: `gc` without --json prints what it removed and the file size, exit 0."""
+    cli_seed("/gch.bin", [b"only"])
+    done = cli_run("gc")
+    assert done.returncode == 0, done.stderr
+    assert b"removed" in done.stdout and b"bytes" in done.stdout
+
+
+def test_cli_verify_intact_exits_0(cli_run, cli_origin, cli_seed):
+    """§13: `verify` on intact content exits 0 with nothing on stderr."""
+    cli_seed("/ok.bin", [CLI_BINARY_BODY, b"second"])
+    done = cli_run("verify")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    json_done = cli_run("verify", "--json")
+    assert json_done.returncode == 0
+    assert json.loads(json_done.stdout) == {"checked": 2, "corrupted": []}
+
+
+def cli_corrupt_content(path: pathlib.Path, content_hash: str) -> None:
+    """Flip every byte of the first chunk of the content with ``content_hash`` (sqlite3, not the API)."""
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        (content_id,) = connection.execute("SELECT id FROM content WHERE hash_hex = ?", (content_hash,)).fetchone()
+        (data,) = connection.execute("SELECT data FROM chunk WHERE content_id = ? ORDER BY seq LIMIT 1",
+                                     (content_id,)).fetchone()
+        flipped = bytes(byte ^ 0xFF for byte in data)
+        connection.execute("UPDATE chunk SET data = ? WHERE content_id = ? AND seq = "
+                           "(SELECT MIN(seq) FROM chunk WHERE content_id = ?)", (flipped, content_id, content_id))
+        connection.commit()
+
+
+def test_cli_verify_corrupted_exits_1_with_one_stderr_line(cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `verify` finding corrupted content exits 1 after one stderr line with the count."""
+    old, new = cli_seed("/bad.bin", [CLI_BINARY_BODY, b"untouched"])
+    url = cli_origin.url("/bad.bin")
+    cli_corrupt_content(cli_cache_path, hashlib.sha256(CLI_BINARY_BODY).hexdigest())
+    done = cli_run("verify")
+    assert done.returncode == 1
+    lines = cli_stderr_lines(done)
+    assert len(lines) == 1, done.stderr
+    assert "1" in lines[0] and "version" in lines[0]
+    assert old in done.stdout.decode()
+    with cli_open_cache(cli_cache_path) as cache:
+        assert [response.version for response in cache.versions(url)] == [new]
+        (failed,) = cache.versions(url, status="failed")
+    assert failed.version == old
+    assert failed.download_stats.error == "content corrupted"
+
+
+def test_cli_verify_corrupted_json_lists_versions(cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `verify --json` lists the corrupted versions and still exits 1."""
+    (version,) = cli_seed("/badj.bin", [CLI_BINARY_BODY])
+    cli_corrupt_content(cli_cache_path, hashlib.sha256(CLI_BINARY_BODY).hexdigest())
+    done = cli_run("--json", "verify")
+    assert done.returncode == 1
+    report = json.loads(done.stdout)
+    assert report["checked"] == 1
+    assert [entry["version"] for entry in report["corrupted"]] == [version]
+
+
+def test_cli_refresh_applies_each_strategy(cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `refresh` re-checks stored requests per their strategy and reports the outcome."""
+    cli_seed("/r.bin", [b"before"])
+    url = cli_origin.url("/r.bin")
+    cli_origin.routes["/r.bin"].body = b"after"
+    done = cli_run("refresh", "--json")
+    assert done.returncode == 0, done.stderr
+    (result,) = json.loads(done.stdout)
+    with cli_open_cache(cli_cache_path) as cache:
+        latest = cache.get(url)
+    assert result["url"] == url and result["outcome"] == "downloaded"
+    assert result["version"] == latest.version
+    assert latest.read() == b"after"
+
+
+def test_cli_refresh_group_limits_to_group(cli_run, cli_origin):
+    """§13: `refresh --group G` touches only the requests of group G."""
+    for path, group in (("/ga.bin", "alpha"), ("/gb.bin", "beta")):
+        cli_origin.route(path, b"body")
+        done = cli_run("fetch", cli_origin.url(path), "--group", group, "--strategy", "when_requested", "-q")
+        assert done.returncode == 0, done.stderr
+    done = cli_run("refresh", "--group", "beta", "--json")
+    assert done.returncode == 0, done.stderr
+    assert [result["url"] for result in json.loads(done.stdout)] == [cli_origin.url("/gb.bin")]
+    assert cli_origin.hits("/ga.bin") == 1 and cli_origin.hits("/gb.bin") == 2
+    human = cli_run("refresh", "--group", "alpha")
+    assert human.returncode == 0, human.stderr
+    assert cli_origin.url("/ga.bin") in human.stdout.decode()
+
+
+def test_cli_delete_forgets_request(cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `delete URL` removes the request and its versions and says how many."""
+    cli_seed("/del.bin", [b"one", b"two"])
+    url = cli_origin.url("/del.bin")
+    done = cli_run("delete", url, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["versions_removed"] == 2
+    with cli_open_cache(cli_cache_path) as cache:
+        assert cache.get_request(url) is None
+        assert cache.stats()["unique_contents"] == 0
+    again = cli_run("delete", url, "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["versions_removed"] == 0
+    human = cli_run("delete", url)
+    assert human.returncode == 0, human.stderr
+    assert url in human.stdout.decode()
+
+
+# ===========================================================================
+# Errors and exit statuses (§13)
+# ===========================================================================
+
+
+def test_cli_unreachable_url_one_line_exit_1(cli_run):
+    """§13 / issue 6: unreachable URL, nothing cached: exit 1, one stderr line, no traceback."""
+    url = cli_closed_port_url()
+    done = cli_run("fetch", url, *CLI_FAIL_FAST)
+    assert done.returncode == 1
+    lines = cli_stderr_lines(done)
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert url in lines[0]
+    assert done.stdout == b""
+
+
+def test_cli_quiet_still_reports_errors(cli_run):
+    """§13: `-q` silences status output but an error still gets its one stderr line."""
+    done = cli_run("fetch", cli_closed_port_url(), "-q", *CLI_FAIL_FAST)
+    assert done.returncode == 1
+    assert len(cli_stderr_lines(done)) == 1, done.stderr
+
+
+def test_cli_unreachable_url_verbose_shows_traceback(cli_run):
+    """§13: with `-v` the same failure also prints a traceback."""
+    done = cli_run("-v", "fetch", cli_closed_port_url(), *CLI_FAIL_FAST)
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr
+
+
+def test_cli_unreachable_url_with_cache_serves_stale(cli_run, cli_origin, cli_seed):
+    """§6/§13: a due download failing with a version cached serves it (outcome stale), exit 0."""
+    cli_seed("/st.bin", [CLI_BINARY_BODY])
+    cli_origin.routes["/st.bin"].status = 503
+    done = cli_run("fetch", cli_origin.url("/st.bin"), *CLI_FAIL_FAST)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == CLI_BINARY_BODY
+    assert "stale" in done.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ("frobnicate",),
+    (),
+    ("fetch",),
+    ("fetch", "{url}", "--strategy", "sometimes"),
+    ("fetch", "{url}", "--strategy", "age:soon"),
+    ("fetch", "{url}", "--keep", "many"),
+    ("fetch", "{url}", "-o", "a.bin", "-d", "dir"),
+    ("pin", "{url}"),
+], ids=["unknown-command", "no-command", "fetch-no-url", "bad-strategy", "bad-age",
+        "bad-keep", "output-and-dir", "pin-no-version"])
+def test_cli_usage_errors_exit_2(cli_run, cli_origin, args):
+    """§13: usage errors exit 2 without a traceback and without touching the origin."""
+    cli_origin.route("/u.bin", b"usage")
+    done = cli_run(*[item.format(url=cli_origin.url("/u.bin")) for item in args])
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "usage" in done.stderr.lower()
+    assert cli_origin.hits("/u.bin") == 0
+
+
+@pytest.mark.parametrize("kind", ["text", "other-sqlite"])
+def test_cli_not_a_buffylite_file_exits_1_naming_path(cli_run, tmp_path, kind):
+    """§13/§10: a cache path that is no buffylite file: exit 1, one line naming the path."""
+    path = tmp_path / f"not-a-cache-{kind}.sqlite3"
+    if kind == "text":
+        path.write_bytes(b"this is a text file, not a database\n" * 100)
+    else:
+        with contextlib.closing(sqlite3.connect(path)) as connection:
+            connection.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+            connection.execute("INSERT INTO notes (body) VALUES ('someone else''s data')")
+            connection.commit()
+    before = path.read_bytes()
+    done = cli_run("--cache", str(path), "info")
+    assert done.returncode == 1
+    lines = cli_stderr_lines(done)
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert str(path) in lines[0]
+    assert path.read_bytes() == before
+
+
+def test_cli_fetch_non_http_url_exits_1(cli_run):
+    """§11/§13: a non-http(s) URL is refused with one stderr line and exit 1."""
+    done = cli_run("fetch", "ftp://127.0.0.1/file.bin", *CLI_FAIL_FAST)
+    assert done.returncode == 1
+    assert len(cli_stderr_lines(done)) == 1 and "Traceback" not in done.stderr, done.stderr
+
+
+# ===========================================================================
+# Progress bar (§13)
+# ===========================================================================
+
+
+def cli_large_body() -> bytes:
+    """~4 MiB of non-repeating bytes (so nothing compresses or deduplicates by accident)."""
+    seed = hashlib.sha256(b"buffylite-cli").digest()
+    blocks, counter = [], 0
+    while len(blocks) * 32 < CLI_LARGE_BODY_BYTES:
+        blocks.append(hashlib.sha256(seed + counter.to_bytes(8, "big")).digest())
+        counter += 1
+    return b"".join(blocks)[:CLI_LARGE_BODY_BYTES]
+
+
+def cli_env_without_tqdm(tmp_path: pathlib.Path, **overrides: str) -> dict[str, str]:
+    """``cli_env`` whose PYTHONPATH starts with a ``tqdm`` package that fails to import,
+    so the CLI runs as if the optional progress extra were not installed."""
+    shadow = tmp_path / "no-tqdm" / "tqdm"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text('raise ImportError("tqdm hidden by the test")\n')
+    env = cli_env(**overrides)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shadow.parent), env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.mark.parametrize("bar_library", ["tqdm", "none"])
+def test_cli_progress_bar_on_terminal(cli_origin, cli_cache_path, tmp_path, bar_library):
+    """§13: while downloading, a progress bar appears on stderr when stderr is a terminal
+    (with the optional tqdm extra and without it)."""
+    body = cli_large_body()
+    cli_origin.route("/large.bin", body)
+    output = tmp_path / "large.out"
+    env = cli_env(BUFFYLITE_CACHE=str(cli_cache_path))
+    if bar_library == "none":
+        env = cli_env_without_tqdm(tmp_path, BUFFYLITE_CACHE=str(cli_cache_path))
+    master, slave = pty.openpty()
+    # A real terminal has a size; a fresh pty reports 0x0, which progress libraries treat
+    # as "no room to draw". Give it the classic 80x24.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    try:
+        with open(output, "wb") as stdout:
+            process = subprocess.Popen(
+                [CLI_PYTHON, "-m", "buffylite", "fetch", cli_origin.url("/large.bin")],
+                cwd=CLI_REPO_DIR, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=slave)
+        os.close(slave)
+        slave = None
+        captured = bytearray()
+        deadline = time.monotonic() + CLI_TIMEOUT_SEC
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                captured += chunk
+            elif process.poll() is not None:
+                break
+        returncode = process.wait(timeout=CLI_TIMEOUT_SEC)
+    finally:
+        if slave is not None:
+            os.close(slave)
+        os.close(master)
+    text = captured.decode("utf-8", "replace")
+    assert returncode == 0, text
+    assert output.read_bytes() == body
+    assert ("%" if bar_library == "tqdm" else "MiB") in text, text
+    assert "downloaded" in text
+
+
+def test_cli_no_progress_bar_without_terminal(cli_run, cli_origin, tmp_path):
+    """§13: with stderr not a terminal, stderr carries only the status line, no bar."""
+    body = cli_large_body()
+    cli_origin.route("/large.bin", body)
+    target = tmp_path / "large.out"
+    with open(target, "wb") as redirected:
+        done = cli_run("fetch", cli_origin.url("/large.bin"), stdout=redirected)
+    assert done.returncode == 0, done.stderr
+    assert target.read_bytes() == body
+    assert "%" not in done.stderr and "MiB" not in done.stderr and "\r" not in done.stderr
+    assert len(cli_stderr_lines(done)) == 1, done.stderr
