@@ -44,7 +44,12 @@ Design notes (choices the specification leaves open):
   under a strategy that would otherwise serve the cache.
 - ``VerifyReport.checked`` counts distinct contents re-hashed.
 - ``stats()["content_bytes"]`` counts complete contents; bytes of partial
-  downloads kept for resume are reported as ``partial_bytes``.
+  downloads kept for resume are reported as ``partial_bytes``. File sizes
+  (``stats()``, ``GCReport``) count the main file plus its write-ahead log.
+- ``gc()`` truncates the write-ahead log only when no reader holds it; an open
+  ``Response.open()`` stream makes it wait at most 0.2 s, not block.
+- A body longer than its Content-Length fails at once (it is not retried); a
+  shorter one counts as a broken connection and is retried or resumed.
 """
 
 from __future__ import annotations
@@ -606,8 +611,6 @@ class Response(_Model):
     that returned it: ``downloaded``, ``not_modified``, ``duplicate``, ``stale``,
     ``offline`` or ``cached``.
     """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
 
     id: int
     request_id: int
