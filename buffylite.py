@@ -159,7 +159,8 @@ BUSY_TIMEOUT_SEC = 60.0
 #: Shortest and longest pause while polling another process's download.
 WAIT_POLL_MIN_SEC = 0.02
 WAIT_POLL_MAX_SEC = 0.5
-#: Plain request identities (URL, method, group) remembered per Cache.
+#: Entries in the per-Cache memo of plain request identities (URL, method, group),
+#: and in each thread's memo of the rows a fetch reads.
 IDENTITY_MEMO_SIZE = 4096
 #: Version of the file layout; see ``_MIGRATIONS``.
 SCHEMA_VERSION = 1
@@ -708,6 +709,23 @@ class Response(_Model):
         return path
 
 
+_RESPONSE_FIELD_NAMES = frozenset(Response.model_fields)
+
+
+def _trusted_response(fields: dict, private: dict) -> Response:
+    """A Response from values read back from the cache file, which were validated on
+    the way in. Does what ``Response.model_construct`` does (sets the instance's
+    ``__dict__``, fields set, extra and private attributes) without its per-field
+    default handling, which costs more than the rest of a cache hit; ``fields`` must
+    name every field."""
+    response = Response.__new__(Response)
+    object.__setattr__(response, "__dict__", fields)
+    object.__setattr__(response, "__pydantic_fields_set__", set(_RESPONSE_FIELD_NAMES))
+    object.__setattr__(response, "__pydantic_extra__", None)
+    object.__setattr__(response, "__pydantic_private__", private)
+    return response
+
+
 class GCReport(_Model):
     """What a garbage collection removed (SPEC §10)."""
 
@@ -923,6 +941,11 @@ def _sqlite_file_marks(database: peewee.Database) -> tuple[int, int, int]:
     return application_id, user_version, tables
 
 
+def _sqlite_change_counter(database: peewee.Database) -> int:
+    """A number that changes whenever another connection commits to the file."""
+    return database.execute_sql("PRAGMA data_version").fetchone()[0]
+
+
 def _sqlite_prepare_new_file(database: peewee.Database) -> None:
     """File-level settings that must precede the first table: incremental auto-vacuum
     (so freed pages can be given back and the file shrinks), then WAL (persistent)."""
@@ -995,6 +1018,7 @@ class _Store:
     def _open_database(self) -> None:
         self._pid = os.getpid()
         self._statements: dict[str, tuple[str, list]] = {}
+        self._local = threading.local()  # per thread: the memo of hot reads, own commits
         self.db = _sqlite_database(self.path)
         self.tables = _Tables(self.db)
 
@@ -1024,10 +1048,15 @@ class _Store:
     def writing(self) -> Iterator[_Tables]:
         """A short IMMEDIATE write transaction. Never hold one across network I/O."""
         self._ensure_same_process()
-        with self._translated(), _sqlite_write_transaction(self.db):
-            yield self.tables
+        try:
+            with self._translated(), _sqlite_write_transaction(self.db):
+                yield self.tables
+        finally:
+            # This connection's own commits do not move data_version: count them.
+            self._local.writes = getattr(self._local, "writes", 0) + 1
 
     def close(self) -> None:
+        self._local = threading.local()  # A new connection restarts data_version.
         with contextlib.suppress(Exception):
             self.db.close()
 
@@ -1086,7 +1115,21 @@ class _Store:
         return self.db.execute_sql(sql, [next(supplied) if param == _SLOT else param for param in template])
 
     def request_and_ready_rows(self, identity_key: str):
-        """(request record or None, its ready version records newest first), in one query."""
+        """(request record or None, its ready version records newest first), in one query.
+
+        Remembered per thread until the file changes: the change counter tells when any
+        other connection (thread or process) committed, and this thread's own commits
+        are counted by ``writing()``. Callers must not modify the records.
+        """
+        self._ensure_same_process()
+        local = self._local
+        with self._translated():
+            stamp = (_sqlite_change_counter(self.db), getattr(local, "writes", 0))
+        memo = local.__dict__.setdefault("memo", {})
+        remembered = memo.get(identity_key)
+        if remembered is not None and remembered[0] == stamp:
+            return remembered[1]
+
         def build(t: _Tables):
             return (t.request.select(*_columns(t.request, _REQUEST_COLUMNS), *_columns(t.version, _VERSION_COLUMNS))
                     .join(t.version, peewee.JOIN.LEFT_OUTER,
@@ -1094,12 +1137,13 @@ class _Store:
                     .where(t.request.identity_key == _slot()).order_by(t.version.version.desc()))
         with self.reading():
             rows = self._execute("request_and_ready_rows", build, identity_key).fetchall()
-        if not rows:
-            return None, []
         split = len(_REQUEST_COLUMNS)
-        request = _record(_REQUEST_COLUMNS, rows[0][:split])
-        ready = [_record(_VERSION_COLUMNS, row[split:]) for row in rows if row[split] is not None]
-        return request, ready
+        result = (_record(_REQUEST_COLUMNS, rows[0][:split]) if rows else None,
+                  [_record(_VERSION_COLUMNS, row[split:]) for row in rows if row[split] is not None])
+        if len(memo) >= IDENTITY_MEMO_SIZE:
+            memo.clear()
+        memo[identity_key] = (stamp, result)
+        return result
 
     def ready_rows(self, request_id: int) -> list:
         """The request's ready version records, newest first."""
@@ -1839,19 +1883,18 @@ class Cache:
             index = bisect.bisect_left(chain, row.version)
             previous_version = chain[index - 1] if index > 0 else None
             next_version = chain[index + 1] if index + 1 < len(chain) else None
-        response = Response.model_construct(
-            id=row.id, request_id=row.request_id, url=url, version=row.version,
-            previous_version=previous_version, next_version=next_version, status=row.status,
-            cached_datetime_utc=_to_datetime(row.cached_unix),
-            validated_datetime_utc=_to_datetime(row.validated_unix),
-            request_datetime_utc=_to_datetime(row.request_unix),
-            pinned=bool(row.pinned), pinned_until_utc=_to_datetime(row.pinned_until_unix),
-            tags=_row_tags(row), content_hash_hex=row.content_hash_hex,
-            content_attributes=ResponseContentAttributes.model_validate_json(row.content_attributes or "{}"),
-            download_stats=ResponseDownloadStats.model_validate_json(row.download_stats or "{}"),
-            outcome=outcome)
-        response.__pydantic_private__ = {"_cache": self, "_content_id": row.content_id}
-        return response
+        fields = {
+            "id": row.id, "request_id": row.request_id, "url": url, "version": row.version,
+            "previous_version": previous_version, "next_version": next_version, "status": row.status,
+            "cached_datetime_utc": _to_datetime(row.cached_unix),
+            "validated_datetime_utc": _to_datetime(row.validated_unix),
+            "request_datetime_utc": _to_datetime(row.request_unix),
+            "pinned": bool(row.pinned), "pinned_until_utc": _to_datetime(row.pinned_until_unix),
+            "tags": _row_tags(row), "content_hash_hex": row.content_hash_hex,
+            "content_attributes": ResponseContentAttributes.model_validate_json(row.content_attributes or "{}"),
+            "download_stats": ResponseDownloadStats.model_validate_json(row.download_stats or "{}"),
+            "outcome": outcome}
+        return _trusted_response(fields, {"_cache": self, "_content_id": row.content_id})
 
     def _responses(self, rows: list, url: str, ready_rows: list, outcome: str | None = "cached"):
         chain = sorted(row.version for row in ready_rows)
@@ -1866,7 +1909,14 @@ class Cache:
 
     @staticmethod
     def _configuration_of(request_row) -> RequestCacheConfiguration:
-        return RequestCacheConfiguration.model_validate_json(request_row.cache_configuration)
+        # Parsed once per row object (rows are re-read whenever the file changes).
+        parsed = getattr(request_row, "_parsed_configuration", None)
+        if parsed is None or parsed[0] != request_row.cache_configuration:
+            parsed = (request_row.cache_configuration,
+                      RequestCacheConfiguration.model_validate_json(request_row.cache_configuration))
+            with contextlib.suppress(AttributeError):
+                request_row._parsed_configuration = parsed
+        return parsed[1]
 
     # --- fetch: argument validation ------------------------------------------------
 
