@@ -157,6 +157,10 @@ class Origin:
         """Full URL of ``path`` on this origin."""
         return f"http://127.0.0.1:{self.port}{path}"
 
+    def hits(self, path: str) -> int:
+        """How many requests reached ``path`` (query string ignored)."""
+        return len(self.requests_to(path))
+
     def requests_to(self, path: str) -> list[LoggedRequest]:
         """Requests received for ``path`` (query string ignored), oldest first."""
         with self._lock:
@@ -3793,106 +3797,10 @@ CLI_LARGE_BODY_BYTES = 4 * 1024 * 1024
 # ===========================================================================
 
 
-@dataclasses.dataclass
-class CliRoute:
-    """What the origin answers on one path; tests change ``body`` etc. between requests.
-
-    ``etag`` is sent as a validator and a matching ``If-None-Match`` gets a 304.
-    ``content_disposition`` is sent as that header when set.
-    """
-
-    body: bytes = b"hello"
-    status: int = 200
-    content_type: str = "application/octet-stream"
-    etag: str | None = None
-    content_disposition: str | None = None
-
-
-class CliOrigin:
-    """A threaded HTTP/1.1 server on 127.0.0.1:0 with a route table and a request log.
-
-    ``route(path, body, ...)`` adds or replaces a route and returns it (mutable);
-    ``url(path)`` is the full URL; ``hits(path)`` counts the requests received for
-    ``path``; ``log`` holds ``(method, path_with_query, headers)`` of every request.
-    Unknown paths answer 404.
-    """
-
-    def __init__(self) -> None:
-        self.routes: dict[str, CliRoute] = {}
-        self.log: list[tuple[str, str, dict[str, str]]] = []
-        self._lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever,
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-
-    def route(self, path: str, body: bytes = b"hello", **fields) -> CliRoute:
-        """Create (or replace) the route for ``path`` and return it."""
-        with self._lock:
-            self.routes[path] = CliRoute(body=body, **fields)
-            return self.routes[path]
-
-    def url(self, path: str) -> str:
-        """The full URL of ``path`` on this origin."""
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def hits(self, path: str) -> int:
-        """How many requests reached ``path`` (query string ignored)."""
-        with self._lock:
-            return sum(1 for _, target, _ in self.log if urllib.parse.urlsplit(target).path == path)
-
-    def close(self) -> None:
-        """Stop serving and release the port."""
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(timeout=5)
-
-    def _answer(self, handler: BaseHTTPRequestHandler) -> None:
-        headers = {key.lower(): value for key, value in handler.headers.items()}
-        with self._lock:
-            self.log.append((handler.command, handler.path, headers))
-            route = self.routes.get(urllib.parse.urlsplit(handler.path).path)
-            route = dataclasses.replace(route) if route else CliRoute(b"no such route", status=404)
-        if route.status == 200 and route.etag and headers.get("if-none-match") == route.etag:
-            handler.send_response(304)
-            handler.send_header("ETag", route.etag)
-            handler.end_headers()
-            return
-        handler.send_response(route.status)
-        if route.etag:
-            handler.send_header("ETag", route.etag)
-        if route.content_disposition:
-            handler.send_header("Content-Disposition", route.content_disposition)
-        handler.send_header("Content-Type", route.content_type)
-        handler.send_header("Content-Length", str(len(route.body)))
-        handler.end_headers()
-        if handler.command != "HEAD":
-            handler.wfile.write(route.body)
-
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        origin = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            timeout = 30  # idle keep-alive connections end on their own
-
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                origin._answer(self)
-
-            do_HEAD = do_POST = do_PUT = do_GET  # noqa: N815
-
-            def log_message(self, *args):  # keep test output quiet
-                pass
-
-        return Handler
-
-
 @pytest.fixture
 def cli_origin():
-    """A real HTTP origin on 127.0.0.1 (see ``CliOrigin``), shut down at teardown."""
-    server = CliOrigin()
+    """The same kind of origin as ``origin`` (see ``Origin``), shut down at teardown."""
+    server = Origin()
     yield server
     server.close()
 
@@ -3967,7 +3875,7 @@ def cli_stderr_lines(done: subprocess.CompletedProcess) -> list[str]:
     return [line for line in done.stderr.splitlines() if line.strip()]
 
 
-def cli_fetch_versions(cli_run, cli_origin: CliOrigin, path: str, bodies: list[bytes]) -> list[str]:
+def cli_fetch_versions(cli_run, cli_origin: Origin, path: str, bodies: list[bytes]) -> list[str]:
     """Through the CLI: fetch ``path`` once per body (origin changed before each, strategy
     when_requested, keep 10); return the stored ready versions, oldest first, as
     ``versions --json`` lists them."""
@@ -4101,7 +4009,8 @@ def test_cli_fetch_params_headers_and_group_reach_origin(cli_run, cli_origin, cl
     url = cli_origin.url("/q")
     done = cli_run("fetch", url, "--param", "term=cell", "--header", "X-Probe: yes", "--group", "g1")
     assert done.returncode == 0, done.stderr
-    method, target, headers = cli_origin.log[-1]
+    last = cli_origin.log[-1]
+    method, target, headers = last.method, last.path, last.headers
     assert method == "GET"
     assert urllib.parse.parse_qs(urllib.parse.urlsplit(target).query) == {"term": ["cell"]}
     assert headers["x-probe"] == "yes"
