@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import dataclasses
 import datetime as dt
 import email.message
 import email.utils
@@ -1433,17 +1434,28 @@ class _Identity:
         return self.url + ("&" if urllib.parse.urlsplit(self.url).query else "?") + query
 
 
+@dataclasses.dataclass
 class _FetchCall:
     """The validated options of one fetch() call."""
 
-    __slots__ = ("identity", "description", "documentation_link", "configuration", "hash_type",
-                 "expected_hash", "prefer_cached", "prefer_version", "prefer_tag", "prefer_pinned",
-                 "force_version", "force_tag", "force_pinned", "offline", "pin_for", "as_of",
-                 "validator", "progress")
-
-    def __init__(self, **options):
-        for name in self.__slots__:
-            setattr(self, name, options.get(name))
+    identity: _Identity
+    description: str | None = None
+    documentation_link: str | None = None
+    configuration: Any = None            # RequestCacheConfiguration or None
+    hash_type: str | None = None
+    expected_hash: str | None = None     # lower-case hex
+    prefer_cached: bool = True
+    prefer_version: str | None = None
+    prefer_tag: str | None = None
+    prefer_pinned: bool | None = None
+    force_version: str | None = None
+    force_tag: str | None = None
+    force_pinned: bool | None = None
+    offline: bool = False
+    pin_for: float | None = None
+    as_of: dt.datetime | None = None
+    validator: Any = None
+    progress: Any = None
 
     @property
     def is_hard_choice(self) -> bool:
@@ -1451,31 +1463,27 @@ class _FetchCall:
                 or self.force_pinned is not None or self.as_of is not None)
 
 
+@dataclasses.dataclass
 class _Claim:
     """The result of trying to start a download: either this call owns the version row
     ``row_id`` (and its lease), or another download ``other_row_id`` is running."""
 
-    __slots__ = ("request_id", "row_id", "owner", "other_row_id", "resume")
-
-    def __init__(self, request_id, row_id=None, owner=None, other_row_id=None, resume=None):
-        self.request_id = request_id
-        self.row_id = row_id
-        self.owner = owner
-        self.other_row_id = other_row_id
-        self.resume = resume
+    request_id: int
+    row_id: int | None = None
+    owner: str | None = None
+    other_row_id: int | None = None
+    resume: Any = None  # the abandoned row being resumed, if any
 
 
+@dataclasses.dataclass
 class _Completed:
     """A fully received content, not yet published."""
 
-    __slots__ = ("content_id", "hash_hex", "size", "attributes", "stats")
-
-    def __init__(self, content_id, hash_hex, size, attributes, stats):
-        self.content_id = content_id
-        self.hash_hex = hash_hex
-        self.size = size
-        self.attributes = attributes
-        self.stats = stats
+    content_id: int
+    hash_hex: str
+    size: int
+    attributes: dict
+    stats: dict
 
 
 class _NotModified:
