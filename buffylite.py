@@ -68,6 +68,7 @@ import email.utils
 import hashlib
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import mimetypes
@@ -77,6 +78,7 @@ import random
 import secrets
 import select
 import socket
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -84,6 +86,7 @@ import time
 import types
 import urllib.parse
 import urllib.request
+import weakref
 from typing import Annotated, Any, Callable, Iterator, Literal, Optional, Union
 
 import peewee
@@ -190,6 +193,9 @@ OFFLINE_ENV_VALUES = frozenset({"1", "true", "yes", "on"})
 FALLBACK_FILENAME = "download"
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+#: The process's umask, read once at import (reading it means setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 # ---------------------------------------------------------------------------
 # Errors
@@ -342,6 +348,22 @@ def _check_url(url: str) -> str:
     if not host:
         raise InvalidRequestError(f"URL {url!r} has no host.")
     return url
+
+
+def _check_header(name, value) -> str:
+    """Return ``name`` if ``name: value`` can be sent as an HTTP header, else raise
+    InvalidRequestError (no line breaks, Latin-1 only, a token-like name)."""
+    if not isinstance(name, str) or not isinstance(value, str):
+        raise InvalidRequestError(f"Header {name!r} must have a str name and a str value.")
+    if not name or any(char in name for char in ": \t\r\n") or any(char in value for char in "\r\n"):
+        raise InvalidRequestError(f"Header {name!r} is not a valid header line (empty name, a colon, "
+                                  "space or line break).")
+    try:
+        (name + value).encode("latin-1")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(f"Header {name!r} has characters HTTP headers cannot carry "
+                                  "(only Latin-1).") from exc
+    return name
 
 
 def _sanitize_filename(name: str | None) -> str | None:
@@ -702,6 +724,7 @@ class Response(_Model):
             with os.fdopen(handle, "wb") as output, cache._store.open_content(content_id) as stream:
                 for piece in iter(lambda: stream.read(DEFAULT_CHUNK_SIZE_BYTES), b""):
                     output.write(piece)
+            os.chmod(temp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would.
             os.replace(temp_name, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -769,8 +792,23 @@ def _references(table: str, on_delete: str | None = None) -> list:
     return [peewee.SQL(clause)]
 
 
+class _NeverReusedIdField(peewee.AutoField):
+    """A primary key whose values are never handed out again after a delete.
+
+    A Response keeps its version id and content id; were a deleted id reused, pinning
+    or reading that Response would reach another version's row or bytes. In SQLite
+    that takes AUTOINCREMENT (plain rowids reuse the highest freed value); identity
+    columns of other databases never reuse values anyway.
+    """
+
+    def ddl(self, ctx):
+        return peewee.NodeList((super().ddl(ctx), peewee.SQL("AUTOINCREMENT")))
+
+
 class _Row(peewee.Model):
-    """Base of the table models; bound to a database per Cache by ``_bind_tables``."""
+    """Base of the table models; bound to a database per Cache by ``_Tables``."""
+
+    id = _NeverReusedIdField()
 
     class Meta:
         legacy_table_names = False
@@ -802,6 +840,7 @@ class _RequestRow(_Row):
     validation_hash_type = peewee.CharField()
     cache_configuration = peewee.TextField()         # JSON of RequestCacheConfiguration
     created_unix = peewee.DoubleField()
+    last_settlement = peewee.TextField(null=True)    # JSON: how the last download ended, for waiters
 
     class Meta:
         table_name = "request"
@@ -900,17 +939,52 @@ class _Tables:
 # --- SQLite specifics --------------------------------------------------------
 
 
-def _sqlite_database(path: pathlib.Path) -> peewee.SqliteDatabase:
+class _Connection(sqlite3.Connection):
+    """An sqlite3 connection that can be weakly referenced (the base class cannot)."""
+
+
+class _SqliteDatabase(peewee.SqliteDatabase):
+    """peewee's SqliteDatabase (one connection per thread) remembering, weakly, every
+    connection it opens, so that closing the Cache closes all of them while a thread
+    that ends still drops its own."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, factory=_Connection, **kwargs)
+        self._opened: weakref.WeakSet = weakref.WeakSet()
+        self._opened_lock = threading.Lock()
+
+    def _connect(self):
+        connection = super()._connect()
+        with self._opened_lock:
+            self._opened.add(connection)
+        return connection
+
+    def close_all(self) -> None:
+        """Close every connection, whichever thread opened it (the Cache is closing)."""
+        with contextlib.suppress(Exception):
+            self.close()
+        with self._opened_lock:
+            opened = list(self._opened)
+            self._opened.clear()
+        for connection in opened:
+            with contextlib.suppress(Exception):
+                connection.close()
+
+
+def _sqlite_database(path: pathlib.Path) -> _SqliteDatabase:
     """A peewee database for ``path`` with the pragmas every connection needs.
 
     WAL lets readers run beside the single writer; ``synchronous=NORMAL`` is safe in
     WAL (a power cut may lose the last commits, never corrupt); foreign keys make
     chunk rows follow their content; the busy timeout makes a writer wait for the lock
-    instead of failing with "database is locked".
+    instead of failing with "database is locked". ``check_same_thread`` is off only so
+    that ``close_all`` may close other threads' connections; peewee still gives each
+    thread its own.
     """
-    return peewee.SqliteDatabase(
+    return _SqliteDatabase(
         str(path),
         timeout=BUSY_TIMEOUT_SEC,
+        check_same_thread=False,
         pragmas=[
             ("foreign_keys", 1),
             ("synchronous", "normal"),
@@ -1034,7 +1108,7 @@ class _Store:
         """The one place where driver errors become CacheFileError (keeping the cause)."""
         try:
             yield
-        except (peewee.DatabaseError, peewee.InterfaceError) as exc:
+        except (peewee.DatabaseError, peewee.InterfaceError, sqlite3.Error) as exc:
             raise CacheFileError(f"The cache file {self.path} cannot be used: {exc}.",
                                  path=self.path) from exc
 
@@ -1056,10 +1130,15 @@ class _Store:
             # This connection's own commits do not move data_version: count them.
             self._local.writes = getattr(self._local, "writes", 0) + 1
 
-    def close(self) -> None:
-        self._local = threading.local()  # A new connection restarts data_version.
+    def close_thread_connection(self) -> None:
+        """Close the calling thread's connection (a helper thread is ending)."""
         with contextlib.suppress(Exception):
             self.db.close()
+
+    def close(self) -> None:
+        """Close every connection of this store."""
+        self._local = threading.local()  # A new connection restarts data_version.
+        self.db.close_all()
 
     # --- schema ---
 
@@ -1085,12 +1164,27 @@ class _Store:
                 migrate(self)
                 _sqlite_mark_file(self.db, target_version)
 
+    def remember_sensitive_headers(self, names: set[str]) -> frozenset[str]:
+        """Add ``names`` to the sensitive header names kept in the file and return them
+        all: a request's identity must not depend on which Cache object opened the file."""
+        meta = self.tables.meta
+        with self.reading():
+            row = meta.get_or_none(meta.key == "sensitive_headers")
+        known = set(json.loads(row.value)) if row is not None else set()
+        if not names <= known:
+            with self.writing():
+                row = meta.get_or_none(meta.key == "sensitive_headers")
+                known = set(json.loads(row.value)) if row is not None else set()
+                known |= names
+                meta.insert(key="sensitive_headers", value=json.dumps(sorted(known))).on_conflict_replace().execute()
+        return frozenset(known)
+
     def schema_version(self) -> int:
         with self.reading():
             return _sqlite_file_marks(self.db)[1]
 
     def give_back_free_pages(self, *, checkpoint: bool) -> None:
-        with self.reading():
+        with self.reading():  # (translates sqlite3 errors from executescript too)
             _sqlite_give_back_free_pages(self.db, checkpoint=checkpoint)
 
     def file_size(self) -> int:
@@ -1177,15 +1271,24 @@ class _Store:
         def build(t: _Tables):
             return t.chunk.select(t.chunk.data).where(t.chunk.content_id == _slot()).order_by(t.chunk.seq)
         with self.reading():
-            return b"".join(row[0] for row in self._execute("read_content", build, content_id))
+            data = b"".join(row[0] for row in self._execute("read_content", build, content_id))
+            if not data:
+                self._require_content(content_id)
+            return data
+
+    def _require_content(self, content_id: int) -> None:
+        """Raise NotCachedError when the content was deleted (the version was collected)."""
+        if not self.tables.content.select().where(self.tables.content.id == content_id).exists():
+            raise NotCachedError(f"This version's content is no longer in the cache {self.path} "
+                                 "(the version was deleted or collected).")
 
     def open_content(self, content_id: int) -> "_ContentStream":
         self._ensure_same_process()
-        chunk = self.tables.chunk
-        sql, params = (chunk.select(chunk.data).where(chunk.content_id == content_id)
-                       .order_by(chunk.seq).sql())
+        chunk, content = self.tables.chunk, self.tables.content
+        exists = content.select(content.id).where(content.id == content_id).sql()
+        chunks = chunk.select(chunk.data).where(chunk.content_id == content_id).order_by(chunk.seq).sql()
         with self._translated():
-            return _ContentStream(self, sql, params)
+            return _ContentStream(self, exists, chunks)
 
 
 class _ContentStream(io.RawIOBase):
@@ -1197,17 +1300,22 @@ class _ContentStream(io.RawIOBase):
     to release the snapshot, which otherwise keeps the WAL from being checkpointed.
     """
 
-    def __init__(self, store: _Store, sql: str, params: list):
+    def __init__(self, store: _Store, exists: tuple[str, list], chunks: tuple[str, list]):
         super().__init__()
         self._store = store
         self._db = _sqlite_database(store.path)
         self._db.connect()
         self._db.begin()
-        self._cursor = self._db.execute_sql(sql, params)
+        # The first read pins the snapshot; the content must be in it.
+        if self._db.execute_sql(*exists).fetchone() is None:
+            self.close()
+            raise NotCachedError(f"This version's content is no longer in the cache {store.path} "
+                                 "(the version was deleted or collected).")
+        self._cursor = self._db.execute_sql(*chunks)
         self._current = memoryview(b"")
         self._position = 0
         self._exhausted = False
-        self._advance()  # The first step pins the snapshot.
+        self._advance()
 
     def _advance(self) -> bool:
         if self._exhausted:
@@ -1255,7 +1363,8 @@ class _ContentStream(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             with contextlib.suppress(Exception):
-                self._cursor.close()
+                if getattr(self, "_cursor", None) is not None:
+                    self._cursor.close()
                 self._db.rollback()
             with contextlib.suppress(Exception):
                 self._db.close()
@@ -1295,14 +1404,18 @@ class _HttpClient:
         self.timeout = timeout if isinstance(timeout, urllib3.Timeout) else urllib3.Timeout(
             connect=timeout, read=timeout)
         self.user_agent = user_agent
+        self._pid = os.getpid()
         self._direct = urllib3.PoolManager()
         self._proxied: dict[str, urllib3.ProxyManager] = {}
         self._lock = threading.Lock()
 
     def _manager_for(self, url: str) -> urllib3.PoolManager:
+        if os.getpid() != self._pid:  # After fork: never share sockets with the parent.
+            self._pid, self._direct, self._proxied = os.getpid(), urllib3.PoolManager(), {}
         parsed = urllib3.util.parse_url(url)
-        proxy = urllib.request.getproxies().get(parsed.scheme)
-        if not proxy or urllib.request.proxy_bypass(parsed.host or ""):
+        proxies = urllib.request.getproxies()
+        proxy = proxies.get(parsed.scheme) or proxies.get("all")
+        if not proxy or _bypasses_proxy(parsed.host or ""):
             return self._direct
         with self._lock:
             if proxy not in self._proxied:
@@ -1341,6 +1454,24 @@ class _HttpClient:
             for manager in self._proxied.values():
                 manager.clear()
             self._proxied.clear()
+
+
+def _bypasses_proxy(host: str) -> bool:
+    """Does ``NO_PROXY`` exempt ``host``? The standard library's rules (names, domain
+    suffixes, ``*``), plus address ranges such as ``10.0.0.0/8`` as requests allows."""
+    if urllib.request.proxy_bypass(host):
+        return True
+    no_proxy = os.environ.get("no_proxy") or os.environ.get("NO_PROXY") or ""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    for entry in no_proxy.replace(" ", "").split(","):
+        if "/" in entry:
+            with contextlib.suppress(ValueError):
+                if address in ipaddress.ip_network(entry, strict=False):
+                    return True
+    return False
 
 
 def _retry_after_seconds(value: str | None) -> float | None:
@@ -1412,7 +1543,7 @@ class _Identity:
         if not isinstance(group, str) or not group:
             raise InvalidRequestError(f"group must be a non-empty string, not {group!r}.")
         self.params = dict(params) if params else None
-        self.send_headers = {str(name): str(value) for name, value in (headers or {}).items()}
+        self.send_headers = {_check_header(name, value): value for name, value in (headers or {}).items()}
         self.body_kind, self.body = _encode_body(body)
         self.group = group
         # Sensitive values take part in the identity only as keyed digests.
@@ -1444,6 +1575,7 @@ class _FetchCall:
     configuration: Any = None            # RequestCacheConfiguration or None
     hash_type: str | None = None
     expected_hash: str | None = None     # lower-case hex
+    expected_algorithm: str | None = None
     prefer_cached: bool = True
     prefer_version: str | None = None
     prefer_tag: str | None = None
@@ -1524,19 +1656,52 @@ def _matches(row, *, version=None, tag=None, pinned=None, now: float) -> bool:
     return True
 
 
-class _Sink:
-    """Receives the body of one download: hashes it and stores it chunk by chunk,
-    renewing the download lease as it goes. Each chunk commits in its own short
-    transaction, so a crash loses at most the chunk in memory."""
+class _LeaseKeeper:
+    """Keeps a download lease alive from a thread of its own, every third of its length,
+    whatever the download is doing (waiting for headers, stalled, validating), and
+    notes when the lease was lost to another process."""
 
-    def __init__(self, cache: "Cache", claim: _Claim, hash_type: str, progress):
-        self._cache = cache
+    def __init__(self, store: _Store, claim: _Claim, lease_sec: float):
+        self._store = store
+        self._claim = claim
+        self._lease_sec = lease_sec
+        self._stopped = threading.Event()
+        self.lost = False
+        self._thread = threading.Thread(target=self._run, name="buffylite-lease", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._lease_sec / 3):
+            try:
+                with self._store.writing() as t:
+                    renewed = t.version.update(lease_expires_unix=_now() + self._lease_sec).where(
+                        (t.version.id == self._claim.row_id)
+                        & (t.version.lease_owner == self._claim.owner)).execute()
+            except BuffyliteError as exc:  # try again at the next beat
+                log.debug("Renewing the download lease failed: %s", exc)
+                continue
+            if not renewed:
+                self.lost = True
+                break
+        self._store.close_thread_connection()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+
+class _Sink:
+    """Receives the body of one download: hashes it and stores it chunk by chunk. Each
+    chunk commits in its own short transaction (so a crash loses at most the chunk in
+    memory), and only while this download still owns its lease."""
+
+    def __init__(self, cache: "Cache", claim: _Claim, hash_type: str, progress,
+                 keeper: _LeaseKeeper):
         self._store = cache._store
         self._claim = claim
         self._hash_type = hash_type
         self._progress = progress
-        self._lease_sec = cache._download_lease_sec
-        self._renewed_at = _now()
+        self._keeper = keeper
         self.content_id: int | None = None
         self.hasher = hashlib.new(hash_type)
         self.offset = 0            # bytes received (stored + buffered)
@@ -1558,6 +1723,7 @@ class _Sink:
         """Drop everything received so far (the origin sent a full body again)."""
         if self.content_id is not None:
             with self._store.writing() as t:
+                self._check_ownership(t)
                 t.chunk.delete().where(t.chunk.content_id == self.content_id).execute()
                 t.content.update(size_bytes=0).where(t.content.id == self.content_id).execute()
         self.hasher = hashlib.new(self._hash_type)
@@ -1566,22 +1732,25 @@ class _Sink:
         self._next_seq = 0
 
     def write(self, data: bytes) -> None:
+        if self._keeper.lost:
+            raise _LeaseLost()
         self.hasher.update(data)
         self._buffer += data
         self.offset += len(data)
         self.received_now += len(data)
         if len(self._buffer) >= DEFAULT_CHUNK_SIZE_BYTES:
             self.flush()
-        elif _now() - self._renewed_at > self._lease_sec / 3:
-            self.renew_lease()
         if self._progress is not None:
             self._progress(self.offset, self.total)
 
     def flush(self) -> None:
-        """Store the buffered bytes as the next chunk (and renew the lease) in one transaction."""
+        """Store the buffered bytes as the next chunk, in one transaction."""
         with self._store.writing() as t:
-            self._renew_in(t)  # First: never write chunks for a download someone took over.
-            self._ensure_content(t)
+            self._check_ownership(t)  # First: never write for a download someone took over.
+            if self.content_id is None:
+                self.content_id = t.content.insert(hash_type=self._hash_type, hash_hex=None).execute()
+                t.version.update(content_id=self.content_id).where(
+                    t.version.id == self._claim.row_id).execute()
             if self._buffer:
                 t.chunk.insert(content_id=self.content_id, seq=self._next_seq,
                                data=bytes(self._buffer)).execute()
@@ -1590,29 +1759,14 @@ class _Sink:
                 self._next_seq += 1
         self._buffer.clear()
 
-    def _ensure_content(self, t: _Tables) -> None:
-        if self.content_id is None:
-            self.content_id = t.content.insert(hash_type=self._hash_type, hash_hex=None).execute()
-            t.version.update(content_id=self.content_id).where(t.version.id == self._claim.row_id).execute()
-
-    def _renew_in(self, t: _Tables) -> None:
-        now = _now()
-        renewed = t.version.update(lease_expires_unix=now + self._lease_sec).where(
-            (t.version.id == self._claim.row_id) & (t.version.lease_owner == self._claim.owner)).execute()
-        if not renewed:
+    def _check_ownership(self, t: _Tables) -> None:
+        """Raise _LeaseLost unless this download still holds its lease. Runs inside the
+        caller's write transaction, so nothing can take the lease before it commits."""
+        owned = t.version.select().where(
+            (t.version.id == self._claim.row_id) & (t.version.lease_owner == self._claim.owner)
+            & (t.version.lease_expires_unix > _now())).exists()
+        if not owned:
             raise _LeaseLost()
-        self._renewed_at = now
-
-    def renew_lease(self) -> None:
-        with self._store.writing() as t:
-            self._renew_in(t)
-
-    def sleep(self, seconds: float) -> None:
-        """Wait between attempts, keeping the lease alive."""
-        deadline = _now() + seconds
-        while (remaining := deadline - _now()) > 0:
-            time.sleep(min(remaining, self._lease_sec / 3))
-            self.renew_lease()
 
 
 class _Transfer:
@@ -1641,6 +1795,8 @@ class _Transfer:
         if identity.body_kind == "json" and not any(name.lower() == "content-type" for name in headers):
             headers["Content-Type"] = "application/json"
         url = identity.request_url()
+        if self._validators and self._sink.offset and self._sink.offset == self._validators.get("total"):
+            return self._complete()  # A dead download had stored every byte already.
         attempt, status_code = 0, None
         while True:
             try:
@@ -1666,7 +1822,7 @@ class _Transfer:
                 wait = (error.retry_after if error.retry_after is not None
                         else _backoff_seconds(attempt, cache._max_retry_wait))
                 log.info("Attempt %d for %s failed (%s); retrying in %.1f s.", attempt + 1, url, error, wait)
-                self._sink.sleep(wait)
+                time.sleep(wait)  # The lease keeper renews the lease meanwhile.
                 attempt += 1
 
     def _headers_for_attempt(self, base: dict) -> dict:
@@ -1690,6 +1846,13 @@ class _Transfer:
             raise _AttemptError(f"HTTP {status} {response.reason or ''}".strip(), status_code=status,
                                 retryable=True,
                                 retry_after=_retry_after_seconds(response.headers.get("Retry-After")))
+        if status == 416 and sink.offset:
+            _, total = self._parse_content_range(response.headers.get("Content-Range"))
+            if total == sink.offset:
+                return self._complete()  # Nothing was missing.
+            sink.restart()
+            raise _AttemptError(f"the origin cannot resume at byte {sink.offset}", status_code=416,
+                                retryable=True)
         if status == 206 and sink.offset:
             start, total = self._parse_content_range(response.headers.get("Content-Range"))
             if start != sink.offset:
@@ -1722,6 +1885,10 @@ class _Transfer:
                                 retryable=True, cause=exc) from exc
         if sink.total is not None and sink.offset != sink.total:
             raise _AttemptError(f"the body ended after {sink.offset} of {sink.total} bytes", retryable=True)
+        return self._complete()
+
+    def _complete(self) -> _Completed:
+        sink = self._sink
         sink.flush()
         self._attributes["content_size_bytes"] = sink.offset
         return _Completed(sink.content_id, sink.hasher.hexdigest(), sink.offset, self._attributes,
@@ -1755,7 +1922,7 @@ class _Transfer:
             "Content-Encoding") else None
         self._validators = ({"etag": (headers.get("ETag") if not (headers.get("ETag") or "").startswith("W/")
                                       else None),
-                             "last_modified": headers.get("Last-Modified")}
+                             "last_modified": headers.get("Last-Modified"), "total": self._sink.total}
                             if _is_resumable(headers) else None)
         with self._cache._store.writing() as t:
             t.version.update(status="in_progress", content_attributes=json.dumps(self._attributes),
@@ -1799,7 +1966,8 @@ class Cache:
       died) the download is taken over or reclaimed.
     - ``sensitive_headers``: header names, beyond Authorization, Proxy-Authorization
       and Cookie, whose values never reach the file in clear (a salted digest is
-      stored; they still make requests distinct).
+      stored; they still make requests distinct). The names are remembered in the
+      file, so every later Cache on it treats them the same way.
     - ``user_agent``: default ``buffylite/<version>``.
 
     Everything is stored in the one file: requests with their cache configuration,
@@ -1828,9 +1996,10 @@ class Cache:
         self._download_lease_sec = self._positive_seconds("download_lease_sec", download_lease_sec)
         if isinstance(sensitive_headers, str):
             raise InvalidRequestError("sensitive_headers must be a sequence of header names, not a string.")
-        self._sensitive = SENSITIVE_HEADERS | {str(name).lower() for name in sensitive_headers}
         self.path = pathlib.Path(path).expanduser() if path is not None else _default_cache_path()
         self._store = _Store(self.path)
+        self._sensitive = SENSITIVE_HEADERS | self._store.remember_sensitive_headers(
+            {str(name).lower() for name in sensitive_headers})
         self._http = _HttpClient(timeout, user_agent or f"buffylite/{__version__}")
         self._plain_identities: dict[tuple, _Identity] = {}
         self._cron_started: set[int] = set()
@@ -1867,6 +2036,9 @@ class Cache:
                              sensitive=self._sensitive)
         # The plain case (URL, method, group) is memoised: identities are immutable.
         memo_key = (url, method, group)
+        if not all(isinstance(part, str) for part in memo_key):
+            return _Identity(url, method, None, None, None, group, salt=self._store.salt,
+                             sensitive=self._sensitive)  # (raises InvalidRequestError)
         identity = self._plain_identities.get(memo_key)
         if identity is None:
             identity = _Identity(url, method, None, None, None, group, salt=self._store.salt,
@@ -1990,16 +2162,34 @@ class Cache:
             pin_for=None if pin_for is None else self._positive_seconds("pin_for", pin_for),
             as_of=self._check_as_of(as_of), validator=validator, progress=progress)
         if expected_hash is not None:
-            algorithm, digest = _parse_expected_hash(expected_hash)
-            if algorithm and call.hash_type and algorithm != call.hash_type:
-                raise InvalidRequestError(f"expected_hash uses {algorithm} but validation_hash_type "
-                                          f"is {call.hash_type}.")
-            call.hash_type = call.hash_type or algorithm
-            call.expected_hash = digest
+            call.expected_algorithm, call.expected_hash = _parse_expected_hash(expected_hash)
         for name in ("validator", "progress"):
             if getattr(call, name) is not None and not callable(getattr(call, name)):
                 raise InvalidRequestError(f"{name} must be callable.")
+        if call.configuration is not None:
+            self._require_strategy_support(call.configuration)
         return self._fetch(call)
+
+    @staticmethod
+    def _require_strategy_support(configuration: RequestCacheConfiguration) -> None:
+        if configuration.recaching_strategy.strategy_name == "cron" and _croniter is None:
+            raise InvalidRequestError(
+                "The cron strategy needs the optional extra: pip install 'buffylite[cron]'.")
+
+    def _check_expected_hash(self, call: _FetchCall, request) -> None:
+        """The expected digest must be of the request's hash type, and of its length.
+        A new request takes the expected hash's algorithm as its hash type."""
+        stored = request.validation_hash_type if request is not None else None
+        hash_type = call.hash_type or stored or call.expected_algorithm or DEFAULT_HASH_TYPE
+        if call.expected_algorithm and call.expected_algorithm != hash_type:
+            raise InvalidRequestError(
+                f"expected_hash uses {call.expected_algorithm}, but {call.identity.url} is hashed "
+                f"with {hash_type}; pass a {hash_type} digest.")
+        if len(call.expected_hash) != hashlib.new(hash_type).digest_size * 2:
+            raise InvalidRequestError(f"expected_hash {call.expected_hash!r} is not a {hash_type} digest "
+                                      f"({hashlib.new(hash_type).digest_size * 2} hex digits).")
+        if request is None:
+            call.hash_type = hash_type
 
     @staticmethod
     def _coerce_configuration(value) -> RequestCacheConfiguration | None:
@@ -2046,7 +2236,8 @@ class Cache:
             now = _now()
             eligible = [row for row in ready
                         if call.expected_hash is None or row.content_hash_hex == call.expected_hash]
-
+            if call.expected_hash is not None:
+                self._check_expected_hash(call, request)
             if request is not None:
                 self._update_request_settings(call, request)
             # Hard choices and time travel never touch the network.
@@ -2056,12 +2247,10 @@ class Cache:
             configuration = call.configuration or (
                 self._configuration_of(request) if request is not None else RequestCacheConfiguration())
             strategy = configuration.recaching_strategy
-            if strategy.strategy_name == "cron" and _croniter is None:
-                raise InvalidRequestError(
-                    "The cron strategy needs the optional extra: pip install 'buffylite[cron]'.")
             newest = ready[0] if ready else None
             if call.offline:
                 return self._serve(call, request, ready, "offline")
+            self._require_strategy_support(configuration)
             plan = self._plan(strategy, newest, request, now) if eligible else "download"
             if plan == "serve":
                 return self._serve(call, request, ready, "cached")
@@ -2072,9 +2261,9 @@ class Cache:
                 return self._run_download(call, claim, newest if plan == "conditional" else None)
             if call.prefer_cached and eligible:
                 return self._serve(call, request, ready, "cached")
-            finished = self._await_download(claim.other_row_id)
-            if finished is not None:
-                return self._after_other_download(call, claim.request_id, finished)
+            settlement = self._await_download(claim.request_id, claim.other_row_id)
+            if settlement is not None:
+                return self._after_other_download(call, claim.request_id, settlement)
             # That download vanished (a 304 check) or died: decide again on fresh state.
 
     def _plan(self, strategy, newest, request, now: float) -> str:
@@ -2229,39 +2418,50 @@ class Cache:
                 request_unix=now, **lease).execute()
             return _Claim(request_id, row_id, owner)
 
-    def _await_download(self, row_id: int):
-        """Wait, polling with backoff, until another download ends; return its final row,
-        or None when the row vanished or its lease expired (its process died)."""
+    def _await_download(self, request_id: int, row_id: int) -> dict | None:
+        """Wait, polling with backoff, until another download ends; return how it ended
+        (its settlement), or None when its lease expired (its process died)."""
         pause = WAIT_POLL_MIN_SEC
         while True:
             with self._store.reading() as t:
                 row = t.version.get_or_none(t.version.id == row_id)
-            if row is None:
-                return None
-            if row.status not in IN_FLIGHT_STATUSES:
-                return row
+                settlement = t.request.select(t.request.last_settlement).where(
+                    t.request.id == request_id).scalar()
+            if row is None or row.status not in IN_FLIGHT_STATUSES:
+                settlement = json.loads(settlement) if settlement else None
+                if settlement is not None and settlement["row_id"] == row_id:
+                    return settlement
+                return None  # Reclaimed, or settled and since overwritten: decide again.
             if (row.lease_expires_unix or 0) <= _now():
                 return None
             time.sleep(pause)
             pause = min(pause * 1.5, WAIT_POLL_MAX_SEC)
 
-    def _after_other_download(self, call: _FetchCall, request_id: int, finished) -> Response:
-        """Report the outcome of the download another thread or process just finished."""
-        with self._store.reading() as t:
-            request = t.request.get_by_id(request_id)
-            ready = self._ready_rows(t, request_id)
-        if finished.status == "failed":
-            if not any(call.expected_hash is None or row.content_hash_hex == call.expected_hash
-                       for row in ready):
-                stats = json.loads(finished.download_stats or "{}")
-                raise FetchError(f"Downloading {call.identity.url} failed: {stats.get('error')}.",
-                                 url=call.identity.url, cause=stats.get("error"))
-            return self._serve(call, request, ready, "stale")
+    def _after_other_download(self, call: _FetchCall, request_id: int, settlement: dict) -> Response:
+        """Return what the download another thread or process just settled gives this call."""
+        request, ready = self._store.request_and_ready_rows(call.identity.key)
+        eligible = [row for row in ready
+                    if call.expected_hash is None or row.content_hash_hex == call.expected_hash]
+        if not eligible and request is not None and call.expected_hash is not None and ready:
+            raise IntegrityError(f"The content of {call.identity.url} does not match the expected "
+                                 f"hash {call.expected_hash} and no cached version does.")
+        if settlement["outcome"] == "failed":
+            if eligible:
+                log.warning("Downloading %s failed (%s); serving the cached version.",
+                            call.identity.url, settlement["error"])
+                return self._serve(call, request, ready, "stale")
+            if settlement["hash_mismatch"] and call.expected_hash is not None:
+                raise IntegrityError(f"The content downloaded from {call.identity.url} does not match "
+                                     f"the expected hash ({settlement['error']}) and no cached version does.")
+            raise FetchError(f"Downloading {call.identity.url} failed: {settlement['error']}.",
+                             url=call.identity.url, status_code=settlement["status_code"],
+                             cause=settlement["error"])
         response = self._serve(call, request, ready, "cached")
-        if finished.status == "ready" and response.id == finished.id:
+        newest_id = ready[0].id if ready else None
+        if settlement["outcome"] == "downloaded" and response.id == settlement["row_id"]:
             response.outcome = "downloaded"
-        elif finished.status == "duplicate" and ready and response.id == ready[0].id:
-            response.outcome = "duplicate"
+        elif settlement["outcome"] in ("duplicate", "not_modified") and response.id == newest_id:
+            response.outcome = settlement["outcome"]
         return response
 
     # --- fetch: downloading -----------------------------------------------------------------
@@ -2271,30 +2471,43 @@ class Cache:
         partial content (cancelled), and return what §7 says to return."""
         with self._store.reading() as t:
             request = t.request.get_by_id(claim.request_id)
-        sink = _Sink(self, claim, request.validation_hash_type, call.progress)
-        transfer = _Transfer(self, call, claim, sink, conditional_from)
         with self._cron_lock:  # A download in this Cache is the cron strategy's run at start.
             self._cron_started.add(claim.request_id)
+        keeper = _LeaseKeeper(self._store, claim, self._download_lease_sec)
+        sink = _Sink(self, claim, request.validation_hash_type, call.progress, keeper)
         try:
-            result = transfer.run()
-            if isinstance(result, _NotModified):
-                return self._finish(call, claim, request, "not_modified")
-            if call.expected_hash is not None and result.hash_hex != call.expected_hash:
-                raise _DownloadFailure(f"hash mismatch: expected {call.expected_hash}, got {result.hash_hex}",
-                                       stats=result.stats, cause="hash mismatch")
-            if call.validator is not None and not self._is_duplicate_of_newest(claim.request_id, result):
-                self._run_validator(call, claim, request, result)
-            return self._finish(call, claim, request, "completed", completed=result)
-        except _DownloadFailure as failure:
-            failure.stats.setdefault("downloaded_bytes", sink.offset)
-            return self._finish(call, claim, request, "failed", failure=failure)
+            try:
+                kind, completed, failure = self._download_and_check(call, claim, request, sink,
+                                                                    conditional_from)
+            finally:
+                keeper.stop()
+            return self._finish(call, claim, request, kind, completed=completed, failure=failure)
         except _LeaseLost:
-            log.warning("Download of %s was taken over by another process; waiting for it.", request.url)
+            log.warning("The download of %s was taken over by another process; waiting for it.",
+                        request.url)
             return self._fetch(call)
         except BaseException:
             # Cancelled (progress raised, KeyboardInterrupt...): keep what arrived for a resume.
             self._abandon(claim, sink)
             raise
+
+    def _download_and_check(self, call: _FetchCall, claim: _Claim, request, sink: _Sink,
+                            conditional_from) -> tuple[str, _Completed | None, _DownloadFailure | None]:
+        """Run the transfer, then the content checks (expected hash, validator).
+        Returns how the download settles: ("not_modified" | "completed" | "failed", ...)."""
+        try:
+            result = _Transfer(self, call, claim, sink, conditional_from).run()
+            if isinstance(result, _NotModified):
+                return "not_modified", None, None
+            if call.expected_hash is not None and result.hash_hex != call.expected_hash:
+                raise _DownloadFailure(f"hash mismatch: expected {call.expected_hash}, got {result.hash_hex}",
+                                       stats=result.stats, cause="hash mismatch")
+            if call.validator is not None and not self._is_duplicate_of_newest(claim.request_id, result):
+                self._run_validator(call, claim, request, result)
+            return "completed", result, None
+        except _DownloadFailure as failure:
+            failure.stats.setdefault("downloaded_bytes", sink.offset)
+            return "failed", None, failure
 
     def _is_duplicate_of_newest(self, request_id: int, result: _Completed) -> bool:
         with self._store.reading() as t:
@@ -2372,6 +2585,13 @@ class Cache:
                 if row.content_id is not None:
                     self._delete_unreferenced_contents(t, {row.content_id})
                 outcome, settled_id = "stale", None
+            # Tell the calls waiting for this download how it ended (its row may be gone).
+            settlement = {"row_id": row.id, "outcome": "failed" if kind == "failed" else outcome,
+                          "error": str(failure) if failure else None,
+                          "status_code": failure.status_code if failure else None,
+                          "hash_mismatch": bool(failure and failure.cause == "hash mismatch")}
+            t.request.update(last_settlement=json.dumps(settlement)).where(
+                t.request.id == request.id).execute()
             # Garbage collection of this request, before choosing what to return.
             freed = 0
             if kind != "not_modified":
@@ -2676,9 +2896,13 @@ class Cache:
                             .where(t.content.hash_hex.is_null(False)).tuples())
         for content_id, hash_type, hash_hex, size in contents:
             hasher, length = hashlib.new(hash_type), 0
-            for data in self._store.iter_chunks(content_id):
-                hasher.update(data)
-                length += len(data)
+            try:  # One snapshot per content: a concurrent delete cannot look like corruption.
+                with self._store.open_content(content_id) as stream:
+                    while data := stream.read(DEFAULT_CHUNK_SIZE_BYTES):
+                        hasher.update(data)
+                        length += len(data)
+            except NotCachedError:
+                continue  # Deleted meanwhile: nothing to verify.
             report.checked += 1
             if hasher.hexdigest() == hash_hex and length == size:
                 continue

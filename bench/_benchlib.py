@@ -4,13 +4,10 @@
   ``/bytes/N?seed=S``) plus the few routes the scripts need, and a per-path request
   counter so a script can ask the origin how many GETs it served:
 
-  ``/chunked/N?seed=S``
-      the body of ``/bytes/N?seed=S`` sent with ``Transfer-Encoding: chunked`` (no
-      Content-Length). Only used to *build* large caches quickly: see ``--help`` of
-      the scripts for why.
   ``/changing/N?key=K&every=E&chunked=0|1``
       N bytes whose content changes every E-th request for key K (default E=1: every
-      request); ETag ``"K-generation"`` and a 304 for a matching ``If-None-Match``.
+      request); ETag ``"K-generation"`` and a 304 for a matching ``If-None-Match``;
+      ``chunked=1`` sends it with ``Transfer-Encoding: chunked`` (no Content-Length).
   ``/flaky/N?key=K&fail=P&every=E``
       like ``/changing`` but answers 503 with probability P (seeded per request count).
   ``/slow/N?seed=S&ms=T``
@@ -58,7 +55,7 @@ SLOW_PIECES = 16
 
 
 class BenchHandler(origin.Handler):
-    """origin.Handler plus ``/chunked``, ``/changing``, ``/flaky``, ``/slow`` and ``/_counts``."""
+    """origin.Handler plus ``/changing``, ``/flaky``, ``/slow``, ``/_counts`` and ``/_reset``."""
 
     # Small responses are written as header + body: without TCP_NODELAY the second
     # write can wait for a delayed ACK (~40 ms) on loopback. Every real server sets it.
@@ -93,7 +90,7 @@ class BenchHandler(origin.Handler):
     def do_GET(self):  # noqa: N802 - http.server's name
         parts = urllib.parse.urlsplit(self.path)
         query = {key: values[-1] for key, values in urllib.parse.parse_qs(parts.query).items()}
-        match = re.match(r"^/(chunked|changing|flaky|slow)/(\d+)$", parts.path)
+        match = re.match(r"^/(changing|flaky|slow)/(\d+)$", parts.path)
         if parts.path == "/_counts":
             with BenchHandler.lock:
                 data = json.dumps(BenchHandler.path_counts).encode()
@@ -116,10 +113,6 @@ class BenchHandler(origin.Handler):
         route, size = match.group(1), int(match.group(2))
         count = self._count()
         seed = int(query.get("seed", 0))
-        if route == "chunked":
-            self._send_body(origin.body_bytes(size, seed), length=size, etag=f'"{size}-{seed}"',
-                            chunked=True)
-            return
         if route == "slow":
             pause = int(query.get("ms", 1000)) / 1000 / SLOW_PIECES
             piece_size = max(1, -(-size // SLOW_PIECES))

@@ -28,9 +28,7 @@ How this script makes that so:
    ratio is computed inside each round and the median over rounds is reported. Both
    reports (versions removed, bytes freed) are checked to be identical.
 
-The filler and measured bodies are sent chunked (no Content-Length) only to build the
-caches quickly: buffylite currently waits up to 50 ms after each body that has a
-Content-Length. It does not change what gc does. Temporary files are removed at the end.
+Temporary files are removed at the end.
 """
 
 from __future__ import annotations
@@ -74,7 +72,7 @@ def add_fillers(cache: buffylite.Cache, base: str, prefix: str, count: int, vers
     keep = RequestCacheConfiguration(recaching_strategy=ReCachingStrategy.when_requested(),
                                      max_cached_unpinned_versions=versions)
     for index in range(count):
-        url = f"{base}/changing/{body_bytes}?key={prefix}-{index}&chunked=1"
+        url = f"{base}/changing/{body_bytes}?key={prefix}-{index}"
         for _ in range(versions):
             cache.fetch(url, cache_configuration=keep)
 
@@ -104,7 +102,7 @@ def main() -> None:
     origin_process, base = _benchlib.start_origin()
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="buffylite-gc-scale-"))
     try:
-        url = f"{base}/changing/{args.body_bytes}?key=measured&chunked=1"
+        url = f"{base}/changing/{args.body_bytes}?key=measured"
         small_template = workdir / "small-template.sqlite3"
         big_template = workdir / "big-template.sqlite3"
 

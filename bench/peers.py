@@ -26,13 +26,10 @@ round) and computing each ratio *inside* a round, then taking the median over ro
   stores only 1,000 so that the build fits in a minute, see ``--scale-requests``), and
   ``gc()`` of one request holding 3 versions of which 2 are removable, in both caches
   (a new such request per round; the WAL is checkpointed before each timed gc; the
-  timed call includes what gc does at the end: incremental vacuum and checkpoint). The floor is the raw SELECT in a table of
-  30 vs 30,000 rows. The caches are built through the public API against the loopback
-  origin (``when_requested`` with content that changes per request, 3 fetches per
-  URL). The filler bodies are sent chunked (no Content-Length) only to build fast:
-  buffylite currently waits up to 50 ms after every body with a Content-Length
-  (probing for excess bytes), which would add 25 minutes to the build; the measured
-  hits never touch the network.
+  timed call includes what gc does at the end: incremental vacuum and checkpoint).
+  The floor is the raw SELECT in a table of 30 vs 30,000 rows. The caches are built
+  through the public API against the loopback origin (``when_requested`` with content
+  that changes per request, 3 fetches per URL).
 - **single flight**: upstream GETs counted at the origin when 8 threads + 3
   processes fetch one uncached URL at the same moment (the origin drips the body over
   ~1.5 s so every caller arrives while the first download is in flight).
@@ -81,8 +78,11 @@ def child_cold(contender: str, url: str, directory: str) -> None:
     import hashlib
     if contender == "buffylite":
         import buffylite
-    elif contender in ("urllib3", "sqlite3 chunks"):
+    elif contender == "urllib3":
+        import urllib3
+    elif contender == "sqlite3 chunks":
         import sqlite3
+
         import urllib3
     elif contender == "requests-cache":
         import requests_cache
@@ -482,7 +482,7 @@ class Bench:
             recaching_strategy=strategy.age(seconds=3600), max_cached_unpinned_versions=versions))
         assert served.outcome == "cached", served.outcome
         for index in range(requests - 1):
-            filler = f"{self.base}/changing/100?key={path.stem}-{index}&chunked=1"
+            filler = f"{self.base}/changing/100?key={path.stem}-{index}"
             for _ in range(versions):
                 cache.fetch(filler, cache_configuration=keep)
         stats = cache.stats()
