@@ -721,21 +721,46 @@ NAIVE_MOMENT = dt.datetime(2024, 1, 1, 12, 0, 0)
     ("", {"pin_for": -5}),
     ("empty", {}),
     ("nohost", {}),
+    ("", {"headers": {"X-Evil": "a\r\nInjected: yes"}}),
+    ("", {"headers": {"Bad Name": "x"}}),
+    ("", {"headers": {"X-Name": "caf\u00e9 \u2615"}}),
+    ("", {"expected_hash": "sha256:abc123"}),
+    ("", {"expected_hash": "md5:" + "0" * 32, "validation_hash_type": "sha256"}),
+    ("", {"cache_configuration": {"max_cached_unpinned_versions": 0}}),
 ], ids=["ftp-url", "method-delete", "method-trace", "hash-type", "naive-as_of", "expected-hash-not-hex",
-        "expected-hash-algorithm", "body-int", "negative-pin_for", "empty-url", "no-host"])
+        "expected-hash-algorithm", "body-int", "negative-pin_for", "empty-url", "no-host",
+        "header-line-break", "header-name-space", "header-not-latin1", "expected-hash-too-short",
+        "expected-hash-other-algorithm", "bad-configuration"])
 def test_bad_fetch_arguments_raise_and_write_nothing(cache, origin, url_path, kwargs):
     """§12: bad arguments raise InvalidRequestError (a ValueError), send nothing, write nothing."""
     origin.route("/bad", body=b"never fetched")
     url = {"ftp": "ftp://127.0.0.1/bad", "empty": "", "nohost": "http:///bad"}.get(url_path,
                                                                                  origin.url("/bad"))
     before = cache.stats()
-    with pytest.raises(buffylite.InvalidRequestError) as info:
+    with pytest.raises((buffylite.InvalidRequestError, pydantic.ValidationError)) as info:
         cache.fetch(url, **kwargs)
     assert isinstance(info.value, ValueError)
     assert str(info.value)
     assert origin.log == []
     assert cache.stats() == before
     assert cache.requests() == []
+
+
+def test_expected_hash_of_another_algorithm_than_the_request_is_refused(cache, origin):
+    """§7/§12: a stored sha256 request refuses an md5 expected_hash; nothing changes, dedup stays intact."""
+    origin.route("/h", body=b"same bytes")
+    first = cache.fetch(origin.url("/h"))
+    with pytest.raises(buffylite.InvalidRequestError):
+        cache.fetch(origin.url("/h"), expected_hash="md5:" + hashlib.md5(b"same bytes").hexdigest())
+    assert cache.get_request(origin.url("/h")).validation_hash_type == "sha256"
+    assert len(origin.requests_to("/h")) == 1
+    assert [v.version for v in cache.versions(origin.url("/h"))] == [first.version]
+
+
+def test_unhashable_url_is_an_invalid_request(cache):
+    """§12: a URL that is not a string is an InvalidRequestError, not a TypeError."""
+    with pytest.raises(buffylite.InvalidRequestError):
+        cache.fetch(["http://127.0.0.1/x"])
 
 
 def test_method_is_case_insensitive_and_stored_lower_case(cache, origin):
@@ -1379,6 +1404,15 @@ def test_save_to_path_is_atomic_and_returns_the_path(cache, origin, tmp_path):
     assert pathlib.Path(resp.save_to(str(out_dir / "other.bin"))).read_bytes() == body
 
 
+def test_save_to_gives_the_file_the_mode_open_would(cache, origin, tmp_path):
+    """§3: save_to() creates files with the usual permissions (0666 less the umask), not 0600."""
+    origin.route("/mode.txt", body=b"mode")
+    target = cache.fetch(origin.url("/mode.txt")).save_to(tmp_path / "saved.txt")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_save_to_file_object_writes_and_returns_none(cache, origin):
     """§3: save_to(binary file) writes the bytes and returns None."""
     origin.route("/savef", body=b"into a file object")
@@ -1937,6 +1971,22 @@ def test_verify_reports_corrupted_content_and_takes_it_out_of_the_chain(cache, c
             exclude={"previous_version", "next_version", "outcome"}) == before
     assert cache.get(url).read() == b"last version\n" * 200
     assert cache.verify().corrupted == []
+
+
+def test_a_deleted_version_never_reads_other_content(cache, cache_path, origin):
+    """§9/§10: after another Cache deletes a version, its Response raises NotCachedError, even
+    once new content is stored (ids are never reused)."""
+    origin.route("/gone", body=b"first content")
+    origin.route("/next", body=b"other content")
+    gone = cache.fetch(origin.url("/gone"))
+    with buffylite.Cache(cache_path) as other:
+        assert other.delete(origin.url("/gone")) == 1
+        other.fetch(origin.url("/next"))
+    for read in (gone.read, lambda: gone.open().read()):
+        with pytest.raises(buffylite.NotCachedError):
+            read()
+    with pytest.raises(buffylite.NotCachedError):
+        cache.pin(gone)
 
 
 def test_open_stream_survives_deletion_by_another_cache(cache, cache_path, origin):
@@ -3198,7 +3248,7 @@ def test_proxy_credentials_from_proxy_url(fault_origin, fault_proxy, fault_env,
     assert request["headers"].get("proxy-authorization") == expected
 
 
-@pytest.mark.parametrize("no_proxy", ["127.0.0.1", "localhost,127.0.0.1", "*"])
+@pytest.mark.parametrize("no_proxy", ["127.0.0.1", "localhost,127.0.0.1", "*", "10.0.0.0/8,127.0.0.0/8"])
 def test_no_proxy_bypasses_proxy(no_proxy, fault_origin, fault_proxy, fault_env,
                                  fault_open_cache):
     """§11: a host listed in NO_PROXY is fetched directly."""
@@ -3360,6 +3410,29 @@ def test_progress_reports_and_cancel_keeps_partial_for_resume(fault_origin, faul
     assert resp.read() == body
 
 
+def test_cancel_after_the_last_byte_completes_without_a_request(fault_origin, fault_open_cache):
+    """§11: a partial that already holds every byte is published by the next fetch, no Range sent."""
+    body = random.Random(11).randbytes(3 * _FAULT_MIB)
+    fault_origin.route("/whole.bin", FaultReply(body=body, etag='"w"', accept_ranges=True))
+    cache = fault_open_cache(timeout=5.0)
+    url = fault_origin.url("/whole.bin")
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel_at_the_end(done, total):
+        if done == total:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        cache.fetch(url, progress=cancel_at_the_end)
+    resp = cache.fetch(url)
+    assert resp.outcome == "downloaded"
+    assert resp.read() == body
+    assert resp.content_hash_hex == hashlib.sha256(body).hexdigest()
+    assert len(fault_origin.hits("/whole.bin")) == 1
+
+
 # ---------------------------------------------------------------------------------------
 # Sensitive headers (§11, issue 4 must-show #3)
 # ---------------------------------------------------------------------------------------
@@ -3401,6 +3474,21 @@ def test_sensitive_header_values_never_reach_the_file(fault_origin, fault_open_c
     assert "SECRET-TOKEN-123" not in json.dumps(request.model_dump(mode="json"))
     assert reopened.get(url, headers=_FAULT_SECRETS).version == resp.version
     reopened.close()
+    assert _fault_secret_leaks(fault_cache_path) == []
+
+
+def test_sensitive_header_names_are_remembered_by_the_file(fault_origin, fault_open_cache,
+                                                           fault_cache_path):
+    """§11: a Cache opened later without sensitive_headers still hides X-Api-Key and finds the request."""
+    fault_origin.route("/keyed", FaultReply(body=b"keyed data\n"))
+    url = fault_origin.url("/keyed")
+    first = fault_open_cache(sensitive_headers=("X-Api-Key",))
+    resp = first.fetch(url, headers={"X-Api-Key": "KEYVALUE789"})
+    first.close()
+    later = fault_open_cache()
+    assert later.get(url, headers={"X-Api-Key": "KEYVALUE789"}).version == resp.version
+    later.fetch(url, headers={"X-Api-Key": "KEYVALUE789"}, group="other")
+    later.close()
     assert _fault_secret_leaks(fault_cache_path) == []
 
 
@@ -3635,6 +3723,63 @@ def test_running_download_waiters_prefer_cached_or_wait(fault_origin, fault_open
     assert outcome["resp"].read() == b"new\n"
     assert waited.version == outcome["resp"].version and waited.read() == b"new\n"
     assert len(fault_origin.hits("/busy-download")) == 2, "the waiters did not download again"
+
+
+@pytest.mark.parametrize("second_reply, expected", [
+    ("same", "duplicate"), ("not_modified", "not_modified"), ("fails", "stale")])
+def test_a_waiter_gets_the_outcome_of_the_download_it_waited_for(second_reply, expected, fault_origin,
+                                                                 fault_open_cache):
+    """§7: prefer_cached=False waits for the running download and returns its outcome, also when
+    that download settled as a duplicate, a 304 or a failure (and sends nothing itself)."""
+    url = fault_origin.url("/settle")
+    replies = {"same": FaultReply(body=b"v1\n", etag='"a"', delay_sec=1.5),
+               "not_modified": FaultReply(body=b"v1\n", etag='"a"', delay_sec=1.5),
+               "fails": FaultReply(status=404, body=b"gone\n", delay_sec=1.5)}
+    fault_origin.route("/settle", FaultReply(body=b"v1\n", etag='"a"'), replies[second_reply])
+    cache = fault_open_cache(timeout=5.0, download_lease_sec=10.0, retries=0)
+    strategy = (buffylite.ReCachingStrategy.when_remote_changed(check_interval_sec=0)
+                if second_reply == "not_modified" else buffylite.ReCachingStrategy.when_requested())
+    first = cache.fetch(url, cache_configuration=buffylite.RequestCacheConfiguration(
+        recaching_strategy=strategy))
+    outcome = {}
+    downloader = threading.Thread(target=lambda: outcome.setdefault("resp", cache.fetch(url)), daemon=True)
+    downloader.start()
+    deadline = time.monotonic() + 10
+    while len(fault_origin.hits("/settle")) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    waited = cache.fetch(url, prefer_cached=False)
+    downloader.join(30)
+    assert outcome["resp"].outcome == expected
+    assert (waited.outcome, waited.version) == (expected, first.version)
+    assert len(fault_origin.hits("/settle")) == 2, "the waiter did not send a request of its own"
+
+
+def test_close_closes_the_connections_of_every_thread(cache_path):
+    """§3: close() releases the connections, including those other threads opened."""
+    cache = buffylite.Cache(cache_path)
+    workers = [threading.Thread(target=cache.stats) for _ in range(4)]
+    keep_alive = threading.Event()
+    opened = threading.Semaphore(0)
+    holders = [threading.Thread(target=lambda: (cache.stats(), opened.release(), keep_alive.wait(10)))
+               for _ in range(3)]
+    for thread in workers + holders:
+        thread.start()
+    for thread in workers:
+        thread.join(10)
+    for _ in holders:  # every holder has used (and still holds) its connection
+        assert opened.acquire(timeout=10)
+
+    def open_handles():
+        return [name for name in os.listdir("/proc/self/fd")
+                if os.path.realpath(f"/proc/self/fd/{name}").startswith(str(cache_path))]
+
+    assert open_handles(), "the threads opened the file"
+    cache.close()
+    keep_alive.set()
+    for thread in holders:
+        thread.join(10)
+    assert open_handles() == []
 
 
 def test_kill9_at_random_moments_keeps_cache_consistent(
