@@ -170,6 +170,10 @@ IDENTITY_MEMO_SIZE = 4096
 SCHEMA_VERSION = 1
 #: SQLite ``application_id`` marking a buffylite file ("BUFY").
 APPLICATION_ID = 0x42554659
+#: SQLite page size of new cache files. Measured with bench/large_download.py on a
+#: 256 MiB body: 16 KiB pages store it about 20% faster than the default 4 KiB, at the
+#: same read-back speed; 64 KiB pages are faster still but add ~25 MiB of peak memory.
+PAGE_SIZE_BYTES = 16384
 #: How long gc() waits for readers before giving up on truncating the WAL (ms).
 CHECKPOINT_WAIT_MS = 200
 #: Size, in bytes, to which SQLite truncates the WAL file after a checkpoint.
@@ -1018,12 +1022,14 @@ def _sqlite_file_marks(database: peewee.Database) -> tuple[int, int, int]:
 
 def _sqlite_change_counter(database: peewee.Database) -> int:
     """A number that changes whenever another connection commits to the file."""
-    return database.execute_sql("PRAGMA data_version").fetchone()[0]
+    return database.connection().execute("PRAGMA data_version").fetchone()[0]
 
 
 def _sqlite_prepare_new_file(database: peewee.Database) -> None:
-    """File-level settings that must precede the first table: incremental auto-vacuum
-    (so freed pages can be given back and the file shrinks), then WAL (persistent)."""
+    """File-level settings that must precede the first table: the page size, incremental
+    auto-vacuum (so freed pages can be given back and the file shrinks), then WAL
+    (persistent; the page size cannot change once the file is in WAL mode)."""
+    database.execute_sql(f"PRAGMA page_size={PAGE_SIZE_BYTES}")
     database.execute_sql("PRAGMA auto_vacuum=INCREMENTAL")
     database.execute_sql("PRAGMA journal_mode=WAL")
 
@@ -1207,7 +1213,9 @@ class _Store:
             statement = self._statements[name] = build(self.tables).sql()
         sql, template = statement
         supplied = iter(values)
-        return self.db.execute_sql(sql, [next(supplied) if param == _SLOT else param for param in template])
+        # Straight to the driver: peewee's per-statement bookkeeping would double the cost.
+        return self.db.connection().execute(
+            sql, [next(supplied) if param == _SLOT else param for param in template])
 
     def request_and_ready_rows(self, identity_key: str):
         """(request record or None, its ready version records newest first), in one query.
