@@ -31,15 +31,21 @@ Design notes (choices the specification leaves open):
   duplicate or failed), bumped past every version the request already has, so a
   resumed download never lands behind a newer one.
 - A download lease lives on the ``wait``/``in_progress`` version row (owner +
-  expiry). A row whose lease expired is abandoned: a later ``fetch`` of the same
+  expiry), renewed by a small thread while the download lives, whatever it is
+  doing. A row whose lease expired is abandoned: a later ``fetch`` of the same
   request resumes its partial content when the origin still validates it, and
-  ``gc()`` reclaims it otherwise.
+  ``gc()`` reclaims it otherwise. Calls that waited for a download get its
+  outcome from a note the download leaves on the request (its row may be gone).
+- Row ids are never reused, so a Response of a deleted version raises
+  NotCachedError instead of reaching newer content.
 - A failed download keeps no content; a cancelled one (``progress`` raised)
   keeps its partial content on an abandoned row for a later resume.
 - Sensitive header values are replaced by an HMAC-SHA256 digest keyed with a
-  random salt stored in the cache file. Requests carrying them cannot be
-  replayed by ``refresh()`` (their values are not stored); they report
-  ``"error"`` there.
+  random salt stored in the cache file; extra sensitive names given to one
+  Cache are remembered by the file. Requests carrying them cannot be replayed
+  by ``refresh()`` (their values are not stored); they report ``"error"`` there.
+- ``expected_hash`` must use the request's hash type (a new request takes the
+  expected hash's algorithm).
 - ``expected_hash`` with no matching cached version makes a download due, even
   under a strategy that would otherwise serve the cache.
 - ``VerifyReport.checked`` counts distinct contents re-hashed.
