@@ -65,6 +65,7 @@ from __future__ import annotations
 # ---------------------------------------------------------------------------
 
 import argparse
+import base64
 import bisect
 import contextlib
 import dataclasses
@@ -358,6 +359,17 @@ def _check_url(url: str) -> str:
     if not host:
         raise InvalidRequestError(f"URL {url!r} has no host.")
     return url
+
+
+def _split_credentials(url: str) -> tuple[str, str | None]:
+    """``http://user:pw@host/x`` -> (``http://host/x``, ``"user:pw"``); other URLs unchanged."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    credentials = f"{urllib.parse.unquote(parts.username or '')}:{urllib.parse.unquote(parts.password or '')}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), credentials
 
 
 def _check_header(name, value) -> str:
@@ -1541,7 +1553,7 @@ def _has_excess_body(response: urllib3.BaseHTTPResponse, remaining: int) -> bool
 class _Identity:
     """A validated request identity: what makes two fetches the same request (§3)."""
 
-    __slots__ = ("url", "method", "params", "headers", "send_headers", "body_kind", "body",
+    __slots__ = ("url", "method", "params", "send_headers", "body_kind", "body",
                  "group", "key", "stored_headers")
 
     def __init__(self, url, method, params, headers, body, group, *, salt: bytes,
@@ -1558,6 +1570,11 @@ class _Identity:
             raise InvalidRequestError(f"group must be a non-empty string, not {group!r}.")
         self.params = dict(params) if params else None
         self.send_headers = {_check_header(name, value): value for name, value in (headers or {}).items()}
+        self.url, credentials = _split_credentials(self.url)
+        if credentials and not any(name.lower() == "authorization" for name in self.send_headers):
+            # Sent as Basic auth (as requests does) and, like any Authorization, kept out of
+            # the file in clear.
+            self.send_headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
         self.body_kind, self.body = _encode_body(body)
         self.group = group
         # Sensitive values take part in the identity only as keyed digests.

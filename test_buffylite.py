@@ -3477,6 +3477,22 @@ def test_sensitive_header_values_never_reach_the_file(fault_origin, fault_open_c
     assert _fault_secret_leaks(fault_cache_path) == []
 
 
+def test_credentials_in_the_url_are_sent_as_basic_auth_and_never_stored(fault_origin, fault_open_cache,
+                                                                         fault_cache_path):
+    """§11: http://user:pw@host/... sends Basic auth; the password never reaches the file."""
+    fault_origin.route("/userinfo", FaultReply(body=b"for members\n"))
+    url = fault_origin.url("/userinfo").replace("http://", "http://member:S3CRET-PASSWORD@")
+    cache = fault_open_cache()
+    resp = cache.fetch(url)
+    assert resp.read() == b"for members\n"
+    sent = fault_origin.hits("/userinfo")[0]["headers"]["authorization"]
+    assert base64.b64decode(sent.split()[1]) == b"member:S3CRET-PASSWORD"
+    assert "S3CRET" not in resp.url and "S3CRET" not in cache.get_request(url).url
+    assert cache.fetch(url).version == resp.version
+    cache.close()
+    assert b"S3CRET-PASSWORD" not in _fault_file_bytes(fault_cache_path)
+
+
 def test_sensitive_header_names_are_remembered_by_the_file(fault_origin, fault_open_cache,
                                                            fault_cache_path):
     """§11: a Cache opened later without sensitive_headers still hides X-Api-Key and finds the request."""
