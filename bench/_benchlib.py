@@ -111,7 +111,7 @@ class BenchHandler(origin.Handler):
             self._count()
             return super().do_GET()
         route, size = match.group(1), int(match.group(2))
-        count = self._count()
+        self._count()
         seed = int(query.get("seed", 0))
         if route == "slow":
             pause = int(query.get("ms", 1000)) / 1000 / SLOW_PIECES

@@ -46,7 +46,6 @@ import argparse
 import collections
 import hashlib
 import json
-import os
 import pathlib
 import random
 import sqlite3
