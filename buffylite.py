@@ -1132,21 +1132,15 @@ class _Store:
         if os.getpid() != self._pid:
             self._open_database()
 
-    @contextlib.contextmanager
-    def _translated(self) -> Iterator[None]:
+    def _translated(self) -> "_DriverErrors":
         """The one place where driver errors become CacheFileError (keeping the cause)."""
-        try:
-            yield
-        except (peewee.DatabaseError, peewee.InterfaceError, sqlite3.Error) as exc:
-            raise CacheFileError(f"The cache file {self.path} cannot be used: {exc}.",
-                                 path=self.path) from exc
+        return _DriverErrors(self)
 
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[_Tables]:
-        """Reads outside any explicit transaction (each statement sees a consistent snapshot)."""
+    def reading(self) -> "_DriverErrors":
+        """Reads outside any explicit transaction (each statement sees a consistent
+        snapshot); ``with store.reading() as t`` gives the tables."""
         self._ensure_same_process()
-        with self._translated():
-            yield self.tables
+        return _DriverErrors(self)
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[_Tables]:
@@ -1302,7 +1296,7 @@ class _Store:
         def build(t: _Tables):
             return t.chunk.select(t.chunk.data).where(t.chunk.content_id == _slot()).order_by(t.chunk.seq)
         with self.reading():
-            data = b"".join(row[0] for row in self._execute("read_content", build, content_id))
+            data = b"".join([row[0] for row in self._execute("read_content", build, content_id)])
             if not data:
                 self._require_content(content_id)
             return data
@@ -1320,6 +1314,25 @@ class _Store:
         chunks = chunk.select(chunk.data).where(chunk.content_id == content_id).order_by(chunk.seq).sql()
         with self._translated():
             return _ContentStream(self, exists, chunks)
+
+
+class _DriverErrors:
+    """Context manager turning sqlite3/peewee errors into CacheFileError naming the file.
+    A class rather than a generator: it runs twice on every cache hit."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: _Store):
+        self._store = store
+
+    def __enter__(self) -> _Tables:
+        return self._store.tables
+
+    def __exit__(self, kind, exc, traceback) -> bool:
+        if kind is not None and issubclass(kind, (peewee.DatabaseError, peewee.InterfaceError, sqlite3.Error)):
+            path = self._store.path
+            raise CacheFileError(f"The cache file {path} cannot be used: {exc}.", path=path) from exc
+        return False
 
 
 class _ContentStream(io.RawIOBase):
