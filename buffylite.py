@@ -3422,6 +3422,11 @@ def main(argv: list[str] | None = None) -> int:
             return args.handler(cache, args)
     except _UsageError as exc:
         parser.error(str(exc))
+    except BrokenPipeError:
+        # The reader went away (``| head``): say nothing; keep Python from complaining
+        # again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (BuffyliteError, pydantic.ValidationError, OSError) as exc:
         if args.verbose:
             import traceback

@@ -4904,3 +4904,18 @@ def test_cli_no_progress_bar_without_terminal(cli_run, cli_origin, tmp_path):
     assert target.read_bytes() == body
     assert "%" not in done.stderr and "MiB" not in done.stderr and "\r" not in done.stderr
     assert len(cli_stderr_lines(done)) == 1, done.stderr
+
+
+def test_cli_fetch_into_a_closed_pipe_is_quiet(cli_origin, cli_cache_path):
+    """§13: `fetch URL | head -c 10` ends without an error line or traceback when the reader goes away."""
+    cli_origin.route("/piped.bin", body=bytes(range(256)) * (CLI_LARGE_BODY_BYTES // 256))
+    reader, writer = os.pipe()
+    child = subprocess.Popen([CLI_PYTHON, "-m", "buffylite", "fetch", cli_origin.url("/piped.bin")],
+                             cwd=CLI_REPO_DIR, env=cli_env(BUFFYLITE_CACHE=str(cli_cache_path)),
+                             stdin=subprocess.DEVNULL, stdout=writer, stderr=subprocess.PIPE)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        assert pipe.read(10) == bytes(range(10))
+    _, stderr = child.communicate(timeout=CLI_TIMEOUT_SEC)
+    assert child.returncode in (0, 1)
+    assert "error" not in stderr.decode() and "Traceback" not in stderr.decode()
