@@ -2100,10 +2100,6 @@ class Cache:
     def _find_request(self, t: _Tables, identity: _Identity):
         return t.request.get_or_none(t.request.identity_key == identity.key)
 
-    def _ready_rows(self, t: _Tables, request_id: int) -> list:
-        """The request's ready versions, newest first (inside the caller's read or write)."""
-        return self._store.ready_rows(request_id)
-
     def _response(self, row, url: str, chain: list[str], outcome: str | None = None) -> Response:
         """Build the public object for a version row; ``chain`` is the request's ready
         versions in ascending order (for previous/next)."""
@@ -2134,7 +2130,7 @@ class Cache:
         if row is None:
             raise NotCachedError(f"Version row {row_id} is no longer in the cache {self.path}.")
         request = t.request.get_by_id(row.request_id)
-        return self._responses([row], request.url, self._ready_rows(t, row.request_id), outcome)[0]
+        return self._responses([row], request.url, self._store.ready_rows(row.request_id), outcome)[0]
 
     @staticmethod
     def _configuration_of(request_row) -> RequestCacheConfiguration:
@@ -2373,7 +2369,7 @@ class Cache:
                                  + (" (offline)." if call.offline else "."))
         if call.pin_for is not None:
             with self._store.writing() as t:
-                ready = self._ready_rows(t, request.id)
+                ready = self._store.ready_rows(request.id)
                 chosen = self._choose(call, ready, _now(), hard=hard)
                 if chosen is not None:
                     self._extend_lease(t, chosen, call.pin_for)
@@ -2559,8 +2555,7 @@ class Cache:
             return "failed", None, failure
 
     def _is_duplicate_of_newest(self, request_id: int, result: _Completed) -> bool:
-        with self._store.reading() as t:
-            ready = self._ready_rows(t, request_id)
+        ready = self._store.ready_rows(request_id)
         return bool(ready) and ready[0].content_hash_hex == result.hash_hex
 
     def _run_validator(self, call: _FetchCall, claim: _Claim, request, result: _Completed) -> None:
@@ -2600,7 +2595,7 @@ class Cache:
                               .where(t.version.request_id == request.id).scalar())
             final = {"version": _next_version_string(now, newest_version), "lease_owner": None,
                      "lease_expires_unix": None, "resume_from": None}
-            ready = self._ready_rows(t, request.id)
+            ready = self._store.ready_rows(request.id)
             newest = ready[0] if ready else None
             if kind == "not_modified":
                 t.version.delete().where(t.version.id == row.id).execute()
@@ -2645,7 +2640,7 @@ class Cache:
             freed = 0
             if kind != "not_modified":
                 freed = self._collect_request(t, request.id, now)[1]
-            ready = self._ready_rows(t, request.id)
+            ready = self._store.ready_rows(request.id)
             chosen = self._choose(call, ready, now)
             if chosen is not None and call.pin_for is not None:
                 self._extend_lease(t, chosen, call.pin_for)
@@ -2820,7 +2815,7 @@ class Cache:
                 query = query.where(t.version.status == status)
             rows = list(query.order_by(t.version.version.desc()))
             ready = [row for row in rows if row.status == "ready"] if status in (None, "ready") \
-                else self._ready_rows(t, request.id)
+                else self._store.ready_rows(request.id)
         now = _now()
         rows = [row for row in rows if _matches(row, tag=tag, pinned=pinned, now=now)]
         return self._responses(rows, request.url, ready)
@@ -2836,7 +2831,7 @@ class Cache:
         identity = self._identity(url, method, params, headers, body, group)
         with self._store.reading() as t:
             request = self._find_request(t, identity)
-            ready = self._ready_rows(t, request.id) if request is not None else []
+            ready = self._store.ready_rows(request.id) if request is not None else []
         chosen = next((row for row in ready if version in ("latest", row.version)), None)
         if chosen is None:
             raise NotCachedError(f"No ready version {version!r} of {identity.url} in {self.path}.")

@@ -140,11 +140,7 @@ class BenchHandler(origin.Handler):
                 return
         generation = served // every
         etag = f'"{key}-{generation}"'
-        if self.headers.get("If-None-Match") == etag:
-            self.send_response(304)
-            self.send_header("ETag", etag)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+        if self.answered_not_modified(etag):
             return
         digest = int.from_bytes(hashlib.sha256(f"{key}:{generation}".encode()).digest()[:6], "big")
         self._send_body(origin.body_bytes(size, digest), length=size, etag=etag,

@@ -45,6 +45,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def answered_not_modified(self, etag: str) -> bool:
+        """Answer 304 when the request's If-None-Match names ``etag``; say whether it did."""
+        if self.headers.get("If-None-Match") != etag:
+            return False
+        self.send_response(304)
+        self.send_header("ETag", etag)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return True
+
     def do_GET(self):
         match = re.match(r"^/bytes/(\d+)(?:\?seed=(\d+))?$", self.path)
         if not match:
@@ -53,11 +63,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         size, seed = int(match.group(1)), int(match.group(2) or 0)
         etag = f'"{size}-{seed}"'
         Handler.counts["requests"] += 1
-        if self.headers.get("If-None-Match") == etag:
-            self.send_response(304)
-            self.send_header("ETag", etag)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+        if self.answered_not_modified(etag):
             return
         start = 0
         range_header = self.headers.get("Range")
