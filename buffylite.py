@@ -1883,8 +1883,9 @@ class _Transfer:
             if self._conditional.get("etag"):
                 headers["If-None-Match"] = self._conditional["etag"]
             if self._conditional.get("last_modified_datetime_utc"):
-                moment = dt.datetime.fromisoformat(self._conditional["last_modified_datetime_utc"])
-                headers["If-Modified-Since"] = email.utils.format_datetime(moment, usegmt=True)
+                moment = ResponseContentAttributes.model_validate(self._conditional).last_modified_datetime_utc
+                headers["If-Modified-Since"] = email.utils.format_datetime(
+                    moment.astimezone(dt.timezone.utc), usegmt=True)
         return headers
 
     def _receive(self, response: urllib3.BaseHTTPResponse):

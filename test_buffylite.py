@@ -4572,7 +4572,7 @@ def test_cli_pin_for_sets_lease(cli_run, cli_origin, cli_cache_path, cli_seed):
     assert 3590 <= (response.pinned_until_utc - before).total_seconds() <= 3660
     data = json.loads(done.stdout)
     assert data["pinned"] is False
-    assert dt.datetime.fromisoformat(data["pinned_until_utc"]) == response.pinned_until_utc
+    assert pydantic.TypeAdapter(dt.datetime).validate_python(data["pinned_until_utc"]) == response.pinned_until_utc
 
 
 def test_cli_tag_and_untag(cli_run, cli_origin, cli_cache_path, cli_seed):
