@@ -3033,11 +3033,41 @@ def fetch(url: str, **kwargs) -> Response:
 # ---------------------------------------------------------------------------
 #
 # A thin layer over the public API. Global options are accepted before or after
-# the subcommand; errors are one line on stderr with exit status 1 (usage: 2).
+# the subcommand; errors are one line on stderr (a traceback only with -v) and an
+# exit status from the table below, so a script can tell the classes apart.
+
+#: Exit statuses of the command line (SPEC §13).
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_CACHED, EXIT_INTEGRITY, EXIT_DOWNLOAD_FAILED = 0, 1, 2, 3, 4, 5
 
 
 class _UsageError(Exception):
     """A command-line value the parser could not check (exit status 2)."""
+
+
+#: Error type -> exit status; the first matching row wins (subclasses before bases).
+_EXIT_STATUS_BY_ERROR: tuple[tuple[type, int], ...] = (
+    (_UsageError, EXIT_USAGE),
+    (InvalidRequestError, EXIT_USAGE),
+    (NotCachedError, EXIT_NOT_CACHED),
+    (IntegrityError, EXIT_INTEGRITY),
+    (FetchError, EXIT_DOWNLOAD_FAILED),
+)
+
+
+def _exit_status_for(exc: BaseException) -> int:
+    """The exit status for an error that ended a command (EXIT_ERROR when unlisted)."""
+    for kind, status in _EXIT_STATUS_BY_ERROR:
+        if isinstance(exc, kind):
+            return status
+    return EXIT_ERROR
+
+
+def _error_object(exc: BaseException, message: str) -> dict:
+    """The ``--json`` form of an error: ``{"error": {type, message, url, status_code}}``."""
+    return {"error": {"type": type(exc).__name__ if isinstance(exc, BuffyliteError) else
+                      "InvalidRequestError" if isinstance(exc, _UsageError) else "BuffyliteError",
+                      "message": message, "url": getattr(exc, "url", None),
+                      "status_code": getattr(exc, "status_code", None)}}
 
 
 def _parse_strategy(text: str):
@@ -3273,7 +3303,7 @@ def _cmd_verify(cache: Cache, args) -> int:
     if report.corrupted:
         sys.stderr.write(f"buffylite: {len(report.corrupted)} versions have corrupted content "
                          "(now marked failed).\n")
-        return 1
+        return EXIT_INTEGRITY
     return 0
 
 
@@ -3406,7 +3436,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status.
+
+    Exit statuses: 0 success; 1 other errors; 2 usage (bad option or value); 3 not
+    cached; 4 integrity; 5 download failed with nothing cached. With ``--json`` an
+    error is also printed on stdout as ``{"error": {"type", "message", "url",
+    "status_code"}}``.
+    """
     parser = _build_parser()
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
@@ -3417,20 +3453,28 @@ def main(argv: list[str] | None = None) -> int:
         with Cache(args.cache, retries=args.retries, timeout=args.timeout) as cache:
             return args.handler(cache, args)
     except _UsageError as exc:
-        parser.error(str(exc))
+        if args.json:
+            sys.stdout.write(json.dumps(_error_object(exc, str(exc))) + "\n")
+            sys.stdout.flush()
+        parser.error(str(exc))  # exits with EXIT_USAGE after the usage line
     except BrokenPipeError:
-        # The reader went away (``| head``): say nothing; keep Python from complaining
-        # again when it flushes stdout at exit.
+        # The reader went away (``| head``): that is how pipelines end, not an error.
+        # Say nothing; keep Python from complaining again when it flushes at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return EXIT_OK
     except (BuffyliteError, pydantic.ValidationError, OSError) as exc:
         if args.verbose:
             import traceback
             traceback.print_exc()
         message = " ".join(str(exc).split()) if not isinstance(exc, pydantic.ValidationError) else \
             "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors())
+        status = EXIT_USAGE if isinstance(exc, pydantic.ValidationError) else _exit_status_for(exc)
+        if args.json:
+            with contextlib.suppress(OSError):
+                sys.stdout.write(json.dumps(_error_object(exc, message)) + "\n")
+                sys.stdout.flush()
         sys.stderr.write(f"buffylite: error: {message}\n")
-        return 1
+        return status
     except KeyboardInterrupt:
         sys.stderr.write("buffylite: interrupted\n")
         return 130

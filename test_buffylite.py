@@ -4325,10 +4325,10 @@ def test_cli_fetch_offline_never_touches_origin(cli_run, cli_origin):
 
 
 def test_cli_fetch_offline_with_nothing_cached_fails_without_request(cli_run, cli_origin):
-    """§13/§7: `--offline` with nothing cached: exit 1, one stderr line, no request made."""
+    """§13/§7: `--offline` with nothing cached: exit 3, one stderr line, no request made."""
     cli_origin.route("/never.bin", b"never fetched")
     done = cli_run("fetch", cli_origin.url("/never.bin"), "--offline")
-    assert done.returncode == 1
+    assert done.returncode == 3
     assert len(cli_stderr_lines(done)) == 1, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stdout == b""
@@ -4347,11 +4347,11 @@ def test_cli_offline_environment_variable(cli_run, cli_origin, cli_cache_path):
 
 
 def test_cli_expected_hash_mismatch_exits_1(cli_run, cli_origin, cli_cache_path):
-    """§13/§7: `--expected-hash` that the content does not have: exit 1, one line, no content out."""
+    """§13/§7: `--expected-hash` that the content does not have: exit 4, one line, no content out."""
     cli_origin.route("/hash.bin", CLI_BINARY_BODY)
     url = cli_origin.url("/hash.bin")
     done = cli_run("fetch", url, "--expected-hash", "sha256:" + "0" * 64)
-    assert done.returncode == 1
+    assert done.returncode == 4
     assert done.stdout == b""
     lines = cli_stderr_lines(done)
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
@@ -4381,11 +4381,11 @@ def test_cli_fetch_force_version_returns_that_version_offline(cli_run, cli_origi
     assert cli_origin.hits("/fv.bin") == hits
 
 
-def test_cli_fetch_force_version_unknown_exits_1(cli_run, cli_origin, cli_seed):
-    """§13/§7: `--force-version` of a version that does not exist: exit 1, one stderr line."""
+def test_cli_fetch_force_version_unknown_exits_3(cli_run, cli_origin, cli_seed):
+    """§13/§7: `--force-version` of a version that does not exist: exit 3, one stderr line."""
     cli_seed("/fv2.bin", [b"only"])
     done = cli_run("fetch", cli_origin.url("/fv2.bin"), "--force-version", "20000101000000000000")
-    assert done.returncode == 1
+    assert done.returncode == 3
     assert len(cli_stderr_lines(done)) == 1, done.stderr
     assert done.stdout == b""
 
@@ -4502,10 +4502,10 @@ def test_cli_show_human_lists_fields(cli_run, cli_origin, cli_seed):
     assert hashlib.sha256(b"shown").hexdigest() in text
 
 
-def test_cli_show_unknown_url_exits_1(cli_run, cli_origin):
-    """§13: `show` of a URL never fetched: exit 1 with one stderr line, no traceback."""
+def test_cli_show_unknown_url_exits_3(cli_run, cli_origin):
+    """§13: `show` of a URL never fetched: exit 3 with one stderr line, no traceback."""
     done = cli_run("show", cli_origin.url("/unknown.bin"))
-    assert done.returncode == 1
+    assert done.returncode == 3
     assert len(cli_stderr_lines(done)) == 1 and "Traceback" not in done.stderr, done.stderr
 
 
@@ -4591,11 +4591,11 @@ def test_cli_tag_and_untag(cli_run, cli_origin, cli_cache_path, cli_seed):
         assert cache.get(url, old).tags == []
 
 
-def test_cli_tag_invalid_name_exits_1(cli_run, cli_origin, cli_seed):
-    """§4/§13: a tag outside 2-64 chars of [A-Za-z0-9_-] is refused: exit 1, one stderr line."""
+def test_cli_tag_invalid_name_exits_2(cli_run, cli_origin, cli_seed):
+    """§4/§13: a tag outside 2-64 chars of [A-Za-z0-9_-] is refused: exit 2, one stderr line."""
     (version,) = cli_seed("/tbad.bin", [b"v1"])
     done = cli_run("tag", cli_origin.url("/tbad.bin"), version, "no spaces!")
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert len(cli_stderr_lines(done)) == 1 and "Traceback" not in done.stderr, done.stderr
 
 
@@ -4654,13 +4654,13 @@ def cli_corrupt_content(path: pathlib.Path, content_hash: str) -> None:
         connection.commit()
 
 
-def test_cli_verify_corrupted_exits_1_with_one_stderr_line(cli_run, cli_origin, cli_cache_path, cli_seed):
-    """§13: `verify` finding corrupted content exits 1 after one stderr line with the count."""
+def test_cli_verify_corrupted_exits_4_with_one_stderr_line(cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `verify` finding corrupted content exits 4 after one stderr line with the count."""
     old, new = cli_seed("/bad.bin", [CLI_BINARY_BODY, b"untouched"])
     url = cli_origin.url("/bad.bin")
     cli_corrupt_content(cli_cache_path, hashlib.sha256(CLI_BINARY_BODY).hexdigest())
     done = cli_run("verify")
-    assert done.returncode == 1
+    assert done.returncode == 4
     lines = cli_stderr_lines(done)
     assert len(lines) == 1, done.stderr
     assert "1" in lines[0] and "version" in lines[0]
@@ -4673,11 +4673,11 @@ def test_cli_verify_corrupted_exits_1_with_one_stderr_line(cli_run, cli_origin, 
 
 
 def test_cli_verify_corrupted_json_lists_versions(cli_run, cli_origin, cli_cache_path, cli_seed):
-    """§13: `verify --json` lists the corrupted versions and still exits 1."""
+    """§13: `verify --json` lists the corrupted versions and exits 4."""
     (version,) = cli_seed("/badj.bin", [CLI_BINARY_BODY])
     cli_corrupt_content(cli_cache_path, hashlib.sha256(CLI_BINARY_BODY).hexdigest())
     done = cli_run("--json", "verify")
-    assert done.returncode == 1
+    assert done.returncode == 4
     report = json.loads(done.stdout)
     assert report["checked"] == 1
     assert [entry["version"] for entry in report["corrupted"]] == [version]
@@ -4736,11 +4736,11 @@ def test_cli_delete_forgets_request(cli_run, cli_origin, cli_cache_path, cli_see
 # ===========================================================================
 
 
-def test_cli_unreachable_url_one_line_exit_1(cli_run):
-    """§13 / issue 6: unreachable URL, nothing cached: exit 1, one stderr line, no traceback."""
+def test_cli_unreachable_url_one_line_exit_5(cli_run):
+    """§13: unreachable URL, nothing cached: exit 5, one stderr line, no traceback."""
     url = cli_closed_port_url()
     done = cli_run("fetch", url, *CLI_FAIL_FAST)
-    assert done.returncode == 1
+    assert done.returncode == 5
     lines = cli_stderr_lines(done)
     assert len(lines) == 1, done.stderr
     assert "Traceback" not in done.stderr
@@ -4751,14 +4751,14 @@ def test_cli_unreachable_url_one_line_exit_1(cli_run):
 def test_cli_quiet_still_reports_errors(cli_run):
     """§13: `-q` silences status output but an error still gets its one stderr line."""
     done = cli_run("fetch", cli_closed_port_url(), "-q", *CLI_FAIL_FAST)
-    assert done.returncode == 1
+    assert done.returncode == 5
     assert len(cli_stderr_lines(done)) == 1, done.stderr
 
 
 def test_cli_unreachable_url_verbose_shows_traceback(cli_run):
     """§13: with `-v` the same failure also prints a traceback."""
     done = cli_run("-v", "fetch", cli_closed_port_url(), *CLI_FAIL_FAST)
-    assert done.returncode == 1
+    assert done.returncode == 5
     assert "Traceback" in done.stderr
 
 
@@ -4806,17 +4806,17 @@ def test_cli_not_a_buffylite_file_exits_1_naming_path(cli_run, tmp_path, kind):
             connection.commit()
     before = path.read_bytes()
     done = cli_run("--cache", str(path), "info")
-    assert done.returncode == 1
+    assert done.returncode == 1  # other errors
     lines = cli_stderr_lines(done)
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert str(path) in lines[0]
     assert path.read_bytes() == before
 
 
-def test_cli_fetch_non_http_url_exits_1(cli_run):
-    """§11/§13: a non-http(s) URL is refused with one stderr line and exit 1."""
+def test_cli_fetch_non_http_url_exits_2(cli_run):
+    """§11/§13: a non-http(s) URL is a bad value: one stderr line and exit 2."""
     done = cli_run("fetch", "ftp://127.0.0.1/file.bin", *CLI_FAIL_FAST)
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert len(cli_stderr_lines(done)) == 1 and "Traceback" not in done.stderr, done.stderr
 
 
