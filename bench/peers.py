@@ -30,6 +30,18 @@ round) and computing each ratio *inside* a round, then taking the median over ro
   The floor is the raw SELECT in a table of 30 vs 30,000 rows. The caches are built
   through the public API against the loopback origin (``when_requested`` with content
   that changes per request, 3 fetches per URL).
+- **coldsmall**: what a pipeline touching many URLs pays. In one fresh process per
+  contender and round, N = 400 distinct uncached 10 KB URLs are fetched one after the
+  other (each through the contender's own storage); per-fetch median and p90 in ms, and
+  the ratio to "urllib3 → file + sha256" (each body written to its own file) in the same
+  round. The floor is a plain urllib3 GET that keeps nothing. Peers: diskcache (GET +
+  ``set``), raw sqlite3 (GET + INSERT, one commit each, default rollback journal: an
+  fsync per commit), pooch ``retrieve``, requests-cache ``get``.
+- **hitfirst**: what a fresh process pays to find things. Each contender's store holds
+  1,000 cached 10 KB URLs (built through its own API before timing); then one fresh
+  process per contender and round requests each URL once, in a shuffled order; median
+  and p99 per call in µs, the first call on its own, and the ratio to a raw sqlite3
+  primary-key SELECT of a 10 KB blob made the same way (fresh process, 1,000 rows).
 - **single flight**: upstream GETs counted at the origin when 8 threads + 3
   processes fetch one uncached URL at the same moment (the origin drips the body over
   ~1.5 s so every caller arrives while the first download is in flight).
@@ -57,6 +69,9 @@ READ_BYTES = 1 << 20
 COLD_CONTENDERS = ["urllib3", "buffylite", "sqlite3 chunks", "requests-cache", "pooch"]
 HIT_CONTENDERS = ["raw sqlite3", "buffylite", "diskcache", "pooch", "requests-cache"]
 FLIGHT_CONTENDERS = ["buffylite", "requests-cache", "pooch"]
+COLDSMALL_CONTENDERS = ["plain GET", "urllib3 → file", "buffylite", "diskcache", "raw sqlite3", "pooch",
+                        "requests-cache"]
+HITFIRST_CONTENDERS = ["raw sqlite3", "buffylite", "diskcache", "pooch", "requests-cache"]
 
 
 def _vm_hwm_kib() -> int:
@@ -179,6 +194,119 @@ def child_flight(contender: str, url: str, directory: str) -> None:
         print(json.dumps({"sha256": call()}), flush=True)
     except Exception as exc:  # noqa: BLE001 - reported by the parent
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Children for the many-URL scenarios (coldsmall, hitfirst)
+# ---------------------------------------------------------------------------
+
+
+def _many_urls(base: str, count: int, first_seed: int) -> list[str]:
+    """``count`` distinct 10 KB URLs of the origin, seeds ``first_seed`` onwards."""
+    return [f"{base}/bytes/{HIT_BODY_BYTES}?seed={seed}" for seed in range(first_seed, first_seed + count)]
+
+
+def _many_operation(contender: str, directory: str, urls: list[str], *, storing: bool):
+    """``(url) -> bytes-or-path`` for ``contender`` over a store in ``directory``.
+
+    ``storing`` True: the call downloads and stores (coldsmall, and building a
+    hitfirst store); False: the call reads what is stored (hitfirst), never the network.
+    Imports happen here, before any timing.
+    """
+    import hashlib
+    if contender == "buffylite":
+        import buffylite
+        cache = buffylite.Cache(os.path.join(directory, "cache.sqlite3"))
+        if storing:
+            configuration = buffylite.RequestCacheConfiguration(
+                recaching_strategy=buffylite.ReCachingStrategy.age(seconds=3600))
+            return lambda url: cache.fetch(url, cache_configuration=configuration).read()
+        return lambda url: cache.fetch(url).read()
+    if contender in ("plain GET", "urllib3 → file", "diskcache", "raw sqlite3") and storing:
+        import urllib3
+        pool = urllib3.PoolManager()
+    if contender == "plain GET":
+        return lambda url: pool.request("GET", url).data
+    if contender == "urllib3 → file":
+        counter = iter(range(10**9))
+
+        def to_file(url):
+            body = pool.request("GET", url).data
+            hashlib.sha256(body).hexdigest()
+            with open(os.path.join(directory, f"{next(counter)}.bin"), "wb") as output:
+                output.write(body)
+            return body
+        return to_file
+    if contender == "diskcache":
+        import diskcache
+        disk = diskcache.Cache(os.path.join(directory, "diskcache"))
+        if storing:
+            def get_and_set(url):
+                body = pool.request("GET", url).data
+                disk.set(url, body)
+                return body
+            return get_and_set
+        return disk.get
+    if contender == "raw sqlite3":
+        import sqlite3
+        connection = sqlite3.connect(os.path.join(directory, "raw.sqlite3"), isolation_level=None)
+        connection.execute("CREATE TABLE IF NOT EXISTS blob (url TEXT PRIMARY KEY, data BLOB NOT NULL)")
+        if storing:
+            def get_and_insert(url):
+                body = pool.request("GET", url).data
+                connection.execute("BEGIN IMMEDIATE")
+                connection.execute("INSERT OR REPLACE INTO blob (url, data) VALUES (?, ?)", (url, body))
+                connection.execute("COMMIT")
+                return body
+            return get_and_insert
+        return lambda url: connection.execute("SELECT data FROM blob WHERE url = ?", (url,)).fetchone()[0]
+    if contender == "pooch":
+        import logging
+
+        import pooch
+        pooch.get_logger().setLevel(logging.WARNING)
+
+        def name_of(url):
+            return hashlib.sha1(url.encode()).hexdigest() + ".bin"
+        if storing:
+            return lambda url: pooch.retrieve(url, known_hash=None, fname=name_of(url), path=directory,
+                                              progressbar=False)
+        import origin
+        # The hashes a pooch user keeps in a registry: known before the first call.
+        known = {url: "sha256:" + origin.body_sha256(HIT_BODY_BYTES, int(url.rsplit("=", 1)[1]))
+                 for url in urls}
+        return lambda url: pooch.retrieve(url, known_hash=known[url], fname=name_of(url), path=directory,
+                                          progressbar=False)
+    if contender == "requests-cache":
+        import requests_cache
+        session = requests_cache.CachedSession(os.path.join(directory, "rc"), backend="sqlite",
+                                               expire_after=3600)
+        return lambda url: session.get(url).content
+    raise ValueError(contender)
+
+
+def child_many(kind: str, contender: str, base: str, directory: str) -> None:
+    """coldsmall / hitfirst / build in a fresh process; prints JSON with per-call µs.
+
+    The count and the first seed come from ``BENCH_COUNT`` and ``BENCH_SEED``.
+    """
+    import random
+    count, first_seed = int(os.environ["BENCH_COUNT"]), int(os.environ["BENCH_SEED"])
+    urls = _many_urls(base, count, first_seed)
+    started = time.perf_counter()
+    operation = _many_operation(contender, directory, urls, storing=kind != "hitfirst")
+    setup_sec = time.perf_counter() - started
+    if kind == "hitfirst":
+        random.Random(first_seed).shuffle(urls)
+    samples = []
+    clock = time.perf_counter_ns
+    for url in urls:
+        begun = clock()
+        result = operation(url)
+        samples.append((clock() - begun) / 1000)
+        if result is None:
+            raise RuntimeError(f"{contender} returned nothing for {url}")
+    print(json.dumps({"samples_us": samples, "setup_ms": setup_sec * 1000}), flush=True)
 
 
 # ---------------------------------------------------------------------------
@@ -597,6 +725,91 @@ class Bench:
         for closer in (small.close, big.close, raw_small.close, raw_big.close):
             closer()
 
+    # --- many URLs: coldsmall, hitfirst ----------------------------------------------
+
+    def _run_many(self, kind: str, contender: str, directory: pathlib.Path, count: int, seed: int) -> dict:
+        import subprocess
+        completed = subprocess.run(
+            [sys.executable, str(pathlib.Path(__file__).resolve()), "--child", kind, contender, self.base,
+             str(directory)], capture_output=True, text=True, timeout=900,
+            env=dict(os.environ, BENCH_COUNT=str(count), BENCH_SEED=str(seed)))
+        if completed.returncode != 0:
+            raise RuntimeError(f"child {kind} {contender} failed:\n{completed.stderr}")
+        return json.loads(completed.stdout.strip().splitlines()[-1])
+
+    def run_coldsmall(self) -> None:
+        import shutil
+        args = self.args
+        count = args.many_urls
+        self.section(f"coldsmall: {count} distinct uncached {HIT_BODY_BYTES // 1024} KB URLs fetched one "
+                     f"after the other, a fresh process per contender per round (ms per fetch); "
+                     f"{args.many_rounds} rounds")
+        per_round = {name: [] for name in COLDSMALL_CONTENDERS}
+        for round_index in range(args.many_rounds):
+            shift = round_index % len(COLDSMALL_CONTENDERS)
+            for position, name in enumerate(COLDSMALL_CONTENDERS[shift:] + COLDSMALL_CONTENDERS[:shift]):
+                directory = self.workdir / f"coldsmall-{round_index}-{position}"
+                directory.mkdir()
+                # Fresh seeds for every contender and round: nothing is cached anywhere.
+                seed = 10_000 + (round_index * len(COLDSMALL_CONTENDERS) + position) * count
+                samples = self._run_many("coldsmall", name, directory, count, seed)["samples_us"]
+                per_round[name].append((self.lib.median(samples) / 1000,
+                                        self.lib.percentile(samples, 0.90) / 1000))
+                shutil.rmtree(directory, ignore_errors=True)
+        floor = per_round["urllib3 → file"]
+        rows, self.coldsmall = [], {}
+        for name in COLDSMALL_CONTENDERS:
+            ratios = [entry[0] / base[0] for entry, base in zip(per_round[name], floor)]
+            median = self.lib.median([entry[0] for entry in per_round[name]])
+            p90 = self.lib.median([entry[1] for entry in per_round[name]])
+            self.coldsmall[name] = (median, p90, self.lib.median(ratios))
+            rows.append([name, f"{median:.2f}", f"{p90:.2f}", fmt_ratio(self.lib.median(ratios)),
+                         " ".join(f"{ratio:.1f}" for ratio in ratios)])
+        self.lib.print_table(["contender", "median ms", "p90 ms", "ratio vs urllib3 → file",
+                              "per-round ratios"], rows)
+
+    def run_hitfirst(self) -> None:
+        args = self.args
+        count = args.many_urls * 5 // 2  # 1,000 with the default 400
+        self.section(f"hitfirst: {count} cached {HIT_BODY_BYTES // 1024} KB URLs, each requested once "
+                     f"(shuffled) by a fresh process per contender per round (µs per call); "
+                     f"{args.many_rounds} rounds")
+        seed = 500_000
+        directories = {}
+        started = time.perf_counter()
+        for name in HITFIRST_CONTENDERS:
+            directories[name] = self.workdir / f"hitfirst-{name}"
+            directories[name].mkdir()
+            self._run_many("build", name, directories[name], count, seed)
+        print(f"(stores built in {time.perf_counter() - started:.0f} s through each contender's API)",
+              flush=True)
+        per_round = {name: [] for name in HITFIRST_CONTENDERS}
+        for round_index in range(args.many_rounds):
+            shift = round_index % len(HITFIRST_CONTENDERS)
+            for name in HITFIRST_CONTENDERS[shift:] + HITFIRST_CONTENDERS[:shift]:
+                samples = self._run_many("hitfirst", name, directories[name], count, seed)["samples_us"]
+                per_round[name].append((self.lib.median(samples), self.lib.percentile(samples, 0.99),
+                                        samples[0]))
+        floor = per_round["raw sqlite3"]
+        rows, self.hitfirst = [], {}
+        for name in HITFIRST_CONTENDERS:
+            ratios = [entry[0] / base[0] for entry, base in zip(per_round[name], floor)]
+            median, p99, first = (self.lib.median([entry[index] for entry in per_round[name]])
+                                  for index in range(3))
+            self.hitfirst[name] = (median, p99, self.lib.median(ratios), first)
+            rows.append([name, fmt_us(median), fmt_us(p99), fmt_us(first), fmt_ratio(self.lib.median(ratios)),
+                         " ".join(f"{ratio:.1f}" for ratio in ratios)])
+        self.lib.print_table(["contender", "median µs", "p99 µs", "first call µs", "ratio vs raw sqlite3",
+                              "per-round ratios"], rows)
+        gets = self._origin_gets(seed, count)
+        print(f"(origin: {gets} GETs of these URLs in all = {len(HITFIRST_CONTENDERS)} stores × {count} "
+              f"while building; the timed rounds sent {gets - len(HITFIRST_CONTENDERS) * count})")
+
+    def _origin_gets(self, seed: int, count: int) -> int:
+        """GETs the origin served of the ``count`` 10 KB URLs from ``seed`` on."""
+        counts = self.lib.origin_counts(self.base)
+        return sum(counts.get(f"/bytes/{HIT_BODY_BYTES}?seed={key}", 0) for key in range(seed, seed + count))
+
     # --- single flight ---------------------------------------------------------------
 
     def run_flight(self) -> None:
@@ -717,6 +930,27 @@ class Bench:
                          mark(scale["hit_ratio"] <= 1.10)])
             rows.append([f"gc of one request at {label} vs 10", fmt_ratio(scale["gc_ratio"]), "—", "—", "—",
                          "—", "—", "—", "≤ 1.5", mark(scale["gc_ratio"] <= 1.5)])
+        if hasattr(self, "coldsmall"):
+            cold = self.coldsmall
+            rows.append([f"coldsmall {self.args.many_urls} × 10 KB, ms per fetch (p90)",
+                         f"{cold['buffylite'][0]:.2f} ({cold['buffylite'][1]:.2f})",
+                         f"{cold['urllib3 → file'][0]:.2f}",
+                         peer(f"{cold['raw sqlite3'][0]:.2f}", cold["raw sqlite3"][2]),
+                         *[peer(f"{cold[name][0]:.2f}", cold[name][2]) for name in ("diskcache", "pooch",
+                                                                                    "requests-cache")],
+                         fmt_ratio(cold["buffylite"][2]), "≤ 1.5×", mark(cold["buffylite"][2] <= 1.5)])
+        if hasattr(self, "hitfirst"):
+            first = self.hitfirst
+            rows.append(["hitfirst, median µs (p99)",
+                         f"{fmt_us(first['buffylite'][0])} ({fmt_us(first['buffylite'][1])})",
+                         f"{fmt_us(first['raw sqlite3'][0])}", "—",
+                         *[peer(fmt_us(first[name][0]), first[name][2]) for name in ("diskcache", "pooch",
+                                                                                     "requests-cache")],
+                         fmt_ratio(first["buffylite"][2]), "≤ 2×", mark(first["buffylite"][2] <= 2)])
+            rows.append(["first call in a fresh process, µs", fmt_us(first["buffylite"][3]),
+                         fmt_us(first["raw sqlite3"][3]), "—",
+                         *[fmt_us(first[name][3]) for name in ("diskcache", "pooch", "requests-cache")],
+                         "—", "≤ 1,000 µs", mark(first["buffylite"][3] <= 1000)])
         if hasattr(self, "flight"):
             flight = self.flight
             rows.append(["single flight, upstream GETs (11 callers)", str(flight["buffylite"]), "—", "—", "—",
@@ -725,7 +959,7 @@ class Bench:
         self.lib.print_table(["measure", "buffylite", "floor", "sqlite3 chunks", "diskcache", "pooch",
                               "requests-cache", "buffylite/floor", "target", ""], rows)
         print("floor: raw sqlite3 PK SELECT (hit; scale: the same at both sizes); urllib3 → file + sha256 "
-              "(cold); plain file reads (read-back).\nsqlite3 chunks: the storage floor of buffylite's "
+              "(cold); plain file reads (read-back); urllib3 → file + sha256 (coldsmall); raw sqlite3 SELECT in a fresh process (hitfirst).\nsqlite3 chunks: the storage floor of buffylite's "
               "design (1 MiB rows, a transaction each; read with one cursor). Peer cells: value (ratio to "
               "the floor).")
 
@@ -736,8 +970,11 @@ def main() -> None:
                                      epilog="\n".join(__doc__.splitlines()[2:5]))
     parser.add_argument("--quick", action="store_true",
                         help="under a minute: 32 MiB cold body, 1,000 requests for scale, fewer rounds")
-    parser.add_argument("--sections", default="hit,cold,scale,flight",
-                        help="comma-separated subset of hit,cold,scale,flight")
+    parser.add_argument("--sections", default="hit,cold,coldsmall,hitfirst,scale,flight",
+                        help="comma-separated subset of hit,cold,coldsmall,hitfirst,scale,flight")
+    parser.add_argument("--many-urls", type=int,
+                        help="URLs per coldsmall run (default 400; quick 100); hitfirst stores 2.5× as many")
+    parser.add_argument("--many-rounds", type=int, help="coldsmall and hitfirst rounds (default 5; quick 2)")
     parser.add_argument("--rounds", type=int, help="rounds for hit and scale (default 7; quick 3)")
     parser.add_argument("--hit-calls", type=int, help="timed calls per contender per round (default 2000)")
     parser.add_argument("--cold-mib", type=int, help="size of the cold body (default 256; quick 32)")
@@ -748,13 +985,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         kind, contender, url, directory = args.child
-        (child_cold if kind == "cold" else child_flight)(contender, url, directory)
+        if kind in ("coldsmall", "hitfirst", "build"):
+            child_many(kind, contender, url, directory)
+        else:
+            (child_cold if kind == "cold" else child_flight)(contender, url, directory)
         return
 
     quick = args.quick
     defaults = {"rounds": 3 if quick else 7, "hit_calls": 300 if quick else 2000,
                 "cold_mib": 32 if quick else 256, "cold_rounds": 2 if quick else 3,
-                "scale_requests": 1000 if quick else 10_000, "flight_ms": 800 if quick else 1500}
+                "scale_requests": 1000 if quick else 10_000, "flight_ms": 800 if quick else 1500,
+                "many_urls": 100 if quick else 400, "many_rounds": 2 if quick else 5}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -777,6 +1018,10 @@ def main() -> None:
             bench.run_hit()
         if "cold" in sections:
             bench.run_cold()
+        if "coldsmall" in sections:
+            bench.run_coldsmall()
+        if "hitfirst" in sections:
+            bench.run_hitfirst()
         if "scale" in sections:
             bench.run_scale()
         if "flight" in sections:
