@@ -4011,8 +4011,12 @@ def _cmd_fetch(cache: Cache, args) -> int:
         response = cache.pin(response).model_copy(update={"outcome": response.outcome})
     for tag in args.tag or ():
         response = cache.tag(response, tag).model_copy(update={"outcome": response.outcome})
-    saved = None
-    if args.output or args.dir:
+    saved = unpacked = None
+    if args.unpack:
+        unpacked = response.unpack(args.unpack)
+        if not args.json:
+            sys.stdout.write(f"{unpacked}\n")
+    elif args.output or args.dir:
         saved = response.save_to(args.output) if args.output else response.save_to(dir=args.dir)
     elif not args.json:
         with response.open() as stream:
@@ -4022,10 +4026,19 @@ def _cmd_fetch(cache: Cache, args) -> int:
     if args.json:
         data = response.model_dump(mode="json")
         data["saved_to"] = str(saved) if saved else None
+        data["unpacked_to"] = str(unpacked) if unpacked else None
         _emit(args, data, lambda: None)
     elif not args.quiet:
         where = f" -> {saved}" if saved else ""
         sys.stderr.write(f"{response.url}: version {response.version} ({response.outcome}){where}\n")
+    return 0
+
+
+def _cmd_path(cache: Cache, args) -> int:
+    response = cache.get(args.url, args.version or "latest", **_identity_arguments(args))
+    path = response.as_file()
+    _emit(args, {"url": response.url, "version": response.version, "path": str(path)},
+          lambda: sys.stdout.write(f"{path}\n"))
     return 0
 
 
@@ -4173,6 +4186,8 @@ def _build_parser() -> argparse.ArgumentParser:
     output = fetch_parser.add_mutually_exclusive_group()
     output.add_argument("-o", "--output", metavar="FILE", help="write the content to FILE")
     output.add_argument("-d", "--dir", metavar="DIR", help="write the content into DIR under its file name")
+    output.add_argument("--unpack", metavar="DIR",
+                        help="unpack the zip/tar/gz/bz2/xz content into DIR and print DIR")
     fetch_parser.add_argument("--strategy", help="never | age:SECONDS | when_requested | "
                                                  "when_remote_changed[:CHECK[:FALLBACK]] | cron:EXPR")
     fetch_parser.add_argument("--keep", type=int, metavar="N", help="unpinned versions to keep")
@@ -4185,6 +4200,12 @@ def _build_parser() -> argparse.ArgumentParser:
     fetch_parser.add_argument("--force-version", metavar="V", help="return exactly this version")
     fetch_parser.add_argument("--prefer-tag", metavar="T", help="prefer the newest version with this tag")
     fetch_parser.set_defaults(handler=_cmd_fetch)
+
+    path_parser = commands.add_parser("path", parents=common + [identity],
+                                      help="print the path of a read-only file holding the content")
+    path_parser.add_argument("url")
+    path_parser.add_argument("version", nargs="?")
+    path_parser.set_defaults(handler=_cmd_path)
 
     versions_parser = commands.add_parser("versions", parents=common + [identity], help="list versions")
     versions_parser.add_argument("url")
