@@ -1812,12 +1812,22 @@ def _has_excess_body(response: urllib3.BaseHTTPResponse, remaining: int) -> bool
 _TEMP_PREFIX = ".tmp-"
 
 
+def _beside_cache(cache, suffix: str) -> pathlib.Path:
+    """``<cache file><suffix>``; for a cache that is not a local file (a database URL),
+    a folder named after it in the user cache directory."""
+    location = str(cache.path)
+    if "://" not in location:
+        return pathlib.Path(location + suffix)
+    digest = hashlib.sha256(location.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return _default_cache_path().parent / f"server-{digest}{suffix}"
+
+
 def _files_root(cache) -> pathlib.Path:
-    return pathlib.Path(str(cache.path) + FILES_DIR_SUFFIX)
+    return _beside_cache(cache, FILES_DIR_SUFFIX)
 
 
 def _unpacked_root(cache) -> pathlib.Path:
-    return pathlib.Path(str(cache.path) + UNPACKED_DIR_SUFFIX)
+    return _beside_cache(cache, UNPACKED_DIR_SUFFIX)
 
 
 def _content_key(hash_type: str, hash_hex: str) -> str:
@@ -2186,21 +2196,21 @@ def _unpack_into(cache, content_id: int, response, folder: pathlib.Path, limits:
     writer = _SafeWriter(folder, limits)
     with cache._store.open_content(content_id) as raw:
         stream = io.BufferedReader(raw, buffer_size=READ_SIZE_BYTES)
-        if zipfile.is_zipfile(stream):
-            stream.seek(0)
-            _unpack_zip(stream, writer)
-            writer.finish()
-            return
-        stream.seek(0)
+        # Decide by what the bytes are, not by the file name: compression magic first,
+        # then a tar header at the start, then a zip directory at the end (checked last:
+        # a tar whose last member is a zip would look like one).
         magic = stream.read(8)
         stream.seek(0)
         compression = next((name for prefix, name in _COMPRESSIONS if magic.startswith(prefix)), None)
         source = _ArchiveSource(_decompressing_reader(stream, compression) if compression else stream)
-        if _is_tar_header(source.read(tarfile.BLOCKSIZE)):
-            source.seek(0)
+        is_tar = _is_tar_header(source.read(tarfile.BLOCKSIZE))
+        source.seek(0)
+        if not is_tar and compression is None and zipfile.is_zipfile(stream):
+            stream.seek(0)
+            _unpack_zip(stream, writer)
+        elif is_tar:
             _unpack_tar(io.BufferedReader(source, buffer_size=READ_SIZE_BYTES), writer)
         elif compression is not None:
-            source.seek(0)
             name = _sanitize_filename(response.content_attributes.filename) or FALLBACK_FILENAME
             stem = name[:-len(compression) - 1] if name.lower().endswith("." + compression) else name
             writer.file(_sanitize_filename(stem) or FALLBACK_FILENAME, source)
