@@ -1817,7 +1817,7 @@ def _beside_cache(cache, suffix: str) -> pathlib.Path:
     a folder named after it in the user cache directory."""
     location = str(cache.path)
     if "://" not in location:
-        return pathlib.Path(location + suffix)
+        return pathlib.Path(os.path.abspath(location + suffix))  # a path that survives chdir()
     digest = hashlib.sha256(location.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return _default_cache_path().parent / f"server-{digest}{suffix}"
 
