@@ -1908,9 +1908,8 @@ def _materialise(cache, content_id: int, response) -> pathlib.Path:
     """The path of the read-only file holding a content (see ``Response.as_file``)."""
     hash_type, hash_hex, size = _verified_content(cache, content_id, response)
     folder = _files_root(cache) / _content_key(hash_type, hash_hex)
+    # Sanitised names never start with a dot, so they never meet ".lock" or ".tmp-" files.
     name = _sanitize_filename(response.content_attributes.filename) or FALLBACK_FILENAME
-    if name == ".lock" or name.startswith(_TEMP_PREFIX):  # (dots are stripped; kept for clarity)
-        name = FALLBACK_FILENAME
     path = folder / name
     if _is_complete_file(path, size):
         return path  # the common case: no lock, no write
@@ -2309,6 +2308,12 @@ def _remove_entry(path: pathlib.Path) -> None:
             os.unlink(path)
 
 
+def _remove_if_stale(entry: os.DirEntry, now: float) -> None:
+    with contextlib.suppress(OSError):
+        if now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SEC:
+            _remove_entry(pathlib.Path(entry.path))
+
+
 def _sweep_content_files(cache) -> None:
     """Remove the materialised files and unpacked folders whose content is no longer
     stored, and temporary leftovers older than STALE_TEMP_SEC. An entry being written
@@ -2322,9 +2327,7 @@ def _sweep_content_files(cache) -> None:
         for entry in entries:
             path = pathlib.Path(entry.path)
             if entry.name.startswith(_TEMP_PREFIX):
-                with contextlib.suppress(OSError):
-                    if now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SEC:
-                        _remove_entry(path)
+                _remove_if_stale(entry, now)
                 continue
             if entry.name.startswith(".lock-"):
                 if not (root / entry.name[len(".lock-"):]).exists():
@@ -2334,7 +2337,14 @@ def _sweep_content_files(cache) -> None:
                                 os.unlink(path)
                 continue
             parsed = _parse_content_key(entry.name)
-            if parsed is None or cache._store.has_content(*parsed):
+            if parsed is None:
+                continue
+            if cache._store.has_content(*parsed):
+                if locks_inside:  # a writer that died leaves its temporary file in the folder
+                    with contextlib.suppress(OSError):
+                        for inner in os.scandir(path):
+                            if inner.name.startswith(_TEMP_PREFIX):
+                                _remove_if_stale(inner, now)
                 continue
             lock = path / ".lock" if locks_inside else root / f".lock-{entry.name}"
             with _FolderLock(lock, blocking=False) as held:

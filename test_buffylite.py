@@ -1767,6 +1767,27 @@ def test_as_file_and_unpacked_folder_are_removed_with_their_content(cache, cache
     assert stats["files_bytes"] == 0 and stats["unpacked_bytes"] == 0
 
 
+def test_gc_removes_temporary_leftovers_only_once_they_are_old(cache, cache_path, origin):
+    """§17: gc() removes '.tmp-' files and folders of dead processes after STALE_TEMP_SEC, not young ones."""
+    origin.route("/kept.csv", body=b"a,b\n")
+    kept = cache.fetch(origin.url("/kept.csv")).as_file()
+    files_root = pathlib.Path(str(cache_path) + ".files")
+    old_file, young_file = kept.parent / ".tmp-dead", kept.parent / ".tmp-busy"
+    old_folder = pathlib.Path(str(cache_path) + ".unpacked") / ".tmp-dead-folder"
+    old_folder.mkdir(parents=True)
+    (old_folder / "partial.bin").write_bytes(b"partial")
+    for path in (old_file, young_file):
+        path.write_bytes(b"half written")
+    stale = time.time() - buffylite.STALE_TEMP_SEC - 60
+    for path in (old_file, old_folder, files_root / ".tmp-dead-top"):
+        if not path.exists():
+            path.write_bytes(b"x")
+        os.utime(path, (stale, stale))
+    cache.gc()
+    assert not old_folder.exists() and not (files_root / ".tmp-dead-top").exists() and not old_file.exists()
+    assert young_file.exists() and kept.read_bytes() == b"a,b\n"
+
+
 def test_as_file_of_a_large_content_keeps_memory_bounded(cache, cache_path, origin):
     """§17: materialising 64 MiB in a child process grows its peak RSS by far less than 64 MiB."""
     body = random_bytes(64 * MiB, seed=176)
