@@ -1565,16 +1565,19 @@ class _ContentStream(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         """Move to ``offset`` bytes from the start (SEEK_SET), the position (SEEK_CUR)
-        or the end (SEEK_END); a position past the end reads as empty."""
+        or the end (SEEK_END), as ``io.BytesIO`` does: a negative SEEK_SET offset is a
+        ValueError, a relative seek before the start stops at 0, a position past the
+        end reads as empty."""
         self._require_open()
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise TypeError(f"Seek offset must be an integer, not {type(offset).__name__}.")
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}.get(whence)
         if base is None:
             raise ValueError(f"Invalid whence ({whence!r}): use SEEK_SET, SEEK_CUR or SEEK_END.")
-        position = base + offset
-        if position < 0:
-            raise ValueError(f"Negative seek position {position}.")
-        self._position = position
-        return position
+        if whence == io.SEEK_SET and offset < 0:
+            raise ValueError(f"Negative seek position {offset}.")
+        self._position = max(base + offset, 0)
+        return self._position
 
     def read(self, size: int = -1) -> bytes:
         self._require_open()
