@@ -732,7 +732,7 @@ class Response(_Model):
         (the version is then marked corrupted); NotCachedError when the version is gone.
         """
         cache, content_id = self._require_content()
-        data, size, hash_type, stored_hash = cache._store.read_content_checked(content_id)
+        data, size, hash_type, _ = cache._store.read_content_checked(content_id)
         if len(data) != size:
             raise IntegrityError(f"Version {self.version} of {self.url} holds {len(data)} bytes but its "
                                  f"stored size is {size}: chunks are missing or damaged in {cache.path}.")
