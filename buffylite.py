@@ -72,26 +72,32 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
+import bz2
 import contextlib
 import dataclasses
 import datetime as dt
 import email.message
 import email.utils
+import gzip
 import hashlib
 import hmac
 import io
 import ipaddress
 import json
 import logging
+import lzma
 import mimetypes
 import os
 import pathlib
 import random
 import secrets
 import select
+import shutil
 import socket
 import sqlite3
+import stat
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -99,6 +105,8 @@ import types
 import urllib.parse
 import urllib.request
 import weakref
+import zipfile
+import zlib
 from typing import Annotated, Any, Callable, Iterator, Literal, Optional, Union
 
 import peewee
@@ -106,6 +114,11 @@ import pydantic
 import urllib3
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints
 from urllib3.util.retry import Retry
+
+try:  # POSIX: file locks serialising writers of a materialised file (§17)
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - Windows: O_EXCL temp files + link still keep writes atomic
+    _fcntl = None
 
 try:  # optional extra: buffylite[cron]
     import croniter as _croniter
@@ -207,6 +220,19 @@ SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"}
 OFFLINE_ENV_VALUES = frozenset({"1", "true", "yes", "on"})
 #: Name given to a saved file when nothing better is known.
 FALLBACK_FILENAME = "download"
+#: ``Response.unpack()`` refuses an archive whose members add up to more bytes than this
+#: (counted while writing, never trusted from headers): a guard against archive bombs.
+DEFAULT_UNPACK_MAX_BYTES = 16 << 30
+#: ``Response.unpack()`` refuses an archive with more members than this.
+DEFAULT_UNPACK_MAX_MEMBERS = 100_000
+#: Folders beside the cache file: materialised files (``as_file``) and unpacked archives.
+FILES_DIR_SUFFIX = ".files"
+UNPACKED_DIR_SUFFIX = ".unpacked"
+#: A temporary file or folder beside the cache older than this is a leftover of a dead
+#: process, removed by ``gc()``.
+STALE_TEMP_SEC = 3600.0
+#: Longest symbolic link target read from a zip member.
+MAX_LINK_TARGET_BYTES = 4096
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 #: The process's umask, read once at import (reading it means setting it).
@@ -683,6 +709,7 @@ class Response(_Model):
 
     _cache: Any = PrivateAttr(default=None)
     _content_id: Optional[int] = PrivateAttr(default=None)
+    _expected_hash: Optional[str] = PrivateAttr(default=None)  # set by fetch(expected_hash=...)
 
     @property
     def is_pinned(self) -> bool:
@@ -698,18 +725,81 @@ class Response(_Model):
         return private["_cache"], private["_content_id"]
 
     def read(self) -> bytes:
-        """The whole content as bytes (for large content prefer ``open()``)."""
-        cache, content_id = self._require_content()
-        return cache._store.read_content(content_id)
+        """The whole content as bytes (for large content prefer ``open()``).
 
-    def open(self) -> "_ContentStream":
-        """A binary file-like object streaming the content from SQLite in bounded memory.
-
-        Use it as a context manager. It reads from a snapshot: it stays readable until
-        closed even if another thread or process deletes this version meanwhile.
+        Raises IntegrityError when the stored chunks do not add up to the stored size, or,
+        for a Response from ``fetch(expected_hash=...)``, when the bytes do not hash to it
+        (the version is then marked corrupted); NotCachedError when the version is gone.
         """
         cache, content_id = self._require_content()
-        return cache._store.open_content(content_id)
+        data, size, hash_type, _ = cache._store.read_content_checked(content_id)
+        if len(data) != size:
+            raise IntegrityError(f"Version {self.version} of {self.url} holds {len(data)} bytes but its "
+                                 f"stored size is {size}: chunks are missing or damaged in {cache.path}.")
+        expected = self.__pydantic_private__.get("_expected_hash")
+        if expected is not None:
+            digest = hashlib.new(hash_type, data).hexdigest()
+            if digest != expected:
+                cache._store.mark_content_corrupted(content_id, expected)
+                raise IntegrityError(f"Version {self.version} of {self.url} is corrupted in {cache.path}: "
+                                     f"its bytes hash to {digest}, not {expected}. It is now marked failed.")
+        return data
+
+    def open(self) -> "_ContentStream":
+        """A seekable binary file-like object streaming the content in bounded memory.
+
+        ``seek``/``tell`` work as on a file (``zipfile.ZipFile(resp.open())`` and
+        ``tarfile.open(fileobj=resp.open())`` read members straight from the cache); at
+        most one stored chunk is held in memory. Use it as a context manager. It reads from
+        a snapshot: it stays readable until closed even if another thread or process
+        deletes this version meanwhile. Raises IntegrityError when the stored chunks do
+        not add up to the stored size; for a Response from ``fetch(expected_hash=...)``,
+        the read that reaches the end raises IntegrityError instead of returning bytes
+        that do not hash to it (when the content is read in order from the start).
+        """
+        cache, content_id = self._require_content()
+        return cache._store.open_content(content_id,
+                                         check_hash=self.__pydantic_private__.get("_expected_hash"))
+
+    def as_file(self) -> pathlib.Path:
+        """The path of a read-only regular file holding the content, for tools that need a path.
+
+        Written once per content into ``<cache file>.files/<hash type>-<hash>/``, named
+        with the version's (sanitised) file name, atomically, with the hash checked on the
+        way; later calls, from any thread or process, return the same file without
+        rewriting it. ``Cache.gc()`` removes it once no version references the content.
+        The file is shared: do not change its mode or contents.
+        Raises IntegrityError when the stored content is damaged, NotCachedError when the
+        version is gone.
+        """
+        cache, content_id = self._require_content()
+        return _materialise(cache, content_id, self)
+
+    def unpack(self, dir: str | os.PathLike | None = None, *,  # noqa: A002 - SPEC name
+               max_bytes: int = DEFAULT_UNPACK_MAX_BYTES,
+               max_members: int = DEFAULT_UNPACK_MAX_MEMBERS) -> pathlib.Path:
+        """Unpack a zip, tar (plain, gz, bz2, xz) or single-file gz/bz2/xz content; return the folder.
+
+        ``dir`` None: a folder beside the cache (``<cache file>.unpacked/<hash type>-<hash>``),
+        made once per content and reused by later calls (``Cache.gc()`` removes it with the
+        content). ``dir`` given: the archive is unpacked into a temporary folder next to it,
+        which is renamed to ``dir``; when ``dir`` already exists, each top-level entry of
+        the archive replaces the entry of that name in it. A single compressed file is
+        named after the version's file name without its compression suffix.
+
+        Entries with absolute paths or ``..``, links leading out of the folder, device
+        files and FIFOs are refused with IntegrityError, and nothing is written outside
+        the folder. ``max_bytes`` (unpacked bytes, counted as they are written) and
+        ``max_members`` guard against archive bombs: reaching either raises IntegrityError
+        and leaves nothing behind. InvalidRequestError when the content is not one of the
+        supported formats.
+        """
+        cache, content_id = self._require_content()
+        for name, value in (("max_bytes", max_bytes), ("max_members", max_members)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidRequestError(f"{name} must be an integer >= 1, not {value!r}.")
+        return _unpack(cache, content_id, self, None if dir is None else pathlib.Path(dir),
+                       _UnpackLimits(max_bytes, max_members))
 
     def text(self, encoding: str | None = None) -> str:
         """The content decoded with ``encoding``, else the Content-Type charset, else UTF-8."""
@@ -1307,13 +1397,78 @@ class _Store:
             raise NotCachedError(f"This version's content is no longer in the cache {self.path} "
                                  "(the version was deleted or collected).")
 
-    def open_content(self, content_id: int) -> "_ContentStream":
+    def open_content(self, content_id: int, *, check_hash: str | None = None) -> "_ContentStream":
+        """A seekable stream over a content, reading one snapshot (see ``_ContentStream``).
+        ``check_hash``: the hex digest the bytes must have when read through to the end."""
         self._ensure_same_process()
-        chunk, content = self.tables.chunk, self.tables.content
-        exists = content.select(content.id).where(content.id == content_id).sql()
-        chunks = chunk.select(chunk.data).where(chunk.content_id == content_id).order_by(chunk.seq).sql()
         with self._translated():
-            return _ContentStream(self, exists, chunks)
+            return _ContentStream(self, content_id, check_hash=check_hash)
+
+    def content_statements(self) -> dict[str, tuple[str, list]]:
+        """The SQL a ``_ContentStream`` runs on its own connection, built once per store:
+        the content's head row, its chunk layout, and one chunk by sequence number.
+        ``length()`` of a blob is read from the record header, not from the blob's pages."""
+        statements = self._statements.get("content_stream")
+        if statements is None:
+            chunk, content = self.tables.chunk, self.tables.content
+            statements = self._statements["content_stream"] = {
+                "head": content.select(content.hash_type, content.hash_hex, content.size_bytes)
+                .where(content.id == _slot()).sql(),
+                "layout": chunk.select(chunk.seq, peewee.fn.length(chunk.data))
+                .where(chunk.content_id == _slot()).order_by(chunk.seq).sql(),
+                "chunk": chunk.select(chunk.data)
+                .where((chunk.content_id == _slot()) & (chunk.seq == _slot())).sql(),
+            }
+        return statements
+
+    def read_content_checked(self, content_id: int) -> tuple[bytes, int, str, str | None]:
+        """(the whole content, its stored size, hash type, stored hash) from one query, so
+        one snapshot; raises NotCachedError when the content is gone."""
+        def build(t: _Tables):
+            return (t.content.select(t.content.size_bytes, t.content.hash_type, t.content.hash_hex, t.chunk.data)
+                    .join(t.chunk, peewee.JOIN.LEFT_OUTER, on=(t.chunk.content_id == t.content.id))
+                    .where(t.content.id == _slot()).order_by(t.chunk.seq))
+        with self.reading():
+            rows = self._execute("read_content_checked", build, content_id).fetchall()
+        if not rows:
+            raise NotCachedError(f"This version's content is no longer in the cache {self.path} "
+                                 "(the version was deleted or collected).")
+        size, hash_type, hash_hex = rows[0][:3]
+        return b"".join([row[3] for row in rows if row[3] is not None]), size, hash_type, hash_hex
+
+    def content_head(self, content_id: int) -> tuple[str, str | None, int] | None:
+        """(hash type, hash or None when partial or corrupted, size) of a content, or None."""
+        with self.reading() as t:
+            return (t.content.select(t.content.hash_type, t.content.hash_hex, t.content.size_bytes)
+                    .where(t.content.id == content_id).tuples().first())
+
+    def has_content(self, hash_type: str, hash_hex: str) -> bool:
+        """True when a complete, uncorrupted content with this hash is stored."""
+        with self.reading() as t:
+            return t.content.select(t.content.id).where(
+                (t.content.hash_type == hash_type) & (t.content.hash_hex == hash_hex)).exists()
+
+    def mark_content_corrupted(self, content_id: int, expected_hex: str) -> list[int]:
+        """A read found that the bytes of a content do not hash to ``expected_hex``: unless
+        that was already handled, the content stops being addressable (a new identical
+        download must not reuse it) and its ready versions become ``failed`` with the error
+        "content corrupted", which takes them out of the chain. Returns the version ids marked."""
+        with self.writing() as t:
+            content = t.content.get_or_none(t.content.id == content_id)
+            if content is None or content.hash_hex != expected_hex:
+                return []
+            t.content.update(hash_hex=None).where(t.content.id == content_id).execute()
+            marked = []
+            for row in t.version.select().where((t.version.content_id == content_id)
+                                                & (t.version.status == "ready")):
+                stats = json.loads(row.download_stats or "{}")
+                stats.update(state="failed", error="content corrupted")
+                t.version.update(status="failed", download_stats=json.dumps(stats)).where(
+                    t.version.id == row.id).execute()
+                marked.append(row.id)
+        log.warning("Content %s no longer matches its hash; %d version(s) marked failed.",
+                    expected_hex, len(marked))
+        return marked
 
 
 class _DriverErrors:
@@ -1336,83 +1491,160 @@ class _DriverErrors:
 
 
 class _ContentStream(io.RawIOBase):
-    """A read-only binary stream over a content's chunks.
+    """A read-only, seekable binary stream over a content's chunks.
 
     It runs on a connection of its own inside a read transaction opened at creation,
     so it reads one consistent snapshot: deleting the version elsewhere does not
-    affect it. Only one chunk is held in memory at a time. Close it (or use ``with``)
-    to release the snapshot, which otherwise keeps the WAL from being checkpointed.
+    affect it. At creation it reads the chunk layout (sequence numbers and lengths,
+    not the bytes) and checks that the lengths add up to the stored size
+    (IntegrityError otherwise); then it holds at most one chunk in memory and
+    fetches the chunk under the position on demand, so ``seek`` anywhere is cheap.
+    With ``check_hash`` the bytes are hashed as they are served in order from the
+    start; the read that reaches the end raises IntegrityError instead of returning
+    its bytes when the digest differs, and the content is marked corrupted. Close it
+    (or use ``with``) to release the snapshot, which otherwise keeps the WAL from
+    being checkpointed.
     """
 
-    def __init__(self, store: _Store, exists: tuple[str, list], chunks: tuple[str, list]):
+    def __init__(self, store: _Store, content_id: int, *, check_hash: str | None = None):
         super().__init__()
         self._store = store
+        self._content_id = content_id
+        self._statements = store.content_statements()
         self._db = _sqlite_database(store.path)
         self._db.connect()
         self._db.begin()
-        # The first read pins the snapshot; the content must be in it.
-        if self._db.execute_sql(*exists).fetchone() is None:
+        try:
+            self._load_layout(check_hash)
+        except BaseException:
             self.close()
-            raise NotCachedError(f"This version's content is no longer in the cache {store.path} "
-                                 "(the version was deleted or collected).")
-        self._cursor = self._db.execute_sql(*chunks)
-        self._current = memoryview(b"")
+            raise
         self._position = 0
-        self._exhausted = False
-        self._advance()
+        self._chunk_index = -1
+        self._chunk = memoryview(b"")
 
-    def _advance(self) -> bool:
-        if self._exhausted:
-            return False
-        with self._store._translated():
-            row = self._cursor.fetchone()
-        if row is None:
-            self._exhausted = True
-            self._current = memoryview(b"")
-            return False
-        self._current = memoryview(bytes(row[0]))
-        self._position = 0
-        return True
+    def _run(self, name: str, *values):
+        sql, template = self._statements[name]
+        supplied = iter(values)
+        return self._db.execute_sql(sql, [next(supplied) if param == _SLOT else param for param in template])
+
+    def _load_layout(self, check_hash: str | None) -> None:
+        # The first read pins the snapshot; the content must be in it.
+        head = self._run("head", self._content_id).fetchone()
+        if head is None:
+            raise NotCachedError(f"This version's content is no longer in the cache {self._store.path} "
+                                 "(the version was deleted or collected).")
+        hash_type, self._stored_hash, size = head
+        self._seqs: list[int] = []
+        self._starts: list[int] = []  # offset of each chunk's first byte
+        total = 0
+        for seq, length in self._run("layout", self._content_id):
+            self._seqs.append(seq)
+            self._starts.append(total)
+            total += length or 0
+        if total != size:
+            raise IntegrityError(f"Content {self._stored_hash or self._content_id} in {self._store.path} "
+                                 f"holds {total} bytes but its stored size is {size}: chunks are "
+                                 "missing or damaged.")
+        self._size = total
+        self._check_hash = check_hash
+        self._hasher = hashlib.new(hash_type) if check_hash else None
+        self._hashed_to = 0
+
+    # --- io.RawIOBase ---
 
     def readable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        self._require_open()
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Move to ``offset`` bytes from the start (SEEK_SET), the position (SEEK_CUR)
+        or the end (SEEK_END), as ``io.BytesIO`` does: a negative SEEK_SET offset is a
+        ValueError, a relative seek before the start stops at 0, a position past the
+        end reads as empty."""
+        self._require_open()
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise TypeError(f"Seek offset must be an integer, not {type(offset).__name__}.")
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}.get(whence)
+        if base is None:
+            raise ValueError(f"Invalid whence ({whence!r}): use SEEK_SET, SEEK_CUR or SEEK_END.")
+        if whence == io.SEEK_SET and offset < 0:
+            raise ValueError(f"Negative seek position {offset}.")
+        self._position = max(base + offset, 0)
+        return self._position
+
     def read(self, size: int = -1) -> bytes:
-        if self.closed:
-            raise ValueError("I/O operation on a closed buffylite stream.")
+        self._require_open()
         if size is None or size < 0:
-            return self.readall()
+            size = max(self._size - self._position, 0)
         pieces = []
-        while size > 0:
-            if self._position >= len(self._current) and not self._advance():
-                break
-            piece = self._current[self._position:self._position + size]
+        while size > 0 and self._position < self._size:
+            piece = self._piece_at(self._position, size)
+            pieces.append(piece)
             self._position += len(piece)
             size -= len(piece)
-            pieces.append(piece)
-        return b"".join(pieces)
+        data = b"".join(pieces)
+        self._hash_served(self._position - len(data), data)
+        return data
 
     def readall(self) -> bytes:
-        pieces = [self._current[self._position:]]
-        while self._advance():
-            pieces.append(self._current)
-        self._position = len(self._current)
-        return b"".join(pieces)
+        return self.read(-1)
 
     def readinto(self, buffer) -> int:
         data = self.read(len(buffer))
-        buffer[:len(data)] = data
+        memoryview(buffer).cast("B")[:len(data)] = data
         return len(data)
 
     def close(self) -> None:
         if not self.closed:
             with contextlib.suppress(Exception):
-                if getattr(self, "_cursor", None) is not None:
-                    self._cursor.close()
                 self._db.rollback()
             with contextlib.suppress(Exception):
                 self._db.close()
+            self._chunk = memoryview(b"")
         super().close()
+
+    # --- chunks ---
+
+    def _require_open(self) -> None:
+        if self.closed:
+            raise ValueError("I/O operation on a closed buffylite stream.")
+
+    def _piece_at(self, position: int, size: int) -> memoryview:
+        """Up to ``size`` bytes from ``position`` (inside the content), within one chunk."""
+        index = bisect.bisect_right(self._starts, position) - 1
+        if index != self._chunk_index:
+            with self._store._translated():
+                row = self._run("chunk", self._content_id, self._seqs[index]).fetchone()
+            self._chunk = memoryview(bytes(row[0])) if row is not None else memoryview(b"")
+            self._chunk_index = index
+            expected = (self._starts[index + 1] if index + 1 < len(self._starts) else self._size) \
+                - self._starts[index]
+            if len(self._chunk) != expected:
+                raise IntegrityError(f"A chunk of content {self._stored_hash or self._content_id} in "
+                                     f"{self._store.path} changed size while being read.")
+        start = position - self._starts[index]
+        return self._chunk[start:start + size]
+
+    def _hash_served(self, start: int, data: bytes) -> None:
+        """Feed the hash with the bytes served in order from the start; check it at the end."""
+        if self._hasher is None or not start <= self._hashed_to <= start + len(data):
+            return
+        self._hasher.update(memoryview(data)[self._hashed_to - start:])
+        self._hashed_to = start + len(data)
+        if self._hashed_to < self._size:
+            return
+        digest, self._hasher = self._hasher.hexdigest(), None
+        if digest != self._check_hash:
+            self._store.mark_content_corrupted(self._content_id, self._check_hash)
+            raise IntegrityError(f"Content {self._check_hash} in {self._store.path} is corrupted: its "
+                                 f"bytes hash to {digest}. The version is now marked failed.")
 
 
 # ---------------------------------------------------------------------------
@@ -1561,6 +1793,589 @@ def _has_excess_body(response: urllib3.BaseHTTPResponse, remaining: int) -> bool
         return bool(sock.recv(1, socket.MSG_PEEK))
     except Exception:  # noqa: BLE001 - a best-effort probe must never break a download
         return False
+
+
+# ---------------------------------------------------------------------------
+# Content as files: materialised files and unpacked archives (§17)
+# ---------------------------------------------------------------------------
+#
+# The bookkeeping is the file system, keyed by content hash, so no table is needed
+# and any process finds what another one made:
+#
+#   <cache file>.files/<hash type>-<hash>/<file name>   read-only copy of one content
+#   <cache file>.files/<hash type>-<hash>/.lock         held while a copy is written
+#   <cache file>.unpacked/<hash type>-<hash>/           one unpacked archive
+#   <cache file>.unpacked/.lock-<hash type>-<hash>      held while it is unpacked
+#
+# Everything is written under a ".tmp-" name and renamed (or hard-linked) into
+# place, so a name that exists is complete. Another version with the same content
+# but another file name gets a hard link to the same file. gc() removes the entries
+# whose content is no longer stored, and ".tmp-" leftovers of dead processes.
+
+_TEMP_PREFIX = ".tmp-"
+
+
+def _beside_cache(cache, suffix: str) -> pathlib.Path:
+    """``<cache file><suffix>``; for a cache that is not a local file (a database URL),
+    a folder named after it in the user cache directory."""
+    location = str(cache.path)
+    if "://" not in location:
+        return pathlib.Path(os.path.abspath(location + suffix))  # a path that survives chdir()
+    digest = hashlib.sha256(location.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return _default_cache_path().parent / f"server-{digest}{suffix}"
+
+
+def _files_root(cache) -> pathlib.Path:
+    return _beside_cache(cache, FILES_DIR_SUFFIX)
+
+
+def _unpacked_root(cache) -> pathlib.Path:
+    return _beside_cache(cache, UNPACKED_DIR_SUFFIX)
+
+
+def _content_key(hash_type: str, hash_hex: str) -> str:
+    return f"{hash_type}-{hash_hex}"
+
+
+def _parse_content_key(name: str) -> tuple[str, str] | None:
+    """(hash type, hash) of a folder name made by ``_content_key``, else None (not ours)."""
+    hash_type, found, hash_hex = name.partition("-")
+    if not found or not hash_type or not hash_hex or hash_hex.strip("0123456789abcdef"):
+        return None
+    return hash_type, hash_hex
+
+
+class _FolderLock:
+    """An exclusive lock on a lock file (``flock``: held per open file, so threads of one
+    process exclude each other too, and released when a process dies). After locking,
+    the lock file must still be the one at ``path`` (gc() may have removed it with its
+    folder meanwhile); otherwise lock again. Without ``fcntl`` (Windows) it does nothing:
+    writers then race, but each writes a private temporary file first."""
+
+    def __init__(self, path: pathlib.Path, *, blocking: bool = True):
+        self._path = path
+        self._blocking = blocking
+        self._fd: int | None = None
+
+    def __enter__(self) -> bool:
+        if _fcntl is None:
+            return True
+        for _ in range(100):  # each retry means gc() removed the folder under us: rare
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                _fcntl.flock(fd, _fcntl.LOCK_EX | (0 if self._blocking else _fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self._path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return True
+            os.close(fd)
+        raise CacheFileError(f"Cannot lock {self._path}: it keeps being removed.", path=self._path)
+
+    def __exit__(self, *exc_info) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+
+
+def _verified_content(cache, content_id: int, response) -> tuple[str, str, int]:
+    """(hash type, hash, size) of a response's content, which must be complete and not
+    found corrupted."""
+    head = cache._store.content_head(content_id)
+    if head is None:
+        raise NotCachedError(f"Version {response.version} of {response.url} is no longer in the cache "
+                             f"{cache.path} (the version was deleted or collected).")
+    hash_type, hash_hex, size = head
+    if hash_hex is None:
+        raise IntegrityError(f"Version {response.version} of {response.url} has no verified content in "
+                             f"{cache.path} (it is incomplete or was found corrupted).")
+    return hash_type, hash_hex, size
+
+
+def _is_complete_file(path: pathlib.Path, size: int) -> bool:
+    """A regular file (not a link) of ``size`` bytes at ``path``."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size == size
+
+
+def _materialise(cache, content_id: int, response) -> pathlib.Path:
+    """The path of the read-only file holding a content (see ``Response.as_file``)."""
+    hash_type, hash_hex, size = _verified_content(cache, content_id, response)
+    folder = _files_root(cache) / _content_key(hash_type, hash_hex)
+    # Sanitised names never start with a dot, so they never meet ".lock" or ".tmp-" files.
+    name = _sanitize_filename(response.content_attributes.filename) or FALLBACK_FILENAME
+    path = folder / name
+    if _is_complete_file(path, size):
+        return path  # the common case: no lock, no write
+    try:
+        with _FolderLock(folder / ".lock"):
+            if _is_complete_file(path, size):
+                return path  # another thread or process wrote it while we waited
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # damaged (wrong size): write it again
+            # The same content under another name: one more link, no second copy.
+            for existing in folder.iterdir():
+                if existing.name.startswith(".") or not _is_complete_file(existing, size):
+                    continue
+                try:
+                    os.link(existing, path)
+                    return path
+                except OSError:
+                    break  # no hard links here: write a copy
+            _write_content_file(cache, content_id, hash_hex, path)
+    except OSError as exc:
+        raise CacheFileError(f"Cannot write the file for version {response.version} of {response.url} "
+                             f"under {folder}: {exc}.", path=folder) from exc
+    return path
+
+
+def _write_content_file(cache, content_id: int, hash_hex: str, path: pathlib.Path) -> None:
+    """Stream a content into a private temporary file, checking its hash on the way, then
+    give it its read-only name atomically. Runs under the folder's lock."""
+    handle, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as output, \
+                cache._store.open_content(content_id, check_hash=hash_hex) as stream:
+            while piece := stream.read(DEFAULT_CHUNK_SIZE_BYTES):
+                output.write(piece)
+            output.flush()
+            os.fsync(output.fileno())  # the name must never point to bytes still in flight
+        os.chmod(temp_name, 0o444)
+        try:
+            # A link, unlike rename, never replaces a file a racer (without flock) made.
+            os.link(temp_name, path)
+        except FileExistsError:
+            pass
+        except OSError:
+            if not path.exists():
+                os.replace(temp_name, path)  # file systems without hard links
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_name)
+
+
+# --- unpacking ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _UnpackLimits:
+    """Limits of one unpack and what it has used so far (counted while writing)."""
+
+    max_bytes: int
+    max_members: int
+    bytes: int = 0
+    members: int = 0
+
+    def add_member(self, name: str) -> None:
+        self.members += 1
+        if self.members > self.max_members:
+            raise IntegrityError(f"The archive has more than {self.max_members} members (at {name!r}); "
+                                 "refused as a possible archive bomb.")
+
+    def add_bytes(self, count: int, name: str) -> None:
+        self.bytes += count
+        if self.bytes > self.max_bytes:
+            raise IntegrityError(f"The archive unpacks to more than {self.max_bytes} bytes (at {name!r}); "
+                                 "refused as a possible archive bomb.")
+
+
+class _ArchiveReadError(Exception):
+    """A damaged archive or compressed stream (translated to IntegrityError by _unpack)."""
+
+
+class _ArchiveSource(io.RawIOBase):
+    """A decompressing reader whose decoding errors become _ArchiveReadError, so they
+    stay apart from errors of writing the unpacked files."""
+
+    _DECODING_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error, ValueError)
+
+    def __init__(self, inner):
+        super().__init__()
+        self._inner = inner
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._inner.read(size)
+        except self._DECODING_ERRORS as exc:
+            raise _ArchiveReadError(str(exc) or type(exc).__name__) from exc
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        memoryview(buffer).cast("B")[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        try:
+            return self._inner.seek(offset, whence)
+        except self._DECODING_ERRORS as exc:
+            raise _ArchiveReadError(str(exc) or type(exc).__name__) from exc
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+
+class _SafeWriter:
+    """Writes archive members under ``root`` and nowhere else.
+
+    A member name must be relative, without ``..``, drive or NUL; every parent folder
+    is created here and must resolve inside ``root`` when written to; files are created
+    with ``O_EXCL | O_NOFOLLOW``, so an existing link is never written through; a link
+    must resolve inside ``root`` when made and again once everything is written.
+    """
+
+    def __init__(self, root: pathlib.Path, limits: _UnpackLimits):
+        self.root = root
+        self._real_root = os.path.realpath(root)
+        self._limits = limits
+        self._links: list[str] = []
+
+    def _path_of(self, name: str) -> str:
+        if "\x00" in name:
+            raise IntegrityError(f"Archive member {name!r} has a NUL in its name; refused.")
+        unified = name.replace("\\", "/")
+        parts = [part for part in unified.split("/") if part not in ("", ".")]
+        if (unified.startswith("/") or ".." in parts or not parts
+                or (len(parts[0]) >= 2 and parts[0][1] == ":")):
+            raise IntegrityError(f"Archive member {name!r} would be written outside the folder "
+                                 "(absolute path, drive or '..'); refused.")
+        return os.path.join(self.root, *parts)
+
+    def _is_inside(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        return real == self._real_root or real.startswith(self._real_root + os.sep)
+
+    def _prepare_parent(self, name: str, path: str) -> None:
+        parent = os.path.dirname(path)
+        os.makedirs(parent, mode=0o777, exist_ok=True)
+        if not self._is_inside(parent):
+            raise IntegrityError(f"Archive member {name!r} would be written through a link leading "
+                                 "outside the folder; refused.")
+
+    def _clear(self, name: str, path: str) -> None:
+        """Make room for a member whose name came before (the later one wins, as with tar)."""
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(info.st_mode):
+            raise IntegrityError(f"Archive member {name!r} clashes with a folder of the same name; refused.")
+        os.unlink(path)
+
+    def directory(self, name: str) -> None:
+        self._limits.add_member(name)
+        path = self._path_of(name)
+        self._prepare_parent(name, path)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o777)
+        if not os.path.isdir(path) or not self._is_inside(path):
+            raise IntegrityError(f"Archive member {name!r} is not a folder inside the folder; refused.")
+
+    def file(self, name: str, source, *, executable: bool = False) -> None:
+        self._limits.add_member(name)
+        path = self._path_of(name)
+        self._prepare_parent(name, path)
+        self._clear(name, path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+        handle = os.open(path, flags, 0o777 if executable else 0o666)
+        with os.fdopen(handle, "wb") as output:
+            while piece := source.read(READ_SIZE_BYTES):
+                self._limits.add_bytes(len(piece), name)
+                output.write(piece)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._limits.add_member(name)
+        path = self._path_of(name)
+        self._prepare_parent(name, path)
+        if not target or "\x00" in target or os.path.isabs(target) or target.startswith(("/", "\\")):
+            raise IntegrityError(f"Archive link {name!r} -> {target!r} leads outside the folder; refused.")
+        self._clear(name, path)
+        os.symlink(target, path)
+        self._links.append(path)
+        if not self._is_inside(path):
+            raise IntegrityError(f"Archive link {name!r} -> {target!r} leads outside the folder; refused.")
+
+    def hardlink(self, name: str, target_name: str) -> None:
+        self._limits.add_member(name)
+        path, source = self._path_of(name), self._path_of(target_name)
+        self._prepare_parent(name, path)
+        if not self._is_inside(source) or not os.path.isfile(source):
+            raise IntegrityError(f"Archive hard link {name!r} -> {target_name!r} does not name a file "
+                                 "unpacked before it; refused.")
+        self._clear(name, path)
+        try:
+            os.link(os.path.realpath(source), path)
+        except OSError:
+            with open(source, "rb") as original:
+                self._limits.members -= 1  # counted above already
+                self.file(name, original)
+
+    def finish(self) -> None:
+        """Every link must still resolve inside the folder once everything is written."""
+        for path in self._links:
+            if not self._is_inside(path):
+                raise IntegrityError(f"Archive link {os.path.relpath(path, self.root)!r} leads outside "
+                                     "the folder; refused.")
+
+
+#: Magic numbers of the single-stream compressions unpack() understands.
+_COMPRESSIONS = ((b"\x1f\x8b", "gz"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"))
+
+
+def _decompressing_reader(stream, compression: str):
+    if compression == "gz":
+        return gzip.GzipFile(fileobj=stream, mode="rb")
+    if compression == "bz2":
+        return bz2.BZ2File(stream, mode="rb")
+    return lzma.LZMAFile(stream, mode="rb")
+
+
+def _is_tar_header(block: bytes) -> bool:
+    if len(block) < tarfile.BLOCKSIZE:
+        return False
+    try:
+        tarfile.TarInfo.frombuf(block[:tarfile.BLOCKSIZE], "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
+
+
+def _unpack_zip(stream, writer: _SafeWriter) -> None:
+    with zipfile.ZipFile(stream) as archive:
+        for info in archive.infolist():
+            mode = info.external_attr >> 16
+            kind = stat.S_IFMT(mode)
+            if info.is_dir() or kind == stat.S_IFDIR:
+                writer.directory(info.filename)
+            elif kind == stat.S_IFLNK:
+                with archive.open(info) as member:
+                    target = member.read(MAX_LINK_TARGET_BYTES + 1)
+                if len(target) > MAX_LINK_TARGET_BYTES:
+                    raise IntegrityError(f"Archive link {info.filename!r} has an over-long target; refused.")
+                writer.symlink(info.filename, target.decode("utf-8", "surrogateescape"))
+            elif kind in (0, stat.S_IFREG):
+                with archive.open(info) as member:
+                    writer.file(info.filename, member, executable=bool(mode & 0o111))
+            else:
+                raise IntegrityError(f"Archive member {info.filename!r} is a device, FIFO or socket; refused.")
+
+
+def _unpack_tar(source, writer: _SafeWriter) -> None:
+    # Stream mode ("r|"): members are read in order, never by seeking to offsets the
+    # headers claim.
+    with tarfile.open(fileobj=source, mode="r|") as archive:
+        for member in archive:
+            if member.isdir():
+                writer.directory(member.name)
+            elif member.isfile():
+                member_file = archive.extractfile(member)
+                writer.file(member.name, member_file, executable=bool(member.mode & 0o111))
+            elif member.issym():
+                writer.symlink(member.name, member.linkname)
+            elif member.islnk():
+                writer.hardlink(member.name, member.linkname)
+            else:
+                raise IntegrityError(f"Archive member {member.name!r} is a device, FIFO or special file; "
+                                     "refused.")
+
+
+def _unpack_into(cache, content_id: int, response, folder: pathlib.Path, limits: _UnpackLimits) -> None:
+    """Unpack the content into the empty ``folder`` (a temporary one the caller renames)."""
+    writer = _SafeWriter(folder, limits)
+    with cache._store.open_content(content_id) as raw:
+        stream = io.BufferedReader(raw, buffer_size=READ_SIZE_BYTES)
+        # Decide by what the bytes are, not by the file name: compression magic first,
+        # then a tar header at the start, then a zip directory at the end (checked last:
+        # a tar whose last member is a zip would look like one).
+        magic = stream.read(8)
+        stream.seek(0)
+        compression = next((name for prefix, name in _COMPRESSIONS if magic.startswith(prefix)), None)
+        source = _ArchiveSource(_decompressing_reader(stream, compression) if compression else stream)
+        is_tar = _is_tar_header(source.read(tarfile.BLOCKSIZE))
+        source.seek(0)
+        if not is_tar and compression is None and zipfile.is_zipfile(stream):
+            stream.seek(0)
+            _unpack_zip(stream, writer)
+        elif is_tar:
+            _unpack_tar(io.BufferedReader(source, buffer_size=READ_SIZE_BYTES), writer)
+        elif compression is not None:
+            name = _sanitize_filename(response.content_attributes.filename) or FALLBACK_FILENAME
+            stem = name[:-len(compression) - 1] if name.lower().endswith("." + compression) else name
+            writer.file(_sanitize_filename(stem) or FALLBACK_FILENAME, source)
+        else:
+            raise InvalidRequestError(f"Version {response.version} of {response.url} is not a zip, tar, "
+                                      "gz, bz2 or xz archive; nothing to unpack.")
+        writer.finish()
+
+
+def _unpack(cache, content_id: int, response, target: pathlib.Path | None,
+            limits: _UnpackLimits) -> pathlib.Path:
+    """Unpack a content (see ``Response.unpack``) and return the folder."""
+    hash_type, hash_hex, _ = _verified_content(cache, content_id, response)
+    key = _content_key(hash_type, hash_hex)
+    try:
+        if target is None:
+            root = _unpacked_root(cache)
+            folder = root / key
+            if folder.is_dir():
+                return folder
+            with _FolderLock(root / f".lock-{key}"):
+                if not folder.is_dir():
+                    _unpack_to_new_folder(cache, content_id, response, folder, limits)
+            return folder
+        if target.exists() and not target.is_dir():
+            raise InvalidRequestError(f"Cannot unpack version {response.version} of {response.url} into "
+                                      f"{target}: it exists and is not a folder.")
+        if not target.exists():
+            try:
+                _unpack_to_new_folder(cache, content_id, response, target, limits)
+                return target
+            except OSError:
+                if not target.is_dir():  # else another caller made it meanwhile: unpack over it
+                    raise
+        _unpack_over_folder(cache, content_id, response, target, limits)
+        return target
+    except _ArchiveReadError as exc:
+        raise IntegrityError(f"Version {response.version} of {response.url} is a damaged archive: "
+                             f"{exc}.") from exc
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, lzma.LZMAError) as exc:
+        raise IntegrityError(f"Version {response.version} of {response.url} is a damaged archive: "
+                             f"{exc}.") from exc
+    except (NotImplementedError, RuntimeError) as exc:  # zip: unknown compression, encryption
+        raise InvalidRequestError(f"Version {response.version} of {response.url} cannot be unpacked: "
+                                  f"{exc}.") from exc
+    except OSError as exc:
+        where = target if target is not None else _unpacked_root(cache)
+        raise CacheFileError(f"Cannot unpack version {response.version} of {response.url} into "
+                             f"{where}: {exc}.", path=where) from exc
+
+
+def _unpack_to_new_folder(cache, content_id: int, response, folder: pathlib.Path,
+                          limits: _UnpackLimits) -> None:
+    """Unpack into a temporary folder beside ``folder``, then rename it to ``folder``
+    (which must not exist: FileExistsError or another OSError otherwise)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temp = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=folder.parent)
+    try:
+        os.chmod(temp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
+        _unpack_into(cache, content_id, response, pathlib.Path(temp), limits)
+        os.rename(temp, folder)
+    finally:
+        if os.path.exists(temp):
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _unpack_over_folder(cache, content_id: int, response, folder: pathlib.Path,
+                        limits: _UnpackLimits) -> None:
+    """Unpack into a temporary folder inside the existing ``folder``, then move each
+    top-level entry into place (a file by rename; a folder of the same name is set
+    aside and removed), so every entry appears complete."""
+    temp = pathlib.Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=folder))
+    try:
+        _unpack_into(cache, content_id, response, temp, limits)
+        for entry in sorted(temp.iterdir()):
+            destination = folder / entry.name
+            aside = None
+            if destination.is_dir() and not destination.is_symlink():
+                aside = pathlib.Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=folder)) / "old"
+                os.rename(destination, aside)
+            os.replace(entry, destination)
+            if aside is not None:
+                shutil.rmtree(aside.parent, ignore_errors=True)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+# --- collection and accounting -------------------------------------------------------
+
+
+def _remove_entry(path: pathlib.Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _remove_if_stale(entry: os.DirEntry, now: float) -> None:
+    with contextlib.suppress(OSError):
+        if now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SEC:
+            _remove_entry(pathlib.Path(entry.path))
+
+
+def _sweep_content_files(cache) -> None:
+    """Remove the materialised files and unpacked folders whose content is no longer
+    stored, and temporary leftovers older than STALE_TEMP_SEC. An entry being written
+    (its lock held) is left for a later gc()."""
+    now = time.time()
+    for root, locks_inside in ((_files_root(cache), True), (_unpacked_root(cache), False)):
+        try:
+            entries = list(os.scandir(root))
+        except OSError:
+            continue
+        for entry in entries:
+            path = pathlib.Path(entry.path)
+            if entry.name.startswith(_TEMP_PREFIX):
+                _remove_if_stale(entry, now)
+                continue
+            if entry.name.startswith(".lock-"):
+                if not (root / entry.name[len(".lock-"):]).exists():
+                    with _FolderLock(path, blocking=False) as held:
+                        if held:
+                            with contextlib.suppress(OSError):
+                                os.unlink(path)
+                continue
+            parsed = _parse_content_key(entry.name)
+            if parsed is None:
+                continue
+            if cache._store.has_content(*parsed):
+                if locks_inside:  # a writer that died leaves its temporary file in the folder
+                    with contextlib.suppress(OSError):
+                        for inner in os.scandir(path):
+                            if inner.name.startswith(_TEMP_PREFIX):
+                                _remove_if_stale(inner, now)
+                continue
+            lock = path / ".lock" if locks_inside else root / f".lock-{entry.name}"
+            with _FolderLock(lock, blocking=False) as held:
+                if held:
+                    _remove_entry(path)
+                    if not locks_inside:
+                        with contextlib.suppress(OSError):
+                            os.unlink(lock)
+
+
+def _bytes_under(root: pathlib.Path) -> int:
+    """Bytes of the regular files under ``root`` (each file once, links not followed)."""
+    total, seen = 0, set()
+    pending = [str(root)]
+    while pending:
+        try:
+            entries = list(os.scandir(pending.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                info = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(info.st_mode):
+                    pending.append(entry.path)
+                elif stat.S_ISREG(info.st_mode) and (info.st_dev, info.st_ino) not in seen:
+                    seen.add((info.st_dev, info.st_ino))
+                    total += info.st_size
+    return total
 
 
 # ---------------------------------------------------------------------------
@@ -2214,7 +3029,10 @@ class Cache:
                 raise InvalidRequestError(f"{name} must be callable.")
         if call.configuration is not None:
             self._require_strategy_support(call.configuration)
-        return self._fetch(call)
+        response = self._fetch(call)
+        if call.expected_hash is not None:  # reads of this object check the bytes (§10)
+            response.__pydantic_private__["_expected_hash"] = call.expected_hash
+        return response
 
     @staticmethod
     def _require_strategy_support(configuration: RequestCacheConfiguration) -> None:
@@ -2763,6 +3581,7 @@ class Cache:
             report.bytes_freed += freed
         self._store.give_back_free_pages(checkpoint=True)
         report.file_size_after = self._store.file_size()
+        _sweep_content_files(self)  # files and folders of content no longer stored (§17)
         return report
 
     # --- reading the cache --------------------------------------------------------------
@@ -2841,7 +3660,8 @@ class Cache:
     def stats(self) -> dict:
         """Counts and sizes: path, file_size_bytes (main file + WAL), requests, versions per
         status, content_bytes and unique_contents (each distinct content once), partial_bytes
-        (downloads kept for resume), schema_version, sqlite_version."""
+        (downloads kept for resume), files_bytes and unpacked_bytes (held beside the cache file
+        by ``as_file()`` and ``unpack()``), schema_version, sqlite_version."""
         with self._store.reading() as t:
             per_status = dict.fromkeys(VERSION_STATUSES, 0)
             for status, count in (t.version.select(t.version.status, peewee.fn.COUNT(t.version.id))
@@ -2857,6 +3677,8 @@ class Cache:
         return {"path": str(self.path), "file_size_bytes": self._store.file_size(),
                 "requests": requests, "versions": per_status, "content_bytes": int(content_bytes),
                 "unique_contents": int(unique), "partial_bytes": int(partial),
+                "files_bytes": _bytes_under(_files_root(self)),
+                "unpacked_bytes": _bytes_under(_unpacked_root(self)),
                 "schema_version": self._store.schema_version(),
                 "sqlite_version": peewee.sqlite3.sqlite_version}
 
@@ -2948,6 +3770,8 @@ class Cache:
                         length += len(data)
             except NotCachedError:
                 continue  # Deleted meanwhile: nothing to verify.
+            except IntegrityError:
+                length = -1  # chunks missing or damaged: corrupted
             report.checked += 1
             if hasher.hexdigest() == hash_hex and length == size:
                 continue
@@ -3210,8 +4034,12 @@ def _cmd_fetch(cache: Cache, args) -> int:
         response = cache.pin(response).model_copy(update={"outcome": response.outcome})
     for tag in args.tag or ():
         response = cache.tag(response, tag).model_copy(update={"outcome": response.outcome})
-    saved = None
-    if args.output or args.dir:
+    saved = unpacked = None
+    if args.unpack:
+        unpacked = response.unpack(args.unpack)
+        if not args.json:
+            sys.stdout.write(f"{unpacked}\n")
+    elif args.output or args.dir:
         saved = response.save_to(args.output) if args.output else response.save_to(dir=args.dir)
     elif not args.json:
         with response.open() as stream:
@@ -3221,10 +4049,19 @@ def _cmd_fetch(cache: Cache, args) -> int:
     if args.json:
         data = response.model_dump(mode="json")
         data["saved_to"] = str(saved) if saved else None
+        data["unpacked_to"] = str(unpacked) if unpacked else None
         _emit(args, data, lambda: None)
     elif not args.quiet:
         where = f" -> {saved}" if saved else ""
         sys.stderr.write(f"{response.url}: version {response.version} ({response.outcome}){where}\n")
+    return 0
+
+
+def _cmd_path(cache: Cache, args) -> int:
+    response = cache.get(args.url, args.version or "latest", **_identity_arguments(args))
+    path = response.as_file()
+    _emit(args, {"url": response.url, "version": response.version, "path": str(path)},
+          lambda: sys.stdout.write(f"{path}\n"))
     return 0
 
 
@@ -3372,6 +4209,8 @@ def _build_parser() -> argparse.ArgumentParser:
     output = fetch_parser.add_mutually_exclusive_group()
     output.add_argument("-o", "--output", metavar="FILE", help="write the content to FILE")
     output.add_argument("-d", "--dir", metavar="DIR", help="write the content into DIR under its file name")
+    output.add_argument("--unpack", metavar="DIR",
+                        help="unpack the zip/tar/gz/bz2/xz content into DIR and print DIR")
     fetch_parser.add_argument("--strategy", help="never | age:SECONDS | when_requested | "
                                                  "when_remote_changed[:CHECK[:FALLBACK]] | cron:EXPR")
     fetch_parser.add_argument("--keep", type=int, metavar="N", help="unpinned versions to keep")
@@ -3384,6 +4223,12 @@ def _build_parser() -> argparse.ArgumentParser:
     fetch_parser.add_argument("--force-version", metavar="V", help="return exactly this version")
     fetch_parser.add_argument("--prefer-tag", metavar="T", help="prefer the newest version with this tag")
     fetch_parser.set_defaults(handler=_cmd_fetch)
+
+    path_parser = commands.add_parser("path", parents=common + [identity],
+                                      help="print the path of a read-only file holding the content")
+    path_parser.add_argument("url")
+    path_parser.add_argument("version", nargs="?")
+    path_parser.set_defaults(handler=_cmd_path)
 
     versions_parser = commands.add_parser("versions", parents=common + [identity], help="list versions")
     versions_parser.add_argument("url")

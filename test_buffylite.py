@@ -17,6 +17,7 @@ origin of their own, in the section "HTTP faults and concurrency" near the end.
 from __future__ import annotations
 
 import base64
+import bz2
 import contextlib
 import dataclasses
 import datetime
@@ -31,6 +32,7 @@ import io
 import itertools
 import json
 import logging
+import lzma
 import os
 import pathlib
 import pty
@@ -41,19 +43,23 @@ import signal
 import socket
 import socketserver
 import sqlite3
+import stat
 import struct
 import subprocess
 import sys
+import tarfile
 import termios
 import textwrap
 import threading
 import time
 import urllib.parse
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import urlsplit
 
+import hypothesis
 import pydantic
 import pytest
 import urllib3
@@ -1470,6 +1476,490 @@ def test_save_to_dir_never_escapes_dir_with_hostile_filenames(cache, origin, tmp
     assert sorted(p for p in outer.rglob("*") if target_dir not in p.parents) == outer_before
     assert sorted(p.name for p in tmp_path.iterdir()) == tmp_before
     assert not absolute_target.exists()
+
+
+# --- content as files: seekable open(), reads that check, as_file(), unpack() (SPEC §17, §10, §9) ---
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Store new downloads in small chunks of irregular sizes (reads of 3001 bytes, chunks
+    flushed from 5000 bytes on), so a modest content spans many chunks."""
+    monkeypatch.setattr(buffylite, "READ_SIZE_BYTES", 3001)
+    monkeypatch.setattr(buffylite, "DEFAULT_CHUNK_SIZE_BYTES", 5000)
+
+
+def chunk_rows(path: pathlib.Path) -> list[tuple[int, int, int]]:
+    """(content_id, seq, length) of every stored chunk, found via sqlite_master."""
+    chunk_table = table_with_columns(path, {"content_id", "seq", "data"})
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return list(connection.execute(
+            f'SELECT content_id, seq, length(data) FROM "{chunk_table}" ORDER BY content_id, seq'))
+    finally:
+        connection.close()
+
+
+def tar_bytes(members: list[tuple], compression: str = "") -> bytes:
+    """A tar archive from (name, bytes) files, (name, None) folders and (name, tar type[, link target])."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=f"w:{compression}") as archive:
+        for member in members:
+            name, data = member[0], member[1]
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+            elif data in (tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.FIFOTYPE):
+                info.type = data
+                info.linkname = member[2] if len(member) > 2 else ""
+                archive.addfile(info)
+            else:
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def zip_bytes(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    """A zip archive holding ``members`` (name -> bytes)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def files_in(folder: pathlib.Path) -> dict[str, bytes]:
+    """Relative path -> bytes of every regular file under ``folder``."""
+    return {str(path.relative_to(folder)): path.read_bytes()
+            for path in sorted(folder.rglob("*")) if path.is_file() and not path.is_symlink()}
+
+
+def test_open_seeks_and_reads_like_bytesio(cache, origin, small_chunks):
+    """§17: random seek/tell/read/readinto sequences on open() match io.BytesIO over the same bytes."""
+    body = random_bytes(180_000, seed=171)
+    origin.route("/seek.bin", body=body)
+    resp = cache.fetch(origin.url("/seek.bin"))
+    assert len(chunk_rows(cache.path)) >= 10, "the content should span many chunks"
+    positions = st.one_of(st.integers(min_value=-len(body) - 10, max_value=len(body) + 10),
+                          st.integers(min_value=-20, max_value=20))
+    operation = st.one_of(
+        st.tuples(st.just("seek"), positions, st.sampled_from([io.SEEK_SET, io.SEEK_CUR, io.SEEK_END])),
+        st.tuples(st.just("read"), st.integers(min_value=-1, max_value=40_000)),
+        st.tuples(st.just("readinto"), st.integers(min_value=0, max_value=12_000)),
+        st.tuples(st.just("tell")))
+    examples = []
+
+    def apply(stream, step):
+        try:
+            if step[0] == "seek":
+                return stream.seek(step[1], step[2])
+            if step[0] == "read":
+                return stream.read(step[1])
+            if step[0] == "readinto":
+                buffer = bytearray(step[1])
+                count = stream.readinto(buffer)
+                return count, bytes(buffer[:count])
+            return stream.tell()
+        except (ValueError, OSError) as exc:
+            return type(exc)
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @hypothesis.given(st.lists(operation, min_size=1, max_size=25))
+    def check(steps):
+        examples.append(1)
+        reference = io.BytesIO(body)
+        with resp.open() as stream:
+            assert stream.seekable() and stream.readable()
+            for step in steps:
+                assert apply(stream, step) == apply(reference, step), step
+
+    check()
+    assert len(examples) >= 120
+
+
+def test_zipfile_and_tarfile_read_members_straight_from_open(cache, origin):
+    """§17: zipfile.ZipFile(resp.open()) and random-access tarfile.open(fileobj=resp.open()) work."""
+    members = {f"dir/part{index}.bin": random_bytes(700_000, seed=index) for index in range(4)}
+    origin.route("/a.zip", body=zip_bytes(members, zipfile.ZIP_STORED))
+    origin.route("/a.tar", body=tar_bytes(list(members.items())))
+    with cache.fetch(origin.url("/a.zip")).open() as stream, zipfile.ZipFile(stream) as archive:
+        assert archive.namelist() == list(members)
+        for name in reversed(list(members)):  # backwards: seeks every time
+            assert archive.read(name) == members[name]
+    with cache.fetch(origin.url("/a.tar")).open() as stream, tarfile.open(fileobj=stream) as archive:
+        for name in ("dir/part3.bin", "dir/part0.bin", "dir/part2.bin"):
+            assert archive.extractfile(archive.getmember(name)).read() == members[name]
+
+
+def test_seeking_stream_stays_readable_after_its_version_is_deleted(cache, cache_path, origin):
+    """§9/§17: a stream keeps its snapshot: seeks and reads work after another Cache deletes and collects."""
+    body = random_bytes(3 * MiB + 5, seed=172)
+    origin.route("/keep", body=body)
+    resp = cache.fetch(origin.url("/keep"))
+    with resp.open() as stream:
+        stream.seek(2 * MiB)
+        middle = stream.read(1000)
+        with buffylite.Cache(cache_path) as other:
+            assert other.delete(origin.url("/keep")) == 1
+        assert stream.seek(-10, io.SEEK_END) == len(body) - 10
+        tail = stream.read()
+        stream.seek(0)
+        assert stream.read() == body
+    assert middle == body[2 * MiB:2 * MiB + 1000] and tail == body[-10:]
+    with pytest.raises(buffylite.NotCachedError):
+        resp.open()
+
+
+@pytest.mark.parametrize("how", ["read", "open", "text"])
+def test_tampered_content_with_expected_hash_raises_and_marks_the_version(cache, cache_path, origin, how):
+    """§10: same-length tampering -> IntegrityError from the read, never the bytes; version failed, corrupted."""
+    body = b"genuine content line\n" * 500
+    url = origin.url("/tamper")
+    good = fetch_body(cache, origin, "/tamper", body)
+    _corrupt_chunk_containing(cache_path, b"genuine content line")
+    served = cache.fetch(url, expected_hash=sha256(body), offline=True)
+    assert served.version == good.version
+    with pytest.raises(buffylite.IntegrityError, match="corrupted"):
+        if how == "read":
+            served.read()
+        elif how == "text":
+            served.text()
+        else:
+            with served.open() as stream:
+                while stream.read(777):
+                    pass
+    [row] = cache.versions(url, status=None)
+    assert row.status == "failed" and row.download_stats.error == "content corrupted"
+    with pytest.raises(buffylite.NotCachedError):
+        cache.fetch(url, expected_hash=sha256(body), offline=True)
+
+
+def test_tampered_content_online_is_downloaded_again_never_served(cache, cache_path, origin):
+    """§10: online, a tampered cached version raises on read; the next fetch re-downloads correct bytes."""
+    body = b"the right bytes\n" * 300
+    url = origin.url("/tamper-online")
+    origin.route("/tamper-online", body=body)
+    never = config(buffylite.ReCachingStrategy.never())
+    cache.fetch(url, cache_configuration=never)
+    _corrupt_chunk_containing(cache_path, b"the right bytes")
+    with pytest.raises(buffylite.IntegrityError):
+        cache.fetch(url, expected_hash=sha256(body)).read()
+    again = cache.fetch(url, expected_hash=sha256(body))
+    assert again.outcome == "downloaded" and again.read() == body
+    assert origin.hits("/tamper-online") == 2
+    assert cache.verify().corrupted == []
+
+
+def test_read_without_expected_hash_is_not_slowed_by_hashing_but_checks_length(cache, cache_path, origin):
+    """§10: without expected_hash a same-length tampering is read as stored (verify() finds it)."""
+    body = b"plain read line\n" * 100
+    resp = fetch_body(cache, origin, "/plain", body)
+    _corrupt_chunk_containing(cache_path, b"plain read line")
+    assert len(resp.read()) == len(body) and resp.read() != body
+    assert [r.version for r in cache.verify().corrupted] == [resp.version]
+
+
+@pytest.mark.parametrize("damage", ["delete-middle-chunk", "delete-last-chunk", "truncate-chunk"])
+@pytest.mark.parametrize("how", ["read", "open"])
+def test_missing_or_truncated_chunk_raises_integrity_error_never_short_content(
+        cache, cache_path, origin, small_chunks, damage, how):
+    """§10: chunks missing or cut short -> read()/open() raise IntegrityError, never return short content."""
+    body = random_bytes(60_000, seed=173)
+    resp = fetch_body(cache, origin, "/damaged", body)
+    rows = chunk_rows(cache_path)
+    assert len(rows) >= 3
+    content_id, seq, length = rows[len(rows) // 2] if damage != "delete-last-chunk" else rows[-1]
+    chunk_table = table_with_columns(cache_path, {"content_id", "seq", "data"})
+    connection = sqlite3.connect(cache_path, timeout=10)
+    try:
+        if damage.startswith("delete"):
+            connection.execute(f'DELETE FROM "{chunk_table}" WHERE content_id = ? AND seq = ?', (content_id, seq))
+        else:
+            connection.execute(f'UPDATE "{chunk_table}" SET data = substr(data, 1, ?) '
+                               "WHERE content_id = ? AND seq = ?", (length - 10, content_id, seq))
+        connection.commit()
+    finally:
+        connection.close()
+    with pytest.raises(buffylite.IntegrityError, match="stored size"):
+        if how == "read":
+            resp.read()
+        else:
+            with resp.open() as stream:
+                stream.read()
+    assert [r.version for r in cache.verify().corrupted] == [resp.version]
+
+
+def test_as_file_is_one_read_only_file_reused_without_rewrite(cache, cache_path, origin):
+    """§17: as_file() -> a 0444 regular file named like the version, beside the cache; same file next time."""
+    body = random_bytes(2 * MiB + 3, seed=174)
+    origin.route("/data/table.parquet", body=body)
+    resp = cache.fetch(origin.url("/data/table.parquet"))
+    path = resp.as_file()
+    assert isinstance(path, pathlib.Path) and path.name.endswith("table.parquet")
+    assert pathlib.Path(str(cache_path) + ".files") in path.parents
+    info = path.lstat()
+    assert stat.S_ISREG(info.st_mode) and info.st_mode & 0o777 == 0o444
+    assert path.read_bytes() == body
+    time.sleep(0.05)
+    again = cache.get(origin.url("/data/table.parquet")).as_file()
+    assert again == path
+    after = again.lstat()
+    assert (after.st_ino, after.st_mtime_ns) == (info.st_ino, info.st_mtime_ns)
+    assert sorted(p.name for p in path.parent.iterdir()) == [".lock", "table.parquet"]
+    stats = cache.stats()
+    assert stats["files_bytes"] == len(body) and stats["unpacked_bytes"] == 0
+
+
+def test_as_file_many_threads_and_processes_make_one_complete_file(cache, cache_path, origin):
+    """§17: 8 threads x 3 processes ask at once -> one file, complete and correct, no temporary leftovers."""
+    body = random_bytes(6 * MiB + 11, seed=175)
+    url = origin.url("/shared.bin")
+    origin.route("/shared.bin", body=body)
+    cache.fetch(url)
+    code = textwrap.dedent("""
+        import sys, threading, buffylite
+        cache = buffylite.Cache(sys.argv[1])
+        response = cache.get(sys.argv[2])
+        barrier, paths = threading.Barrier(8), []
+        def ask():
+            barrier.wait(timeout=30)
+            paths.append(str(response.as_file()))
+        threads = [threading.Thread(target=ask) for _ in range(8)]
+        for thread in threads: thread.start()
+        for thread in threads: thread.join(timeout=60)
+        print("\\n".join(sorted(set(paths))), len(paths))
+    """)
+    children = [subprocess.Popen([PYTHON, "-c", code, str(cache_path), url], cwd=REPO_DIR,
+                                 env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for _ in range(3)]
+    outputs = []
+    for child in children:
+        out, err = child.communicate(timeout=SUBPROCESS_TIMEOUT_SEC)
+        assert child.returncode == 0, err
+        outputs.append(out.split())
+    assert all(output[-1] == "8" for output in outputs), outputs
+    paths = {path for output in outputs for path in output[:-1]}
+    assert len(paths) == 1, paths
+    path = pathlib.Path(paths.pop())
+    assert path.read_bytes() == body
+    assert sorted(p.name for p in path.parent.iterdir()) == [".lock", "shared.bin"]
+
+
+def test_as_file_and_unpacked_folder_are_removed_with_their_content(cache, cache_path, origin):
+    """§17: after delete + gc() the materialised file and the unpacked folder are gone; shared content stays."""
+    archive = tar_bytes([("inner/readme.txt", b"hello from the archive")], "gz")
+    origin.route("/gone.tar.gz", body=archive)
+    origin.route("/same.tar.gz", body=archive)
+    resp = cache.fetch(origin.url("/gone.tar.gz"))
+    path, folder = resp.as_file(), resp.unpack()
+    twin = cache.fetch(origin.url("/same.tar.gz")).as_file()
+    assert twin != path and os.path.samefile(twin, path)  # one copy, two names
+    assert cache.stats()["unpacked_bytes"] == len(b"hello from the archive")
+    cache.delete(origin.url("/gone.tar.gz"))
+    cache.gc()
+    assert path.exists() and folder.exists(), "still referenced by /same.tar.gz"
+    cache.delete(origin.url("/same.tar.gz"))
+    cache.gc()
+    assert not path.exists() and not twin.exists() and not folder.exists()
+    assert list(pathlib.Path(str(cache_path) + ".files").iterdir()) == []
+    assert [p.name for p in pathlib.Path(str(cache_path) + ".unpacked").iterdir()] == []
+    stats = cache.stats()
+    assert stats["files_bytes"] == 0 and stats["unpacked_bytes"] == 0
+
+
+def test_gc_removes_temporary_leftovers_only_once_they_are_old(cache, cache_path, origin):
+    """§17: gc() removes '.tmp-' files and folders of dead processes after STALE_TEMP_SEC, not young ones."""
+    origin.route("/kept.csv", body=b"a,b\n")
+    kept = cache.fetch(origin.url("/kept.csv")).as_file()
+    files_root = pathlib.Path(str(cache_path) + ".files")
+    old_file, young_file = kept.parent / ".tmp-dead", kept.parent / ".tmp-busy"
+    old_folder = pathlib.Path(str(cache_path) + ".unpacked") / ".tmp-dead-folder"
+    old_folder.mkdir(parents=True)
+    (old_folder / "partial.bin").write_bytes(b"partial")
+    for path in (old_file, young_file):
+        path.write_bytes(b"half written")
+    stale = time.time() - buffylite.STALE_TEMP_SEC - 60
+    for path in (old_file, old_folder, files_root / ".tmp-dead-top"):
+        if not path.exists():
+            path.write_bytes(b"x")
+        os.utime(path, (stale, stale))
+    cache.gc()
+    assert not old_folder.exists() and not (files_root / ".tmp-dead-top").exists() and not old_file.exists()
+    assert young_file.exists() and kept.read_bytes() == b"a,b\n"
+
+
+def test_as_file_of_a_large_content_keeps_memory_bounded(cache, cache_path, origin):
+    """§17: materialising 64 MiB in a child process grows its peak RSS by far less than 64 MiB."""
+    body = random_bytes(64 * MiB, seed=176)
+    url = origin.url("/large.bin")
+    origin.route("/large.bin", body=body)
+    cache.fetch(url)
+    code = textwrap.dedent("""
+        import resource, sys, buffylite
+        with buffylite.Cache(sys.argv[1]) as cache:
+            response = cache.get(sys.argv[2])
+            with response.open() as stream:
+                stream.read(1 << 20)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            path = response.as_file()
+            after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(path, (after - before) * 1024)
+    """)
+    done = run_python(code, str(cache_path), url)
+    assert done.returncode == 0, done.stderr
+    path, growth = done.stdout.split()
+    assert int(growth) < 16 * MiB, f"peak RSS grew by {int(growth) / MiB:.1f} MiB"
+    assert hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest() == sha256(body)
+
+
+UNPACK_MEMBERS = [("data/", None), ("data/a.csv", b"x,y\n1,2\n"), ("data/deep/b.bin", random_bytes(300_000, seed=177)),
+                  ("top.txt", b"top level\n")]
+
+
+@pytest.mark.parametrize("name, make", [
+    ("bundle.zip", lambda: zip_bytes({name: data for name, data in UNPACK_MEMBERS if data is not None})),
+    ("bundle.tar", lambda: tar_bytes(UNPACK_MEMBERS)),
+    ("bundle.tar.gz", lambda: tar_bytes(UNPACK_MEMBERS, "gz")),
+    ("bundle.tar.bz2", lambda: tar_bytes(UNPACK_MEMBERS, "bz2")),
+    ("bundle.tar.xz", lambda: tar_bytes(UNPACK_MEMBERS, "xz")),
+])
+def test_unpack_archives_into_a_reused_folder_beside_the_cache(cache, cache_path, origin, name, make):
+    """§17: zip and tar (plain/gz/bz2/xz) unpack once per content, beside the cache; later calls reuse it."""
+    origin.route("/" + name, body=make())
+    resp = cache.fetch(origin.url("/" + name))
+    folder = resp.unpack()
+    assert pathlib.Path(str(cache_path) + ".unpacked") in folder.parents
+    expected = {name: data for name, data in UNPACK_MEMBERS if data is not None}
+    assert files_in(folder) == expected
+    before = (folder.stat().st_ino, (folder / "top.txt").stat().st_mtime_ns)
+    again = cache.get(origin.url("/" + name)).unpack()
+    assert again == folder and (again.stat().st_ino, (again / "top.txt").stat().st_mtime_ns) == before
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("compression, opener", [("gz", gzip.compress), ("bz2", bz2.compress),
+                                                 ("xz", lzma.compress)])
+def test_unpack_single_compressed_file_into_a_given_dir(cache, origin, tmp_path, compression, opener):
+    """§17: a single gz/bz2/xz file unpacks into dir under its name without the suffix."""
+    payload = b"line of a large text file\n" * 5000
+    origin.route(f"/dump.csv.{compression}", body=opener(payload))
+    target = tmp_path / "target" / "here"
+    folder = cache.fetch(origin.url(f"/dump.csv.{compression}")).unpack(target)
+    assert folder == target and files_in(target) == {"dump.csv": payload}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["here"], "temporary folder left behind"
+    # Into an existing folder: entries replaced, others kept.
+    (target / "dump.csv").write_bytes(b"old")
+    (target / "mine.txt").write_bytes(b"keep me")
+    assert cache.fetch(origin.url(f"/dump.csv.{compression}")).unpack(target) == target
+    assert files_in(target) == {"dump.csv": payload, "mine.txt": b"keep me"}
+
+
+HOSTILE_ARCHIVES = {
+    "tar-dotdot": lambda outside: tar_bytes([("ok.txt", b"fine"), ("../escaped.txt", b"evil")]),
+    "tar-nested-dotdot": lambda outside: tar_bytes([("a/b/../../../escaped.txt", b"evil")]),
+    "tar-absolute": lambda outside: tar_bytes([(str(outside / "escaped.txt"), b"evil")]),
+    "tar-symlink-out": lambda outside: tar_bytes([("link", tarfile.SYMTYPE, str(outside))]),
+    "tar-relative-symlink-out": lambda outside: tar_bytes([("sub/", None), ("sub/link", tarfile.SYMTYPE, "../..")]),
+    "tar-symlink-then-write": lambda outside: tar_bytes([("sub/", None), ("sub/up", tarfile.SYMTYPE, ".."),
+                                                         ("sub/up/up2", tarfile.SYMTYPE, ".."),
+                                                         ("sub/up/up2/escaped.txt", b"evil")]),
+    "tar-hardlink-out": lambda outside: tar_bytes([("hard", tarfile.LNKTYPE, str(outside / "victim.txt"))]),
+    "tar-device": lambda outside: tar_bytes([("null", tarfile.CHRTYPE)]),
+    "tar-fifo": lambda outside: tar_bytes([("pipe", tarfile.FIFOTYPE)]),
+    "zip-dotdot": lambda outside: zip_bytes({"ok.txt": b"fine", "../escaped.txt": b"evil"}),
+    "zip-absolute": lambda outside: zip_bytes({str(outside / "escaped.txt"): b"evil"}),
+    "zip-backslash-dotdot": lambda outside: zip_bytes({"..\\escaped.txt": b"evil"}),
+}
+
+
+@pytest.mark.parametrize("kind", HOSTILE_ARCHIVES)
+@pytest.mark.parametrize("into", ["default", "dir"])
+def test_unpack_refuses_entries_leaving_the_folder(cache, cache_path, origin, tmp_path, kind, into):
+    """§17: '..', absolute paths, links out, devices and FIFOs -> IntegrityError; nothing written outside."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim.txt").write_bytes(b"victim")
+    origin.route("/hostile", body=HOSTILE_ARCHIVES[kind](outside))
+    resp = cache.fetch(origin.url("/hostile"))
+    def outside_the_folders() -> list[str]:
+        """Everything under tmp_path but the cache's own folders and the target's parent."""
+        return sorted(str(p) for p in tmp_path.rglob("*")
+                      if not p.relative_to(tmp_path).parts[0].startswith(("cache.sqlite3.", "work")))
+
+    before = outside_the_folders()
+    target = tmp_path / "work" / "into" if into == "dir" else None
+    with pytest.raises(buffylite.IntegrityError, match="refused"):
+        resp.unpack(target)
+    assert outside_the_folders() == before
+    assert not (tmp_path / "escaped.txt").exists() and (outside / "victim.txt").read_bytes() == b"victim"
+    unpacked = pathlib.Path(str(cache_path) + ".unpacked")
+    assert not unpacked.exists() or [p.name for p in unpacked.iterdir() if not p.name.startswith(".lock")] == []
+    if target is not None:
+        assert not target.exists() and list(target.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("bomb", ["gz-bytes", "zip-bytes", "tar-members"])
+def test_unpack_refuses_archive_bombs_at_the_limit_quickly(cache, cache_path, origin, bomb):
+    """§17: size and member limits are checked while streaming: a bomb is refused fast, nothing left."""
+    assert buffylite.DEFAULT_UNPACK_MAX_BYTES == 16 << 30 and buffylite.DEFAULT_UNPACK_MAX_MEMBERS == 100_000
+    zeros = b"\0" * (256 * MiB)
+    if bomb == "gz-bytes":
+        body, limits = gzip.compress(zeros, compresslevel=9), {"max_bytes": 8 * MiB}
+    elif bomb == "zip-bytes":
+        body, limits = zip_bytes({"z1": zeros, "z2": zeros}), {"max_bytes": 8 * MiB}
+    else:
+        body, limits = tar_bytes([(f"m{index}", b"") for index in range(2000)]), {"max_members": 100}
+    del zeros
+    assert len(body) < 2 * MiB
+    origin.route("/bomb", body=body)
+    resp = cache.fetch(origin.url("/bomb"))
+    started = time.monotonic()
+    with pytest.raises(buffylite.IntegrityError, match="archive bomb"):
+        resp.unpack(**limits)
+    assert time.monotonic() - started < 10
+    unpacked = pathlib.Path(str(cache_path) + ".unpacked")
+    assert [p.name for p in unpacked.iterdir() if not p.name.startswith(".lock")] == []
+
+
+def test_unpack_of_content_that_is_no_archive_is_an_invalid_request(cache, origin):
+    """§17: plain content cannot be unpacked: InvalidRequestError, nothing made."""
+    origin.route("/plain.txt", body=b"just text, no archive " * 100)
+    with pytest.raises(buffylite.InvalidRequestError, match="not a zip, tar"):
+        cache.fetch(origin.url("/plain.txt")).unpack()
+    with pytest.raises(buffylite.InvalidRequestError):
+        cache.fetch(origin.url("/plain.txt")).unpack(max_bytes=0)
+
+
+def test_cli_path_prints_the_as_file_path(cli_run, cli_cache_path, cli_origin):
+    """§13: `path URL` prints as_file()'s path (with --json too); unknown URL exits 3."""
+    cli_origin.route("/cli/data.csv", body=b"a,b\n1,2\n")
+    url = cli_origin.url("/cli/data.csv")
+    assert cli_run("fetch", url, "-q").returncode == 0
+    done = cli_run("path", url)
+    assert done.returncode == 0, done.stderr
+    path = pathlib.Path(done.stdout.decode().strip())
+    assert path.name.endswith("data.csv") and path.read_bytes() == b"a,b\n1,2\n"
+    assert pathlib.Path(str(cli_cache_path) + ".files") in path.parents
+    as_json = json.loads(cli_run("--json", "path", url).stdout)
+    assert as_json["path"] == str(path)
+    assert cli_run("path", cli_origin.url("/cli/unknown")).returncode == 3
+
+
+def test_cli_fetch_unpack_prints_the_folder(cli_run, cli_origin, tmp_path):
+    """§13: `fetch URL --unpack DIR` unpacks into DIR and prints it; a hostile archive exits 4."""
+    cli_origin.route("/cli/pack.tar.gz", body=tar_bytes([("pkg/x.txt", b"unpacked by the cli")], "gz"))
+    target = tmp_path / "unpacked-here"
+    done = cli_run("fetch", cli_origin.url("/cli/pack.tar.gz"), "--unpack", str(target))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().strip() == str(target)
+    assert files_in(target) == {"pkg/x.txt": b"unpacked by the cli"}
+    as_json = json.loads(cli_run("--json", "fetch", cli_origin.url("/cli/pack.tar.gz"), "--unpack",
+                                 str(target)).stdout)
+    assert as_json["unpacked_to"] == str(target)
+    cli_origin.route("/cli/evil.tar", body=tar_bytes([("../evil.txt", b"evil")]))
+    assert cli_run("fetch", cli_origin.url("/cli/evil.tar"), "--unpack", str(tmp_path / "e")).returncode == 4
+    assert not (tmp_path / "evil.txt").exists()
 
 
 # ===========================================================================
