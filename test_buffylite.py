@@ -1010,6 +1010,440 @@ def test_cron_without_run_at_start_serves_l_in_a_new_cache(cache_path, origin):
     assert len(origin.requests_to("/cron2")) == 1
 
 
+# --- when_requested revalidates (SPEC §18) ---
+
+
+@pytest.mark.parametrize("validators,request_header", [
+    ({"etag": '"wr-1"'}, "If-None-Match"),
+    ({"last_modified": "Wed, 21 Oct 2015 07:28:00 GMT"}, "If-Modified-Since"),
+], ids=["etag", "last-modified"])
+def test_when_requested_sends_the_validators_and_a_304_confirms_l(cache, origin, validators,
+                                                                 request_header):
+    """§18: when_requested asks conditionally when L has validators; a 304 confirms L, no body."""
+    origin.route("/wrc", body=b"same content", **validators)
+    url = origin.url("/wrc")
+    strategy = config(buffylite.ReCachingStrategy.when_requested())
+    first = cache.fetch(url, cache_configuration=strategy)
+    second = cache.fetch(url)
+    sent = origin.requests_to("/wrc")
+    assert len(sent) == 2
+    assert sent[0].header(request_header) is None
+    assert sent[1].header(request_header) is not None
+    assert (second.outcome, second.version) == ("not_modified", first.version)
+    assert second.validated_datetime_utc > first.validated_datetime_utc
+    assert [row.status for row in cache.versions(url, status=None)] == ["ready"]
+    origin.routes["/wrc"].body = b"changed content"
+    origin.routes["/wrc"].etag = '"wr-2"' if "etag" in validators else None
+    origin.routes["/wrc"].last_modified = None if "etag" in validators else "Thu, 22 Oct 2015 07:28:00 GMT"
+    third = cache.fetch(url)
+    assert third.outcome == "downloaded" and third.read() == b"changed content"
+
+
+# --- fetch(refresh=, stale_if_error=, retries=, timeout=) (SPEC §18) ---
+
+
+def test_refresh_downloads_under_never_and_a_304_confirms_l(cache, origin):
+    """§18: refresh=True makes a download due under never: a conditional GET, 304 -> not_modified."""
+    origin.route("/rf", body=b"first", etag='"rf-1"')
+    url = origin.url("/rf")
+    first = cache.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.never()))
+    assert cache.fetch(url).outcome == "cached"
+    assert origin.hits("/rf") == 1
+    confirmed = cache.fetch(url, refresh=True)
+    assert origin.hits("/rf") == 2
+    assert origin.requests_to("/rf")[1].header("If-None-Match") == '"rf-1"'
+    assert (confirmed.outcome, confirmed.version) == ("not_modified", first.version)
+    origin.route("/rf", body=b"second", etag='"rf-2"')
+    changed = cache.fetch(url, refresh=True)
+    assert changed.outcome == "downloaded" and changed.read() == b"second"
+    assert cache.fetch(url).version == changed.version  # never again: no request
+    assert origin.hits("/rf") == 3
+
+
+def test_refresh_without_validators_downloads_in_full(cache, origin):
+    """§18: refresh=True when L has no validators: an unconditional GET (here a duplicate)."""
+    origin.route("/rfn", body=b"plain")
+    url = origin.url("/rfn")
+    first = cache.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.age(seconds=3600)))
+    again = cache.fetch(url, refresh=True)
+    assert origin.hits("/rfn") == 2
+    assert origin.requests_to("/rfn")[1].header("If-None-Match") is None
+    assert (again.outcome, again.version) == ("duplicate", first.version)
+
+
+def test_stale_if_error_false_raises_and_records_the_failed_row(cache, origin):
+    """§18: stale_if_error=False: a failed due download raises FetchError; the failure is recorded, L kept."""
+    good = fetch_body(cache, origin, "/nse", b"good")
+    origin.routes["/nse"].status = 500
+    url = origin.url("/nse")
+    with pytest.raises(buffylite.FetchError) as caught:
+        cache.fetch(url, stale_if_error=False)
+    assert caught.value.status_code == 500 and caught.value.url == url
+    assert good.version in str(caught.value)
+    failed = cache.versions(url, status="failed")
+    assert len(failed) == 1 and "500" in failed[0].download_stats.error
+    assert [row.version for row in cache.versions(url)] == [good.version]
+    # The default still serves L, naming the cause.
+    stale = cache.fetch(url, refresh=True)
+    assert (stale.outcome, stale.version) == ("stale", good.version)
+    assert "500" in stale.stale_reason
+
+
+@pytest.mark.parametrize("cache_retries,call_retries,expected_gets", [(5, 0, 1), (0, 2, 3), (2, None, 3)])
+def test_per_call_retries_override_the_cache(cache_path, origin, cache_retries, call_retries,
+                                             expected_gets):
+    """§18: fetch(retries=N) sends N + 1 GETs to a failing origin, whatever the Cache's retries."""
+    origin.route("/rt", status=503)
+    with buffylite.Cache(cache_path, retries=cache_retries, max_retry_wait=0.01) as opened:
+        with pytest.raises(buffylite.FetchError) as caught:
+            opened.fetch(origin.url("/rt"), retries=call_retries)
+    assert caught.value.status_code == 503
+    assert origin.hits("/rt") == expected_gets
+
+
+def test_per_call_timeout_overrides_the_cache(fault_origin, fault_open_cache):
+    """§18: fetch(timeout=0.3) gives up on a slow origin the Cache (timeout 10 s) would wait for."""
+    fault_origin.route("/slow", FaultReply(body=b"late", delay_sec=1.5))
+    cache = fault_open_cache(timeout=10.0, retries=0)
+    url = fault_origin.url("/slow")
+    started = time.monotonic()
+    with pytest.raises(buffylite.FetchError):
+        cache.fetch(url, timeout=0.3)
+    assert time.monotonic() - started < 1.4
+    started = time.monotonic()
+    assert cache.fetch(url, timeout=urllib3.Timeout(connect=5, read=5)).read() == b"late"
+    assert time.monotonic() - started >= 1.4
+    assert len(fault_origin.hits("/slow")) == 2
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"retries": -1}, {"retries": 101}, {"retries": True}, {"retries": 1.5}, {"retries": "3"},
+    {"timeout": 0}, {"timeout": -1}, {"timeout": float("nan")}, {"timeout": float("inf")},
+    {"timeout": 1e9}, {"timeout": "5"},
+])
+def test_bad_per_call_options_are_rejected_before_anything_is_written(cache, cache_path, origin, kwargs):
+    """§14/§18: per-call retries (0..100) and timeout (finite, > 0) are checked; nothing is written."""
+    origin.route("/bad")
+    before = cache_path.read_bytes() if cache_path.exists() else b""
+    with pytest.raises(buffylite.InvalidRequestError):
+        cache.fetch(origin.url("/bad"), **kwargs)
+    assert origin.hits("/bad") == 0
+    assert cache.requests() == []
+    assert (cache_path.read_bytes() if cache_path.exists() else b"") == before
+
+
+@pytest.mark.parametrize("value", [-1, float("nan"), float("inf"), 1e12, "60", True])
+def test_bad_failure_backoff_is_rejected(cache_path, value):
+    """§14/§18: failure_backoff_sec must be finite, >= 0 and at most ~100 years."""
+    with pytest.raises(buffylite.InvalidRequestError):
+        buffylite.Cache(cache_path, failure_backoff_sec=value)
+
+
+# --- failure backoff (SPEC §18) ---
+
+#: A child process that opens the cache like an app starting up and fetches once.
+_BACKOFF_CHILD = textwrap.dedent("""
+    import json, sys, time
+    import buffylite
+    cache = buffylite.Cache(sys.argv[1], retries=5, max_retry_wait=0.2)
+    started = time.monotonic()
+    resp = cache.fetch(sys.argv[2])
+    elapsed = time.monotonic() - started
+    print(json.dumps({"outcome": resp.outcome, "version": resp.version, "body": resp.read().decode(),
+                      "reason": resp.stale_reason, "elapsed": elapsed}))
+""")
+
+
+def _failed_versions(cache, url) -> list[str]:
+    return [row.version for row in cache.versions(url, status="failed")]
+
+
+@pytest.mark.parametrize("down", ["503", "refused"])
+def test_failure_backoff_serves_stale_at_once_in_a_new_process(cache_path, down):
+    """§18: after a failed download (retries=5), a new process serves L at once, without a request."""
+    server = Origin()
+    try:
+        # Connection: close, so that no kept-alive connection outlives the server below.
+        server.route("/app.json", body=b'{"v": 1}', close_connection=True)
+        url = server.url("/app.json")
+        with buffylite.Cache(cache_path, retries=5, max_retry_wait=0.05) as app:
+            good = app.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.when_requested()))
+            if down == "503":
+                server.routes["/app.json"].status = 503
+            else:
+                server.close()
+            first = app.fetch(url)  # runs the whole (short) retry schedule
+            assert (first.outcome, first.version) == ("stale", good.version)
+            assert "downloading failed" in first.stale_reason
+            gets_after_first = server.hits("/app.json")
+            assert gets_after_first == (1 + 6 if down == "503" else 1)
+            failed_before = _failed_versions(app, url)
+            assert len(failed_before) == 1
+
+        child = run_python(_BACKOFF_CHILD, str(cache_path), url)
+        assert child.returncode == 0, child.stderr
+        seen = json.loads(child.stdout)
+        assert (seen["outcome"], seen["version"], seen["body"]) == ("stale", good.version, '{"v": 1}')
+        assert "failure backoff" in seen["reason"]
+        assert ("503" in seen["reason"]) == (down == "503")
+        assert seen["elapsed"] < 1.0, seen
+        assert server.hits("/app.json") == gets_after_first  # no request, so no retries
+        with buffylite.Cache(cache_path) as check:
+            assert _failed_versions(check, url) == failed_before  # no new attempt recorded
+    finally:
+        server.close()
+
+
+def test_failure_backoff_is_ignored_by_refresh_and_ends(cache_path, origin):
+    """§18: refresh=True tries during the backoff; once it ends, fetch tries again; success clears it."""
+    origin.route("/bo", body=b"good")
+    url = origin.url("/bo")
+    with buffylite.Cache(cache_path, retries=0, failure_backoff_sec=1.0) as opened:
+        good = opened.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.when_requested()))
+        origin.routes["/bo"].status = 503
+        failed_at = time.monotonic()
+        assert opened.fetch(url).outcome == "stale"
+        assert origin.hits("/bo") == 2
+        assert opened.fetch(url).outcome == "stale"
+        assert origin.hits("/bo") == 2  # inside the backoff: no request
+        assert opened.fetch(url, refresh=True).outcome == "stale"
+        assert origin.hits("/bo") == 3  # refresh ignores it
+        deadline = failed_at + 10
+        while True:  # bounded by the deadline
+            served = opened.fetch(url)
+            if origin.hits("/bo") > 3:
+                break  # the backoff ended: it tried (and failed) again
+            assert "failure backoff" in served.stale_reason
+            assert time.monotonic() < deadline, "the backoff never ended"
+            time.sleep(0.1)
+        assert time.monotonic() - failed_at >= 1.0
+        assert (served.outcome, served.version) == ("stale", good.version)
+        assert "downloading failed" in served.stale_reason
+        origin.routes["/bo"].status = 200
+        origin.routes["/bo"].body = b"new"
+        assert opened.fetch(url).outcome == "stale"  # a new backoff runs
+        assert origin.hits("/bo") == 4
+        fresh = opened.fetch(url, refresh=True)
+        assert (fresh.outcome, fresh.read()) == ("downloaded", b"new")
+        assert opened.fetch(url).outcome == "duplicate"  # success ended the backoff
+        assert origin.hits("/bo") == 6
+
+
+def test_failure_backoff_does_not_apply_without_a_cached_version(cache, origin):
+    """§18: with nothing cached, every fetch tries (and raises FetchError)."""
+    origin.route("/none", status=503)
+    for attempt in range(1, 4):
+        with pytest.raises(buffylite.FetchError):
+            cache.fetch(origin.url("/none"), retries=0)
+        assert origin.hits("/none") == attempt
+
+
+def test_failure_backoff_with_stale_refused_raises_at_once(cache_path, origin):
+    """§18: stale_if_error=False during the backoff: FetchError naming the failure, no request."""
+    origin.route("/bnr", body=b"good")
+    url = origin.url("/bnr")
+    with buffylite.Cache(cache_path, retries=0) as opened:
+        opened.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.when_requested()))
+        origin.routes["/bnr"].status = 502
+        assert opened.fetch(url).outcome == "stale"
+        with pytest.raises(buffylite.FetchError) as caught:
+            opened.fetch(url, stale_if_error=False)
+    assert caught.value.status_code == 502
+    assert "backoff" in str(caught.value)
+    assert origin.hits("/bnr") == 2
+
+
+def test_content_failures_start_no_backoff(cache, origin):
+    """§18: a download rejected for its content (validator, 404) is no outage: the next fetch tries."""
+    good = fetch_body(cache, origin, "/cf", b"good")
+    origin.routes["/cf"].body = b"bad"
+
+    def reject(response):
+        raise ValueError("not what we want")
+
+    assert cache.fetch(origin.url("/cf"), validator=reject).outcome == "stale"
+    origin.routes["/cf"].status = 404
+    assert cache.fetch(origin.url("/cf")).outcome == "stale"
+    assert origin.hits("/cf") == 3
+    assert cache.fetch(origin.url("/cf")).version == good.version
+    assert origin.hits("/cf") == 4
+
+
+def test_retry_after_longer_than_the_backoff_extends_it(cache_path, fault_origin, fault_env):
+    """§18: a Retry-After (5 s) longer than failure_backoff_sec (0.3 s) keeps serving stale past 0.3 s."""
+    url = fault_origin.url("/ra")
+    fault_origin.route("/ra", FaultReply(body=b"good"),
+                       FaultReply(status=429, body=b"later", headers={"Retry-After": "5"}))
+    with buffylite.Cache(cache_path, retries=3, max_retry_wait=1.0, failure_backoff_sec=0.3) as opened:
+        opened.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.when_requested()))
+        assert opened.fetch(url).outcome == "stale"
+        assert len(fault_origin.hits("/ra")) == 2  # Retry-After beyond max_retry_wait: no retry
+        time.sleep(0.6)
+        later = opened.fetch(url)
+        assert later.outcome == "stale" and "backoff" in later.stale_reason
+        assert len(fault_origin.hits("/ra")) == 2
+
+
+# --- http strategy: the origin's caching headers (SPEC §18, RFC 9111) ---
+
+
+def _http_config(fallback: float = 86400):
+    return config(buffylite.ReCachingStrategy.http(fallback_max_age_sec=fallback))
+
+
+def _http_date(offset_sec: float = 0.0) -> str:
+    return email.utils.formatdate(time.time() + offset_sec, usegmt=True)
+
+
+@pytest.mark.parametrize("cache_control,age,fresh", [
+    ("max-age=3600", None, True),
+    ("max-age=0", None, False),
+    ("public, max-age=3600", "3599", True),
+    ("max-age=3600", "3600", False),
+    ("s-maxage=3600", None, True),  # ignored: the fallback (a day) decides
+    ("max-age=3600, no-cache", None, False),
+    ("no-store", None, False),
+], ids=["max-age-fresh", "max-age-0", "age-under", "age-reaches-max-age", "s-maxage-ignored",
+        "no-cache", "no-store"])
+def test_http_strategy_follows_cache_control_and_age(cache, origin, cache_control, age, fresh):
+    """§18: http strategy: fresh -> no request; stale -> a conditional GET whose 304 confirms L."""
+    headers = {"Cache-Control": cache_control, **({"Age": age} if age else {})}
+    origin.route("/h", body=b"cached by rules", etag='"h-1"', headers=headers)
+    url = origin.url("/h")
+    first = cache.fetch(url, cache_configuration=_http_config())
+    assert first.outcome == "downloaded" and first.read() == b"cached by rules"  # even no-store stores
+    second = cache.fetch(url)
+    if fresh:
+        assert (second.outcome, origin.hits("/h")) == ("cached", 1)
+    else:
+        assert (second.outcome, origin.hits("/h")) == ("not_modified", 2)
+        assert origin.requests_to("/h")[1].header("If-None-Match") == '"h-1"'
+    assert second.version == first.version
+
+
+@pytest.mark.parametrize("date,expires,fresh", [
+    (0, 3600, True),
+    (0, -10, False),
+    (-7200, -3600, False),            # Expires - Date = 1 h, but Date says it is 2 h old
+    (-7200, 3600, True),              # 3 h lifetime, 2 h old
+    (None, 3600, True),               # no Date: the time of receipt
+    (0, "0", False),                  # an invalid Expires means already expired
+], ids=["expires-ahead", "expired", "old-date", "old-date-long-lifetime", "no-date", "expires-0"])
+def test_http_strategy_computes_expires_against_date(fault_origin, fault_open_cache, date, expires, fresh):
+    """§18: without max-age, the freshness lifetime is Expires - Date and the age counts from Date."""
+    headers = {"Expires": expires if isinstance(expires, str) else (lambda: _http_date(expires))}
+    if date is not None:
+        headers["Date"] = lambda: _http_date(date)
+    fault_origin.route("/exp", FaultReply(body=b"dated", etag='"e-1"', headers=headers))
+    cache = fault_open_cache()
+    url = fault_origin.url("/exp")
+    first = cache.fetch(url, cache_configuration=_http_config())
+    second = cache.fetch(url)
+    hits = fault_origin.hits("/exp")
+    if fresh:
+        assert (second.outcome, len(hits)) == ("cached", 1)
+    else:
+        assert (second.outcome, len(hits)) == ("not_modified", 2)
+        assert hits[1]["headers"]["if-none-match"] == '"e-1"'
+    assert second.version == first.version
+
+
+@pytest.mark.parametrize("fallback,fresh", [(3600, True), (0, False)])
+def test_http_strategy_without_caching_headers_uses_the_fallback_age(cache, origin, fallback, fresh):
+    """§18: no Cache-Control/Expires: fresh for fallback_max_age_sec; then a full GET (no validators)."""
+    origin.route("/nh", body=b"no rules")
+    url = origin.url("/nh")
+    first = cache.fetch(url, cache_configuration=_http_config(fallback))
+    second = cache.fetch(url)
+    assert origin.hits("/nh") == (1 if fresh else 2)
+    assert second.outcome == ("cached" if fresh else "duplicate")
+    assert second.version == first.version
+    if not fresh:
+        assert origin.requests_to("/nh")[1].header("If-None-Match") is None
+
+
+def test_http_strategy_304_updates_the_stored_freshness(cache, origin):
+    """§18 (RFC 9111 §4.3.4): the Cache-Control of a 304 replaces the stored one."""
+    route = origin.route("/upd", body=b"v", etag='"u-1"', headers={"Cache-Control": "max-age=0"})
+    url = origin.url("/upd")
+    cache.fetch(url, cache_configuration=_http_config())
+    route.headers = {"Cache-Control": "max-age=3600"}
+    assert cache.fetch(url).outcome == "not_modified"
+    assert cache.fetch(url).outcome == "cached"
+    assert origin.hits("/upd") == 2
+
+
+def test_http_strategy_is_stored_and_survives_a_new_cache(cache_path, origin):
+    """§18: http(...) is stored with the request like any strategy and read back by another Cache."""
+    origin.route("/st", body=b"x", headers={"Cache-Control": "max-age=3600"})
+    with buffylite.Cache(cache_path) as first:
+        first.fetch(origin.url("/st"), cache_configuration=_http_config(123))
+    with buffylite.Cache(cache_path) as second:
+        stored = second.get_request(origin.url("/st")).cache_configuration.recaching_strategy
+        assert (stored.strategy_name, stored.fallback_max_age_sec) == ("http", 123)
+        assert second.fetch(origin.url("/st")).outcome == "cached"
+    assert origin.hits("/st") == 1
+
+
+@pytest.mark.parametrize("value", [-1, float("nan"), float("inf"), 1e12])
+def test_http_strategy_rejects_bad_fallback_ages(value):
+    """§14/§18: fallback_max_age_sec is finite, >= 0 and at most ~100 years."""
+    with pytest.raises(ValueError):
+        buffylite.ReCachingStrategy.http(fallback_max_age_sec=value)
+
+
+def test_http_freshness_matches_rfc_9111_arithmetic():
+    """§18: _http_freshness = lifetime - (max(apparent age, Age) + resident time), over many inputs."""
+    from hypothesis import given
+    target, seen = 300, []
+
+    @settings(max_examples=target, deadline=None, database=None)
+    @given(max_age=st.integers(0, 10 ** 7), age=st.one_of(st.none(), st.integers(0, 10 ** 7)),
+           delay=st.integers(0, 10 ** 6), resident=st.floats(0, 10 ** 7, allow_nan=False),
+           date=st.integers(0, 4 * 10 ** 9))
+    def check(max_age, age, delay, resident, date):
+        seen.append(1)
+        headers = {"cache-control": f"max-age={max_age}",
+                   "date": email.utils.formatdate(date, usegmt=True)}
+        if age is not None:
+            headers["age"] = str(age)
+        received = date + delay
+        left = buffylite._http_freshness(headers, received + resident, received)
+        assert left == pytest.approx(max_age - (max(delay, age or 0) + resident), abs=1e-6)
+        later = buffylite._http_freshness(headers, received + resident + 1, received)
+        assert later == pytest.approx(left - 1, abs=1e-6)
+        for refusal in ("no-cache", "no-store"):
+            assert buffylite._http_freshness(
+                {**headers, "cache-control": f"{refusal}, max-age={max_age}"}, received, received) <= 0
+
+    check()
+    assert len(seen) >= target
+
+
+def test_http_freshness_never_raises_on_hostile_headers():
+    """§14/§18: any header text gives a finite number or None, never an exception."""
+    import math
+    from hypothesis import given
+    target, seen = 400, []
+    header_text = st.one_of(st.text(max_size=60), st.sampled_from([
+        "max-age=", "max-age=-5", "max-age=1e9", 'max-age="12"', "max-age=99999999999999999999999",
+        "no-cache=\"a, b\"", "Fri, 31 Dec 9999 23:59:59 GMT", "Mon, 01 Jan 0001 00:00:00 GMT",
+        "Sun, 99 Foo 2020 99:99:99 GMT", "0", "-1", "\x00", "ĀĀ"]))
+
+    @settings(max_examples=target, deadline=None, database=None)
+    @given(values=st.dictionaries(st.sampled_from(["cache-control", "expires", "date", "age"]), header_text),
+           now=st.floats(0, 10 ** 10, allow_nan=False), received=st.one_of(st.none(), st.floats(0, 10 ** 10)))
+    def check(values, now, received):
+        seen.append(1)
+        left = buffylite._http_freshness(values, now, received)
+        assert left is None or math.isfinite(left)
+        if not ({"cache-control", "expires"} & set(values)):
+            assert left is None
+
+    check()
+    assert len(seen) >= target
+
+
 # ===========================================================================
 # Fetching: offline and hard choices (§7)
 # ===========================================================================
@@ -3748,7 +4182,8 @@ def test_a_waiter_gets_the_outcome_of_the_download_it_waited_for(second_reply, e
     """§7: prefer_cached=False waits for the running download and returns its outcome, also when
     that download settled as a duplicate, a 304 or a failure (and sends nothing itself)."""
     url = fault_origin.url("/settle")
-    replies = {"same": FaultReply(body=b"v1\n", etag='"a"', delay_sec=1.5),
+    # "same": no ETag this time, or when_requested would revalidate (a 304, §18).
+    replies = {"same": FaultReply(body=b"v1\n", delay_sec=1.5),
                "not_modified": FaultReply(body=b"v1\n", etag='"a"', delay_sec=1.5),
                "fails": FaultReply(status=404, body=b"gone\n", delay_sec=1.5)}
     fault_origin.route("/settle", FaultReply(body=b"v1\n", etag='"a"'), replies[second_reply])
