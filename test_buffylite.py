@@ -3568,6 +3568,27 @@ def test_retry_after_beyond_cap_with_prior_serves_stale_after_one_request(fault_
     assert len(fault_origin.hits("/pause")) == hits_before + 1
 
 
+# --- Retry-After far in the future (SPEC §11, §18) ---
+
+
+def test_retry_after_date_far_ahead_is_reported_truthfully(fault_origin, fault_open_cache):
+    """§11/§18: a Retry-After date in 2099 is reported as the real wait, not urllib3's 6 h cap."""
+    far = "Thu, 01 Jan 2099 00:00:00 GMT"
+    fault_origin.route("/later", FaultReply(status=503, body=b"later\n", headers={"Retry-After": far}))
+    cache = fault_open_cache(retries=5, max_retry_wait=2.0)
+    started = time.monotonic()
+    with pytest.raises(buffylite.FetchError) as caught:
+        cache.fetch(fault_origin.url("/later"))
+    assert time.monotonic() - started < 1.0
+    assert len(fault_origin.hits("/later")) == 1
+    message = str(caught.value)
+    match = re.search(r"asks to wait (\d+) s, more than max_retry_wait 2 s", message)
+    assert match, message
+    real = email.utils.parsedate_to_datetime(far).timestamp() - time.time()
+    assert abs(int(match[1]) - real) < 120, (match[1], real)
+    assert caught.value.status_code == 503
+
+
 def test_read_timeout_is_per_read_not_total(fault_origin, fault_open_cache):
     """§3/§11: a drip whose gaps stay under the read timeout completes, however long it takes."""
     fault_origin.route("/drip", FaultReply(body=b"abcdef", drip_after=0, drip_interval_sec=0.4))
@@ -4707,6 +4728,80 @@ def test_cli_strategy_change_keeps_stored_keep_counts(cli_run, cli_origin, cli_c
     assert configuration.recaching_strategy.strategy_name == "when_remote_changed"
     assert configuration.recaching_strategy.check_interval_sec == 60
     assert configuration.recaching_strategy.fallback_max_age_sec == 600
+
+
+# --- fetch --strategy http, --refresh, --no-stale, stale answers (SPEC §13, §18) ---
+
+
+def test_cli_strategy_http_is_parsed_and_stored(cli_run, cli_origin, cli_cache_path):
+    """§13/§18: `--strategy http[:FALLBACK]` stores the http strategy; bad fallbacks exit 2."""
+    cli_origin.route("/http.bin", b"rules", headers={"Cache-Control": "max-age=3600"})
+    url = cli_origin.url("/http.bin")
+    for option, fallback in (("http:600", 600), ("http", 86400)):
+        done = cli_run("fetch", url, "--strategy", option, "-q")
+        assert done.returncode == 0, done.stderr
+        with cli_open_cache(cli_cache_path) as cache:
+            strategy = cache.get_request(url).cache_configuration.recaching_strategy
+        assert (strategy.strategy_name, strategy.fallback_max_age_sec) == ("http", fallback)
+    assert cli_origin.hits("/http.bin") == 1  # max-age=3600: the second fetch asked nothing
+    for bad in ("http:-1", "http:nan", "http:soon", "http:1e12"):
+        done = cli_run("fetch", url, "--strategy", bad)
+        assert done.returncode == 2, (bad, done.stderr)
+
+
+def test_cli_refresh_revalidates_whatever_the_strategy(cli_run, cli_origin):
+    """§13/§18: `fetch --refresh` under `never` sends a conditional GET; the 304 confirms the version."""
+    cli_origin.route("/refresh.bin", b"kept", etag='"k1"')
+    url = cli_origin.url("/refresh.bin")
+    first = cli_run("--json", "fetch", url, "--strategy", "never")
+    assert first.returncode == 0, first.stderr
+    assert cli_run("fetch", url, "-q").stdout == b"kept"
+    assert cli_origin.hits("/refresh.bin") == 1
+    done = cli_run("--json", "fetch", url, "--refresh")
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert (answer["outcome"], answer["version"]) == ("not_modified", json.loads(first.stdout)["version"])
+    assert cli_origin.hits("/refresh.bin") == 2
+    assert cli_origin.requests_to("/refresh.bin")[1].header("If-None-Match") == '"k1"'
+
+
+def test_cli_no_stale_exits_5_when_the_download_fails(cli_run, cli_origin, cli_seed):
+    """§13/§18: `fetch --no-stale` with a failing origin exits 5 and writes no content, even with L cached."""
+    cli_seed("/ns.bin", [b"cached"])
+    cli_origin.routes["/ns.bin"].status = 503
+    url = cli_origin.url("/ns.bin")
+    done = cli_run("fetch", url, "--no-stale", *CLI_FAIL_FAST)
+    assert done.returncode == 5, done.stderr
+    assert done.stdout == b""
+    assert "503" in done.stderr and len(cli_stderr_lines(done)) == 1
+    assert cli_origin.hits("/ns.bin") == 2
+    again = cli_run("--json", "fetch", url, "--no-stale", *CLI_FAIL_FAST)  # inside the failure backoff
+    assert again.returncode == 5, again.stderr
+    error = json.loads(again.stdout)["error"]
+    assert (error["type"], error["status_code"], error["url"]) == ("FetchError", 503, url)
+    assert cli_origin.hits("/ns.bin") == 2  # the backoff answered without a request
+    served = cli_run("fetch", url, *CLI_FAIL_FAST)
+    assert (served.returncode, served.stdout) == (0, b"cached")
+
+
+def test_cli_stale_answer_says_why_on_stderr_and_in_json(cli_run, cli_origin, cli_seed):
+    """§13/§18: a stale answer exits 0, one stderr line names the version and the cause; --json carries it."""
+    [version] = cli_seed("/why.bin", [b"old but good"])
+    cli_origin.routes["/why.bin"].status = 503
+    url = cli_origin.url("/why.bin")
+    done = cli_run("--json", "fetch", url, *CLI_FAIL_FAST)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert (answer["outcome"], answer["version"]) == ("stale", version)
+    assert "503" in answer["stale_reason"]
+    [line] = cli_stderr_lines(done)
+    assert line.startswith(f"buffylite: served stale version {version} of {url} because ")
+    assert "503" in line
+    later = cli_run("fetch", url, *CLI_FAIL_FAST)  # a new process, inside the failure backoff
+    assert (later.returncode, later.stdout) == (0, b"old but good")
+    [line] = cli_stderr_lines(later)
+    assert f"stale version {version}" in line and "failure backoff" in line and "503" in line
+    assert cli_origin.hits("/why.bin") == 2
 
 
 def test_cli_fetch_pin_pins_returned_version(cli_run, cli_origin, cli_cache_path):
