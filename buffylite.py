@@ -61,6 +61,20 @@ Design notes (choices the specification leaves open):
 - ``lease()`` blocks that overlap on one version follow §9 literally: the first to
   exit puts back the lease end it found, which may end a shorter lease another
   block asked for meanwhile (that one never extended anything).
+- The failure backoff lives on the request row (its end, and the failure as JSON):
+  fetch already reads that row on every call, so honouring it costs no query, and it
+  goes when the request goes. Its end is set by the Cache that recorded the failure;
+  a Cache with ``failure_backoff_sec=0`` neither records nor honours it. Failures of
+  the origin or the network start it (connection and read errors, 5xx, 429), content
+  rejected here (hash, validator, a 404) does not; any answer from the origin (200,
+  304) ends it. A ``Retry-After`` extends it by at most a day. During the backoff,
+  ``stale_if_error=False`` raises FetchError at once rather than trying.
+- A stale answer says why in ``Response.stale_reason`` (not stored, like
+  ``outcome``); ``download_stats`` keep describing the served version's own download.
+- The ``http`` strategy follows RFC 9111 §4.2.3 for the age: ``max(apparent_age,
+  Age) + resident_time``; the response delay is not recorded and counts as 0. The
+  caching headers are stored with each version and updated by a 304 (RFC 9111
+  §4.3.4); versions stored before schema 3 have none and use the fallback age.
 """
 
 from __future__ import annotations
@@ -2152,7 +2166,8 @@ class Cache:
     """A versioning HTTP download cache in one SQLite file.
 
     ``Cache(path=None, *, timeout=30.0, retries=5, max_retry_wait=120.0,
-    download_lease_sec=30.0, sensitive_headers=(), user_agent=None)``
+    download_lease_sec=30.0, sensitive_headers=(), failure_backoff_sec=60.0,
+    user_agent=None)``
 
     - ``path``: the cache file. ``None`` means ``$BUFFYLITE_CACHE`` if set, else the
       platform's user cache directory (Linux ``$XDG_CACHE_HOME`` or ``~/.cache``, macOS

@@ -1284,6 +1284,34 @@ def test_retry_after_longer_than_the_backoff_extends_it(cache_path, fault_origin
         assert len(fault_origin.hits("/ra")) == 2
 
 
+def test_a_schema_1_file_gains_the_backoff_and_caching_header_columns(cache_path, origin):
+    """§10/§18: a file from before the failure backoff (schema 1) is upgraded in place and keeps working."""
+    origin.route("/old", body=b"from an old file")
+    url = origin.url("/old")
+    with buffylite.Cache(cache_path) as opened:
+        opened.fetch(url)
+    connection = sqlite3.connect(cache_path)
+    with connection:
+        for table, column in (("request", "backoff_until_unix"), ("request", "backoff_failure"),
+                              ("version", "cache_headers")):
+            connection.execute(f'ALTER TABLE "{table}" DROP COLUMN "{column}"')
+        connection.execute("PRAGMA user_version = 1")
+    connection.close()
+    with buffylite.Cache(cache_path, retries=0) as upgraded:
+        served = upgraded.fetch(url, cache_configuration=_http_config(3600))
+        assert (served.outcome, served.read()) == ("cached", b"from an old file")  # no headers: fallback
+        origin.routes["/old"].status = 503
+        assert upgraded.fetch(url, refresh=True).outcome == "stale"
+        assert upgraded.fetch(url, cache_configuration=config()).stale_reason.endswith("(failure backoff)")
+    assert origin.hits("/old") == 2
+    columns = db_tables(cache_path)
+    assert {"backoff_until_unix", "backoff_failure"} <= set(columns["request"])
+    assert "cache_headers" in columns["version"]
+    check = sqlite3.connect(cache_path)
+    assert check.execute("PRAGMA user_version").fetchone()[0] == buffylite.SCHEMA_VERSION
+    check.close()
+
+
 # --- http strategy: the origin's caching headers (SPEC §18, RFC 9111) ---
 
 
