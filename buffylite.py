@@ -2576,9 +2576,11 @@ class Cache:
         return bool(attributes.get("etag") or attributes.get("last_modified_datetime_utc"))
 
     def _is_backing_off(self, request, now: float) -> bool:
-        """Is the request inside a failure backoff recorded in the file (§18)?"""
+        """Is the request inside a failure backoff recorded in the file (§18)? A damaged
+        end (not a number, or beyond what a backoff can last) counts as none."""
         until = getattr(request, "backoff_until_unix", None)
-        return bool(self._failure_backoff_sec and until is not None and until > now)
+        return bool(self._failure_backoff_sec and isinstance(until, float)
+                    and now < until <= now + MAX_BACKOFF_SEC)
 
     def _serve_during_backoff(self, call: _FetchCall, request, ready: list, now: float) -> Response:
         """Serve the cached version as "stale" without touching the network, because a
@@ -2595,10 +2597,11 @@ class Cache:
         reason = (f"the download failed{ago} ({error}); no new attempt before {until} "
                   "(failure backoff)")
         if not call.stale_if_error:
+            status_code = failure.get("status_code")
             raise FetchError(f"Downloading {request.url} failed{ago}: {error}; no new attempt before "
                              f"{until} (failure backoff; refresh=True tries now), and stale content "
-                             "was refused.", url=request.url, status_code=failure.get("status_code"),
-                             cause=error)
+                             "was refused.", url=request.url, cause=error,
+                             status_code=status_code if isinstance(status_code, int) else None)
         response = self._serve(call, request, ready, "stale")
         response.stale_reason = reason
         log.warning("Not downloading %s: %s; serving the cached version %s.", request.url, reason,

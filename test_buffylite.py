@@ -1312,6 +1312,45 @@ def test_a_schema_1_file_gains_the_backoff_and_caching_header_columns(cache_path
     check.close()
 
 
+@pytest.mark.parametrize("until,failure", [
+    ("'soon'", "'{not json'"), ("1e300", "'[]'"), ("NULL", "'{\"error\": 5}'")],
+    ids=["text-end", "absurd-end", "no-end"])
+def test_a_damaged_backoff_record_means_no_backoff(cache_path, origin, until, failure):
+    """§14/§18: a backoff record damaged on disk never breaks fetch: the download is simply tried."""
+    origin.route("/dmg", body=b"good")
+    url = origin.url("/dmg")
+    with buffylite.Cache(cache_path, retries=0) as opened:
+        opened.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.when_requested()))
+    connection = sqlite3.connect(cache_path)
+    with connection:
+        connection.execute(f"UPDATE request SET backoff_until_unix = {until}, backoff_failure = {failure}")
+    connection.close()
+    origin.routes["/dmg"].body = b"newer"
+    with buffylite.Cache(cache_path, retries=0) as opened:
+        assert opened.fetch(url).read() == b"newer"
+    assert origin.hits("/dmg") == 2
+
+
+def test_a_backoff_with_a_damaged_failure_record_still_serves_stale(cache_path, origin):
+    """§14/§18: a valid backoff end with an unreadable failure record serves L, saying the error is unknown."""
+    origin.route("/dmg2", body=b"good")
+    url = origin.url("/dmg2")
+    with buffylite.Cache(cache_path, retries=0) as opened:
+        opened.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.when_requested()))
+    connection = sqlite3.connect(cache_path)
+    with connection:
+        connection.execute("UPDATE request SET backoff_until_unix = ?, backoff_failure = '{not json'",
+                           (time.time() + 60,))
+    connection.close()
+    with buffylite.Cache(cache_path, retries=0) as opened:
+        served = opened.fetch(url)
+        assert served.outcome == "stale" and "unknown error" in served.stale_reason
+        with pytest.raises(buffylite.FetchError) as caught:
+            opened.fetch(url, stale_if_error=False)
+        assert caught.value.status_code is None
+    assert origin.hits("/dmg2") == 1
+
+
 # --- http strategy: the origin's caching headers (SPEC §18, RFC 9111) ---
 
 
