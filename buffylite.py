@@ -2554,7 +2554,9 @@ class Cache:
                 stored = json.loads(newest.cache_headers or "{}")
             except ValueError:
                 stored = {}  # damaged: as if the origin had said nothing
-            left = _http_freshness(stored if isinstance(stored, dict) else {}, now, newest.validated_unix)
+            stored = {name: value for name, value in stored.items() if isinstance(value, str)} \
+                if isinstance(stored, dict) else {}
+            left = _http_freshness(stored, now, newest.validated_unix)
             if left is None:
                 left = strategy.fallback_max_age_sec - age
             if left > 0:
