@@ -61,6 +61,20 @@ Design notes (choices the specification leaves open):
 - ``lease()`` blocks that overlap on one version follow §9 literally: the first to
   exit puts back the lease end it found, which may end a shorter lease another
   block asked for meanwhile (that one never extended anything).
+- The failure backoff lives on the request row (its end, and the failure as JSON):
+  fetch already reads that row on every call, so honouring it costs no query, and it
+  goes when the request goes. Its end is set by the Cache that recorded the failure;
+  a Cache with ``failure_backoff_sec=0`` neither records nor honours it. Failures of
+  the origin or the network start it (connection and read errors, 5xx, 429), content
+  rejected here (hash, validator, a 404) does not; any answer from the origin (200,
+  304) ends it. A ``Retry-After`` extends it by at most a day. During the backoff,
+  ``stale_if_error=False`` raises FetchError at once rather than trying.
+- A stale answer says why in ``Response.stale_reason`` (not stored, like
+  ``outcome``); ``download_stats`` keep describing the served version's own download.
+- The ``http`` strategy follows RFC 9111 §4.2.3 for the age: ``max(apparent_age,
+  Age) + resident_time``; the response delay is not recorded and counts as 0. The
+  caching headers are stored with each version and updated by a 304 (RFC 9111
+  §4.3.4); versions stored before schema 3 have none and use the fallback age.
 """
 
 from __future__ import annotations
@@ -86,10 +100,12 @@ import ipaddress
 import json
 import logging
 import lzma
+import math
 import mimetypes
 import os
 import pathlib
 import random
+import re
 import secrets
 import select
 import shutil
@@ -110,6 +126,7 @@ import zlib
 from typing import Annotated, Any, Callable, Iterator, Literal, Optional, Union
 
 import peewee
+import playhouse.migrate
 import pydantic
 import urllib3
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints
@@ -169,6 +186,20 @@ DEFAULT_RETRIES = 5
 DEFAULT_MAX_RETRY_WAIT_SEC = 120.0
 #: Lifetime of an in-flight download's lease; renewed while bytes arrive.
 DEFAULT_DOWNLOAD_LEASE_SEC = 30.0
+#: After a failed download, serve the cached version at once for this long (§18).
+DEFAULT_FAILURE_BACKOFF_SEC = 60.0
+#: Longest failure backoff, and longest freshness a strategy may name: ~100 years,
+#: so every end time stays a datetime the file can hold.
+MAX_BACKOFF_SEC = MAX_FRESHNESS_SEC = 100 * 365.25 * 86400
+#: A Retry-After may extend the failure backoff by at most this much: an origin's
+#: far-future date must not put a request out of reach of its users for good.
+MAX_RETRY_AFTER_BACKOFF_SEC = 86400.0
+#: Most retries a single fetch may ask for, and the longest per-call timeout (s).
+MAX_RETRIES = 100
+MAX_TIMEOUT_SEC = 86400.0
+#: Response headers that decide freshness under the ``http`` strategy (RFC 9111),
+#: stored with each version.
+CACHING_HEADERS = ("cache-control", "expires", "date", "age")
 #: First backoff wait; doubled on every further retry (with jitter).
 BACKOFF_BASE_SEC = 0.5
 #: Redirects followed before a download fails as a redirect loop.
@@ -192,7 +223,7 @@ WAIT_POLL_MAX_SEC = 0.5
 #: and in each thread's memo of the rows a fetch reads.
 IDENTITY_MEMO_SIZE = 4096
 #: Version of the file layout; see ``_MIGRATIONS``.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 #: SQLite ``application_id`` marking a buffylite file ("BUFY").
 APPLICATION_ID = 0x42554659
 #: SQLite page size of new cache files. Measured with bench/large_download.py on a
@@ -473,6 +504,71 @@ def _parse_http_date(value: str | None) -> float | None:
         return None
 
 
+#: RFC 9111 §1.2.2: delta-seconds beyond what a cache can count are this many.
+_DELTA_SECONDS_CAP = 2147483648
+#: One Cache-Control directive: a token, optionally ``=`` a token or a quoted string.
+_CACHE_DIRECTIVE = re.compile(r"""([!#$%&'*+.^_`|~0-9A-Za-z-]+)(?:\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*))?""")
+
+
+def _caching_headers(headers) -> dict:
+    """The response headers that decide freshness (CACHING_HEADERS), lower-case names;
+    repeated fields arrive joined with ", " (urllib3), as RFC 9110 combines them."""
+    found = {}
+    for name in CACHING_HEADERS:
+        value = headers.get(name)
+        if value is not None:
+            found[name] = str(value)
+    return found
+
+
+def _delta_seconds(text: str | None) -> int | None:
+    """RFC 9111 delta-seconds (digits, perhaps quoted) -> int capped at 2**31, or None."""
+    text = (text or "").strip().strip('"').strip()
+    if not (text.isascii() and text.isdigit()):
+        return None
+    return _DELTA_SECONDS_CAP if len(text) > 10 else min(int(text), _DELTA_SECONDS_CAP)
+
+
+def _http_freshness(headers: dict, now: float, response_time: float | None = None) -> float | None:
+    """Seconds of freshness left for a stored response, as RFC 9111 §4.2 computes it:
+    positive while fresh, zero or negative once stale; None when the headers say nothing
+    about freshness (the caller falls back to a heuristic).
+
+    ``headers``: the response's caching headers (lower-case names: ``cache-control``,
+    ``expires``, ``date``, ``age``); ``response_time``: when it was received (or last
+    confirmed by a 304), default ``now``. ``no-cache`` and ``no-store`` leave no freshness
+    (revalidate every time); ``s-maxage`` is for shared caches and ignored. Freshness
+    lifetime: ``max-age``, else ``Expires - Date``; an invalid ``max-age`` or ``Expires``
+    means already stale (§4.2.1). Age: ``current_age = max(apparent_age, Age) +
+    resident_time`` with ``apparent_age = max(0, response_time - Date)`` (the response
+    delay is not recorded, so it counts as 0). Never raises, whatever the header text.
+    """
+    response_time = now if response_time is None else response_time
+    directives: dict[str, str | None] = {}
+    for match in _CACHE_DIRECTIVE.finditer(headers.get("cache-control") or ""):
+        directives.setdefault(match[1].lower(), match[2])  # the first occurrence counts
+    if "no-cache" in directives or "no-store" in directives:
+        return 0.0
+    date_value = _parse_http_date(headers.get("date"))
+    if date_value is None:
+        date_value = response_time  # RFC 9110 §6.6.1: no Date -> the time of receipt
+    if "max-age" in directives:
+        lifetime = _delta_seconds(directives["max-age"])
+        if lifetime is None:
+            return 0.0
+    elif headers.get("expires") is not None:
+        expires = _parse_http_date(headers.get("expires"))
+        if expires is None:
+            return 0.0  # "Expires: 0" and other invalid dates mean already expired
+        lifetime = max(0.0, expires - date_value)
+    else:
+        return None
+    age_value = _delta_seconds(headers.get("age")) or 0
+    apparent_age = max(0.0, response_time - date_value)
+    current_age = max(apparent_age, age_value) + max(0.0, now - response_time)
+    return lifetime - current_age
+
+
 def _canonical_json(value: Any) -> str:
     """Stable JSON text: sorted keys, no spaces; used for identities and stored dicts."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
@@ -541,6 +637,7 @@ class ReCachingStrategy:
         ReCachingStrategy.when_requested()
         ReCachingStrategy.when_remote_changed(check_interval_sec=21600, fallback_max_age_sec=86400)
         ReCachingStrategy.cron(cron="0 0 * * *", run_at_start=True)   # needs buffylite[cron]
+        ReCachingStrategy.http(fallback_max_age_sec=86400)            # the origin's Cache-Control
 
     Each returns a pydantic model whose ``strategy_name`` discriminates it; a
     ``RequestCacheConfiguration`` also accepts the equivalent dict.
@@ -574,6 +671,16 @@ class ReCachingStrategy:
         """Download when a tick of the cron expression passed since the last validation;
         with ``run_at_start`` also once per opened Cache. Needs ``buffylite[cron]``."""
         return CronStrategy(cron=cron, run_at_start=run_at_start)
+
+    @staticmethod
+    def http(fallback_max_age_sec: float = 86400) -> "HttpStrategy":
+        """Follow the origin's caching headers as RFC 9111 computes freshness
+        (``Cache-Control: max-age``, ``no-cache``/``no-store``, ``Expires`` with ``Date``,
+        ``Age``); revalidate with a conditional GET once stale. A version whose response
+        said nothing about freshness is fresh for ``fallback_max_age_sec`` after its last
+        validation. Every download is stored, whatever ``no-store`` says: this is a
+        versioning cache."""
+        return HttpStrategy(fallback_max_age_sec=fallback_max_age_sec)
 
 
 class NeverStrategy(_Strategy):
@@ -618,8 +725,16 @@ class CronStrategy(_Strategy):
         return value
 
 
+class HttpStrategy(_Strategy):
+    """Freshness from the origin's Cache-Control / Expires / Date / Age (RFC 9111)."""
+
+    strategy_name: Literal["http"] = "http"
+    fallback_max_age_sec: float = Field(86400, ge=0, le=MAX_FRESHNESS_SEC, allow_inf_nan=False)
+
+
 AnyStrategy = Annotated[
-    Union[NeverStrategy, AgeStrategy, WhenRequestedStrategy, WhenRemoteChangedStrategy, CronStrategy],
+    Union[NeverStrategy, AgeStrategy, WhenRequestedStrategy, WhenRemoteChangedStrategy, CronStrategy,
+          HttpStrategy],
     Field(discriminator="strategy_name"),
 ]
 
@@ -686,7 +801,9 @@ class Response(_Model):
     ``json()`` and ``save_to()`` fetch it through the ``Cache`` that produced this
     object. ``outcome`` (not stored) says how this object came back from the call
     that returned it: ``downloaded``, ``not_modified``, ``duplicate``, ``stale``,
-    ``offline`` or ``cached``.
+    ``offline`` or ``cached``. ``stale_reason`` (not stored either) says why, when
+    ``outcome`` is ``stale``: the failure of the download just attempted, or, during
+    the failure backoff (§18), the earlier failure that keeps fetch from trying now.
     """
 
     id: int
@@ -706,6 +823,7 @@ class Response(_Model):
     content_attributes: ResponseContentAttributes = Field(default_factory=ResponseContentAttributes)
     download_stats: ResponseDownloadStats = Field(default_factory=ResponseDownloadStats)
     outcome: Optional[Literal["downloaded", "not_modified", "duplicate", "stale", "offline", "cached"]] = None
+    stale_reason: Optional[str] = None
 
     _cache: Any = PrivateAttr(default=None)
     _content_id: Optional[int] = PrivateAttr(default=None)
@@ -958,6 +1076,8 @@ class _RequestRow(_Row):
     cache_configuration = peewee.TextField()         # JSON of RequestCacheConfiguration
     created_unix = peewee.DoubleField()
     last_settlement = peewee.TextField(null=True)    # JSON: how the last download ended, for waiters
+    backoff_until_unix = peewee.DoubleField(null=True)  # failure backoff (§18): serve stale until then
+    backoff_failure = peewee.TextField(null=True)       # JSON: the failure that started the backoff
 
     class Meta:
         table_name = "request"
@@ -1008,6 +1128,7 @@ class _VersionRow(_Row):
     lease_owner = peewee.CharField(null=True)          # download lease (§10)
     lease_expires_unix = peewee.DoubleField(null=True)
     resume_from = peewee.TextField(null=True)          # JSON: validators a resume needs
+    cache_headers = peewee.TextField(null=True)        # JSON: the origin's caching headers (§18 http)
 
     class Meta:
         table_name = "version"
@@ -1186,8 +1307,23 @@ def _migrate_to_1(store: "_Store") -> None:
     store.tables.meta.create(key="created_unix", value=repr(_now()))
 
 
+def _migrate_to_3(store: "_Store") -> None:
+    """Version 3: the failure backoff on the request row, the origin's caching headers
+    on the version row (§18). Files created at version 1 by this code already have the
+    columns (the tables are created from the current models), so only missing ones are
+    added."""
+    for model, names in ((store.tables.request, ("backoff_until_unix", "backoff_failure")),
+                         (store.tables.version, ("cache_headers",))):
+        table = model._meta.table_name
+        present = {column.name for column in store.db.get_columns(table)}
+        for name in names:
+            if name not in present:
+                migrator = playhouse.migrate.SchemaMigrator.from_database(store.db)
+                playhouse.migrate.migrate(migrator.add_column(table, name, model._meta.fields[name]))
+
+
 #: Ordered migrations: (schema version reached, function). Each runs in one write transaction.
-_MIGRATIONS = ((1, _migrate_to_1),)
+_MIGRATIONS = ((1, _migrate_to_1), (3, _migrate_to_3))
 
 
 class _Store:
@@ -1703,14 +1839,16 @@ class _HttpClient:
                 self._proxied[proxy] = urllib3.ProxyManager(proxy, proxy_headers=proxy_headers)
             return self._proxied[proxy]
 
-    def send(self, method: str, url: str, headers: dict, body: bytes | None) -> urllib3.BaseHTTPResponse:
-        """Send one request; the body is left unread. Raises _AttemptError."""
+    def send(self, method: str, url: str, headers: dict, body: bytes | None,
+             timeout: urllib3.Timeout | None = None) -> urllib3.BaseHTTPResponse:
+        """Send one request; the body is left unread. ``timeout`` overrides the Cache's
+        for this request. Raises _AttemptError."""
         if not any(name.lower() == "user-agent" for name in headers):
             headers = {**headers, "User-Agent": self.user_agent}
         try:
             return self._manager_for(url).request(
                 method.upper(), url, headers=headers, body=body, retries=_URLLIB3_RETRY,
-                timeout=self.timeout, preload_content=False, redirect=True)
+                timeout=timeout or self.timeout, preload_content=False, redirect=True)
         except urllib3.exceptions.MaxRetryError as exc:
             reason = exc.reason
             if isinstance(reason, urllib3.exceptions.ResponseError):
@@ -1750,14 +1888,21 @@ def _bypasses_proxy(host: str) -> bool:
     return False
 
 
-def _retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After (delta-seconds or HTTP-date) -> seconds to wait, or None."""
-    if not value:
+def _retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After (delta-seconds or HTTP-date) -> seconds to wait from ``now``, or None
+    when absent or unparsable. The real wait, however long: urllib3's parser silently
+    caps it at six hours, which would misreport a date years ahead (capped at
+    MAX_BACKOFF_SEC only so that it stays a finite, storable number)."""
+    text = (value or "").strip()
+    if not text:
         return None
-    try:
-        return max(0.0, Retry().parse_retry_after(value))
-    except (urllib3.exceptions.InvalidHeader, ValueError, TypeError):
+    if text.isascii() and text.isdigit():
+        # Compared as text first: int() of thousands of digits is slow or refused.
+        return float(int(text)) if len(text) <= 12 else MAX_BACKOFF_SEC
+    moment = _parse_http_date(text)
+    if moment is None:
         return None
+    return min(MAX_BACKOFF_SEC, max(0.0, moment - (_now() if now is None else now)))
 
 
 def _backoff_seconds(attempt: int, cap: float) -> float:
@@ -2452,6 +2597,10 @@ class _FetchCall:
     as_of: dt.datetime | None = None
     validator: Any = None
     progress: Any = None
+    refresh: bool = False                # a download is due now, whatever the strategy and backoff
+    stale_if_error: bool = True          # False: a failed due download raises instead of serving L
+    retries: int | None = None           # None: the Cache's
+    timeout: Any = None                  # urllib3.Timeout, or None: the Cache's
 
     @property
     def is_hard_choice(self) -> bool:
@@ -2480,21 +2629,31 @@ class _Completed:
     size: int
     attributes: dict
     stats: dict
+    cache_headers: dict | None = None   # the origin's caching headers (CACHING_HEADERS)
 
 
 class _NotModified:
-    """The origin answered 304 to a conditional request."""
+    """The origin answered 304 to a conditional request; ``cache_headers`` are the
+    caching headers it sent, which update the stored ones (RFC 9111 §4.3.4)."""
+
+    def __init__(self, cache_headers: dict):
+        self.cache_headers = cache_headers
 
 
 class _DownloadFailure(Exception):
     """A due download failed for good (after retries), or its content was rejected."""
 
     def __init__(self, message: str, *, status_code: int | None = None, cause: object = None,
-                 stats: dict | None = None):
+                 stats: dict | None = None, starts_backoff: bool = False,
+                 retry_after: float | None = None):
         super().__init__(message)
         self.status_code = status_code
         self.cause = cause
         self.stats = stats or {}
+        #: A failure of the origin or the network (not of the content): later fetches
+        #: back off (§18), for at least ``retry_after`` seconds when the origin said so.
+        self.starts_backoff = starts_backoff
+        self.retry_after = retry_after
 
 
 class _LeaseLost(Exception):
@@ -2647,6 +2806,7 @@ class _Transfer:
                              if conditional_from is not None else None)
         self._started = _now()
         self._attributes: dict = {}
+        self._cache_headers: dict | None = None  # the origin's caching headers, when it sent a body
         self._validators: dict | None = None   # what If-Range may use, when resumable
         if claim.resume is not None:
             self._attributes = json.loads(claim.resume.content_attributes or "{}")
@@ -2661,11 +2821,12 @@ class _Transfer:
         url = identity.request_url()
         if self._validators and self._sink.offset and self._sink.offset == self._validators.get("total"):
             return self._complete()  # A dead download had stored every byte already.
+        retries = cache._retries if self._call.retries is None else self._call.retries
         attempt, status_code = 0, None
         while True:
             try:
                 response = cache._http.send(identity.method, url, self._headers_for_attempt(headers),
-                                            identity.body)
+                                            identity.body, self._call.timeout)
                 try:
                     result = self._receive(response)
                 except BaseException:
@@ -2677,12 +2838,16 @@ class _Transfer:
                 return result
             except _AttemptError as error:
                 status_code = error.status_code or status_code
-                if not error.retryable or attempt >= cache._retries:
-                    raise self._failure(str(error), status_code, error.cause) from error
+                # The origin or the network failed (not the content): later fetches back off.
+                backs_off = error.retryable or (error.status_code or 0) >= 500
+                if not error.retryable or attempt >= retries:
+                    raise self._failure(str(error), status_code, error.cause, backs_off,
+                                        error.retry_after) from error
                 if error.retry_after is not None and error.retry_after > cache._max_retry_wait:
                     raise self._failure(
-                        f"{error}; the origin asked to wait {error.retry_after:.0f} s, more than "
-                        f"max_retry_wait ({cache._max_retry_wait:g} s)", status_code, error.cause) from error
+                        f"{error}; the origin asks to wait {error.retry_after:.0f} s, more than "
+                        f"max_retry_wait {cache._max_retry_wait:g} s", status_code, error.cause,
+                        backs_off, error.retry_after) from error
                 wait = (error.retry_after if error.retry_after is not None
                         else _backoff_seconds(attempt, cache._max_retry_wait))
                 log.info("Attempt %d for %s failed (%s); retrying in %.1f s.", attempt + 1, url, error, wait)
@@ -2706,7 +2871,7 @@ class _Transfer:
     def _receive(self, response: urllib3.BaseHTTPResponse):
         status, sink = response.status, self._sink
         if status == 304 and self._conditional is not None and not sink.offset:
-            return _NotModified()
+            return _NotModified(_caching_headers(response.headers))
         if status in RETRY_STATUS_CODES:
             raise _AttemptError(f"HTTP {status} {response.reason or ''}".strip(), status_code=status,
                                 retryable=True,
@@ -2724,10 +2889,12 @@ class _Transfer:
                 sink.restart()
                 raise _AttemptError(f"the origin resumed at byte {start}, not {sink.offset}", retryable=True)
             sink.total = total
+            self._cache_headers = _caching_headers(response.headers)
         elif 200 <= status < 300 and status != 206:
             if sink.offset:
                 sink.restart()  # The origin sent the whole content again (If-Range did not match).
             self._begin(response)
+            self._cache_headers = _caching_headers(response.headers)
         else:
             raise _AttemptError(f"HTTP {status} {response.reason or ''}".strip(), status_code=status,
                                 retryable=False)
@@ -2757,7 +2924,7 @@ class _Transfer:
         sink.flush()
         self._attributes["content_size_bytes"] = sink.offset
         return _Completed(sink.content_id, sink.hasher.hexdigest(), sink.offset, self._attributes,
-                          self._stats())
+                          self._stats(), self._cache_headers)
 
     @staticmethod
     def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
@@ -2802,9 +2969,11 @@ class _Transfer:
             download_running_duration_sec=duration, download_start_time_unix_ts=self._started,
             total_bytes_to_download=self._sink.total, state="in_progress").model_dump(mode="json")
 
-    def _failure(self, message: str, status_code: int | None, cause) -> _DownloadFailure:
+    def _failure(self, message: str, status_code: int | None, cause, starts_backoff: bool = False,
+                 retry_after: float | None = None) -> _DownloadFailure:
         self._sink.restart()  # A failed download keeps no content.
-        return _DownloadFailure(message, status_code=status_code, cause=cause, stats=self._stats())
+        return _DownloadFailure(message, status_code=status_code, cause=cause, stats=self._stats(),
+                                starts_backoff=starts_backoff, retry_after=retry_after)
 
 
 
@@ -2812,7 +2981,8 @@ class Cache:
     """A versioning HTTP download cache in one SQLite file.
 
     ``Cache(path=None, *, timeout=30.0, retries=5, max_retry_wait=120.0,
-    download_lease_sec=30.0, sensitive_headers=(), user_agent=None)``
+    download_lease_sec=30.0, sensitive_headers=(), failure_backoff_sec=60.0,
+    user_agent=None)``
 
     - ``path``: the cache file. ``None`` means ``$BUFFYLITE_CACHE`` if set, else the
       platform's user cache directory (Linux ``$XDG_CACHE_HOME`` or ``~/.cache``, macOS
@@ -2825,6 +2995,12 @@ class Cache:
     - ``max_retry_wait``: no wait exceeds this many seconds; a ``Retry-After`` asking
       for more ends the retries at once (the download fails, and ``fetch`` falls back
       to the cached version).
+    - ``failure_backoff_sec``: after a due download fails (network error, 5xx, 429),
+      later fetches of that request serve the cached version at once (outcome
+      ``stale``, ``stale_reason`` saying why) for this many seconds, without touching
+      the network; a longer ``Retry-After`` extends it (by at most a day). Remembered in
+      the file, so it holds across processes and restarts. ``0`` disables it; a fetch
+      with ``refresh=True``, or of a request with nothing cached, tries anyway.
     - ``download_lease_sec``: an in-flight download holds a lease of this length,
       renewed while bytes arrive. Other threads and processes see it and do not
       download the same request at the same time; once it expires (the process
@@ -2851,6 +3027,7 @@ class Cache:
                  max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT_SEC,
                  download_lease_sec: float = DEFAULT_DOWNLOAD_LEASE_SEC,
                  sensitive_headers: tuple[str, ...] | list[str] = (),
+                 failure_backoff_sec: float = DEFAULT_FAILURE_BACKOFF_SEC,
                  user_agent: str | None = None):
         if not isinstance(timeout, urllib3.Timeout):
             timeout = self._positive_seconds("timeout", timeout)
@@ -2859,6 +3036,8 @@ class Cache:
         self._retries = retries
         self._max_retry_wait = self._positive_seconds("max_retry_wait", max_retry_wait, allow_zero=True)
         self._download_lease_sec = self._positive_seconds("download_lease_sec", download_lease_sec)
+        self._failure_backoff_sec = self._bounded_seconds("failure_backoff_sec", failure_backoff_sec,
+                                                          0.0, MAX_BACKOFF_SEC, allow_low=True)
         if isinstance(sensitive_headers, str):
             raise InvalidRequestError("sensitive_headers must be a sequence of header names, not a string.")
         self.path = pathlib.Path(path).expanduser() if path is not None else _default_cache_path()
@@ -2877,6 +3056,27 @@ class Cache:
             bound = ">= 0" if allow_zero else "> 0"
             raise InvalidRequestError(f"{name} must be a number of seconds {bound}, not {value!r}.")
         return float(value)
+
+    @staticmethod
+    def _bounded_seconds(name: str, value, low: float, high: float, *, allow_low: bool) -> float:
+        """A finite number of seconds in [low, high] (or (low, high]), else InvalidRequestError."""
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value < low or (value == low and not allow_low) or value > high):
+            raise InvalidRequestError(f"{name} must be a finite number of seconds "
+                                      f"{'>=' if allow_low else '>'} {low:g} and <= {high:g}, not {value!r}.")
+        return float(value)
+
+    @classmethod
+    def _per_call_transfer_options(cls, retries, timeout) -> tuple[int | None, urllib3.Timeout | None]:
+        """Check fetch()'s ``retries`` (int 0..MAX_RETRIES) and ``timeout`` (seconds in
+        (0, MAX_TIMEOUT_SEC], or a urllib3.Timeout); None keeps the Cache's."""
+        if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)
+                                    or not 0 <= retries <= MAX_RETRIES):
+            raise InvalidRequestError(f"retries must be an integer from 0 to {MAX_RETRIES}, not {retries!r}.")
+        if timeout is not None and not isinstance(timeout, urllib3.Timeout):
+            seconds = cls._bounded_seconds("timeout", timeout, 0.0, MAX_TIMEOUT_SEC, allow_low=False)
+            timeout = urllib3.Timeout(connect=seconds, read=seconds)
+        return retries, timeout
 
     def __repr__(self) -> str:
         return f"Cache({str(self.path)!r})"
@@ -2934,7 +3134,7 @@ class Cache:
             "tags": _row_tags(row), "content_hash_hex": row.content_hash_hex,
             "content_attributes": ResponseContentAttributes.model_validate_json(row.content_attributes or "{}"),
             "download_stats": ResponseDownloadStats.model_validate_json(row.download_stats or "{}"),
-            "outcome": outcome}
+            "outcome": outcome, "stale_reason": None}
         return _trusted_response(fields, {"_cache": self, "_content_id": row.content_id})
 
     def _responses(self, rows: list, url: str, ready_rows: list, outcome: str | None = "cached"):
@@ -2973,7 +3173,10 @@ class Cache:
               force_pinned: bool | None = None, offline: bool | None = None,
               pin_for: float | None = None, as_of: dt.datetime | None = None,
               validator: Callable[[Response], None] | None = None,
-              progress: Callable[[int, int | None], None] | None = None) -> Response:
+              progress: Callable[[int, int | None], None] | None = None,
+              refresh: bool = False, stale_if_error: bool = True,
+              retries: int | None = None,
+              timeout: float | urllib3.Timeout | None = None) -> Response:
         """Return a version of ``url``'s content, downloading it when the strategy says so.
 
         Identity: ``method`` ("get", "post", "put"; any case), ``params`` (dict, encoded
@@ -3001,8 +3204,17 @@ class Cache:
         called as bytes arrive and cancels the download by raising (the exception
         reaches the caller; the partial content is kept for a later resume).
 
+        Control of this call (SPEC §18): ``refresh=True`` makes a download due now,
+        whatever the strategy and the failure backoff (a conditional GET when the cached
+        version has an ETag or Last-Modified: a 304 confirms it). ``stale_if_error=False``
+        raises FetchError when the due download fails (the failed attempt is still
+        recorded), and during the failure backoff, instead of serving the cached version.
+        ``retries`` (0 to 100) and ``timeout`` (seconds, or a ``urllib3.Timeout``)
+        replace the Cache's settings for this call; ``None`` keeps them.
+
         Returns a Response whose ``outcome`` is ``downloaded``, ``not_modified``,
-        ``duplicate``, ``stale``, ``offline`` or ``cached``.
+        ``duplicate``, ``stale``, ``offline`` or ``cached``; a ``stale`` one carries
+        ``stale_reason``.
 
         Raises InvalidRequestError (bad arguments; nothing written), NotCachedError
         (nothing suitable cached and no download allowed), FetchError (the download
@@ -3021,7 +3233,9 @@ class Cache:
             force_tag=self._check_tag(force_tag, "force_tag"), force_pinned=force_pinned,
             offline=_is_offline_from_env() if offline is None else bool(offline),
             pin_for=None if pin_for is None else self._positive_seconds("pin_for", pin_for),
-            as_of=self._check_as_of(as_of), validator=validator, progress=progress)
+            as_of=self._check_as_of(as_of), validator=validator, progress=progress,
+            refresh=bool(refresh), stale_if_error=bool(stale_if_error))
+        call.retries, call.timeout = self._per_call_transfer_options(retries, timeout)
         if expected_hash is not None:
             call.expected_algorithm, call.expected_hash = _parse_expected_hash(expected_hash)
         for name in ("validator", "progress"):
@@ -3116,8 +3330,13 @@ class Cache:
                 return self._serve(call, request, ready, "offline")
             self._require_strategy_support(configuration)
             plan = self._plan(strategy, newest, request, now) if eligible else "download"
+            if call.refresh and eligible:
+                plan = "conditional" if self._has_validators(newest) else "download"
             if plan == "serve":
                 return self._serve(call, request, ready, "cached")
+            # A download is due, but a recent failure of the origin says not to try yet (§18).
+            if eligible and not call.refresh and self._is_backing_off(request, now):
+                return self._serve_during_backoff(call, request, ready, now)
 
             # A download (or a conditional check) is due: claim it, unless someone else runs it.
             claim = self._claim(call)
@@ -3141,14 +3360,26 @@ class Cache:
         if name == "age":
             return "download" if age > strategy.seconds else "serve"
         if name == "when_requested":
-            return "download"
+            return "conditional" if self._has_validators(newest) else "download"
         if name == "when_remote_changed":
             if age < strategy.check_interval_sec:
                 return "serve"
-            attributes = json.loads(newest.content_attributes or "{}")
-            if attributes.get("etag") or attributes.get("last_modified_datetime_utc"):
+            if self._has_validators(newest):
                 return "conditional"
             return "download" if age > strategy.fallback_max_age_sec else "serve"
+        if name == "http":
+            try:
+                stored = json.loads(newest.cache_headers or "{}")
+            except ValueError:
+                stored = {}  # damaged: as if the origin had said nothing
+            stored = {name: value for name, value in stored.items() if isinstance(value, str)} \
+                if isinstance(stored, dict) else {}
+            left = _http_freshness(stored, now, newest.validated_unix)
+            if left is None:
+                left = strategy.fallback_max_age_sec - age
+            if left > 0:
+                return "serve"
+            return "conditional" if self._has_validators(newest) else "download"
         # cron
         if strategy.run_at_start:
             with self._cron_lock:
@@ -3157,6 +3388,45 @@ class Cache:
                     return "download"
         next_tick = _croniter.croniter(strategy.cron, _to_datetime(newest.validated_unix)).get_next(float)
         return "download" if next_tick <= now else "serve"
+
+    @staticmethod
+    def _has_validators(row) -> bool:
+        """Can a conditional GET confirm this version (it has an ETag or a Last-Modified)?"""
+        attributes = json.loads(row.content_attributes or "{}")
+        return bool(attributes.get("etag") or attributes.get("last_modified_datetime_utc"))
+
+    def _is_backing_off(self, request, now: float) -> bool:
+        """Is the request inside a failure backoff recorded in the file (§18)? A damaged
+        end (not a number, or beyond what a backoff can last) counts as none."""
+        until = getattr(request, "backoff_until_unix", None)
+        return bool(self._failure_backoff_sec and isinstance(until, float)
+                    and now < until <= now + MAX_BACKOFF_SEC)
+
+    def _serve_during_backoff(self, call: _FetchCall, request, ready: list, now: float) -> Response:
+        """Serve the cached version as "stale" without touching the network, because a
+        recent download failed (or raise FetchError when the call refuses stale content)."""
+        try:
+            failure = json.loads(request.backoff_failure or "{}")
+            failure = failure if isinstance(failure, dict) else {}
+        except ValueError:
+            failure = {}  # damaged: the backoff end alone still holds
+        error = str(failure.get("error") or "unknown error")
+        failed_at = failure.get("failed_unix")
+        ago = f" {max(0.0, now - failed_at):.0f} s ago" if isinstance(failed_at, (int, float)) else ""
+        until = _to_datetime(request.backoff_until_unix).isoformat(timespec="seconds")
+        reason = (f"the download failed{ago} ({error}); no new attempt before {until} "
+                  "(failure backoff)")
+        if not call.stale_if_error:
+            status_code = failure.get("status_code")
+            raise FetchError(f"Downloading {request.url} failed{ago}: {error}; no new attempt before "
+                             f"{until} (failure backoff; refresh=True tries now), and stale content "
+                             "was refused.", url=request.url, cause=error,
+                             status_code=status_code if isinstance(status_code, int) else None)
+        response = self._serve(call, request, ready, "stale")
+        response.stale_reason = reason
+        log.warning("Not downloading %s: %s; serving the cached version %s.", request.url, reason,
+                    response.version, extra={"buffylite_stale": True})
+        return response
 
     def _choose(self, call: _FetchCall, ready: list, now: float, *, hard: bool = False):
         """The newest ready row satisfying the call's choices (§7), or None."""
@@ -3310,10 +3580,13 @@ class Cache:
             raise IntegrityError(f"The content of {call.identity.url} does not match the expected "
                                  f"hash {call.expected_hash} and no cached version does.")
         if settlement["outcome"] == "failed":
-            if eligible:
-                log.warning("Downloading %s failed (%s); serving the cached version.",
-                            call.identity.url, settlement["error"])
-                return self._serve(call, request, ready, "stale")
+            if eligible and call.stale_if_error:
+                response = self._serve(call, request, ready, "stale")
+                response.stale_reason = f"downloading failed: {settlement['error']}"
+                log.warning("Downloading %s failed (%s); serving the cached version %s.",
+                            call.identity.url, settlement["error"], response.version,
+                            extra={"buffylite_stale": True})
+                return response
             if settlement["hash_mismatch"] and call.expected_hash is not None:
                 raise IntegrityError(f"The content downloaded from {call.identity.url} does not match "
                                      f"the expected hash ({settlement['error']}) and no cached version does.")
@@ -3356,13 +3629,15 @@ class Cache:
             raise
 
     def _download_and_check(self, call: _FetchCall, claim: _Claim, request, sink: _Sink,
-                            conditional_from) -> tuple[str, _Completed | None, _DownloadFailure | None]:
+                            conditional_from) -> tuple[str, _Completed | _NotModified | None,
+                                                       _DownloadFailure | None]:
         """Run the transfer, then the content checks (expected hash, validator).
-        Returns how the download settles: ("not_modified" | "completed" | "failed", ...)."""
+        Returns how the download settles: ("not_modified" | "completed" | "failed", the
+        transfer's result, the failure)."""
         try:
             result = _Transfer(self, call, claim, sink, conditional_from).run()
             if isinstance(result, _NotModified):
-                return "not_modified", None, None
+                return "not_modified", result, None
             if call.expected_hash is not None and result.hash_hex != call.expected_hash:
                 raise _DownloadFailure(f"hash mismatch: expected {call.expected_hash}, got {result.hash_hex}",
                                        stats=result.stats, cause="hash mismatch")
@@ -3401,7 +3676,8 @@ class Cache:
                 (t.version.id == claim.row_id) & (t.version.lease_owner == claim.owner)).execute()
 
     def _finish(self, call: _FetchCall, claim: _Claim, request, kind: str, *,
-                completed: _Completed | None = None, failure: _DownloadFailure | None = None) -> Response:
+                completed: _Completed | _NotModified | None = None,
+                failure: _DownloadFailure | None = None) -> Response:
         """Settle a download in one transaction: publish it (ready or duplicate), record the
         304 or the failure, collect garbage for the request, then choose the version to
         return and lease it (pin_for), so no GC can slip in between."""
@@ -3419,7 +3695,9 @@ class Cache:
             if kind == "not_modified":
                 t.version.delete().where(t.version.id == row.id).execute()
                 if newest is not None:
-                    t.version.update(validated_unix=now).where(t.version.id == newest.id).execute()
+                    # A 304 updates the stored caching headers with those it carries (RFC 9111 §4.3.4).
+                    t.version.update(validated_unix=now, cache_headers=self._merged_cache_headers(
+                        newest, completed.cache_headers if completed is not None else {})).where(t.version.id == newest.id).execute()
                 outcome, settled_id = "not_modified", newest.id if newest else None
             elif kind == "completed":
                 content_id = self._settle_content(t, row, request.validation_hash_type, completed)
@@ -3431,12 +3709,16 @@ class Cache:
                                      content_attributes=json.dumps(completed.attributes),
                                      download_stats=json.dumps(stats), **final).where(
                         t.version.id == row.id).execute()
-                    t.version.update(validated_unix=now).where(t.version.id == newest.id).execute()
+                    t.version.update(validated_unix=now, cache_headers=json.dumps(completed.cache_headers)
+                                     if completed.cache_headers is not None else newest.cache_headers).where(
+                        t.version.id == newest.id).execute()
                     outcome, settled_id = "duplicate", newest.id
                 else:
                     t.version.update(status="ready", content_id=content_id,
                                      content_hash_hex=completed.hash_hex, cached_unix=now,
                                      validated_unix=now, content_attributes=json.dumps(completed.attributes),
+                                     cache_headers=json.dumps(completed.cache_headers)
+                                     if completed.cache_headers is not None else None,
                                      download_stats=json.dumps(stats), **final).where(
                         t.version.id == row.id).execute()
                     outcome, settled_id = "downloaded", row.id
@@ -3453,7 +3735,8 @@ class Cache:
                           "error": str(failure) if failure else None,
                           "status_code": failure.status_code if failure else None,
                           "hash_mismatch": bool(failure and failure.cause == "hash mismatch")}
-            t.request.update(last_settlement=json.dumps(settlement)).where(
+            t.request.update(last_settlement=json.dumps(settlement),
+                             **self._backoff_changes(kind, failure, now)).where(
                 t.request.id == request.id).execute()
             # Garbage collection of this request, before choosing what to return.
             freed = 0
@@ -3477,6 +3760,29 @@ class Cache:
                      completed.size)
         return self._responses([chosen], request.url, ready, outcome)[0]
 
+    def _backoff_changes(self, kind: str, failure: _DownloadFailure | None, now: float) -> dict:
+        """The request row's failure backoff after a download settled (§18): started (or
+        extended by Retry-After) by a failure of the origin or the network, ended by an
+        answer from the origin, untouched by content rejected here (hash, validator)."""
+        if kind in ("completed", "not_modified"):
+            return {"backoff_until_unix": None, "backoff_failure": None}
+        if failure is None or not failure.starts_backoff or not self._failure_backoff_sec:
+            return {}
+        wait = max(self._failure_backoff_sec, min(failure.retry_after or 0.0, MAX_RETRY_AFTER_BACKOFF_SEC))
+        return {"backoff_until_unix": now + wait,
+                "backoff_failure": json.dumps({"error": str(failure), "status_code": failure.status_code,
+                                               "failed_unix": now})}
+
+    @staticmethod
+    def _merged_cache_headers(row, fresh: dict) -> str | None:
+        """A version's stored caching headers updated with those of a 304 (RFC 9111 §4.3.4)."""
+        try:
+            stored = json.loads(row.cache_headers or "{}")
+        except ValueError:
+            stored = {}
+        merged = {**(stored if isinstance(stored, dict) else {}), **fresh}
+        return json.dumps(merged) if merged else row.cache_headers
+
     def _settle_content(self, t: _Tables, row, hash_type: str, completed: _Completed) -> int:
         """Make the received content addressable by its hash, or drop it for the identical
         content already stored. Returns the content id the version points to."""
@@ -3491,14 +3797,24 @@ class Cache:
         return completed.content_id
 
     def _fall_back(self, call: _FetchCall, request, chosen, ready: list, failure: _DownloadFailure):
-        """A due download failed: serve the newest suitable cached version (stale), else raise."""
-        if chosen is not None:
+        """A due download failed: serve the newest suitable cached version (stale) unless the
+        call refuses stale content, else raise."""
+        if chosen is not None and call.stale_if_error:
             log.warning("Downloading %s failed (%s); serving the cached version %s.",
-                        request.url, failure, chosen.version)
-            return self._responses([chosen], request.url, ready, "stale")[0]
+                        request.url, failure, chosen.version, extra={"buffylite_stale": True})
+            response = self._responses([chosen], request.url, ready, "stale")[0]
+            response.stale_reason = f"downloading failed: {failure}"
+            return response
+        if chosen is not None and failure.cause != "hash mismatch":
+            raise FetchError(f"Downloading {request.url} failed: {failure}; the cached version "
+                             f"{chosen.version} was not served (stale_if_error=False).", url=request.url,
+                             status_code=failure.status_code, cause=failure.cause or str(failure))
         if failure.cause == "hash mismatch":
             raise IntegrityError(f"The content downloaded from {request.url} does not match the "
-                                 f"expected hash ({failure}) and no cached version does.")
+                                 f"expected hash ({failure}) and " + (
+                                     "no cached version does." if chosen is None else
+                                     f"the cached version {chosen.version} was not served "
+                                     "(stale_if_error=False)."))
         raise FetchError(f"Downloading {request.url} failed: {failure}.", url=request.url,
                          status_code=failure.status_code, cause=failure.cause or str(failure))
 
@@ -3895,7 +4211,8 @@ def _error_object(exc: BaseException, message: str) -> dict:
 
 
 def _parse_strategy(text: str):
-    """``never | age:SECONDS | when_requested | when_remote_changed[:CHECK[:FALLBACK]] | cron:EXPR``."""
+    """``never | age:SECONDS | when_requested | when_remote_changed[:CHECK[:FALLBACK]] | cron:EXPR
+    | http[:FALLBACK]``."""
     name, _, rest = text.partition(":")
     try:
         if name == "never" and not rest:
@@ -3910,10 +4227,12 @@ def _parse_strategy(text: str):
                 return ReCachingStrategy.when_remote_changed(*numbers)
         if name == "cron" and rest:
             return ReCachingStrategy.cron(cron=rest)
+        if name == "http":
+            return ReCachingStrategy.http(*([float(rest)] if rest else []))
     except (ValueError, pydantic.ValidationError) as exc:
         raise _UsageError(f"--strategy {text!r}: {exc}") from exc
     raise _UsageError(f"--strategy {text!r} is not never, age:SECONDS, when_requested, "
-                      "when_remote_changed[:CHECK[:FALLBACK]] or cron:EXPR.")
+                      "when_remote_changed[:CHECK[:FALLBACK]], cron:EXPR or http[:FALLBACK].")
 
 
 def _parse_pairs(values: list[str] | None, separator: str, option: str) -> dict | None:
@@ -4026,14 +4345,15 @@ def _cmd_fetch(cache: Cache, args) -> int:
         response = cache.fetch(args.url, cache_configuration=configuration, offline=args.offline or None,
                                expected_hash=args.expected_hash, force_version=args.force_version,
                                prefer_tag=args.prefer_tag, pin_for=args.pin_for, progress=progress,
-                               **identity)
+                               refresh=args.refresh, stale_if_error=not args.no_stale, **identity)
     finally:
         if progress is not None:
             progress.close()
+    returned = {"outcome": response.outcome, "stale_reason": response.stale_reason}
     if args.pin:
-        response = cache.pin(response).model_copy(update={"outcome": response.outcome})
+        response = cache.pin(response).model_copy(update=returned)
     for tag in args.tag or ():
-        response = cache.tag(response, tag).model_copy(update={"outcome": response.outcome})
+        response = cache.tag(response, tag).model_copy(update=returned)
     saved = unpacked = None
     if args.unpack:
         unpacked = response.unpack(args.unpack)
@@ -4051,8 +4371,12 @@ def _cmd_fetch(cache: Cache, args) -> int:
         data["saved_to"] = str(saved) if saved else None
         data["unpacked_to"] = str(unpacked) if unpacked else None
         _emit(args, data, lambda: None)
-    elif not args.quiet:
-        where = f" -> {saved}" if saved else ""
+    where = f" -> {saved}" if saved else ""
+    if response.outcome == "stale" and not args.quiet:
+        # The one line that says so (the library's own warning is held back by main()).
+        sys.stderr.write(f"buffylite: served stale version {response.version} of {response.url}{where} "
+                         f"because {response.stale_reason or 'the download failed'}\n")
+    elif not args.json and not args.quiet:
         sys.stderr.write(f"{response.url}: version {response.version} ({response.outcome}){where}\n")
     return 0
 
@@ -4085,7 +4409,7 @@ def _cmd_requests(cache: Cache, args) -> int:
 
 def _cmd_show(cache: Cache, args) -> int:
     response = cache.get(args.url, args.version or "latest", **_identity_arguments(args))
-    data = response.model_dump(mode="json", exclude={"outcome"})
+    data = response.model_dump(mode="json", exclude={"outcome", "stale_reason"})
 
     def human() -> None:
         for key, value in data.items():
@@ -4212,13 +4536,18 @@ def _build_parser() -> argparse.ArgumentParser:
     output.add_argument("--unpack", metavar="DIR",
                         help="unpack the zip/tar/gz/bz2/xz content into DIR and print DIR")
     fetch_parser.add_argument("--strategy", help="never | age:SECONDS | when_requested | "
-                                                 "when_remote_changed[:CHECK[:FALLBACK]] | cron:EXPR")
+                                                 "when_remote_changed[:CHECK[:FALLBACK]] | cron:EXPR | "
+                                                 "http[:FALLBACK]")
     fetch_parser.add_argument("--keep", type=int, metavar="N", help="unpinned versions to keep")
     fetch_parser.add_argument("--keep-pinned", type=int, metavar="N", help="pinned versions to keep")
     fetch_parser.add_argument("--pin", action="store_true", help="pin the returned version permanently")
     fetch_parser.add_argument("--pin-for", type=float, metavar="SECONDS", help="lease the returned version")
     fetch_parser.add_argument("--tag", action="append", metavar="T", help="tag the returned version")
     fetch_parser.add_argument("--offline", action="store_true", help="never touch the network")
+    fetch_parser.add_argument("--refresh", action="store_true",
+                              help="download now (conditionally when possible), whatever the strategy")
+    fetch_parser.add_argument("--no-stale", action="store_true",
+                              help="fail (exit 5) instead of serving a stale version when the download fails")
     fetch_parser.add_argument("--expected-hash", metavar="HASH", help="'sha256:<hex>' or '<hex>'")
     fetch_parser.add_argument("--force-version", metavar="V", help="return exactly this version")
     fetch_parser.add_argument("--prefer-tag", metavar="T", help="prefer the newest version with this tag")
@@ -4292,6 +4621,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("buffylite: %(message)s"))
+    # ``fetch`` reports a stale answer itself, in one line with its cause.
+    handler.addFilter(lambda record: not getattr(record, "buffylite_stale", False))
     log.addHandler(handler)
     log.setLevel(logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING)
     try:

@@ -1016,6 +1016,507 @@ def test_cron_without_run_at_start_serves_l_in_a_new_cache(cache_path, origin):
     assert len(origin.requests_to("/cron2")) == 1
 
 
+# --- when_requested revalidates (SPEC §18) ---
+
+
+@pytest.mark.parametrize("validators,request_header", [
+    ({"etag": '"wr-1"'}, "If-None-Match"),
+    ({"last_modified": "Wed, 21 Oct 2015 07:28:00 GMT"}, "If-Modified-Since"),
+], ids=["etag", "last-modified"])
+def test_when_requested_sends_the_validators_and_a_304_confirms_l(cache, origin, validators,
+                                                                 request_header):
+    """§18: when_requested asks conditionally when L has validators; a 304 confirms L, no body."""
+    origin.route("/wrc", body=b"same content", **validators)
+    url = origin.url("/wrc")
+    strategy = config(buffylite.ReCachingStrategy.when_requested())
+    first = cache.fetch(url, cache_configuration=strategy)
+    second = cache.fetch(url)
+    sent = origin.requests_to("/wrc")
+    assert len(sent) == 2
+    assert sent[0].header(request_header) is None
+    assert sent[1].header(request_header) is not None
+    assert (second.outcome, second.version) == ("not_modified", first.version)
+    assert second.validated_datetime_utc > first.validated_datetime_utc
+    assert [row.status for row in cache.versions(url, status=None)] == ["ready"]
+    origin.routes["/wrc"].body = b"changed content"
+    origin.routes["/wrc"].etag = '"wr-2"' if "etag" in validators else None
+    origin.routes["/wrc"].last_modified = None if "etag" in validators else "Thu, 22 Oct 2015 07:28:00 GMT"
+    third = cache.fetch(url)
+    assert third.outcome == "downloaded" and third.read() == b"changed content"
+
+
+# --- fetch(refresh=, stale_if_error=, retries=, timeout=) (SPEC §18) ---
+
+
+def test_refresh_downloads_under_never_and_a_304_confirms_l(cache, origin):
+    """§18: refresh=True makes a download due under never: a conditional GET, 304 -> not_modified."""
+    origin.route("/rf", body=b"first", etag='"rf-1"')
+    url = origin.url("/rf")
+    first = cache.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.never()))
+    assert cache.fetch(url).outcome == "cached"
+    assert origin.hits("/rf") == 1
+    confirmed = cache.fetch(url, refresh=True)
+    assert origin.hits("/rf") == 2
+    assert origin.requests_to("/rf")[1].header("If-None-Match") == '"rf-1"'
+    assert (confirmed.outcome, confirmed.version) == ("not_modified", first.version)
+    origin.route("/rf", body=b"second", etag='"rf-2"')
+    changed = cache.fetch(url, refresh=True)
+    assert changed.outcome == "downloaded" and changed.read() == b"second"
+    assert cache.fetch(url).version == changed.version  # never again: no request
+    assert origin.hits("/rf") == 3
+
+
+def test_refresh_without_validators_downloads_in_full(cache, origin):
+    """§18: refresh=True when L has no validators: an unconditional GET (here a duplicate)."""
+    origin.route("/rfn", body=b"plain")
+    url = origin.url("/rfn")
+    first = cache.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.age(seconds=3600)))
+    again = cache.fetch(url, refresh=True)
+    assert origin.hits("/rfn") == 2
+    assert origin.requests_to("/rfn")[1].header("If-None-Match") is None
+    assert (again.outcome, again.version) == ("duplicate", first.version)
+
+
+def test_stale_if_error_false_raises_and_records_the_failed_row(cache, origin):
+    """§18: stale_if_error=False: a failed due download raises FetchError; the failure is recorded, L kept."""
+    good = fetch_body(cache, origin, "/nse", b"good")
+    origin.routes["/nse"].status = 500
+    url = origin.url("/nse")
+    with pytest.raises(buffylite.FetchError) as caught:
+        cache.fetch(url, stale_if_error=False)
+    assert caught.value.status_code == 500 and caught.value.url == url
+    assert good.version in str(caught.value)
+    failed = cache.versions(url, status="failed")
+    assert len(failed) == 1 and "500" in failed[0].download_stats.error
+    assert [row.version for row in cache.versions(url)] == [good.version]
+    # The default still serves L, naming the cause.
+    stale = cache.fetch(url, refresh=True)
+    assert (stale.outcome, stale.version) == ("stale", good.version)
+    assert "500" in stale.stale_reason
+
+
+@pytest.mark.parametrize("cache_retries,call_retries,expected_gets", [(5, 0, 1), (0, 2, 3), (2, None, 3)])
+def test_per_call_retries_override_the_cache(cache_path, origin, cache_retries, call_retries,
+                                             expected_gets):
+    """§18: fetch(retries=N) sends N + 1 GETs to a failing origin, whatever the Cache's retries."""
+    origin.route("/rt", status=503)
+    with buffylite.Cache(cache_path, retries=cache_retries, max_retry_wait=0.01) as opened:
+        with pytest.raises(buffylite.FetchError) as caught:
+            opened.fetch(origin.url("/rt"), retries=call_retries)
+    assert caught.value.status_code == 503
+    assert origin.hits("/rt") == expected_gets
+
+
+def test_per_call_timeout_overrides_the_cache(fault_origin, fault_open_cache):
+    """§18: fetch(timeout=0.3) gives up on a slow origin the Cache (timeout 10 s) would wait for."""
+    fault_origin.route("/slow", FaultReply(body=b"late", delay_sec=1.5))
+    cache = fault_open_cache(timeout=10.0, retries=0)
+    url = fault_origin.url("/slow")
+    started = time.monotonic()
+    with pytest.raises(buffylite.FetchError):
+        cache.fetch(url, timeout=0.3)
+    assert time.monotonic() - started < 1.4
+    started = time.monotonic()
+    assert cache.fetch(url, timeout=urllib3.Timeout(connect=5, read=5)).read() == b"late"
+    assert time.monotonic() - started >= 1.4
+    assert len(fault_origin.hits("/slow")) == 2
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"retries": -1}, {"retries": 101}, {"retries": True}, {"retries": 1.5}, {"retries": "3"},
+    {"timeout": 0}, {"timeout": -1}, {"timeout": float("nan")}, {"timeout": float("inf")},
+    {"timeout": 1e9}, {"timeout": "5"},
+])
+def test_bad_per_call_options_are_rejected_before_anything_is_written(cache, cache_path, origin, kwargs):
+    """§14/§18: per-call retries (0..100) and timeout (finite, > 0) are checked; nothing is written."""
+    origin.route("/bad")
+    before = cache_path.read_bytes() if cache_path.exists() else b""
+    with pytest.raises(buffylite.InvalidRequestError):
+        cache.fetch(origin.url("/bad"), **kwargs)
+    assert origin.hits("/bad") == 0
+    assert cache.requests() == []
+    assert (cache_path.read_bytes() if cache_path.exists() else b"") == before
+
+
+@pytest.mark.parametrize("value", [-1, float("nan"), float("inf"), 1e12, "60", True])
+def test_bad_failure_backoff_is_rejected(cache_path, value):
+    """§14/§18: failure_backoff_sec must be finite, >= 0 and at most ~100 years."""
+    with pytest.raises(buffylite.InvalidRequestError):
+        buffylite.Cache(cache_path, failure_backoff_sec=value)
+
+
+# --- failure backoff (SPEC §18) ---
+
+#: A child process that opens the cache like an app starting up and fetches once.
+_BACKOFF_CHILD = textwrap.dedent("""
+    import json, sys, time
+    import buffylite
+    cache = buffylite.Cache(sys.argv[1], retries=5, max_retry_wait=0.2)
+    started = time.monotonic()
+    resp = cache.fetch(sys.argv[2])
+    elapsed = time.monotonic() - started
+    print(json.dumps({"outcome": resp.outcome, "version": resp.version, "body": resp.read().decode(),
+                      "reason": resp.stale_reason, "elapsed": elapsed}))
+""")
+
+
+def _failed_versions(cache, url) -> list[str]:
+    return [row.version for row in cache.versions(url, status="failed")]
+
+
+@pytest.mark.parametrize("down", ["503", "refused"])
+def test_failure_backoff_serves_stale_at_once_in_a_new_process(cache_path, down):
+    """§18: after a failed download (retries=5), a new process serves L at once, without a request."""
+    server = Origin()
+    try:
+        # Connection: close, so that no kept-alive connection outlives the server below.
+        server.route("/app.json", body=b'{"v": 1}', close_connection=True)
+        url = server.url("/app.json")
+        with buffylite.Cache(cache_path, retries=5, max_retry_wait=0.05) as app:
+            good = app.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.when_requested()))
+            if down == "503":
+                server.routes["/app.json"].status = 503
+            else:
+                server.close()
+            first = app.fetch(url)  # runs the whole (short) retry schedule
+            assert (first.outcome, first.version) == ("stale", good.version)
+            assert "downloading failed" in first.stale_reason
+            gets_after_first = server.hits("/app.json")
+            assert gets_after_first == (1 + 6 if down == "503" else 1)
+            failed_before = _failed_versions(app, url)
+            assert len(failed_before) == 1
+
+        child = run_python(_BACKOFF_CHILD, str(cache_path), url)
+        assert child.returncode == 0, child.stderr
+        seen = json.loads(child.stdout)
+        assert (seen["outcome"], seen["version"], seen["body"]) == ("stale", good.version, '{"v": 1}')
+        assert "failure backoff" in seen["reason"]
+        assert ("503" in seen["reason"]) == (down == "503")
+        assert seen["elapsed"] < 1.0, seen
+        assert server.hits("/app.json") == gets_after_first  # no request, so no retries
+        with buffylite.Cache(cache_path) as check:
+            assert _failed_versions(check, url) == failed_before  # no new attempt recorded
+    finally:
+        server.close()
+
+
+def test_failure_backoff_is_ignored_by_refresh_and_ends(cache_path, origin):
+    """§18: refresh=True tries during the backoff; once it ends, fetch tries again; success clears it."""
+    origin.route("/bo", body=b"good")
+    url = origin.url("/bo")
+    with buffylite.Cache(cache_path, retries=0, failure_backoff_sec=1.0) as opened:
+        good = opened.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.when_requested()))
+        origin.routes["/bo"].status = 503
+        failed_at = time.monotonic()
+        assert opened.fetch(url).outcome == "stale"
+        assert origin.hits("/bo") == 2
+        assert opened.fetch(url).outcome == "stale"
+        assert origin.hits("/bo") == 2  # inside the backoff: no request
+        assert opened.fetch(url, refresh=True).outcome == "stale"
+        assert origin.hits("/bo") == 3  # refresh ignores it
+        deadline = failed_at + 10
+        while True:  # bounded by the deadline
+            served = opened.fetch(url)
+            if origin.hits("/bo") > 3:
+                break  # the backoff ended: it tried (and failed) again
+            assert "failure backoff" in served.stale_reason
+            assert time.monotonic() < deadline, "the backoff never ended"
+            time.sleep(0.1)
+        assert time.monotonic() - failed_at >= 1.0
+        assert (served.outcome, served.version) == ("stale", good.version)
+        assert "downloading failed" in served.stale_reason
+        origin.routes["/bo"].status = 200
+        origin.routes["/bo"].body = b"new"
+        assert opened.fetch(url).outcome == "stale"  # a new backoff runs
+        assert origin.hits("/bo") == 4
+        fresh = opened.fetch(url, refresh=True)
+        assert (fresh.outcome, fresh.read()) == ("downloaded", b"new")
+        assert opened.fetch(url).outcome == "duplicate"  # success ended the backoff
+        assert origin.hits("/bo") == 6
+
+
+def test_failure_backoff_does_not_apply_without_a_cached_version(cache, origin):
+    """§18: with nothing cached, every fetch tries (and raises FetchError)."""
+    origin.route("/none", status=503)
+    for attempt in range(1, 4):
+        with pytest.raises(buffylite.FetchError):
+            cache.fetch(origin.url("/none"), retries=0)
+        assert origin.hits("/none") == attempt
+
+
+def test_failure_backoff_with_stale_refused_raises_at_once(cache_path, origin):
+    """§18: stale_if_error=False during the backoff: FetchError naming the failure, no request."""
+    origin.route("/bnr", body=b"good")
+    url = origin.url("/bnr")
+    with buffylite.Cache(cache_path, retries=0) as opened:
+        opened.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.when_requested()))
+        origin.routes["/bnr"].status = 502
+        assert opened.fetch(url).outcome == "stale"
+        with pytest.raises(buffylite.FetchError) as caught:
+            opened.fetch(url, stale_if_error=False)
+    assert caught.value.status_code == 502
+    assert "backoff" in str(caught.value)
+    assert origin.hits("/bnr") == 2
+
+
+def test_content_failures_start_no_backoff(cache, origin):
+    """§18: a download rejected for its content (validator, 404) is no outage: the next fetch tries."""
+    good = fetch_body(cache, origin, "/cf", b"good")
+    origin.routes["/cf"].body = b"bad"
+
+    def reject(response):
+        raise ValueError("not what we want")
+
+    assert cache.fetch(origin.url("/cf"), validator=reject).outcome == "stale"
+    origin.routes["/cf"].status = 404
+    assert cache.fetch(origin.url("/cf")).outcome == "stale"
+    assert origin.hits("/cf") == 3
+    assert cache.fetch(origin.url("/cf")).version == good.version
+    assert origin.hits("/cf") == 4
+
+
+def test_retry_after_longer_than_the_backoff_extends_it(cache_path, fault_origin, fault_env):
+    """§18: a Retry-After (5 s) longer than failure_backoff_sec (0.3 s) keeps serving stale past 0.3 s."""
+    url = fault_origin.url("/ra")
+    fault_origin.route("/ra", FaultReply(body=b"good"),
+                       FaultReply(status=429, body=b"later", headers={"Retry-After": "5"}))
+    with buffylite.Cache(cache_path, retries=3, max_retry_wait=1.0, failure_backoff_sec=0.3) as opened:
+        opened.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.when_requested()))
+        assert opened.fetch(url).outcome == "stale"
+        assert len(fault_origin.hits("/ra")) == 2  # Retry-After beyond max_retry_wait: no retry
+        time.sleep(0.6)
+        later = opened.fetch(url)
+        assert later.outcome == "stale" and "backoff" in later.stale_reason
+        assert len(fault_origin.hits("/ra")) == 2
+
+
+def test_a_schema_1_file_gains_the_backoff_and_caching_header_columns(cache_path, origin):
+    """§10/§18: a file from before the failure backoff (schema 1) is upgraded in place and keeps working."""
+    origin.route("/old", body=b"from an old file")
+    url = origin.url("/old")
+    with buffylite.Cache(cache_path) as opened:
+        opened.fetch(url)
+    connection = sqlite3.connect(cache_path)
+    with connection:
+        for table, column in (("request", "backoff_until_unix"), ("request", "backoff_failure"),
+                              ("version", "cache_headers")):
+            connection.execute(f'ALTER TABLE "{table}" DROP COLUMN "{column}"')
+        connection.execute("PRAGMA user_version = 1")
+    connection.close()
+    with buffylite.Cache(cache_path, retries=0) as upgraded:
+        served = upgraded.fetch(url, cache_configuration=_http_config(3600))
+        assert (served.outcome, served.read()) == ("cached", b"from an old file")  # no headers: fallback
+        origin.routes["/old"].status = 503
+        assert upgraded.fetch(url, refresh=True).outcome == "stale"
+        assert upgraded.fetch(url, cache_configuration=config()).stale_reason.endswith("(failure backoff)")
+    assert origin.hits("/old") == 2
+    columns = db_tables(cache_path)
+    assert {"backoff_until_unix", "backoff_failure"} <= set(columns["request"])
+    assert "cache_headers" in columns["version"]
+    check = sqlite3.connect(cache_path)
+    assert check.execute("PRAGMA user_version").fetchone()[0] == buffylite.SCHEMA_VERSION
+    check.close()
+
+
+@pytest.mark.parametrize("until,failure", [
+    ("'soon'", "'{not json'"), ("1e300", "'[]'"), ("NULL", "'{\"error\": 5}'")],
+    ids=["text-end", "absurd-end", "no-end"])
+def test_a_damaged_backoff_record_means_no_backoff(cache_path, origin, until, failure):
+    """§14/§18: a backoff record damaged on disk never breaks fetch: the download is simply tried."""
+    origin.route("/dmg", body=b"good")
+    url = origin.url("/dmg")
+    with buffylite.Cache(cache_path, retries=0) as opened:
+        opened.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.when_requested()))
+    connection = sqlite3.connect(cache_path)
+    with connection:
+        connection.execute(f"UPDATE request SET backoff_until_unix = {until}, backoff_failure = {failure}")
+    connection.close()
+    origin.routes["/dmg"].body = b"newer"
+    with buffylite.Cache(cache_path, retries=0) as opened:
+        assert opened.fetch(url).read() == b"newer"
+    assert origin.hits("/dmg") == 2
+
+
+def test_a_backoff_with_a_damaged_failure_record_still_serves_stale(cache_path, origin):
+    """§14/§18: a valid backoff end with an unreadable failure record serves L, saying the error is unknown."""
+    origin.route("/dmg2", body=b"good")
+    url = origin.url("/dmg2")
+    with buffylite.Cache(cache_path, retries=0) as opened:
+        opened.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.when_requested()))
+    connection = sqlite3.connect(cache_path)
+    with connection:
+        connection.execute("UPDATE request SET backoff_until_unix = ?, backoff_failure = '{not json'",
+                           (time.time() + 60,))
+    connection.close()
+    with buffylite.Cache(cache_path, retries=0) as opened:
+        served = opened.fetch(url)
+        assert served.outcome == "stale" and "unknown error" in served.stale_reason
+        with pytest.raises(buffylite.FetchError) as caught:
+            opened.fetch(url, stale_if_error=False)
+        assert caught.value.status_code is None
+    assert origin.hits("/dmg2") == 1
+
+
+# --- http strategy: the origin's caching headers (SPEC §18, RFC 9111) ---
+
+
+def _http_config(fallback: float = 86400):
+    return config(buffylite.ReCachingStrategy.http(fallback_max_age_sec=fallback))
+
+
+def _http_date(offset_sec: float = 0.0) -> str:
+    return email.utils.formatdate(time.time() + offset_sec, usegmt=True)
+
+
+@pytest.mark.parametrize("cache_control,age,fresh", [
+    ("max-age=3600", None, True),
+    ("max-age=0", None, False),
+    ("public, max-age=3600", "3599", True),
+    ("max-age=3600", "3600", False),
+    ("s-maxage=3600", None, True),  # ignored: the fallback (a day) decides
+    ("max-age=3600, no-cache", None, False),
+    ("no-store", None, False),
+], ids=["max-age-fresh", "max-age-0", "age-under", "age-reaches-max-age", "s-maxage-ignored",
+        "no-cache", "no-store"])
+def test_http_strategy_follows_cache_control_and_age(cache, origin, cache_control, age, fresh):
+    """§18: http strategy: fresh -> no request; stale -> a conditional GET whose 304 confirms L."""
+    headers = {"Cache-Control": cache_control, **({"Age": age} if age else {})}
+    origin.route("/h", body=b"cached by rules", etag='"h-1"', headers=headers)
+    url = origin.url("/h")
+    first = cache.fetch(url, cache_configuration=_http_config())
+    assert first.outcome == "downloaded" and first.read() == b"cached by rules"  # even no-store stores
+    second = cache.fetch(url)
+    if fresh:
+        assert (second.outcome, origin.hits("/h")) == ("cached", 1)
+    else:
+        assert (second.outcome, origin.hits("/h")) == ("not_modified", 2)
+        assert origin.requests_to("/h")[1].header("If-None-Match") == '"h-1"'
+    assert second.version == first.version
+
+
+@pytest.mark.parametrize("date,expires,fresh", [
+    (0, 3600, True),
+    (0, -10, False),
+    (-7200, -3600, False),            # Expires - Date = 1 h, but Date says it is 2 h old
+    (-7200, 3600, True),              # 3 h lifetime, 2 h old
+    (None, 3600, True),               # no Date: the time of receipt
+    (0, "0", False),                  # an invalid Expires means already expired
+], ids=["expires-ahead", "expired", "old-date", "old-date-long-lifetime", "no-date", "expires-0"])
+def test_http_strategy_computes_expires_against_date(fault_origin, fault_open_cache, date, expires, fresh):
+    """§18: without max-age, the freshness lifetime is Expires - Date and the age counts from Date."""
+    headers = {"Expires": expires if isinstance(expires, str) else (lambda: _http_date(expires))}
+    if date is not None:
+        headers["Date"] = lambda: _http_date(date)
+    fault_origin.route("/exp", FaultReply(body=b"dated", etag='"e-1"', headers=headers))
+    cache = fault_open_cache()
+    url = fault_origin.url("/exp")
+    first = cache.fetch(url, cache_configuration=_http_config())
+    second = cache.fetch(url)
+    hits = fault_origin.hits("/exp")
+    if fresh:
+        assert (second.outcome, len(hits)) == ("cached", 1)
+    else:
+        assert (second.outcome, len(hits)) == ("not_modified", 2)
+        assert hits[1]["headers"]["if-none-match"] == '"e-1"'
+    assert second.version == first.version
+
+
+@pytest.mark.parametrize("fallback,fresh", [(3600, True), (0, False)])
+def test_http_strategy_without_caching_headers_uses_the_fallback_age(cache, origin, fallback, fresh):
+    """§18: no Cache-Control/Expires: fresh for fallback_max_age_sec; then a full GET (no validators)."""
+    origin.route("/nh", body=b"no rules")
+    url = origin.url("/nh")
+    first = cache.fetch(url, cache_configuration=_http_config(fallback))
+    second = cache.fetch(url)
+    assert origin.hits("/nh") == (1 if fresh else 2)
+    assert second.outcome == ("cached" if fresh else "duplicate")
+    assert second.version == first.version
+    if not fresh:
+        assert origin.requests_to("/nh")[1].header("If-None-Match") is None
+
+
+def test_http_strategy_304_updates_the_stored_freshness(cache, origin):
+    """§18 (RFC 9111 §4.3.4): the Cache-Control of a 304 replaces the stored one."""
+    route = origin.route("/upd", body=b"v", etag='"u-1"', headers={"Cache-Control": "max-age=0"})
+    url = origin.url("/upd")
+    cache.fetch(url, cache_configuration=_http_config())
+    route.headers = {"Cache-Control": "max-age=3600"}
+    assert cache.fetch(url).outcome == "not_modified"
+    assert cache.fetch(url).outcome == "cached"
+    assert origin.hits("/upd") == 2
+
+
+def test_http_strategy_is_stored_and_survives_a_new_cache(cache_path, origin):
+    """§18: http(...) is stored with the request like any strategy and read back by another Cache."""
+    origin.route("/st", body=b"x", headers={"Cache-Control": "max-age=3600"})
+    with buffylite.Cache(cache_path) as first:
+        first.fetch(origin.url("/st"), cache_configuration=_http_config(123))
+    with buffylite.Cache(cache_path) as second:
+        stored = second.get_request(origin.url("/st")).cache_configuration.recaching_strategy
+        assert (stored.strategy_name, stored.fallback_max_age_sec) == ("http", 123)
+        assert second.fetch(origin.url("/st")).outcome == "cached"
+    assert origin.hits("/st") == 1
+
+
+@pytest.mark.parametrize("value", [-1, float("nan"), float("inf"), 1e12])
+def test_http_strategy_rejects_bad_fallback_ages(value):
+    """§14/§18: fallback_max_age_sec is finite, >= 0 and at most ~100 years."""
+    with pytest.raises(ValueError):
+        buffylite.ReCachingStrategy.http(fallback_max_age_sec=value)
+
+
+def test_http_freshness_matches_rfc_9111_arithmetic():
+    """§18: _http_freshness = lifetime - (max(apparent age, Age) + resident time), over many inputs."""
+    from hypothesis import given
+    target, seen = 300, []
+
+    @settings(max_examples=target, deadline=None, database=None)
+    @given(max_age=st.integers(0, 10 ** 7), age=st.one_of(st.none(), st.integers(0, 10 ** 7)),
+           delay=st.integers(0, 10 ** 6), resident=st.floats(0, 10 ** 7, allow_nan=False),
+           date=st.integers(0, 4 * 10 ** 9))
+    def check(max_age, age, delay, resident, date):
+        seen.append(1)
+        headers = {"cache-control": f"max-age={max_age}",
+                   "date": email.utils.formatdate(date, usegmt=True)}
+        if age is not None:
+            headers["age"] = str(age)
+        received = date + delay
+        left = buffylite._http_freshness(headers, received + resident, received)
+        assert left == pytest.approx(max_age - (max(delay, age or 0) + resident), abs=1e-6)
+        later = buffylite._http_freshness(headers, received + resident + 1, received)
+        assert later == pytest.approx(left - 1, abs=1e-6)
+        for refusal in ("no-cache", "no-store"):
+            assert buffylite._http_freshness(
+                {**headers, "cache-control": f"{refusal}, max-age={max_age}"}, received, received) <= 0
+
+    check()
+    assert len(seen) >= target
+
+
+def test_http_freshness_never_raises_on_hostile_headers():
+    """§14/§18: any header text gives a finite number or None, never an exception."""
+    import math
+    from hypothesis import given
+    target, seen = 400, []
+    header_text = st.one_of(st.text(max_size=60), st.sampled_from([
+        "max-age=", "max-age=-5", "max-age=1e9", 'max-age="12"', "max-age=99999999999999999999999",
+        "no-cache=\"a, b\"", "Fri, 31 Dec 9999 23:59:59 GMT", "Mon, 01 Jan 0001 00:00:00 GMT",
+        "Sun, 99 Foo 2020 99:99:99 GMT", "0", "-1", "\x00", "ĀĀ"]))
+
+    @settings(max_examples=target, deadline=None, database=None)
+    @given(values=st.dictionaries(st.sampled_from(["cache-control", "expires", "date", "age"]), header_text),
+           now=st.floats(0, 10 ** 10, allow_nan=False), received=st.one_of(st.none(), st.floats(0, 10 ** 10)))
+    def check(values, now, received):
+        seen.append(1)
+        left = buffylite._http_freshness(values, now, received)
+        assert left is None or math.isfinite(left)
+        if not ({"cache-control", "expires"} & set(values)):
+            assert left is None
+
+    check()
+    assert len(seen) >= target
+
+
 # ===========================================================================
 # Fetching: offline and hard choices (§7)
 # ===========================================================================
@@ -3624,6 +4125,27 @@ def test_retry_after_beyond_cap_with_prior_serves_stale_after_one_request(fault_
     assert len(fault_origin.hits("/pause")) == hits_before + 1
 
 
+# --- Retry-After far in the future (SPEC §11, §18) ---
+
+
+def test_retry_after_date_far_ahead_is_reported_truthfully(fault_origin, fault_open_cache):
+    """§11/§18: a Retry-After date in 2099 is reported as the real wait, not urllib3's 6 h cap."""
+    far = "Thu, 01 Jan 2099 00:00:00 GMT"
+    fault_origin.route("/later", FaultReply(status=503, body=b"later\n", headers={"Retry-After": far}))
+    cache = fault_open_cache(retries=5, max_retry_wait=2.0)
+    started = time.monotonic()
+    with pytest.raises(buffylite.FetchError) as caught:
+        cache.fetch(fault_origin.url("/later"))
+    assert time.monotonic() - started < 1.0
+    assert len(fault_origin.hits("/later")) == 1
+    message = str(caught.value)
+    match = re.search(r"asks to wait (\d+) s, more than max_retry_wait 2 s", message)
+    assert match, message
+    real = email.utils.parsedate_to_datetime(far).timestamp() - time.time()
+    assert abs(int(match[1]) - real) < 120, (match[1], real)
+    assert caught.value.status_code == 503
+
+
 def test_read_timeout_is_per_read_not_total(fault_origin, fault_open_cache):
     """§3/§11: a drip whose gaps stay under the read timeout completes, however long it takes."""
     fault_origin.route("/drip", FaultReply(body=b"abcdef", drip_after=0, drip_interval_sec=0.4))
@@ -4238,7 +4760,8 @@ def test_a_waiter_gets_the_outcome_of_the_download_it_waited_for(second_reply, e
     """§7: prefer_cached=False waits for the running download and returns its outcome, also when
     that download settled as a duplicate, a 304 or a failure (and sends nothing itself)."""
     url = fault_origin.url("/settle")
-    replies = {"same": FaultReply(body=b"v1\n", etag='"a"', delay_sec=1.5),
+    # "same": no ETag this time, or when_requested would revalidate (a 304, §18).
+    replies = {"same": FaultReply(body=b"v1\n", delay_sec=1.5),
                "not_modified": FaultReply(body=b"v1\n", etag='"a"', delay_sec=1.5),
                "fails": FaultReply(status=404, body=b"gone\n", delay_sec=1.5)}
     fault_origin.route("/settle", FaultReply(body=b"v1\n", etag='"a"'), replies[second_reply])
@@ -4762,6 +5285,80 @@ def test_cli_strategy_change_keeps_stored_keep_counts(cli_run, cli_origin, cli_c
     assert configuration.recaching_strategy.strategy_name == "when_remote_changed"
     assert configuration.recaching_strategy.check_interval_sec == 60
     assert configuration.recaching_strategy.fallback_max_age_sec == 600
+
+
+# --- fetch --strategy http, --refresh, --no-stale, stale answers (SPEC §13, §18) ---
+
+
+def test_cli_strategy_http_is_parsed_and_stored(cli_run, cli_origin, cli_cache_path):
+    """§13/§18: `--strategy http[:FALLBACK]` stores the http strategy; bad fallbacks exit 2."""
+    cli_origin.route("/http.bin", b"rules", headers={"Cache-Control": "max-age=3600"})
+    url = cli_origin.url("/http.bin")
+    for option, fallback in (("http:600", 600), ("http", 86400)):
+        done = cli_run("fetch", url, "--strategy", option, "-q")
+        assert done.returncode == 0, done.stderr
+        with cli_open_cache(cli_cache_path) as cache:
+            strategy = cache.get_request(url).cache_configuration.recaching_strategy
+        assert (strategy.strategy_name, strategy.fallback_max_age_sec) == ("http", fallback)
+    assert cli_origin.hits("/http.bin") == 1  # max-age=3600: the second fetch asked nothing
+    for bad in ("http:-1", "http:nan", "http:soon", "http:1e12"):
+        done = cli_run("fetch", url, "--strategy", bad)
+        assert done.returncode == 2, (bad, done.stderr)
+
+
+def test_cli_refresh_revalidates_whatever_the_strategy(cli_run, cli_origin):
+    """§13/§18: `fetch --refresh` under `never` sends a conditional GET; the 304 confirms the version."""
+    cli_origin.route("/refresh.bin", b"kept", etag='"k1"')
+    url = cli_origin.url("/refresh.bin")
+    first = cli_run("--json", "fetch", url, "--strategy", "never")
+    assert first.returncode == 0, first.stderr
+    assert cli_run("fetch", url, "-q").stdout == b"kept"
+    assert cli_origin.hits("/refresh.bin") == 1
+    done = cli_run("--json", "fetch", url, "--refresh")
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert (answer["outcome"], answer["version"]) == ("not_modified", json.loads(first.stdout)["version"])
+    assert cli_origin.hits("/refresh.bin") == 2
+    assert cli_origin.requests_to("/refresh.bin")[1].header("If-None-Match") == '"k1"'
+
+
+def test_cli_no_stale_exits_5_when_the_download_fails(cli_run, cli_origin, cli_seed):
+    """§13/§18: `fetch --no-stale` with a failing origin exits 5 and writes no content, even with L cached."""
+    cli_seed("/ns.bin", [b"cached"])
+    cli_origin.routes["/ns.bin"].status = 503
+    url = cli_origin.url("/ns.bin")
+    done = cli_run("fetch", url, "--no-stale", *CLI_FAIL_FAST)
+    assert done.returncode == 5, done.stderr
+    assert done.stdout == b""
+    assert "503" in done.stderr and len(cli_stderr_lines(done)) == 1
+    assert cli_origin.hits("/ns.bin") == 2
+    again = cli_run("--json", "fetch", url, "--no-stale", *CLI_FAIL_FAST)  # inside the failure backoff
+    assert again.returncode == 5, again.stderr
+    error = json.loads(again.stdout)["error"]
+    assert (error["type"], error["status_code"], error["url"]) == ("FetchError", 503, url)
+    assert cli_origin.hits("/ns.bin") == 2  # the backoff answered without a request
+    served = cli_run("fetch", url, *CLI_FAIL_FAST)
+    assert (served.returncode, served.stdout) == (0, b"cached")
+
+
+def test_cli_stale_answer_says_why_on_stderr_and_in_json(cli_run, cli_origin, cli_seed):
+    """§13/§18: a stale answer exits 0, one stderr line names the version and the cause; --json carries it."""
+    [version] = cli_seed("/why.bin", [b"old but good"])
+    cli_origin.routes["/why.bin"].status = 503
+    url = cli_origin.url("/why.bin")
+    done = cli_run("--json", "fetch", url, *CLI_FAIL_FAST)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert (answer["outcome"], answer["version"]) == ("stale", version)
+    assert "503" in answer["stale_reason"]
+    [line] = cli_stderr_lines(done)
+    assert line.startswith(f"buffylite: served stale version {version} of {url} because ")
+    assert "503" in line
+    later = cli_run("fetch", url, *CLI_FAIL_FAST)  # a new process, inside the failure backoff
+    assert (later.returncode, later.stdout) == (0, b"old but good")
+    [line] = cli_stderr_lines(later)
+    assert f"stale version {version}" in line and "failure backoff" in line and "503" in line
+    assert cli_origin.hits("/why.bin") == 2
 
 
 def test_cli_fetch_pin_pins_returned_version(cli_run, cli_origin, cli_cache_path):
