@@ -72,6 +72,7 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
+import codecs
 import contextlib
 import dataclasses
 import datetime as dt
@@ -83,10 +84,12 @@ import io
 import ipaddress
 import json
 import logging
+import math
 import mimetypes
 import os
 import pathlib
 import random
+import re
 import secrets
 import select
 import socket
@@ -207,6 +210,22 @@ SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"}
 OFFLINE_ENV_VALUES = frozenset({"1", "true", "yes", "on"})
 #: Name given to a saved file when nothing better is known.
 FALLBACK_FILENAME = "download"
+#: Longest duration, in seconds, accepted anywhere (strategy intervals, leases,
+#: pin_for): about 100 years, so every end time stays far inside what datetimes
+#: (year 9999) and the file can hold.
+MAX_DURATION_SEC = 100 * 365.25 * 86400
+#: Longest network timeout, backoff cap and download lease, in seconds (one day).
+MAX_NETWORK_WAIT_SEC = 86400.0
+#: Most retries after the first attempt of a download.
+MAX_RETRIES = 100
+#: Most versions the garbage collector can be told to keep per request.
+MAX_KEPT_VERSIONS = 1_000_000
+#: Longest file name, in bytes of UTF-8, that the sanitiser returns (common file system limit).
+MAX_FILENAME_BYTES = 255
+#: Latest moment a stored time may name (a datetime ends at year 9999).
+_MAX_TIMESTAMP = dt.datetime(9999, 12, 31, tzinfo=dt.timezone.utc).timestamp()
+#: What a masked secret looks like in messages, logs, reprs and command-line output.
+MASK = "***"
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 #: The process's umask, read once at import (reading it means setting it).
@@ -348,22 +367,122 @@ def _parse_expected_hash(value: str) -> tuple[str | None, str]:
     return (_check_hash_type(algorithm) if sep else None), digest
 
 
+def _check_seconds(name: str, value, *, maximum: float = MAX_DURATION_SEC,
+                   allow_zero: bool = True) -> float:
+    """Return ``value`` as float seconds if it is a finite number in ``[0, maximum]``
+    (``(0, maximum]`` without ``allow_zero``), else raise InvalidRequestError.
+    The one check for every duration a caller passes."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequestError(f"{name} must be a number of seconds, not {value!r}.")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf
+    if not (0.0 < seconds <= maximum or (allow_zero and seconds == 0.0)):
+        low = "0 <=" if allow_zero else "0 <"
+        raise InvalidRequestError(f"{name} must be a finite number of seconds with {low} {name} <= "
+                                  f"{maximum:g}, not {value!r}.")
+    return seconds
+
+
+def _check_count(name: str, value, *, minimum: int, maximum: int) -> int:
+    """Return ``value`` if it is an int (not a bool) in ``[minimum, maximum]``, else raise
+    InvalidRequestError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise InvalidRequestError(f"{name} must be an integer from {minimum} to {maximum}, not {value!r}.")
+    return value
+
+
+def _check_timeout(value) -> float | urllib3.Timeout:
+    """A timeout in seconds (0 < t <= one day) or a urllib3.Timeout whose parts are in that range."""
+    if isinstance(value, urllib3.Timeout):
+        for part in ("_connect", "_read", "total"):
+            given = getattr(value, part, None)
+            if isinstance(given, (int, float)) and not isinstance(given, bool):
+                _check_seconds(f"timeout.{part.lstrip('_')}", given, maximum=MAX_NETWORK_WAIT_SEC,
+                               allow_zero=False)
+        return value
+    return _check_seconds("timeout", value, maximum=MAX_NETWORK_WAIT_SEC, allow_zero=False)
+
+
+#: RFC 9110 ``token``: what a header name (and a method) may be made of.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: A host name: dot-separated labels of letters, digits, ``-`` and ``_`` (seen in the wild).
+_HOSTNAME = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)"
+                       r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?", re.ASCII)
+
+
+def _has_line_break_or_nul(text: str) -> bool:
+    return "\r" in text or "\n" in text or "\x00" in text
+
+
+def _is_valid_host(host: str) -> bool:
+    """A host name (international names in their IDNA form) or an IP literal."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])  # (an IPv6 zone id is allowed after %)
+        return True
+    except ValueError:
+        pass
+    try:
+        ascii_host = host.encode("idna").decode("ascii") if not host.isascii() else host
+    except UnicodeError:
+        return False
+    return _HOSTNAME.fullmatch(ascii_host) is not None
+
+
 def _check_url(url: str) -> str:
-    """Return ``url`` if it is an absolute http(s) URL, else raise InvalidRequestError."""
+    """Return ``url`` if it is an absolute http(s) URL that can be sent, else raise
+    InvalidRequestError (a valid host name or IP literal; no whitespace, NUL or
+    control characters anywhere). Messages never show a password in the URL."""
     if not isinstance(url, str) or not url.strip():
-        raise InvalidRequestError(f"URL must be a non-empty string, got {url!r}.")
+        raise InvalidRequestError(f"URL must be a non-empty string, not {type(url).__name__} "
+                                  f"{_mask_url(url) if isinstance(url, str) else '(not shown)'}.")
     url = url.strip()
+    shown = _mask_url(url)
+    if not url.isprintable():
+        raise InvalidRequestError(f"URL {shown!r} contains control or other unprintable characters "
+                                  "(NUL, CR, LF, tabs...).")
     try:
         parsed = urllib.parse.urlsplit(url)
         host = parsed.hostname
         parsed.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError as exc:
-        raise InvalidRequestError(f"URL {url!r} cannot be parsed: {exc}.") from exc
+        raise InvalidRequestError(f"URL {shown!r} cannot be parsed: {_mask_url(str(exc))}.") from None
     if parsed.scheme.lower() not in ("http", "https"):
-        raise InvalidRequestError(f"URL {url!r} is not http or https; only those are fetched.")
+        raise InvalidRequestError(f"URL {shown!r} is not http or https; only those are fetched.")
     if not host:
-        raise InvalidRequestError(f"URL {url!r} has no host.")
+        raise InvalidRequestError(f"URL {shown!r} has no host.")
+    if not _is_valid_host(host):
+        raise InvalidRequestError(f"URL {shown!r} has an invalid host {host!r}: not a host name "
+                                  "or an IP address.")
     return url
+
+
+def _mask_url(url: str, sensitive_params: frozenset | set = frozenset()) -> str:
+    """``url`` fit to show: the password (``user:***@host``) and the values of query
+    parameters named in ``sensitive_params`` (lower-case) replaced by ``***``. Never raises."""
+    if not isinstance(url, str):
+        return repr(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            user, has_password, _ = userinfo.partition(":")
+            netloc = f"{user}:{MASK}@{hostport}" if has_password else f"{userinfo}@{hostport}"
+        query = parts.query
+        if query and sensitive_params:
+            pairs = []
+            for pair in query.split("&"):
+                name, equals, value = pair.partition("=")
+                if urllib.parse.unquote_plus(name).lower() in sensitive_params:
+                    value = MASK
+                pairs.append(f"{name}{equals}{value}")
+            query = "&".join(pairs)
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+    except ValueError:
+        # Unparsable: hide anything between "//" and "@" that could be a password.
+        return re.sub(r"(//[^/@:]*:)[^/@]*@", rf"\g<1>{MASK}@", url)
 
 
 def _split_credentials(url: str) -> tuple[str, str | None]:
@@ -377,50 +496,100 @@ def _split_credentials(url: str) -> tuple[str, str | None]:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), credentials
 
 
+def _is_sendable_header_value(value: str) -> bool:
+    """True when ``value`` can go on an HTTP header line: no NUL, CR or LF, Latin-1 only."""
+    if _has_line_break_or_nul(value):
+        return False
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_header(name, value) -> str:
     """Return ``name`` if ``name: value`` can be sent as an HTTP header, else raise
-    InvalidRequestError (no line breaks, Latin-1 only, a token-like name)."""
+    InvalidRequestError: the name an RFC 9110 token, the value without NUL, CR or LF and
+    Latin-1 only. The one check for request headers and the user agent."""
     if not isinstance(name, str) or not isinstance(value, str):
         raise InvalidRequestError(f"Header {name!r} must have a str name and a str value.")
-    if not name or any(char in name for char in ": \t\r\n") or any(char in value for char in "\r\n"):
-        raise InvalidRequestError(f"Header {name!r} is not a valid header line (empty name, a colon, "
-                                  "space or line break).")
-    try:
-        (name + value).encode("latin-1")
-    except UnicodeEncodeError as exc:
-        raise InvalidRequestError(f"Header {name!r} has characters HTTP headers cannot carry "
-                                  "(only Latin-1).") from exc
+    if not _TOKEN.fullmatch(name):
+        raise InvalidRequestError(f"Header name {name!r} is not an HTTP token (letters, digits and "
+                                  "!#$%&'*+-.^_`|~ only).")
+    if _has_line_break_or_nul(value):
+        raise InvalidRequestError(f"The value of header {name!r} contains a NUL, CR or LF.")
+    if not _is_sendable_header_value(value):
+        raise InvalidRequestError(f"The value of header {name!r} has characters HTTP headers cannot "
+                                  "carry (only Latin-1).")
     return name
 
 
-def _sanitize_filename(name: str | None) -> str | None:
-    """A bare file name safe to join under a directory, or None when nothing usable is left.
+#: Characters no file name keeps: separators and what Windows forbids.
+_FILENAME_FORBIDDEN = frozenset('/\\:*?"<>|')
+#: Leading or trailing dots and white space, removed whole (so the result is a fixed point).
+_FILENAME_EDGES = re.compile(r"^[\s.]+|[\s.]+$")
+#: An extension is kept through a cut only when it is at most this many bytes.
+_MAX_EXTENSION_BYTES = 32
 
-    Keeps only the last path component (either slash), drops control characters and
-    leading dots, so the result can never name a parent, an absolute path or a hidden file.
+
+def _cut_utf8(text: str, limit: int) -> str:
+    """The longest prefix of ``text`` whose UTF-8 form has at most ``limit`` bytes."""
+    return text.encode("utf-8")[:max(limit, 0)].decode("utf-8", "ignore")
+
+
+def _sanitize_filename(name: str | None) -> str | None:
+    """A bare file name safe to create inside a directory, or None when nothing usable is left.
+
+    Keeps the last path component (either slash); drops control, format and other
+    unprintable characters and those Windows forbids; removes leading and trailing
+    dots and white space (so never ``.``, ``..`` or a hidden name); cuts to 255 bytes
+    of UTF-8 at a character boundary, keeping a short extension. Idempotent:
+    ``_sanitize_filename(_sanitize_filename(x)) == _sanitize_filename(x)``.
     """
-    if not name:
+    if not isinstance(name, str) or not name:
         return None
     last = name.replace("\\", "/").rsplit("/", 1)[-1]
-    cleaned = "".join(char for char in last if char.isprintable() and char not in ':*?"<>|')
-    cleaned = cleaned.strip().lstrip(".").strip()
-    return cleaned[:255] or None
+    cleaned = _FILENAME_EDGES.sub("", "".join(
+        char for char in last if char.isprintable() and char not in _FILENAME_FORBIDDEN))
+    if len(cleaned.encode("utf-8")) > MAX_FILENAME_BYTES:
+        stem, dot, extension = cleaned.rpartition(".")
+        extension = dot + extension
+        if not stem or len(extension.encode("utf-8")) > _MAX_EXTENSION_BYTES:
+            stem, extension = cleaned, ""
+        stem = _FILENAME_EDGES.sub("", _cut_utf8(stem, MAX_FILENAME_BYTES - len(extension.encode("utf-8"))))
+        cleaned = _FILENAME_EDGES.sub("", stem + extension) if stem else ""
+    return cleaned or None
 
 
 def _filename_from_content_disposition(value: str | None) -> str | None:
-    """File name from a Content-Disposition header; ``filename*`` wins over ``filename`` (RFC 6266)."""
-    if not value:
+    """File name from a Content-Disposition header; ``filename*`` wins over ``filename``
+    (RFC 6266). Whatever the origin sent, returns a str or None (never raises): an
+    unknown or unusable charset falls back to Latin-1 (RFC 8187 allows only UTF-8 and
+    ISO-8859-1), a header that cannot be parsed gives None."""
+    if not value or not isinstance(value, str):
         return None
-    message = email.message.Message()
-    message["Content-Disposition"] = value
     plain = extended = None
-    for key, param in message.get_params(header="content-disposition", failobj=[])[1:]:
-        if key.lower() != "filename":
+    try:
+        message = email.message.Message()
+        message["Content-Disposition"] = value
+        params = message.get_params(header="content-disposition", failobj=[])[1:]
+    except Exception:  # noqa: BLE001 - an origin's header must never break a download
+        return None
+    for key, param in params:
+        if not isinstance(key, str) or key.lower() != "filename":
             continue
         if isinstance(param, tuple):  # filename*=charset'lang'value, RFC 2231/5987
-            extended = email.utils.collapse_rfc2231_value(param)
-        else:
-            plain = param
+            charset, _language, text = param
+            raw = urllib.parse.unquote_to_bytes(text or "")
+            charset = (charset or "").strip().lower()
+            try:
+                # Only real text encodings: "idna", "rot13" or "hex" are codecs, not charsets.
+                codec = codecs.lookup(charset) if charset else None
+                extended = raw.decode(codec.name if codec and codec._is_text_encoding else "utf-8")
+            except (LookupError, UnicodeError):
+                extended = raw.decode("latin-1")
+        elif isinstance(param, str):
+            plain = email.utils.collapse_rfc2231_value(param)
     return extended or plain or None
 
 
@@ -429,22 +598,34 @@ def _guess_filename(content_disposition: str | None, url: str, media_type: str |
     name = _sanitize_filename(_filename_from_content_disposition(content_disposition))
     if name:
         return name
-    path = urllib.parse.urlsplit(url).path
+    try:
+        path = urllib.parse.urlsplit(url).path
+    except ValueError:
+        path = ""
     name = _sanitize_filename(urllib.parse.unquote(path.rsplit("/", 1)[-1]))
     if name:
         return name
-    extension = mimetypes.guess_extension(media_type) if media_type else None
-    return FALLBACK_FILENAME + extension if extension else None
+    try:
+        extension = mimetypes.guess_extension(media_type) if media_type else None
+    except Exception:  # noqa: BLE001 - any media type string an origin sends
+        extension = None
+    return _sanitize_filename(FALLBACK_FILENAME + extension) if extension else None
 
 
 def _parse_http_date(value: str | None) -> float | None:
-    """HTTP date header -> Unix timestamp, or None when absent or unparsable."""
-    if not value:
+    """HTTP date header -> Unix timestamp, or None when absent, unparsable, or outside
+    what a datetime can hold in UTC (years 1970 to 9999)."""
+    if not value or not isinstance(value, str):
         return None
     try:
-        return email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError):
+        moment = email.utils.parsedate_to_datetime(value)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.timezone.utc)
+        timestamp = moment.timestamp()
+        _to_datetime(timestamp)  # must read back
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
         return None
+    return timestamp if 0 <= timestamp < _MAX_TIMESTAMP else None
 
 
 def _canonical_json(value: Any) -> str:
@@ -505,6 +686,24 @@ class _Strategy(_Model):
     strategy_name: str
 
 
+#: A duration field of a model: finite, 0 to MAX_DURATION_SEC seconds.
+Seconds = Annotated[float, Field(ge=0, le=MAX_DURATION_SEC, allow_inf_nan=False)]
+
+
+def _validation_message(error: pydantic.ValidationError) -> str:
+    """A pydantic error as one sentence naming each field at fault."""
+    return "; ".join(f"{'.'.join(map(str, item['loc'])) or 'value'}: {item['msg']}"
+                     for item in error.errors(include_url=False)) + "."
+
+
+def _build_model(model: type, **fields):
+    """``model(**fields)``, with a rejected value raised as InvalidRequestError (SPEC §12)."""
+    try:
+        return model(**fields)
+    except pydantic.ValidationError as exc:
+        raise InvalidRequestError(f"Invalid {model.__name__}: {_validation_message(exc)}") from None
+
+
 class ReCachingStrategy:
     """When ``fetch`` downloads again instead of serving the newest cached version (SPEC §6).
 
@@ -523,31 +722,31 @@ class ReCachingStrategy:
     @staticmethod
     def never() -> "NeverStrategy":
         """Download once; serve the cached version forever after."""
-        return NeverStrategy()
+        return _build_model(NeverStrategy)
 
     @staticmethod
     def age(seconds: float = 3600) -> "AgeStrategy":
         """Download again when the newest version was last validated more than ``seconds`` ago."""
-        return AgeStrategy(seconds=seconds)
+        return _build_model(AgeStrategy, seconds=seconds)
 
     @staticmethod
     def when_requested() -> "WhenRequestedStrategy":
         """Download on every fetch; serve the cached version if that fails."""
-        return WhenRequestedStrategy()
+        return _build_model(WhenRequestedStrategy)
 
     @staticmethod
     def when_remote_changed(check_interval_sec: float = 21600,
                             fallback_max_age_sec: float = 86400) -> "WhenRemoteChangedStrategy":
         """Ask the origin (conditional GET) at most every ``check_interval_sec``; without
         ETag/Last-Modified behave as ``age(fallback_max_age_sec)``."""
-        return WhenRemoteChangedStrategy(check_interval_sec=check_interval_sec,
-                                         fallback_max_age_sec=fallback_max_age_sec)
+        return _build_model(WhenRemoteChangedStrategy, check_interval_sec=check_interval_sec,
+                            fallback_max_age_sec=fallback_max_age_sec)
 
     @staticmethod
     def cron(cron: str = "0 0 * * *", run_at_start: bool = True) -> "CronStrategy":
         """Download when a tick of the cron expression passed since the last validation;
         with ``run_at_start`` also once per opened Cache. Needs ``buffylite[cron]``."""
-        return CronStrategy(cron=cron, run_at_start=run_at_start)
+        return _build_model(CronStrategy, cron=cron, run_at_start=run_at_start)
 
 
 class NeverStrategy(_Strategy):
@@ -560,7 +759,7 @@ class AgeStrategy(_Strategy):
     """Download again once the newest version is older than ``seconds``."""
 
     strategy_name: Literal["age"] = "age"
-    seconds: float = Field(3600, ge=0)
+    seconds: Seconds = 3600
 
 
 class WhenRequestedStrategy(_Strategy):
@@ -573,22 +772,35 @@ class WhenRemoteChangedStrategy(_Strategy):
     """Conditional GET at most every ``check_interval_sec``."""
 
     strategy_name: Literal["when_remote_changed"] = "when_remote_changed"
-    check_interval_sec: float = Field(21600, ge=0)
-    fallback_max_age_sec: float = Field(86400, ge=0)
+    check_interval_sec: Seconds = 21600
+    fallback_max_age_sec: Seconds = 86400
 
 
 class CronStrategy(_Strategy):
     """Download on the ticks of a cron expression (needs ``buffylite[cron]``)."""
 
     strategy_name: Literal["cron"] = "cron"
-    cron: str = "0 0 * * *"
+    cron: str = Field("0 0 * * *", max_length=1000)
     run_at_start: bool = True
 
     @pydantic.field_validator("cron")
     @classmethod
     def _check_expression(cls, value: str) -> str:
-        if _croniter is not None and not _croniter.croniter.is_valid(value):
+        if _croniter is None:
+            return value
+        try:
+            valid = _croniter.croniter.is_valid(value)
+        except Exception:  # noqa: BLE001 - any input croniter chokes on is not a cron line
+            valid = False
+        if not valid:
             raise ValueError(f"{value!r} is not a valid cron expression")
+        # An expression may be valid and still never fire ("0 0 30 2 *"): such a
+        # strategy would fail on every later fetch, so it is refused now.
+        try:
+            tick = _croniter.croniter(value, dt.datetime.now(dt.timezone.utc)).get_next(float)
+            _to_datetime(tick)
+        except Exception:  # noqa: BLE001 - croniter's "no next date" errors vary by version
+            raise ValueError(f"cron expression {value!r} never fires") from None
         return value
 
 
@@ -602,8 +814,8 @@ class RequestCacheConfiguration(_Model):
     """How a request is cached: the re-caching strategy and how many versions the GC keeps (SPEC §5)."""
 
     recaching_strategy: AnyStrategy = Field(default_factory=WhenRemoteChangedStrategy)
-    max_cached_unpinned_versions: int = Field(2, ge=1)
-    max_cached_pinned_versions: int = Field(10, ge=0)
+    max_cached_unpinned_versions: int = Field(2, ge=1, le=MAX_KEPT_VERSIONS, strict=True)
+    max_cached_pinned_versions: int = Field(10, ge=0, le=MAX_KEPT_VERSIONS, strict=True)
 
 
 class Request(_Model):
@@ -1187,20 +1399,43 @@ class _Store:
                 migrate(self)
                 _sqlite_mark_file(self.db, target_version)
 
-    def remember_sensitive_headers(self, names: set[str]) -> frozenset[str]:
-        """Add ``names`` to the sensitive header names kept in the file and return them
-        all: a request's identity must not depend on which Cache object opened the file."""
-        meta = self.tables.meta
-        with self.reading():
-            row = meta.get_or_none(meta.key == "sensitive_headers")
-        known = set(json.loads(row.value)) if row is not None else set()
+    def remember_sensitive_names(self, kind: str, names: set[str]) -> frozenset[str]:
+        """Add ``names`` (lower-case) to the sensitive names of ``kind`` ("headers" or
+        "params") kept in the file, and return them all: a request's identity, and what
+        is stored in clear, must not depend on which Cache object opened the file."""
+        meta, key = self.tables.meta, f"sensitive_{kind}"
+        known = self.sensitive_names()[kind]
         if not names <= known:
             with self.writing():
-                row = meta.get_or_none(meta.key == "sensitive_headers")
+                row = meta.get_or_none(meta.key == key)
                 known = set(json.loads(row.value)) if row is not None else set()
                 known |= names
-                meta.insert(key="sensitive_headers", value=json.dumps(sorted(known))).on_conflict_replace().execute()
-        return frozenset(known)
+                meta.insert(key=key, value=json.dumps(sorted(known))).on_conflict_replace().execute()
+        return self.sensitive_names()[kind]
+
+    def sensitive_names(self) -> dict[str, frozenset[str]]:
+        """The sensitive header and parameter names the file remembers, as
+        ``{"headers": ..., "params": ...}``; re-read only when the file changed (another
+        Cache object, in this process or another, may have added some)."""
+        self._ensure_same_process()
+        local = self._local
+        with self._translated():
+            stamp = (_sqlite_change_counter(self.db), getattr(local, "writes", 0))
+        remembered = getattr(local, "sensitive", None)
+        if remembered is not None and remembered[0] == stamp:
+            return remembered[1]
+        meta = self.tables.meta
+        names = {}
+        with self.reading():
+            for kind in ("headers", "params"):
+                row = meta.get_or_none(meta.key == f"sensitive_{kind}")
+                try:
+                    names[kind] = frozenset(json.loads(row.value)) if row is not None else frozenset()
+                except (TypeError, ValueError):
+                    raise CacheFileError(f"The sensitive {kind} names stored in {self.path} are damaged.",
+                                         path=self.path) from None
+        local.sensitive = (stamp, names)
+        return names
 
     def schema_version(self) -> int:
         with self.reading():
@@ -1568,50 +1803,99 @@ def _has_excess_body(response: urllib3.BaseHTTPResponse, remaining: int) -> bool
 # ---------------------------------------------------------------------------
 
 
-class _Identity:
-    """A validated request identity: what makes two fetches the same request (§3)."""
+def _keyed_digest(salt: bytes, value: str) -> str:
+    """How a sensitive value is stored: ``hmac-sha256:<hex>`` keyed with the file's salt."""
+    return "hmac-sha256:" + hmac.new(salt, value.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
 
-    __slots__ = ("url", "method", "params", "send_headers", "body_kind", "body",
-                 "group", "key", "stored_headers")
+
+class _Identity:
+    """A validated request identity: what makes two fetches the same request (§3).
+
+    ``url`` is the URL as stored and shown: credentials moved to an Authorization
+    header, values of sensitive query parameters replaced by ``***``; ``send_url`` is
+    what goes on the wire. Sensitive header and parameter values take part in ``key``
+    only as keyed digests, and ``stored_headers``/``stored_params`` hold those digests.
+    """
+
+    __slots__ = ("url", "send_url", "method", "params", "stored_params", "send_headers",
+                 "body_kind", "body", "group", "key", "stored_headers", "secrets")
 
     def __init__(self, url, method, params, headers, body, group, *, salt: bytes,
-                 sensitive: frozenset):
-        self.url = _check_url(url)
+                 sensitive: frozenset, sensitive_params: frozenset = frozenset()):
+        url = _check_url(url)
         if not isinstance(method, str) or method.lower() not in HTTP_METHODS:
             raise InvalidRequestError(f"method must be one of {', '.join(HTTP_METHODS)}, not {method!r}.")
         self.method = method.lower()
         if params is not None and not isinstance(params, dict):
             raise InvalidRequestError(f"params must be a dict, not {type(params).__name__}.")
+        if params and not all(isinstance(name, str) for name in params):
+            raise InvalidRequestError("params names must be strings.")
         if headers is not None and not isinstance(headers, dict):
             raise InvalidRequestError(f"headers must be a dict, not {type(headers).__name__}.")
-        if not isinstance(group, str) or not group:
-            raise InvalidRequestError(f"group must be a non-empty string, not {group!r}.")
+        if not isinstance(group, str) or not group or not group.isprintable():
+            raise InvalidRequestError(f"group must be a non-empty printable string, not {group!r}.")
         self.params = dict(params) if params else None
         self.send_headers = {_check_header(name, value): value for name, value in (headers or {}).items()}
-        self.url, credentials = _split_credentials(self.url)
+        self.send_url, credentials = _split_credentials(url)
+        #: Clear-text secrets of this call, for scrubbing them out of error messages.
+        self.secrets: list[str] = []
         if credentials and not any(name.lower() == "authorization" for name in self.send_headers):
             # Sent as Basic auth (as requests does) and, like any Authorization, kept out of
             # the file in clear.
             self.send_headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
+        if credentials:
+            self.secrets.append(credentials.partition(":")[2])
         self.body_kind, self.body = _encode_body(body)
         self.group = group
         # Sensitive values take part in the identity only as keyed digests.
         self.stored_headers = {
-            name: ("hmac-sha256:" + hmac.new(salt, value.encode(), hashlib.sha256).hexdigest()
-                   if name.lower() in sensitive else value)
+            name: (_keyed_digest(salt, value) if name.lower() in sensitive else value)
             for name, value in self.send_headers.items()}
-        identity = [self.method, self.url, self.params,
+        self.secrets += [value for name, value in self.send_headers.items() if name.lower() in sensitive]
+        self.stored_params = self.params
+        url_digests: list = []
+        self.url = self.send_url
+        if sensitive_params:
+            if self.params and any(name.lower() in sensitive_params for name in self.params):
+                self.stored_params = {}
+                for name, value in self.params.items():
+                    if name.lower() in sensitive_params:
+                        values = value if isinstance(value, (list, tuple)) else [value]
+                        self.secrets += [str(item) for item in values]
+                        value = [_keyed_digest(salt, str(item)) for item in values] if isinstance(
+                            value, (list, tuple)) else _keyed_digest(salt, str(value))
+                    self.stored_params[name] = value
+            query = urllib.parse.urlsplit(self.send_url).query
+            for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+                if name.lower() in sensitive_params:
+                    url_digests.append([name.lower(), _keyed_digest(salt, value)])
+                    self.secrets.append(value)
+            if url_digests:
+                self.url = _mask_url(self.send_url, sensitive_params)
+        self.secrets = [secret for secret in self.secrets if len(secret) >= 3]
+        identity = [self.method, self.url, self.stored_params,
                     sorted((name.lower(), value) for name, value in self.stored_headers.items()),
                     self.body_kind, hashlib.sha256(self.body).hexdigest() if self.body is not None else None,
                     self.group]
+        if url_digests:
+            identity.append(url_digests)
         self.key = hashlib.sha256(_canonical_json(identity).encode()).hexdigest()
 
     def request_url(self) -> str:
-        """The URL with ``params`` encoded into its query string."""
+        """The URL sent: ``send_url`` with ``params`` encoded into its query string."""
         if not self.params:
-            return self.url
+            return self.send_url
         query = urllib.parse.urlencode(self.params, doseq=True)
-        return self.url + ("&" if urllib.parse.urlsplit(self.url).query else "?") + query
+        return self.send_url + ("&" if urllib.parse.urlsplit(self.send_url).query else "?") + query
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every clear-text secret of this call (in plain or URL-encoded
+        form) replaced by ``***``: for messages built from what the network said."""
+        text = str(text)
+        for secret in self.secrets:
+            for form in {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}:
+                text = text.replace(form, MASK)
+        return text
 
 
 @dataclasses.dataclass
@@ -2036,32 +2320,56 @@ class Cache:
                  max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT_SEC,
                  download_lease_sec: float = DEFAULT_DOWNLOAD_LEASE_SEC,
                  sensitive_headers: tuple[str, ...] | list[str] = (),
+                 sensitive_params: tuple[str, ...] | list[str] = (),
                  user_agent: str | None = None):
-        if not isinstance(timeout, urllib3.Timeout):
-            timeout = self._positive_seconds("timeout", timeout)
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise InvalidRequestError(f"retries must be an integer >= 0, not {retries!r}.")
-        self._retries = retries
-        self._max_retry_wait = self._positive_seconds("max_retry_wait", max_retry_wait, allow_zero=True)
-        self._download_lease_sec = self._positive_seconds("download_lease_sec", download_lease_sec)
-        if isinstance(sensitive_headers, str):
-            raise InvalidRequestError("sensitive_headers must be a sequence of header names, not a string.")
+        # Every argument is checked before the file is touched: a rejected Cache writes nothing.
+        timeout = _check_timeout(timeout)
+        self._retries = _check_count("retries", retries, minimum=0, maximum=MAX_RETRIES)
+        self._max_retry_wait = _check_seconds("max_retry_wait", max_retry_wait, maximum=MAX_NETWORK_WAIT_SEC)
+        self._download_lease_sec = _check_seconds("download_lease_sec", download_lease_sec,
+                                                  maximum=MAX_NETWORK_WAIT_SEC, allow_zero=False)
+        header_names = self._check_names("sensitive_headers", sensitive_headers, header=True)
+        param_names = self._check_names("sensitive_params", sensitive_params, header=False)
+        if user_agent is not None:
+            _check_header("User-Agent", user_agent)
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise InvalidRequestError(f"path must be a str or os.PathLike, not {type(path).__name__}.")
+        if isinstance(path, str) and "\x00" in path:
+            raise InvalidRequestError("path must not contain a NUL character.")
         self.path = pathlib.Path(path).expanduser() if path is not None else _default_cache_path()
         self._store = _Store(self.path)
-        self._sensitive = SENSITIVE_HEADERS | self._store.remember_sensitive_headers(
-            {str(name).lower() for name in sensitive_headers})
+        if header_names:
+            self._store.remember_sensitive_names("headers", header_names)
+        if param_names:
+            self._store.remember_sensitive_names("params", param_names)
         self._http = _HttpClient(timeout, user_agent or f"buffylite/{__version__}")
         self._plain_identities: dict[tuple, _Identity] = {}
         self._cron_started: set[int] = set()
         self._cron_lock = threading.Lock()
 
     @staticmethod
-    def _positive_seconds(name: str, value, *, allow_zero: bool = False) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-                value == 0 and not allow_zero):
-            bound = ">= 0" if allow_zero else "> 0"
-            raise InvalidRequestError(f"{name} must be a number of seconds {bound}, not {value!r}.")
-        return float(value)
+    def _check_names(option: str, names, *, header: bool) -> set[str]:
+        """Sensitive header or parameter names -> lower-case set; InvalidRequestError if bad."""
+        if isinstance(names, (str, bytes)) or not isinstance(names, (tuple, list, set, frozenset)):
+            raise InvalidRequestError(f"{option} must be a sequence of names, not {type(names).__name__}.")
+        checked = set()
+        for name in names:
+            if not isinstance(name, str) or not name or (header and not _TOKEN.fullmatch(name)) or (
+                    not header and (not name.isprintable() or len(name) > 1000)):
+                raise InvalidRequestError(f"{option} contains {name!r}, which is not a valid "
+                                          f"{'header' if header else 'query parameter'} name.")
+            checked.add(name.lower())
+        return checked
+
+    @property
+    def _sensitive(self) -> frozenset[str]:
+        """Sensitive header names (lower-case): the built-in ones plus those the file remembers."""
+        return SENSITIVE_HEADERS | self._store.sensitive_names()["headers"]
+
+    @property
+    def _sensitive_params(self) -> frozenset[str]:
+        """Sensitive query parameter names (lower-case) the file remembers."""
+        return self._store.sensitive_names()["params"]
 
     def __repr__(self) -> str:
         return f"Cache({str(self.path)!r})"
@@ -2081,18 +2389,21 @@ class Cache:
 
     def _identity(self, url, method="get", params=None, headers=None, body=None,
                   group=DEFAULT_GROUP) -> _Identity:
+        names = self._store.sensitive_names()
+        sensitive, sensitive_params = SENSITIVE_HEADERS | names["headers"], names["params"]
         if params or headers or body is not None:
             return _Identity(url, method, params, headers, body, group, salt=self._store.salt,
-                             sensitive=self._sensitive)
-        # The plain case (URL, method, group) is memoised: identities are immutable.
-        memo_key = (url, method, group)
-        if not all(isinstance(part, str) for part in memo_key):
+                             sensitive=sensitive, sensitive_params=sensitive_params)
+        # The plain case (URL, method, group) is memoised: identities are immutable. The
+        # sensitive names are part of the key: another Cache may add some to the file.
+        memo_key = (url, method, group, sensitive, sensitive_params)
+        if not all(isinstance(part, str) for part in memo_key[:3]):
             return _Identity(url, method, None, None, None, group, salt=self._store.salt,
-                             sensitive=self._sensitive)  # (raises InvalidRequestError)
+                             sensitive=sensitive)  # (raises InvalidRequestError)
         identity = self._plain_identities.get(memo_key)
         if identity is None:
             identity = _Identity(url, method, None, None, None, group, salt=self._store.salt,
-                                 sensitive=self._sensitive)
+                                 sensitive=sensitive, sensitive_params=sensitive_params)
             if len(self._plain_identities) >= IDENTITY_MEMO_SIZE:
                 self._plain_identities.clear()
             self._plain_identities[memo_key] = identity
@@ -2205,7 +2516,7 @@ class Cache:
             force_version=self._check_version_string("force_version", force_version),
             force_tag=self._check_tag(force_tag, "force_tag"), force_pinned=force_pinned,
             offline=_is_offline_from_env() if offline is None else bool(offline),
-            pin_for=None if pin_for is None else self._positive_seconds("pin_for", pin_for),
+            pin_for=None if pin_for is None else _check_seconds("pin_for", pin_for, allow_zero=False),
             as_of=self._check_as_of(as_of), validator=validator, progress=progress)
         if expected_hash is not None:
             call.expected_algorithm, call.expected_hash = _parse_expected_hash(expected_hash)
@@ -2436,7 +2747,7 @@ class Cache:
                 request_id = t.request.insert(
                     identity_key=identity.key, url=identity.url, http_method=identity.method,
                     group_name=identity.group, http_header_fields=_canonical_json(identity.stored_headers),
-                    http_query_params=_canonical_json(identity.params) if identity.params else None,
+                    http_query_params=_canonical_json(identity.stored_params) if identity.params else None,
                     body_kind=identity.body_kind, http_request_body=identity.body,
                     description=call.description, documentation_link=call.documentation_link,
                     validation_hash_type=call.hash_type or DEFAULT_HASH_TYPE,
@@ -2875,7 +3186,7 @@ class Cache:
         beyond ``max_cached_pinned_versions``) or as a lease of ``seconds`` that no GC
         touches while it runs (extending, never shortening, a running lease)."""
         if seconds is not None:
-            seconds = self._positive_seconds("seconds", seconds)
+            seconds = _check_seconds("seconds", seconds, allow_zero=False)
         with self._store.writing() as t:
             row = self._row_of(t, response)
             if seconds is None:
@@ -2895,7 +3206,7 @@ class Cache:
     def lease(self, response: Response, seconds: float) -> Iterator[Response]:
         """Lease a version for the ``with`` block (at most ``seconds``); on exit put back
         the lease end that was there before, unless someone extended it further meanwhile."""
-        seconds = self._positive_seconds("seconds", seconds)
+        seconds = _check_seconds("seconds", seconds, allow_zero=False)
         with self._store.writing() as t:
             row = self._row_of(t, response)
             before = row.pinned_until_unix
