@@ -580,7 +580,8 @@ def _filename_from_content_disposition(value: str | None) -> str | None:
             continue
         if isinstance(param, tuple):  # filename*=charset'lang'value, RFC 2231/5987
             charset, _language, text = param
-            raw = urllib.parse.unquote_to_bytes(text or "")
+            # email has already percent-decoded the value, one character per byte.
+            raw = (text or "").encode("raw-unicode-escape")
             charset = (charset or "").strip().lower()
             try:
                 # Only real text encodings: "idna", "rot13" or "hex" are codecs, not charsets.
@@ -1655,6 +1656,12 @@ class _ContentStream(io.RawIOBase):
 # ---------------------------------------------------------------------------
 
 
+#: A Content-Length buffylite believes: ASCII digits, at most 18 of them (fits SQLite's integers).
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+#: ``Content-Range: bytes START-END/TOTAL`` (TOTAL may be ``*``), ASCII digits only.
+_CONTENT_RANGE = re.compile(r"bytes\s+([0-9]{1,18})-[0-9]{1,18}/([0-9]{1,18}|\*)", re.IGNORECASE)
+
+
 class _AttemptError(Exception):
     """One download attempt failed. ``retryable`` says whether another attempt may help;
     ``retry_after`` is the origin's requested pause in seconds (or None)."""
@@ -1706,13 +1713,23 @@ class _HttpClient:
                 self._proxied[proxy] = urllib3.ProxyManager(proxy, proxy_headers=proxy_headers)
             return self._proxied[proxy]
 
-    def send(self, method: str, url: str, headers: dict, body: bytes | None) -> urllib3.BaseHTTPResponse:
-        """Send one request; the body is left unread. Raises _AttemptError."""
+    def send(self, method: str, url: str, headers: dict, body: bytes | None, *,
+             strip_on_redirect: frozenset = frozenset()) -> urllib3.BaseHTTPResponse:
+        """Send one request; the body is left unread. Raises _AttemptError.
+
+        ``strip_on_redirect``: header names (lower-case) never sent to another origin
+        (scheme, host or port differ) on a redirect, beyond urllib3's Authorization,
+        Cookie and Proxy-Authorization.
+        """
         if not any(name.lower() == "user-agent" for name in headers):
             headers = {**headers, "User-Agent": self.user_agent}
+        retries = _URLLIB3_RETRY
+        if strip_on_redirect:
+            retries = retries.new(remove_headers_on_redirect=set(Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT)
+                                  | set(strip_on_redirect))
         try:
             return self._manager_for(url).request(
-                method.upper(), url, headers=headers, body=body, retries=_URLLIB3_RETRY,
+                method.upper(), url, headers=headers, body=body, retries=retries,
                 timeout=self.timeout, preload_content=False, redirect=True)
         except urllib3.exceptions.MaxRetryError as exc:
             reason = exc.reason
@@ -1726,6 +1743,11 @@ class _HttpClient:
             raise _AttemptError(f"bad redirect location: {exc}", retryable=False, cause=exc) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise _AttemptError(f"request failed: {exc}", retryable=True, cause=exc) from exc
+        except (ValueError, TypeError, LookupError, UnicodeError, OverflowError) as exc:
+            # What an origin can make the HTTP stack choke on (a malformed Location, an
+            # odd status line or header): the download fails, the cache stays as it is.
+            raise _AttemptError(f"the origin's answer cannot be used: {exc}", retryable=False,
+                                cause=exc) from exc
 
     def close(self) -> None:
         self._direct.clear()
@@ -2134,7 +2156,7 @@ class _Transfer:
         while True:
             try:
                 response = cache._http.send(identity.method, url, self._headers_for_attempt(headers),
-                                            identity.body)
+                                            identity.body, strip_on_redirect=cache._sensitive)
                 try:
                     result = self._receive(response)
                 except BaseException:
@@ -2154,7 +2176,8 @@ class _Transfer:
                         f"max_retry_wait ({cache._max_retry_wait:g} s)", status_code, error.cause) from error
                 wait = (error.retry_after if error.retry_after is not None
                         else _backoff_seconds(attempt, cache._max_retry_wait))
-                log.info("Attempt %d for %s failed (%s); retrying in %.1f s.", attempt + 1, url, error, wait)
+                log.info("Attempt %d for %s failed (%s); retrying in %.1f s.", attempt + 1, identity.url,
+                         identity.scrub(str(error)), wait)
                 time.sleep(wait)  # The lease keeper renews the lease meanwhile.
                 attempt += 1
 
@@ -2230,39 +2253,58 @@ class _Transfer:
 
     @staticmethod
     def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
-        """``bytes START-END/TOTAL`` -> (START, TOTAL or None)."""
-        try:
-            unit, _, spec = (value or "").partition(" ")
-            span, _, total = spec.partition("/")
-            return int(span.split("-")[0]), (int(total) if total.isdigit() else None)
-        except ValueError:
+        """``bytes START-END/TOTAL`` -> (START, TOTAL or None); (None, None) when malformed."""
+        match = _CONTENT_RANGE.fullmatch((value or "").strip())
+        if match is None:
             return None, None
+        return int(match[1]), (int(match[2]) if match[2] != "*" else None)
 
     def _begin(self, response: urllib3.BaseHTTPResponse) -> None:
-        """A full body starts: record its attributes and whether it could be resumed."""
-        headers = response.headers
-        media_type = headers.get("Content-Type")
-        last_modified = _parse_http_date(headers.get("Last-Modified"))
-        final_url = getattr(response, "url", None) or self._call.identity.url
-        self._attributes = ResponseContentAttributes(
-            media_type=media_type, etag=headers.get("ETag"),
-            last_modified_datetime_utc=_to_datetime(last_modified),
-            filename=_guess_filename(headers.get("Content-Disposition"), final_url,
-                                     (media_type or "").split(";")[0].strip() or None),
-            content_disposition=headers.get("Content-Disposition"),
-        ).model_dump(mode="json")
-        length = headers.get("Content-Length")
-        self._sink.total = int(length) if length and length.isdigit() and not headers.get(
-            "Content-Encoding") else None
-        self._validators = ({"etag": (headers.get("ETag") if not (headers.get("ETag") or "").startswith("W/")
-                                      else None),
-                             "last_modified": headers.get("Last-Modified"), "total": self._sink.total}
-                            if _is_resumable(headers) else None)
+        """A full body starts: record its attributes and whether it could be resumed.
+
+        Whatever the origin sent is either used or ignored here: a value that could not
+        be sent back (a validator with a line break) or read back later (a date past
+        year 9999, a length in other digits than 0-9) is dropped, never stored.
+        """
+        try:
+            self._read_attributes(response)
+        except (ValueError, TypeError, LookupError, UnicodeError, OverflowError) as exc:
+            raise _AttemptError(f"the origin's headers cannot be used: {exc}", retryable=False,
+                                cause=exc) from exc
         with self._cache._store.writing() as t:
             t.version.update(status="in_progress", content_attributes=json.dumps(self._attributes),
                              resume_from=json.dumps(self._validators) if self._validators else None,
                              download_stats=json.dumps(self._stats())).where(
                 (t.version.id == self._claim.row_id) & (t.version.lease_owner == self._claim.owner)).execute()
+
+    def _read_attributes(self, response: urllib3.BaseHTTPResponse) -> None:
+        """Content attributes, expected length and resume validators from the headers."""
+        headers = response.headers
+
+        def usable(name: str, limit: int = 8192) -> str | None:
+            value = headers.get(name)
+            return value if value and len(value) <= limit and _is_sendable_header_value(value) else None
+
+        media_type, etag, disposition = usable("Content-Type"), usable("ETag"), usable("Content-Disposition")
+        last_modified = _parse_http_date(usable("Last-Modified"))
+        final_url = getattr(response, "url", None) or self._call.identity.url
+        self._attributes = ResponseContentAttributes(
+            media_type=media_type, etag=etag,
+            last_modified_datetime_utc=_to_datetime(last_modified),
+            filename=_guess_filename(disposition, final_url,
+                                     (media_type or "").split(";")[0].strip() or None),
+            content_disposition=disposition,
+        ).model_dump(mode="json")
+        length = (headers.get("Content-Length") or "").strip()
+        self._sink.total = (int(length) if _CONTENT_LENGTH.fullmatch(length)
+                            and not headers.get("Content-Encoding") else None)
+        resumable = _is_resumable(headers) and (etag or last_modified is not None)
+        self._validators = ({"etag": etag if not (etag or "").startswith("W/") else None,
+                             "last_modified": usable("Last-Modified") if last_modified is not None else None,
+                             "total": self._sink.total}
+                            if resumable else None)
+        if self._validators is not None and not (self._validators["etag"] or self._validators["last_modified"]):
+            self._validators = None
 
     def _stats(self) -> dict:
         duration = max(_now() - self._started, 1e-9)
@@ -2273,7 +2315,11 @@ class _Transfer:
 
     def _failure(self, message: str, status_code: int | None, cause) -> _DownloadFailure:
         self._sink.restart()  # A failed download keeps no content.
-        return _DownloadFailure(message, status_code=status_code, cause=cause, stats=self._stats())
+        identity = self._call.identity
+        if identity.secrets and cause is not None and identity.scrub(str(cause)) != str(cause):
+            cause = identity.scrub(str(cause))  # The network's words may echo a secret.
+        return _DownloadFailure(identity.scrub(message), status_code=status_code, cause=cause,
+                                stats=self._stats())
 
 
 
