@@ -94,6 +94,7 @@ import secrets
 import select
 import socket
 import sqlite3
+import stat
 import sys
 import tempfile
 import threading
@@ -937,34 +938,67 @@ class Response(_Model):
                 dir: str | os.PathLike | None = None) -> pathlib.Path | None:  # noqa: A002 - SPEC name
         """Write the content to a path, a writable binary file, or a directory.
 
-        ``target`` a path: written atomically (temporary file + rename), the path is
-        returned. ``target`` a file object: the bytes are written to it, ``None`` is
-        returned. ``dir``: the file is named from ``content_attributes.filename``,
-        sanitised so it can never leave ``dir`` (fallback ``download``).
-        Raises InvalidRequestError when neither or both of ``target``/``dir`` are given.
+        ``target`` a path: a regular file (or nothing) there is replaced atomically
+        (temporary file + rename in the same directory; a replaced file keeps its
+        mode); a symlink is written through (its target is replaced); a FIFO or a
+        device is written into as ``open(path, "wb")`` would. The path is returned.
+        ``target`` a file object: the bytes are written to it, ``None`` is returned.
+        ``dir``: the file is named from ``content_attributes.filename``, sanitised so it
+        can never leave ``dir`` nor be hidden (fallback ``download``); whatever is at
+        that name (a symlink, FIFO or device too) is replaced, never followed.
+        Raises InvalidRequestError when neither or both of ``target``/``dir`` are given,
+        or ``target`` is a directory; OSError when the file system refuses the write.
         """
         if (target is None) == (dir is None):
             raise InvalidRequestError("save_to() needs exactly one of target or dir=.")
         cache, content_id = self._require_content()
         if hasattr(target, "write"):
-            with cache._store.open_content(content_id) as stream:
-                for piece in iter(lambda: stream.read(DEFAULT_CHUNK_SIZE_BYTES), b""):
-                    target.write(piece)
+            self._copy_content_to(cache, content_id, target)
             return None
         if dir is not None:
+            if not isinstance(dir, (str, os.PathLike)):
+                raise InvalidRequestError(f"dir must be a path, not {type(dir).__name__}.")
             directory = pathlib.Path(dir)
             directory.mkdir(parents=True, exist_ok=True)
+            # The origin chose this name: whatever is there (a symlink, a FIFO, a device)
+            # is replaced by the rename, never followed or written into.
             name = _sanitize_filename(self.content_attributes.filename) or FALLBACK_FILENAME
-            path = directory / name
-        else:
-            path = pathlib.Path(target)
+            return self._replace_atomically(cache, content_id, directory / name)
+        if not isinstance(target, (str, os.PathLike)):
+            raise InvalidRequestError(f"target must be a path or a writable binary file, not "
+                                      f"{type(target).__name__}.")
+        # The caller chose this path: it is written through a symlink, and into a FIFO or
+        # a device, as open(path, "wb") would; only a regular file (or nothing) is replaced.
+        path = pathlib.Path(os.path.realpath(target))
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            mode = None
+        if mode is not None and stat.S_ISDIR(mode):
+            raise InvalidRequestError(f"Cannot save the content of {self.url} to {target}: it is a directory.")
+        if mode is not None and not stat.S_ISREG(mode):
+            with open(path, "wb") as output:
+                self._copy_content_to(cache, content_id, output)
+            return pathlib.Path(target)
+        self._replace_atomically(cache, content_id, path, keep_mode=mode)
+        return pathlib.Path(target)
+
+    @staticmethod
+    def _copy_content_to(cache, content_id: int, output) -> None:
+        with cache._store.open_content(content_id) as stream:
+            for piece in iter(lambda: stream.read(DEFAULT_CHUNK_SIZE_BYTES), b""):
+                output.write(piece)
+
+    def _replace_atomically(self, cache, content_id: int, path: pathlib.Path, *,
+                            keep_mode: int | None = None) -> pathlib.Path:
+        """Write a temporary file beside ``path``, then rename it over ``path``."""
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temp_name = tempfile.mkstemp(prefix=".buffylite-", dir=path.parent)
         try:
-            with os.fdopen(handle, "wb") as output, cache._store.open_content(content_id) as stream:
-                for piece in iter(lambda: stream.read(DEFAULT_CHUNK_SIZE_BYTES), b""):
-                    output.write(piece)
-            os.chmod(temp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would.
+            with os.fdopen(handle, "wb") as output:
+                self._copy_content_to(cache, content_id, output)
+            # mkstemp makes 0600; give what open() would (or what the replaced file had).
+            os.chmod(temp_name, stat.S_IMODE(keep_mode) if keep_mode is not None else 0o666 & ~_UMASK)
             os.replace(temp_name, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -3331,6 +3365,11 @@ class Cache:
             result = RefreshResult(url=request.url, group=request.group_name, outcome="error")
             secret = [name for name, value in request.http_header_fields.items()
                       if name.lower() in self._sensitive and value.startswith("hmac-sha256:")]
+            secret += [name for name, value in (request.http_query_params or {}).items()
+                       if name.lower() in self._sensitive_params and "hmac-sha256:" in str(value)]
+            with contextlib.suppress(ValueError):
+                secret += [name for name, value in urllib.parse.parse_qsl(urllib.parse.urlsplit(request.url).query)
+                           if name.lower() in self._sensitive_params and value == MASK]
             if secret:
                 result.error = (f"cannot replay: the values of {', '.join(secret)} are not stored "
                                 "in the cache; fetch it with them instead.")
@@ -3568,7 +3607,12 @@ def _cmd_fetch(cache: Cache, args) -> int:
     for tag in args.tag or ():
         response = cache.tag(response, tag).model_copy(update={"outcome": response.outcome})
     saved = None
-    if args.output or args.dir:
+    if args.output == "-":
+        response.save_to(sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+    elif args.output or args.dir:
+        # -o FILE writes through a symlink and into a FIFO or device (the user named it);
+        # -d DIR takes the origin's sanitised file name and replaces whatever is there.
         saved = response.save_to(args.output) if args.output else response.save_to(dir=args.dir)
     elif not args.json:
         with response.open() as stream:
@@ -3673,8 +3717,9 @@ def _cmd_refresh(cache: Cache, args) -> int:
 
 def _cmd_delete(cache: Cache, args) -> int:
     removed = cache.delete(args.url, **_identity_arguments(args))
-    _emit(args, {"url": args.url, "versions_removed": removed},
-          lambda: sys.stdout.write(f"{args.url}: {removed} versions removed\n"))
+    shown = _mask_url(args.url, cache._sensitive_params)  # never echo a password
+    _emit(args, {"url": shown, "versions_removed": removed},
+          lambda: sys.stdout.write(f"{shown}: {removed} versions removed\n"))
     return 0
 
 
@@ -3727,7 +3772,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                        help="fetch a URL through the cache (content to stdout)")
     fetch_parser.add_argument("url")
     output = fetch_parser.add_mutually_exclusive_group()
-    output.add_argument("-o", "--output", metavar="FILE", help="write the content to FILE")
+    output.add_argument("-o", "--output", metavar="FILE", help="write the content to FILE (- for stdout)")
     output.add_argument("-d", "--dir", metavar="DIR", help="write the content into DIR under its file name")
     fetch_parser.add_argument("--strategy", help="never | age:SECONDS | when_requested | "
                                                  "when_remote_changed[:CHECK[:FALLBACK]] | cron:EXPR")
