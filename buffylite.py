@@ -78,6 +78,7 @@ import dataclasses
 import datetime as dt
 import email.message
 import email.utils
+import errno
 import hashlib
 import hmac
 import io
@@ -229,6 +230,8 @@ _MAX_TIMESTAMP = dt.datetime(9999, 12, 31, tzinfo=dt.timezone.utc).timestamp()
 MASK = "***"
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+#: SQLite's primary result code for "database or disk is full".
+_SQLITE_FULL = 13
 #: The process's umask, read once at import (reading it means setting it).
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -298,6 +301,21 @@ class InvalidRequestError(BuffyliteError, ValueError):
 # ---------------------------------------------------------------------------
 # Small pure helpers
 # ---------------------------------------------------------------------------
+
+
+def _is_out_of_space(exc: BaseException | None) -> bool:
+    """Does ``exc`` (or what caused it) say the disk or quota is full?"""
+    for _ in range(8):  # a short cause chain; bounded in case of a cycle
+        if exc is None:
+            return False
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(exc, sqlite3.Error) and (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == _SQLITE_FULL:
+            return True
+        if "disk is full" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _now() -> float:
@@ -1601,6 +1619,9 @@ class _DriverErrors:
     def __exit__(self, kind, exc, traceback) -> bool:
         if kind is not None and issubclass(kind, (peewee.DatabaseError, peewee.InterfaceError, sqlite3.Error)):
             path = self._store.path
+            if _is_out_of_space(exc):
+                raise CacheFileError(f"The cache file {path} cannot be written: the disk is full.",
+                                     path=path) from exc
             raise CacheFileError(f"The cache file {path} cannot be used: {exc}.", path=path) from exc
         return False
 
@@ -2693,7 +2714,12 @@ class Cache:
                 return self._serve(call, request, ready, "cached")
 
             # A download (or a conditional check) is due: claim it, unless someone else runs it.
-            claim = self._claim(call)
+            try:
+                claim = self._claim(call)
+            except CacheFileError as exc:
+                if not _is_out_of_space(exc):
+                    raise
+                return self._cannot_store(call, exc)
             if claim.other_row_id is None:
                 return self._run_download(call, claim, newest if plan == "conditional" else None)
             if call.prefer_cached and eligible:
@@ -2923,6 +2949,12 @@ class Cache:
             log.warning("The download of %s was taken over by another process; waiting for it.",
                         request.url)
             return self._fetch(call)
+        except CacheFileError as exc:
+            if not _is_out_of_space(exc):
+                self._abandon(claim, sink)
+                raise
+            self._discard(claim)
+            return self._cannot_store(call, exc)
         except BaseException:
             # Cancelled (progress raised, KeyboardInterrupt...): keep what arrived for a resume.
             self._abandon(claim, sink)
@@ -2963,6 +2995,33 @@ class Cache:
         except Exception as exc:  # noqa: BLE001 - any exception from the validator rejects the content
             raise _DownloadFailure(f"rejected by validator: {exc}", stats=result.stats,
                                    cause=exc) from exc
+
+    def _cannot_store(self, call: _FetchCall, exc: CacheFileError) -> Response:
+        """The disk is full: serve the newest suitable cached version (stale, with a
+        WARNING naming the cause), else raise a CacheFileError saying why."""
+        request, ready = self._store.request_and_ready_rows(call.identity.key)
+        chosen = self._choose(call, ready, _now()) if request is not None and call.pin_for is None else None
+        if chosen is not None:
+            log.warning("Cannot store the download of %s (%s); serving the cached version %s.",
+                        call.identity.url, exc, chosen.version)
+            return self._responses([chosen], request.url, ready, "stale")[0]
+        raise CacheFileError(f"Cannot store {call.identity.url} in {self.path}: the disk is full. "
+                             "Free some space and fetch again.", path=self.path) from exc
+
+    def _discard(self, claim: _Claim) -> None:
+        """Best effort, after the disk filled up: delete this download's row and partial
+        content. If even that cannot be written, the lease lapses on its own and gc()
+        reclaims the row later."""
+        try:
+            with self._store.writing() as t:
+                row = t.version.get_or_none((t.version.id == claim.row_id)
+                                            & (t.version.lease_owner == claim.owner))
+                if row is not None:
+                    t.version.delete().where(t.version.id == row.id).execute()
+                    if row.content_id is not None:
+                        self._delete_unreferenced_contents(t, {row.content_id})
+        except BuffyliteError as exc:
+            log.debug("Discarding the download failed too (%s); gc() will reclaim it.", exc)
 
     def _abandon(self, claim: _Claim, sink: _Sink) -> None:
         """Store what is buffered and let the lease lapse now, keeping the partial content
