@@ -367,6 +367,8 @@ def _default_cache_path() -> pathlib.Path:
 
 def _check_hash_type(name: str) -> str:
     """Return ``name`` lower-cased if hashlib knows it, else raise InvalidRequestError."""
+    if not isinstance(name, str):
+        raise InvalidRequestError(f"A hash type must be a str such as 'sha256', not {type(name).__name__}.")
     normalized = name.lower()
     if normalized not in hashlib.algorithms_available:
         raise InvalidRequestError(
@@ -378,6 +380,8 @@ def _check_hash_type(name: str) -> str:
 
 def _parse_expected_hash(value: str) -> tuple[str | None, str]:
     """``"sha256:<hex>"`` or ``"<hex>"`` -> (algorithm or None, lower-case hex)."""
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"expected_hash must be a str, not {type(value).__name__}.")
     algorithm, sep, digest = value.strip().rpartition(":")
     digest = digest.lower()
     if not digest or any(char not in "0123456789abcdef" for char in digest):
@@ -2606,6 +2610,12 @@ class Cache:
         failed and nothing suitable is cached), IntegrityError (the download does not
         match ``expected_hash`` and no cached version does), CacheFileError.
         """
+        for name, value in (("description", description), ("documentation_link", documentation_link)):
+            if value is not None and not isinstance(value, str):
+                raise InvalidRequestError(f"{name} must be a str or None, not {type(value).__name__}.")
+        for name, value in (("prefer_pinned", prefer_pinned), ("force_pinned", force_pinned)):
+            if value is not None and not isinstance(value, bool):
+                raise InvalidRequestError(f"{name} must be True, False or None, not {value!r}.")
         identity = self._identity(url, method, params, headers, body, group)
         call = _FetchCall(
             identity=identity, description=description, documentation_link=documentation_link,
@@ -2654,7 +2664,10 @@ class Cache:
         if value is None or isinstance(value, RequestCacheConfiguration):
             return value
         if isinstance(value, dict):
-            return RequestCacheConfiguration.model_validate(value)
+            try:
+                return RequestCacheConfiguration.model_validate(value)
+            except pydantic.ValidationError as exc:
+                raise InvalidRequestError(f"Invalid cache_configuration: {_validation_message(exc)}") from None
         raise InvalidRequestError("cache_configuration must be a RequestCacheConfiguration or a dict, "
                                   f"not {type(value).__name__}.")
 
