@@ -17,6 +17,7 @@ origin of their own, in the section "HTTP faults and concurrency" near the end.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -31,6 +32,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import pathlib
 import pty
@@ -57,7 +59,7 @@ from urllib.parse import urlsplit
 import pydantic
 import pytest
 import urllib3
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
                                  run_state_machine_as_test)
@@ -761,6 +763,191 @@ def test_unhashable_url_is_an_invalid_request(cache):
     """§12: a URL that is not a string is an InvalidRequestError, not a TypeError."""
     with pytest.raises(buffylite.InvalidRequestError):
         cache.fetch(["http://127.0.0.1/x"])
+
+
+# --- hostile arguments (SPEC §14) ---
+
+#: Numbers a careless or hostile caller passes where seconds or counts are expected.
+HOSTILE_NUMBERS = st.one_of(
+    st.sampled_from([float("nan"), float("inf"), float("-inf"), 1e300, -1e300, 1e12, 1e10, 3.2e9, 3.1e9,
+                     -1, -0.0, 0, 0.0, 1e-300, 5e-324, 1, 2.5, 86400, 86401, 10 ** 30, True, False]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(10 ** 30), max_value=10 ** 30),
+)
+#: Strings with what breaks header lines, file formats and digit checks.
+HOSTILE_TEXT = st.text(alphabet=st.one_of(
+    st.sampled_from(list("\x00\r\n\t :;,/\\\"'=?&#%@[]") + ["\u00e9", "\u2615", "\u0663", "\u00b2",
+                                                             "\u2028", "\u200b", "\U0001f600"]),
+    st.characters(codec="utf-8"), st.sampled_from("aZ09-_.")), max_size=24)
+
+
+def hostile_snapshot(path: pathlib.Path) -> dict:
+    """Every row of every table of the cache file (read-only), to compare before/after a call."""
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return {name: connection.execute(f'SELECT * FROM "{name}" ORDER BY rowid').fetchall()
+                for name in _columns_by_table(connection)}
+    finally:
+        connection.close()
+
+
+def hostile_read_back(cache, url: str) -> None:
+    """Everything stored about ``url`` still reads back, and the rest of the cache too."""
+    assert cache.get(url).read() == b"kept"
+    cache.versions(url, status=None)
+    cache.get_request(url)
+    cache.requests()
+    cache.stats()
+
+
+def _hostile_number_call(entry: str, value, cache, cache_path, url, tmp_dir):
+    """Pass ``value`` to one public entry that takes a number; return what it returned."""
+    if entry.startswith("Cache."):
+        option = entry.split(".", 1)[1]
+        with buffylite.Cache(tmp_dir / "made.sqlite3", **{option: value}) as made:
+            return made
+    if entry == "fetch.pin_for":
+        return cache.fetch(url, pin_for=value)
+    if entry == "pin.seconds":
+        return cache.pin(cache.get(url), seconds=value)
+    if entry == "lease.seconds":
+        with cache.lease(cache.get(url), value) as leased:
+            return leased
+    if entry == "fetch.age":
+        return cache.fetch(url, cache_configuration={"recaching_strategy": {
+            "strategy_name": "age", "seconds": value}, "max_cached_unpinned_versions": 2})
+    if entry == "fetch.keep":
+        return cache.fetch(url, cache_configuration={
+            "recaching_strategy": {"strategy_name": "never"}, "max_cached_unpinned_versions": value})
+    if entry == "fetch.keep_pinned":
+        return cache.fetch(url, cache_configuration={
+            "recaching_strategy": {"strategy_name": "never"}, "max_cached_pinned_versions": value})
+    if entry == "strategy.age":
+        return buffylite.ReCachingStrategy.age(seconds=value)
+    if entry == "strategy.check_interval":
+        return buffylite.ReCachingStrategy.when_remote_changed(check_interval_sec=value)
+    if entry == "strategy.fallback_max_age":
+        return buffylite.ReCachingStrategy.when_remote_changed(fallback_max_age_sec=value)
+    raise AssertionError(entry)
+
+
+HOSTILE_NUMBER_ENTRIES = ["Cache.timeout", "Cache.retries", "Cache.max_retry_wait", "Cache.download_lease_sec",
+                          "fetch.pin_for", "pin.seconds", "lease.seconds", "fetch.age", "fetch.keep",
+                          "fetch.keep_pinned", "strategy.age", "strategy.check_interval",
+                          "strategy.fallback_max_age"]
+
+
+def test_hostile_numbers_work_or_are_rejected_writing_nothing(cache, cache_path, origin, tmp_path):
+    """§14: NaN, infinities, 1e300, negatives... reach every numeric entry: each call works
+    (and what it stored reads back) or raises InvalidRequestError with the file unchanged."""
+    origin.route("/num", body=b"kept")
+    url = origin.url("/num")
+    cache.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.never()))
+    made_dir = tmp_path / "made"
+    made_dir.mkdir()
+    seen = collections.Counter()
+
+    @settings(max_examples=320, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(entry=st.sampled_from(HOSTILE_NUMBER_ENTRIES), value=HOSTILE_NUMBERS)
+    def check(entry, value):
+        seen["examples"] += 1
+        before = hostile_snapshot(cache_path)
+        try:
+            _hostile_number_call(entry, value, cache, cache_path, url, made_dir)
+        except buffylite.InvalidRequestError as exc:
+            seen["rejected"] += 1
+            assert isinstance(exc, ValueError) and str(exc)
+            assert hostile_snapshot(cache_path) == before, f"{entry}={value!r} was rejected but wrote"
+            assert not (made_dir / "made.sqlite3").exists(), f"{entry}={value!r} created a file"
+        else:
+            seen["accepted"] += 1
+            assert not (isinstance(value, float) and not math.isfinite(value)), f"{entry} took {value!r}"
+            for leftover in made_dir.iterdir():
+                leftover.unlink()
+        hostile_read_back(cache, url)
+
+    check()
+    assert seen["examples"] >= 320, seen
+    assert seen["rejected"] > 50 and seen["accepted"] > 50, seen
+
+
+def _hostile_text_call(entry: str, text: str, cache, url, made_dir):
+    if entry == "header.value":
+        return cache.fetch(url, headers={"X-Probe": text}, offline=True)
+    if entry == "header.name":
+        return cache.fetch(url, headers={text: "v"}, offline=True)
+    if entry == "user_agent":
+        with buffylite.Cache(made_dir / "made.sqlite3", user_agent=text) as made:
+            return made
+    if entry == "sensitive_headers":
+        with buffylite.Cache(made_dir / "made.sqlite3", sensitive_headers=[text]) as made:
+            return made
+    if entry == "url.host":
+        return cache.fetch(f"http://{text}/x", offline=True)
+    if entry == "url.path":
+        return cache.fetch(url + "/" + text, offline=True)
+    if entry == "group":
+        return cache.fetch(url, group=text, offline=True)
+    if entry == "tag":
+        return cache.tag(cache.get(url), text)
+    if entry == "force_tag":
+        return cache.fetch(url, force_tag=text)
+    if entry == "force_version":
+        return cache.fetch(url, force_version=text)
+    if entry == "expected_hash":
+        return cache.fetch(url, expected_hash=text, offline=True)
+    if entry == "hash_type":
+        return cache.fetch(url, validation_hash_type=text, offline=True)
+    raise AssertionError(entry)
+
+
+HOSTILE_TEXT_ENTRIES = ["header.value", "header.name", "user_agent", "sensitive_headers", "url.host",
+                        "url.path", "group", "tag", "force_tag", "force_version", "expected_hash",
+                        "hash_type"]
+
+
+def test_hostile_strings_work_or_are_rejected_writing_nothing(cache, cache_path, origin, tmp_path):
+    """§14: NUL, CR, LF, unicode digits and non-Latin-1 text reach every string entry: each
+    call works (a header it accepts really goes over the wire) or raises InvalidRequestError
+    (NotCachedError where it asks for what is not cached) with the file unchanged."""
+    origin.route("/txt", body=b"kept")
+    origin.route("/txt/sent", body=b"sent")
+    url = origin.url("/txt")
+    cache.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.never()))
+    made_dir = tmp_path / "made"
+    made_dir.mkdir()
+    seen = collections.Counter()
+
+    @settings(max_examples=260, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(entry=st.sampled_from(HOSTILE_TEXT_ENTRIES), text=HOSTILE_TEXT)
+    def check(entry, text):
+        seen["examples"] += 1
+        before = hostile_snapshot(cache_path)
+        try:
+            _hostile_text_call(entry, text, cache, url, made_dir)
+        except buffylite.InvalidRequestError:
+            seen["rejected"] += 1
+            assert hostile_snapshot(cache_path) == before, f"{entry}={text!r} was rejected but wrote"
+            assert not (made_dir / "made.sqlite3").exists()
+        except buffylite.NotCachedError:
+            seen["not cached"] += 1
+            assert hostile_snapshot(cache_path) == before, f"{entry}={text!r} (offline) wrote"
+            if entry == "header.value":  # accepted: it must really be sendable and read back
+                sent = cache.fetch(url + "/sent", headers={"X-Probe": text}, cache_configuration=always())
+                assert sent.read() == b"sent"
+                assert origin.requests_to("/txt/sent")[-1].header("X-Probe") == text.strip(" \t")
+                assert cache.get_request(url + "/sent", headers={"X-Probe": text}) is not None
+        else:
+            seen["accepted"] += 1
+        for leftover in made_dir.iterdir():
+            leftover.unlink()
+        hostile_read_back(cache, url)
+
+    check()
+    assert seen["examples"] >= 260, seen
+    assert seen["rejected"] > 30 and seen["not cached"] + seen["accepted"] > 30, seen
 
 
 def test_method_is_case_insensitive_and_stored_lower_case(cache, origin):
