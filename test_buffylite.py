@@ -43,6 +43,7 @@ import signal
 import socket
 import socketserver
 import sqlite3
+import stat
 import struct
 import subprocess
 import sys
@@ -50,6 +51,7 @@ import termios
 import textwrap
 import threading
 import time
+import unicodedata
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -1657,6 +1659,180 @@ def test_save_to_dir_never_escapes_dir_with_hostile_filenames(cache, origin, tmp
     assert sorted(p for p in outer.rglob("*") if target_dir not in p.parents) == outer_before
     assert sorted(p.name for p in tmp_path.iterdir()) == tmp_before
     assert not absolute_target.exists()
+
+
+# --- file names from origins (SPEC §14) ---
+
+
+def _is_safe_name(name: str) -> bool:
+    return (bool(name) and name not in (".", "..") and not name.startswith(".")
+            and not any(char in name for char in "/\\\x00")
+            and not any(unicodedata.category(char) in ("Cc", "Cf", "Cs") for char in name)
+            and len(name.encode("utf-8")) <= 255 and name == name.strip())
+
+
+def test_filename_sanitiser_is_idempotent_and_safe():
+    """§14: for any text x, s(s(x)) == s(x), and s(x) is None or a safe bare name."""
+    sanitize = buffylite._sanitize_filename
+    seen = collections.Counter()
+
+    @settings(max_examples=400, deadline=None, database=None)
+    @given(st.one_of(
+        st.text(max_size=300),
+        st.text(alphabet=st.sampled_from(list("./\\ \x00\n\t\x7f\u200b\u202e") + ["\u00e9", "a", "~"]),
+                max_size=40),
+        st.builds(lambda stem, ext: stem + ext,
+                  st.text(alphabet=st.sampled_from(["\u00e9", "\u2615", "a", " ", "."]), min_size=100,
+                          max_size=400),
+                  st.sampled_from(["", ".txt", ".tar.gz", "." + "x" * 40]))))
+    def check(name):
+        seen["examples"] += 1
+        once = sanitize(name)
+        assert sanitize(once) == once, (name, once)
+        if once is not None:
+            assert _is_safe_name(once), (name, once)
+            seen["named"] += 1
+
+    check()
+    assert seen["examples"] >= 400 and seen["named"] > 100, seen
+
+
+@pytest.mark.parametrize("name, expected", [
+    (". . .bashrc", "bashrc"),
+    ("../..", None),
+    ("...", None),
+    ("a/.", None),
+    ("\u00e9" * 200, "\u00e9" * 127),
+    ("\u00e9" * 200 + ".txt", "\u00e9" * 125 + ".txt"),
+    ("report.csv ", "report.csv"),
+    ("x\x00y\r\n.txt", "xy.txt"),
+])
+def test_filename_sanitiser_examples(name, expected):
+    """§14: hidden names lose their dots, dot-only names give nothing, long names are cut by
+    UTF-8 bytes at a character boundary keeping the extension."""
+    assert buffylite._sanitize_filename(name) == expected
+
+
+def test_save_to_dir_never_writes_outside_dir_or_a_hidden_name(cache, origin, tmp_path):
+    """§14: whatever name the origin sends, save_to(dir=) writes one visible regular file
+    directly inside dir, and a dotfile in a fake HOME stays untouched."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_bytes(b"# mine\n")
+    seen = collections.Counter()
+
+    @settings(max_examples=60, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(st.one_of(st.sampled_from([". . .bashrc", "../.bashrc", "..", ".", "/etc/passwd", "\u00e9" * 300,
+                                      "..\\..\\.profile", " .bashrc", ".bashrc.", "a\x00b"]),
+                     st.text(max_size=60)))
+    def check(name):
+        seen["examples"] += 1
+        encoded = urllib.parse.quote(name.encode("utf-8", "surrogatepass"), safe="")
+        origin.route("/name", body=b"payload", content_disposition=f"attachment; filename*=UTF-8''{encoded}")
+        resp = cache.fetch(origin.url("/name"), cache_configuration=always())
+        before = sorted(path.name for path in home.iterdir())
+        saved = pathlib.Path(resp.save_to(dir=home))
+        assert saved.parent == home and _is_safe_name(saved.name), (name, saved)
+        assert saved.is_file() and not saved.is_symlink() and saved.read_bytes() == b"payload"
+        assert (home / ".bashrc").read_bytes() == b"# mine\n"
+        assert sorted(path.name for path in home.iterdir()) == sorted(set(before) | {saved.name})
+        assert not any(path.name.startswith(".") and path.name != ".bashrc" for path in home.iterdir())
+
+    check()
+    assert seen["examples"] >= 60, seen
+
+
+# --- output targets (SPEC §13) ---
+
+
+@contextlib.contextmanager
+def fifo_reader(path: pathlib.Path):
+    """A FIFO at ``path`` drained by a thread; yields a list that receives what was read."""
+    os.mkfifo(path)
+    received = []
+
+    def drain():
+        with open(path, "rb") as pipe:
+            received.append(pipe.read())
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    try:
+        yield received
+    finally:
+        if thread.is_alive():  # unblock a reader nobody wrote to
+            with contextlib.suppress(OSError):
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                os.close(fd)
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+
+
+def make_null_device(path: pathlib.Path) -> None:
+    """A character device like /dev/null (1, 3), made inside a tmp dir; skips unless root."""
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs root (os.mknod was refused)")
+
+
+def test_save_to_writes_through_a_symlink(cache, origin, tmp_path):
+    """§13: save_to(path) on a symlink replaces the file it points to and keeps the link."""
+    origin.route("/t", body=b"through the link")
+    resp = cache.fetch(origin.url("/t"))
+    real = tmp_path / "real.bin"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.bin"
+    link.symlink_to(real)
+    assert resp.save_to(link) == link
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.read_bytes() == b"through the link"
+
+
+def test_save_to_writes_into_a_fifo(cache, origin, tmp_path):
+    """§13: save_to(path) on a FIFO writes into it (a reader gets the bytes); it stays a FIFO."""
+    origin.route("/t", body=b"down the pipe")
+    resp = cache.fetch(origin.url("/t"))
+    pipe = tmp_path / "pipe"
+    with fifo_reader(pipe) as received:
+        resp.save_to(pipe)
+    assert received == [b"down the pipe"]
+    assert stat.S_ISFIFO(os.lstat(pipe).st_mode)
+
+
+def test_save_to_writes_into_a_device(cache, origin, tmp_path):
+    """§13: save_to(path) on a character device writes into it; it stays that device."""
+    origin.route("/t", body=b"into the void")
+    resp = cache.fetch(origin.url("/t"))
+    device = tmp_path / "null"
+    make_null_device(device)
+    resp.save_to(device)
+    info = os.lstat(device)
+    assert stat.S_ISCHR(info.st_mode) and os.major(info.st_rdev) == 1 and os.minor(info.st_rdev) == 3
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".buffylite-")]
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "device"])
+def test_save_to_dir_replaces_what_is_at_the_origins_name(cache, origin, tmp_path, kind):
+    """§13: with dir= the origin picks the name, so a symlink, FIFO or device there is
+    replaced by a regular file, never followed or written into."""
+    origin.route("/t", body=b"replaced", content_disposition='attachment; filename="victim"')
+    resp = cache.fetch(origin.url("/t"))
+    directory = tmp_path / "d"
+    directory.mkdir()
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"untouched")
+    victim = directory / "victim"
+    if kind == "symlink":
+        victim.symlink_to(outside)
+    elif kind == "fifo":
+        os.mkfifo(victim)
+    else:
+        make_null_device(victim)
+    assert resp.save_to(dir=directory) == victim
+    assert stat.S_ISREG(os.lstat(victim).st_mode) and victim.read_bytes() == b"replaced"
+    assert outside.read_bytes() == b"untouched"
 
 
 # ===========================================================================
