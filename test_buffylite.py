@@ -4513,6 +4513,59 @@ def test_cli_fetch_dir_names_file_from_content_disposition(cli_run, cli_origin, 
     assert "ontology.owl" in done.stderr
 
 
+# --- output targets and hostile names on the command line (SPEC §13, §14) ---
+
+
+def test_cli_fetch_dir_into_a_fake_home_never_replaces_a_dotfile(cli_run, cli_origin, tmp_path):
+    """§14: `fetch URL -d ~` with an origin naming ". . .bashrc" writes "bashrc"; ~/.bashrc stays."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_bytes(b"# mine\n")
+    cli_origin.route("/rc", b"echo owned\n", content_disposition='attachment; filename=". . .bashrc"')
+    done = cli_run("fetch", cli_origin.url("/rc"), "-d", str(home),
+                   env=cli_env(HOME=str(home), BUFFYLITE_CACHE=str(tmp_path / "c.sqlite3")))
+    assert done.returncode == 0, done.stderr
+    assert (home / ".bashrc").read_bytes() == b"# mine\n"
+    assert (home / "bashrc").read_bytes() == b"echo owned\n"
+    assert sorted(path.name for path in home.iterdir()) == [".bashrc", "bashrc"]
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "device"])
+def test_cli_fetch_output_keeps_a_symlink_fifo_or_device(cli_run, cli_origin, tmp_path, kind):
+    """§13: `-o FILE` writes through a symlink and into a FIFO or device, which stay what they were."""
+    cli_origin.route("/o", b"special target\n")
+    target = tmp_path / "target"
+    real = tmp_path / "real.txt"
+    received = None
+    with contextlib.ExitStack() as stack:
+        if kind == "symlink":
+            real.write_bytes(b"old")
+            target.symlink_to(real)
+        elif kind == "fifo":
+            received = stack.enter_context(fifo_reader(target))
+        else:
+            make_null_device(target)
+        done = cli_run("fetch", cli_origin.url("/o"), "-o", str(target))
+        assert done.returncode == 0, done.stderr
+    mode = os.lstat(target).st_mode
+    if kind == "symlink":
+        assert stat.S_ISLNK(mode) and real.read_bytes() == b"special target\n"
+    elif kind == "fifo":
+        assert stat.S_ISFIFO(mode) and received == [b"special target\n"]
+    else:
+        assert stat.S_ISCHR(mode) and os.major(os.lstat(target).st_rdev) == 1
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".buffylite-")]
+
+
+def test_cli_fetch_output_dash_writes_to_stdout(cli_run, cli_origin, tmp_path):
+    """§13: `-o -` writes the content to stdout, not to a file named "-"."""
+    cli_origin.route("/dash", b"to stdout")
+    done = cli_run("fetch", cli_origin.url("/dash"), "-o", "-")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"to stdout"
+    assert not (CLI_REPO_DIR / "-").exists()
+
+
 def test_cli_fetch_json_matches_api(cli_run, cli_origin, cli_json, cli_cache_path):
     """§13: `fetch --json` describes the returned version as the Python API does."""
     cli_origin.route("/j.bin", CLI_BINARY_BODY, etag='"v1"')
