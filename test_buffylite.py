@@ -3957,6 +3957,98 @@ def test_gzip_content_encoding_stores_decoded_bytes(fault_origin, fault_open_cac
     assert resp.content_attributes.content_size_bytes == len(body)
 
 
+# --- hostile origins (SPEC §14) ---
+
+_HOSTILE_DATES = ["Fri, 31 Dec 9999 23:59:59 -0100", "Mon, 01 Jan 0001 00:00:00 +0100",
+                  "Thu, 01 Jan 1970 00:00:00 GMT", "Sun, 06 Nov 1994 08:49:37 GMT", "yesterday",
+                  "Tue, 99 Foo 2024 25:61:61 GMT", "", "\u00b2\u00b2", "Sat, 01 Jan 10000 00:00:00 GMT"]
+_HOSTILE_HEADER_VALUES = {
+    "Last-Modified": _HOSTILE_DATES,
+    "Date": _HOSTILE_DATES,
+    "Expires": _HOSTILE_DATES,
+    "Retry-After": ["0", "-1", "1e9", "99999999999999999999", "\u00b2"] + _HOSTILE_DATES,
+    "Content-Length": ["\u00b2", "-1", "0", "3", "1, 2", "99999999999999999999", "", " 5 ", "0x10", "\u0663"],
+    "Content-Range": ["bytes 0-1/2", "bytes \u0663-1/2", "bytes */*", "garbage", "bytes 5-1/0"],
+    "Content-Disposition": ["attachment; filename*=idna''x", "attachment; filename*=rot13''x",
+                            "attachment; filename*=UTF-8''%FF%FE", 'attachment; filename=". . .bashrc"',
+                            'attachment; filename="../../x"', "attachment; filename*=''", "inline; =;=;",
+                            "attachment; filename=" + "\u00e9" * 300, 'attachment; filename="a\x00b"'],
+    "Location": ["http://[::1/x", "", "javascript:alert(1)", "http://127.0.0.1:1/x", "//", "http://",
+                 "/h", "http://h\u00e9.invalid/", "ftp://127.0.0.1/x", "http://127.0.0.1:99999/"],
+    "Content-Encoding": ["gzip", "deflate", "br", "zstd", "x-unknown", "gzip, gzip", "identity"],
+    "Content-Type": ["text/plain; charset=idna", "text/plain; charset=rot13", "text/plain; charset=\u00e9",
+                     "/", ";;;", "application/json; charset=utf-8"],
+    "ETag": ['"ok"', 'W/"weak"', '"\u00e9"', "", '"' + "e" * 10000 + '"'],
+    "Accept-Ranges": ["bytes", "none", "\u00b2"],
+    "Transfer-Encoding": ["chunked", "gzip, chunked", "x"],
+}
+_HOSTILE_STATUS_LINES = (["HTTP/1.1 200 OK", "HTTP/1.1 206 Partial", "HTTP/1.1 304 Not Modified",
+                          "HTTP/1.1 301 Moved", "HTTP/1.1 302 Found", "HTTP/1.1 307 Temp",
+                          "HTTP/1.1 404 Nope", "HTTP/1.1 500 Oops", "HTTP/1.1 503 Later", "HTTP/1.1 100 Continue",
+                          "HTTP/1.1 999 Odd", "HTTP/1.1 99 Low", "HTTP/1.1 abc", "HTTP/1.0 200 OK",
+                          "HTTP/2 200", "ICY 200 OK", "", "HTTP/1.1 200 " + "x" * 5000, "HTTP/1.1 2\u00b200 X"])
+
+
+@st.composite
+def hostile_replies(draw) -> bytes:
+    """Raw bytes of one answer: a status line, headers and a body from broad strategies."""
+    status = draw(st.one_of(st.sampled_from(_HOSTILE_STATUS_LINES),
+                            st.text(st.characters(max_codepoint=255, exclude_characters="\r\n"), max_size=30)))
+    names = draw(st.lists(st.sampled_from(sorted(_HOSTILE_HEADER_VALUES)), max_size=6))
+    lines = [status]
+    for name in names:
+        value = draw(st.one_of(st.sampled_from(_HOSTILE_HEADER_VALUES[name]),
+                               st.text(st.characters(max_codepoint=255, exclude_characters="\r\n"),
+                                       max_size=40)))
+        lines.append(f"{name}: {value}")
+    lines += draw(st.lists(st.text(st.characters(max_codepoint=255, exclude_characters="\r\n"), max_size=30),
+                           max_size=2))
+    body = draw(st.one_of(st.binary(max_size=300), st.just(gzip.compress(b"compressed body")),
+                          st.just(b"5\r\nhello\r\n0\r\n\r\n"), st.just(b"zz\r\nbroken chunk")))
+    head = "\r\n".join(lines).encode("latin-1", "replace")
+    return head + b"\r\n\r\n" + body
+
+
+def test_hostile_origin_answers_never_break_the_cache(fault_origin, fault_open_cache, fault_cache_path):
+    """§14: whatever status line, headers and body an origin sends, fetch returns the cached
+    version (stale), a new one, or raises a §12 error; it leaves no wait/in_progress row,
+    stores only what reads back, and the last good version stays readable."""
+    cache = fault_open_cache(retries=0, timeout=0.5, max_retry_wait=0.1, download_lease_sec=5)
+    url = fault_origin.url("/h")
+    fault_origin.route("/h", FaultReply(body=b"last good version"))
+    good = cache.pin(cache.fetch(url, cache_configuration=_fault_when_requested()))
+    seen = collections.Counter()
+
+    @settings(max_examples=320, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                     HealthCheck.data_too_large])
+    @given(hostile_replies())
+    def check(raw):
+        seen["examples"] += 1
+        fault_origin.route("/h", FaultReply(raw=raw))
+        try:
+            resp = cache.fetch(url)
+        except buffylite.BuffyliteError as exc:
+            seen[type(exc).__name__] += 1
+            assert type(exc) in (buffylite.FetchError, buffylite.IntegrityError), repr(exc)
+        else:
+            seen[resp.outcome] += 1
+            assert resp.outcome in ("stale", "downloaded", "duplicate", "not_modified", "cached"), resp.outcome
+            resp.read()
+            resp.content_attributes.model_dump_json()
+        assert cache.versions(url, status="wait") == [] and cache.versions(url, status="in_progress") == []
+        for version in cache.versions(url, status=None):  # everything stored reads back
+            version.model_dump_json()
+        assert cache.get(url, good.version).read() == b"last good version"
+        cache.get(url).read()
+        cache.requests()
+
+    check()
+    assert seen["examples"] >= 320, seen
+    assert seen["stale"] > 30 and seen["downloaded"] + seen["duplicate"] > 5, seen
+    assert _fault_integrity(fault_cache_path) == ["ok"]
+
+
 # ---------------------------------------------------------------------------------------
 # cron strategy and its optional extra (§2, §6)
 # ---------------------------------------------------------------------------------------
