@@ -3887,6 +3887,121 @@ def test_different_authorization_values_are_distinct_requests(fault_origin, faul
     assert cache.get_request(url, headers={"Authorization": "Bearer carol"}) is None
 
 
+# --- secrets across redirects, Cache objects, messages and logs (SPEC §11, §14) ---
+
+
+def test_declared_sensitive_header_never_follows_a_redirect_to_another_origin(
+        fault_origin, fault_other_origin, fault_open_cache):
+    """§11: a redirect chain ending on another origin (other port) carries neither
+    Authorization nor a header declared sensitive, by this Cache or only by the file."""
+    fault_origin.route("/start", FaultReply(status=302, headers={"Location": "/hop"}))
+    fault_origin.route("/hop", FaultReply(status=307, headers={"Location": fault_other_origin.url("/end")}))
+    fault_other_origin.route("/end", FaultReply(body=b"arrived"))
+    declaring = fault_open_cache(sensitive_headers=("X-Api-Key",))
+    headers = {"X-Api-Key": "KEYVALUE789", "Authorization": "Bearer SECRET-TOKEN-123", "X-Plain": "p"}
+    assert declaring.fetch(fault_origin.url("/start"), headers=headers).read() == b"arrived"
+    assert fault_origin.hits("/hop")[0]["headers"]["x-api-key"] == "KEYVALUE789"  # same origin: kept
+    end = fault_other_origin.hits("/end")[0]["headers"]
+    assert "x-api-key" not in end and "authorization" not in end and end["x-plain"] == "p"
+    # A Cache that never named it obeys the file's memory.
+    forgetful = fault_open_cache()
+    forgetful.fetch(fault_origin.url("/start"), headers=headers, group="again")
+    end = fault_other_origin.hits("/end")[-1]["headers"]
+    assert len(fault_other_origin.hits("/end")) == 2 and "x-api-key" not in end
+
+
+@pytest.mark.parametrize("writer", ["declaring", "other"])
+def test_a_name_declared_by_one_cache_is_hidden_whichever_cache_writes(
+        fault_origin, fault_open_cache, fault_cache_path, writer):
+    """§11: two Cache objects on one file, opened before the name was declared by only one:
+    the value never reaches the file (main or WAL) in clear, whichever of them writes."""
+    fault_origin.route("/two", FaultReply(body=b"two caches"))
+    other = fault_open_cache()  # opened first: it cannot have read the name at open
+    declaring = fault_open_cache(sensitive_headers=("X-Session-Key",))
+    cache = declaring if writer == "declaring" else other
+    resp = cache.fetch(fault_origin.url("/two"), headers={"X-Session-Key": "SESSION-SECRET-42"})
+    assert fault_origin.hits("/two")[0]["headers"]["x-session-key"] == "SESSION-SECRET-42"
+    assert b"SESSION-SECRET-42" not in _fault_file_bytes(fault_cache_path)
+    # Both see one request with the same identity.
+    for reader in (declaring, other):
+        assert reader.get(fault_origin.url("/two"), headers={"X-Session-Key": "SESSION-SECRET-42"}
+                          ).version == resp.version
+
+
+def _hostile_texts_of(values) -> str:
+    return "\n".join(str(value) for value in values)
+
+
+def test_url_passwords_never_appear_in_messages_logs_reprs_or_cli(fault_origin, fault_open_cache,
+                                                                  fault_cache_path, caplog, tmp_path):
+    """§14: a URL password is masked (user:***@host) in every message, DEBUG log record,
+    repr and CLI output, whether the call works, fails or is rejected."""
+    secret = "PA55-WORD-XYZ"
+    fault_origin.route("/ok", FaultReply(body=b"fine"))
+    fault_origin.route("/gone", FaultReply(status=404, body=b"nope"))
+    base = fault_origin.url("/").replace("http://", f"http://member:{secret}@")
+    cache = fault_open_cache(retries=0)
+    texts = []
+    with caplog.at_level(logging.DEBUG):
+        resp = cache.fetch(base + "ok")
+        texts += [repr(resp), resp.model_dump_json(), repr(cache.get_request(base + "ok")), repr(cache)]
+        for bad in (base + "gone", f"http://member:{secret}@[::1/x", f"http://member:{secret}@exa mple/",
+                    f"ftp://member:{secret}@127.0.0.1/x", f"http://member:{secret}@-bad-.host/"):
+            with pytest.raises(buffylite.BuffyliteError) as info:
+                cache.fetch(bad)
+            texts += [str(info.value), repr(info.value), str(getattr(info.value, "cause", ""))]
+        texts += [record.getMessage() for record in caplog.records]
+    assert secret not in _hostile_texts_of(texts)
+    cache.close()
+    env = cli_env(BUFFYLITE_CACHE=str(fault_cache_path))
+    for args in (["-v", "fetch", base + "ok"], ["-v", "fetch", base + "gone"], ["delete", base + "ok"],
+                 ["--json", "delete", base + "ok"], ["fetch", f"http://member:{secret}@[::1/x"],
+                 ["--json", "fetch", base + "gone"], ["versions", base + "ok"], ["requests"]):
+        done = subprocess.run([CLI_PYTHON, "-m", "buffylite", *args], cwd=CLI_REPO_DIR, env=env,
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=CLI_TIMEOUT_SEC)
+        assert secret.encode() not in done.stdout + done.stderr, (args, done.stdout, done.stderr)
+    assert secret.encode() not in _fault_file_bytes(fault_cache_path)
+
+
+def test_sensitive_params_are_sent_but_stored_as_digests_and_masked(fault_origin, fault_open_cache,
+                                                                    fault_cache_path, caplog):
+    """§14: query parameters named in sensitive_params (in params= or in the URL) reach the
+    origin, take part in the identity, are stored as salted digests (remembered by the file
+    for every later Cache) and shown as *** in messages, logs, reprs and the CLI."""
+    fault_origin.route("/api", lambda record: FaultReply(body=str(len(record["target"])).encode()))
+    fault_origin.route("/broken", FaultReply(status=500, body=b"down"))
+    url = fault_origin.url("/api")
+    cache = fault_open_cache(sensitive_params=("api_key",), retries=0)
+    texts = []
+    with caplog.at_level(logging.DEBUG, logger="buffylite"):
+        in_url = cache.fetch(url + "?api_key=URLKEY-111&page=2")
+        in_params = cache.fetch(url, params={"api_key": "PARAMKEY-222", "page": "2"})
+        other_key = cache.fetch(url, params={"api_key": "PARAMKEY-333", "page": "2"})
+        assert fault_origin.hits("/api")[0]["target"] == "/api?api_key=URLKEY-111&page=2"  # really sent
+        assert "PARAMKEY-222" in fault_origin.hits("/api")[1]["target"]
+        assert len({in_url.request_id, in_params.request_id, other_key.request_id}) == 3
+        assert in_url.url.endswith("?api_key=***&page=2")
+        with pytest.raises(buffylite.FetchError) as info:
+            cache.fetch(fault_origin.url("/broken"), params={"api_key": "PARAMKEY-444"})
+        texts += [str(info.value), repr(info.value), str(info.value.cause)]
+        texts += [repr(in_url), repr(in_params), repr(cache.requests()), in_url.model_dump_json()]
+        texts += [record.getMessage() for record in caplog.records if record.name.startswith("buffylite")]
+    cache.close()
+    later = fault_open_cache()  # no sensitive_params: the file remembers api_key
+    assert later.get(url, params={"api_key": "PARAMKEY-222", "page": "2"}).version == in_params.version
+    later.fetch(url, params={"api_key": "PARAMKEY-555"})
+    later.close()
+    done = subprocess.run([CLI_PYTHON, "-m", "buffylite", "-v", "fetch", url + "?api_key=CLIKEY-666"],
+                          cwd=CLI_REPO_DIR, env=cli_env(BUFFYLITE_CACHE=str(fault_cache_path)),
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=CLI_TIMEOUT_SEC)
+    assert done.returncode == 0, done.stderr
+    texts += [done.stderr.decode()]
+    stored = _fault_file_bytes(fault_cache_path)
+    for value in ("URLKEY-111", "PARAMKEY-222", "PARAMKEY-333", "PARAMKEY-444", "PARAMKEY-555", "CLIKEY-666"):
+        assert value.encode() not in stored, value
+        assert value not in _hostile_texts_of(texts), value
+
+
 # ---------------------------------------------------------------------------------------
 # Content attributes, download stats, Content-Encoding (§4, §11)
 # ---------------------------------------------------------------------------------------
