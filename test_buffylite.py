@@ -23,6 +23,7 @@ import dataclasses
 import datetime
 import datetime as dt
 import email.utils
+import errno
 import fcntl
 import functools
 import gzip
@@ -4000,6 +4001,77 @@ def test_sensitive_params_are_sent_but_stored_as_digests_and_masked(fault_origin
     for value in ("URLKEY-111", "PARAMKEY-222", "PARAMKEY-333", "PARAMKEY-444", "PARAMKEY-555", "CLIKEY-666"):
         assert value.encode() not in stored, value
         assert value not in _hostile_texts_of(texts), value
+
+
+# --- full disk (SPEC §14) ---
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 16 MiB tmpfs mounted inside tmp_path (needs root), unmounted at teardown."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; the full-disk test cannot run as this user")
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
+
+
+def _fill_disk(directory: pathlib.Path) -> pathlib.Path:
+    """Write a file in ``directory`` until the file system is full; return it."""
+    filler = directory / "filler"
+    with open(filler, "wb") as output:
+        for _ in range(10_000):  # bounded: 640 MiB at most
+            try:
+                output.write(b"\0" * 65536)
+                output.flush()
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                break
+    return filler
+
+
+def test_full_disk_serves_stale_then_recovers(small_tmpfs, fault_origin, fault_open_cache, caplog):
+    """§14: on a full disk a due download serves the cached version as stale (WARNING naming
+    the cause), a request with nothing cached raises CacheFileError saying the disk is full;
+    once space returns fetch works, gc() reclaims what the failures left, the file is sound."""
+    path = small_tmpfs / "cache.sqlite3"
+    cache = fault_open_cache(path, retries=0, download_lease_sec=0.5)
+    fault_origin.route("/big", FaultReply(body=b"first version"))
+    fault_origin.route("/new", FaultReply(body=random_bytes(MiB, seed=9)))
+    url = fault_origin.url("/big")
+    first = cache.fetch(url, cache_configuration=_fault_when_requested())
+    filler = _fill_disk(small_tmpfs)
+    fault_origin.route("/big", FaultReply(body=random_bytes(2 * MiB, seed=8)))
+
+    with caplog.at_level(logging.WARNING, logger="buffylite"):
+        stale = cache.fetch(url)
+    assert stale.outcome == "stale" and stale.version == first.version and stale.read() == b"first version"
+    assert any("disk is full" in record.getMessage() and record.levelno == logging.WARNING
+               for record in caplog.records), [record.getMessage() for record in caplog.records]
+    with pytest.raises(buffylite.CacheFileError) as info:
+        cache.fetch(fault_origin.url("/new"))
+    assert "disk is full" in str(info.value) and str(path) in str(info.value)
+    assert cache.versions(url, status="wait") == [] and cache.versions(url, status="in_progress") == []
+
+    filler.unlink()
+    fresh = cache.fetch(url)
+    assert fresh.outcome == "downloaded" and fresh.read() == random_bytes(2 * MiB, seed=8)
+    assert cache.fetch(fault_origin.url("/new")).read() == random_bytes(MiB, seed=9)
+    time.sleep(0.6)  # any download lease left behind has lapsed
+    cache.gc()
+    for request in cache.requests():
+        rows = cache.versions(request.url, status=None)
+        assert not [row for row in rows if row.status in ("wait", "in_progress")], rows
+    cache.close()
+    assert unreferenced_contents(path) == []
+    assert _fault_integrity(path) == ["ok"]
 
 
 # ---------------------------------------------------------------------------------------
