@@ -2386,14 +2386,15 @@ class Cache:
     """A versioning HTTP download cache in one SQLite file.
 
     ``Cache(path=None, *, timeout=30.0, retries=5, max_retry_wait=120.0,
-    download_lease_sec=30.0, sensitive_headers=(), user_agent=None)``
+    download_lease_sec=30.0, sensitive_headers=(), sensitive_params=(), user_agent=None)``
 
     - ``path``: the cache file. ``None`` means ``$BUFFYLITE_CACHE`` if set, else the
       platform's user cache directory (Linux ``$XDG_CACHE_HOME`` or ``~/.cache``, macOS
       ``~/Library/Caches``, Windows ``%LOCALAPPDATA%``) / ``buffylite/cache.sqlite3``.
       Missing directories are created.
-    - ``timeout``: seconds for connecting and for each read (or a ``urllib3.Timeout``).
-    - ``retries``: retries after the first attempt of a download (0 = try once), on
+    - ``timeout``: seconds for connecting and for each read (or a ``urllib3.Timeout``);
+      more than 0, at most one day.
+    - ``retries``: retries after the first attempt of a download (0 = try once, at most 100), on
       connection and read errors and on 429, 500, 502, 503, 504. Waits grow
       exponentially from 0.5 s; ``Retry-After`` (seconds or HTTP date) is honoured.
     - ``max_retry_wait``: no wait exceeds this many seconds; a ``Retry-After`` asking
@@ -2406,8 +2407,17 @@ class Cache:
     - ``sensitive_headers``: header names, beyond Authorization, Proxy-Authorization
       and Cookie, whose values never reach the file in clear (a salted digest is
       stored; they still make requests distinct). The names are remembered in the
-      file, so every later Cache on it treats them the same way.
-    - ``user_agent``: default ``buffylite/<version>``.
+      file, so every Cache on it treats them the same way, and they are stripped from
+      a redirect to another origin.
+    - ``sensitive_params``: query parameter names (``api_key``...) treated the same
+      way, in ``params=`` and in the URL's query string: sent, stored as salted
+      digests, shown as ``***``. Remembered by the file too.
+    - ``user_agent``: default ``buffylite/<version>``; no NUL, CR or LF, Latin-1 only.
+
+    Every number is finite and in a stated range (durations at most
+    ``MAX_DURATION_SEC``, network waits at most ``MAX_NETWORK_WAIT_SEC``); anything else
+    is an InvalidRequestError before the file is touched. URL passwords and sensitive
+    values are masked (``***``) in messages, logs and reprs.
 
     Everything is stored in the one file: requests with their cache configuration,
     versions with their state, pins, leases and tags, and content, once per distinct
