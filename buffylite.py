@@ -681,13 +681,23 @@ def _decode_body(kind: str | None, raw: bytes | None) -> Any:
     return bytes(raw)
 
 
+#: Text codecs Python knows that are no charset a document can be in.
+_NOT_CHARSETS = frozenset({"idna", "punycode", "raw-unicode-escape", "unicode-escape", "mbcs", "oem"})
+
+
 def _charset_of(media_type_header: str | None) -> str | None:
     """The ``charset`` parameter of a Content-Type header, if any."""
     if not media_type_header:
         return None
-    message = email.message.Message()
-    message["Content-Type"] = media_type_header
-    return message.get_content_charset()
+    try:
+        message = email.message.Message()
+        message["Content-Type"] = media_type_header
+        charset = message.get_content_charset()
+        # An origin may name a codec that is no charset ("rot13", "idna"): ignore it.
+        codec = codecs.lookup(charset) if charset else None
+        return charset if codec and codec._is_text_encoding and codec.name not in _NOT_CHARSETS else None
+    except Exception:  # noqa: BLE001 - any Content-Type an origin sends
+        return None
 
 
 # ---------------------------------------------------------------------------
