@@ -1909,10 +1909,14 @@ class _Identity:
     """
 
     __slots__ = ("url", "send_url", "method", "params", "stored_params", "send_headers",
-                 "body_kind", "body", "group", "key", "stored_headers", "secrets")
+                 "body_kind", "body", "group", "key", "stored_headers", "secrets", "sensitive_sets",
+                 "arguments")
 
     def __init__(self, url, method, params, headers, body, group, *, salt: bytes,
                  sensitive: frozenset, sensitive_params: frozenset = frozenset()):
+        #: What this identity was built from, to build it again if the sensitive names change.
+        self.arguments = (url, method, params, headers, body, group)
+        self.sensitive_sets = (sensitive, sensitive_params)
         url = _check_url(url)
         if not isinstance(method, str) or method.lower() not in HTTP_METHODS:
             raise InvalidRequestError(f"method must be one of {', '.join(HTTP_METHODS)}, not {method!r}.")
@@ -2059,6 +2063,10 @@ class _DownloadFailure(Exception):
 
 class _LeaseLost(Exception):
     """Another process took over this download (our lease had expired)."""
+
+
+class _SensitiveNamesChanged(Exception):
+    """Another Cache declared sensitive names after this call built its identity."""
 
 
 def _is_leased(row, now: float) -> bool:
@@ -2705,7 +2713,7 @@ class Cache:
     def _check_version_string(name: str, value: str | None) -> str | None:
         if value is None:
             return None
-        if not isinstance(value, str) or len(value) != 20 or not value.isdigit():
+        if not isinstance(value, str) or len(value) != 20 or not (value.isascii() and value.isdigit()):
             raise InvalidRequestError(f"{name} {value!r} is not a 20-digit version string.")
         return value
 
@@ -2749,6 +2757,9 @@ class Cache:
             # A download (or a conditional check) is due: claim it, unless someone else runs it.
             try:
                 claim = self._claim(call)
+            except _SensitiveNamesChanged:
+                call.identity = self._identity(*call.identity.arguments)
+                continue
             except CacheFileError as exc:
                 if not _is_out_of_space(exc):
                     raise
@@ -2879,6 +2890,11 @@ class Cache:
         identity = call.identity
         owner = f"{os.getpid()}:{threading.get_ident()}:{secrets.token_hex(6)}"
         with self._store.writing() as t:
+            # Checked where the request row is written: a name another Cache declared
+            # since the identity was built must not be stored in clear.
+            names = self._store.sensitive_names()
+            if (SENSITIVE_HEADERS | names["headers"], names["params"]) != identity.sensitive_sets:
+                raise _SensitiveNamesChanged()
             now = _now()
             request = self._find_request(t, identity)
             if request is None:
