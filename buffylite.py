@@ -1480,15 +1480,20 @@ class _Store:
                 meta.insert(key=key, value=json.dumps(sorted(known))).on_conflict_replace().execute()
         return self.sensitive_names()[kind]
 
-    def sensitive_names(self) -> dict[str, frozenset[str]]:
+    def sensitive_names(self, *, fresh: bool = True) -> dict[str, frozenset[str]]:
         """The sensitive header and parameter names the file remembers, as
-        ``{"headers": ..., "params": ...}``; re-read only when the file changed (another
-        Cache object, in this process or another, may have added some)."""
+        ``{"headers": ..., "params": ..., "sets": (built-in + file header names, params)}``
+        (lower-case); re-read only when the file changed (another Cache object, in this
+        process or another, may have added some). ``fresh=False`` (the fetch hot path)
+        trusts what this thread read last unless ``request_and_ready_rows`` has seen the
+        file change since; the claim of a download checks afresh before writing."""
         self._ensure_same_process()
         local = self._local
+        remembered = getattr(local, "sensitive", None)
+        if not fresh and remembered is not None:
+            return remembered[1]
         with self._translated():
             stamp = (_sqlite_change_counter(self.db), getattr(local, "writes", 0))
-        remembered = getattr(local, "sensitive", None)
         if remembered is not None and remembered[0] == stamp:
             return remembered[1]
         meta = self.tables.meta
@@ -1501,6 +1506,8 @@ class _Store:
                 except (TypeError, ValueError):
                     raise CacheFileError(f"The sensitive {kind} names stored in {self.path} are damaged.",
                                          path=self.path) from None
+        # Built once per change: identities compare and hash this pair on every fetch.
+        names["sets"] = (SENSITIVE_HEADERS | names["headers"], names["params"])
         local.sensitive = (stamp, names)
         return names
 
@@ -1547,6 +1554,9 @@ class _Store:
         local = self._local
         with self._translated():
             stamp = (_sqlite_change_counter(self.db), getattr(local, "writes", 0))
+        sensitive = getattr(local, "sensitive", None)
+        if sensitive is not None and sensitive[0] != stamp:
+            local.sensitive = None  # The file changed: the next identity re-reads the names.
         memo = local.__dict__.setdefault("memo", {})
         remembered = memo.get(identity_key)
         if remembered is not None and remembered[0] == stamp:
@@ -2521,15 +2531,15 @@ class Cache:
     # --- identities and loading -------------------------------------------------
 
     def _identity(self, url, method="get", params=None, headers=None, body=None,
-                  group=DEFAULT_GROUP) -> _Identity:
-        names = self._store.sensitive_names()
-        sensitive, sensitive_params = SENSITIVE_HEADERS | names["headers"], names["params"]
+                  group=DEFAULT_GROUP, *, fresh: bool = True) -> _Identity:
+        sets = self._store.sensitive_names(fresh=fresh)["sets"]
+        sensitive, sensitive_params = sets
         if params or headers or body is not None:
             return _Identity(url, method, params, headers, body, group, salt=self._store.salt,
                              sensitive=sensitive, sensitive_params=sensitive_params)
         # The plain case (URL, method, group) is memoised: identities are immutable. The
         # sensitive names are part of the key: another Cache may add some to the file.
-        memo_key = (url, method, group, sensitive, sensitive_params)
+        memo_key = (url, method, group, sets)
         if not all(isinstance(part, str) for part in memo_key[:3]):
             return _Identity(url, method, None, None, None, group, salt=self._store.salt,
                              sensitive=sensitive)  # (raises InvalidRequestError)
@@ -2644,7 +2654,7 @@ class Cache:
         for name, value in (("prefer_pinned", prefer_pinned), ("force_pinned", force_pinned)):
             if value is not None and not isinstance(value, bool):
                 raise InvalidRequestError(f"{name} must be True, False or None, not {value!r}.")
-        identity = self._identity(url, method, params, headers, body, group)
+        identity = self._identity(url, method, params, headers, body, group, fresh=False)
         call = _FetchCall(
             identity=identity, description=description, documentation_link=documentation_link,
             configuration=self._coerce_configuration(cache_configuration),
@@ -2892,8 +2902,7 @@ class Cache:
         with self._store.writing() as t:
             # Checked where the request row is written: a name another Cache declared
             # since the identity was built must not be stored in clear.
-            names = self._store.sensitive_names()
-            if (SENSITIVE_HEADERS | names["headers"], names["params"]) != identity.sensitive_sets:
+            if self._store.sensitive_names()["sets"] != identity.sensitive_sets:
                 raise _SensitiveNamesChanged()
             now = _now()
             request = self._find_request(t, identity)
