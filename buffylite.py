@@ -1746,7 +1746,7 @@ class _AttemptError(Exception):
     ``retry_after`` is the origin's requested pause in seconds (or None)."""
 
     def __init__(self, message: str, *, status_code: int | None = None, retryable: bool,
-                 retry_after: float | None = None, cause: BaseException | None = None):
+                 retry_after: float | None = None, cause: object = None):
         super().__init__(message)
         self.status_code = status_code
         self.retryable = retryable
@@ -1772,6 +1772,7 @@ class _HttpClient:
         self._pid = os.getpid()
         self._direct = urllib3.PoolManager()
         self._proxied: dict[str, urllib3.ProxyManager] = {}
+        self._proxy_passwords: set[str] = set()  # masked in every message
         self._lock = threading.Lock()
 
     def _manager_for(self, url: str) -> urllib3.PoolManager:
@@ -1789,6 +1790,9 @@ class _HttpClient:
                 auth = urllib3.util.parse_url(proxy).auth
                 proxy_headers = urllib3.make_headers(
                     proxy_basic_auth=urllib.parse.unquote(auth)) if auth else None
+                if auth and ":" in auth:
+                    password = auth.partition(":")[2]
+                    self._proxy_passwords |= {password, urllib.parse.unquote(password)} - {""}
                 self._proxied[proxy] = urllib3.ProxyManager(proxy, proxy_headers=proxy_headers)
             return self._proxied[proxy]
 
@@ -1800,6 +1804,21 @@ class _HttpClient:
         (scheme, host or port differ) on a redirect, beyond urllib3's Authorization,
         Cookie and Proxy-Authorization.
         """
+        try:
+            return self._send(method, url, headers, body, strip_on_redirect)
+        except _AttemptError as error:
+            if not self._proxy_passwords:
+                raise
+            # A proxy URL with its password may be quoted by the error: mask it.
+            message, cause = str(error), str(error.cause) if error.cause is not None else None
+            for password in self._proxy_passwords:
+                message = message.replace(password, MASK)
+                cause = cause.replace(password, MASK) if cause is not None else None
+            raise _AttemptError(message, status_code=error.status_code, retryable=error.retryable,
+                                retry_after=error.retry_after, cause=cause) from None
+
+    def _send(self, method: str, url: str, headers: dict, body: bytes | None,
+              strip_on_redirect: frozenset) -> urllib3.BaseHTTPResponse:
         if not any(name.lower() == "user-agent" for name in headers):
             headers = {**headers, "User-Agent": self.user_agent}
         retries = _URLLIB3_RETRY

@@ -4003,6 +4003,20 @@ def test_sensitive_params_are_sent_but_stored_as_digests_and_masked(fault_origin
         assert value not in _hostile_texts_of(texts), value
 
 
+def test_proxy_passwords_never_appear_in_errors_or_logs(fault_origin, fault_env, fault_open_cache, caplog):
+    """§14: the password of a proxy named by HTTP_PROXY is masked in errors and log records."""
+    fault_env.setenv("HTTP_PROXY", f"http://user:PROXYPASS-77@{urlsplit(cli_closed_port_url()).netloc}")
+    fault_env.delenv("NO_PROXY", raising=False)
+    fault_env.delenv("no_proxy", raising=False)
+    cache = fault_open_cache(retries=0)
+    with caplog.at_level(logging.DEBUG, logger="buffylite"), pytest.raises(buffylite.FetchError) as info:
+        cache.fetch(fault_origin.url("/via-proxy"))
+    texts = [str(info.value), repr(info.value), str(info.value.cause)]
+    texts += [record.getMessage() for record in caplog.records if record.name.startswith("buffylite")]
+    assert fault_origin.hits() == []  # it really went to the (closed) proxy
+    assert "PROXYPASS-77" not in "\n".join(texts)
+
+
 # --- full disk (SPEC §14) ---
 
 
