@@ -435,6 +435,17 @@ _HOSTNAME = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Z
                        r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?", re.ASCII)
 
 
+def _is_storable_text(value) -> bool:
+    """True when ``value`` is a str that UTF-8 can encode (no lone surrogates)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _has_line_break_or_nul(text: str) -> bool:
     return "\r" in text or "\n" in text or "\x00" in text
 
@@ -664,7 +675,10 @@ def _encode_body(body: dict | list | bytes | str | None) -> tuple[str | None, by
     if isinstance(body, (bytes, bytearray, memoryview)):
         return "bytes", bytes(body)
     if isinstance(body, str):
-        return "text", body.encode("utf-8")
+        try:
+            return "text", body.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequestError("body is not valid Unicode text (it has a lone surrogate).") from None
     if isinstance(body, (dict, list)):
         return "json", _canonical_json(body).encode("utf-8")
     raise InvalidRequestError(f"body must be a dict (sent as JSON), bytes or str, not {type(body).__name__}.")
@@ -1959,6 +1973,11 @@ class _Identity:
         if not isinstance(group, str) or not group or not group.isprintable():
             raise InvalidRequestError(f"group must be a non-empty printable string, not {group!r}.")
         self.params = dict(params) if params else None
+        if self.params:
+            try:  # What request_url() will do: it must not fail after rows were written.
+                urllib.parse.urlencode(self.params, doseq=True)
+            except (TypeError, ValueError) as exc:
+                raise InvalidRequestError(f"params cannot be encoded into a query string: {exc}.") from None
         self.send_headers = {_check_header(name, value): value for name, value in (headers or {}).items()}
         self.send_url, credentials = _split_credentials(url)
         #: Clear-text secrets of this call, for scrubbing them out of error messages.
@@ -2668,8 +2687,9 @@ class Cache:
         match ``expected_hash`` and no cached version does), CacheFileError.
         """
         for name, value in (("description", description), ("documentation_link", documentation_link)):
-            if value is not None and not isinstance(value, str):
-                raise InvalidRequestError(f"{name} must be a str or None, not {type(value).__name__}.")
+            if value is not None and not _is_storable_text(value):
+                raise InvalidRequestError(f"{name} must be a str of valid Unicode text or None, not "
+                                          f"{type(value).__name__}.")
         for name, value in (("prefer_pinned", prefer_pinned), ("force_pinned", force_pinned)):
             if value is not None and not isinstance(value, bool):
                 raise InvalidRequestError(f"{name} must be True, False or None, not {value!r}.")

@@ -62,7 +62,7 @@ from urllib.parse import urlsplit
 import pydantic
 import pytest
 import urllib3
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
                                  run_state_machine_as_test)
@@ -780,7 +780,7 @@ HOSTILE_NUMBERS = st.one_of(
 #: Strings with what breaks header lines, file formats and digit checks.
 HOSTILE_TEXT = st.text(alphabet=st.one_of(
     st.sampled_from(list("\x00\r\n\t :;,/\\\"'=?&#%@[]") + ["\u00e9", "\u2615", "\u0663", "\u00b2",
-                                                             "\u2028", "\u200b", "\U0001f600"]),
+                                                             "\u2028", "\u200b", "\U0001f600", "\ud800"]),
     st.characters(codec="utf-8"), st.sampled_from("aZ09-_.")), max_size=24)
 
 
@@ -902,12 +902,18 @@ def _hostile_text_call(entry: str, text: str, cache, url, made_dir):
         return cache.fetch(url, expected_hash=text, offline=True)
     if entry == "hash_type":
         return cache.fetch(url, validation_hash_type=text, offline=True)
+    if entry == "params.value":
+        return cache.fetch(url, params={"q": text}, offline=True)
+    if entry == "body":
+        return cache.fetch(url, method="post", body=text, offline=True)
+    if entry == "description":  # stored: a new request downloads, an old one is updated
+        return cache.fetch(url, description=text)
     raise AssertionError(entry)
 
 
 HOSTILE_TEXT_ENTRIES = ["header.value", "header.name", "user_agent", "sensitive_headers", "url.host",
                         "url.path", "group", "tag", "force_tag", "force_version", "expected_hash",
-                        "hash_type"]
+                        "hash_type", "params.value", "body", "description"]
 
 
 def test_hostile_strings_work_or_are_rejected_writing_nothing(cache, cache_path, origin, tmp_path):
@@ -925,6 +931,13 @@ def test_hostile_strings_work_or_are_rejected_writing_nothing(cache, cache_path,
     @settings(max_examples=260, deadline=None, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(entry=st.sampled_from(HOSTILE_TEXT_ENTRIES), text=HOSTILE_TEXT)
+    @example(entry="description", text="lone \ud800")
+    @example(entry="params.value", text="\udcff")
+    @example(entry="body", text="\ud800")
+    @example(entry="header.value", text="a\r\nInjected: yes")
+    @example(entry="user_agent", text="agent\x00")
+    @example(entry="url.host", text="exa mple")
+    @example(entry="force_version", text="\u0663" * 20)
     def check(entry, text):
         seen["examples"] += 1
         before = hostile_snapshot(cache_path)
