@@ -87,11 +87,13 @@ import argparse
 import base64
 import bisect
 import bz2
+import codecs
 import contextlib
 import dataclasses
 import datetime as dt
 import email.message
 import email.utils
+import errno
 import gzip
 import hashlib
 import hmac
@@ -194,9 +196,6 @@ MAX_BACKOFF_SEC = MAX_FRESHNESS_SEC = 100 * 365.25 * 86400
 #: A Retry-After may extend the failure backoff by at most this much: an origin's
 #: far-future date must not put a request out of reach of its users for good.
 MAX_RETRY_AFTER_BACKOFF_SEC = 86400.0
-#: Most retries a single fetch may ask for, and the longest per-call timeout (s).
-MAX_RETRIES = 100
-MAX_TIMEOUT_SEC = 86400.0
 #: Response headers that decide freshness under the ``http`` strategy (RFC 9111),
 #: stored with each version.
 CACHING_HEADERS = ("cache-control", "expires", "date", "age")
@@ -264,8 +263,26 @@ UNPACKED_DIR_SUFFIX = ".unpacked"
 STALE_TEMP_SEC = 3600.0
 #: Longest symbolic link target read from a zip member.
 MAX_LINK_TARGET_BYTES = 4096
+#: Longest duration, in seconds, accepted anywhere (strategy intervals, leases,
+#: pin_for): about 100 years, so every end time stays far inside what datetimes
+#: (year 9999) and the file can hold.
+MAX_DURATION_SEC = 100 * 365.25 * 86400
+#: Longest network timeout, backoff cap and download lease, in seconds (one day).
+MAX_NETWORK_WAIT_SEC = 86400.0
+#: Most retries after the first attempt of a download.
+MAX_RETRIES = 100
+#: Most versions the garbage collector can be told to keep per request.
+MAX_KEPT_VERSIONS = 1_000_000
+#: Longest file name, in bytes of UTF-8, that the sanitiser returns (common file system limit).
+MAX_FILENAME_BYTES = 255
+#: Latest moment a stored time may name (a datetime ends at year 9999).
+_MAX_TIMESTAMP = dt.datetime(9999, 12, 31, tzinfo=dt.timezone.utc).timestamp()
+#: What a masked secret looks like in messages, logs, reprs and command-line output.
+MASK = "***"
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+#: SQLite's primary result code for "database or disk is full".
+_SQLITE_FULL = 13
 #: The process's umask, read once at import (reading it means setting it).
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -337,6 +354,21 @@ class InvalidRequestError(BuffyliteError, ValueError):
 # ---------------------------------------------------------------------------
 
 
+def _is_out_of_space(exc: BaseException | None) -> bool:
+    """Does ``exc`` (or what caused it) say the disk or quota is full?"""
+    for _ in range(8):  # a short cause chain; bounded in case of a cycle
+        if exc is None:
+            return False
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(exc, sqlite3.Error) and (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == _SQLITE_FULL:
+            return True
+        if "disk is full" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _now() -> float:
     """Current time as a Unix timestamp (the unit of every stored time)."""
     return time.time()
@@ -386,6 +418,8 @@ def _default_cache_path() -> pathlib.Path:
 
 def _check_hash_type(name: str) -> str:
     """Return ``name`` lower-cased if hashlib knows it, else raise InvalidRequestError."""
+    if not isinstance(name, str):
+        raise InvalidRequestError(f"A hash type must be a str such as 'sha256', not {type(name).__name__}.")
     normalized = name.lower()
     if normalized not in hashlib.algorithms_available:
         raise InvalidRequestError(
@@ -397,6 +431,8 @@ def _check_hash_type(name: str) -> str:
 
 def _parse_expected_hash(value: str) -> tuple[str | None, str]:
     """``"sha256:<hex>"`` or ``"<hex>"`` -> (algorithm or None, lower-case hex)."""
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"expected_hash must be a str, not {type(value).__name__}.")
     algorithm, sep, digest = value.strip().rpartition(":")
     digest = digest.lower()
     if not digest or any(char not in "0123456789abcdef" for char in digest):
@@ -405,22 +441,133 @@ def _parse_expected_hash(value: str) -> tuple[str | None, str]:
     return (_check_hash_type(algorithm) if sep else None), digest
 
 
+def _check_seconds(name: str, value, *, maximum: float = MAX_DURATION_SEC,
+                   allow_zero: bool = True) -> float:
+    """Return ``value`` as float seconds if it is a finite number in ``[0, maximum]``
+    (``(0, maximum]`` without ``allow_zero``), else raise InvalidRequestError.
+    The one check for every duration a caller passes."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequestError(f"{name} must be a number of seconds, not {value!r}.")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf
+    if not (0.0 < seconds <= maximum or (allow_zero and seconds == 0.0)):
+        low = "0 <=" if allow_zero else "0 <"
+        raise InvalidRequestError(f"{name} must be a finite number of seconds with {low} {name} <= "
+                                  f"{maximum:g}, not {value!r}.")
+    return seconds
+
+
+def _check_count(name: str, value, *, minimum: int, maximum: int) -> int:
+    """Return ``value`` if it is an int (not a bool) in ``[minimum, maximum]``, else raise
+    InvalidRequestError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise InvalidRequestError(f"{name} must be an integer from {minimum} to {maximum}, not {value!r}.")
+    return value
+
+
+def _check_timeout(value) -> float | urllib3.Timeout:
+    """A timeout in seconds (0 < t <= one day) or a urllib3.Timeout whose parts are in that range."""
+    if isinstance(value, urllib3.Timeout):
+        for part in ("_connect", "_read", "total"):
+            given = getattr(value, part, None)
+            if isinstance(given, (int, float)) and not isinstance(given, bool):
+                _check_seconds(f"timeout.{part.lstrip('_')}", given, maximum=MAX_NETWORK_WAIT_SEC,
+                               allow_zero=False)
+        return value
+    return _check_seconds("timeout", value, maximum=MAX_NETWORK_WAIT_SEC, allow_zero=False)
+
+
+#: RFC 9110 ``token``: what a header name (and a method) may be made of.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: A host name: dot-separated labels of letters, digits, ``-`` and ``_`` (seen in the wild).
+_HOSTNAME = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)"
+                       r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?", re.ASCII)
+
+
+def _is_storable_text(value) -> bool:
+    """True when ``value`` is a str that UTF-8 can encode (no lone surrogates)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _has_line_break_or_nul(text: str) -> bool:
+    return "\r" in text or "\n" in text or "\x00" in text
+
+
+def _is_valid_host(host: str) -> bool:
+    """A host name (international names in their IDNA form) or an IP literal."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])  # (an IPv6 zone id is allowed after %)
+        return True
+    except ValueError:
+        pass
+    try:
+        ascii_host = host.encode("idna").decode("ascii") if not host.isascii() else host
+    except UnicodeError:
+        return False
+    return _HOSTNAME.fullmatch(ascii_host) is not None
+
+
 def _check_url(url: str) -> str:
-    """Return ``url`` if it is an absolute http(s) URL, else raise InvalidRequestError."""
+    """Return ``url`` if it is an absolute http(s) URL that can be sent, else raise
+    InvalidRequestError (a valid host name or IP literal; no whitespace, NUL or
+    control characters anywhere). Messages never show a password in the URL."""
     if not isinstance(url, str) or not url.strip():
-        raise InvalidRequestError(f"URL must be a non-empty string, got {url!r}.")
+        raise InvalidRequestError(f"URL must be a non-empty string, not {type(url).__name__} "
+                                  f"{_mask_url(url) if isinstance(url, str) else '(not shown)'}.")
     url = url.strip()
+    shown = _mask_url(url)
+    if not url.isprintable():
+        raise InvalidRequestError(f"URL {shown!r} contains control or other unprintable characters "
+                                  "(NUL, CR, LF, tabs...).")
     try:
         parsed = urllib.parse.urlsplit(url)
         host = parsed.hostname
         parsed.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError as exc:
-        raise InvalidRequestError(f"URL {url!r} cannot be parsed: {exc}.") from exc
+        raise InvalidRequestError(f"URL {shown!r} cannot be parsed: {_mask_url(str(exc))}.") from None
     if parsed.scheme.lower() not in ("http", "https"):
-        raise InvalidRequestError(f"URL {url!r} is not http or https; only those are fetched.")
+        raise InvalidRequestError(f"URL {shown!r} is not http or https; only those are fetched.")
     if not host:
-        raise InvalidRequestError(f"URL {url!r} has no host.")
+        raise InvalidRequestError(f"URL {shown!r} has no host.")
+    if not _is_valid_host(host):
+        raise InvalidRequestError(f"URL {shown!r} has an invalid host {host!r}: not a host name "
+                                  "or an IP address.")
     return url
+
+
+def _mask_url(url: str, sensitive_params: frozenset | set = frozenset()) -> str:
+    """``url`` fit to show: the password (``user:***@host``) and the values of query
+    parameters named in ``sensitive_params`` (lower-case) replaced by ``***``. Never raises."""
+    if not isinstance(url, str):
+        return repr(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            user, has_password, _ = userinfo.partition(":")
+            netloc = f"{user}:{MASK}@{hostport}" if has_password else f"{userinfo}@{hostport}"
+        query = parts.query
+        if query and sensitive_params:
+            pairs = []
+            for pair in query.split("&"):
+                name, equals, value = pair.partition("=")
+                if urllib.parse.unquote_plus(name).lower() in sensitive_params:
+                    value = MASK
+                pairs.append(f"{name}{equals}{value}")
+            query = "&".join(pairs)
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+    except ValueError:
+        # Unparsable: hide anything between "//" and "@" that could be a password.
+        return re.sub(r"(//[^/@:]*:)[^/@]*@", rf"\g<1>{MASK}@", url)
 
 
 def _split_credentials(url: str) -> tuple[str, str | None]:
@@ -434,50 +581,101 @@ def _split_credentials(url: str) -> tuple[str, str | None]:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), credentials
 
 
+def _is_sendable_header_value(value: str) -> bool:
+    """True when ``value`` can go on an HTTP header line: no NUL, CR or LF, Latin-1 only."""
+    if _has_line_break_or_nul(value):
+        return False
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_header(name, value) -> str:
     """Return ``name`` if ``name: value`` can be sent as an HTTP header, else raise
-    InvalidRequestError (no line breaks, Latin-1 only, a token-like name)."""
+    InvalidRequestError: the name an RFC 9110 token, the value without NUL, CR or LF and
+    Latin-1 only. The one check for request headers and the user agent."""
     if not isinstance(name, str) or not isinstance(value, str):
         raise InvalidRequestError(f"Header {name!r} must have a str name and a str value.")
-    if not name or any(char in name for char in ": \t\r\n") or any(char in value for char in "\r\n"):
-        raise InvalidRequestError(f"Header {name!r} is not a valid header line (empty name, a colon, "
-                                  "space or line break).")
-    try:
-        (name + value).encode("latin-1")
-    except UnicodeEncodeError as exc:
-        raise InvalidRequestError(f"Header {name!r} has characters HTTP headers cannot carry "
-                                  "(only Latin-1).") from exc
+    if not _TOKEN.fullmatch(name):
+        raise InvalidRequestError(f"Header name {name!r} is not an HTTP token (letters, digits and "
+                                  "!#$%&'*+-.^_`|~ only).")
+    if _has_line_break_or_nul(value):
+        raise InvalidRequestError(f"The value of header {name!r} contains a NUL, CR or LF.")
+    if not _is_sendable_header_value(value):
+        raise InvalidRequestError(f"The value of header {name!r} has characters HTTP headers cannot "
+                                  "carry (only Latin-1).")
     return name
 
 
-def _sanitize_filename(name: str | None) -> str | None:
-    """A bare file name safe to join under a directory, or None when nothing usable is left.
+#: Characters no file name keeps: separators and what Windows forbids.
+_FILENAME_FORBIDDEN = frozenset('/\\:*?"<>|')
+#: Leading or trailing dots and white space, removed whole (so the result is a fixed point).
+_FILENAME_EDGES = re.compile(r"^[\s.]+|[\s.]+$")
+#: An extension is kept through a cut only when it is at most this many bytes.
+_MAX_EXTENSION_BYTES = 32
 
-    Keeps only the last path component (either slash), drops control characters and
-    leading dots, so the result can never name a parent, an absolute path or a hidden file.
+
+def _cut_utf8(text: str, limit: int) -> str:
+    """The longest prefix of ``text`` whose UTF-8 form has at most ``limit`` bytes."""
+    return text.encode("utf-8")[:max(limit, 0)].decode("utf-8", "ignore")
+
+
+def _sanitize_filename(name: str | None) -> str | None:
+    """A bare file name safe to create inside a directory, or None when nothing usable is left.
+
+    Keeps the last path component (either slash); drops control, format and other
+    unprintable characters and those Windows forbids; removes leading and trailing
+    dots and white space (so never ``.``, ``..`` or a hidden name); cuts to 255 bytes
+    of UTF-8 at a character boundary, keeping a short extension. Idempotent:
+    ``_sanitize_filename(_sanitize_filename(x)) == _sanitize_filename(x)``.
     """
-    if not name:
+    if not isinstance(name, str) or not name:
         return None
     last = name.replace("\\", "/").rsplit("/", 1)[-1]
-    cleaned = "".join(char for char in last if char.isprintable() and char not in ':*?"<>|')
-    cleaned = cleaned.strip().lstrip(".").strip()
-    return cleaned[:255] or None
+    cleaned = _FILENAME_EDGES.sub("", "".join(
+        char for char in last if char.isprintable() and char not in _FILENAME_FORBIDDEN))
+    if len(cleaned.encode("utf-8")) > MAX_FILENAME_BYTES:
+        stem, dot, extension = cleaned.rpartition(".")
+        extension = dot + extension
+        if not stem or len(extension.encode("utf-8")) > _MAX_EXTENSION_BYTES:
+            stem, extension = cleaned, ""
+        stem = _FILENAME_EDGES.sub("", _cut_utf8(stem, MAX_FILENAME_BYTES - len(extension.encode("utf-8"))))
+        cleaned = _FILENAME_EDGES.sub("", stem + extension) if stem else ""
+    return cleaned or None
 
 
 def _filename_from_content_disposition(value: str | None) -> str | None:
-    """File name from a Content-Disposition header; ``filename*`` wins over ``filename`` (RFC 6266)."""
-    if not value:
+    """File name from a Content-Disposition header; ``filename*`` wins over ``filename``
+    (RFC 6266). Whatever the origin sent, returns a str or None (never raises): an
+    unknown or unusable charset falls back to Latin-1 (RFC 8187 allows only UTF-8 and
+    ISO-8859-1), a header that cannot be parsed gives None."""
+    if not value or not isinstance(value, str):
         return None
-    message = email.message.Message()
-    message["Content-Disposition"] = value
     plain = extended = None
-    for key, param in message.get_params(header="content-disposition", failobj=[])[1:]:
-        if key.lower() != "filename":
+    try:
+        message = email.message.Message()
+        message["Content-Disposition"] = value
+        params = message.get_params(header="content-disposition", failobj=[])[1:]
+    except Exception:  # noqa: BLE001 - an origin's header must never break a download
+        return None
+    for key, param in params:
+        if not isinstance(key, str) or key.lower() != "filename":
             continue
         if isinstance(param, tuple):  # filename*=charset'lang'value, RFC 2231/5987
-            extended = email.utils.collapse_rfc2231_value(param)
-        else:
-            plain = param
+            charset, _language, text = param
+            # email has already percent-decoded the value, one character per byte.
+            raw = (text or "").encode("raw-unicode-escape")
+            charset = (charset or "").strip().lower()
+            try:
+                # Only real text encodings: "idna", "rot13" or "hex" are codecs, not charsets.
+                codec = codecs.lookup(charset) if charset else None
+                extended = raw.decode(codec.name if codec and codec._is_text_encoding else "utf-8")
+            except (LookupError, UnicodeError):
+                extended = raw.decode("latin-1")
+        elif isinstance(param, str):
+            plain = email.utils.collapse_rfc2231_value(param)
     return extended or plain or None
 
 
@@ -486,22 +684,34 @@ def _guess_filename(content_disposition: str | None, url: str, media_type: str |
     name = _sanitize_filename(_filename_from_content_disposition(content_disposition))
     if name:
         return name
-    path = urllib.parse.urlsplit(url).path
+    try:
+        path = urllib.parse.urlsplit(url).path
+    except ValueError:
+        path = ""
     name = _sanitize_filename(urllib.parse.unquote(path.rsplit("/", 1)[-1]))
     if name:
         return name
-    extension = mimetypes.guess_extension(media_type) if media_type else None
-    return FALLBACK_FILENAME + extension if extension else None
+    try:
+        extension = mimetypes.guess_extension(media_type) if media_type else None
+    except Exception:  # noqa: BLE001 - any media type string an origin sends
+        extension = None
+    return _sanitize_filename(FALLBACK_FILENAME + extension) if extension else None
 
 
 def _parse_http_date(value: str | None) -> float | None:
-    """HTTP date header -> Unix timestamp, or None when absent or unparsable."""
-    if not value:
+    """HTTP date header -> Unix timestamp, or None when absent, unparsable, or outside
+    what a datetime can hold in UTC (years 1970 to 9999)."""
+    if not value or not isinstance(value, str):
         return None
     try:
-        return email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError):
+        moment = email.utils.parsedate_to_datetime(value)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.timezone.utc)
+        timestamp = moment.timestamp()
+        _to_datetime(timestamp)  # must read back
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
         return None
+    return timestamp if 0 <= timestamp < _MAX_TIMESTAMP else None
 
 
 #: RFC 9111 §1.2.2: delta-seconds beyond what a cache can count are this many.
@@ -581,7 +791,10 @@ def _encode_body(body: dict | list | bytes | str | None) -> tuple[str | None, by
     if isinstance(body, (bytes, bytearray, memoryview)):
         return "bytes", bytes(body)
     if isinstance(body, str):
-        return "text", body.encode("utf-8")
+        try:
+            return "text", body.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequestError("body is not valid Unicode text (it has a lone surrogate).") from None
     if isinstance(body, (dict, list)):
         return "json", _canonical_json(body).encode("utf-8")
     raise InvalidRequestError(f"body must be a dict (sent as JSON), bytes or str, not {type(body).__name__}.")
@@ -598,13 +811,23 @@ def _decode_body(kind: str | None, raw: bytes | None) -> Any:
     return bytes(raw)
 
 
+#: Text codecs Python knows that are no charset a document can be in.
+_NOT_CHARSETS = frozenset({"idna", "punycode", "raw-unicode-escape", "unicode-escape", "mbcs", "oem"})
+
+
 def _charset_of(media_type_header: str | None) -> str | None:
     """The ``charset`` parameter of a Content-Type header, if any."""
     if not media_type_header:
         return None
-    message = email.message.Message()
-    message["Content-Type"] = media_type_header
-    return message.get_content_charset()
+    try:
+        message = email.message.Message()
+        message["Content-Type"] = media_type_header
+        charset = message.get_content_charset()
+        # An origin may name a codec that is no charset ("rot13", "idna"): ignore it.
+        codec = codecs.lookup(charset) if charset else None
+        return charset if codec and codec._is_text_encoding and codec.name not in _NOT_CHARSETS else None
+    except Exception:  # noqa: BLE001 - any Content-Type an origin sends
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -627,6 +850,24 @@ class _Strategy(_Model):
     strategy_name: str
 
 
+#: A duration field of a model: finite, 0 to MAX_DURATION_SEC seconds.
+Seconds = Annotated[float, Field(ge=0, le=MAX_DURATION_SEC, allow_inf_nan=False)]
+
+
+def _validation_message(error: pydantic.ValidationError) -> str:
+    """A pydantic error as one sentence naming each field at fault."""
+    return "; ".join(f"{'.'.join(map(str, item['loc'])) or 'value'}: {item['msg']}"
+                     for item in error.errors(include_url=False)) + "."
+
+
+def _build_model(model: type, **fields):
+    """``model(**fields)``, with a rejected value raised as InvalidRequestError (SPEC §12)."""
+    try:
+        return model(**fields)
+    except pydantic.ValidationError as exc:
+        raise InvalidRequestError(f"Invalid {model.__name__}: {_validation_message(exc)}") from None
+
+
 class ReCachingStrategy:
     """When ``fetch`` downloads again instead of serving the newest cached version (SPEC §6).
 
@@ -646,31 +887,31 @@ class ReCachingStrategy:
     @staticmethod
     def never() -> "NeverStrategy":
         """Download once; serve the cached version forever after."""
-        return NeverStrategy()
+        return _build_model(NeverStrategy)
 
     @staticmethod
     def age(seconds: float = 3600) -> "AgeStrategy":
         """Download again when the newest version was last validated more than ``seconds`` ago."""
-        return AgeStrategy(seconds=seconds)
+        return _build_model(AgeStrategy, seconds=seconds)
 
     @staticmethod
     def when_requested() -> "WhenRequestedStrategy":
         """Download on every fetch; serve the cached version if that fails."""
-        return WhenRequestedStrategy()
+        return _build_model(WhenRequestedStrategy)
 
     @staticmethod
     def when_remote_changed(check_interval_sec: float = 21600,
                             fallback_max_age_sec: float = 86400) -> "WhenRemoteChangedStrategy":
         """Ask the origin (conditional GET) at most every ``check_interval_sec``; without
         ETag/Last-Modified behave as ``age(fallback_max_age_sec)``."""
-        return WhenRemoteChangedStrategy(check_interval_sec=check_interval_sec,
-                                         fallback_max_age_sec=fallback_max_age_sec)
+        return _build_model(WhenRemoteChangedStrategy, check_interval_sec=check_interval_sec,
+                            fallback_max_age_sec=fallback_max_age_sec)
 
     @staticmethod
     def cron(cron: str = "0 0 * * *", run_at_start: bool = True) -> "CronStrategy":
         """Download when a tick of the cron expression passed since the last validation;
         with ``run_at_start`` also once per opened Cache. Needs ``buffylite[cron]``."""
-        return CronStrategy(cron=cron, run_at_start=run_at_start)
+        return _build_model(CronStrategy, cron=cron, run_at_start=run_at_start)
 
     @staticmethod
     def http(fallback_max_age_sec: float = 86400) -> "HttpStrategy":
@@ -693,7 +934,7 @@ class AgeStrategy(_Strategy):
     """Download again once the newest version is older than ``seconds``."""
 
     strategy_name: Literal["age"] = "age"
-    seconds: float = Field(3600, ge=0)
+    seconds: Seconds = 3600
 
 
 class WhenRequestedStrategy(_Strategy):
@@ -706,22 +947,35 @@ class WhenRemoteChangedStrategy(_Strategy):
     """Conditional GET at most every ``check_interval_sec``."""
 
     strategy_name: Literal["when_remote_changed"] = "when_remote_changed"
-    check_interval_sec: float = Field(21600, ge=0)
-    fallback_max_age_sec: float = Field(86400, ge=0)
+    check_interval_sec: Seconds = 21600
+    fallback_max_age_sec: Seconds = 86400
 
 
 class CronStrategy(_Strategy):
     """Download on the ticks of a cron expression (needs ``buffylite[cron]``)."""
 
     strategy_name: Literal["cron"] = "cron"
-    cron: str = "0 0 * * *"
+    cron: str = Field("0 0 * * *", max_length=1000)
     run_at_start: bool = True
 
     @pydantic.field_validator("cron")
     @classmethod
     def _check_expression(cls, value: str) -> str:
-        if _croniter is not None and not _croniter.croniter.is_valid(value):
+        if _croniter is None:
+            return value
+        try:
+            valid = _croniter.croniter.is_valid(value)
+        except Exception:  # noqa: BLE001 - any input croniter chokes on is not a cron line
+            valid = False
+        if not valid:
             raise ValueError(f"{value!r} is not a valid cron expression")
+        # An expression may be valid and still never fire ("0 0 30 2 *"): such a
+        # strategy would fail on every later fetch, so it is refused now.
+        try:
+            tick = _croniter.croniter(value, dt.datetime.now(dt.timezone.utc)).get_next(float)
+            _to_datetime(tick)
+        except Exception:  # noqa: BLE001 - croniter's "no next date" errors vary by version
+            raise ValueError(f"cron expression {value!r} never fires") from None
         return value
 
 
@@ -743,8 +997,8 @@ class RequestCacheConfiguration(_Model):
     """How a request is cached: the re-caching strategy and how many versions the GC keeps (SPEC §5)."""
 
     recaching_strategy: AnyStrategy = Field(default_factory=WhenRemoteChangedStrategy)
-    max_cached_unpinned_versions: int = Field(2, ge=1)
-    max_cached_pinned_versions: int = Field(10, ge=0)
+    max_cached_unpinned_versions: int = Field(2, ge=1, le=MAX_KEPT_VERSIONS, strict=True)
+    max_cached_pinned_versions: int = Field(10, ge=0, le=MAX_KEPT_VERSIONS, strict=True)
 
 
 class Request(_Model):
@@ -932,34 +1186,67 @@ class Response(_Model):
                 dir: str | os.PathLike | None = None) -> pathlib.Path | None:  # noqa: A002 - SPEC name
         """Write the content to a path, a writable binary file, or a directory.
 
-        ``target`` a path: written atomically (temporary file + rename), the path is
-        returned. ``target`` a file object: the bytes are written to it, ``None`` is
-        returned. ``dir``: the file is named from ``content_attributes.filename``,
-        sanitised so it can never leave ``dir`` (fallback ``download``).
-        Raises InvalidRequestError when neither or both of ``target``/``dir`` are given.
+        ``target`` a path: a regular file (or nothing) there is replaced atomically
+        (temporary file + rename in the same directory; a replaced file keeps its
+        mode); a symlink is written through (its target is replaced); a FIFO or a
+        device is written into as ``open(path, "wb")`` would. The path is returned.
+        ``target`` a file object: the bytes are written to it, ``None`` is returned.
+        ``dir``: the file is named from ``content_attributes.filename``, sanitised so it
+        can never leave ``dir`` nor be hidden (fallback ``download``); whatever is at
+        that name (a symlink, FIFO or device too) is replaced, never followed.
+        Raises InvalidRequestError when neither or both of ``target``/``dir`` are given,
+        or ``target`` is a directory; OSError when the file system refuses the write.
         """
         if (target is None) == (dir is None):
             raise InvalidRequestError("save_to() needs exactly one of target or dir=.")
         cache, content_id = self._require_content()
         if hasattr(target, "write"):
-            with cache._store.open_content(content_id) as stream:
-                for piece in iter(lambda: stream.read(DEFAULT_CHUNK_SIZE_BYTES), b""):
-                    target.write(piece)
+            self._copy_content_to(cache, content_id, target)
             return None
         if dir is not None:
+            if not isinstance(dir, (str, os.PathLike)):
+                raise InvalidRequestError(f"dir must be a path, not {type(dir).__name__}.")
             directory = pathlib.Path(dir)
             directory.mkdir(parents=True, exist_ok=True)
+            # The origin chose this name: whatever is there (a symlink, a FIFO, a device)
+            # is replaced by the rename, never followed or written into.
             name = _sanitize_filename(self.content_attributes.filename) or FALLBACK_FILENAME
-            path = directory / name
-        else:
-            path = pathlib.Path(target)
+            return self._replace_atomically(cache, content_id, directory / name)
+        if not isinstance(target, (str, os.PathLike)):
+            raise InvalidRequestError(f"target must be a path or a writable binary file, not "
+                                      f"{type(target).__name__}.")
+        # The caller chose this path: it is written through a symlink, and into a FIFO or
+        # a device, as open(path, "wb") would; only a regular file (or nothing) is replaced.
+        path = pathlib.Path(os.path.realpath(target))
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            mode = None
+        if mode is not None and stat.S_ISDIR(mode):
+            raise InvalidRequestError(f"Cannot save the content of {self.url} to {target}: it is a directory.")
+        if mode is not None and not stat.S_ISREG(mode):
+            with open(path, "wb") as output:
+                self._copy_content_to(cache, content_id, output)
+            return pathlib.Path(target)
+        self._replace_atomically(cache, content_id, path, keep_mode=mode)
+        return pathlib.Path(target)
+
+    @staticmethod
+    def _copy_content_to(cache, content_id: int, output) -> None:
+        with cache._store.open_content(content_id) as stream:
+            for piece in iter(lambda: stream.read(DEFAULT_CHUNK_SIZE_BYTES), b""):
+                output.write(piece)
+
+    def _replace_atomically(self, cache, content_id: int, path: pathlib.Path, *,
+                            keep_mode: int | None = None) -> pathlib.Path:
+        """Write a temporary file beside ``path``, then rename it over ``path``."""
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temp_name = tempfile.mkstemp(prefix=".buffylite-", dir=path.parent)
         try:
-            with os.fdopen(handle, "wb") as output, cache._store.open_content(content_id) as stream:
-                for piece in iter(lambda: stream.read(DEFAULT_CHUNK_SIZE_BYTES), b""):
-                    output.write(piece)
-            os.chmod(temp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would.
+            with os.fdopen(handle, "wb") as output:
+                self._copy_content_to(cache, content_id, output)
+            # mkstemp makes 0600; give what open() would (or what the replaced file had).
+            os.chmod(temp_name, stat.S_IMODE(keep_mode) if keep_mode is not None else 0o666 & ~_UMASK)
             os.replace(temp_name, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -1413,20 +1700,50 @@ class _Store:
                 migrate(self)
                 _sqlite_mark_file(self.db, target_version)
 
-    def remember_sensitive_headers(self, names: set[str]) -> frozenset[str]:
-        """Add ``names`` to the sensitive header names kept in the file and return them
-        all: a request's identity must not depend on which Cache object opened the file."""
-        meta = self.tables.meta
-        with self.reading():
-            row = meta.get_or_none(meta.key == "sensitive_headers")
-        known = set(json.loads(row.value)) if row is not None else set()
+    def remember_sensitive_names(self, kind: str, names: set[str]) -> frozenset[str]:
+        """Add ``names`` (lower-case) to the sensitive names of ``kind`` ("headers" or
+        "params") kept in the file, and return them all: a request's identity, and what
+        is stored in clear, must not depend on which Cache object opened the file."""
+        meta, key = self.tables.meta, f"sensitive_{kind}"
+        known = self.sensitive_names()[kind]
         if not names <= known:
             with self.writing():
-                row = meta.get_or_none(meta.key == "sensitive_headers")
+                row = meta.get_or_none(meta.key == key)
                 known = set(json.loads(row.value)) if row is not None else set()
                 known |= names
-                meta.insert(key="sensitive_headers", value=json.dumps(sorted(known))).on_conflict_replace().execute()
-        return frozenset(known)
+                meta.insert(key=key, value=json.dumps(sorted(known))).on_conflict_replace().execute()
+        return self.sensitive_names()[kind]
+
+    def sensitive_names(self, *, fresh: bool = True) -> dict[str, frozenset[str]]:
+        """The sensitive header and parameter names the file remembers, as
+        ``{"headers": ..., "params": ..., "sets": (built-in + file header names, params)}``
+        (lower-case); re-read only when the file changed (another Cache object, in this
+        process or another, may have added some). ``fresh=False`` (the fetch hot path)
+        trusts what this thread read last unless ``request_and_ready_rows`` has seen the
+        file change since; the claim of a download checks afresh before writing."""
+        self._ensure_same_process()
+        local = self._local
+        remembered = getattr(local, "sensitive", None)
+        if not fresh and remembered is not None:
+            return remembered[1]
+        with self._translated():
+            stamp = (_sqlite_change_counter(self.db), getattr(local, "writes", 0))
+        if remembered is not None and remembered[0] == stamp:
+            return remembered[1]
+        meta = self.tables.meta
+        names = {}
+        with self.reading():
+            for kind in ("headers", "params"):
+                row = meta.get_or_none(meta.key == f"sensitive_{kind}")
+                try:
+                    names[kind] = frozenset(json.loads(row.value)) if row is not None else frozenset()
+                except (TypeError, ValueError):
+                    raise CacheFileError(f"The sensitive {kind} names stored in {self.path} are damaged.",
+                                         path=self.path) from None
+        # Built once per change: identities compare and hash this pair on every fetch.
+        names["sets"] = (SENSITIVE_HEADERS | names["headers"], names["params"])
+        local.sensitive = (stamp, names)
+        return names
 
     def schema_version(self) -> int:
         with self.reading():
@@ -1471,6 +1788,9 @@ class _Store:
         local = self._local
         with self._translated():
             stamp = (_sqlite_change_counter(self.db), getattr(local, "writes", 0))
+        sensitive = getattr(local, "sensitive", None)
+        if sensitive is not None and sensitive[0] != stamp:
+            local.sensitive = None  # The file changed: the next identity re-reads the names.
         memo = local.__dict__.setdefault("memo", {})
         remembered = memo.get(identity_key)
         if remembered is not None and remembered[0] == stamp:
@@ -1622,6 +1942,9 @@ class _DriverErrors:
     def __exit__(self, kind, exc, traceback) -> bool:
         if kind is not None and issubclass(kind, (peewee.DatabaseError, peewee.InterfaceError, sqlite3.Error)):
             path = self._store.path
+            if _is_out_of_space(exc):
+                raise CacheFileError(f"The cache file {path} cannot be written: the disk is full.",
+                                     path=path) from exc
             raise CacheFileError(f"The cache file {path} cannot be used: {exc}.", path=path) from exc
         return False
 
@@ -1788,12 +2111,18 @@ class _ContentStream(io.RawIOBase):
 # ---------------------------------------------------------------------------
 
 
+#: A Content-Length buffylite believes: ASCII digits, at most 18 of them (fits SQLite's integers).
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+#: ``Content-Range: bytes START-END/TOTAL`` (TOTAL may be ``*``), ASCII digits only.
+_CONTENT_RANGE = re.compile(r"bytes\s+([0-9]{1,18})-[0-9]{1,18}/([0-9]{1,18}|\*)", re.IGNORECASE)
+
+
 class _AttemptError(Exception):
     """One download attempt failed. ``retryable`` says whether another attempt may help;
     ``retry_after`` is the origin's requested pause in seconds (or None)."""
 
     def __init__(self, message: str, *, status_code: int | None = None, retryable: bool,
-                 retry_after: float | None = None, cause: BaseException | None = None):
+                 retry_after: float | None = None, cause: object = None):
         super().__init__(message)
         self.status_code = status_code
         self.retryable = retryable
@@ -1819,6 +2148,7 @@ class _HttpClient:
         self._pid = os.getpid()
         self._direct = urllib3.PoolManager()
         self._proxied: dict[str, urllib3.ProxyManager] = {}
+        self._proxy_passwords: set[str] = set()  # masked in every message
         self._lock = threading.Lock()
 
     def _manager_for(self, url: str) -> urllib3.PoolManager:
@@ -1836,18 +2166,46 @@ class _HttpClient:
                 auth = urllib3.util.parse_url(proxy).auth
                 proxy_headers = urllib3.make_headers(
                     proxy_basic_auth=urllib.parse.unquote(auth)) if auth else None
+                if auth and ":" in auth:
+                    password = auth.partition(":")[2]
+                    self._proxy_passwords |= {password, urllib.parse.unquote(password)} - {""}
                 self._proxied[proxy] = urllib3.ProxyManager(proxy, proxy_headers=proxy_headers)
             return self._proxied[proxy]
 
-    def send(self, method: str, url: str, headers: dict, body: bytes | None,
-             timeout: urllib3.Timeout | None = None) -> urllib3.BaseHTTPResponse:
-        """Send one request; the body is left unread. ``timeout`` overrides the Cache's
-        for this request. Raises _AttemptError."""
+    def send(self, method: str, url: str, headers: dict, body: bytes | None, *,
+             timeout: urllib3.Timeout | None = None,
+             strip_on_redirect: frozenset = frozenset()) -> urllib3.BaseHTTPResponse:
+        """Send one request; the body is left unread. Raises _AttemptError.
+
+        ``timeout`` overrides the Cache's for this request.
+        ``strip_on_redirect``: header names (lower-case) never sent to another origin
+        (scheme, host or port differ) on a redirect, beyond urllib3's Authorization,
+        Cookie and Proxy-Authorization.
+        """
+        try:
+            return self._send(method, url, headers, body, timeout, strip_on_redirect)
+        except _AttemptError as error:
+            if not self._proxy_passwords:
+                raise
+            # A proxy URL with its password may be quoted by the error: mask it.
+            message, cause = str(error), str(error.cause) if error.cause is not None else None
+            for password in self._proxy_passwords:
+                message = message.replace(password, MASK)
+                cause = cause.replace(password, MASK) if cause is not None else None
+            raise _AttemptError(message, status_code=error.status_code, retryable=error.retryable,
+                                retry_after=error.retry_after, cause=cause) from None
+
+    def _send(self, method: str, url: str, headers: dict, body: bytes | None,
+              timeout: urllib3.Timeout | None, strip_on_redirect: frozenset) -> urllib3.BaseHTTPResponse:
         if not any(name.lower() == "user-agent" for name in headers):
             headers = {**headers, "User-Agent": self.user_agent}
+        retries = _URLLIB3_RETRY
+        if strip_on_redirect:
+            retries = retries.new(remove_headers_on_redirect=set(Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT)
+                                  | set(strip_on_redirect))
         try:
             return self._manager_for(url).request(
-                method.upper(), url, headers=headers, body=body, retries=_URLLIB3_RETRY,
+                method.upper(), url, headers=headers, body=body, retries=retries,
                 timeout=timeout or self.timeout, preload_content=False, redirect=True)
         except urllib3.exceptions.MaxRetryError as exc:
             reason = exc.reason
@@ -1861,6 +2219,11 @@ class _HttpClient:
             raise _AttemptError(f"bad redirect location: {exc}", retryable=False, cause=exc) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise _AttemptError(f"request failed: {exc}", retryable=True, cause=exc) from exc
+        except (ValueError, TypeError, LookupError, UnicodeError, OverflowError) as exc:
+            # What an origin can make the HTTP stack choke on (a malformed Location, an
+            # odd status line or header): the download fails, the cache stays as it is.
+            raise _AttemptError(f"the origin's answer cannot be used: {exc}", retryable=False,
+                                cause=exc) from exc
 
     def close(self) -> None:
         self._direct.clear()
@@ -2528,50 +2891,108 @@ def _bytes_under(root: pathlib.Path) -> int:
 # ---------------------------------------------------------------------------
 
 
-class _Identity:
-    """A validated request identity: what makes two fetches the same request (§3)."""
+def _keyed_digest(salt: bytes, value: str) -> str:
+    """How a sensitive value is stored: ``hmac-sha256:<hex>`` keyed with the file's salt."""
+    return "hmac-sha256:" + hmac.new(salt, value.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
 
-    __slots__ = ("url", "method", "params", "send_headers", "body_kind", "body",
-                 "group", "key", "stored_headers")
+
+class _Identity:
+    """A validated request identity: what makes two fetches the same request (§3).
+
+    ``url`` is the URL as stored and shown: credentials moved to an Authorization
+    header, values of sensitive query parameters replaced by ``***``; ``send_url`` is
+    what goes on the wire. Sensitive header and parameter values take part in ``key``
+    only as keyed digests, and ``stored_headers``/``stored_params`` hold those digests.
+    """
+
+    __slots__ = ("url", "send_url", "method", "params", "stored_params", "send_headers",
+                 "body_kind", "body", "group", "key", "stored_headers", "secrets", "sensitive_sets",
+                 "arguments")
 
     def __init__(self, url, method, params, headers, body, group, *, salt: bytes,
-                 sensitive: frozenset):
-        self.url = _check_url(url)
+                 sensitive: frozenset, sensitive_params: frozenset = frozenset()):
+        #: What this identity was built from, to build it again if the sensitive names change.
+        self.arguments = (url, method, params, headers, body, group)
+        self.sensitive_sets = (sensitive, sensitive_params)
+        url = _check_url(url)
         if not isinstance(method, str) or method.lower() not in HTTP_METHODS:
             raise InvalidRequestError(f"method must be one of {', '.join(HTTP_METHODS)}, not {method!r}.")
         self.method = method.lower()
         if params is not None and not isinstance(params, dict):
             raise InvalidRequestError(f"params must be a dict, not {type(params).__name__}.")
+        if params and not all(isinstance(name, str) for name in params):
+            raise InvalidRequestError("params names must be strings.")
         if headers is not None and not isinstance(headers, dict):
             raise InvalidRequestError(f"headers must be a dict, not {type(headers).__name__}.")
-        if not isinstance(group, str) or not group:
-            raise InvalidRequestError(f"group must be a non-empty string, not {group!r}.")
+        if not isinstance(group, str) or not group or not group.isprintable():
+            raise InvalidRequestError(f"group must be a non-empty printable string, not {group!r}.")
         self.params = dict(params) if params else None
+        if self.params:
+            try:  # What request_url() will do: it must not fail after rows were written.
+                urllib.parse.urlencode(self.params, doseq=True)
+            except (TypeError, ValueError) as exc:
+                raise InvalidRequestError(f"params cannot be encoded into a query string: {exc}.") from None
         self.send_headers = {_check_header(name, value): value for name, value in (headers or {}).items()}
-        self.url, credentials = _split_credentials(self.url)
+        self.send_url, credentials = _split_credentials(url)
+        #: Clear-text secrets of this call, for scrubbing them out of error messages.
+        self.secrets: list[str] = []
         if credentials and not any(name.lower() == "authorization" for name in self.send_headers):
             # Sent as Basic auth (as requests does) and, like any Authorization, kept out of
             # the file in clear.
             self.send_headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
+        if credentials:
+            self.secrets.append(credentials.partition(":")[2])
         self.body_kind, self.body = _encode_body(body)
         self.group = group
         # Sensitive values take part in the identity only as keyed digests.
         self.stored_headers = {
-            name: ("hmac-sha256:" + hmac.new(salt, value.encode(), hashlib.sha256).hexdigest()
-                   if name.lower() in sensitive else value)
+            name: (_keyed_digest(salt, value) if name.lower() in sensitive else value)
             for name, value in self.send_headers.items()}
-        identity = [self.method, self.url, self.params,
+        self.secrets += [value for name, value in self.send_headers.items() if name.lower() in sensitive]
+        self.stored_params = self.params
+        url_digests: list = []
+        self.url = self.send_url
+        if sensitive_params:
+            if self.params and any(name.lower() in sensitive_params for name in self.params):
+                self.stored_params = {}
+                for name, value in self.params.items():
+                    if name.lower() in sensitive_params:
+                        values = value if isinstance(value, (list, tuple)) else [value]
+                        self.secrets += [str(item) for item in values]
+                        value = [_keyed_digest(salt, str(item)) for item in values] if isinstance(
+                            value, (list, tuple)) else _keyed_digest(salt, str(value))
+                    self.stored_params[name] = value
+            query = urllib.parse.urlsplit(self.send_url).query
+            for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+                if name.lower() in sensitive_params:
+                    url_digests.append([name.lower(), _keyed_digest(salt, value)])
+                    self.secrets.append(value)
+            if url_digests:
+                self.url = _mask_url(self.send_url, sensitive_params)
+        self.secrets = [secret for secret in self.secrets if len(secret) >= 3]
+        identity = [self.method, self.url, self.stored_params,
                     sorted((name.lower(), value) for name, value in self.stored_headers.items()),
                     self.body_kind, hashlib.sha256(self.body).hexdigest() if self.body is not None else None,
                     self.group]
+        if url_digests:
+            identity.append(url_digests)
         self.key = hashlib.sha256(_canonical_json(identity).encode()).hexdigest()
 
     def request_url(self) -> str:
-        """The URL with ``params`` encoded into its query string."""
+        """The URL sent: ``send_url`` with ``params`` encoded into its query string."""
         if not self.params:
-            return self.url
+            return self.send_url
         query = urllib.parse.urlencode(self.params, doseq=True)
-        return self.url + ("&" if urllib.parse.urlsplit(self.url).query else "?") + query
+        return self.send_url + ("&" if urllib.parse.urlsplit(self.send_url).query else "?") + query
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every clear-text secret of this call (in plain or URL-encoded
+        form) replaced by ``***``: for messages built from what the network said."""
+        text = str(text)
+        for secret in self.secrets:
+            for form in {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}:
+                text = text.replace(form, MASK)
+        return text
 
 
 @dataclasses.dataclass
@@ -2658,6 +3079,10 @@ class _DownloadFailure(Exception):
 
 class _LeaseLost(Exception):
     """Another process took over this download (our lease had expired)."""
+
+
+class _SensitiveNamesChanged(Exception):
+    """Another Cache declared sensitive names after this call built its identity."""
 
 
 def _is_leased(row, now: float) -> bool:
@@ -2826,7 +3251,8 @@ class _Transfer:
         while True:
             try:
                 response = cache._http.send(identity.method, url, self._headers_for_attempt(headers),
-                                            identity.body, self._call.timeout)
+                                            identity.body, timeout=self._call.timeout,
+                                            strip_on_redirect=cache._sensitive)
                 try:
                     result = self._receive(response)
                 except BaseException:
@@ -2850,7 +3276,8 @@ class _Transfer:
                         backs_off, error.retry_after) from error
                 wait = (error.retry_after if error.retry_after is not None
                         else _backoff_seconds(attempt, cache._max_retry_wait))
-                log.info("Attempt %d for %s failed (%s); retrying in %.1f s.", attempt + 1, url, error, wait)
+                log.info("Attempt %d for %s failed (%s); retrying in %.1f s.", attempt + 1, identity.url,
+                         identity.scrub(str(error)), wait)
                 time.sleep(wait)  # The lease keeper renews the lease meanwhile.
                 attempt += 1
 
@@ -2928,39 +3355,58 @@ class _Transfer:
 
     @staticmethod
     def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
-        """``bytes START-END/TOTAL`` -> (START, TOTAL or None)."""
-        try:
-            unit, _, spec = (value or "").partition(" ")
-            span, _, total = spec.partition("/")
-            return int(span.split("-")[0]), (int(total) if total.isdigit() else None)
-        except ValueError:
+        """``bytes START-END/TOTAL`` -> (START, TOTAL or None); (None, None) when malformed."""
+        match = _CONTENT_RANGE.fullmatch((value or "").strip())
+        if match is None:
             return None, None
+        return int(match[1]), (int(match[2]) if match[2] != "*" else None)
 
     def _begin(self, response: urllib3.BaseHTTPResponse) -> None:
-        """A full body starts: record its attributes and whether it could be resumed."""
-        headers = response.headers
-        media_type = headers.get("Content-Type")
-        last_modified = _parse_http_date(headers.get("Last-Modified"))
-        final_url = getattr(response, "url", None) or self._call.identity.url
-        self._attributes = ResponseContentAttributes(
-            media_type=media_type, etag=headers.get("ETag"),
-            last_modified_datetime_utc=_to_datetime(last_modified),
-            filename=_guess_filename(headers.get("Content-Disposition"), final_url,
-                                     (media_type or "").split(";")[0].strip() or None),
-            content_disposition=headers.get("Content-Disposition"),
-        ).model_dump(mode="json")
-        length = headers.get("Content-Length")
-        self._sink.total = int(length) if length and length.isdigit() and not headers.get(
-            "Content-Encoding") else None
-        self._validators = ({"etag": (headers.get("ETag") if not (headers.get("ETag") or "").startswith("W/")
-                                      else None),
-                             "last_modified": headers.get("Last-Modified"), "total": self._sink.total}
-                            if _is_resumable(headers) else None)
+        """A full body starts: record its attributes and whether it could be resumed.
+
+        Whatever the origin sent is either used or ignored here: a value that could not
+        be sent back (a validator with a line break) or read back later (a date past
+        year 9999, a length in other digits than 0-9) is dropped, never stored.
+        """
+        try:
+            self._read_attributes(response)
+        except (ValueError, TypeError, LookupError, UnicodeError, OverflowError) as exc:
+            raise _AttemptError(f"the origin's headers cannot be used: {exc}", retryable=False,
+                                cause=exc) from exc
         with self._cache._store.writing() as t:
             t.version.update(status="in_progress", content_attributes=json.dumps(self._attributes),
                              resume_from=json.dumps(self._validators) if self._validators else None,
                              download_stats=json.dumps(self._stats())).where(
                 (t.version.id == self._claim.row_id) & (t.version.lease_owner == self._claim.owner)).execute()
+
+    def _read_attributes(self, response: urllib3.BaseHTTPResponse) -> None:
+        """Content attributes, expected length and resume validators from the headers."""
+        headers = response.headers
+
+        def usable(name: str, limit: int = 8192) -> str | None:
+            value = headers.get(name)
+            return value if value and len(value) <= limit and _is_sendable_header_value(value) else None
+
+        media_type, etag, disposition = usable("Content-Type"), usable("ETag"), usable("Content-Disposition")
+        last_modified = _parse_http_date(usable("Last-Modified"))
+        final_url = getattr(response, "url", None) or self._call.identity.url
+        self._attributes = ResponseContentAttributes(
+            media_type=media_type, etag=etag,
+            last_modified_datetime_utc=_to_datetime(last_modified),
+            filename=_guess_filename(disposition, final_url,
+                                     (media_type or "").split(";")[0].strip() or None),
+            content_disposition=disposition,
+        ).model_dump(mode="json")
+        length = (headers.get("Content-Length") or "").strip()
+        self._sink.total = (int(length) if _CONTENT_LENGTH.fullmatch(length)
+                            and not headers.get("Content-Encoding") else None)
+        resumable = _is_resumable(headers) and (etag or last_modified is not None)
+        self._validators = ({"etag": etag if not (etag or "").startswith("W/") else None,
+                             "last_modified": usable("Last-Modified") if last_modified is not None else None,
+                             "total": self._sink.total}
+                            if resumable else None)
+        if self._validators is not None and not (self._validators["etag"] or self._validators["last_modified"]):
+            self._validators = None
 
     def _stats(self) -> dict:
         duration = max(_now() - self._started, 1e-9)
@@ -2972,8 +3418,12 @@ class _Transfer:
     def _failure(self, message: str, status_code: int | None, cause, starts_backoff: bool = False,
                  retry_after: float | None = None) -> _DownloadFailure:
         self._sink.restart()  # A failed download keeps no content.
-        return _DownloadFailure(message, status_code=status_code, cause=cause, stats=self._stats(),
-                                starts_backoff=starts_backoff, retry_after=retry_after)
+        identity = self._call.identity
+        if identity.secrets and cause is not None and identity.scrub(str(cause)) != str(cause):
+            cause = identity.scrub(str(cause))  # The network's words may echo a secret.
+        return _DownloadFailure(identity.scrub(message), status_code=status_code, cause=cause,
+                                stats=self._stats(), starts_backoff=starts_backoff,
+                                retry_after=retry_after)
 
 
 
@@ -2981,15 +3431,16 @@ class Cache:
     """A versioning HTTP download cache in one SQLite file.
 
     ``Cache(path=None, *, timeout=30.0, retries=5, max_retry_wait=120.0,
-    download_lease_sec=30.0, sensitive_headers=(), failure_backoff_sec=60.0,
+    download_lease_sec=30.0, sensitive_headers=(), sensitive_params=(), failure_backoff_sec=60.0,
     user_agent=None)``
 
     - ``path``: the cache file. ``None`` means ``$BUFFYLITE_CACHE`` if set, else the
       platform's user cache directory (Linux ``$XDG_CACHE_HOME`` or ``~/.cache``, macOS
       ``~/Library/Caches``, Windows ``%LOCALAPPDATA%``) / ``buffylite/cache.sqlite3``.
       Missing directories are created.
-    - ``timeout``: seconds for connecting and for each read (or a ``urllib3.Timeout``).
-    - ``retries``: retries after the first attempt of a download (0 = try once), on
+    - ``timeout``: seconds for connecting and for each read (or a ``urllib3.Timeout``);
+      more than 0, at most one day.
+    - ``retries``: retries after the first attempt of a download (0 = try once, at most 100), on
       connection and read errors and on 429, 500, 502, 503, 504. Waits grow
       exponentially from 0.5 s; ``Retry-After`` (seconds or HTTP date) is honoured.
     - ``max_retry_wait``: no wait exceeds this many seconds; a ``Retry-After`` asking
@@ -3008,8 +3459,17 @@ class Cache:
     - ``sensitive_headers``: header names, beyond Authorization, Proxy-Authorization
       and Cookie, whose values never reach the file in clear (a salted digest is
       stored; they still make requests distinct). The names are remembered in the
-      file, so every later Cache on it treats them the same way.
-    - ``user_agent``: default ``buffylite/<version>``.
+      file, so every Cache on it treats them the same way, and they are stripped from
+      a redirect to another origin.
+    - ``sensitive_params``: query parameter names (``api_key``...) treated the same
+      way, in ``params=`` and in the URL's query string: sent, stored as salted
+      digests, shown as ``***``. Remembered by the file too.
+    - ``user_agent``: default ``buffylite/<version>``; no NUL, CR or LF, Latin-1 only.
+
+    Every number is finite and in a stated range (durations at most
+    ``MAX_DURATION_SEC``, network waits at most ``MAX_NETWORK_WAIT_SEC``); anything else
+    is an InvalidRequestError before the file is touched. URL passwords and sensitive
+    values are masked (``***``) in messages, logs and reprs.
 
     Everything is stored in the one file: requests with their cache configuration,
     versions with their state, pins, leases and tags, and content, once per distinct
@@ -3027,55 +3487,69 @@ class Cache:
                  max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT_SEC,
                  download_lease_sec: float = DEFAULT_DOWNLOAD_LEASE_SEC,
                  sensitive_headers: tuple[str, ...] | list[str] = (),
+                 sensitive_params: tuple[str, ...] | list[str] = (),
                  failure_backoff_sec: float = DEFAULT_FAILURE_BACKOFF_SEC,
                  user_agent: str | None = None):
-        if not isinstance(timeout, urllib3.Timeout):
-            timeout = self._positive_seconds("timeout", timeout)
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise InvalidRequestError(f"retries must be an integer >= 0, not {retries!r}.")
-        self._retries = retries
-        self._max_retry_wait = self._positive_seconds("max_retry_wait", max_retry_wait, allow_zero=True)
-        self._download_lease_sec = self._positive_seconds("download_lease_sec", download_lease_sec)
-        self._failure_backoff_sec = self._bounded_seconds("failure_backoff_sec", failure_backoff_sec,
-                                                          0.0, MAX_BACKOFF_SEC, allow_low=True)
-        if isinstance(sensitive_headers, str):
-            raise InvalidRequestError("sensitive_headers must be a sequence of header names, not a string.")
+        # Every argument is checked before the file is touched: a rejected Cache writes nothing.
+        timeout = _check_timeout(timeout)
+        self._retries = _check_count("retries", retries, minimum=0, maximum=MAX_RETRIES)
+        self._max_retry_wait = _check_seconds("max_retry_wait", max_retry_wait, maximum=MAX_NETWORK_WAIT_SEC)
+        self._download_lease_sec = _check_seconds("download_lease_sec", download_lease_sec,
+                                                  maximum=MAX_NETWORK_WAIT_SEC, allow_zero=False)
+        self._failure_backoff_sec = _check_seconds("failure_backoff_sec", failure_backoff_sec,
+                                                   maximum=MAX_BACKOFF_SEC)
+        header_names = self._check_names("sensitive_headers", sensitive_headers, header=True)
+        param_names = self._check_names("sensitive_params", sensitive_params, header=False)
+        if user_agent is not None:
+            _check_header("User-Agent", user_agent)
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise InvalidRequestError(f"path must be a str or os.PathLike, not {type(path).__name__}.")
+        if isinstance(path, str) and "\x00" in path:
+            raise InvalidRequestError("path must not contain a NUL character.")
         self.path = pathlib.Path(path).expanduser() if path is not None else _default_cache_path()
         self._store = _Store(self.path)
-        self._sensitive = SENSITIVE_HEADERS | self._store.remember_sensitive_headers(
-            {str(name).lower() for name in sensitive_headers})
+        if header_names:
+            self._store.remember_sensitive_names("headers", header_names)
+        if param_names:
+            self._store.remember_sensitive_names("params", param_names)
         self._http = _HttpClient(timeout, user_agent or f"buffylite/{__version__}")
         self._plain_identities: dict[tuple, _Identity] = {}
         self._cron_started: set[int] = set()
         self._cron_lock = threading.Lock()
 
     @staticmethod
-    def _positive_seconds(name: str, value, *, allow_zero: bool = False) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-                value == 0 and not allow_zero):
-            bound = ">= 0" if allow_zero else "> 0"
-            raise InvalidRequestError(f"{name} must be a number of seconds {bound}, not {value!r}.")
-        return float(value)
+    def _check_names(option: str, names, *, header: bool) -> set[str]:
+        """Sensitive header or parameter names -> lower-case set; InvalidRequestError if bad."""
+        if isinstance(names, (str, bytes)) or not isinstance(names, (tuple, list, set, frozenset)):
+            raise InvalidRequestError(f"{option} must be a sequence of names, not {type(names).__name__}.")
+        checked = set()
+        for name in names:
+            if not isinstance(name, str) or not name or (header and not _TOKEN.fullmatch(name)) or (
+                    not header and (not name.isprintable() or len(name) > 1000)):
+                raise InvalidRequestError(f"{option} contains {name!r}, which is not a valid "
+                                          f"{'header' if header else 'query parameter'} name.")
+            checked.add(name.lower())
+        return checked
+
+    @property
+    def _sensitive(self) -> frozenset[str]:
+        """Sensitive header names (lower-case): the built-in ones plus those the file remembers."""
+        return SENSITIVE_HEADERS | self._store.sensitive_names()["headers"]
+
+    @property
+    def _sensitive_params(self) -> frozenset[str]:
+        """Sensitive query parameter names (lower-case) the file remembers."""
+        return self._store.sensitive_names()["params"]
 
     @staticmethod
-    def _bounded_seconds(name: str, value, low: float, high: float, *, allow_low: bool) -> float:
-        """A finite number of seconds in [low, high] (or (low, high]), else InvalidRequestError."""
-        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                or value < low or (value == low and not allow_low) or value > high):
-            raise InvalidRequestError(f"{name} must be a finite number of seconds "
-                                      f"{'>=' if allow_low else '>'} {low:g} and <= {high:g}, not {value!r}.")
-        return float(value)
-
-    @classmethod
-    def _per_call_transfer_options(cls, retries, timeout) -> tuple[int | None, urllib3.Timeout | None]:
-        """Check fetch()'s ``retries`` (int 0..MAX_RETRIES) and ``timeout`` (seconds in
-        (0, MAX_TIMEOUT_SEC], or a urllib3.Timeout); None keeps the Cache's."""
-        if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)
-                                    or not 0 <= retries <= MAX_RETRIES):
-            raise InvalidRequestError(f"retries must be an integer from 0 to {MAX_RETRIES}, not {retries!r}.")
-        if timeout is not None and not isinstance(timeout, urllib3.Timeout):
-            seconds = cls._bounded_seconds("timeout", timeout, 0.0, MAX_TIMEOUT_SEC, allow_low=False)
-            timeout = urllib3.Timeout(connect=seconds, read=seconds)
+    def _per_call_transfer_options(retries, timeout) -> tuple[int | None, urllib3.Timeout | None]:
+        """Check fetch()'s ``retries`` and ``timeout`` like the Cache's; None keeps the Cache's."""
+        if retries is not None:
+            retries = _check_count("retries", retries, minimum=0, maximum=MAX_RETRIES)
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
+            if not isinstance(timeout, urllib3.Timeout):
+                timeout = urllib3.Timeout(connect=timeout, read=timeout)
         return retries, timeout
 
     def __repr__(self) -> str:
@@ -3095,19 +3569,22 @@ class Cache:
     # --- identities and loading -------------------------------------------------
 
     def _identity(self, url, method="get", params=None, headers=None, body=None,
-                  group=DEFAULT_GROUP) -> _Identity:
+                  group=DEFAULT_GROUP, *, fresh: bool = True) -> _Identity:
+        sets = self._store.sensitive_names(fresh=fresh)["sets"]
+        sensitive, sensitive_params = sets
         if params or headers or body is not None:
             return _Identity(url, method, params, headers, body, group, salt=self._store.salt,
-                             sensitive=self._sensitive)
-        # The plain case (URL, method, group) is memoised: identities are immutable.
-        memo_key = (url, method, group)
-        if not all(isinstance(part, str) for part in memo_key):
+                             sensitive=sensitive, sensitive_params=sensitive_params)
+        # The plain case (URL, method, group) is memoised: identities are immutable. The
+        # sensitive names are part of the key: another Cache may add some to the file.
+        memo_key = (url, method, group, sets)
+        if not all(isinstance(part, str) for part in memo_key[:3]):
             return _Identity(url, method, None, None, None, group, salt=self._store.salt,
-                             sensitive=self._sensitive)  # (raises InvalidRequestError)
+                             sensitive=sensitive)  # (raises InvalidRequestError)
         identity = self._plain_identities.get(memo_key)
         if identity is None:
             identity = _Identity(url, method, None, None, None, group, salt=self._store.salt,
-                                 sensitive=self._sensitive)
+                                 sensitive=sensitive, sensitive_params=sensitive_params)
             if len(self._plain_identities) >= IDENTITY_MEMO_SIZE:
                 self._plain_identities.clear()
             self._plain_identities[memo_key] = identity
@@ -3221,7 +3698,14 @@ class Cache:
         failed and nothing suitable is cached), IntegrityError (the download does not
         match ``expected_hash`` and no cached version does), CacheFileError.
         """
-        identity = self._identity(url, method, params, headers, body, group)
+        for name, value in (("description", description), ("documentation_link", documentation_link)):
+            if value is not None and not _is_storable_text(value):
+                raise InvalidRequestError(f"{name} must be a str of valid Unicode text or None, not "
+                                          f"{type(value).__name__}.")
+        for name, value in (("prefer_pinned", prefer_pinned), ("force_pinned", force_pinned)):
+            if value is not None and not isinstance(value, bool):
+                raise InvalidRequestError(f"{name} must be True, False or None, not {value!r}.")
+        identity = self._identity(url, method, params, headers, body, group, fresh=False)
         call = _FetchCall(
             identity=identity, description=description, documentation_link=documentation_link,
             configuration=self._coerce_configuration(cache_configuration),
@@ -3232,7 +3716,7 @@ class Cache:
             force_version=self._check_version_string("force_version", force_version),
             force_tag=self._check_tag(force_tag, "force_tag"), force_pinned=force_pinned,
             offline=_is_offline_from_env() if offline is None else bool(offline),
-            pin_for=None if pin_for is None else self._positive_seconds("pin_for", pin_for),
+            pin_for=None if pin_for is None else _check_seconds("pin_for", pin_for, allow_zero=False),
             as_of=self._check_as_of(as_of), validator=validator, progress=progress,
             refresh=bool(refresh), stale_if_error=bool(stale_if_error))
         call.retries, call.timeout = self._per_call_transfer_options(retries, timeout)
@@ -3274,7 +3758,10 @@ class Cache:
         if value is None or isinstance(value, RequestCacheConfiguration):
             return value
         if isinstance(value, dict):
-            return RequestCacheConfiguration.model_validate(value)
+            try:
+                return RequestCacheConfiguration.model_validate(value)
+            except pydantic.ValidationError as exc:
+                raise InvalidRequestError(f"Invalid cache_configuration: {_validation_message(exc)}") from None
         raise InvalidRequestError("cache_configuration must be a RequestCacheConfiguration or a dict, "
                                   f"not {type(value).__name__}.")
 
@@ -3292,7 +3779,7 @@ class Cache:
     def _check_version_string(name: str, value: str | None) -> str | None:
         if value is None:
             return None
-        if not isinstance(value, str) or len(value) != 20 or not value.isdigit():
+        if not isinstance(value, str) or len(value) != 20 or not (value.isascii() and value.isdigit()):
             raise InvalidRequestError(f"{name} {value!r} is not a 20-digit version string.")
         return value
 
@@ -3339,7 +3826,15 @@ class Cache:
                 return self._serve_during_backoff(call, request, ready, now)
 
             # A download (or a conditional check) is due: claim it, unless someone else runs it.
-            claim = self._claim(call)
+            try:
+                claim = self._claim(call)
+            except _SensitiveNamesChanged:
+                call.identity = self._identity(*call.identity.arguments)
+                continue
+            except CacheFileError as exc:
+                if not _is_out_of_space(exc):
+                    raise
+                return self._cannot_store(call, exc)
             if claim.other_row_id is None:
                 return self._run_download(call, claim, newest if plan == "conditional" else None)
             if call.prefer_cached and eligible:
@@ -3517,6 +4012,10 @@ class Cache:
         identity = call.identity
         owner = f"{os.getpid()}:{threading.get_ident()}:{secrets.token_hex(6)}"
         with self._store.writing() as t:
+            # Checked where the request row is written: a name another Cache declared
+            # since the identity was built must not be stored in clear.
+            if self._store.sensitive_names()["sets"] != identity.sensitive_sets:
+                raise _SensitiveNamesChanged()
             now = _now()
             request = self._find_request(t, identity)
             if request is None:
@@ -3524,7 +4023,7 @@ class Cache:
                 request_id = t.request.insert(
                     identity_key=identity.key, url=identity.url, http_method=identity.method,
                     group_name=identity.group, http_header_fields=_canonical_json(identity.stored_headers),
-                    http_query_params=_canonical_json(identity.params) if identity.params else None,
+                    http_query_params=_canonical_json(identity.stored_params) if identity.params else None,
                     body_kind=identity.body_kind, http_request_body=identity.body,
                     description=call.description, documentation_link=call.documentation_link,
                     validation_hash_type=call.hash_type or DEFAULT_HASH_TYPE,
@@ -3623,6 +4122,12 @@ class Cache:
             log.warning("The download of %s was taken over by another process; waiting for it.",
                         request.url)
             return self._fetch(call)
+        except CacheFileError as exc:
+            if not _is_out_of_space(exc):
+                self._abandon(claim, sink)
+                raise
+            self._discard(claim)
+            return self._cannot_store(call, exc)
         except BaseException:
             # Cancelled (progress raised, KeyboardInterrupt...): keep what arrived for a resume.
             self._abandon(claim, sink)
@@ -3665,6 +4170,33 @@ class Cache:
         except Exception as exc:  # noqa: BLE001 - any exception from the validator rejects the content
             raise _DownloadFailure(f"rejected by validator: {exc}", stats=result.stats,
                                    cause=exc) from exc
+
+    def _cannot_store(self, call: _FetchCall, exc: CacheFileError) -> Response:
+        """The disk is full: serve the newest suitable cached version (stale, with a
+        WARNING naming the cause), else raise a CacheFileError saying why."""
+        request, ready = self._store.request_and_ready_rows(call.identity.key)
+        chosen = self._choose(call, ready, _now()) if request is not None and call.pin_for is None else None
+        if chosen is not None:
+            log.warning("Cannot store the download of %s (%s); serving the cached version %s.",
+                        call.identity.url, exc, chosen.version)
+            return self._responses([chosen], request.url, ready, "stale")[0]
+        raise CacheFileError(f"Cannot store {call.identity.url} in {self.path}: the disk is full. "
+                             "Free some space and fetch again.", path=self.path) from exc
+
+    def _discard(self, claim: _Claim) -> None:
+        """Best effort, after the disk filled up: delete this download's row and partial
+        content. If even that cannot be written, the lease lapses on its own and gc()
+        reclaims the row later."""
+        try:
+            with self._store.writing() as t:
+                row = t.version.get_or_none((t.version.id == claim.row_id)
+                                            & (t.version.lease_owner == claim.owner))
+                if row is not None:
+                    t.version.delete().where(t.version.id == row.id).execute()
+                    if row.content_id is not None:
+                        self._delete_unreferenced_contents(t, {row.content_id})
+        except BuffyliteError as exc:
+            log.debug("Discarding the download failed too (%s); gc() will reclaim it.", exc)
 
     def _abandon(self, claim: _Claim, sink: _Sink) -> None:
         """Store what is buffered and let the lease lapse now, keeping the partial content
@@ -4013,7 +4545,7 @@ class Cache:
         beyond ``max_cached_pinned_versions``) or as a lease of ``seconds`` that no GC
         touches while it runs (extending, never shortening, a running lease)."""
         if seconds is not None:
-            seconds = self._positive_seconds("seconds", seconds)
+            seconds = _check_seconds("seconds", seconds, allow_zero=False)
         with self._store.writing() as t:
             row = self._row_of(t, response)
             if seconds is None:
@@ -4033,7 +4565,7 @@ class Cache:
     def lease(self, response: Response, seconds: float) -> Iterator[Response]:
         """Lease a version for the ``with`` block (at most ``seconds``); on exit put back
         the lease end that was there before, unless someone extended it further meanwhile."""
-        seconds = self._positive_seconds("seconds", seconds)
+        seconds = _check_seconds("seconds", seconds, allow_zero=False)
         with self._store.writing() as t:
             row = self._row_of(t, response)
             before = row.pinned_until_unix
@@ -4114,6 +4646,11 @@ class Cache:
             result = RefreshResult(url=request.url, group=request.group_name, outcome="error")
             secret = [name for name, value in request.http_header_fields.items()
                       if name.lower() in self._sensitive and value.startswith("hmac-sha256:")]
+            secret += [name for name, value in (request.http_query_params or {}).items()
+                       if name.lower() in self._sensitive_params and "hmac-sha256:" in str(value)]
+            with contextlib.suppress(ValueError):
+                secret += [name for name, value in urllib.parse.parse_qsl(urllib.parse.urlsplit(request.url).query)
+                           if name.lower() in self._sensitive_params and value == MASK]
             if secret:
                 result.error = (f"cannot replay: the values of {', '.join(secret)} are not stored "
                                 "in the cache; fetch it with them instead.")
@@ -4359,7 +4896,12 @@ def _cmd_fetch(cache: Cache, args) -> int:
         unpacked = response.unpack(args.unpack)
         if not args.json:
             sys.stdout.write(f"{unpacked}\n")
+    elif args.output == "-":
+        response.save_to(sys.stdout.buffer)
+        sys.stdout.buffer.flush()
     elif args.output or args.dir:
+        # -o FILE writes through a symlink and into a FIFO or device (the user named it);
+        # -d DIR takes the origin's sanitised file name and replaces whatever is there.
         saved = response.save_to(args.output) if args.output else response.save_to(dir=args.dir)
     elif not args.json:
         with response.open() as stream:
@@ -4477,8 +5019,9 @@ def _cmd_refresh(cache: Cache, args) -> int:
 
 def _cmd_delete(cache: Cache, args) -> int:
     removed = cache.delete(args.url, **_identity_arguments(args))
-    _emit(args, {"url": args.url, "versions_removed": removed},
-          lambda: sys.stdout.write(f"{args.url}: {removed} versions removed\n"))
+    shown = _mask_url(args.url, cache._sensitive_params)  # never echo a password
+    _emit(args, {"url": shown, "versions_removed": removed},
+          lambda: sys.stdout.write(f"{shown}: {removed} versions removed\n"))
     return 0
 
 
@@ -4531,7 +5074,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                        help="fetch a URL through the cache (content to stdout)")
     fetch_parser.add_argument("url")
     output = fetch_parser.add_mutually_exclusive_group()
-    output.add_argument("-o", "--output", metavar="FILE", help="write the content to FILE")
+    output.add_argument("-o", "--output", metavar="FILE", help="write the content to FILE (- for stdout)")
     output.add_argument("-d", "--dir", metavar="DIR", help="write the content into DIR under its file name")
     output.add_argument("--unpack", metavar="DIR",
                         help="unpack the zip/tar/gz/bz2/xz content into DIR and print DIR")

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import base64
 import bz2
+import collections
 import contextlib
 import dataclasses
 import datetime
 import datetime as dt
 import email.utils
+import errno
 import fcntl
 import functools
 import gzip
@@ -33,6 +35,7 @@ import itertools
 import json
 import logging
 import lzma
+import math
 import os
 import pathlib
 import pty
@@ -52,6 +55,7 @@ import termios
 import textwrap
 import threading
 import time
+import unicodedata
 import urllib.parse
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -63,7 +67,7 @@ import hypothesis
 import pydantic
 import pytest
 import urllib3
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
                                  run_state_machine_as_test)
@@ -767,6 +771,204 @@ def test_unhashable_url_is_an_invalid_request(cache):
     """§12: a URL that is not a string is an InvalidRequestError, not a TypeError."""
     with pytest.raises(buffylite.InvalidRequestError):
         cache.fetch(["http://127.0.0.1/x"])
+
+
+# --- hostile arguments (SPEC §14) ---
+
+#: Numbers a careless or hostile caller passes where seconds or counts are expected.
+HOSTILE_NUMBERS = st.one_of(
+    st.sampled_from([float("nan"), float("inf"), float("-inf"), 1e300, -1e300, 1e12, 1e10, 3.2e9, 3.1e9,
+                     -1, -0.0, 0, 0.0, 1e-300, 5e-324, 1, 2.5, 86400, 86401, 10 ** 30, True, False]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(10 ** 30), max_value=10 ** 30),
+)
+#: Strings with what breaks header lines, file formats and digit checks.
+HOSTILE_TEXT = st.text(alphabet=st.one_of(
+    st.sampled_from(list("\x00\r\n\t :;,/\\\"'=?&#%@[]") + ["\u00e9", "\u2615", "\u0663", "\u00b2",
+                                                             "\u2028", "\u200b", "\U0001f600", "\ud800"]),
+    st.characters(codec="utf-8"), st.sampled_from("aZ09-_.")), max_size=24)
+
+
+def hostile_snapshot(path: pathlib.Path) -> dict:
+    """Every row of every table of the cache file (read-only), to compare before/after a call."""
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return {name: connection.execute(f'SELECT * FROM "{name}" ORDER BY rowid').fetchall()
+                for name in _columns_by_table(connection)}
+    finally:
+        connection.close()
+
+
+def hostile_read_back(cache, url: str) -> None:
+    """Everything stored about ``url`` still reads back, and the rest of the cache too."""
+    assert cache.get(url).read() == b"kept"
+    cache.versions(url, status=None)
+    cache.get_request(url)
+    cache.requests()
+    cache.stats()
+
+
+def _hostile_number_call(entry: str, value, cache, cache_path, url, tmp_dir):
+    """Pass ``value`` to one public entry that takes a number; return what it returned."""
+    if entry.startswith("Cache."):
+        option = entry.split(".", 1)[1]
+        with buffylite.Cache(tmp_dir / "made.sqlite3", **{option: value}) as made:
+            return made
+    if entry == "fetch.pin_for":
+        return cache.fetch(url, pin_for=value)
+    if entry == "pin.seconds":
+        return cache.pin(cache.get(url), seconds=value)
+    if entry == "lease.seconds":
+        with cache.lease(cache.get(url), value) as leased:
+            return leased
+    if entry == "fetch.age":
+        return cache.fetch(url, cache_configuration={"recaching_strategy": {
+            "strategy_name": "age", "seconds": value}, "max_cached_unpinned_versions": 2})
+    if entry == "fetch.keep":
+        return cache.fetch(url, cache_configuration={
+            "recaching_strategy": {"strategy_name": "never"}, "max_cached_unpinned_versions": value})
+    if entry == "fetch.keep_pinned":
+        return cache.fetch(url, cache_configuration={
+            "recaching_strategy": {"strategy_name": "never"}, "max_cached_pinned_versions": value})
+    if entry == "strategy.age":
+        return buffylite.ReCachingStrategy.age(seconds=value)
+    if entry == "strategy.check_interval":
+        return buffylite.ReCachingStrategy.when_remote_changed(check_interval_sec=value)
+    if entry == "strategy.fallback_max_age":
+        return buffylite.ReCachingStrategy.when_remote_changed(fallback_max_age_sec=value)
+    raise AssertionError(entry)
+
+
+HOSTILE_NUMBER_ENTRIES = ["Cache.timeout", "Cache.retries", "Cache.max_retry_wait", "Cache.download_lease_sec",
+                          "fetch.pin_for", "pin.seconds", "lease.seconds", "fetch.age", "fetch.keep",
+                          "fetch.keep_pinned", "strategy.age", "strategy.check_interval",
+                          "strategy.fallback_max_age"]
+
+
+def test_hostile_numbers_work_or_are_rejected_writing_nothing(cache, cache_path, origin, tmp_path):
+    """§14: NaN, infinities, 1e300, negatives... reach every numeric entry: each call works
+    (and what it stored reads back) or raises InvalidRequestError with the file unchanged."""
+    origin.route("/num", body=b"kept")
+    url = origin.url("/num")
+    cache.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.never()))
+    made_dir = tmp_path / "made"
+    made_dir.mkdir()
+    seen = collections.Counter()
+
+    @settings(max_examples=320, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(entry=st.sampled_from(HOSTILE_NUMBER_ENTRIES), value=HOSTILE_NUMBERS)
+    def check(entry, value):
+        seen["examples"] += 1
+        before = hostile_snapshot(cache_path)
+        try:
+            _hostile_number_call(entry, value, cache, cache_path, url, made_dir)
+        except buffylite.InvalidRequestError as exc:
+            seen["rejected"] += 1
+            assert isinstance(exc, ValueError) and str(exc)
+            assert hostile_snapshot(cache_path) == before, f"{entry}={value!r} was rejected but wrote"
+            assert not (made_dir / "made.sqlite3").exists(), f"{entry}={value!r} created a file"
+        else:
+            seen["accepted"] += 1
+            assert not (isinstance(value, float) and not math.isfinite(value)), f"{entry} took {value!r}"
+            for leftover in made_dir.iterdir():
+                leftover.unlink()
+        hostile_read_back(cache, url)
+
+    check()
+    assert seen["examples"] >= 320, seen
+    assert seen["rejected"] > 50 and seen["accepted"] > 50, seen
+
+
+def _hostile_text_call(entry: str, text: str, cache, url, made_dir):
+    if entry == "header.value":
+        return cache.fetch(url, headers={"X-Probe": text}, offline=True)
+    if entry == "header.name":
+        return cache.fetch(url, headers={text: "v"}, offline=True)
+    if entry == "user_agent":
+        with buffylite.Cache(made_dir / "made.sqlite3", user_agent=text) as made:
+            return made
+    if entry == "sensitive_headers":
+        with buffylite.Cache(made_dir / "made.sqlite3", sensitive_headers=[text]) as made:
+            return made
+    if entry == "url.host":
+        return cache.fetch(f"http://{text}/x", offline=True)
+    if entry == "url.path":
+        return cache.fetch(url + "/" + text, offline=True)
+    if entry == "group":
+        return cache.fetch(url, group=text, offline=True)
+    if entry == "tag":
+        return cache.tag(cache.get(url), text)
+    if entry == "force_tag":
+        return cache.fetch(url, force_tag=text)
+    if entry == "force_version":
+        return cache.fetch(url, force_version=text)
+    if entry == "expected_hash":
+        return cache.fetch(url, expected_hash=text, offline=True)
+    if entry == "hash_type":
+        return cache.fetch(url, validation_hash_type=text, offline=True)
+    if entry == "params.value":
+        return cache.fetch(url, params={"q": text}, offline=True)
+    if entry == "body":
+        return cache.fetch(url, method="post", body=text, offline=True)
+    if entry == "description":  # stored: a new request downloads, an old one is updated
+        return cache.fetch(url, description=text)
+    raise AssertionError(entry)
+
+
+HOSTILE_TEXT_ENTRIES = ["header.value", "header.name", "user_agent", "sensitive_headers", "url.host",
+                        "url.path", "group", "tag", "force_tag", "force_version", "expected_hash",
+                        "hash_type", "params.value", "body", "description"]
+
+
+def test_hostile_strings_work_or_are_rejected_writing_nothing(cache, cache_path, origin, tmp_path):
+    """§14: NUL, CR, LF, unicode digits and non-Latin-1 text reach every string entry: each
+    call works (a header it accepts really goes over the wire) or raises InvalidRequestError
+    (NotCachedError where it asks for what is not cached) with the file unchanged."""
+    origin.route("/txt", body=b"kept")
+    origin.route("/txt/sent", body=b"sent")
+    url = origin.url("/txt")
+    cache.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.never()))
+    made_dir = tmp_path / "made"
+    made_dir.mkdir()
+    seen = collections.Counter()
+
+    @settings(max_examples=260, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(entry=st.sampled_from(HOSTILE_TEXT_ENTRIES), text=HOSTILE_TEXT)
+    @example(entry="description", text="lone \ud800")
+    @example(entry="params.value", text="\udcff")
+    @example(entry="body", text="\ud800")
+    @example(entry="header.value", text="a\r\nInjected: yes")
+    @example(entry="user_agent", text="agent\x00")
+    @example(entry="url.host", text="exa mple")
+    @example(entry="force_version", text="\u0663" * 20)
+    def check(entry, text):
+        seen["examples"] += 1
+        before = hostile_snapshot(cache_path)
+        try:
+            _hostile_text_call(entry, text, cache, url, made_dir)
+        except buffylite.InvalidRequestError:
+            seen["rejected"] += 1
+            assert hostile_snapshot(cache_path) == before, f"{entry}={text!r} was rejected but wrote"
+            assert not (made_dir / "made.sqlite3").exists()
+        except buffylite.NotCachedError:
+            seen["not cached"] += 1
+            assert hostile_snapshot(cache_path) == before, f"{entry}={text!r} (offline) wrote"
+            if entry == "header.value":  # accepted: it must really be sendable and read back
+                sent = cache.fetch(url + "/sent", headers={"X-Probe": text}, cache_configuration=always())
+                assert sent.read() == b"sent"
+                assert origin.requests_to("/txt/sent")[-1].header("X-Probe") == text.strip(" \t")
+                assert cache.get_request(url + "/sent", headers={"X-Probe": text}) is not None
+        else:
+            seen["accepted"] += 1
+        for leftover in made_dir.iterdir():
+            leftover.unlink()
+        hostile_read_back(cache, url)
+
+    check()
+    assert seen["examples"] >= 260, seen
+    assert seen["rejected"] > 30 and seen["not cached"] + seen["accepted"] > 30, seen
 
 
 def test_method_is_case_insensitive_and_stored_lower_case(cache, origin):
@@ -2461,6 +2663,180 @@ def test_cli_fetch_unpack_prints_the_folder(cli_run, cli_origin, tmp_path):
     cli_origin.route("/cli/evil.tar", body=tar_bytes([("../evil.txt", b"evil")]))
     assert cli_run("fetch", cli_origin.url("/cli/evil.tar"), "--unpack", str(tmp_path / "e")).returncode == 4
     assert not (tmp_path / "evil.txt").exists()
+
+
+# --- file names from origins (SPEC §14) ---
+
+
+def _is_safe_name(name: str) -> bool:
+    return (bool(name) and name not in (".", "..") and not name.startswith(".")
+            and not any(char in name for char in "/\\\x00")
+            and not any(unicodedata.category(char) in ("Cc", "Cf", "Cs") for char in name)
+            and len(name.encode("utf-8")) <= 255 and name == name.strip())
+
+
+def test_filename_sanitiser_is_idempotent_and_safe():
+    """§14: for any text x, s(s(x)) == s(x), and s(x) is None or a safe bare name."""
+    sanitize = buffylite._sanitize_filename
+    seen = collections.Counter()
+
+    @settings(max_examples=400, deadline=None, database=None)
+    @given(st.one_of(
+        st.text(max_size=300),
+        st.text(alphabet=st.sampled_from(list("./\\ \x00\n\t\x7f\u200b\u202e") + ["\u00e9", "a", "~"]),
+                max_size=40),
+        st.builds(lambda stem, ext: stem + ext,
+                  st.text(alphabet=st.sampled_from(["\u00e9", "\u2615", "a", " ", "."]), min_size=100,
+                          max_size=400),
+                  st.sampled_from(["", ".txt", ".tar.gz", "." + "x" * 40]))))
+    def check(name):
+        seen["examples"] += 1
+        once = sanitize(name)
+        assert sanitize(once) == once, (name, once)
+        if once is not None:
+            assert _is_safe_name(once), (name, once)
+            seen["named"] += 1
+
+    check()
+    assert seen["examples"] >= 400 and seen["named"] > 100, seen
+
+
+@pytest.mark.parametrize("name, expected", [
+    (". . .bashrc", "bashrc"),
+    ("../..", None),
+    ("...", None),
+    ("a/.", None),
+    ("\u00e9" * 200, "\u00e9" * 127),
+    ("\u00e9" * 200 + ".txt", "\u00e9" * 125 + ".txt"),
+    ("report.csv ", "report.csv"),
+    ("x\x00y\r\n.txt", "xy.txt"),
+])
+def test_filename_sanitiser_examples(name, expected):
+    """§14: hidden names lose their dots, dot-only names give nothing, long names are cut by
+    UTF-8 bytes at a character boundary keeping the extension."""
+    assert buffylite._sanitize_filename(name) == expected
+
+
+def test_save_to_dir_never_writes_outside_dir_or_a_hidden_name(cache, origin, tmp_path):
+    """§14: whatever name the origin sends, save_to(dir=) writes one visible regular file
+    directly inside dir, and a dotfile in a fake HOME stays untouched."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_bytes(b"# mine\n")
+    seen = collections.Counter()
+
+    @settings(max_examples=60, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(st.one_of(st.sampled_from([". . .bashrc", "../.bashrc", "..", ".", "/etc/passwd", "\u00e9" * 300,
+                                      "..\\..\\.profile", " .bashrc", ".bashrc.", "a\x00b"]),
+                     st.text(max_size=60)))
+    def check(name):
+        seen["examples"] += 1
+        encoded = urllib.parse.quote(name.encode("utf-8", "surrogatepass"), safe="")
+        origin.route("/name", body=b"payload", content_disposition=f"attachment; filename*=UTF-8''{encoded}")
+        resp = cache.fetch(origin.url("/name"), cache_configuration=always())
+        before = sorted(path.name for path in home.iterdir())
+        saved = pathlib.Path(resp.save_to(dir=home))
+        assert saved.parent == home and _is_safe_name(saved.name), (name, saved)
+        assert saved.is_file() and not saved.is_symlink() and saved.read_bytes() == b"payload"
+        assert (home / ".bashrc").read_bytes() == b"# mine\n"
+        assert sorted(path.name for path in home.iterdir()) == sorted(set(before) | {saved.name})
+        assert not any(path.name.startswith(".") and path.name != ".bashrc" for path in home.iterdir())
+
+    check()
+    assert seen["examples"] >= 60, seen
+
+
+# --- output targets (SPEC §13) ---
+
+
+@contextlib.contextmanager
+def fifo_reader(path: pathlib.Path):
+    """A FIFO at ``path`` drained by a thread; yields a list that receives what was read."""
+    os.mkfifo(path)
+    received = []
+
+    def drain():
+        with open(path, "rb") as pipe:
+            received.append(pipe.read())
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    try:
+        yield received
+    finally:
+        if thread.is_alive():  # unblock a reader nobody wrote to
+            with contextlib.suppress(OSError):
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                os.close(fd)
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+
+
+def make_null_device(path: pathlib.Path) -> None:
+    """A character device like /dev/null (1, 3), made inside a tmp dir; skips unless root."""
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs root (os.mknod was refused)")
+
+
+def test_save_to_writes_through_a_symlink(cache, origin, tmp_path):
+    """§13: save_to(path) on a symlink replaces the file it points to and keeps the link."""
+    origin.route("/t", body=b"through the link")
+    resp = cache.fetch(origin.url("/t"))
+    real = tmp_path / "real.bin"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.bin"
+    link.symlink_to(real)
+    assert resp.save_to(link) == link
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.read_bytes() == b"through the link"
+
+
+def test_save_to_writes_into_a_fifo(cache, origin, tmp_path):
+    """§13: save_to(path) on a FIFO writes into it (a reader gets the bytes); it stays a FIFO."""
+    origin.route("/t", body=b"down the pipe")
+    resp = cache.fetch(origin.url("/t"))
+    pipe = tmp_path / "pipe"
+    with fifo_reader(pipe) as received:
+        resp.save_to(pipe)
+    assert received == [b"down the pipe"]
+    assert stat.S_ISFIFO(os.lstat(pipe).st_mode)
+
+
+def test_save_to_writes_into_a_device(cache, origin, tmp_path):
+    """§13: save_to(path) on a character device writes into it; it stays that device."""
+    origin.route("/t", body=b"into the void")
+    resp = cache.fetch(origin.url("/t"))
+    device = tmp_path / "null"
+    make_null_device(device)
+    resp.save_to(device)
+    info = os.lstat(device)
+    assert stat.S_ISCHR(info.st_mode) and os.major(info.st_rdev) == 1 and os.minor(info.st_rdev) == 3
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".buffylite-")]
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "device"])
+def test_save_to_dir_replaces_what_is_at_the_origins_name(cache, origin, tmp_path, kind):
+    """§13: with dir= the origin picks the name, so a symlink, FIFO or device there is
+    replaced by a regular file, never followed or written into."""
+    origin.route("/t", body=b"replaced", content_disposition='attachment; filename="victim"')
+    resp = cache.fetch(origin.url("/t"))
+    directory = tmp_path / "d"
+    directory.mkdir()
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"untouched")
+    victim = directory / "victim"
+    if kind == "symlink":
+        victim.symlink_to(outside)
+    elif kind == "fifo":
+        os.mkfifo(victim)
+    else:
+        make_null_device(victim)
+    assert resp.save_to(dir=directory) == victim
+    assert stat.S_ISREG(os.lstat(victim).st_mode) and victim.read_bytes() == b"replaced"
+    assert outside.read_bytes() == b"untouched"
 
 
 # ===========================================================================
@@ -4536,6 +4912,206 @@ def test_different_authorization_values_are_distinct_requests(fault_origin, faul
     assert cache.get_request(url, headers={"Authorization": "Bearer carol"}) is None
 
 
+# --- secrets across redirects, Cache objects, messages and logs (SPEC §11, §14) ---
+
+
+def test_declared_sensitive_header_never_follows_a_redirect_to_another_origin(
+        fault_origin, fault_other_origin, fault_open_cache):
+    """§11: a redirect chain ending on another origin (other port) carries neither
+    Authorization nor a header declared sensitive, by this Cache or only by the file."""
+    fault_origin.route("/start", FaultReply(status=302, headers={"Location": "/hop"}))
+    fault_origin.route("/hop", FaultReply(status=307, headers={"Location": fault_other_origin.url("/end")}))
+    fault_other_origin.route("/end", FaultReply(body=b"arrived"))
+    declaring = fault_open_cache(sensitive_headers=("X-Api-Key",))
+    headers = {"X-Api-Key": "KEYVALUE789", "Authorization": "Bearer SECRET-TOKEN-123", "X-Plain": "p"}
+    assert declaring.fetch(fault_origin.url("/start"), headers=headers).read() == b"arrived"
+    assert fault_origin.hits("/hop")[0]["headers"]["x-api-key"] == "KEYVALUE789"  # same origin: kept
+    end = fault_other_origin.hits("/end")[0]["headers"]
+    assert "x-api-key" not in end and "authorization" not in end and end["x-plain"] == "p"
+    # A Cache that never named it obeys the file's memory.
+    forgetful = fault_open_cache()
+    forgetful.fetch(fault_origin.url("/start"), headers=headers, group="again")
+    end = fault_other_origin.hits("/end")[-1]["headers"]
+    assert len(fault_other_origin.hits("/end")) == 2 and "x-api-key" not in end
+
+
+@pytest.mark.parametrize("writer", ["declaring", "other"])
+def test_a_name_declared_by_one_cache_is_hidden_whichever_cache_writes(
+        fault_origin, fault_open_cache, fault_cache_path, writer):
+    """§11: two Cache objects on one file, opened before the name was declared by only one:
+    the value never reaches the file (main or WAL) in clear, whichever of them writes."""
+    fault_origin.route("/two", FaultReply(body=b"two caches"))
+    other = fault_open_cache()  # opened first: it cannot have read the name at open
+    declaring = fault_open_cache(sensitive_headers=("X-Session-Key",))
+    cache = declaring if writer == "declaring" else other
+    resp = cache.fetch(fault_origin.url("/two"), headers={"X-Session-Key": "SESSION-SECRET-42"})
+    assert fault_origin.hits("/two")[0]["headers"]["x-session-key"] == "SESSION-SECRET-42"
+    assert b"SESSION-SECRET-42" not in _fault_file_bytes(fault_cache_path)
+    # Both see one request with the same identity.
+    for reader in (declaring, other):
+        assert reader.get(fault_origin.url("/two"), headers={"X-Session-Key": "SESSION-SECRET-42"}
+                          ).version == resp.version
+
+
+def _hostile_texts_of(values) -> str:
+    return "\n".join(str(value) for value in values)
+
+
+def test_url_passwords_never_appear_in_messages_logs_reprs_or_cli(fault_origin, fault_open_cache,
+                                                                  fault_cache_path, caplog, tmp_path):
+    """§14: a URL password is masked (user:***@host) in every message, DEBUG log record,
+    repr and CLI output, whether the call works, fails or is rejected."""
+    secret = "PA55-WORD-XYZ"
+    fault_origin.route("/ok", FaultReply(body=b"fine"))
+    fault_origin.route("/gone", FaultReply(status=404, body=b"nope"))
+    base = fault_origin.url("/").replace("http://", f"http://member:{secret}@")
+    cache = fault_open_cache(retries=0)
+    texts = []
+    with caplog.at_level(logging.DEBUG):
+        resp = cache.fetch(base + "ok")
+        texts += [repr(resp), resp.model_dump_json(), repr(cache.get_request(base + "ok")), repr(cache)]
+        for bad in (base + "gone", f"http://member:{secret}@[::1/x", f"http://member:{secret}@exa mple/",
+                    f"ftp://member:{secret}@127.0.0.1/x", f"http://member:{secret}@-bad-.host/"):
+            with pytest.raises(buffylite.BuffyliteError) as info:
+                cache.fetch(bad)
+            texts += [str(info.value), repr(info.value), str(getattr(info.value, "cause", ""))]
+        texts += [record.getMessage() for record in caplog.records]
+    assert secret not in _hostile_texts_of(texts)
+    cache.close()
+    env = cli_env(BUFFYLITE_CACHE=str(fault_cache_path))
+    for args in (["-v", "fetch", base + "ok"], ["-v", "fetch", base + "gone"], ["delete", base + "ok"],
+                 ["--json", "delete", base + "ok"], ["fetch", f"http://member:{secret}@[::1/x"],
+                 ["--json", "fetch", base + "gone"], ["versions", base + "ok"], ["requests"]):
+        done = subprocess.run([CLI_PYTHON, "-m", "buffylite", *args], cwd=CLI_REPO_DIR, env=env,
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=CLI_TIMEOUT_SEC)
+        assert secret.encode() not in done.stdout + done.stderr, (args, done.stdout, done.stderr)
+    assert secret.encode() not in _fault_file_bytes(fault_cache_path)
+
+
+def test_sensitive_params_are_sent_but_stored_as_digests_and_masked(fault_origin, fault_open_cache,
+                                                                    fault_cache_path, caplog):
+    """§14: query parameters named in sensitive_params (in params= or in the URL) reach the
+    origin, take part in the identity, are stored as salted digests (remembered by the file
+    for every later Cache) and shown as *** in messages, logs, reprs and the CLI."""
+    fault_origin.route("/api", lambda record: FaultReply(body=str(len(record["target"])).encode()))
+    fault_origin.route("/broken", FaultReply(status=500, body=b"down"))
+    url = fault_origin.url("/api")
+    cache = fault_open_cache(sensitive_params=("api_key",), retries=0)
+    texts = []
+    with caplog.at_level(logging.DEBUG, logger="buffylite"):
+        in_url = cache.fetch(url + "?api_key=URLKEY-111&page=2")
+        in_params = cache.fetch(url, params={"api_key": "PARAMKEY-222", "page": "2"})
+        other_key = cache.fetch(url, params={"api_key": "PARAMKEY-333", "page": "2"})
+        assert fault_origin.hits("/api")[0]["target"] == "/api?api_key=URLKEY-111&page=2"  # really sent
+        assert "PARAMKEY-222" in fault_origin.hits("/api")[1]["target"]
+        assert len({in_url.request_id, in_params.request_id, other_key.request_id}) == 3
+        assert in_url.url.endswith("?api_key=***&page=2")
+        with pytest.raises(buffylite.FetchError) as info:
+            cache.fetch(fault_origin.url("/broken"), params={"api_key": "PARAMKEY-444"})
+        texts += [str(info.value), repr(info.value), str(info.value.cause)]
+        texts += [repr(in_url), repr(in_params), repr(cache.requests()), in_url.model_dump_json()]
+        texts += [record.getMessage() for record in caplog.records if record.name.startswith("buffylite")]
+    cache.close()
+    later = fault_open_cache()  # no sensitive_params: the file remembers api_key
+    assert later.get(url, params={"api_key": "PARAMKEY-222", "page": "2"}).version == in_params.version
+    later.fetch(url, params={"api_key": "PARAMKEY-555"})
+    later.close()
+    done = subprocess.run([CLI_PYTHON, "-m", "buffylite", "-v", "fetch", url + "?api_key=CLIKEY-666"],
+                          cwd=CLI_REPO_DIR, env=cli_env(BUFFYLITE_CACHE=str(fault_cache_path)),
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=CLI_TIMEOUT_SEC)
+    assert done.returncode == 0, done.stderr
+    texts += [done.stderr.decode()]
+    stored = _fault_file_bytes(fault_cache_path)
+    for value in ("URLKEY-111", "PARAMKEY-222", "PARAMKEY-333", "PARAMKEY-444", "PARAMKEY-555", "CLIKEY-666"):
+        assert value.encode() not in stored, value
+        assert value not in _hostile_texts_of(texts), value
+
+
+def test_proxy_passwords_never_appear_in_errors_or_logs(fault_origin, fault_env, fault_open_cache, caplog):
+    """§14: the password of a proxy named by HTTP_PROXY is masked in errors and log records."""
+    fault_env.setenv("HTTP_PROXY", f"http://user:PROXYPASS-77@{urlsplit(cli_closed_port_url()).netloc}")
+    fault_env.delenv("NO_PROXY", raising=False)
+    fault_env.delenv("no_proxy", raising=False)
+    cache = fault_open_cache(retries=0)
+    with caplog.at_level(logging.DEBUG, logger="buffylite"), pytest.raises(buffylite.FetchError) as info:
+        cache.fetch(fault_origin.url("/via-proxy"))
+    texts = [str(info.value), repr(info.value), str(info.value.cause)]
+    texts += [record.getMessage() for record in caplog.records if record.name.startswith("buffylite")]
+    assert fault_origin.hits() == []  # it really went to the (closed) proxy
+    assert "PROXYPASS-77" not in "\n".join(texts)
+
+
+# --- full disk (SPEC §14) ---
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 16 MiB tmpfs mounted inside tmp_path (needs root), unmounted at teardown."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; the full-disk test cannot run as this user")
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
+
+
+def _fill_disk(directory: pathlib.Path) -> pathlib.Path:
+    """Write a file in ``directory`` until the file system is full; return it."""
+    filler = directory / "filler"
+    with open(filler, "wb") as output:
+        for _ in range(10_000):  # bounded: 640 MiB at most
+            try:
+                output.write(b"\0" * 65536)
+                output.flush()
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                break
+    return filler
+
+
+def test_full_disk_serves_stale_then_recovers(small_tmpfs, fault_origin, fault_open_cache, caplog):
+    """§14: on a full disk a due download serves the cached version as stale (WARNING naming
+    the cause), a request with nothing cached raises CacheFileError saying the disk is full;
+    once space returns fetch works, gc() reclaims what the failures left, the file is sound."""
+    path = small_tmpfs / "cache.sqlite3"
+    cache = fault_open_cache(path, retries=0, download_lease_sec=0.5)
+    fault_origin.route("/big", FaultReply(body=b"first version"))
+    fault_origin.route("/new", FaultReply(body=random_bytes(MiB, seed=9)))
+    url = fault_origin.url("/big")
+    first = cache.fetch(url, cache_configuration=_fault_when_requested())
+    filler = _fill_disk(small_tmpfs)
+    fault_origin.route("/big", FaultReply(body=random_bytes(2 * MiB, seed=8)))
+
+    with caplog.at_level(logging.WARNING, logger="buffylite"):
+        stale = cache.fetch(url)
+    assert stale.outcome == "stale" and stale.version == first.version and stale.read() == b"first version"
+    assert any("disk is full" in record.getMessage() and record.levelno == logging.WARNING
+               for record in caplog.records), [record.getMessage() for record in caplog.records]
+    with pytest.raises(buffylite.CacheFileError) as info:
+        cache.fetch(fault_origin.url("/new"))
+    assert "disk is full" in str(info.value) and str(path) in str(info.value)
+    assert cache.versions(url, status="wait") == [] and cache.versions(url, status="in_progress") == []
+
+    filler.unlink()
+    fresh = cache.fetch(url)
+    assert fresh.outcome == "downloaded" and fresh.read() == random_bytes(2 * MiB, seed=8)
+    assert cache.fetch(fault_origin.url("/new")).read() == random_bytes(MiB, seed=9)
+    time.sleep(0.6)  # any download lease left behind has lapsed
+    cache.gc()
+    for request in cache.requests():
+        rows = cache.versions(request.url, status=None)
+        assert not [row for row in rows if row.status in ("wait", "in_progress")], rows
+    cache.close()
+    assert unreferenced_contents(path) == []
+    assert _fault_integrity(path) == ["ok"]
+
+
 # ---------------------------------------------------------------------------------------
 # Content attributes, download stats, Content-Encoding (§4, §11)
 # ---------------------------------------------------------------------------------------
@@ -4604,6 +5180,98 @@ def test_gzip_content_encoding_stores_decoded_bytes(fault_origin, fault_open_cac
     assert resp.read() == body
     assert resp.content_hash_hex == hashlib.sha256(body).hexdigest()
     assert resp.content_attributes.content_size_bytes == len(body)
+
+
+# --- hostile origins (SPEC §14) ---
+
+_HOSTILE_DATES = ["Fri, 31 Dec 9999 23:59:59 -0100", "Mon, 01 Jan 0001 00:00:00 +0100",
+                  "Thu, 01 Jan 1970 00:00:00 GMT", "Sun, 06 Nov 1994 08:49:37 GMT", "yesterday",
+                  "Tue, 99 Foo 2024 25:61:61 GMT", "", "\u00b2\u00b2", "Sat, 01 Jan 10000 00:00:00 GMT"]
+_HOSTILE_HEADER_VALUES = {
+    "Last-Modified": _HOSTILE_DATES,
+    "Date": _HOSTILE_DATES,
+    "Expires": _HOSTILE_DATES,
+    "Retry-After": ["0", "-1", "1e9", "99999999999999999999", "\u00b2"] + _HOSTILE_DATES,
+    "Content-Length": ["\u00b2", "-1", "0", "3", "1, 2", "99999999999999999999", "", " 5 ", "0x10", "\u0663"],
+    "Content-Range": ["bytes 0-1/2", "bytes \u0663-1/2", "bytes */*", "garbage", "bytes 5-1/0"],
+    "Content-Disposition": ["attachment; filename*=idna''x", "attachment; filename*=rot13''x",
+                            "attachment; filename*=UTF-8''%FF%FE", 'attachment; filename=". . .bashrc"',
+                            'attachment; filename="../../x"', "attachment; filename*=''", "inline; =;=;",
+                            "attachment; filename=" + "\u00e9" * 300, 'attachment; filename="a\x00b"'],
+    "Location": ["http://[::1/x", "", "javascript:alert(1)", "http://127.0.0.1:1/x", "//", "http://",
+                 "/h", "http://h\u00e9.invalid/", "ftp://127.0.0.1/x", "http://127.0.0.1:99999/"],
+    "Content-Encoding": ["gzip", "deflate", "br", "zstd", "x-unknown", "gzip, gzip", "identity"],
+    "Content-Type": ["text/plain; charset=idna", "text/plain; charset=rot13", "text/plain; charset=\u00e9",
+                     "/", ";;;", "application/json; charset=utf-8"],
+    "ETag": ['"ok"', 'W/"weak"', '"\u00e9"', "", '"' + "e" * 10000 + '"'],
+    "Accept-Ranges": ["bytes", "none", "\u00b2"],
+    "Transfer-Encoding": ["chunked", "gzip, chunked", "x"],
+}
+_HOSTILE_STATUS_LINES = (["HTTP/1.1 200 OK", "HTTP/1.1 206 Partial", "HTTP/1.1 304 Not Modified",
+                          "HTTP/1.1 301 Moved", "HTTP/1.1 302 Found", "HTTP/1.1 307 Temp",
+                          "HTTP/1.1 404 Nope", "HTTP/1.1 500 Oops", "HTTP/1.1 503 Later", "HTTP/1.1 100 Continue",
+                          "HTTP/1.1 999 Odd", "HTTP/1.1 99 Low", "HTTP/1.1 abc", "HTTP/1.0 200 OK",
+                          "HTTP/2 200", "ICY 200 OK", "", "HTTP/1.1 200 " + "x" * 5000, "HTTP/1.1 2\u00b200 X"])
+
+
+@st.composite
+def hostile_replies(draw) -> bytes:
+    """Raw bytes of one answer: a status line, headers and a body from broad strategies."""
+    status = draw(st.one_of(st.sampled_from(_HOSTILE_STATUS_LINES),
+                            st.text(st.characters(max_codepoint=255, exclude_characters="\r\n"), max_size=30)))
+    names = draw(st.lists(st.sampled_from(sorted(_HOSTILE_HEADER_VALUES)), max_size=6))
+    lines = [status]
+    for name in names:
+        value = draw(st.one_of(st.sampled_from(_HOSTILE_HEADER_VALUES[name]),
+                               st.text(st.characters(max_codepoint=255, exclude_characters="\r\n"),
+                                       max_size=40)))
+        lines.append(f"{name}: {value}")
+    lines += draw(st.lists(st.text(st.characters(max_codepoint=255, exclude_characters="\r\n"), max_size=30),
+                           max_size=2))
+    body = draw(st.one_of(st.binary(max_size=300), st.just(gzip.compress(b"compressed body")),
+                          st.just(b"5\r\nhello\r\n0\r\n\r\n"), st.just(b"zz\r\nbroken chunk")))
+    head = "\r\n".join(lines).encode("latin-1", "replace")
+    return head + b"\r\n\r\n" + body
+
+
+def test_hostile_origin_answers_never_break_the_cache(fault_origin, fault_open_cache, fault_cache_path):
+    """§14: whatever status line, headers and body an origin sends, fetch returns the cached
+    version (stale), a new one, or raises a §12 error; it leaves no wait/in_progress row,
+    stores only what reads back, and the last good version stays readable."""
+    cache = fault_open_cache(retries=0, timeout=0.5, max_retry_wait=0.1, download_lease_sec=5)
+    url = fault_origin.url("/h")
+    fault_origin.route("/h", FaultReply(body=b"last good version"))
+    good = cache.pin(cache.fetch(url, cache_configuration=_fault_when_requested()))
+    seen = collections.Counter()
+
+    @settings(max_examples=320, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                     HealthCheck.data_too_large])
+    @given(hostile_replies())
+    def check(raw):
+        seen["examples"] += 1
+        fault_origin.route("/h", FaultReply(raw=raw))
+        try:
+            resp = cache.fetch(url)
+        except buffylite.BuffyliteError as exc:
+            seen[type(exc).__name__] += 1
+            assert type(exc) in (buffylite.FetchError, buffylite.IntegrityError), repr(exc)
+        else:
+            seen[resp.outcome] += 1
+            assert resp.outcome in ("stale", "downloaded", "duplicate", "not_modified", "cached"), resp.outcome
+            resp.read()
+            resp.content_attributes.model_dump_json()
+        assert cache.versions(url, status="wait") == [] and cache.versions(url, status="in_progress") == []
+        for version in cache.versions(url, status=None):  # everything stored reads back
+            version.model_dump_json()
+        assert cache.get(url, good.version).read() == b"last good version"
+        cache.get(url).read()
+        cache.requests()
+
+    check()
+    assert seen["examples"] >= 320, seen
+    assert seen["stale"] > 30 and seen["downloaded"] + seen["duplicate"] > 5, seen
+    assert _fault_integrity(fault_cache_path) == ["ok"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -5161,6 +5829,59 @@ def test_cli_fetch_dir_names_file_from_content_disposition(cli_run, cli_origin, 
     assert sorted(path.name for path in directory.iterdir()) == ["ontology.owl"]
     assert done.stdout == b""
     assert "ontology.owl" in done.stderr
+
+
+# --- output targets and hostile names on the command line (SPEC §13, §14) ---
+
+
+def test_cli_fetch_dir_into_a_fake_home_never_replaces_a_dotfile(cli_run, cli_origin, tmp_path):
+    """§14: `fetch URL -d ~` with an origin naming ". . .bashrc" writes "bashrc"; ~/.bashrc stays."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_bytes(b"# mine\n")
+    cli_origin.route("/rc", b"echo owned\n", content_disposition='attachment; filename=". . .bashrc"')
+    done = cli_run("fetch", cli_origin.url("/rc"), "-d", str(home),
+                   env=cli_env(HOME=str(home), BUFFYLITE_CACHE=str(tmp_path / "c.sqlite3")))
+    assert done.returncode == 0, done.stderr
+    assert (home / ".bashrc").read_bytes() == b"# mine\n"
+    assert (home / "bashrc").read_bytes() == b"echo owned\n"
+    assert sorted(path.name for path in home.iterdir()) == [".bashrc", "bashrc"]
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "device"])
+def test_cli_fetch_output_keeps_a_symlink_fifo_or_device(cli_run, cli_origin, tmp_path, kind):
+    """§13: `-o FILE` writes through a symlink and into a FIFO or device, which stay what they were."""
+    cli_origin.route("/o", b"special target\n")
+    target = tmp_path / "target"
+    real = tmp_path / "real.txt"
+    received = None
+    with contextlib.ExitStack() as stack:
+        if kind == "symlink":
+            real.write_bytes(b"old")
+            target.symlink_to(real)
+        elif kind == "fifo":
+            received = stack.enter_context(fifo_reader(target))
+        else:
+            make_null_device(target)
+        done = cli_run("fetch", cli_origin.url("/o"), "-o", str(target))
+        assert done.returncode == 0, done.stderr
+    mode = os.lstat(target).st_mode
+    if kind == "symlink":
+        assert stat.S_ISLNK(mode) and real.read_bytes() == b"special target\n"
+    elif kind == "fifo":
+        assert stat.S_ISFIFO(mode) and received == [b"special target\n"]
+    else:
+        assert stat.S_ISCHR(mode) and os.major(os.lstat(target).st_rdev) == 1
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".buffylite-")]
+
+
+def test_cli_fetch_output_dash_writes_to_stdout(cli_run, cli_origin, tmp_path):
+    """§13: `-o -` writes the content to stdout, not to a file named "-"."""
+    cli_origin.route("/dash", b"to stdout")
+    done = cli_run("fetch", cli_origin.url("/dash"), "-o", "-")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"to stdout"
+    assert not (CLI_REPO_DIR / "-").exists()
 
 
 def test_cli_fetch_json_matches_api(cli_run, cli_origin, cli_json, cli_cache_path):
