@@ -3985,6 +3985,46 @@ def _cmd_info(cache: Cache, args) -> int:
     return 0
 
 
+def _cmd_lock(cache: Cache, args) -> int:
+    entries = cache.lock(args.output, group=args.group, tag=args.tag, pinned=True if args.pinned else None)
+    if args.output is None:
+        sys.stdout.write(_lockfile_text(entries))
+    elif not args.quiet:
+        sys.stderr.write(f"{len(entries)} requests locked in {args.output}\n")
+    return 0
+
+
+def _cmd_sync(cache: Cache, args) -> int:
+    report = cache.sync(args.file, offline=args.offline)
+
+    def human() -> None:
+        for name, urls in report.model_dump().items():
+            for url in urls:
+                sys.stdout.write(f"{name:<11}{url}\n")
+    _emit(args, report.model_dump(mode="json"), human)
+    if report.mismatched:
+        sys.stderr.write(f"buffylite: {len(report.mismatched)} locked requests now serve other "
+                         f"content than {args.file} records.\n")
+        return EXIT_INTEGRITY
+    if report.missing:
+        sys.stderr.write(f"buffylite: {len(report.missing)} locked requests could not be made present.\n")
+        return EXIT_NOT_CACHED
+    return 0
+
+
+def _cmd_backup(cache: Cache, args) -> int:
+    written = cache.backup(args.dest, group=args.group, lockfile=args.lock)
+    _emit(args, {"backup": str(written)}, lambda: sys.stdout.write(f"{written}\n"))
+    return 0
+
+
+def _cmd_import(cache: Cache, args) -> int:
+    added = cache.import_from(args.source, group=args.group)
+    _emit(args, {"source": args.source, "versions_added": added},
+          lambda: sys.stdout.write(f"{args.source}: {added} versions added\n"))
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     # Global options live in a parent parser shared by the main parser and every
     # subcommand; SUPPRESS keeps a subcommand from resetting what came before it.
@@ -4084,6 +4124,28 @@ def _build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("info", parents=common, help="cache file facts and counts").set_defaults(
         handler=_cmd_info)
+
+    lock_parser = commands.add_parser("lock", parents=common,
+                                      help="write a lockfile of the versions in use (stdout by default)")
+    lock_parser.add_argument("-o", "--output", metavar="FILE", help="write the lockfile to FILE")
+    lock_parser.add_argument("--group", help="only requests of this group")
+    lock_parser.add_argument("--tag", metavar="T", help="lock the newest version carrying this tag")
+    lock_parser.add_argument("--pinned", action="store_true", help="lock the newest pinned version")
+    lock_parser.set_defaults(handler=_cmd_lock)
+    sync_parser = commands.add_parser("sync", parents=common, help="make every locked version present")
+    sync_parser.add_argument("file", metavar="FILE")
+    sync_parser.add_argument("--offline", action="store_true", help="never touch the network")
+    sync_parser.set_defaults(handler=_cmd_sync)
+    backup_parser = commands.add_parser("backup", parents=common,
+                                        help="write a consistent, compact copy of the cache")
+    backup_parser.add_argument("dest", metavar="DEST")
+    backup_parser.add_argument("--group", help="only requests of this group")
+    backup_parser.add_argument("--lock", metavar="FILE", help="only the requests and versions of this lockfile")
+    backup_parser.set_defaults(handler=_cmd_backup)
+    import_parser = commands.add_parser("import", parents=common, help="merge another cache file into this one")
+    import_parser.add_argument("source", metavar="SOURCE")
+    import_parser.add_argument("--group", help="only requests of this group")
+    import_parser.set_defaults(handler=_cmd_import)
     return parser
 
 
