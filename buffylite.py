@@ -58,6 +58,21 @@ Design notes (choices the specification leaves open):
   shorter one counts as a broken connection and is retried or resumed.
 - New cache files use 16 KiB pages (measured faster for large content than
   SQLite's 4 KiB); files made with other page sizes work the same.
+- Lockfiles match requests across cache files by their identity without the values
+  of sensitive headers (each file digests those with its own salt); such headers
+  appear in a lockfile by name with the value ``null``, and the body as JSON, text or
+  base64 with a ``body_encoding`` field saying which. ``sync`` cannot replay a request
+  whose header values the lockfile withholds: unless already present, it is reported
+  ``missing`` (a fetch that passes the header, under ``Cache(lockfile=...)``, gets it).
+- ``backup()`` refuses an existing destination (replacing a cache file that is in use
+  would corrupt it). A backup by lockfile keeps only the locked versions of the locked
+  requests; by group, every version of that group's requests.
+- ``import_from()`` and seeds copy ready versions only, with their pins, leases and
+  tags, re-hashing the content as it is copied; no garbage collection runs after an
+  import. Requests with sensitive header values digested under another file's salt
+  cannot be matched and are skipped (a backup shares its cache's salt, so they work there).
+- A read-only file whose folder cannot be written is opened as immutable when it has
+  no ``-wal``/``-shm`` files (SQLite could not create them to read it otherwise).
 - ``lease()`` blocks that overlap on one version follow §9 literally: the first to
   exit puts back the lease end it found, which may end a shorter lease another
   block asked for meanwhile (that one never extended anything).
@@ -2088,7 +2103,8 @@ class Cache:
     """A versioning HTTP download cache in one SQLite file.
 
     ``Cache(path=None, *, timeout=30.0, retries=5, max_retry_wait=120.0,
-    download_lease_sec=30.0, sensitive_headers=(), user_agent=None)``
+    download_lease_sec=30.0, sensitive_headers=(), read_only=False, seeds=(),
+    lockfile=None, user_agent=None)``
 
     - ``path``: the cache file. ``None`` means ``$BUFFYLITE_CACHE`` if set, else the
       platform's user cache directory (Linux ``$XDG_CACHE_HOME`` or ``~/.cache``, macOS
@@ -2109,6 +2125,17 @@ class Cache:
       and Cookie, whose values never reach the file in clear (a salted digest is
       stored; they still make requests distinct). The names are remembered in the
       file, so every later Cache on it treats them the same way.
+    - ``read_only``: open the file for reading only. Automatic when this process cannot
+      write the file or its folder (read-only media, another user's file). Reads work;
+      ``fetch`` serves what is cached as ``offline`` does (CacheFileError when a download
+      would be needed); anything that writes raises CacheFileError saying so.
+    - ``seeds``: paths of read-only caches (e.g. shipped with an app). When this cache
+      holds no version a fetch accepts, the newest suitable version of a seed is copied
+      into this cache and served (outcome ``cached``): an app starts offline at once.
+    - ``lockfile``: a lockfile written by ``lock()`` (None: ``$BUFFYLITE_LOCKFILE``, if
+      set). Every fetch of a locked request returns content with the locked hash and
+      nothing else: a cached version with that hash without asking the origin, else a
+      download that must match (IntegrityError naming the URL and both hashes).
     - ``user_agent``: default ``buffylite/<version>``.
 
     Everything is stored in the one file: requests with their cache configuration,

@@ -2445,7 +2445,7 @@ def test_import_from_merges_versions_pins_tags_and_deduplicates_content(tmp_path
 _PORTABLE_READ_ONLY_CHILD = textwrap.dedent('''
     import hashlib, json, os, sys
     import buffylite
-    path, url, old_version = sys.argv[1], sys.argv[2], sys.argv[3]
+    path, url, old_version, copy = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
     if os.geteuid() == 0:
         os.setgroups([])
         os.setgid(65534)
@@ -2466,6 +2466,7 @@ _PORTABLE_READ_ONLY_CHILD = textwrap.dedent('''
         attempt("stats", lambda: cache.stats()["requests"])
         attempt("verify", lambda: cache.verify().checked)
         attempt("lock", lambda: len(cache.lock(None)))
+        attempt("backup", lambda: len(buffylite.Cache(cache.backup(copy), read_only=True).versions(url)))
         attempt("pin", lambda: cache.pin(cache.get(url)).pinned)
         attempt("download", lambda: cache.fetch(url + "-not-cached").outcome)
         attempt("offline_missing", lambda: cache.fetch(url + "-not-cached", offline=True).outcome)
@@ -2504,9 +2505,13 @@ def test_read_only_cache_opens_for_another_user_and_refuses_writes(portable_shar
     assert sorted(item.name for item in folder.iterdir()) == ["cache.sqlite3"]
     os.chmod(path, 0o444)
     os.chmod(folder, 0o555)
+    outbox = portable_shared_dir / "outbox"
+    outbox.mkdir(mode=0o777)
+    os.chmod(outbox, 0o777)
     origin.routes["/ro"].body = b"third"
     hits = len(origin.log)
-    done = run_python(_PORTABLE_READ_ONLY_CHILD, str(path), origin.url("/ro"), old.version)
+    done = run_python(_PORTABLE_READ_ONLY_CHILD, str(path), origin.url("/ro"), old.version,
+                      str(outbox / "copy.sqlite3"))
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout)
     if os.geteuid() == 0:
@@ -2517,6 +2522,7 @@ def test_read_only_cache_opens_for_another_user_and_refuses_writes(portable_shar
     assert found["fetch"] == ["offline", sha256(b"second")]
     assert found["force"] == "first" and found["stream"] == "second"
     assert found["stats"] == 1 and found["verify"] == 2 and found["lock"] == 1
+    assert found["backup"] == 2  # a read-only cache can still be copied
     for write in ("pin", "download", "gc"):
         assert found[write]["error"] == "CacheFileError", (write, found[write])
         assert "read-only" in found[write]["message"], found[write]
