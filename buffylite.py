@@ -4012,12 +4012,16 @@ def _cmd_info(cache: Cache, args) -> int:
     return 0
 
 
+def _count_text(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _cmd_lock(cache: Cache, args) -> int:
     entries = cache.lock(args.output, group=args.group, tag=args.tag, pinned=True if args.pinned else None)
     if args.output is None:
         sys.stdout.write(_lockfile_text(entries))
     elif not args.quiet:
-        sys.stderr.write(f"{len(entries)} requests locked in {args.output}\n")
+        sys.stderr.write(f"{_count_text(len(entries), 'request')} locked in {args.output}\n")
     return 0
 
 
@@ -4030,11 +4034,12 @@ def _cmd_sync(cache: Cache, args) -> int:
                 sys.stdout.write(f"{name:<11}{url}\n")
     _emit(args, report.model_dump(mode="json"), human)
     if report.mismatched:
-        sys.stderr.write(f"buffylite: {len(report.mismatched)} locked requests now serve other "
-                         f"content than {args.file} records.\n")
+        sys.stderr.write(f"buffylite: {_count_text(len(report.mismatched), 'locked request')} now "
+                         f"served with other content than {args.file} records.\n")
         return EXIT_INTEGRITY
     if report.missing:
-        sys.stderr.write(f"buffylite: {len(report.missing)} locked requests could not be made present.\n")
+        sys.stderr.write(f"buffylite: {_count_text(len(report.missing), 'locked request')} could not be "
+                         "made present (offline, download failed, or header values not in the lockfile).\n")
         return EXIT_NOT_CACHED
     return 0
 
