@@ -468,6 +468,7 @@ PUBLIC_NAMES = sorted([
     "InvalidRequestError", "NotCachedError", "ReCachingStrategy", "RefreshResult", "Request",
     "RequestCacheConfiguration", "Response", "ResponseContentAttributes",
     "ResponseDownloadStats", "VerifyReport", "fetch", "main",
+    "LockEntry", "SyncReport",  # §16
 ])
 
 
