@@ -2189,6 +2189,74 @@ def test_locked_request_with_a_secret_is_downloaded_with_its_header_and_checked(
             cache_b.fetch(**requests["secret"], expected_hash=sha256(b"something else"))
 
 
+#: Examples the lockfile identity property runs.
+PORTABLE_IDENTITY_EXAMPLES = 40
+
+
+def portable_identities():
+    """Request identities of every shape fetch() accepts (hypothesis strategy)."""
+    printable = st.characters(min_codepoint=32, max_codepoint=126)
+    header_names = st.from_regex(r"X-[A-Za-z0-9]{1,8}", fullmatch=True)
+    json_values = st.one_of(st.integers(-10**6, 10**6), st.text(printable, max_size=12), st.booleans(), st.none())
+    bodies = st.one_of(
+        st.none(), st.binary(max_size=40),
+        st.text(st.characters(blacklist_categories=("Cs",)), max_size=20),
+        st.dictionaries(st.text(printable, min_size=1, max_size=8), json_values, max_size=4))
+    return st.fixed_dictionaries({
+        "method": st.sampled_from(["get", "post", "put", "POST"]),
+        "params": st.one_of(st.none(), st.dictionaries(st.from_regex(r"[a-z]{1,6}", fullmatch=True),
+                                                       st.one_of(st.text(printable, max_size=10),
+                                                                 st.integers(0, 999)), max_size=3)),
+        "headers": st.dictionaries(header_names, st.text(printable, max_size=16), max_size=3),
+        "secret": st.one_of(st.none(), st.text(printable, min_size=8, max_size=24)),
+        "body": bodies,
+    })
+
+
+def test_every_request_identity_round_trips_through_a_lockfile(tmp_path, origin):
+    """§16 (hypothesis): for any identity (method, params, headers, sensitive header, body),
+    the lockfile entry written by one cache applies to the same fetch in another cache:
+    after the origin changed, the other cache refuses the new bytes."""
+    from hypothesis import given
+
+    examples = []
+    source = buffylite.Cache(tmp_path / "source.sqlite3", retries=0, timeout=5)
+
+    @settings(max_examples=PORTABLE_IDENTITY_EXAMPLES, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(identity=portable_identities())
+    def check(identity):
+        number = len(examples)
+        examples.append(identity)
+        path, group = f"/identity/{number}", f"g{number}"
+        headers = dict(identity["headers"])
+        if identity["secret"] is not None:
+            headers["Authorization"] = identity["secret"]
+        kwargs = {"method": identity["method"], "params": identity["params"], "headers": headers or None,
+                  "body": identity["body"], "group": group}
+        route = origin.route(path, body=f"locked {number}".encode())
+        source.fetch(origin.url(path), **kwargs)
+        lockfile = tmp_path / f"{number}.lock"
+        [entry] = source.lock(lockfile, group=group)
+        if identity["secret"] is not None:
+            others = repr((identity["params"], identity["headers"], identity["body"]))
+            if identity["secret"] not in others:  # (the secret may also be a body, by chance)
+                assert identity["secret"] not in lockfile.read_text()
+            assert entry.headers["Authorization"] is None
+        route.body = f"changed {number}".encode()
+        with buffylite.Cache(tmp_path / f"{number}.sqlite3", lockfile=lockfile, retries=0, timeout=5) as other:
+            with pytest.raises(buffylite.IntegrityError, match=entry.hash.split(":")[1]):
+                other.fetch(origin.url(path), **kwargs)
+            if identity["secret"] is None:  # sync can replay it: the origin changed, so mismatched
+                assert other.sync(lockfile).mismatched == [origin.url(path)]
+
+    try:
+        check()
+    finally:
+        source.close()
+    assert len(examples) >= PORTABLE_IDENTITY_EXAMPLES
+
+
 def test_lockfile_from_the_environment_applies_to_every_fetch(tmp_path, origin, monkeypatch):
     """§16: $BUFFYLITE_LOCKFILE is the lockfile of a Cache given none."""
     lockfile = tmp_path / "env.lock"
