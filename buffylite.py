@@ -2168,11 +2168,14 @@ class Cache:
         if isinstance(sensitive_headers, str):
             raise InvalidRequestError("sensitive_headers must be a sequence of header names, not a string.")
         self.path = pathlib.Path(path).expanduser() if path is not None else _default_cache_path()
-        seeds, lockfile = _check_portability_options(seeds, lockfile)
+        seeds, self._lockfile = _check_portability_options(seeds, lockfile)
+        self._locked = _read_lockfile(self._lockfile) if self._lockfile is not None else None
         self._store = _Store(self.path, read_only=bool(read_only))
-        self._seeds = _Seeds(seeds)
-        self._locked = _read_lockfile(lockfile) if lockfile is not None else None
-        self._lockfile = lockfile
+        try:
+            self._seeds = _Seeds(seeds)
+        except BaseException:
+            self._store.close()
+            raise
         self._sensitive = SENSITIVE_HEADERS | self._store.remember_sensitive_headers(
             {str(name).lower() for name in sensitive_headers})
         self._http = _HttpClient(timeout, user_agent or f"buffylite/{__version__}")

@@ -2332,6 +2332,7 @@ def test_unusable_lockfile_is_an_invalid_request(tmp_path, content, mentions):
     path.write_text(content)
     with pytest.raises(buffylite.InvalidRequestError, match=mentions):
         buffylite.Cache(tmp_path / "c.sqlite3", lockfile=path)
+    assert not (tmp_path / "c.sqlite3").exists()  # refused before anything was written
     with pytest.raises(buffylite.InvalidRequestError, match=mentions):
         with buffylite.Cache(tmp_path / "c.sqlite3") as cache:
             cache.sync(path)
