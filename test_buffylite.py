@@ -2471,6 +2471,13 @@ def test_backup_of_a_group_or_a_lockfile_holds_exactly_that_subset(tmp_path, ori
     assert json.loads(done.stdout) == {"backup": str(tmp_path / "cli.sqlite3")}
     with buffylite.Cache(tmp_path / "cli.sqlite3", read_only=True) as copy:
         assert [request.group_name for request in copy.requests()] == ["nightly"]
+    done = run_cli("--cache", str(source), "backup", str(tmp_path / "cli-lock.sqlite3"), "--lock", str(lockfile))
+    assert done.returncode == 0 and done.stdout.strip() == str(tmp_path / "cli-lock.sqlite3"), done.stderr
+    with buffylite.Cache(tmp_path / "cli-lock.sqlite3", read_only=True) as copy, \
+            buffylite.Cache(by_lock, read_only=True) as api_copy:
+        assert portable_contents(copy) == portable_contents(api_copy)
+    done = run_cli("--cache", str(source), "backup", str(tmp_path / "cli-lock.sqlite3"))
+    assert done.returncode == 2 and "already exists" in done.stderr
 
 
 def test_import_from_merges_versions_pins_tags_and_deduplicates_content(tmp_path, origin):
