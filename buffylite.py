@@ -1276,10 +1276,15 @@ class _Store:
         if user_version == SCHEMA_VERSION:
             return
         if self.read_only:
-            raise CacheFileError(
-                f"The read-only cache file {self.path} has schema version {user_version}; this "
-                f"buffylite {__version__} needs {SCHEMA_VERSION}. Open it once with write access "
-                "to upgrade it.", path=self.path)
+            if user_version == 0:
+                raise CacheFileError(f"The read-only file {self.path} is not a buffylite cache (it has "
+                                     "no buffylite tables).", path=self.path)
+            # An older file cannot be upgraded here. Migrations only add, so what it holds
+            # stays readable (a seed shipped with an older release keeps working); a
+            # feature that needs a newer table fails with CacheFileError when used.
+            log.info("The read-only cache %s has schema version %d (current %d); it is read "
+                     "without upgrading.", self.path, user_version, SCHEMA_VERSION)
+            return
         if user_version == 0:
             _sqlite_prepare_new_file(self.db)
         for target_version, migrate in _MIGRATIONS:

@@ -2627,6 +2627,10 @@ def test_read_only_option_on_a_writable_file_refuses_writes(cache_path, origin):
     with pytest.raises(buffylite.CacheFileError, match="does not exist"):
         buffylite.Cache(cache_path.with_name("missing.sqlite3"), read_only=True)
     assert not cache_path.with_name("missing.sqlite3").exists()
+    cache_path.with_name("empty.sqlite3").write_bytes(b"")
+    with pytest.raises(buffylite.CacheFileError, match="not a buffylite cache"):
+        buffylite.Cache(cache_path.with_name("empty.sqlite3"), read_only=True)
+    assert cache_path.with_name("empty.sqlite3").read_bytes() == b""
 
 
 def test_seed_serves_a_first_launch_offline_and_the_version_stays(tmp_path):
