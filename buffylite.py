@@ -72,7 +72,9 @@ Design notes (choices the specification leaves open):
   import. Requests with sensitive header values digested under another file's salt
   cannot be matched and are skipped (a backup shares its cache's salt, so they work there).
 - A read-only file whose folder cannot be written is opened as immutable when it has
-  no ``-wal``/``-shm`` files (SQLite could not create them to read it otherwise).
+  no ``-wal``/``-shm`` files (SQLite could not create them to read it otherwise). A
+  read-only file of an older schema is read as it is, not refused: migrations only add,
+  so a seed shipped with an older release keeps working.
 - ``lease()`` blocks that overlap on one version follow §9 literally: the first to
   exit puts back the lease end it found, which may end a shorter lease another
   block asked for meanwhile (that one never extended anything).

@@ -2608,6 +2608,30 @@ def test_read_only_cache_opens_for_another_user_and_refuses_writes(portable_shar
     assert sorted(item.name for item in folder.iterdir()) == ["cache.sqlite3"]
 
 
+def test_cache_on_a_read_only_mount_opens_read_only_even_for_root(tmp_path, origin):
+    """§16: a cache on read-only media (a tmpfs remounted read-only) opens by itself, for
+    any user; it serves offline and refuses writes."""
+    mount_point = tmp_path / "media"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)],
+                      capture_output=True, timeout=30).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        origin.route("/media", body=b"on the disc")
+        with buffylite.Cache(mount_point / "cache.sqlite3") as cache:
+            version = cache.fetch(origin.url("/media")).version
+        subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True, timeout=30)
+        with buffylite.Cache(mount_point / "cache.sqlite3", retries=0, timeout=2) as cache:
+            assert cache.read_only
+            response = cache.fetch(origin.url("/media"), cache_configuration=always())
+            assert (response.outcome, response.version, response.read()) == ("offline", version, b"on the disc")
+            with pytest.raises(buffylite.CacheFileError, match="read-only"):
+                cache.pin(response)
+        assert len(origin.log) == 1
+    finally:
+        subprocess.run(["umount", str(mount_point)], capture_output=True, timeout=30)
+
+
 def test_read_only_option_on_a_writable_file_refuses_writes(cache_path, origin):
     """§16: Cache(read_only=True) reads a writable file without changing it."""
     origin.route("/rw", body=b"content")
