@@ -3325,7 +3325,8 @@ class Cache:
                            group=entry.group, expected_hash=f"{algorithm}:{digest}")
             except IntegrityError:
                 report.mismatched.append(entry.url)
-            except (FetchError, NotCachedError) as exc:
+            except (FetchError, NotCachedError, InvalidRequestError) as exc:
+                # (InvalidRequestError: the request is stored here with another hash type.)
                 log.warning("Could not sync %s: %s", entry.url, exc)
                 report.missing.append(entry.url)
             else:
