@@ -58,6 +58,23 @@ Design notes (choices the specification leaves open):
   shorter one counts as a broken connection and is retried or resumed.
 - New cache files use 16 KiB pages (measured faster for large content than
   SQLite's 4 KiB); files made with other page sizes work the same.
+- Lockfiles match requests across cache files by their identity without the values
+  of sensitive headers (each file digests those with its own salt); such headers
+  appear in a lockfile by name with the value ``null``, and the body as JSON, text or
+  base64 with a ``body_encoding`` field saying which. ``sync`` cannot replay a request
+  whose header values the lockfile withholds: unless already present, it is reported
+  ``missing`` (a fetch that passes the header, under ``Cache(lockfile=...)``, gets it).
+- ``backup()`` refuses an existing destination (replacing a cache file that is in use
+  would corrupt it). A backup by lockfile keeps only the locked versions of the locked
+  requests; by group, every version of that group's requests.
+- ``import_from()`` and seeds copy ready versions only, with their pins, leases and
+  tags, re-hashing the content as it is copied; no garbage collection runs after an
+  import. Requests with sensitive header values digested under another file's salt
+  cannot be matched and are skipped (a backup shares its cache's salt, so they work there).
+- A read-only file whose folder cannot be written is opened as immutable when it has
+  no ``-wal``/``-shm`` files (SQLite could not create them to read it otherwise). A
+  read-only file of an older schema is read as it is, not refused: migrations only add,
+  so a seed shipped with an older release keeps working.
 - ``lease()`` blocks that overlap on one version follow §9 literally: the first to
   exit puts back the lease end it found, which may end a shorter lease another
   block asked for meanwhile (that one never extended anything).
@@ -159,6 +176,7 @@ __all__ = sorted([
     "GCReport",
     "IntegrityError",
     "InvalidRequestError",
+    "LockEntry",
     "NotCachedError",
     "ReCachingStrategy",
     "RefreshResult",
@@ -167,6 +185,7 @@ __all__ = sorted([
     "Response",
     "ResponseContentAttributes",
     "ResponseDownloadStats",
+    "SyncReport",
     "VerifyReport",
     "fetch",
     "main",
@@ -279,6 +298,8 @@ MAX_FILENAME_BYTES = 255
 _MAX_TIMESTAMP = dt.datetime(9999, 12, 31, tzinfo=dt.timezone.utc).timestamp()
 #: What a masked secret looks like in messages, logs, reprs and command-line output.
 MASK = "***"
+#: Format version written into lockfiles (``"buffylite_lockfile": 1``); see ``Cache.lock``.
+LOCKFILE_FORMAT_VERSION = 1
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 #: SQLite's primary result code for "database or disk is full".
@@ -1496,8 +1517,11 @@ class _SqliteDatabase(peewee.SqliteDatabase):
                 connection.close()
 
 
-def _sqlite_database(path: pathlib.Path) -> _SqliteDatabase:
+def _sqlite_database(path: pathlib.Path, access: str | None = None) -> _SqliteDatabase:
     """A peewee database for ``path`` with the pragmas every connection needs.
+
+    ``access`` None opens for reading and writing; ``"ro"`` opens read-only, and
+    ``"immutable"`` read-only for a file nothing can change (see ``_sqlite_read_only_access``).
 
     WAL lets readers run beside the single writer; ``synchronous=NORMAL`` is safe in
     WAL (a power cut may lose the last commits, never corrupt); foreign keys make
@@ -1506,10 +1530,17 @@ def _sqlite_database(path: pathlib.Path) -> _SqliteDatabase:
     that ``close_all`` may close other threads' connections; peewee still gives each
     thread its own.
     """
+    if access is None:
+        target, extra = str(path), {}
+    else:
+        # A URI, percent-encoded by as_uri(), so that odd characters in the path stay a path.
+        mode = "immutable=1" if access == "immutable" else "mode=ro"
+        target, extra = f"{pathlib.Path(os.path.abspath(path)).as_uri()}?{mode}", {"uri": True}
     return _SqliteDatabase(
-        str(path),
+        target,
         timeout=BUSY_TIMEOUT_SEC,
         check_same_thread=False,
+        **extra,
         pragmas=[
             ("foreign_keys", 1),
             ("synchronous", "normal"),
@@ -1517,6 +1548,38 @@ def _sqlite_database(path: pathlib.Path) -> _SqliteDatabase:
             ("busy_timeout", int(BUSY_TIMEOUT_SEC * 1000)),
         ],
     )
+
+
+def _sqlite_is_read_only(path: pathlib.Path) -> bool:
+    """True when an existing cache file cannot be written by this process: the file is
+    not writable (permissions, read-only media), or its folder is not, so SQLite could
+    not create the write-ahead log a writer needs (unless both WAL files already exist
+    and are writable)."""
+    if not path.exists():
+        return False
+    if not os.access(path, os.W_OK):
+        return True
+    if os.access(path.parent, os.W_OK):
+        return False
+    side_files = [pathlib.Path(str(path) + suffix) for suffix in ("-wal", "-shm")]
+    return not all(side.exists() and os.access(side, os.W_OK) for side in side_files)
+
+
+def _sqlite_read_only_access(path: pathlib.Path) -> str:
+    """How to open a cache file read-only: ``"ro"``, or ``"immutable"`` when SQLite could
+    neither find nor create the ``-wal``/``-shm`` files a WAL reader needs (a folder we
+    cannot write). Nothing can be writing such a file in WAL mode (a writer would need
+    those files), so reading it as immutable is safe; a WAL left behind without its
+    ``-shm`` is then ignored, which loses at most commits that were never checkpointed."""
+    if os.access(path.parent, os.W_OK):
+        return "ro"
+    wal, shm = (pathlib.Path(str(path) + suffix) for suffix in ("-wal", "-shm"))
+    if wal.exists() and shm.exists():
+        return "ro"
+    if wal.exists() and wal.stat().st_size:
+        log.warning("The read-only cache %s has a write-ahead log but no -shm file; its last "
+                    "commits are not visible.", path)
+    return "immutable"
 
 
 def _sqlite_check_header(path: pathlib.Path) -> None:
@@ -1577,6 +1640,29 @@ def _sqlite_give_back_free_pages(database: peewee.Database, *, checkpoint: bool)
             database.execute_sql(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SEC * 1000)}")
 
 
+def _sqlite_snapshot_into(database: peewee.Database, target: pathlib.Path) -> None:
+    """Write a consistent, compact copy of the open file to ``target`` (an empty file).
+    ``VACUUM INTO`` reads one snapshot, so writers in other connections go on meanwhile
+    and the copy is never torn; it also leaves out free pages. The copy is in rollback
+    journal mode until ``_sqlite_finish_copy``."""
+    database.connection().execute("VACUUM INTO ?", (str(target),))
+
+
+def _sqlite_finish_copy(database: peewee.Database, *, compact: bool) -> None:
+    """Make a private copy an ordinary cache file: compacted again after rows were
+    removed (``compact``), and in WAL mode like every cache file."""
+    if compact:
+        database.execute_sql("VACUUM")
+    database.execute_sql("PRAGMA journal_mode=WAL")
+
+
+def _sqlite_remove_side_files(path: pathlib.Path) -> None:
+    """Remove the ``-wal``, ``-shm`` and ``-journal`` files of a closed private copy."""
+    for suffix in ("-wal", "-shm", "-journal"):
+        with contextlib.suppress(OSError):
+            os.unlink(str(path) + suffix)
+
+
 def _sqlite_write_transaction(database: peewee.SqliteDatabase):
     """A write transaction taking the lock up front (``BEGIN IMMEDIATE``): a deferred one
     that later needs to write can fail at once with SQLITE_BUSY in WAL mode instead of
@@ -1617,11 +1703,17 @@ class _Store:
     """The cache file: connections (one per thread, reopened after fork), transactions,
     error translation, and chunked content I/O."""
 
-    def __init__(self, path: pathlib.Path):
+    def __init__(self, path: pathlib.Path, *, read_only: bool = False):
         self.path = path
         _sqlite_check_header(path)
+        # Read-only (§16): asked for, or the file cannot be written by this process.
+        self.read_only = read_only or _sqlite_is_read_only(path)
+        self.access = _sqlite_read_only_access(path) if self.read_only else None
+        if self.read_only and not path.is_file():
+            raise CacheFileError(f"The read-only cache file {path} does not exist.", path=path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.read_only:
+                path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CacheFileError(f"Cannot create the directory of the cache file {path}: {exc}.",
                                  path=path) from exc
@@ -1636,7 +1728,7 @@ class _Store:
         self._pid = os.getpid()
         self._statements: dict[str, tuple[str, list]] = {}
         self._local = threading.local()  # per thread: the memo of hot reads, own commits
-        self.db = _sqlite_database(self.path)
+        self.db = _sqlite_database(self.path, self.access)
         self.tables = _Tables(self.db)
 
     def _ensure_same_process(self) -> None:
@@ -1657,14 +1749,22 @@ class _Store:
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[_Tables]:
-        """A short IMMEDIATE write transaction. Never hold one across network I/O."""
+        """A short IMMEDIATE write transaction. Never hold one across network I/O.
+        Raises CacheFileError at once on a read-only cache."""
         self._ensure_same_process()
+        self.require_writable()
         try:
             with self._translated(), _sqlite_write_transaction(self.db):
                 yield self.tables
         finally:
             # This connection's own commits do not move data_version: count them.
             self._local.writes = getattr(self._local, "writes", 0) + 1
+
+    def require_writable(self) -> None:
+        """Raise CacheFileError when the file was opened read-only."""
+        if self.read_only:
+            raise CacheFileError(f"The cache {self.path} is read-only: this operation needs to write "
+                                 "to it. Write to a copy made with Cache.backup() instead.", path=self.path)
 
     def close_thread_connection(self) -> None:
         """Close the calling thread's connection (a helper thread is ending)."""
@@ -1690,6 +1790,16 @@ class _Store:
                 path=self.path)
         if user_version == SCHEMA_VERSION:
             return
+        if self.read_only:
+            if user_version == 0:
+                raise CacheFileError(f"The read-only file {self.path} is not a buffylite cache (it has "
+                                     "no buffylite tables).", path=self.path)
+            # An older file cannot be upgraded here. Migrations only add, so what it holds
+            # stays readable (a seed shipped with an older release keeps working); a
+            # feature that needs a newer table fails with CacheFileError when used.
+            log.info("The read-only cache %s has schema version %d (current %d); it is read "
+                     "without upgrading.", self.path, user_version, SCHEMA_VERSION)
+            return
         if user_version == 0:
             _sqlite_prepare_new_file(self.db)
         for target_version, migrate in _MIGRATIONS:
@@ -1706,6 +1816,8 @@ class _Store:
         is stored in clear, must not depend on which Cache object opened the file."""
         meta, key = self.tables.meta, f"sensitive_{kind}"
         known = self.sensitive_names()[kind]
+        if self.read_only:  # Nothing can be stored, so nothing is stored with them either.
+            return known
         if not names <= known:
             with self.writing():
                 row = meta.get_or_none(meta.key == key)
@@ -1970,7 +2082,7 @@ class _ContentStream(io.RawIOBase):
         self._store = store
         self._content_id = content_id
         self._statements = store.content_statements()
-        self._db = _sqlite_database(store.path)
+        self._db = _sqlite_database(store.path, store.access)
         self._db.connect()
         self._db.begin()
         try:
@@ -3022,6 +3134,7 @@ class _FetchCall:
     stale_if_error: bool = True          # False: a failed due download raises instead of serving L
     retries: int | None = None           # None: the Cache's
     timeout: Any = None                  # urllib3.Timeout, or None: the Cache's
+    locked: bool = False                 # expected_hash comes from the lockfile (§16)
 
     @property
     def is_hard_choice(self) -> bool:
@@ -3432,7 +3545,7 @@ class Cache:
 
     ``Cache(path=None, *, timeout=30.0, retries=5, max_retry_wait=120.0,
     download_lease_sec=30.0, sensitive_headers=(), sensitive_params=(), failure_backoff_sec=60.0,
-    user_agent=None)``
+    read_only=False, seeds=(), lockfile=None, user_agent=None)``
 
     - ``path``: the cache file. ``None`` means ``$BUFFYLITE_CACHE`` if set, else the
       platform's user cache directory (Linux ``$XDG_CACHE_HOME`` or ``~/.cache``, macOS
@@ -3464,6 +3577,17 @@ class Cache:
     - ``sensitive_params``: query parameter names (``api_key``...) treated the same
       way, in ``params=`` and in the URL's query string: sent, stored as salted
       digests, shown as ``***``. Remembered by the file too.
+    - ``read_only``: open the file for reading only. Automatic when this process cannot
+      write the file or its folder (read-only media, another user's file). Reads work;
+      ``fetch`` serves what is cached as ``offline`` does (CacheFileError when a download
+      would be needed); anything that writes raises CacheFileError saying so.
+    - ``seeds``: paths of read-only caches (e.g. shipped with an app). When this cache
+      holds no version a fetch accepts, the newest suitable version of a seed is copied
+      into this cache and served (outcome ``cached``): an app starts offline at once.
+    - ``lockfile``: a lockfile written by ``lock()`` (None: ``$BUFFYLITE_LOCKFILE``, if
+      set). Every fetch of a locked request returns content with the locked hash and
+      nothing else: a cached version with that hash without asking the origin, else a
+      download that must match (IntegrityError naming the URL and both hashes).
     - ``user_agent``: default ``buffylite/<version>``; no NUL, CR or LF, Latin-1 only.
 
     Every number is finite and in a stated range (durations at most
@@ -3489,6 +3613,9 @@ class Cache:
                  sensitive_headers: tuple[str, ...] | list[str] = (),
                  sensitive_params: tuple[str, ...] | list[str] = (),
                  failure_backoff_sec: float = DEFAULT_FAILURE_BACKOFF_SEC,
+                 read_only: bool = False,
+                 seeds: tuple[str | os.PathLike, ...] | list = (),
+                 lockfile: str | os.PathLike | None = None,
                  user_agent: str | None = None):
         # Every argument is checked before the file is touched: a rejected Cache writes nothing.
         timeout = _check_timeout(timeout)
@@ -3507,11 +3634,18 @@ class Cache:
         if isinstance(path, str) and "\x00" in path:
             raise InvalidRequestError("path must not contain a NUL character.")
         self.path = pathlib.Path(path).expanduser() if path is not None else _default_cache_path()
-        self._store = _Store(self.path)
-        if header_names:
-            self._store.remember_sensitive_names("headers", header_names)
-        if param_names:
-            self._store.remember_sensitive_names("params", param_names)
+        seeds, self._lockfile = _check_portability_options(seeds, lockfile)
+        self._locked = _read_lockfile(self._lockfile) if self._lockfile is not None else None
+        self._store = _Store(self.path, read_only=bool(read_only))
+        try:
+            self._seeds = _Seeds(seeds)
+            if header_names:
+                self._store.remember_sensitive_names("headers", header_names)
+            if param_names:
+                self._store.remember_sensitive_names("params", param_names)
+        except BaseException:
+            self._store.close()
+            raise
         self._http = _HttpClient(timeout, user_agent or f"buffylite/{__version__}")
         self._plain_identities: dict[tuple, _Identity] = {}
         self._cron_started: set[int] = set()
@@ -3565,6 +3699,7 @@ class Cache:
         """Release the HTTP pool and this thread's database connection."""
         self._http.close()
         self._store.close()
+        self._seeds.close()
 
     # --- identities and loading -------------------------------------------------
 
@@ -3727,7 +3862,10 @@ class Cache:
                 raise InvalidRequestError(f"{name} must be callable.")
         if call.configuration is not None:
             self._require_strategy_support(call.configuration)
-        response = self._fetch(call)
+        if self._locked is not None or self._seeds or self._store.read_only:
+            response = self._fetch_portably(call)  # §16: lockfile, seeds, read-only
+        else:
+            response = self._fetch(call)
         if call.expected_hash is not None:  # reads of this object check the bytes (§10)
             response.__pydantic_private__["_expected_hash"] = call.expected_hash
         return response
@@ -3816,8 +3954,9 @@ class Cache:
             if call.offline:
                 return self._serve(call, request, ready, "offline")
             self._require_strategy_support(configuration)
-            plan = self._plan(strategy, newest, request, now) if eligible else "download"
-            if call.refresh and eligible:
+            plan = ("serve" if call.locked else self._plan(strategy, newest, request, now)) \
+                if eligible else "download"
+            if call.refresh and eligible and not call.locked:
                 plan = "conditional" if self._has_validators(newest) else "download"
             if plan == "serve":
                 return self._serve(call, request, ready, "cached")
@@ -3983,7 +4122,7 @@ class Cache:
     def _update_request_settings(self, call: _FetchCall, request) -> None:
         """Store a changed configuration / description / hash type passed to fetch()."""
         changes = self._setting_changes(call, request)
-        if changes:
+        if changes and not self._store.read_only:
             with self._store.writing() as t:
                 t.request.update(**changes).where(t.request.id == request.id).execute()
 
@@ -4685,6 +4824,557 @@ class Cache:
             self._store.give_back_free_pages(checkpoint=False)
         return removed
 
+    # --- reproducible and portable caches (§16) -------------------------------------------
+
+    @property
+    def read_only(self) -> bool:
+        """True when this Cache opened its file read-only (asked for, or not writable)."""
+        return self._store.read_only
+
+    def _fetch_portably(self, call: _FetchCall) -> Response:
+        """``fetch`` with the §16 hooks: the lockfile's hash becomes the expected hash, a
+        version missing here is taken from a seed, and a read-only cache serves what it
+        holds as offline does."""
+        entry = self._locked.get(_identity_lock_key(call.identity, self._sensitive)) \
+            if self._locked is not None else None
+        if entry is not None:
+            algorithm, digest = _parse_expected_hash(entry.hash)
+            if call.expected_hash is not None and call.expected_hash != digest:
+                raise InvalidRequestError(
+                    f"expected_hash {call.expected_hash} contradicts the lockfile {self._lockfile}, "
+                    f"which locks {call.identity.url} to {entry.hash}.")
+            call.expected_algorithm, call.expected_hash, call.locked = algorithm, digest, True
+        if self._seeds and not self._store.read_only and call.as_of is None:
+            seeded = self._serve_from_seeds(call)
+            if seeded is not None:
+                return seeded
+        downloads_allowed = not call.offline and not call.is_hard_choice
+        if self._store.read_only:
+            call.offline = True
+        try:
+            return self._fetch(call)
+        except NotCachedError as exc:
+            if self._store.read_only and downloads_allowed:
+                raise CacheFileError(
+                    f"{call.identity.url} would have to be downloaded, but the cache {self.path} is "
+                    f"read-only, so nothing can be stored ({exc})", path=self.path) from exc
+            raise
+        except IntegrityError as exc:
+            if entry is None:
+                raise
+            raise IntegrityError(f"{call.identity.url} is locked to {entry.hash} by the lockfile "
+                                 f"{self._lockfile}, but the origin now serves other content: {exc}") from exc
+
+    def _serve_from_seeds(self, call: _FetchCall) -> Response | None:
+        """When this cache holds no version the call accepts, copy the newest one a seed
+        holds into this cache and serve it (outcome ``cached``); else None."""
+        request, ready = self._store.request_and_ready_rows(call.identity.key)
+        if self._choose(call, ready, _now(), hard=call.is_hard_choice) is not None:
+            return None
+        has_secrets = call.identity.stored_headers != call.identity.send_headers
+        for seed in self._seeds.stores():
+            # Identities with secret values are keyed by each file's own salt.
+            if has_secrets and seed.salt != self._store.salt:
+                continue
+            with seed.reading() as t:
+                seed_request = t.request.get_or_none(t.request.identity_key == call.identity.key)
+                seed_ready = [] if seed_request is None else list(
+                    t.version.select().where((t.version.request_id == seed_request.id)
+                                             & (t.version.status == "ready"))
+                    .order_by(t.version.version.desc()))
+            chosen = self._choose(call, seed_ready, _now(), hard=call.is_hard_choice)
+            if chosen is None:
+                continue
+            self._import_version(seed, seed_request, chosen)
+            request, ready = self._store.request_and_ready_rows(call.identity.key)
+            copied = next((row for row in ready if row.version == chosen.version), None)
+            if copied is not None and copied.content_hash_hex == chosen.content_hash_hex:
+                log.info("%s: version %s taken from the seed %s.", call.identity.url, chosen.version,
+                         seed.path)
+                return self._serve(call, request, ready, "cached", hard=call.is_hard_choice)
+        return None
+
+    def _import_version(self, source: _Store, request_row, version_row) -> bool:
+        """Copy one ready version of ``source`` (with its request when this cache lacks it)
+        into this cache, keeping its version string, pins, tags and times; content is
+        stored once per hash and re-hashed while copied. Returns True when a version was
+        added (False: this cache has that version string already, or it cannot be copied)."""
+        try:
+            with self._store.writing() as t:
+                target = t.request.get_or_none(t.request.identity_key == request_row.identity_key)
+                if target is None:
+                    request_id = t.request.insert(**{
+                        name: getattr(request_row, name) for name in _REQUEST_COLUMNS
+                        if name not in ("id", "last_settlement")}).execute()
+                    hash_type = request_row.validation_hash_type
+                else:
+                    request_id, hash_type = target.id, target.validation_hash_type
+                    if hash_type != request_row.validation_hash_type:
+                        log.warning("Not importing version %s of %s: it is hashed with %s, this cache "
+                                    "with %s.", version_row.version, request_row.url,
+                                    request_row.validation_hash_type, hash_type)
+                        return False
+                if t.version.select().where((t.version.request_id == request_id)
+                                            & (t.version.version == version_row.version)).exists():
+                    return False
+                content = t.content.get_or_none((t.content.hash_type == hash_type)
+                                                & (t.content.hash_hex == version_row.content_hash_hex))
+                content_id = content.id if content is not None else _copy_content(
+                    t, source, version_row.content_id, hash_type, version_row.content_hash_hex)
+                t.version.insert(
+                    request_id=request_id, content_id=content_id, status="ready",
+                    **{name: getattr(version_row, name) for name in _IMPORTED_VERSION_COLUMNS}).execute()
+                return True
+        except _ContentMismatch as exc:
+            log.warning("Not importing version %s of %s from %s: %s", version_row.version,
+                        request_row.url, source.path, exc)
+            return False
+
+    def lock(self, path: str | os.PathLike | None, *, group: str | None = None,
+             tag: str | None = None, pinned: bool | None = None) -> list[LockEntry]:
+        """Write a lockfile: for each stored request (of ``group`` when given), the version
+        it uses now, so that ``sync`` and ``Cache(lockfile=...)`` can reproduce it elsewhere.
+
+        The version chosen is the newest ready one; with ``tag``, the newest carrying that
+        tag; with ``pinned=True``, the newest pinned or leased one (``False``: the newest
+        neither). Requests without such a version are left out. The file is JSON with
+        sorted keys, one entry per request in a stable order, and no time of writing: the
+        lockfile of an unchanged cache is byte-identical. Sensitive header values appear
+        by name only (``null``); URLs never carry credentials.
+
+        ``path``: where to write (atomically); None writes nothing. Returns the entries.
+        Raises InvalidRequestError (bad tag), CacheFileError (cannot write ``path``).
+        """
+        tag = self._check_tag(tag)
+        if pinned is not None and not isinstance(pinned, bool):
+            raise InvalidRequestError(f"pinned must be True, False or None, not {pinned!r}.")
+        if group is not None and (not isinstance(group, str) or not group):
+            raise InvalidRequestError(f"group must be a non-empty string, not {group!r}.")
+        with self._store.reading() as t:
+            query = t.request.select().order_by(t.request.id)
+            if group is not None:
+                query = query.where(t.request.group_name == group)
+            requests = list(query)
+        now = _now()
+        entries = []
+        for request in requests:
+            chosen = next((row for row in self._store.ready_rows(request.id)
+                           if _matches(row, tag=tag, pinned=pinned, now=now)), None)
+            if chosen is None:
+                continue
+            with self._store.reading() as t:
+                size = t.content.select(t.content.size_bytes).where(t.content.id == chosen.content_id).scalar()
+            entries.append(_lock_entry(request, chosen, size))
+        entries.sort(key=_lock_entry_order)
+        if path is not None:
+            _write_atomically(pathlib.Path(path).expanduser(), _lockfile_text(entries).encode())
+        return entries
+
+    def sync(self, path: str | os.PathLike, *, offline: bool = False) -> SyncReport:
+        """Make every entry of the lockfile at ``path`` present in this cache.
+
+        An entry is ``present`` when a ready version of its request has the locked hash;
+        otherwise it is downloaded and checked against that hash: ``downloaded`` when it
+        matches, ``mismatched`` when the origin now serves other bytes (recorded as a
+        failed version), ``missing`` when it cannot be had (``offline``, a read-only cache,
+        a failed download, or sensitive header values the lockfile does not hold: fetch
+        those with their headers under ``Cache(lockfile=...)``). Returns a SyncReport of URLs.
+        Raises InvalidRequestError (unreadable lockfile), CacheFileError.
+        """
+        entries = _read_lockfile(path)
+        offline = bool(offline) or self._store.read_only
+        stored = self._requests_by_lock_key()
+        report = SyncReport()
+        for key, entry in sorted(entries.items(), key=lambda item: _lock_entry_order(item[1])):
+            algorithm, digest = _parse_expected_hash(entry.hash)
+            request_id = stored.get(key)
+            if request_id is not None and any(row.content_hash_hex == digest
+                                              for row in self._store.ready_rows(request_id)):
+                report.present.append(entry.url)
+                continue
+            if offline or any(value is None for value in entry.headers.values()):
+                report.missing.append(entry.url)
+                continue
+            kind, body = _lock_entry_body(entry)
+            try:
+                self.fetch(entry.url, method=entry.method, params=entry.params,
+                           headers=entry.headers or None, body=_decode_body(kind, body),
+                           group=entry.group, expected_hash=f"{algorithm}:{digest}")
+            except IntegrityError:
+                report.mismatched.append(entry.url)
+            except (FetchError, NotCachedError, InvalidRequestError) as exc:
+                # (InvalidRequestError: the request is stored here with another hash type.)
+                log.warning("Could not sync %s: %s", entry.url, exc)
+                report.missing.append(entry.url)
+            else:
+                report.downloaded.append(entry.url)
+        return report
+
+    def _requests_by_lock_key(self) -> dict[str, int]:
+        """Lock key -> request id, for every stored request."""
+        with self._store.reading() as t:
+            return {_stored_lock_key(row): row.id for row in t.request.select()}
+
+    def backup(self, dest: str | os.PathLike, *, group: str | None = None,
+               lockfile: str | os.PathLike | None = None) -> pathlib.Path:
+        """Write a consistent, compact copy of this cache to ``dest`` and return its path.
+
+        The copy is one snapshot (SQLite ``VACUUM INTO``) taken while other threads and
+        processes go on using the cache; it is written beside ``dest`` and renamed into
+        place, so ``dest`` is never a torn copy. With ``group`` and/or ``lockfile`` the copy
+        keeps only the requests of that group and/or those the lockfile names (with just
+        their locked versions), with their pins, tags and content; everything else is
+        removed and the copy compacted. The copy is an ordinary cache file that also
+        opens read-only (for shipping with an app, see ``Cache(seeds=...)``).
+
+        Raises InvalidRequestError (``dest`` exists, unreadable lockfile), CacheFileError.
+        """
+        dest = pathlib.Path(dest).expanduser()
+        if os.path.lexists(dest):
+            raise InvalidRequestError(f"The backup destination {dest} already exists; remove it or "
+                                      "choose another path.")
+        if group is not None and (not isinstance(group, str) or not group):
+            raise InvalidRequestError(f"group must be a non-empty string, not {group!r}.")
+        locked = _read_lockfile(lockfile) if lockfile is not None else None
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            handle, temp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial",
+                                                 dir=dest.parent)
+            os.close(handle)  # VACUUM INTO fills an empty file.
+        except OSError as exc:
+            raise CacheFileError(f"Cannot write the backup {dest}: {exc}.", path=dest) from exc
+        temp = pathlib.Path(temp_name)
+        try:
+            with self._store.reading():
+                _sqlite_snapshot_into(self._store.db, temp)
+            copy = _Store(temp)
+            try:
+                if group is not None or locked is not None:
+                    _keep_only(copy, group, locked)
+                _sqlite_finish_copy(copy.db, compact=group is not None or locked is not None)
+            finally:
+                copy.close()
+            _sqlite_remove_side_files(temp)
+            with open(temp, "rb") as written:
+                os.fsync(written.fileno())
+            os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what a new cache gets.
+            os.replace(temp, dest)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            _sqlite_remove_side_files(temp)
+            if isinstance(exc, OSError):
+                raise CacheFileError(f"Cannot write the backup {dest}: {exc}.", path=dest) from exc
+            raise
+        return dest
+
+    def import_from(self, source: str | os.PathLike, *, group: str | None = None) -> int:
+        """Merge the requests and ready versions of another cache file into this one.
+
+        Version strings, pins, leases and tags are kept; content already stored here (same
+        hash) is not stored twice, and copied content is re-hashed on the way. A version
+        string this cache already has for that request is skipped. Requests whose
+        sensitive header values were digested with another file's salt cannot be matched
+        to a fetch here and are skipped (with a warning), unless ``source`` is a copy of
+        this cache. No garbage collection runs. ``group``: import only that group.
+
+        Returns the number of versions added. Raises CacheFileError (unusable ``source``,
+        read-only cache), InvalidRequestError.
+        """
+        if group is not None and (not isinstance(group, str) or not group):
+            raise InvalidRequestError(f"group must be a non-empty string, not {group!r}.")
+        self._store.require_writable()
+        other = _Store(pathlib.Path(source).expanduser(), read_only=True)
+        added = 0
+        try:
+            same_salt = other.salt == self._store.salt
+            with other.reading() as t:
+                query = t.request.select().order_by(t.request.id)
+                if group is not None:
+                    query = query.where(t.request.group_name == group)
+                requests = list(query)
+            for request in requests:
+                if not same_salt and _has_digested_headers(request):
+                    log.warning("Not importing %s (group %s): its sensitive header values are "
+                                "digested with the salt of %s.", request.url, request.group_name, other.path)
+                    continue
+                with other.reading() as t:
+                    rows = list(t.version.select().where((t.version.request_id == request.id)
+                                                         & (t.version.status == "ready"))
+                                .order_by(t.version.version))
+                added += sum(self._import_version(other, request, row) for row in rows)
+        finally:
+            other.close()
+        return added
+
+
+# ---------------------------------------------------------------------------
+# Portability: lockfiles, backups, imports, seeds (§16)
+# ---------------------------------------------------------------------------
+#
+# A request is matched across cache files by its *lock key*: the identity without
+# the values of sensitive headers, which each file digests with a salt of its own.
+# Lockfiles use it, so a lockfile written from one cache applies to any other.
+
+
+class LockEntry(_Model):
+    """One request of a lockfile and the version it is locked to (SPEC §16).
+
+    ``headers`` holds sensitive headers by name only (value ``None``). ``body`` is the
+    body as sent: a JSON value (``body_encoding="json"``), text (``"text"``) or base64
+    of bytes (``"base64"``). ``hash`` is ``"<algorithm>:<hex digest>"``.
+    """
+
+    url: str
+    method: Literal["get", "post", "put"] = "get"
+    params: Optional[dict[str, Any]] = None
+    headers: dict[str, Optional[str]] = Field(default_factory=dict)
+    body: Any = None
+    body_encoding: Optional[Literal["json", "text", "base64"]] = None
+    group: str = Field(DEFAULT_GROUP, min_length=1)
+    version: str = Field(pattern=r"^\d{20}$")
+    hash: str = Field(pattern=r"^[a-z0-9_]+:[0-9a-f]+$")
+    size: Optional[int] = Field(None, ge=0)
+    etag: Optional[str] = None
+    last_modified: Optional[dt.datetime] = None
+    cached_at: Optional[dt.datetime] = None
+
+    @pydantic.field_validator("hash")
+    @classmethod
+    def _known_algorithm(cls, value: str) -> str:
+        try:
+            _parse_expected_hash(value)
+        except InvalidRequestError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+class SyncReport(_Model):
+    """What ``Cache.sync`` found for each lockfile entry, as lists of URLs (SPEC §16)."""
+
+    present: list[str] = Field(default_factory=list)
+    downloaded: list[str] = Field(default_factory=list)
+    missing: list[str] = Field(default_factory=list)
+    mismatched: list[str] = Field(default_factory=list)
+
+
+#: Version row columns copied as they are by an import (the rest is this file's own).
+_IMPORTED_VERSION_COLUMNS = ("version", "content_hash_hex", "pinned", "pinned_until_unix", "tags",
+                             "request_unix", "cached_unix", "validated_unix", "content_attributes",
+                             "download_stats")
+
+
+class _ContentMismatch(Exception):
+    """Content read from another cache file does not have the hash it is stored under."""
+
+
+def _check_portability_options(seeds, lockfile) -> tuple[tuple[pathlib.Path, ...], pathlib.Path | None]:
+    """Validate ``Cache(seeds=..., lockfile=...)``; lockfile None -> ``$BUFFYLITE_LOCKFILE``."""
+    if isinstance(seeds, (str, bytes, os.PathLike)):
+        raise InvalidRequestError("seeds must be a sequence of cache file paths, not a single path.")
+    try:
+        seeds = tuple(pathlib.Path(seed).expanduser() for seed in seeds)
+        if lockfile is None:
+            lockfile = os.environ.get("BUFFYLITE_LOCKFILE") or None
+        lockfile = pathlib.Path(lockfile).expanduser() if lockfile is not None else None
+    except TypeError as exc:
+        raise InvalidRequestError(f"seeds and lockfile must be paths: {exc}.") from exc
+    return seeds, lockfile
+
+
+class _Seeds:
+    """The read-only seed caches of a Cache (opened with it, closed with it)."""
+
+    def __init__(self, paths: tuple[pathlib.Path, ...]):
+        self._stores: list[_Store] = []
+        try:
+            for path in paths:
+                self._stores.append(_Store(path, read_only=True))
+        except BaseException:
+            self.close()
+            raise
+
+    def __bool__(self) -> bool:
+        return bool(self._stores)
+
+    def stores(self) -> list[_Store]:
+        return self._stores
+
+    def close(self) -> None:
+        for store in self._stores:
+            store.close()
+
+
+def _lock_key(method: str, url: str, params, headers: dict, body_kind: str | None,
+              body: bytes | None, group: str) -> str:
+    """The identity of a request without sensitive header values (``None`` in ``headers``)."""
+    header_items = sorted((str(name).lower(), value) for name, value in headers.items())
+    params = json.loads(_canonical_json(params)) if params else None
+    identity = [method, url, params, header_items, body_kind,
+                hashlib.sha256(body).hexdigest() if body is not None else None, group]
+    return hashlib.sha256(_canonical_json(identity).encode()).hexdigest()
+
+
+def _identity_lock_key(identity: _Identity, sensitive: frozenset) -> str:
+    headers = {name: (None if name.lower() in sensitive else value)
+               for name, value in identity.send_headers.items()}
+    return _lock_key(identity.method, identity.url, identity.params, headers, identity.body_kind,
+                     identity.body, identity.group)
+
+
+def _is_digest(value) -> bool:
+    """A stored header value that is a salted digest of a sensitive value."""
+    return isinstance(value, str) and value.startswith("hmac-sha256:")
+
+
+def _has_digested_headers(request_row) -> bool:
+    return any(_is_digest(value) for value in json.loads(request_row.http_header_fields or "{}").values())
+
+
+def _stored_lock_key(request_row) -> str:
+    headers = {name: (None if _is_digest(value) else value)
+               for name, value in json.loads(request_row.http_header_fields or "{}").items()}
+    params = json.loads(request_row.http_query_params) if request_row.http_query_params else None
+    body = bytes(request_row.http_request_body) if request_row.http_request_body is not None else None
+    return _lock_key(request_row.http_method, request_row.url, params, headers, request_row.body_kind,
+                     body, request_row.group_name)
+
+
+def _lock_entry_body(entry: LockEntry) -> tuple[str | None, bytes | None]:
+    """The entry's body as (kind, bytes sent), the form the store keeps."""
+    if entry.body_encoding is None or entry.body is None:
+        return None, None
+    try:
+        if entry.body_encoding == "json":
+            return "json", _canonical_json(entry.body).encode("utf-8")
+        if entry.body_encoding == "text":
+            return "text", str(entry.body).encode("utf-8")
+        return "bytes", base64.b64decode(str(entry.body), validate=True)
+    except ValueError as exc:
+        raise InvalidRequestError(f"The lockfile body of {entry.url} is not valid "
+                                  f"{entry.body_encoding}: {exc}.") from exc
+
+
+def _entry_lock_key(entry: LockEntry) -> str:
+    kind, body = _lock_entry_body(entry)
+    return _lock_key(entry.method, _check_url(entry.url), entry.params, entry.headers, kind, body,
+                     entry.group)
+
+
+def _lock_entry(request_row, version_row, size: int | None) -> LockEntry:
+    """The lockfile entry for a stored request and its chosen version."""
+    body, encoding = None, None
+    raw = request_row.http_request_body
+    if raw is not None and request_row.body_kind is not None:
+        encoding = {"json": "json", "text": "text"}.get(request_row.body_kind, "base64")
+        body = (_decode_body(request_row.body_kind, bytes(raw)) if encoding != "base64"
+                else base64.b64encode(bytes(raw)).decode("ascii"))
+    attributes = json.loads(version_row.content_attributes or "{}")
+    return LockEntry(
+        url=request_row.url, method=request_row.http_method,
+        params=json.loads(request_row.http_query_params) if request_row.http_query_params else None,
+        headers={name: (None if _is_digest(value) else value)
+                 for name, value in json.loads(request_row.http_header_fields or "{}").items()},
+        body=body, body_encoding=encoding, group=request_row.group_name, version=version_row.version,
+        hash=f"{request_row.validation_hash_type}:{version_row.content_hash_hex}", size=size,
+        etag=attributes.get("etag"), last_modified=attributes.get("last_modified_datetime_utc"),
+        cached_at=_to_datetime(version_row.cached_unix))
+
+
+def _lock_entry_order(entry: LockEntry) -> tuple:
+    """Entries sorted by group, URL, method, then everything else: a stable order for diffs."""
+    return entry.group, entry.url, entry.method, _canonical_json(entry.model_dump(mode="json"))
+
+
+def _lockfile_text(entries: list[LockEntry]) -> str:
+    """The lockfile document: sorted keys, one field per line, no time of writing."""
+    document = {"buffylite_lockfile": LOCKFILE_FORMAT_VERSION,
+                "entries": [entry.model_dump(mode="json") for entry in entries]}
+    return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def _read_lockfile(path: str | os.PathLike) -> dict[str, LockEntry]:
+    """Lock key -> entry of the lockfile at ``path``; InvalidRequestError when unusable."""
+    try:
+        document = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidRequestError(f"The lockfile {path} cannot be read: {exc}.") from exc
+    if (not isinstance(document, dict) or document.get("buffylite_lockfile") != LOCKFILE_FORMAT_VERSION
+            or not isinstance(document.get("entries"), list)):
+        raise InvalidRequestError(f"The file {path} is not a buffylite lockfile of format "
+                                  f"{LOCKFILE_FORMAT_VERSION}.")
+    entries = {}
+    for index, raw in enumerate(document["entries"]):
+        try:
+            entry = LockEntry.model_validate(raw)
+        except pydantic.ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}"
+                                 for error in exc.errors())
+            raise InvalidRequestError(f"Entry {index} of the lockfile {path} is invalid: {problems}.") from exc
+        entries[_entry_lock_key(entry)] = entry
+    return entries
+
+
+def _write_atomically(path: pathlib.Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as output:
+                output.write(data)
+            os.chmod(temp_name, 0o666 & ~_UMASK)
+            os.replace(temp_name, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp_name)
+            raise
+    except OSError as exc:
+        raise CacheFileError(f"Cannot write {path}: {exc}.", path=path) from exc
+
+
+def _copy_content(t: _Tables, source: _Store, source_content_id: int, hash_type: str,
+                  hash_hex: str) -> int:
+    """Copy a content chunk by chunk from ``source`` into this file, checking its hash.
+    Runs inside the caller's write transaction; returns the new content id."""
+    content_id = t.content.insert(hash_type=hash_type, hash_hex=None, size_bytes=0).execute()
+    hasher, size = hashlib.new(hash_type), 0
+    for seq, data in enumerate(source.iter_chunks(source_content_id)):
+        hasher.update(data)
+        size += len(data)
+        t.chunk.insert(content_id=content_id, seq=seq, data=data).execute()
+    if hasher.hexdigest() != hash_hex:
+        raise _ContentMismatch(f"its content hashes to {hasher.hexdigest()}, not {hash_hex}")
+    t.content.update(hash_hex=hash_hex, size_bytes=size).where(t.content.id == content_id).execute()
+    return content_id
+
+
+def _keep_only(store: _Store, group: str | None, locked: dict[str, LockEntry] | None) -> None:
+    """In a private copy: remove every request outside ``group`` / the lockfile (and, for
+    locked requests, every version but the locked one), then the content left unused."""
+    with store.reading() as t:
+        requests = list(t.request.select())
+    keep: dict[int, str | None] = {}  # request id -> locked digest (None: every version)
+    for row in requests:
+        if group is not None and row.group_name != group:
+            continue
+        if locked is None:
+            keep[row.id] = None
+        elif (entry := locked.get(_stored_lock_key(row))) is not None:
+            keep[row.id] = _parse_expected_hash(entry.hash)[1]
+    dropped = [row.id for row in requests if row.id not in keep]
+    with store.writing() as t:
+        for start in range(0, len(dropped), 500):
+            batch = dropped[start:start + 500]
+            t.version.delete().where(t.version.request_id.in_(batch)).execute()
+            t.request.delete().where(t.request.id.in_(batch)).execute()
+        for request_id, digest in keep.items():
+            if digest is not None:
+                t.version.delete().where((t.version.request_id == request_id) & (
+                    (t.version.status != "ready") | (t.version.content_hash_hex != digest))).execute()
+        used = t.version.select(t.version.content_id).where(t.version.content_id.is_null(False))
+        t.content.delete().where(t.content.id.not_in(used)).execute()  # chunks follow (cascade)
+
 
 # ---------------------------------------------------------------------------
 # Module-level fetch()
@@ -5037,6 +5727,51 @@ def _cmd_info(cache: Cache, args) -> int:
     return 0
 
 
+def _count_text(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _cmd_lock(cache: Cache, args) -> int:
+    entries = cache.lock(args.output, group=args.group, tag=args.tag, pinned=True if args.pinned else None)
+    if args.output is None:
+        sys.stdout.write(_lockfile_text(entries))
+    elif not args.quiet:
+        sys.stderr.write(f"{_count_text(len(entries), 'request')} locked in {args.output}\n")
+    return 0
+
+
+def _cmd_sync(cache: Cache, args) -> int:
+    report = cache.sync(args.file, offline=args.offline)
+
+    def human() -> None:
+        for name, urls in report.model_dump().items():
+            for url in urls:
+                sys.stdout.write(f"{name:<11}{url}\n")
+    _emit(args, report.model_dump(mode="json"), human)
+    if report.mismatched:
+        sys.stderr.write(f"buffylite: {_count_text(len(report.mismatched), 'locked request')} now "
+                         f"served with other content than {args.file} records.\n")
+        return EXIT_INTEGRITY
+    if report.missing:
+        sys.stderr.write(f"buffylite: {_count_text(len(report.missing), 'locked request')} could not be "
+                         "made present (offline, download failed, or header values not in the lockfile).\n")
+        return EXIT_NOT_CACHED
+    return 0
+
+
+def _cmd_backup(cache: Cache, args) -> int:
+    written = cache.backup(args.dest, group=args.group, lockfile=args.lock)
+    _emit(args, {"backup": str(written)}, lambda: sys.stdout.write(f"{written}\n"))
+    return 0
+
+
+def _cmd_import(cache: Cache, args) -> int:
+    added = cache.import_from(args.source, group=args.group)
+    _emit(args, {"source": args.source, "versions_added": added},
+          lambda: sys.stdout.write(f"{args.source}: {added} versions added\n"))
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     # Global options live in a parent parser shared by the main parser and every
     # subcommand; SUPPRESS keeps a subcommand from resetting what came before it.
@@ -5149,6 +5884,28 @@ def _build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("info", parents=common, help="cache file facts and counts").set_defaults(
         handler=_cmd_info)
+
+    lock_parser = commands.add_parser("lock", parents=common,
+                                      help="write a lockfile of the versions in use (stdout by default)")
+    lock_parser.add_argument("-o", "--output", metavar="FILE", help="write the lockfile to FILE")
+    lock_parser.add_argument("--group", help="only requests of this group")
+    lock_parser.add_argument("--tag", metavar="T", help="lock the newest version carrying this tag")
+    lock_parser.add_argument("--pinned", action="store_true", help="lock the newest pinned version")
+    lock_parser.set_defaults(handler=_cmd_lock)
+    sync_parser = commands.add_parser("sync", parents=common, help="make every locked version present")
+    sync_parser.add_argument("file", metavar="FILE")
+    sync_parser.add_argument("--offline", action="store_true", help="never touch the network")
+    sync_parser.set_defaults(handler=_cmd_sync)
+    backup_parser = commands.add_parser("backup", parents=common,
+                                        help="write a consistent, compact copy of the cache")
+    backup_parser.add_argument("dest", metavar="DEST")
+    backup_parser.add_argument("--group", help="only requests of this group")
+    backup_parser.add_argument("--lock", metavar="FILE", help="only the requests and versions of this lockfile")
+    backup_parser.set_defaults(handler=_cmd_backup)
+    import_parser = commands.add_parser("import", parents=common, help="merge another cache file into this one")
+    import_parser.add_argument("source", metavar="SOURCE")
+    import_parser.add_argument("--group", help="only requests of this group")
+    import_parser.set_defaults(handler=_cmd_import)
     return parser
 
 

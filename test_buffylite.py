@@ -42,6 +42,7 @@ import pty
 import random
 import re
 import select
+import shutil
 import signal
 import socket
 import socketserver
@@ -51,6 +52,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 import termios
 import textwrap
 import threading
@@ -260,7 +262,7 @@ class Origin:
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch):
     """No developer setting leaks into a test: no offline mode, no default cache, no proxy."""
-    for name in ("BUFFYLITE_OFFLINE", "BUFFYLITE_CACHE", "HTTP_PROXY", "HTTPS_PROXY",
+    for name in ("BUFFYLITE_OFFLINE", "BUFFYLITE_CACHE", "BUFFYLITE_LOCKFILE", "HTTP_PROXY", "HTTPS_PROXY",
                  "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
@@ -476,6 +478,7 @@ PUBLIC_NAMES = sorted([
     "InvalidRequestError", "NotCachedError", "ReCachingStrategy", "RefreshResult", "Request",
     "RequestCacheConfiguration", "Response", "ResponseContentAttributes",
     "ResponseDownloadStats", "VerifyReport", "fetch", "main",
+    "LockEntry", "SyncReport",  # §16
 ])
 
 
@@ -3421,6 +3424,632 @@ def test_refresh_reports_error_when_nothing_is_cached(cache, origin):
         cache.fetch(origin.url("/rfe"))
     [result] = cache.refresh()
     assert result.outcome == "error" and result.error
+
+
+# ===========================================================================
+# Reproducible and portable caches: lockfiles, backup, import, read-only, seeds (§16)
+# ===========================================================================
+# --- portability (SPEC §16) ---
+
+
+#: A header value that must never reach a lockfile, a backup's clear text or output.
+PORTABLE_SECRET = "Bearer portable-secret-token-4711"
+
+
+def portable_fill(cache, origin: Origin) -> dict[str, dict]:
+    """Fill ``cache`` with requests of every kind (GET, params, POST JSON, PUT bytes, text
+    body, a sensitive header, another group; pins and tags); return name -> fetch kwargs."""
+    requests = {
+        "plain": {"url": origin.url("/p/plain.csv")},
+        "params": {"url": origin.url("/p/search"), "params": {"q": "cats", "page": 2}},
+        "json": {"url": origin.url("/p/query"), "method": "post", "body": {"select": ["a", "b"], "n": 1}},
+        "bytes": {"url": origin.url("/p/upload"), "method": "put", "body": b"\x00\x01binary\xff"},
+        "text": {"url": origin.url("/p/text"), "method": "post", "body": "plain text body"},
+        "secret": {"url": origin.url("/p/secret"), "headers": {"Authorization": PORTABLE_SECRET}},
+        "grouped": {"url": origin.url("/p/nightly.csv"), "group": "nightly"},
+    }
+    for name, kwargs in requests.items():
+        route = origin.routes.get(urlsplit(kwargs["url"]).path) or origin.route(urlsplit(kwargs["url"]).path)
+        route.etag = None
+        for round_number in (1, 2):
+            route.body = f"{name} round {round_number}".encode()
+            cache.fetch(**kwargs, cache_configuration=always())
+    cache.pin(cache.versions(**requests["plain"])[1])
+    cache.tag(cache.versions(**requests["params"])[1], "release")
+    return requests
+
+
+def portable_origin_serves(origin: Origin, requests: dict, round_number: int) -> None:
+    """Make the origin serve the bodies of ``round_number`` on every path of ``requests``."""
+    for name, kwargs in requests.items():
+        origin.routes[urlsplit(kwargs["url"]).path].body = f"{name} round {round_number}".encode()
+
+
+def portable_digest(response) -> str:
+    return "sha256:" + sha256(response.read())
+
+
+def test_lock_sync_round_trip_serves_every_locked_version(tmp_path, origin):
+    """§16: lock -> sync into an empty cache -> every locked request served with its locked
+    hash, also after the origin changed; a fresh sync then reports the mismatches."""
+    lockfile = tmp_path / "project.lock"
+    with buffylite.Cache(tmp_path / "a.sqlite3") as cache_a:
+        requests = portable_fill(cache_a, origin)
+        entries = cache_a.lock(lockfile)
+        newest = {name: cache_a.get(kwargs["url"], **{k: v for k, v in kwargs.items() if k != "url"})
+                  for name, kwargs in requests.items()}
+    assert all(isinstance(entry, buffylite.LockEntry) for entry in entries)
+    assert len(entries) == len(requests)
+    text = lockfile.read_text()
+    assert PORTABLE_SECRET not in text and "portable-secret" not in text and "hmac" not in text
+    document = json.loads(text)
+    assert document["buffylite_lockfile"] == 1
+    by_url_group = {(entry["url"], entry["group"], entry["method"]): entry for entry in document["entries"]}
+    secret_entry = by_url_group[(origin.url("/p/secret"), "DEFAULT_GROUP", "get")]
+    assert secret_entry["headers"] == {"Authorization": None}
+    json_entry = by_url_group[(origin.url("/p/query"), "DEFAULT_GROUP", "post")]
+    assert json_entry["body"] == {"select": ["a", "b"], "n": 1} and json_entry["body_encoding"] == "json"
+    bytes_entry = by_url_group[(origin.url("/p/upload"), "DEFAULT_GROUP", "put")]
+    assert base64.b64decode(bytes_entry["body"]) == b"\x00\x01binary\xff"
+    for name, response in newest.items():
+        entry = next(e for e in entries if e.version == response.version and e.url == response.url)
+        assert entry.hash == portable_digest(response) and entry.size == len(response.read())
+
+    # An empty cache elsewhere: sync downloads everything it can replay.
+    with buffylite.Cache(tmp_path / "b.sqlite3") as cache_b:
+        report = cache_b.sync(lockfile)
+    assert isinstance(report, buffylite.SyncReport)
+    assert sorted(report.downloaded) == sorted(kwargs["url"] for name, kwargs in requests.items()
+                                               if name != "secret")
+    assert report.missing == [origin.url("/p/secret")] and report.present == report.mismatched == []
+
+    # The origin changes: under the lockfile, B still serves exactly the locked bytes.
+    portable_origin_serves(origin, requests, 3)
+    hits_before = len(origin.log)
+    with buffylite.Cache(tmp_path / "b.sqlite3", lockfile=lockfile) as locked_b:
+        for name, kwargs in requests.items():
+            if name == "secret":
+                continue
+            response = locked_b.fetch(**kwargs, cache_configuration=always())
+            assert portable_digest(response) == portable_digest(newest[name]), name
+            assert response.version == newest[name].version or response.outcome == "cached"
+        assert len(origin.log) == hits_before  # from the cache, no download
+        # The secret request cannot be replayed by sync, and the origin changed: refused.
+        with pytest.raises(buffylite.IntegrityError) as raised:
+            locked_b.fetch(**requests["secret"])
+        message = str(raised.value)
+        assert origin.url("/p/secret") in message and secret_entry["hash"] in message
+        assert sha256(b"secret round 3") in message
+
+    # A fresh sync into an empty cache now finds other bytes at the origin.
+    with buffylite.Cache(tmp_path / "c.sqlite3") as cache_c:
+        report = cache_c.sync(lockfile)
+        assert report.present == [] and report.downloaded == []
+        assert len(report.mismatched) == len(requests) - 1
+        assert cache_c.sync(lockfile).present == []  # mismatched versions never become ready
+    done = run_cli("--cache", str(tmp_path / "d.sqlite3"), "sync", str(lockfile))
+    assert done.returncode == 4, done.stderr
+    done = run_cli("--cache", str(tmp_path / "e.sqlite3"), "--json", "sync", str(lockfile), "--offline")
+    assert done.returncode == 3, done.stderr
+    assert len(json.loads(done.stdout)["missing"]) == len(requests)
+    # B, synced before the change, is complete offline (the secret one is still missing).
+    done = run_cli("--cache", str(tmp_path / "b.sqlite3"), "--json", "sync", str(lockfile), "--offline")
+    assert done.returncode == 3 and json.loads(done.stdout)["missing"] == [origin.url("/p/secret")]
+
+
+def test_locked_request_with_a_secret_is_downloaded_with_its_header_and_checked(tmp_path, origin):
+    """§16: a request whose header value the lockfile withholds is served under the
+    lockfile when the caller passes the header; unlocked requests behave as usual."""
+    lockfile = tmp_path / "project.lock"
+    with buffylite.Cache(tmp_path / "a.sqlite3") as cache_a:
+        requests = portable_fill(cache_a, origin)
+        cache_a.lock(lockfile)
+    origin.route("/p/unlocked", body=b"free")
+    with buffylite.Cache(tmp_path / "b.sqlite3", lockfile=lockfile) as cache_b:
+        response = cache_b.fetch(**requests["secret"])
+        assert response.read() == b"secret round 2" and response.outcome == "downloaded"
+        assert origin.requests_to("/p/secret")[-1].header("Authorization") == PORTABLE_SECRET
+        assert cache_b.fetch(origin.url("/p/unlocked")).read() == b"free"
+        origin.routes["/p/unlocked"].body = b"changed"
+        assert cache_b.fetch(origin.url("/p/unlocked"), cache_configuration=always()).read() == b"changed"
+        with pytest.raises(buffylite.InvalidRequestError):
+            cache_b.fetch(**requests["secret"], expected_hash=sha256(b"something else"))
+
+
+#: Examples the lockfile identity property runs.
+PORTABLE_IDENTITY_EXAMPLES = 40
+
+
+def portable_identities():
+    """Request identities of every shape fetch() accepts (hypothesis strategy)."""
+    printable = st.characters(min_codepoint=32, max_codepoint=126)
+    header_names = st.from_regex(r"X-[A-Za-z0-9]{1,8}", fullmatch=True)
+    json_values = st.one_of(st.integers(-10**6, 10**6), st.text(printable, max_size=12), st.booleans(), st.none())
+    bodies = st.one_of(
+        st.none(), st.binary(max_size=40),
+        st.text(st.characters(blacklist_categories=("Cs",)), max_size=20),
+        st.dictionaries(st.text(printable, min_size=1, max_size=8), json_values, max_size=4))
+    return st.fixed_dictionaries({
+        "method": st.sampled_from(["get", "post", "put", "POST"]),
+        "params": st.one_of(st.none(), st.dictionaries(st.from_regex(r"[a-z]{1,6}", fullmatch=True),
+                                                       st.one_of(st.text(printable, max_size=10),
+                                                                 st.integers(0, 999)), max_size=3)),
+        "headers": st.dictionaries(header_names, st.text(printable, max_size=16), max_size=3),
+        "secret": st.one_of(st.none(), st.text(printable, min_size=8, max_size=24)),
+        "body": bodies,
+    })
+
+
+def test_every_request_identity_round_trips_through_a_lockfile(tmp_path, origin):
+    """§16 (hypothesis): for any identity (method, params, headers, sensitive header, body),
+    the lockfile entry written by one cache applies to the same fetch in another cache:
+    after the origin changed, the other cache refuses the new bytes."""
+    from hypothesis import given
+
+    examples = []
+    source = buffylite.Cache(tmp_path / "source.sqlite3", retries=0, timeout=5)
+
+    @settings(max_examples=PORTABLE_IDENTITY_EXAMPLES, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(identity=portable_identities())
+    def check(identity):
+        number = len(examples)
+        examples.append(identity)
+        path, group = f"/identity/{number}", f"g{number}"
+        headers = dict(identity["headers"])
+        if identity["secret"] is not None:
+            headers["Authorization"] = identity["secret"]
+        kwargs = {"method": identity["method"], "params": identity["params"], "headers": headers or None,
+                  "body": identity["body"], "group": group}
+        route = origin.route(path, body=f"locked {number}".encode())
+        source.fetch(origin.url(path), **kwargs)
+        lockfile = tmp_path / f"{number}.lock"
+        [entry] = source.lock(lockfile, group=group)
+        if identity["secret"] is not None:
+            others = repr((identity["params"], identity["headers"], identity["body"]))
+            if identity["secret"] not in others:  # (the secret may also be a body, by chance)
+                assert identity["secret"] not in lockfile.read_text()
+            assert entry.headers["Authorization"] is None
+        route.body = f"changed {number}".encode()
+        with buffylite.Cache(tmp_path / f"{number}.sqlite3", lockfile=lockfile, retries=0, timeout=5) as other:
+            with pytest.raises(buffylite.IntegrityError, match=entry.hash.split(":")[1]):
+                other.fetch(origin.url(path), **kwargs)
+            if identity["secret"] is None:  # sync can replay it: the origin changed, so mismatched
+                assert other.sync(lockfile).mismatched == [origin.url(path)]
+
+    try:
+        check()
+    finally:
+        source.close()
+    assert len(examples) >= PORTABLE_IDENTITY_EXAMPLES
+
+
+def test_lockfile_from_the_environment_applies_to_every_fetch(tmp_path, origin, monkeypatch):
+    """§16: $BUFFYLITE_LOCKFILE is the lockfile of a Cache given none."""
+    lockfile = tmp_path / "env.lock"
+    origin.route("/env", body=b"locked bytes")
+    with buffylite.Cache(tmp_path / "a.sqlite3") as cache_a:
+        cache_a.fetch(origin.url("/env"))
+        cache_a.lock(lockfile)
+    origin.routes["/env"].body = b"new bytes"
+    monkeypatch.setenv("BUFFYLITE_LOCKFILE", str(lockfile))
+    with buffylite.Cache(tmp_path / "b.sqlite3", retries=0) as cache_b:
+        with pytest.raises(buffylite.IntegrityError):
+            cache_b.fetch(origin.url("/env"))
+        assert cache_b.versions(origin.url("/env")) == []
+        assert cache_b.versions(origin.url("/env"), status="failed")[0].download_stats.error
+
+
+def test_relock_is_byte_identical_and_a_change_touches_few_lines(tmp_path, origin):
+    """§16: re-locking an unchanged cache writes the same bytes; one new version changes
+    only the lines of that entry."""
+    path = tmp_path / "a.sqlite3"
+    with buffylite.Cache(path) as cache:
+        requests = portable_fill(cache, origin)
+        first = cache.lock(tmp_path / "one.lock")
+    with buffylite.Cache(path) as cache:  # another object, same file
+        cache.lock(tmp_path / "two.lock")
+        assert (tmp_path / "one.lock").read_bytes() == (tmp_path / "two.lock").read_bytes()
+        origin.routes["/p/search"].body = b"params round 9"
+        cache.fetch(**requests["params"], cache_configuration=always())
+        cache.lock(tmp_path / "three.lock")
+    import difflib
+    one = (tmp_path / "one.lock").read_text().splitlines()
+    three = (tmp_path / "three.lock").read_text().splitlines()
+    changed = [line for line in difflib.unified_diff(one, three, lineterm="", n=0)
+               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    assert 4 <= len(changed) <= 10, changed  # version, hash, size, cached_at: old and new
+    done = run_cli("--cache", str(path), "lock")
+    assert done.returncode == 0 and done.stdout == (tmp_path / "three.lock").read_text()
+    assert len(first) == len(requests)
+
+
+def test_lock_chooses_the_tagged_or_pinned_version_and_filters_groups(cache, origin, tmp_path):
+    """§16: lock(tag=) locks the newest version carrying the tag, lock(pinned=True) the
+    newest pinned one, lock(group=) only that group's requests."""
+    requests = portable_fill(cache, origin)
+    older_params = cache.versions(**requests["params"])[1]
+    older_plain = cache.versions(**requests["plain"])[1]
+    [tagged] = cache.lock(tmp_path / "tag.lock", tag="release")
+    assert (tagged.url, tagged.version) == (origin.url("/p/search"), older_params.version)
+    assert tagged.params == {"q": "cats", "page": 2}
+    [pinned] = cache.lock(None, pinned=True)
+    assert (pinned.url, pinned.version, pinned.group) == (origin.url("/p/plain.csv"), older_plain.version,
+                                                          "DEFAULT_GROUP")
+    [grouped] = cache.lock(None, group="nightly")
+    assert grouped.group == "nightly" and grouped.hash == "sha256:" + sha256(b"grouped round 2")
+    done = run_cli("--cache", str(cache.path), "lock", "--pinned", "--group", "DEFAULT_GROUP",
+                   "-o", str(tmp_path / "cli.lock"))
+    assert done.returncode == 0, done.stderr
+    assert [entry["version"] for entry in json.loads((tmp_path / "cli.lock").read_text())["entries"]] \
+        == [older_plain.version]
+
+
+@pytest.mark.parametrize("content, mentions", [
+    ("not json", "cannot be read"),
+    ('{"entries": []}', "not a buffylite lockfile"),
+    ('{"buffylite_lockfile": 1, "entries": [{"url": "http://h/x", "version": "1", "hash": "sha256:00"}]}',
+     "Entry 0"),
+    ('{"buffylite_lockfile": 1, "entries": [{"url": "http://h/x", "version": "20260101000000000000", '
+     '"hash": "nohash:00"}]}', "Unknown hash type"),
+])
+def test_unusable_lockfile_is_an_invalid_request(tmp_path, content, mentions):
+    """§16/§12: a lockfile that is not JSON, not ours, or has a bad entry is refused up front."""
+    path = tmp_path / "bad.lock"
+    path.write_text(content)
+    with pytest.raises(buffylite.InvalidRequestError, match=mentions):
+        buffylite.Cache(tmp_path / "c.sqlite3", lockfile=path)
+    assert not (tmp_path / "c.sqlite3").exists()  # refused before anything was written
+    with pytest.raises(buffylite.InvalidRequestError, match=mentions):
+        with buffylite.Cache(tmp_path / "c.sqlite3") as cache:
+            cache.sync(path)
+
+
+#: A process that uses a cache hard for a bounded time: fetches (origin changing under it),
+#: pins, leases, unpins and gc, until its deadline.
+_PORTABLE_CHURN = textwrap.dedent('''
+    import json, random, sys, time
+    import buffylite
+    path, urls, seed, seconds = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+    rng = random.Random(seed)
+    configuration = buffylite.RequestCacheConfiguration(
+        recaching_strategy=buffylite.ReCachingStrategy.when_requested(), max_cached_unpinned_versions=3)
+    operations = 0
+    deadline = time.monotonic() + seconds
+    with buffylite.Cache(path, retries=0, timeout=5) as cache:
+        while time.monotonic() < deadline:
+            url = rng.choice(urls)
+            kind = rng.choice(["fetch", "fetch", "pin", "unpin", "gc"])
+            try:
+                if kind == "fetch":
+                    cache.fetch(url, cache_configuration=configuration)
+                elif kind == "gc":
+                    cache.gc()
+                else:
+                    versions = cache.versions(url)
+                    if versions:
+                        target = rng.choice(versions)
+                        cache.pin(target) if kind == "pin" else cache.unpin(target)
+            except buffylite.NotCachedError:
+                pass  # collected by another process meanwhile
+            operations += 1
+    print(json.dumps({"operations": operations}))
+''')
+
+
+def portable_integrity(path: pathlib.Path) -> str:
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return connection.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        connection.close()
+
+
+def portable_contents(cache) -> dict[tuple, tuple]:
+    """(group, url, version) -> (sha256 of the bytes read, stored hash, pinned, tags) of every ready version."""
+    found = {}
+    for request in cache.requests():
+        # Stored sensitive values are digests; the one secret these tests use is known.
+        headers = {name: PORTABLE_SECRET if value.startswith("hmac-sha256:") else value
+                   for name, value in request.http_header_fields.items()}
+        identity = {"method": request.http_method, "params": request.http_query_params,
+                    "headers": headers or None, "body": request.http_request_body,
+                    "group": request.group_name}
+        for response in cache.versions(request.url, **identity):
+            found[(request.group_name, request.url, response.version)] = (
+                sha256(response.read()), response.content_hash_hex, response.pinned, tuple(response.tags))
+    return found
+
+
+def test_backup_while_three_processes_churn_is_never_torn(tmp_path, origin):
+    """§16: backups taken while 3 processes fetch, pin and gc pass integrity_check and
+    serve every version they list, byte-identical to its hash."""
+    source = tmp_path / "source.sqlite3"
+    urls = [origin.url(f"/churn/{index}") for index in range(4)]
+    with buffylite.Cache(source) as cache:
+        for index, url in enumerate(urls):
+            origin.route(f"/churn/{index}", body=random_bytes(300_000 + index, seed=index))
+            cache.fetch(url)
+    workers = [subprocess.Popen([PYTHON, "-c", _PORTABLE_CHURN, str(source), json.dumps(urls), str(seed), "4"],
+                                cwd=REPO_DIR, env=subprocess_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for seed in range(3)]
+    backups = []
+    try:
+        with buffylite.Cache(source) as cache:
+            deadline = time.monotonic() + 3.5
+            round_number = 0
+            while time.monotonic() < deadline and len(backups) < 12:
+                round_number += 1
+                for index in range(len(urls)):  # the origin changes under the workers
+                    origin.routes[f"/churn/{index}"].body = random_bytes(200_000 + round_number,
+                                                                         seed=100 * round_number + index)
+                backups.append(cache.backup(tmp_path / f"backup-{round_number}.sqlite3"))
+        outputs = [worker.communicate(timeout=SUBPROCESS_TIMEOUT_SEC) for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait(timeout=10)
+    for worker, (stdout, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr
+        assert json.loads(stdout)["operations"] > 3
+    assert len(backups) >= 3
+    for backup in backups:
+        assert not pathlib.Path(str(backup) + "-wal").exists()  # a complete file on its own
+        assert portable_integrity(backup) == "ok"
+        with buffylite.Cache(backup, read_only=True) as copy:
+            contents = portable_contents(copy)
+            assert len(contents) >= len(urls)  # every request kept at least its newest version
+            for key, (read_hash, stored_hash, _, _) in contents.items():
+                assert read_hash == stored_hash, key
+            assert copy.verify().corrupted == []
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_backup_of_a_group_or_a_lockfile_holds_exactly_that_subset(tmp_path, origin):
+    """§16: backup(group=) keeps that group's requests with all their versions, pins and
+    tags; backup(lockfile=) keeps the locked requests with just their locked versions."""
+    source = tmp_path / "source.sqlite3"
+    with buffylite.Cache(source) as cache:
+        requests = portable_fill(cache, origin)
+        origin.route("/p/large", body=random_bytes(2 * MiB))
+        cache.fetch(origin.url("/p/large"))
+        everything = portable_contents(cache)
+        by_group = cache.backup(tmp_path / "nightly.sqlite3", group="nightly")
+        lockfile = tmp_path / "two.lock"
+        entries = [entry for entry in cache.lock(None) if entry.url.endswith(("/p/search", "/p/query"))]
+        lockfile.write_text(buffylite._lockfile_text(entries))
+        by_lock = cache.backup(tmp_path / "locked.sqlite3", lockfile=lockfile)
+        with pytest.raises(buffylite.InvalidRequestError, match="already exists"):
+            cache.backup(by_lock)
+    with buffylite.Cache(by_group, read_only=True) as copy:
+        assert {(key[0], key[1]) for key in portable_contents(copy)} == {("nightly", origin.url("/p/nightly.csv"))}
+        assert portable_contents(copy) == {key: value for key, value in everything.items() if key[0] == "nightly"}
+        assert copy.stats()["unique_contents"] == 2
+    with buffylite.Cache(by_lock, read_only=True) as copy:
+        assert portable_contents(copy) == {key: value for key, value in everything.items()
+                                           if (key[1], key[2]) in {(entry.url, entry.version) for entry in entries}}
+        assert len(portable_contents(copy)) == 2
+        tagged_kept = copy.get(**requests["params"])
+        assert tagged_kept.read() == b"params round 2"
+    assert by_lock.stat().st_size < source.stat().st_size - MiB  # compacted: the large content is gone
+    done = run_cli("--cache", str(source), "--json", "backup", str(tmp_path / "cli.sqlite3"), "--group", "nightly")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"backup": str(tmp_path / "cli.sqlite3")}
+    with buffylite.Cache(tmp_path / "cli.sqlite3", read_only=True) as copy:
+        assert [request.group_name for request in copy.requests()] == ["nightly"]
+    done = run_cli("--cache", str(source), "backup", str(tmp_path / "cli-lock.sqlite3"), "--lock", str(lockfile))
+    assert done.returncode == 0 and done.stdout.strip() == str(tmp_path / "cli-lock.sqlite3"), done.stderr
+    with buffylite.Cache(tmp_path / "cli-lock.sqlite3", read_only=True) as copy, \
+            buffylite.Cache(by_lock, read_only=True) as api_copy:
+        assert portable_contents(copy) == portable_contents(api_copy)
+    done = run_cli("--cache", str(source), "backup", str(tmp_path / "cli-lock.sqlite3"))
+    assert done.returncode == 2 and "already exists" in done.stderr
+
+
+def test_import_from_merges_versions_pins_tags_and_deduplicates_content(tmp_path, origin):
+    """§16: import_from keeps version strings, pins and tags, stores shared content once,
+    and counts the versions it added (none on a second import)."""
+    with buffylite.Cache(tmp_path / "source.sqlite3") as source:
+        requests = portable_fill(source, origin)
+        source_contents = portable_contents(source)
+    origin.route("/p/mine", body=b"plain round 2")  # same bytes as one source version
+    with buffylite.Cache(tmp_path / "target.sqlite3") as target:
+        target.fetch(origin.url("/p/mine"))
+        added = target.import_from(tmp_path / "source.sqlite3")
+        # The secret request's digest uses the source's salt: it cannot be matched here.
+        assert added == sum(1 for key in source_contents if key[1] != origin.url("/p/secret"))
+        merged = portable_contents(target)
+        for key, value in source_contents.items():
+            if key[1] != origin.url("/p/secret"):
+                assert merged[key] == value, key
+        assert target.versions(**requests["plain"])[1].pinned
+        assert target.versions(**requests["params"])[1].tags == ["release"]
+        assert_chain(target, **requests["plain"])
+        distinct = {value[0] for value in merged.values()}
+        assert target.stats()["unique_contents"] == len(distinct)
+        assert target.import_from(tmp_path / "source.sqlite3") == 0
+        assert target.import_from(tmp_path / "source.sqlite3", group="nightly") == 0
+        # Imported versions are served like any other.
+        assert target.fetch(**requests["json"], offline=True).read() == b"json round 2"
+    # A backup of a cache shares its salt: importing it back keeps even the secret request.
+    with buffylite.Cache(tmp_path / "source.sqlite3") as source:
+        source.backup(tmp_path / "copy.sqlite3")
+        source.delete(**requests["secret"])
+        assert source.import_from(tmp_path / "copy.sqlite3") == 2
+        assert source.fetch(**requests["secret"], offline=True).read() == b"secret round 2"
+    done = run_cli("--cache", str(tmp_path / "cli.sqlite3"), "--json", "import", str(tmp_path / "copy.sqlite3"),
+                   "--group", "nightly")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["versions_added"] == 2
+
+
+#: A child that opens a cache as the user ``nobody`` (after importing everything as root:
+#: the interpreter's own files may not be readable by nobody) and reports what worked.
+_PORTABLE_READ_ONLY_CHILD = textwrap.dedent('''
+    import hashlib, json, os, sys
+    import buffylite
+    path, url, old_version, copy = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+    if os.geteuid() == 0:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+    found = {"uid": os.geteuid()}
+    def attempt(name, call):
+        try:
+            found[name] = call()
+        except buffylite.BuffyliteError as exc:
+            found[name] = {"error": type(exc).__name__, "message": str(exc)}
+    with buffylite.Cache(path, retries=0, timeout=2) as cache:
+        found["read_only"] = cache.read_only
+        attempt("requests", lambda: [request.url for request in cache.requests()])
+        attempt("versions", lambda: [response.version for response in cache.versions(url)])
+        attempt("fetch", lambda: [cache.fetch(url).outcome, hashlib.sha256(cache.fetch(url).read()).hexdigest()])
+        attempt("force", lambda: cache.fetch(url, force_version=old_version).read().decode())
+        attempt("stream", lambda: cache.get(url).open().read().decode())
+        attempt("stats", lambda: cache.stats()["requests"])
+        attempt("verify", lambda: cache.verify().checked)
+        attempt("lock", lambda: len(cache.lock(None)))
+        attempt("backup", lambda: len(buffylite.Cache(cache.backup(copy), read_only=True).versions(url)))
+        attempt("pin", lambda: cache.pin(cache.get(url)).pinned)
+        attempt("download", lambda: cache.fetch(url + "-not-cached").outcome)
+        attempt("offline_missing", lambda: cache.fetch(url + "-not-cached", offline=True).outcome)
+        attempt("gc", lambda: cache.gc().removed)
+    print(json.dumps(found))
+''')
+
+
+@pytest.fixture
+def portable_shared_dir():
+    """A directory under the system temp dir that the user ``nobody`` can reach
+    (pytest's own tmp dirs are private to root); removed afterwards."""
+    path = pathlib.Path(tempfile.mkdtemp(prefix="buffylite-ro-"))
+    os.chmod(path, 0o755)
+    yield path
+    for item in [path, *path.rglob("*")]:
+        with contextlib.suppress(OSError):
+            os.chmod(item, 0o755 if item.is_dir() else 0o644)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("which", ["cache file", "backup"])
+def test_read_only_cache_opens_for_another_user_and_refuses_writes(portable_shared_dir, origin, which):
+    """§16: a cache file in a read-only folder, not writable by the user (``nobody``), opens
+    read-only: reads, offline fetches and hard choices work; writes raise CacheFileError."""
+    folder = portable_shared_dir / "app-data"
+    folder.mkdir()
+    path = folder / "cache.sqlite3"
+    origin.route("/ro", body=b"first")
+    with buffylite.Cache(portable_shared_dir / "work.sqlite3" if which == "backup" else path) as cache:
+        old = cache.fetch(origin.url("/ro"))
+        origin.routes["/ro"].body = b"second"
+        cache.fetch(origin.url("/ro"), cache_configuration=always())
+        if which == "backup":
+            cache.backup(path)
+    assert sorted(item.name for item in folder.iterdir()) == ["cache.sqlite3"]
+    os.chmod(path, 0o444)
+    os.chmod(folder, 0o555)
+    outbox = portable_shared_dir / "outbox"
+    outbox.mkdir(mode=0o777)
+    os.chmod(outbox, 0o777)
+    origin.routes["/ro"].body = b"third"
+    hits = len(origin.log)
+    done = run_python(_PORTABLE_READ_ONLY_CHILD, str(path), origin.url("/ro"), old.version,
+                      str(outbox / "copy.sqlite3"))
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    if os.geteuid() == 0:
+        assert found["uid"] == 65534
+    assert found["read_only"] is True
+    assert found["requests"] == [origin.url("/ro")]
+    assert len(found["versions"]) == 2
+    assert found["fetch"] == ["offline", sha256(b"second")]
+    assert found["force"] == "first" and found["stream"] == "second"
+    assert found["stats"] == 1 and found["verify"] == 2 and found["lock"] == 1
+    assert found["backup"] == 2  # a read-only cache can still be copied
+    for write in ("pin", "download", "gc"):
+        assert found[write]["error"] == "CacheFileError", (write, found[write])
+        assert "read-only" in found[write]["message"], found[write]
+    assert found["offline_missing"]["error"] == "NotCachedError"
+    assert len(origin.log) == hits  # nothing was downloaded
+    assert sorted(item.name for item in folder.iterdir()) == ["cache.sqlite3"]
+
+
+def test_cache_on_a_read_only_mount_opens_read_only_even_for_root(tmp_path, origin):
+    """§16: a cache on read-only media (a tmpfs remounted read-only) opens by itself, for
+    any user; it serves offline and refuses writes."""
+    mount_point = tmp_path / "media"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)],
+                      capture_output=True, timeout=30).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        origin.route("/media", body=b"on the disc")
+        with buffylite.Cache(mount_point / "cache.sqlite3") as cache:
+            version = cache.fetch(origin.url("/media")).version
+        subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True, timeout=30)
+        with buffylite.Cache(mount_point / "cache.sqlite3", retries=0, timeout=2) as cache:
+            assert cache.read_only
+            response = cache.fetch(origin.url("/media"), cache_configuration=always())
+            assert (response.outcome, response.version, response.read()) == ("offline", version, b"on the disc")
+            with pytest.raises(buffylite.CacheFileError, match="read-only"):
+                cache.pin(response)
+        assert len(origin.log) == 1
+    finally:
+        subprocess.run(["umount", str(mount_point)], capture_output=True, timeout=30)
+
+
+def test_read_only_option_on_a_writable_file_refuses_writes(cache_path, origin):
+    """§16: Cache(read_only=True) reads a writable file without changing it."""
+    origin.route("/rw", body=b"content")
+    with buffylite.Cache(cache_path) as cache:
+        cache.fetch(origin.url("/rw"))
+    before = cache_path.read_bytes()
+    with buffylite.Cache(cache_path, read_only=True) as cache:
+        assert cache.read_only and cache.get(origin.url("/rw")).read() == b"content"
+        response = cache.fetch(origin.url("/rw"), cache_configuration=always())
+        assert response.outcome == "offline" and len(origin.log) == 1
+        for write in (lambda: cache.tag(response, "shipped"), lambda: cache.delete(origin.url("/rw")),
+                      lambda: cache.fetch(origin.url("/rw"), pin_for=60),
+                      lambda: cache.import_from(cache_path)):
+            with pytest.raises(buffylite.CacheFileError, match="read-only"):
+                write()
+    assert cache_path.read_bytes() == before
+    with pytest.raises(buffylite.CacheFileError, match="does not exist"):
+        buffylite.Cache(cache_path.with_name("missing.sqlite3"), read_only=True)
+    assert not cache_path.with_name("missing.sqlite3").exists()
+    cache_path.with_name("empty.sqlite3").write_bytes(b"")
+    with pytest.raises(buffylite.CacheFileError, match="not a buffylite cache"):
+        buffylite.Cache(cache_path.with_name("empty.sqlite3"), read_only=True)
+    assert cache_path.with_name("empty.sqlite3").read_bytes() == b""
+
+
+def test_seed_serves_a_first_launch_offline_and_the_version_stays(tmp_path):
+    """§16: an empty user cache with seeds=(shipped,) and the origin down serves the seed's
+    version (outcome "cached") and keeps it in the user cache."""
+    server = Origin()
+    url = server.url("/app/data.json")
+    try:
+        server.route("/app/data.json", body=b'{"seeded": true}')
+        with buffylite.Cache(tmp_path / "dev.sqlite3") as dev:
+            shipped_version = dev.fetch(url).version
+            dev.backup(tmp_path / "shipped.sqlite3")
+    finally:
+        server.close()  # the origin is down from now on
+    os.chmod(tmp_path / "shipped.sqlite3", 0o444)
+    user = tmp_path / "user" / "cache.sqlite3"
+    with buffylite.Cache(user, seeds=(tmp_path / "shipped.sqlite3",), retries=0, timeout=2) as cache:
+        response = cache.fetch(url)
+        assert (response.outcome, response.version, response.json()) == ("cached", shipped_version,
+                                                                        {"seeded": True})
+        assert cache.fetch(url, force_version=shipped_version).outcome == "cached"
+    with buffylite.Cache(user) as cache:  # without seeds: the version is the user's now
+        assert [version.version for version in cache.versions(url)] == [shipped_version]
+        assert cache.fetch(url, offline=True).read() == b'{"seeded": true}'
+    with pytest.raises(buffylite.CacheFileError, match="does not exist"):
+        buffylite.Cache(tmp_path / "other.sqlite3", seeds=(tmp_path / "nowhere.sqlite3",))
+    with pytest.raises(buffylite.InvalidRequestError):
+        buffylite.Cache(tmp_path / "other.sqlite3", seeds=str(tmp_path / "shipped.sqlite3"))
 
 
 # ===========================================================================
