@@ -5094,7 +5094,7 @@ class Cache:
                     query = query.where(t.request.group_name == group)
                 requests = list(query)
             for request in requests:
-                if not same_salt and _has_digested_headers(request):
+                if not same_salt and _has_digests(request):
                     log.warning("Not importing %s (group %s): its sensitive header values are "
                                 "digested with the salt of %s.", request.url, request.group_name, other.path)
                     continue
@@ -5218,23 +5218,37 @@ def _lock_key(method: str, url: str, params, headers: dict, body_kind: str | Non
 def _identity_lock_key(identity: _Identity, sensitive: frozenset) -> str:
     headers = {name: (None if name.lower() in sensitive else value)
                for name, value in identity.send_headers.items()}
-    return _lock_key(identity.method, identity.url, identity.params, headers, identity.body_kind,
-                     identity.body, identity.group)
+    return _lock_key(identity.method, identity.url, _params_by_name(identity.stored_params), headers,
+                     identity.body_kind, identity.body, identity.group)
 
 
 def _is_digest(value) -> bool:
-    """A stored header value that is a salted digest of a sensitive value."""
+    """A stored header or parameter value that is a salted digest of a sensitive value."""
     return isinstance(value, str) and value.startswith("hmac-sha256:")
 
 
-def _has_digested_headers(request_row) -> bool:
-    return any(_is_digest(value) for value in json.loads(request_row.http_header_fields or "{}").values())
+def _params_by_name(params: dict | None) -> dict | None:
+    """Stored query parameters with sensitive values (salted digests, alone or in a
+    list) named only: a lockfile holds no secret and no file's salt-bound digest."""
+    if not params:
+        return params
+    return {name: (None if _is_digest(value) or (isinstance(value, list) and any(map(_is_digest, value)))
+                   else value) for name, value in params.items()}
+
+
+def _has_digests(request_row) -> bool:
+    """Whether a stored request holds salted digests (sensitive headers or parameters),
+    which only a file with the same salt can match."""
+    params = json.loads(request_row.http_query_params or "null") or {}
+    return (any(_is_digest(value) for value in json.loads(request_row.http_header_fields or "{}").values())
+            or _params_by_name(params) != params)
 
 
 def _stored_lock_key(request_row) -> str:
     headers = {name: (None if _is_digest(value) else value)
                for name, value in json.loads(request_row.http_header_fields or "{}").items()}
-    params = json.loads(request_row.http_query_params) if request_row.http_query_params else None
+    params = _params_by_name(json.loads(request_row.http_query_params)
+                             if request_row.http_query_params else None)
     body = bytes(request_row.http_request_body) if request_row.http_request_body is not None else None
     return _lock_key(request_row.http_method, request_row.url, params, headers, request_row.body_kind,
                      body, request_row.group_name)
@@ -5272,7 +5286,8 @@ def _lock_entry(request_row, version_row, size: int | None) -> LockEntry:
     attributes = json.loads(version_row.content_attributes or "{}")
     return LockEntry(
         url=request_row.url, method=request_row.http_method,
-        params=json.loads(request_row.http_query_params) if request_row.http_query_params else None,
+        params=_params_by_name(json.loads(request_row.http_query_params)
+                               if request_row.http_query_params else None),
         headers={name: (None if _is_digest(value) else value)
                  for name, value in json.loads(request_row.http_header_fields or "{}").items()},
         body=body, body_encoding=encoding, group=request_row.group_name, version=version_row.version,

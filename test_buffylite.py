@@ -5693,11 +5693,11 @@ def small_tmpfs(tmp_path):
 def _fill_disk(directory: pathlib.Path) -> pathlib.Path:
     """Write a file in ``directory`` until the file system is full; return it."""
     filler = directory / "filler"
-    with open(filler, "wb") as output:
+    # Unbuffered: a partly written block must not be flushed again (and fail) on close.
+    with open(filler, "wb", buffering=0) as output:
         for _ in range(10_000):  # bounded: 640 MiB at most
             try:
-                output.write(b"\0" * 65536)
-                output.flush()
+                output.write(b"\0" * 65536)  # a short write fills the last blocks; the next fails
             except OSError as exc:
                 assert exc.errno == errno.ENOSPC, exc
                 break
