@@ -70,15 +70,19 @@ from __future__ import annotations
 # ---------------------------------------------------------------------------
 
 import argparse
+import asyncio
 import base64
 import bisect
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
 import email.message
 import email.utils
+import functools
 import hashlib
 import hmac
+import inspect
 import io
 import ipaddress
 import json
@@ -120,6 +124,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 __version__ = "0.1.0"
 
 __all__ = sorted([
+    "AsyncCache",
     "BuffyliteError",
     "Cache",
     "CacheFileError",
@@ -629,6 +634,9 @@ class Request(_Model):
         except InvalidRequestError as exc:
             raise ValueError(str(exc)) from None
 
+    def __repr__(self) -> str:
+        return f"Request(id={self.id!r}, url={self.url!r}, method={self.http_method!r}, group={self.group_name!r})"
+
 
 class ResponseContentAttributes(_Model):
     """What the origin's headers said about the content."""
@@ -759,8 +767,65 @@ class Response(_Model):
             raise
         return path
 
+    # --- asyncio (see AsyncCache) ---
+
+    async def aread(self) -> bytes:
+        """``read()`` in a worker thread: the whole content, without blocking the event loop."""
+        cache, _ = self._require_content()
+        return await _run_blocking(cache, self.read)
+
+    def aopen(self) -> "_AsyncContentStream":
+        """``open()`` for asyncio: ``async with resp.aopen() as stream: await stream.read(n)``.
+
+        The stream reads in a thread of its own, so the event loop never waits for SQLite.
+        """
+        self._require_content()
+        return _AsyncContentStream(self)
+
+    # --- short repr, pickling ---
+
+    def __repr__(self) -> str:
+        size = self.content_attributes.content_size_bytes
+        return (f"Response(url={self.url!r}, version={self.version!r}, status={self.status!r}, "
+                f"size={size!r})")
+
+    def __reduce__(self):
+        # The bound Cache (connections, thread-locals, an HTTP pool) cannot travel to
+        # another process; its path can. The copy binds to one Cache per path there.
+        cache = self.__pydantic_private__.get("_cache")
+        path = _portable_cache_path(cache.path) if cache is not None else None
+        return (_unpickle_response, (path, dict(self.__dict__), self.__pydantic_private__.get("_content_id")))
+
 
 _RESPONSE_FIELD_NAMES = frozenset(Response.model_fields)
+
+#: Caches opened to rebind unpickled Responses: one per path per process.
+_REBOUND_CACHES: dict[str, "Cache"] = {}
+_REBOUND_CACHES_LOCK = threading.Lock()
+
+
+def _portable_cache_path(path) -> str:
+    """The cache path as another process must see it: absolute (URLs stay as they are)."""
+    text = str(path)
+    return text if "://" in text else os.path.abspath(text)
+
+
+def _unpickle_response(path: str | None, fields: dict, content_id: int | None) -> Response:
+    """Rebuild a pickled Response, bound to this process's Cache for ``path``.
+
+    A missing cache file is not created: the Response then has no content to read.
+    """
+    cache = None
+    if path is not None and ("://" in path or os.path.exists(path)):
+        with _REBOUND_CACHES_LOCK:
+            cache = _REBOUND_CACHES.get(path)
+            if cache is None:
+                cache = _REBOUND_CACHES[path] = Cache(path)
+    private = {name: attribute.get_default() for name, attribute in Response.__private_attributes__.items()}
+    private.update(_cache=cache, _content_id=content_id if cache is not None else None)
+    fields = {**{name: info.get_default(call_default_factory=True) for name, info in Response.model_fields.items()
+                 if name not in fields}, **fields}
+    return _trusted_response(fields, private)
 
 
 def _trusted_response(fields: dict, private: dict) -> Response:
@@ -2051,6 +2116,9 @@ class Cache:
         self._sensitive = SENSITIVE_HEADERS | self._store.remember_sensitive_headers(
             {str(name).lower() for name in sensitive_headers})
         self._http = _HttpClient(timeout, user_agent or f"buffylite/{__version__}")
+        # An unclosed Cache that is garbage-collected still releases its connections
+        # (every thread's) and its HTTP pool; the finaliser holds no reference to self.
+        self._finalizer = weakref.finalize(self, _release_cache_resources, self._store, self._http)
         self._plain_identities: dict[tuple, _Identity] = {}
         self._cron_started: set[int] = set()
         self._cron_lock = threading.Lock()
@@ -2073,9 +2141,11 @@ class Cache:
         self.close()
 
     def close(self) -> None:
-        """Release the HTTP pool and this thread's database connection."""
-        self._http.close()
-        self._store.close()
+        """Release the HTTP pool and the database connections of every thread.
+
+        A Cache that is never closed releases them when it is garbage-collected.
+        """
+        self._finalizer()
 
     # --- identities and loading -------------------------------------------------
 
@@ -3007,6 +3077,164 @@ class Cache:
         if freed:
             self._store.give_back_free_pages(checkpoint=False)
         return removed
+
+
+def _release_cache_resources(store: _Store, http: _HttpClient) -> None:
+    """Close a Cache's HTTP pool and connections (``close()`` or its finaliser)."""
+    with contextlib.suppress(Exception):
+        http.close()
+    with contextlib.suppress(Exception):
+        store.close()
+
+
+# ---------------------------------------------------------------------------
+# asyncio
+# ---------------------------------------------------------------------------
+#
+# AsyncCache runs each blocking call of a Cache in a worker thread of its own pool,
+# so a coroutine awaits while SQLite and the network work elsewhere. It is the same
+# Cache underneath: single flight, leases and version choice hold between async and
+# sync callers of one file.
+
+#: Worker threads of one AsyncCache (each holds its own SQLite connection once used).
+ASYNC_MAX_WORKERS = 16
+
+
+async def _run_blocking(cache: "Cache", function: Callable, *args, **kwargs):
+    """Run ``function`` in the AsyncCache pool that owns ``cache`` (else asyncio's default one)."""
+    loop = asyncio.get_running_loop()
+    executor = getattr(cache, "_async_executor", None)
+    return await loop.run_in_executor(executor, functools.partial(function, *args, **kwargs))
+
+
+class _AsyncContentStream:
+    """The asyncio side of ``Response.open()``: ``await stream.read(n)``.
+
+    A content stream reads one SQLite snapshot on one connection, which belongs to the
+    thread that opened it, so every call of one stream runs on one thread of its own.
+    """
+
+    def __init__(self, response: Response):
+        self._response = response
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                             thread_name_prefix="buffylite-stream")
+        self._stream: _ContentStream | None = None
+
+    async def _call(self, function: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
+
+    async def __aenter__(self) -> "_AsyncContentStream":
+        self._stream = await self._call(self._response.open)
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes (all that is left when ``size`` is -1); ``b""`` at the end."""
+        if self._stream is None:
+            raise ValueError("Use the stream as 'async with response.aopen() as stream'.")
+        return await self._call(self._stream.read, size)
+
+    async def close(self) -> None:
+        """Release the snapshot and the stream's thread."""
+        if self._stream is not None:
+            await self._call(self._stream.close)
+        self._thread.shutdown(wait=False)
+
+
+class AsyncCache:
+    """A Cache for asyncio: the same constructor arguments, the same methods as coroutines.
+
+    ::
+
+        async with buffylite.AsyncCache("cache.sqlite3") as acache:
+            resp = await acache.fetch("https://example.org/data.csv")
+            data = await resp.aread()
+            async with resp.aopen() as stream:
+                head = await stream.read(1024)
+
+    Each call runs the blocking work (SQLite, the download) in a worker thread of this
+    object's pool (at most ``ASYNC_MAX_WORKERS``), so the event loop is never blocked
+    by it, whatever the download's size. The Responses are ordinary ones (``read()``
+    works too) that also offer ``await resp.aread()`` and ``resp.aopen()``. Underneath
+    is one ``Cache`` (``acache.cache``): a download started by an async caller and one
+    started by a sync caller of the same file are the same single download.
+
+    Cancelling an awaiting coroutine does not stop the worker thread: a download that
+    has started runs to its end and is stored. ``callback`` arguments (``validator``,
+    ``progress``) run in the worker thread. Opening the file happens in the
+    constructor, which is quick (a new file is a few small writes).
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.cache = Cache(*args, **kwargs)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=ASYNC_MAX_WORKERS,
+                                                               thread_name_prefix="buffylite-async")
+        # Responses find the pool through their Cache (for aread()).
+        self.cache._async_executor = self._executor
+
+    @property
+    def path(self) -> pathlib.Path:
+        """The cache file."""
+        return self.cache.path
+
+    def __repr__(self) -> str:
+        return f"AsyncCache({str(self.cache.path)!r})"
+
+    async def __aenter__(self) -> "AsyncCache":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def _run(self, function: Callable, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(function, *args, **kwargs))
+
+    async def close(self) -> None:
+        """Wait for running calls to end, then close the Cache (connections, HTTP pool)."""
+        def shut_down() -> None:
+            self._executor.shutdown(wait=True)
+            self.cache.close()
+        # Not on the pool being shut down: a thread of asyncio's default pool.
+        await asyncio.get_running_loop().run_in_executor(None, shut_down)
+
+    @contextlib.asynccontextmanager
+    async def lease(self, response: Response, seconds: float):
+        """``Cache.lease`` as an ``async with`` block: the version is leased inside it."""
+        manager = self.cache.lease(response, seconds)
+        leased = await self._run(manager.__enter__)
+        try:
+            yield leased
+        except BaseException:
+            if not await self._run(manager.__exit__, *sys.exc_info()):
+                raise
+        else:
+            await self._run(manager.__exit__, None, None, None)
+
+
+def _async_method(name: str):
+    """A coroutine method of AsyncCache running ``Cache.<name>`` in the worker pool."""
+    blocking = getattr(Cache, name)
+
+    async def method(self, *args, **kwargs):
+        return await self._run(getattr(self.cache, name), *args, **kwargs)
+
+    method.__name__, method.__qualname__ = name, f"AsyncCache.{name}"
+    method.__doc__ = f"``await``-able ``Cache.{name}``, run in a worker thread.\n\n{blocking.__doc__ or ''}"
+    method.__signature__ = inspect.signature(blocking)
+    return method
+
+
+#: Cache methods AsyncCache offers as coroutines (those this Cache has).
+_ASYNC_METHOD_NAMES = ("fetch", "get", "get_request", "requests", "versions", "stats", "pin", "unpin",
+                       "tag", "untag", "gc", "verify", "refresh", "delete", "lock", "sync", "backup",
+                       "import_from")
+for _name in _ASYNC_METHOD_NAMES:
+    if hasattr(Cache, _name):
+        setattr(AsyncCache, _name, _async_method(_name))
+del _name
 
 
 # ---------------------------------------------------------------------------
