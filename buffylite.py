@@ -498,7 +498,23 @@ Tag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{2,64}$")]
 _TAG_ADAPTER = pydantic.TypeAdapter(Tag)
 
 
-class _Model(BaseModel):
+class _ModelMetaclass(type(BaseModel)):
+    """pydantic's model metaclass with a short ``dir()`` of the class: only what buffylite
+    defines. ``help()`` then shows a model's own methods instead of several hundred lines
+    of pydantic's per model (``model_dump`` and the rest still work, and are listed by
+    ``dir()`` of an instance as usual)."""
+
+    def __dir__(cls) -> list[str]:
+        names = set()
+        for klass in cls.__mro__:
+            if klass is BaseModel:
+                break
+            names.update(name for name in vars(klass) if not name.startswith("__")
+                         and name not in ("model_config", "model_post_init"))
+        return sorted(names)
+
+
+class _Model(BaseModel, metaclass=_ModelMetaclass):
     """Base of the public models: unknown fields are an error, not silently kept."""
 
     model_config = ConfigDict(extra="forbid")
@@ -3222,7 +3238,8 @@ def _async_method(name: str):
         return await self._run(getattr(self.cache, name), *args, **kwargs)
 
     method.__name__, method.__qualname__ = name, f"AsyncCache.{name}"
-    method.__doc__ = f"``await``-able ``Cache.{name}``, run in a worker thread.\n\n{blocking.__doc__ or ''}"
+    summary = (blocking.__doc__ or "").strip().split("\n\n")[0]
+    method.__doc__ = f"``await``-able ``Cache.{name}`` (run in a worker thread).\n\n{summary}"
     method.__signature__ = inspect.signature(blocking)
     return method
 

@@ -462,6 +462,7 @@ def test_run_python_helper_runs_code_with_a_timeout():
 #: SPEC §3's public names: the Cache and fetch(), the models of §4 and the reports
 #: of §3, the errors of §12, and main(), the CLI entry point of pyproject.toml.
 PUBLIC_NAMES = sorted([
+    "AsyncCache",  # §18
     "BuffyliteError", "Cache", "CacheFileError", "FetchError", "GCReport", "IntegrityError",
     "InvalidRequestError", "NotCachedError", "ReCachingStrategy", "RefreshResult", "Request",
     "RequestCacheConfiguration", "Response", "ResponseContentAttributes",
