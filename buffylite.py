@@ -1074,6 +1074,9 @@ class _SqliteDatabase(peewee.SqliteDatabase):
         with self._opened_lock:
             opened = list(self._opened)
             self._opened.clear()
+            # Every thread forgets its closed connection (a fresh per-thread state), so
+            # a later use from any thread reconnects instead of failing on a closed one.
+            self._state = type(self._state)()
         for connection in opened:
             with contextlib.suppress(Exception):
                 connection.close()

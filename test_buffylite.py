@@ -16,6 +16,7 @@ origin of their own, in the section "HTTP faults and concurrency" near the end.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -24,6 +25,7 @@ import datetime as dt
 import email.utils
 import fcntl
 import functools
+import gc
 import gzip
 import hashlib
 import http
@@ -31,9 +33,12 @@ import io
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import pathlib
+import pickle
 import pty
+import pydoc
 import random
 import re
 import select
@@ -2084,6 +2089,339 @@ def test_module_fetch_uses_a_default_cache_from_the_env(tmp_path, origin):
     assert len(origin.requests_to("/mod")) == 1
     with buffylite.Cache(path) as opened:
         assert opened.get(origin.url("/mod")).version == result["first"][0]
+
+
+# ===========================================================================
+# asyncio, pickling, finalisers, repr (§18)
+# ===========================================================================
+
+# --- AsyncCache (SPEC §18) ---
+
+#: Size of each body the event-loop heartbeat test downloads, and how many at once.
+ASYNC_BODY_BYTES = 64 * MiB
+ASYNC_CONCURRENT_FETCHES = 8
+#: The heartbeat's period and the longest gap between beats the test accepts (seconds).
+ASYNC_BEAT_SEC = 0.005
+ASYNC_STALL_LIMIT_SEC = 0.050
+
+
+class Heartbeat:
+    """A task that wakes every ``ASYNC_BEAT_SEC`` and records the longest gap between wakes."""
+
+    def __init__(self) -> None:
+        self.longest_gap = 0.0
+        self.beats = 0
+        self._running = True
+        self._task = None
+
+    async def _run(self) -> None:
+        last = time.perf_counter()
+        while self._running:
+            await asyncio.sleep(ASYNC_BEAT_SEC)
+            now = time.perf_counter()
+            self.longest_gap = max(self.longest_gap, now - last)
+            self.beats += 1
+            last = now
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        self._running = False
+        await asyncio.wait_for(self._task, timeout=5)
+
+
+def test_async_fetches_of_64_mib_never_stall_the_event_loop(tmp_path, origin):
+    """§18: 8 concurrent async fetches of 64 MiB each, then streamed back with aopen();
+    a heartbeat every 5 ms never waits more than 50 ms meanwhile."""
+    body = random_bytes(ASYNC_BODY_BYTES)
+    paths = [f"/big-{index}" for index in range(ASYNC_CONCURRENT_FETCHES)]
+    for path in paths:
+        origin.route(path, body)
+
+    async def scenario():
+        heartbeat = Heartbeat()
+        heartbeat.start()
+        started = time.perf_counter()
+        async with buffylite.AsyncCache(tmp_path / "async.sqlite3", timeout=30) as acache:
+            responses = await asyncio.wait_for(
+                asyncio.gather(*(acache.fetch(origin.url(path)) for path in paths)), timeout=300)
+            fetched = time.perf_counter() - started
+            digests = []
+            for response in responses:
+                hasher = hashlib.sha256()
+                async with response.aopen() as stream:
+                    while piece := await stream.read(MiB):
+                        hasher.update(piece)
+                digests.append(hasher.hexdigest())
+        await heartbeat.stop()
+        return responses, digests, heartbeat, fetched
+
+    responses, digests, heartbeat, fetched = asyncio.run(scenario())
+    print(f"{ASYNC_CONCURRENT_FETCHES} x {ASYNC_BODY_BYTES // MiB} MiB fetched in {fetched:.1f} s; "
+          f"longest event-loop gap {heartbeat.longest_gap * 1000:.1f} ms over {heartbeat.beats} beats")
+    assert [response.outcome for response in responses] == ["downloaded"] * ASYNC_CONCURRENT_FETCHES
+    assert digests == [sha256(body)] * ASYNC_CONCURRENT_FETCHES
+    assert all(origin.hits(path) == 1 for path in paths)
+    assert heartbeat.beats > 100
+    assert heartbeat.longest_gap < ASYNC_STALL_LIMIT_SEC, heartbeat.longest_gap
+
+
+def test_async_methods_mirror_the_cache(tmp_path, origin):
+    """§18: the Cache's methods as coroutines; Responses offer aread() and aopen()."""
+    origin.route("/a", b"first body")
+    url = origin.url("/a")
+
+    async def scenario():
+        async with buffylite.AsyncCache(tmp_path / "mirror.sqlite3", retries=0) as acache:
+            first = await acache.fetch(url, cache_configuration=always())
+            origin.routes["/a"].body = b"second body"
+            second = await acache.fetch(url, cache_configuration=always())
+            assert await first.aread() == b"first body"
+            async with second.aopen() as stream:
+                assert [await stream.read(7), await stream.read(100), await stream.read(1)] == \
+                    [b"second ", b"body", b""]
+            assert [response.version for response in await acache.versions(url)] == \
+                [second.version, first.version]
+            assert (await acache.get(url, first.version)).version == first.version
+            assert (await acache.get_request(url)).url == url
+            assert [request.url for request in await acache.requests()] == [url]
+            pinned = await acache.pin(first)
+            tagged = await acache.tag(second, "golden")
+            async with acache.lease(second, 60) as leased:
+                assert leased.is_pinned
+            assert (await acache.stats())["requests"] == 1
+            with pytest.raises(buffylite.NotCachedError):
+                await acache.get(url, "19990101000000000000")
+            report = await acache.verify()
+            assert (pinned.pinned, tagged.tags, report.checked) == (True, ["golden"], 2)
+            assert await acache.delete(url) == 2
+            return first
+
+    first = asyncio.run(scenario())
+    with pytest.raises(buffylite.NotCachedError):
+        first.read()  # deleted through the async API, seen by the sync one
+
+
+def test_async_and_sync_callers_share_one_download(tmp_path, origin):
+    """§18: a sync fetch downloading while an async fetch of the same request starts:
+    the async call waits for that download (one GET) and gets its version."""
+    origin.route("/shared", b"shared body")
+    url = origin.url("/shared")
+    path = tmp_path / "shared.sqlite3"
+    downloading, release = threading.Event(), threading.Event()
+
+    def hold(done, total):  # the sync download holds its lease until the async call waits
+        downloading.set()
+        release.wait(10)
+
+    sync_cache = buffylite.Cache(path)
+    sync_result = {}
+    sync_thread = threading.Thread(target=lambda: sync_result.update(
+        response=sync_cache.fetch(url, cache_configuration=always(), progress=hold)))
+    sync_thread.start()
+    try:
+        assert downloading.wait(10)
+
+        async def scenario():
+            async with buffylite.AsyncCache(path) as acache:
+                task = asyncio.ensure_future(acache.fetch(url, cache_configuration=always()))
+                # Release the sync download once the async call is seen waiting for it.
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and not any(
+                        frame.f_code.co_name == "_await_download"
+                        for stack in sys._current_frames().values()
+                        for frame in _frames_of(stack)):
+                    await asyncio.sleep(0.01)
+                waited = time.monotonic() < deadline
+                release.set()
+                return waited, await asyncio.wait_for(task, timeout=20)
+
+        waited, async_response = asyncio.run(scenario())
+    finally:
+        release.set()
+        sync_thread.join(20)
+        sync_cache.close()
+    assert waited, "the async fetch never waited for the running download"
+    assert origin.hits("/shared") == 1
+    assert sync_result["response"].outcome == "downloaded"
+    assert async_response.version == sync_result["response"].version
+    assert async_response.read() == b"shared body"
+
+
+def _frames_of(frame):
+    """A frame and its callers."""
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+def test_async_errors_are_the_cache_errors(tmp_path):
+    """§18: errors leave AsyncCache methods as the same §12 types."""
+    async def scenario():
+        async with buffylite.AsyncCache(tmp_path / "errors.sqlite3", retries=0, timeout=2) as acache:
+            with pytest.raises(buffylite.InvalidRequestError):
+                await acache.fetch("ftp://example.invalid/x")
+            with pytest.raises(buffylite.NotCachedError):
+                await acache.fetch("http://127.0.0.1:9/none", offline=True)
+    asyncio.run(scenario())
+    with pytest.raises(buffylite.InvalidRequestError):
+        buffylite.AsyncCache(tmp_path / "bad.sqlite3", retries=-1)
+
+
+# --- Response pickling, finalisers, repr (SPEC §18) ---
+
+
+def test_response_pickles_into_another_process_that_can_read_it(cache, cache_path, origin):
+    """§18: a Response pickled here unpickles in a spawned process, bound to the same
+    cache path, and read() returns the content there."""
+    body = random_bytes(3 * MiB + 5, seed=7)
+    response = fetch_body(cache, origin, "/pickled", body)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        child_pid = pool.apply(os.getpid)
+        data = pool.apply(buffylite.Response.read, (response,))
+        text = pool.apply(repr, (response,))
+        rebound = pool.apply(_pickled_round_trip, (pickle.dumps(response),))
+    assert child_pid != os.getpid()
+    assert data == body
+    assert text == repr(response)
+    assert rebound == (str(cache_path), response.version, sha256(body))
+    copy = pickle.loads(pickle.dumps(response))
+    assert copy.model_dump() == response.model_dump() and copy.read() == body
+
+
+def _pickled_round_trip(data: bytes):
+    """In a child process: unpickle a Response; its cache path, version, content hash."""
+    response = pickle.loads(data)
+    return str(response._cache.path), response.version, hashlib.sha256(response.read()).hexdigest()
+
+
+def test_unpickling_with_the_cache_file_gone_creates_nothing(cache, cache_path, origin, tmp_path):
+    """§18: unpickling where the cache file does not exist binds to nothing and creates no file."""
+    response = fetch_body(cache, origin, "/gone", b"gone soon")
+    data = pickle.dumps(response)
+    cache.close()
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in os.listdir(tmp_path):
+        if name.startswith(cache_path.name):
+            os.rename(tmp_path / name, moved / name)
+    copy = pickle.loads(data)
+    assert copy.version == response.version
+    with pytest.raises(buffylite.NotCachedError):
+        copy.read()
+    assert not cache_path.exists()
+
+
+def _descriptors() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _descriptors_on(path: pathlib.Path) -> list[str]:
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{name}").startswith(str(path)):
+                found.append(name)
+    return found
+
+
+def test_unclosed_caches_release_their_descriptors(tmp_path, origin):
+    """§18: 200 Cache objects never closed, each used from the main thread and a helper
+    thread that stays alive: once dropped (and gc.collect()), no descriptor is left."""
+    origin.route("/fd", b"descriptor")
+    path = tmp_path / "fd.sqlite3"
+    buffylite.Cache(path).close()  # the file exists before counting
+    gc.collect()
+    before = _descriptors()
+    keep_alive = threading.Event()
+    holders = []
+    for _ in range(200):
+        opened = [buffylite.Cache(path)]
+        opened[0].fetch(origin.url("/fd"))
+        used = threading.Event()
+
+        def use(box=opened, used=used):
+            box[0].stats()
+            used.set()
+            keep_alive.wait(30)
+
+        holder = threading.Thread(target=use)
+        holder.start()
+        assert used.wait(10)
+        holders.append(holder)
+        opened.clear()  # the last reference: the thread keeps nothing alive
+    try:
+        assert _descriptors_on(path) == [], "dropped Cache objects still hold the file"
+        gc.collect()
+        deadline = time.monotonic() + 10  # the origin closes its side of keep-alive sockets
+        while time.monotonic() < deadline and len(_descriptors() - before) > 0:
+            time.sleep(0.05)
+        assert _descriptors() - before == set()
+    finally:
+        keep_alive.set()
+        for holder in holders:
+            holder.join(10)
+
+
+def test_response_and_request_reprs_are_one_short_line(cache, origin):
+    """§18: repr(resp) is one short line with URL, version, status and size; repr(request) too."""
+    response = fetch_body(cache, origin, "/a-rather-long-path/for-the-repr.bin", b"12345678",
+                          headers={"X-Trace": "t" * 40}, params={"q": "v" * 40})
+    text = repr(response)
+    assert "\n" not in text and len(text) <= 200, text
+    assert text == (f"Response(url={response.url!r}, version={response.version!r}, status='ready', "
+                    "size=8)")
+    request = cache.get_request(response.url.split("?")[0], headers={"X-Trace": "t" * 40},
+                                params={"q": "v" * 40})
+    assert "\n" not in repr(request) and len(repr(request)) <= 200
+    assert repr(request).startswith(f"Request(id={request.id}, url=")
+    report_text = repr(cache.verify())
+    assert len(report_text) <= 200, report_text
+
+
+#: Lines ``pydoc.render_doc(buffylite)`` may have (measured 1,052 with every model
+#: listing only its own members; over 4,700 with pydantic's inherited text).
+HELP_LINE_LIMIT = 1500
+
+
+def test_help_of_the_module_is_reasonably_short():
+    """help(buffylite) documents buffylite, not pydantic's inherited members."""
+    text = pydoc.render_doc(buffylite)
+    assert len(text.splitlines()) <= HELP_LINE_LIMIT
+    assert "model_json_schema" not in text and "AsyncCache" in text and "aread" in text
+
+
+def test_docstrings_stand_alone_without_the_spec():
+    """Docstrings never send the reader to a specification that does not ship."""
+    citing = [name for name, text in _docstrings(buffylite) if "SPEC" in text or "§" in text]
+    assert citing == []
+
+
+def _docstrings(module):
+    yield module.__name__, module.__doc__ or ""
+    for name in dir(module):
+        value = getattr(module, name)
+        if getattr(value, "__module__", None) != module.__name__:
+            continue
+        yield name, getattr(value, "__doc__", None) or ""
+        if isinstance(value, type):
+            for member_name, member in vars(value).items():
+                doc = getattr(member, "__doc__", None)
+                if isinstance(doc, str) and callable(member):
+                    yield f"{name}.{member_name}", doc
+
+
+def test_a_small_cache_stays_small(cache_path, origin):
+    """An 8-byte download leaves a small cache once the Cache is closed (no write-ahead log)."""
+    origin.route("/tiny", b"8 bytes!")
+    with buffylite.Cache(cache_path) as opened:
+        assert opened.fetch(origin.url("/tiny")).read() == b"8 bytes!"
+    files = {path.name: path.stat().st_size for path in cache_path.parent.iterdir()
+             if path.name.startswith(cache_path.name)}
+    assert set(files) == {cache_path.name}, files
+    assert files[cache_path.name] <= 512 * 1024, files
 
 
 # ===========================================================================
