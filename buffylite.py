@@ -3376,6 +3376,57 @@ def _version_row(response: Response) -> dict:
                           if response.cached_datetime_utc else "")}
 
 
+def _one_line(text: str | None) -> str:
+    """A message on one line (newlines and runs of spaces collapsed)."""
+    return " ".join(str(text or "").split())
+
+
+def _strategy_text(strategy) -> str:
+    """A strategy with its settings, e.g. ``age(seconds=3600)``."""
+    settings = []
+    for name, value in strategy.model_dump().items():
+        if name == "strategy_name":
+            continue
+        settings.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value!r}")
+    return f"{strategy.strategy_name}({', '.join(settings)})"
+
+
+def _parse_as_of(text: str | None) -> dt.datetime | None:
+    """``--as-of``: ISO 8601 with ``Z`` or an offset (a naive time is ambiguous: usage error)."""
+    if text is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in "Zz" and text else text)
+    except ValueError:
+        raise _UsageError(f"--as-of {text!r} is not an ISO 8601 date and time "
+                          "(e.g. 2026-01-31T12:00:00Z).") from None
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise _UsageError(f"--as-of {text!r} has no time zone: add Z (UTC) or an offset such as +01:00.")
+    return moment
+
+
+#: Bytes of content looked at to tell text from binary before writing to a terminal.
+_BINARY_SNIFF_BYTES = 8192
+
+
+def _looks_binary(head: bytes) -> bool:
+    """True when ``head`` has a NUL byte or is not UTF-8 (a character cut at the end is fine)."""
+    if b"\x00" in head:
+        return True
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start < len(head) - 3  # only a multi-byte character cut by the sniff is allowed
+    return False
+
+
+def _progress_label(args) -> str:
+    """The file name the progress bar shows: the ``-o`` target's, else the URL's last segment."""
+    if args.output and args.output != "-":
+        return pathlib.Path(args.output).name
+    return _guess_filename(None, args.url, None) or urllib.parse.urlsplit(args.url).hostname or args.url
+
+
 def _print_table(rows: list[dict], out) -> None:
     """Short aligned columns; the keys of the first row are the header."""
     if not rows:
@@ -3445,12 +3496,15 @@ def _cmd_fetch(cache: Cache, args) -> int:
                    "max_cached_unpinned_versions": args.keep, "max_cached_pinned_versions": args.keep_pinned}
         configuration = RequestCacheConfiguration.model_validate(
             {**base.model_dump(), **{key: value for key, value in changes.items() if value is not None}})
-    progress = _ProgressBar("download") if sys.stderr.isatty() and not args.quiet else None
+    as_of = _parse_as_of(args.as_of)
+    progress = _ProgressBar(_progress_label(args)) if sys.stderr.isatty() and not args.quiet else None
     try:
         response = cache.fetch(args.url, cache_configuration=configuration, offline=args.offline or None,
                                expected_hash=args.expected_hash, force_version=args.force_version,
-                               prefer_tag=args.prefer_tag, pin_for=args.pin_for, progress=progress,
-                               **identity)
+                               force_tag=args.force_tag, force_pinned=args.force_pinned or None,
+                               prefer_version=args.prefer_version, prefer_tag=args.prefer_tag,
+                               prefer_pinned=args.prefer_pinned or None, as_of=as_of,
+                               pin_for=args.pin_for, progress=progress, **identity)
     finally:
         if progress is not None:
             progress.close()
@@ -3459,13 +3513,10 @@ def _cmd_fetch(cache: Cache, args) -> int:
     for tag in args.tag or ():
         response = cache.tag(response, tag).model_copy(update={"outcome": response.outcome})
     saved = None
-    if args.output or args.dir:
+    if args.output == "-" or not (args.output or args.dir or args.json):
+        _write_content_to_stdout(response, asked=args.output == "-")
+    elif args.output or args.dir:
         saved = response.save_to(args.output) if args.output else response.save_to(dir=args.dir)
-    elif not args.json:
-        with response.open() as stream:
-            for piece in iter(lambda: stream.read(DEFAULT_CHUNK_SIZE_BYTES), b""):
-                sys.stdout.buffer.write(piece)
-        sys.stdout.buffer.flush()
     if args.json:
         data = response.model_dump(mode="json")
         data["saved_to"] = str(saved) if saved else None
@@ -3476,18 +3527,40 @@ def _cmd_fetch(cache: Cache, args) -> int:
     return 0
 
 
+def _write_content_to_stdout(response: Response, *, asked: bool) -> None:
+    """Stream the content to stdout; to a terminal only when it looks like text or ``asked``
+    (``-o -``), else one stderr line says how to get it."""
+    with response.open() as stream:
+        head = stream.read(_BINARY_SNIFF_BYTES)
+        if not asked and sys.stdout.isatty() and _looks_binary(head):
+            size = response.content_attributes.content_size_bytes
+            sys.stderr.write(f"buffylite: version {response.version} of {response.url} is binary "
+                             f"({size} bytes), not written to the terminal; use -o FILE, -d DIR, "
+                             "or -o - to write it here anyway.\n")
+            return
+        sys.stdout.buffer.write(head)
+        for piece in iter(lambda: stream.read(DEFAULT_CHUNK_SIZE_BYTES), b""):
+            sys.stdout.buffer.write(piece)
+    sys.stdout.buffer.flush()
+
+
 def _cmd_versions(cache: Cache, args) -> int:
     status = None if args.status == "all" else args.status
     versions = cache.versions(args.url, status=status, **_identity_arguments(args))
+    with_error = status in (None, "failed")  # an ERROR column where failed rows can appear
+    rows = [{**_version_row(response), **({"error": _one_line(response.download_stats.error)}
+                                          if with_error else {})} for response in versions]
     _emit(args, [response.model_dump(mode="json") for response in versions],
-          lambda: _print_table([_version_row(response) for response in versions], sys.stdout))
+          lambda: _print_table(rows, sys.stdout))
     return 0
 
 
 def _cmd_requests(cache: Cache, args) -> int:
     requests = cache.requests(args.group)
     rows = [{"id": request.id, "group": request.group_name, "method": request.http_method,
-             "strategy": request.cache_configuration.recaching_strategy.strategy_name, "url": request.url}
+             "strategy": _strategy_text(request.cache_configuration.recaching_strategy),
+             "keep": request.cache_configuration.max_cached_unpinned_versions,
+             "keep_pinned": request.cache_configuration.max_cached_pinned_versions, "url": request.url}
             for request in requests]
     _emit(args, [request.model_dump(mode="json") for request in requests],
           lambda: _print_table(rows, sys.stdout))
@@ -3495,10 +3568,24 @@ def _cmd_requests(cache: Cache, args) -> int:
 
 
 def _cmd_show(cache: Cache, args) -> int:
-    response = cache.get(args.url, args.version or "latest", **_identity_arguments(args))
+    identity = _identity_arguments(args)
+    if args.version is None or args.version == "latest":
+        # The newest ready version; when none is ready, the newest in any state (so a
+        # request whose downloads all failed shows why).
+        response = next(iter(cache.versions(args.url, **identity) or cache.versions(
+            args.url, status=None, **identity)), None)
+    else:
+        Cache._check_version_string("VERSION", args.version)
+        response = next((candidate for candidate in cache.versions(args.url, status=None, **identity)
+                         if candidate.version == args.version), None)
+    if response is None:
+        which = "any version" if args.version in (None, "latest") else f"version {args.version}"
+        raise NotCachedError(f"No {which} of {args.url} in {cache.path}.")
     data = response.model_dump(mode="json", exclude={"outcome"})
 
     def human() -> None:
+        if response.download_stats.error:
+            sys.stdout.write(f"error: {_one_line(response.download_stats.error)}\n")
         for key, value in data.items():
             if isinstance(value, dict):
                 for sub_key, sub_value in value.items():
@@ -3618,7 +3705,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                        help="fetch a URL through the cache (content to stdout)")
     fetch_parser.add_argument("url")
     output = fetch_parser.add_mutually_exclusive_group()
-    output.add_argument("-o", "--output", metavar="FILE", help="write the content to FILE")
+    output.add_argument("-o", "--output", metavar="FILE", help="write the content to FILE ('-': stdout, "
+                                                                "even binary content to a terminal)")
     output.add_argument("-d", "--dir", metavar="DIR", help="write the content into DIR under its file name")
     fetch_parser.add_argument("--strategy", help="never | age:SECONDS | when_requested | "
                                                  "when_remote_changed[:CHECK[:FALLBACK]] | cron:EXPR")
@@ -3630,7 +3718,14 @@ def _build_parser() -> argparse.ArgumentParser:
     fetch_parser.add_argument("--offline", action="store_true", help="never touch the network")
     fetch_parser.add_argument("--expected-hash", metavar="HASH", help="'sha256:<hex>' or '<hex>'")
     fetch_parser.add_argument("--force-version", metavar="V", help="return exactly this version")
+    fetch_parser.add_argument("--force-tag", metavar="T", help="return the newest version with this tag")
+    fetch_parser.add_argument("--force-pinned", action="store_true", help="return the newest pinned version")
+    fetch_parser.add_argument("--prefer-version", metavar="V", help="prefer this version")
     fetch_parser.add_argument("--prefer-tag", metavar="T", help="prefer the newest version with this tag")
+    fetch_parser.add_argument("--prefer-pinned", action="store_true", help="prefer the newest pinned version")
+    fetch_parser.add_argument("--as-of", metavar="DATETIME",
+                              help="the version current at DATETIME (ISO 8601 with Z or an offset); "
+                                   "no network")
     fetch_parser.set_defaults(handler=_cmd_fetch)
 
     versions_parser = commands.add_parser("versions", parents=common + [identity], help="list versions")
@@ -3683,6 +3778,20 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands that only read: they never create a cache file or its directory.
+_READ_ONLY_COMMANDS = frozenset({"versions", "requests", "show", "path", "info", "verify", "lock", "backup"})
+
+
+def _require_existing_cache(path: str | None) -> None:
+    """Raise CacheFileError naming the cache file when it does not exist (URLs pass)."""
+    if path is not None and "://" in path:
+        return
+    resolved = pathlib.Path(path).expanduser() if path is not None else _default_cache_path()
+    if not resolved.is_file():
+        raise CacheFileError(f"The cache file {resolved} does not exist; this command only reads "
+                             "and does not create one (check --cache or $BUFFYLITE_CACHE).", path=resolved)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
@@ -3698,6 +3807,8 @@ def main(argv: list[str] | None = None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING)
     try:
+        if args.command in _READ_ONLY_COMMANDS:
+            _require_existing_cache(args.cache)
         with Cache(args.cache, retries=args.retries, timeout=args.timeout) as cache:
             return args.handler(cache, args)
     except _UsageError as exc:

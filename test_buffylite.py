@@ -49,10 +49,12 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import textwrap
 import threading
 import time
+import tty
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -4449,6 +4451,43 @@ def cli_seed(cli_origin, cli_cache_path, monkeypatch):
     return seed
 
 
+def cli_run_on_terminal(*args: str, env: dict[str, str], stream: str = "stdout") -> tuple[int, bytes, bytes]:
+    """Run the CLI with ``stream`` ("stdout" or "stderr") on a pseudo-terminal (80x24, raw
+    mode: bytes pass unchanged); return (exit status, what the terminal received, the other
+    stream's bytes)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    tty.setraw(slave)
+    captured = bytearray()
+    with tempfile.TemporaryFile() as other:
+        try:
+            process = subprocess.Popen(
+                [CLI_PYTHON, "-m", "buffylite", *args], cwd=CLI_REPO_DIR, env=env, stdin=subprocess.DEVNULL,
+                stdout=slave if stream == "stdout" else other, stderr=slave if stream == "stderr" else other)
+            os.close(slave)
+            slave = None
+            deadline = time.monotonic() + CLI_TIMEOUT_SEC
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([master], [], [], 0.2)
+                if ready:
+                    try:
+                        chunk = os.read(master, 65536)
+                    except OSError:  # EIO: the child closed the terminal
+                        break
+                    if not chunk:
+                        break
+                    captured += chunk
+                elif process.poll() is not None:
+                    break
+            returncode = process.wait(timeout=CLI_TIMEOUT_SEC)
+        finally:
+            if slave is not None:
+                os.close(slave)
+            os.close(master)
+        other.seek(0)
+        return returncode, bytes(captured), other.read()
+
+
 # ===========================================================================
 # fetch: content, stderr status line, -o / -d (§13)
 # ===========================================================================
@@ -4554,6 +4593,38 @@ def test_cli_fetch_params_headers_and_group_reach_origin(cli_run, cli_origin, cl
         assert cache.get_request(url) is None
 
 
+# --- content on a terminal, -o - (SPEC §13) ---
+
+
+def test_cli_binary_content_is_not_written_to_a_terminal(cli_origin, cli_cache_path):
+    """§13: binary content is kept off a terminal (one stderr line says how to get it);
+    text content is written; `-o -` writes binary content to the terminal unchanged."""
+    cli_origin.route("/bin.dat", CLI_BINARY_BODY)
+    cli_origin.route("/text.txt", "plain text, café\n".encode() * 3, content_type="text/plain")
+    env = cli_env(BUFFYLITE_CACHE=str(cli_cache_path))
+    status, terminal, stderr = cli_run_on_terminal("fetch", cli_origin.url("/bin.dat"), env=env)
+    assert status == 0, stderr
+    assert terminal == b""
+    lines = [line for line in stderr.decode().splitlines() if line.strip()]
+    assert any("-o -" in line and "binary" in line for line in lines), lines
+    with cli_open_cache(cli_cache_path) as cache:
+        assert cache.get(cli_origin.url("/bin.dat")).read() == CLI_BINARY_BODY  # cached all the same
+    status, terminal, _ = cli_run_on_terminal("fetch", cli_origin.url("/text.txt"), env=env)
+    assert (status, terminal) == (0, "plain text, café\n".encode() * 3)
+    status, terminal, stderr = cli_run_on_terminal("fetch", cli_origin.url("/bin.dat"), "-o", "-", env=env)
+    assert (status, terminal) == (0, CLI_BINARY_BODY), stderr
+
+
+def test_cli_output_dash_means_stdout(cli_run, cli_origin, tmp_path):
+    """§13: `-o -` writes the content to stdout (no file named '-' appears)."""
+    cli_origin.route("/dash.bin", CLI_BINARY_BODY)
+    done = cli_run("fetch", cli_origin.url("/dash.bin"), "-o", "-")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == CLI_BINARY_BODY
+    assert not (CLI_REPO_DIR / "-").exists() and not (tmp_path / "-").exists()
+    assert "-> " not in done.stderr and "downloaded" in done.stderr
+
+
 # ===========================================================================
 # Global options (§13)
 # ===========================================================================
@@ -4567,6 +4638,8 @@ def test_cli_fetch_params_headers_and_group_reach_origin(cli_run, cli_origin, cl
 def test_cli_global_options_before_or_after_subcommand(cli_run, tmp_path, layout):
     """§13: `--cache` and `--json` work before or after the subcommand."""
     path = tmp_path / "explicit.sqlite3"
+    with cli_open_cache(path):  # info only reads: the file must exist
+        pass
     args = [item.format(path=path) for item in layout]
     done = cli_run(*args, env=cli_env())  # no BUFFYLITE_CACHE: --cache must be what counts
     assert done.returncode == 0, done.stderr
@@ -4781,6 +4854,67 @@ def test_cli_fetch_prefer_missing_tag_falls_back_to_latest(cli_run, cli_origin, 
     assert done.stdout == b"second"
 
 
+# --- fetch choices: --as-of, --force-tag, --force-pinned, --prefer-version, --prefer-pinned (SPEC §13) ---
+
+
+def test_cli_fetch_as_of_needs_a_time_zone_and_returns_the_version_current_then(
+        cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `--as-of` takes ISO 8601 with Z or an offset; a naive time exits 2; a moment
+    before any version exits 3; otherwise the version current then, without network."""
+    cli_seed("/asof.bin", [b"older", b"newer"])
+    url = cli_origin.url("/asof.bin")
+    with cli_open_cache(cli_cache_path) as cache:
+        newer, older = cache.versions(url)
+    middle = older.cached_datetime_utc + (newer.cached_datetime_utc - older.cached_datetime_utc) / 2
+    hits = cli_origin.hits("/asof.bin")
+    naive = cli_run("fetch", url, "--as-of", middle.replace(tzinfo=None).isoformat())
+    assert naive.returncode == 2 and "--as-of" in naive.stderr and naive.stdout == b"", naive.stderr
+    for text in (middle.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                 middle.astimezone(dt.timezone(dt.timedelta(hours=2))).isoformat()):
+        done = cli_run("fetch", url, "--as-of", text)
+        assert (done.returncode, done.stdout) == (0, b"older"), (text, done.stderr)
+    assert cli_run("fetch", url, "--as-of", "2026-12-31T23:59:59+00:00" if newer.cached_datetime_utc.year < 2026
+                   else (newer.cached_datetime_utc + dt.timedelta(days=1)).isoformat()).stdout == b"newer"
+    before = cli_run("fetch", url, "--as-of", "2001-01-01T00:00:00Z")
+    assert before.returncode == 3, before.stderr
+    assert cli_run("fetch", url, "--as-of", "yesterday").returncode == 2
+    assert cli_origin.hits("/asof.bin") == hits
+
+
+def test_cli_fetch_force_tag_and_force_pinned(cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `--force-tag T` / `--force-pinned` return the matching version without
+    network, exit 3 when nothing matches."""
+    first, second, third = cli_seed("/force.bin", [b"one", b"two", b"three"])
+    url = cli_origin.url("/force.bin")
+    hits = cli_origin.hits("/force.bin")
+    assert cli_run("fetch", url, "--force-pinned").returncode == 3
+    with cli_open_cache(cli_cache_path) as cache:
+        cache.tag(cache.get(url, second), "golden")
+        cache.pin(cache.get(url, first))
+    tagged = cli_run("fetch", url, "--force-tag", "golden")
+    assert (tagged.returncode, tagged.stdout) == (0, b"two"), tagged.stderr
+    pinned = cli_run("fetch", url, "--force-pinned")
+    assert (pinned.returncode, pinned.stdout) == (0, b"one"), pinned.stderr
+    missing = cli_run("fetch", url, "--force-tag", "nobody")
+    assert missing.returncode == 3 and len(cli_stderr_lines(missing)) == 1, missing.stderr
+    assert cli_origin.hits("/force.bin") == hits
+
+
+def test_cli_fetch_prefer_version_and_prefer_pinned(cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `--prefer-version V` / `--prefer-pinned` pick the matching version and fall
+    back to the latest when nothing matches."""
+    first, second = cli_seed("/prefer.bin", [b"one", b"two"])
+    url = cli_origin.url("/prefer.bin")
+    assert cli_run("fetch", url, "--offline", "--prefer-pinned").stdout == b"two"
+    assert cli_run("fetch", url, "--offline", "--prefer-version", first).stdout == b"one"
+    assert cli_run("fetch", url, "--offline", "--prefer-version", "20000101000000000000").stdout == b"two"
+    with cli_open_cache(cli_cache_path) as cache:
+        cache.pin(cache.get(url, first))
+    done = cli_run("fetch", url, "--offline", "--prefer-pinned")
+    assert (done.returncode, done.stdout) == (0, b"one"), done.stderr
+    assert cli_run("fetch", url, "--offline", "--prefer-version", "not-a-version").returncode == 2
+
+
 # ===========================================================================
 # Inspection: versions, requests, show, info (§13)
 # ===========================================================================
@@ -4877,6 +5011,7 @@ def test_cli_show_human_lists_fields(cli_run, cli_origin, cli_seed):
 
 def test_cli_show_unknown_url_exits_3(cli_run, cli_origin):
     """§13: `show` of a URL never fetched: exit 3 with one stderr line, no traceback."""
+    assert cli_run("fetch", cli_origin.url("/other.bin"), "-q").returncode == 5  # the cache file exists
     done = cli_run("show", cli_origin.url("/unknown.bin"))
     assert done.returncode == 3
     assert len(cli_stderr_lines(done)) == 1 and "Traceback" not in done.stderr, done.stderr
@@ -4900,6 +5035,8 @@ def test_cli_info_json_matches_stats(cli_run, cli_origin, cli_cache_path, cli_se
 
 def test_cli_info_human_shows_path_sqlite_and_schema(cli_run, cli_cache_path):
     """§13 / issue 6: `info` shows the path, file size, counts per status, SQLite and schema version."""
+    with cli_open_cache(cli_cache_path):  # info only reads: the file must exist
+        pass
     done = cli_run("info")
     assert done.returncode == 0, done.stderr
     text = done.stdout.decode()
@@ -4908,6 +5045,101 @@ def test_cli_info_human_shows_path_sqlite_and_schema(cli_run, cli_cache_path):
     assert str(cli_cache_path) in text
     assert stats["sqlite_version"] in text
     assert "schema" in text.lower() and "ready" in text
+
+
+# --- show of any state, versions ERROR column, requests strategy settings (SPEC §13) ---
+
+
+def cli_seed_failed_version(cli_run, cli_origin, cli_seed, path: str) -> str:
+    """A request with one ready version (b"good") and one failed one (HTTP 500); the URL."""
+    cli_seed(path, [b"good"])
+    cli_origin.routes[path].status = 500
+    stale = cli_run("fetch", cli_origin.url(path), "--strategy", "when_requested", *CLI_FAIL_FAST)
+    assert stale.returncode == 0 and stale.stdout == b"good", stale.stderr
+    return cli_origin.url(path)
+
+
+def test_cli_show_of_a_failed_version_shows_its_error(cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `show URL VERSION` shows a failed version with its error (human and --json)."""
+    url = cli_seed_failed_version(cli_run, cli_origin, cli_seed, "/showfail.bin")
+    with cli_open_cache(cli_cache_path) as cache:
+        [failed] = cache.versions(url, status="failed")
+    assert "500" in failed.download_stats.error
+    done = cli_run("show", url, failed.version)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.decode().splitlines()
+    assert f"error: {failed.download_stats.error}" in lines
+    assert "status: failed" in lines and f"version: {failed.version}" in lines
+    data = json.loads(cli_run("show", url, failed.version, "--json").stdout)
+    assert (data["status"], data["download_stats"]["error"]) == ("failed", failed.download_stats.error)
+    assert cli_run("show", url, "20000101000000000000").returncode == 3
+
+
+def test_cli_show_without_version_falls_back_to_the_newest_failed_one(cli_run, cli_origin):
+    """§13: `show URL` of a request that never succeeded shows its failed version and why."""
+    cli_origin.route("/neverok.bin", status=503)
+    first = cli_run("fetch", cli_origin.url("/neverok.bin"), *CLI_FAIL_FAST)
+    assert first.returncode == 5, first.stderr
+    done = cli_run("show", cli_origin.url("/neverok.bin"))
+    assert done.returncode == 0, done.stderr
+    text = done.stdout.decode()
+    assert "status: failed" in text and "error: " in text and "503" in text
+
+
+def test_cli_versions_status_all_has_an_error_column(cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `versions --status all` adds failed rows with an ERROR column; the default has none."""
+    url = cli_seed_failed_version(cli_run, cli_origin, cli_seed, "/verr.bin")
+    with cli_open_cache(cli_cache_path) as cache:
+        [failed] = cache.versions(url, status="failed")
+        [ready] = cache.versions(url)
+    lines = cli_run("versions", url, "--status", "all").stdout.decode().splitlines()
+    header, rows = lines[0].split(), lines[1:]
+    assert header[-1] == "ERROR" and len(rows) == 2
+    failed_row = next(line for line in rows if line.startswith(failed.version))
+    assert failed_row.endswith(failed.download_stats.error) and " failed " in failed_row
+    ready_row = next(line for line in rows if line.startswith(ready.version))
+    assert "500" not in ready_row
+    default = cli_run("versions", url).stdout.decode().splitlines()
+    assert "ERROR" not in default[0] and len(default) == 2
+
+
+def test_cli_requests_shows_each_strategy_with_its_settings(cli_run, cli_origin):
+    """§13: `requests` shows every request's strategy with its settings and keep counts."""
+    cli_origin.route("/s1.bin", b"1")
+    cli_origin.route("/s2.bin", b"2")
+    assert cli_run("fetch", cli_origin.url("/s1.bin"), "--strategy", "age:120", "--keep", "3", "-q").returncode == 0
+    assert cli_run("fetch", cli_origin.url("/s2.bin"), "--strategy", "when_remote_changed:60:600",
+                   "--keep-pinned", "4", "-q").returncode == 0
+    lines = cli_run("requests").stdout.decode().splitlines()
+    assert lines[0].split() == ["ID", "GROUP", "METHOD", "STRATEGY", "KEEP", "KEEP_PINNED", "URL"]
+    first = next(line for line in lines if line.endswith("/s1.bin"))
+    second = next(line for line in lines if line.endswith("/s2.bin"))
+    assert "age(seconds=120)" in first and re.search(r"\)\s+3\s+10\s+http", first), first
+    assert "when_remote_changed(check_interval_sec=60, fallback_max_age_sec=600)" in second
+    assert re.search(r"\)\s+2\s+4\s+http", second), second
+
+
+# --- read-only commands never create a cache (SPEC §13) ---
+
+
+@pytest.mark.parametrize("command", [["versions", "http://127.0.0.1:9/x"], ["requests"],
+                                     ["show", "http://127.0.0.1:9/x"], ["info"], ["verify"]])
+@pytest.mark.parametrize("how", ["--cache", "env"])
+def test_cli_read_only_commands_on_a_missing_cache_create_nothing(cli_run, tmp_path, command, how):
+    """§13: read-only commands on a missing cache exit 1 naming the path and create neither
+    the file nor its directory (with --cache and with $BUFFYLITE_CACHE)."""
+    missing = tmp_path / "typo" / "dir" / "x.sqlite3"
+    if how == "--cache":
+        done = cli_run("--cache", str(missing), *command)
+        as_json = cli_run("--cache", str(missing), "--json", *command)
+    else:
+        done = cli_run(*command, env=cli_env(BUFFYLITE_CACHE=str(missing)))
+        as_json = cli_run("--json", *command, env=cli_env(BUFFYLITE_CACHE=str(missing)))
+    assert done.returncode == 1, done.stderr
+    assert str(missing) in done.stderr and len(cli_stderr_lines(done)) == 1, done.stderr
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stdout)["error"]["type"] == "CacheFileError"
+    assert not (tmp_path / "typo").exists()
 
 
 # ===========================================================================
@@ -5264,6 +5496,29 @@ def test_cli_progress_bar_on_terminal(cli_origin, cli_cache_path, tmp_path, bar_
     assert output.read_bytes() == body
     assert ("%" if bar_library == "tqdm" else "MiB") in text, text
     assert "downloaded" in text
+
+
+# --- progress bar label (SPEC §13) ---
+
+
+@pytest.mark.parametrize("bar_library", ["tqdm", "none"])
+def test_cli_progress_bar_is_labelled_with_the_file_name(cli_origin, cli_cache_path, tmp_path, bar_library):
+    """§13: the progress bar on a terminal names the file being downloaded."""
+    cli_origin.route("/data/ontology-2026.owl", cli_large_body())
+    env = (cli_env_without_tqdm(tmp_path, BUFFYLITE_CACHE=str(cli_cache_path)) if bar_library == "none"
+           else cli_env(BUFFYLITE_CACHE=str(cli_cache_path)))
+    status, terminal, stdout = cli_run_on_terminal(
+        "fetch", cli_origin.url("/data/ontology-2026.owl"), "-o", str(tmp_path / "saved.owl"),
+        env=env, stream="stderr")
+    assert status == 0, terminal
+    text = terminal.decode("utf-8", "replace")
+    assert "saved.owl" in text and "MiB" in text if bar_library == "none" else "saved.owl" in text, text
+    assert "download " not in text.replace("downloaded", "")
+    status, terminal, stdout = cli_run_on_terminal(
+        "fetch", cli_origin.url("/data/ontology-2026.owl"), "--strategy", "when_requested",
+        env=env, stream="stderr")
+    assert status == 0 and stdout == cli_large_body()
+    assert "ontology-2026.owl" in terminal.decode("utf-8", "replace")
 
 
 def test_cli_no_progress_bar_without_terminal(cli_run, cli_origin, tmp_path):
