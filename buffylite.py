@@ -15,7 +15,12 @@ collector, with no server to run::
     with resp.open() as stream:                # streamed from SQLite
         header = stream.read(1024)
 
-Runtime dependencies: pydantic >= 2.5, urllib3 >= 2.0, peewee >= 3.17.
+For asyncio, ``AsyncCache`` offers the same methods as coroutines, running the
+blocking work in worker threads (``await acache.fetch(url)``, ``await resp.aread()``,
+``async with resp.aopen() as stream``). ``python -m buffylite`` is the command line.
+
+Runtime dependencies: pydantic >= 2.5 (v2), urllib3 >= 2.0 (v2), peewee >= 3.17
+(3.x and 4.x).
 Optional: croniter (``buffylite[cron]``) for the ``cron`` strategy, tqdm
 (``buffylite[progress]``) for a nicer command-line progress bar.
 
@@ -58,9 +63,26 @@ Design notes (choices the specification leaves open):
   shorter one counts as a broken connection and is retried or resumed.
 - New cache files use 16 KiB pages (measured faster for large content than
   SQLite's 4 KiB); files made with other page sizes work the same.
-- ``lease()`` blocks that overlap on one version follow §9 literally: the first to
+- ``lease()`` blocks that overlap on one version follow one plain rule: the first to
   exit puts back the lease end it found, which may end a shorter lease another
   block asked for meanwhile (that one never extended anything).
+- ``AsyncCache`` runs calls in a pool of ``ASYNC_MAX_WORKERS`` threads of its own;
+  cancelling an awaiting coroutine does not stop a download already running (it is
+  stored). Each ``aopen()`` stream runs on one thread of its own, since a content
+  stream's SQLite snapshot belongs to the connection of the thread that opened it.
+- A pickled ``Response`` carries its fields, its content id and the absolute path of
+  its cache. Unpickling binds it to one ``Cache`` per path per process, opened with
+  default settings (reading content needs no others); when the file does not exist
+  there, no cache is created and the copy has no content to read.
+- An unclosed ``Cache`` releases its connections (those of every thread) and its HTTP
+  pool as soon as it is dropped, through a ``weakref.finalize``; the last connection
+  to close folds the write-ahead log into the file, so a small cache stays small.
+- Model classes list only their own members in ``dir(cls)``, which keeps ``help()``
+  short; instances still list pydantic's methods (``model_dump`` and the rest).
+- Command line: content "looks binary" when its first 8 KiB hold a NUL byte or are not
+  UTF-8; it is then not written to a terminal (exit status 0, one stderr line names
+  ``-o -``). ``show URL`` without a version shows the newest ready version, else the
+  newest in any state, so a request whose downloads all failed shows why.
 """
 
 from __future__ import annotations
@@ -527,7 +549,7 @@ class _Strategy(_Model):
 
 
 class ReCachingStrategy:
-    """When ``fetch`` downloads again instead of serving the newest cached version (SPEC §6).
+    """When ``fetch`` downloads again instead of serving the newest cached version.
 
     Build one with the constructors, as in Buffy::
 
@@ -620,7 +642,7 @@ AnyStrategy = Annotated[
 
 
 class RequestCacheConfiguration(_Model):
-    """How a request is cached: the re-caching strategy and how many versions the GC keeps (SPEC §5)."""
+    """How a request is cached: the re-caching strategy and how many versions the GC keeps."""
 
     recaching_strategy: AnyStrategy = Field(default_factory=WhenRemoteChangedStrategy)
     max_cached_unpinned_versions: int = Field(2, ge=1)
@@ -678,7 +700,7 @@ class ResponseDownloadStats(_Model):
 
 
 class Response(_Model):
-    """One version of a request's content, as stored (SPEC §4).
+    """One version of a request's content, as stored.
 
     The content itself stays in the cache file: ``read()``, ``open()``, ``text()``,
     ``json()`` and ``save_to()`` fetch it through the ``Cache`` that produced this
@@ -745,7 +767,7 @@ class Response(_Model):
         return json.loads(self.read())
 
     def save_to(self, target: str | os.PathLike | io.IOBase | None = None, *,
-                dir: str | os.PathLike | None = None) -> pathlib.Path | None:  # noqa: A002 - SPEC name
+                dir: str | os.PathLike | None = None) -> pathlib.Path | None:  # noqa: A002 - the public name
         """Write the content to a path, a writable binary file, or a directory.
 
         ``target`` a path: written atomically (temporary file + rename), the path is
@@ -859,7 +881,7 @@ def _trusted_response(fields: dict, private: dict) -> Response:
 
 
 class GCReport(_Model):
-    """What a garbage collection removed (SPEC §10)."""
+    """What a garbage collection removed."""
 
     removed: dict[str, int] = Field(default_factory=lambda: dict.fromkeys(GC_REASONS, 0))
     bytes_freed: int = 0
@@ -996,7 +1018,7 @@ class _VersionRow(_Row):
     validated_unix = peewee.DoubleField(null=True)
     content_attributes = peewee.TextField(default="{}")  # JSON of ResponseContentAttributes
     download_stats = peewee.TextField(default="{}")      # JSON of ResponseDownloadStats
-    lease_owner = peewee.CharField(null=True)          # download lease (§10)
+    lease_owner = peewee.CharField(null=True)          # download lease
     lease_expires_unix = peewee.DoubleField(null=True)
     resume_from = peewee.TextField(null=True)          # JSON: validators a resume needs
 
@@ -1653,7 +1675,7 @@ def _has_excess_body(response: urllib3.BaseHTTPResponse, remaining: int) -> bool
 
 
 class _Identity:
-    """A validated request identity: what makes two fetches the same request (§3)."""
+    """A validated request identity: what makes two fetches the same request."""
 
     __slots__ = ("url", "method", "params", "send_headers", "body_kind", "body",
                  "group", "key", "stored_headers")
@@ -2260,7 +2282,7 @@ class Cache:
         (default: ``when_remote_changed()``, 2 unpinned and 10 pinned versions kept).
         ``validation_hash_type``: hashlib algorithm for content hashes (default sha256).
 
-        Choice of version (SPEC §7): ``force_version``/``force_tag``/``force_pinned``
+        Choice of version: ``force_version``/``force_tag``/``force_pinned``
         never download and raise NotCachedError when nothing matches; ``prefer_*`` are
         soft (dropped in the order pinned, tag, version); ``as_of`` (aware datetime)
         returns what was current then, without network; ``expected_hash``
@@ -2402,7 +2424,7 @@ class Cache:
             # That download vanished (a 304 check) or died: decide again on fresh state.
 
     def _plan(self, strategy, newest, request, now: float) -> str:
-        """Per SPEC §6: "serve" the newest ready version, "download", or "conditional" GET."""
+        """By the strategy: "serve" the newest ready version, "download", or "conditional" GET."""
         if newest is None:
             return "download"
         age = now - (newest.validated_unix or 0.0)
@@ -2430,7 +2452,7 @@ class Cache:
         return "download" if next_tick <= now else "serve"
 
     def _choose(self, call: _FetchCall, ready: list, now: float, *, hard: bool = False):
-        """The newest ready row satisfying the call's choices (§7), or None."""
+        """The newest ready row satisfying the call's choices, or None."""
         candidates = [row for row in ready
                       if call.expected_hash is None or row.content_hash_hex == call.expected_hash]
         if hard:
@@ -2603,7 +2625,7 @@ class Cache:
 
     def _run_download(self, call: _FetchCall, claim: _Claim, conditional_from) -> Response:
         """Download for a claimed row, then publish, record the failure, or keep the
-        partial content (cancelled), and return what §7 says to return."""
+        partial content (cancelled), and return what the call's choices say to return."""
         with self._store.reading() as t:
             request = t.request.get_by_id(claim.request_id)
         with self._cron_lock:  # A download in this Cache is the cron strategy's run at start.
@@ -2776,7 +2798,7 @@ class Cache:
     # --- garbage collection -------------------------------------------------------------
 
     def _collect_request(self, t: _Tables, request_id: int, now: float) -> tuple[dict, int]:
-        """Apply the GC rules of §10 to one request. Runs inside the caller's write
+        """Apply the GC rules (see ``gc``) to one request. Runs inside the caller's write
         transaction; reads only this request's rows (index on request_id)."""
         request = t.request.get_or_none(t.request.id == request_id)
         if request is None:
@@ -2827,7 +2849,7 @@ class Cache:
 
     def gc(self, url: str | None = None, *, method: str = "get", params: dict | None = None,
            headers: dict | None = None, body=None, group: str = DEFAULT_GROUP) -> GCReport:
-        """Collect garbage (§10) for one request, or for every request when ``url`` is None.
+        """Collect garbage for one request, or for every request when ``url`` is None.
 
         Keeps the newest ``max_cached_unpinned_versions`` ready unpinned versions, the
         newest ``max_cached_pinned_versions`` permanently pinned ones, every leased one
@@ -3284,7 +3306,7 @@ def fetch(url: str, **kwargs) -> Response:
 # the subcommand; errors are one line on stderr (a traceback only with -v) and an
 # exit status from the table below, so a script can tell the classes apart.
 
-#: Exit statuses of the command line (SPEC §13).
+#: Exit statuses of the command line.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_CACHED, EXIT_INTEGRITY, EXIT_DOWNLOAD_FAILED = 0, 1, 2, 3, 4, 5
 
 

@@ -2450,14 +2450,22 @@ def _docstrings(module):
 
 
 def test_a_small_cache_stays_small(cache_path, origin):
-    """An 8-byte download leaves a small cache once the Cache is closed (no write-ahead log)."""
+    """An 8-byte download leaves a small cache file and no write-ahead log, once the Cache
+    is closed, and also once an unclosed Cache is dropped (without waiting for gc)."""
     origin.route("/tiny", b"8 bytes!")
+
+    def files() -> dict[str, int]:
+        return {path.name: path.stat().st_size for path in cache_path.parent.iterdir()
+                if path.name.startswith(cache_path.name)}
+
     with buffylite.Cache(cache_path) as opened:
         assert opened.fetch(origin.url("/tiny")).read() == b"8 bytes!"
-    files = {path.name: path.stat().st_size for path in cache_path.parent.iterdir()
-             if path.name.startswith(cache_path.name)}
-    assert set(files) == {cache_path.name}, files
-    assert files[cache_path.name] <= 512 * 1024, files
+    assert set(files()) == {cache_path.name} and files()[cache_path.name] <= 320 * 1024, files()
+    unclosed = buffylite.Cache(cache_path)
+    assert unclosed.fetch(origin.url("/tiny"), cache_configuration=always()).outcome == "duplicate"
+    assert cache_path.name + "-wal" in files()
+    del unclosed
+    assert set(files()) == {cache_path.name} and files()[cache_path.name] <= 320 * 1024, files()
 
 
 # ===========================================================================
