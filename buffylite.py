@@ -810,7 +810,7 @@ class Response(_Model):
     async def aread(self) -> bytes:
         """``read()`` in a worker thread: the whole content, without blocking the event loop."""
         cache, _ = self._require_content()
-        return await _run_blocking(cache, self.read)
+        return await _run_blocking(getattr(cache, "_async_executor", None), self.read)
 
     def aopen(self) -> "_AsyncContentStream":
         """``open()`` for asyncio: ``async with resp.aopen() as stream: await stream.read(n)``.
@@ -3141,11 +3141,16 @@ def _release_cache_resources(store: _Store, http: _HttpClient) -> None:
 ASYNC_MAX_WORKERS = 16
 
 
-async def _run_blocking(cache: "Cache", function: Callable, *args, **kwargs):
-    """Run ``function`` in the AsyncCache pool that owns ``cache`` (else asyncio's default one)."""
+async def _run_blocking(executor, function: Callable, *args, **kwargs):
+    """Run ``function`` in ``executor``; in asyncio's default pool when it is None or was
+    shut down (its AsyncCache was closed: the Cache still works, as a closed Cache does)."""
     loop = asyncio.get_running_loop()
-    executor = getattr(cache, "_async_executor", None)
-    return await loop.run_in_executor(executor, functools.partial(function, *args, **kwargs))
+    call = functools.partial(function, *args, **kwargs)
+    try:
+        future = loop.run_in_executor(executor, call)
+    except RuntimeError:  # "cannot schedule new futures after shutdown"
+        future = loop.run_in_executor(None, call)
+    return await future
 
 
 class _AsyncContentStream:
@@ -3230,8 +3235,7 @@ class AsyncCache:
         await self.close()
 
     async def _run(self, function: Callable, *args, **kwargs):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(function, *args, **kwargs))
+        return await _run_blocking(self._executor, function, *args, **kwargs)
 
     async def close(self) -> None:
         """Wait for running calls to end, then close the Cache (connections, HTTP pool)."""
@@ -3518,6 +3522,8 @@ def _cmd_fetch(cache: Cache, args) -> int:
                    "max_cached_unpinned_versions": args.keep, "max_cached_pinned_versions": args.keep_pinned}
         configuration = RequestCacheConfiguration.model_validate(
             {**base.model_dump(), **{key: value for key, value in changes.items() if value is not None}})
+    if args.output == "-" and args.json:
+        raise _UsageError("-o - and --json would both write to stdout; use one of them.")
     as_of = _parse_as_of(args.as_of)
     progress = _ProgressBar(_progress_label(args)) if sys.stderr.isatty() and not args.quiet else None
     try:

@@ -2292,6 +2292,22 @@ def _frames_of(frame):
         frame = frame.f_back
 
 
+def test_async_responses_stay_readable_after_the_async_cache_closes(tmp_path, origin):
+    """§18: like a closed Cache, a closed AsyncCache's Responses still read (aread too)."""
+    origin.route("/after", b"after close")
+
+    async def scenario():
+        acache = buffylite.AsyncCache(tmp_path / "after.sqlite3")
+        response = await acache.fetch(origin.url("/after"))
+        await acache.close()
+        return response, await response.aread(), await acache.get(origin.url("/after"))
+
+    response, data, again = asyncio.run(scenario())
+    assert data == b"after close" and response.read() == b"after close"
+    assert again.version == response.version
+    again._cache.close()
+
+
 def test_async_errors_are_the_cache_errors(tmp_path):
     """§18: errors leave AsyncCache methods as the same §12 types."""
     async def scenario():
@@ -4631,6 +4647,8 @@ def test_cli_output_dash_means_stdout(cli_run, cli_origin, tmp_path):
     assert done.stdout == CLI_BINARY_BODY
     assert not (CLI_REPO_DIR / "-").exists() and not (tmp_path / "-").exists()
     assert "-> " not in done.stderr and "downloaded" in done.stderr
+    both = cli_run("--json", "fetch", cli_origin.url("/dash.bin"), "-o", "-")
+    assert both.returncode == 2 and both.stdout.startswith(b'{"error"'), both.stderr
 
 
 # ===========================================================================
