@@ -1606,6 +1606,14 @@ class _HttpClient:
             self._proxied.clear()
 
 
+def _read_available(response: urllib3.BaseHTTPResponse, amount: int) -> bytes:
+    """Up to ``amount`` bytes of the body, as soon as some have arrived (``read1``). urllib3
+    2.0 has no ``read1``; there ``read(amount)`` is used, which waits for ``amount`` bytes
+    (or the end), so progress and stall detection are coarser but the bytes the same."""
+    read1 = getattr(response, "read1", None)
+    return read1(amount) if read1 is not None else response.read(amount)
+
+
 def _bypasses_proxy(host: str) -> bool:
     """Does ``NO_PROXY`` exempt ``host``? The standard library's rules (names, domain
     suffixes, ``*``), plus address ranges such as ``10.0.0.0/8`` as requests allows."""
@@ -2032,7 +2040,7 @@ class _Transfer:
                     probe_excess = False
                     if _has_excess_body(response, remaining):
                         raise _AttemptError("the body is longer than its Content-Length", retryable=False)
-                data = response.read1(amount)
+                data = _read_available(response, amount)
                 if not data:
                     break
                 sink.write(data)
