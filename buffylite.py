@@ -92,7 +92,6 @@ from __future__ import annotations
 # ---------------------------------------------------------------------------
 
 import argparse
-import asyncio
 import base64
 import bisect
 import concurrent.futures
@@ -3149,10 +3148,17 @@ def _release_cache_resources(store: _Store, http: _HttpClient) -> None:
 ASYNC_MAX_WORKERS = 16
 
 
+def _asyncio():
+    """The asyncio module, imported on first use: it costs ~20 ms at import, which
+    callers that never touch AsyncCache should not pay."""
+    import asyncio
+    return asyncio
+
+
 async def _run_blocking(executor, function: Callable, *args, **kwargs):
     """Run ``function`` in ``executor``; in asyncio's default pool when it is None or was
     shut down (its AsyncCache was closed: the Cache still works, as a closed Cache does)."""
-    loop = asyncio.get_running_loop()
+    loop = _asyncio().get_running_loop()
     call = functools.partial(function, *args, **kwargs)
     try:
         future = loop.run_in_executor(executor, call)
@@ -3175,7 +3181,7 @@ class _AsyncContentStream:
         self._stream: _ContentStream | None = None
 
     async def _call(self, function: Callable, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
+        return await _asyncio().get_running_loop().run_in_executor(self._thread, function, *args)
 
     async def __aenter__(self) -> "_AsyncContentStream":
         self._stream = await self._call(self._response.open)
@@ -3251,7 +3257,7 @@ class AsyncCache:
             self._executor.shutdown(wait=True)
             self.cache.close()
         # Not on the pool being shut down: a thread of asyncio's default pool.
-        await asyncio.get_running_loop().run_in_executor(None, shut_down)
+        await _asyncio().get_running_loop().run_in_executor(None, shut_down)
 
     @contextlib.asynccontextmanager
     async def lease(self, response: Response, seconds: float):
@@ -3611,7 +3617,8 @@ def _cmd_show(cache: Cache, args) -> int:
         response = next(iter(cache.versions(args.url, **identity) or cache.versions(
             args.url, status=None, **identity)), None)
     else:
-        Cache._check_version_string("VERSION", args.version)
+        if len(args.version) != 20 or not args.version.isdigit():
+            raise _UsageError(f"VERSION {args.version!r} is not 'latest' or a version (20 digits).")
         response = next((candidate for candidate in cache.versions(args.url, status=None, **identity)
                          if candidate.version == args.version), None)
     if response is None:

@@ -5099,6 +5099,7 @@ def test_cli_show_of_a_failed_version_shows_its_error(cli_run, cli_origin, cli_c
     data = json.loads(cli_run("show", url, failed.version, "--json").stdout)
     assert (data["status"], data["download_stats"]["error"]) == ("failed", failed.download_stats.error)
     assert cli_run("show", url, "20000101000000000000").returncode == 3
+    assert cli_run("show", url, "yesterday").returncode == 2
 
 
 def test_cli_show_without_version_falls_back_to_the_newest_failed_one(cli_run, cli_origin):
