@@ -1542,7 +1542,10 @@ class _AttemptError(Exception):
 #: its default ``remove_headers_on_redirect``); every other retry is ours, so that
 #: Retry-After, max_retry_wait, resume and the download lease stay under our control.
 _URLLIB3_RETRY = Retry(total=None, connect=0, read=0, redirect=MAX_REDIRECTS, status=0, other=0,
-                       raise_on_redirect=True, raise_on_status=False)
+                       raise_on_redirect=True, raise_on_status=False,
+                       # urllib3 < 2.2.2 keeps Proxy-Authorization on a cross-origin redirect.
+                       remove_headers_on_redirect=Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT
+                       | {"Proxy-Authorization"})
 
 
 class _HttpClient:
