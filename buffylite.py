@@ -3196,7 +3196,7 @@ class _AsyncContentStream:
     async def read(self, size: int = -1) -> bytes:
         """Up to ``size`` bytes (all that is left when ``size`` is -1); ``b""`` at the end."""
         if self._stream is None:
-            raise ValueError("Use the stream as 'async with response.aopen() as stream'.")
+            raise InvalidRequestError("Use the stream as 'async with response.aopen() as stream'.")
         return await self._call(self._stream.read, size)
 
     async def close(self) -> None:
