@@ -15,7 +15,12 @@ collector, with no server to run::
     with resp.open() as stream:                # streamed from SQLite
         header = stream.read(1024)
 
-Runtime dependencies: pydantic >= 2.5, urllib3 >= 2.0, peewee >= 3.17.
+For asyncio, ``AsyncCache`` offers the same methods as coroutines, running the
+blocking work in worker threads (``await acache.fetch(url)``, ``await resp.aread()``,
+``async with resp.aopen() as stream``). ``python -m buffylite`` is the command line.
+
+Runtime dependencies: pydantic >= 2.5 (v2), urllib3 >= 2.0 (v2), peewee >= 3.17
+(3.x and 4.x).
 Optional: croniter (``buffylite[cron]``) for the ``cron`` strategy, tqdm
 (``buffylite[progress]``) for a nicer command-line progress bar.
 
@@ -75,9 +80,6 @@ Design notes (choices the specification leaves open):
   no ``-wal``/``-shm`` files (SQLite could not create them to read it otherwise). A
   read-only file of an older schema is read as it is, not refused: migrations only add,
   so a seed shipped with an older release keeps working.
-- ``lease()`` blocks that overlap on one version follow §9 literally: the first to
-  exit puts back the lease end it found, which may end a shorter lease another
-  block asked for meanwhile (that one never extended anything).
 - The failure backoff lives on the request row (its end, and the failure as JSON):
   fetch already reads that row on every call, so honouring it costs no query, and it
   goes when the request goes. Its end is set by the Cache that recorded the failure;
@@ -88,10 +90,30 @@ Design notes (choices the specification leaves open):
   ``stale_if_error=False`` raises FetchError at once rather than trying.
 - A stale answer says why in ``Response.stale_reason`` (not stored, like
   ``outcome``); ``download_stats`` keep describing the served version's own download.
-- The ``http`` strategy follows RFC 9111 §4.2.3 for the age: ``max(apparent_age,
+- The ``http`` strategy follows RFC 9111 section 4.2.3 for the age: ``max(apparent_age,
   Age) + resident_time``; the response delay is not recorded and counts as 0. The
   caching headers are stored with each version and updated by a 304 (RFC 9111
-  §4.3.4); versions stored before schema 3 have none and use the fallback age.
+  section 4.3.4); versions stored before schema 3 have none and use the fallback age.
+- ``lease()`` blocks that overlap on one version follow one plain rule: the first to
+  exit puts back the lease end it found, which may end a shorter lease another
+  block asked for meanwhile (that one never extended anything).
+- ``AsyncCache`` runs calls in a pool of ``ASYNC_MAX_WORKERS`` threads of its own;
+  cancelling an awaiting coroutine does not stop a download already running (it is
+  stored). Each ``aopen()`` stream runs on one thread of its own, since a content
+  stream's SQLite snapshot belongs to the connection of the thread that opened it.
+- A pickled ``Response`` carries its fields, its content id and the absolute path of
+  its cache. Unpickling binds it to one ``Cache`` per path per process, opened with
+  default settings (reading content needs no others); when the file does not exist
+  there, no cache is created and the copy has no content to read.
+- An unclosed ``Cache`` releases its connections (those of every thread) and its HTTP
+  pool as soon as it is dropped, through a ``weakref.finalize``; the last connection
+  to close folds the write-ahead log into the file, so a small cache stays small.
+- Model classes list only their own members in ``dir(cls)``, which keeps ``help()``
+  short; instances still list pydantic's methods (``model_dump`` and the rest).
+- Command line: content "looks binary" when its first 8 KiB hold a NUL byte or are not
+  UTF-8; it is then not written to a terminal (exit status 0, one stderr line names
+  ``-o -``). ``show URL`` without a version shows the newest ready version, else the
+  newest in any state, so a request whose downloads all failed shows why.
 """
 
 from __future__ import annotations
@@ -105,15 +127,18 @@ import base64
 import bisect
 import bz2
 import codecs
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
 import email.message
 import email.utils
 import errno
+import functools
 import gzip
 import hashlib
 import hmac
+import inspect
 import io
 import ipaddress
 import json
@@ -169,6 +194,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 __version__ = "0.1.0"
 
 __all__ = sorted([
+    "AsyncCache",
     "BuffyliteError",
     "Cache",
     "CacheFileError",
@@ -859,7 +885,23 @@ Tag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{2,64}$")]
 _TAG_ADAPTER = pydantic.TypeAdapter(Tag)
 
 
-class _Model(BaseModel):
+class _ModelMetaclass(type(BaseModel)):
+    """pydantic's model metaclass with a short ``dir()`` of the class: only what buffylite
+    defines. ``help()`` then shows a model's own methods instead of several hundred lines
+    of pydantic's per model (``model_dump`` and the rest still work, and are listed by
+    ``dir()`` of an instance as usual)."""
+
+    def __dir__(cls) -> list[str]:
+        names = set()
+        for klass in cls.__mro__:
+            if klass is BaseModel:
+                break
+            names.update(name for name in vars(klass) if not name.startswith("__")
+                         and name not in ("model_config", "model_post_init"))
+        return sorted(names)
+
+
+class _Model(BaseModel, metaclass=_ModelMetaclass):
     """Base of the public models: unknown fields are an error, not silently kept."""
 
     model_config = ConfigDict(extra="forbid")
@@ -890,7 +932,7 @@ def _build_model(model: type, **fields):
 
 
 class ReCachingStrategy:
-    """When ``fetch`` downloads again instead of serving the newest cached version (SPEC §6).
+    """When ``fetch`` downloads again instead of serving the newest cached version.
 
     Build one with the constructors, as in Buffy::
 
@@ -1015,7 +1057,7 @@ AnyStrategy = Annotated[
 
 
 class RequestCacheConfiguration(_Model):
-    """How a request is cached: the re-caching strategy and how many versions the GC keeps (SPEC §5)."""
+    """How a request is cached: the re-caching strategy and how many versions the GC keeps."""
 
     recaching_strategy: AnyStrategy = Field(default_factory=WhenRemoteChangedStrategy)
     max_cached_unpinned_versions: int = Field(2, ge=1, le=MAX_KEPT_VERSIONS, strict=True)
@@ -1045,6 +1087,9 @@ class Request(_Model):
         except InvalidRequestError as exc:
             raise ValueError(str(exc)) from None
 
+    def __repr__(self) -> str:
+        return f"Request(id={self.id!r}, url={self.url!r}, method={self.http_method!r}, group={self.group_name!r})"
+
 
 class ResponseContentAttributes(_Model):
     """What the origin's headers said about the content."""
@@ -1070,7 +1115,7 @@ class ResponseDownloadStats(_Model):
 
 
 class Response(_Model):
-    """One version of a request's content, as stored (SPEC §4).
+    """One version of a request's content, as stored.
 
     The content itself stays in the cache file: ``read()``, ``open()``, ``text()``,
     ``json()`` and ``save_to()`` fetch it through the ``Cache`` that produced this
@@ -1204,7 +1249,7 @@ class Response(_Model):
         return json.loads(self.read())
 
     def save_to(self, target: str | os.PathLike | io.IOBase | None = None, *,
-                dir: str | os.PathLike | None = None) -> pathlib.Path | None:  # noqa: A002 - SPEC name
+                dir: str | os.PathLike | None = None) -> pathlib.Path | None:  # noqa: A002 - the public name
         """Write the content to a path, a writable binary file, or a directory.
 
         ``target`` a path: a regular file (or nothing) there is replaced atomically
@@ -1275,8 +1320,65 @@ class Response(_Model):
             raise
         return path
 
+    # --- asyncio (see AsyncCache) ---
+
+    async def aread(self) -> bytes:
+        """``read()`` in a worker thread: the whole content, without blocking the event loop."""
+        cache, _ = self._require_content()
+        return await _run_blocking(getattr(cache, "_async_executor", None), self.read)
+
+    def aopen(self) -> "_AsyncContentStream":
+        """``open()`` for asyncio: ``async with resp.aopen() as stream: await stream.read(n)``.
+
+        The stream reads in a thread of its own, so the event loop never waits for SQLite.
+        """
+        self._require_content()
+        return _AsyncContentStream(self)
+
+    # --- short repr, pickling ---
+
+    def __repr__(self) -> str:
+        size = self.content_attributes.content_size_bytes
+        return (f"Response(url={self.url!r}, version={self.version!r}, status={self.status!r}, "
+                f"size={size!r})")
+
+    def __reduce__(self):
+        # The bound Cache (connections, thread-locals, an HTTP pool) cannot travel to
+        # another process; its path can. The copy binds to one Cache per path there.
+        cache = self.__pydantic_private__.get("_cache")
+        path = _portable_cache_path(cache.path) if cache is not None else None
+        return (_unpickle_response, (path, dict(self.__dict__), self.__pydantic_private__.get("_content_id")))
+
 
 _RESPONSE_FIELD_NAMES = frozenset(Response.model_fields)
+
+#: Caches opened to rebind unpickled Responses: one per path per process.
+_REBOUND_CACHES: dict[str, "Cache"] = {}
+_REBOUND_CACHES_LOCK = threading.Lock()
+
+
+def _portable_cache_path(path) -> str:
+    """The cache path as another process must see it: absolute (URLs stay as they are)."""
+    text = str(path)
+    return text if "://" in text else os.path.abspath(text)
+
+
+def _unpickle_response(path: str | None, fields: dict, content_id: int | None) -> Response:
+    """Rebuild a pickled Response, bound to this process's Cache for ``path``.
+
+    A missing cache file is not created: the Response then has no content to read.
+    """
+    cache = None
+    if path is not None and ("://" in path or os.path.exists(path)):
+        with _REBOUND_CACHES_LOCK:
+            cache = _REBOUND_CACHES.get(path)
+            if cache is None:
+                cache = _REBOUND_CACHES[path] = Cache(path)
+    private = {name: attribute.get_default() for name, attribute in Response.__private_attributes__.items()}
+    private.update(_cache=cache, _content_id=content_id if cache is not None else None)
+    fields = {**{name: info.get_default(call_default_factory=True) for name, info in Response.model_fields.items()
+                 if name not in fields}, **fields}
+    return _trusted_response(fields, private)
 
 
 def _trusted_response(fields: dict, private: dict) -> Response:
@@ -1294,7 +1396,7 @@ def _trusted_response(fields: dict, private: dict) -> Response:
 
 
 class GCReport(_Model):
-    """What a garbage collection removed (SPEC §10)."""
+    """What a garbage collection removed."""
 
     removed: dict[str, int] = Field(default_factory=lambda: dict.fromkeys(GC_REASONS, 0))
     bytes_freed: int = 0
@@ -1433,7 +1535,7 @@ class _VersionRow(_Row):
     validated_unix = peewee.DoubleField(null=True)
     content_attributes = peewee.TextField(default="{}")  # JSON of ResponseContentAttributes
     download_stats = peewee.TextField(default="{}")      # JSON of ResponseDownloadStats
-    lease_owner = peewee.CharField(null=True)          # download lease (§10)
+    lease_owner = peewee.CharField(null=True)          # download lease
     lease_expires_unix = peewee.DoubleField(null=True)
     resume_from = peewee.TextField(null=True)          # JSON: validators a resume needs
     cache_headers = peewee.TextField(null=True)        # JSON: the origin's caching headers (§18 http)
@@ -1512,6 +1614,9 @@ class _SqliteDatabase(peewee.SqliteDatabase):
         with self._opened_lock:
             opened = list(self._opened)
             self._opened.clear()
+            # Every thread forgets its closed connection (a fresh per-thread state), so
+            # a later use from any thread reconnects instead of failing on a closed one.
+            self._state = type(self._state)()
         for connection in opened:
             with contextlib.suppress(Exception):
                 connection.close()
@@ -2246,7 +2351,10 @@ class _AttemptError(Exception):
 #: its default ``remove_headers_on_redirect``); every other retry is ours, so that
 #: Retry-After, max_retry_wait, resume and the download lease stay under our control.
 _URLLIB3_RETRY = Retry(total=None, connect=0, read=0, redirect=MAX_REDIRECTS, status=0, other=0,
-                       raise_on_redirect=True, raise_on_status=False)
+                       raise_on_redirect=True, raise_on_status=False,
+                       # urllib3 < 2.2.2 keeps Proxy-Authorization on a cross-origin redirect.
+                       remove_headers_on_redirect=Retry.DEFAULT_REMOVE_HEADERS_ON_REDIRECT
+                       | {"Proxy-Authorization"})
 
 
 class _HttpClient:
@@ -2343,6 +2451,14 @@ class _HttpClient:
             for manager in self._proxied.values():
                 manager.clear()
             self._proxied.clear()
+
+
+def _read_available(response: urllib3.BaseHTTPResponse, amount: int) -> bytes:
+    """Up to ``amount`` bytes of the body, as soon as some have arrived (``read1``). urllib3
+    2.0 has no ``read1``; there ``read(amount)`` is used, which waits for ``amount`` bytes
+    (or the end), so progress and stall detection are coarser but the bytes the same."""
+    read1 = getattr(response, "read1", None)
+    return read1(amount) if read1 is not None else response.read(amount)
 
 
 def _bypasses_proxy(host: str) -> bool:
@@ -3009,7 +3125,7 @@ def _keyed_digest(salt: bytes, value: str) -> str:
 
 
 class _Identity:
-    """A validated request identity: what makes two fetches the same request (§3).
+    """A validated request identity: what makes two fetches the same request.
 
     ``url`` is the URL as stored and shown: credentials moved to an Authorization
     header, values of sensitive query parameters replaced by ``***``; ``send_url`` is
@@ -3448,7 +3564,7 @@ class _Transfer:
                     probe_excess = False
                     if _has_excess_body(response, remaining):
                         raise _AttemptError("the body is longer than its Content-Length", retryable=False)
-                data = response.read1(amount)
+                data = _read_available(response, amount)
                 if not data:
                     break
                 sink.write(data)
@@ -3647,6 +3763,10 @@ class Cache:
             self._store.close()
             raise
         self._http = _HttpClient(timeout, user_agent or f"buffylite/{__version__}")
+        # An unclosed Cache that is garbage-collected still releases its connections
+        # (every thread's) and its HTTP pool; the finaliser holds no reference to self.
+        self._finalizer = weakref.finalize(self, _release_cache_resources, self._store, self._http,
+                                           self._seeds)
         self._plain_identities: dict[tuple, _Identity] = {}
         self._cron_started: set[int] = set()
         self._cron_lock = threading.Lock()
@@ -3696,10 +3816,12 @@ class Cache:
         self.close()
 
     def close(self) -> None:
-        """Release the HTTP pool and this thread's database connection."""
-        self._http.close()
-        self._store.close()
-        self._seeds.close()
+        """Release the HTTP pool and the database connections of every thread (and of
+        the seed caches).
+
+        A Cache that is never closed releases them when it is garbage-collected.
+        """
+        self._finalizer()
 
     # --- identities and loading -------------------------------------------------
 
@@ -3801,7 +3923,7 @@ class Cache:
         (default: ``when_remote_changed()``, 2 unpinned and 10 pinned versions kept).
         ``validation_hash_type``: hashlib algorithm for content hashes (default sha256).
 
-        Choice of version (SPEC §7): ``force_version``/``force_tag``/``force_pinned``
+        Choice of version: ``force_version``/``force_tag``/``force_pinned``
         never download and raise NotCachedError when nothing matches; ``prefer_*`` are
         soft (dropped in the order pinned, tag, version); ``as_of`` (aware datetime)
         returns what was current then, without network; ``expected_hash``
@@ -3984,7 +4106,7 @@ class Cache:
             # That download vanished (a 304 check) or died: decide again on fresh state.
 
     def _plan(self, strategy, newest, request, now: float) -> str:
-        """Per SPEC §6: "serve" the newest ready version, "download", or "conditional" GET."""
+        """By the strategy: "serve" the newest ready version, "download", or "conditional" GET."""
         if newest is None:
             return "download"
         age = now - (newest.validated_unix or 0.0)
@@ -4063,7 +4185,7 @@ class Cache:
         return response
 
     def _choose(self, call: _FetchCall, ready: list, now: float, *, hard: bool = False):
-        """The newest ready row satisfying the call's choices (§7), or None."""
+        """The newest ready row satisfying the call's choices, or None."""
         candidates = [row for row in ready
                       if call.expected_hash is None or row.content_hash_hex == call.expected_hash]
         if hard:
@@ -4243,7 +4365,7 @@ class Cache:
 
     def _run_download(self, call: _FetchCall, claim: _Claim, conditional_from) -> Response:
         """Download for a claimed row, then publish, record the failure, or keep the
-        partial content (cancelled), and return what §7 says to return."""
+        partial content (cancelled), and return what the call's choices say to return."""
         with self._store.reading() as t:
             request = t.request.get_by_id(claim.request_id)
         with self._cron_lock:  # A download in this Cache is the cron strategy's run at start.
@@ -4492,7 +4614,7 @@ class Cache:
     # --- garbage collection -------------------------------------------------------------
 
     def _collect_request(self, t: _Tables, request_id: int, now: float) -> tuple[dict, int]:
-        """Apply the GC rules of §10 to one request. Runs inside the caller's write
+        """Apply the GC rules (see ``gc``) to one request. Runs inside the caller's write
         transaction; reads only this request's rows (index on request_id)."""
         request = t.request.get_or_none(t.request.id == request_id)
         if request is None:
@@ -4543,7 +4665,7 @@ class Cache:
 
     def gc(self, url: str | None = None, *, method: str = "get", params: dict | None = None,
            headers: dict | None = None, body=None, group: str = DEFAULT_GROUP) -> GCReport:
-        """Collect garbage (§10) for one request, or for every request when ``url`` is None.
+        """Collect garbage for one request, or for every request when ``url`` is None.
 
         Keeps the newest ``max_cached_unpinned_versions`` ready unpinned versions, the
         newest ``max_cached_pinned_versions`` permanently pinned ones, every leased one
@@ -5391,6 +5513,175 @@ def _keep_only(store: _Store, group: str | None, locked: dict[str, LockEntry] | 
         t.content.delete().where(t.content.id.not_in(used)).execute()  # chunks follow (cascade)
 
 
+def _release_cache_resources(store: _Store, http: _HttpClient, seeds: "_Seeds") -> None:
+    """Close a Cache's HTTP pool, connections and seed caches (``close()`` or its finaliser)."""
+    for resource in (http, store, seeds):
+        with contextlib.suppress(Exception):
+            resource.close()
+
+
+# ---------------------------------------------------------------------------
+# asyncio
+# ---------------------------------------------------------------------------
+#
+# AsyncCache runs each blocking call of a Cache in a worker thread of its own pool,
+# so a coroutine awaits while SQLite and the network work elsewhere. It is the same
+# Cache underneath: single flight, leases and version choice hold between async and
+# sync callers of one file.
+
+#: Worker threads of one AsyncCache (each holds its own SQLite connection once used).
+ASYNC_MAX_WORKERS = 16
+
+
+def _asyncio():
+    """The asyncio module, imported on first use: it costs ~20 ms at import, which
+    callers that never touch AsyncCache should not pay."""
+    import asyncio
+    return asyncio
+
+
+async def _run_blocking(executor, function: Callable, *args, **kwargs):
+    """Run ``function`` in ``executor``; in asyncio's default pool when it is None or was
+    shut down (its AsyncCache was closed: the Cache still works, as a closed Cache does)."""
+    loop = _asyncio().get_running_loop()
+    call = functools.partial(function, *args, **kwargs)
+    try:
+        future = loop.run_in_executor(executor, call)
+    except RuntimeError:  # "cannot schedule new futures after shutdown"
+        future = loop.run_in_executor(None, call)
+    return await future
+
+
+class _AsyncContentStream:
+    """The asyncio side of ``Response.open()``: ``await stream.read(n)``.
+
+    A content stream reads one SQLite snapshot on one connection, which belongs to the
+    thread that opened it, so every call of one stream runs on one thread of its own.
+    """
+
+    def __init__(self, response: Response):
+        self._response = response
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                             thread_name_prefix="buffylite-stream")
+        self._stream: _ContentStream | None = None
+
+    async def _call(self, function: Callable, *args):
+        return await _asyncio().get_running_loop().run_in_executor(self._thread, function, *args)
+
+    async def __aenter__(self) -> "_AsyncContentStream":
+        self._stream = await self._call(self._response.open)
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes (all that is left when ``size`` is -1); ``b""`` at the end."""
+        if self._stream is None:
+            raise InvalidRequestError("Use the stream as 'async with response.aopen() as stream'.")
+        return await self._call(self._stream.read, size)
+
+    async def close(self) -> None:
+        """Release the snapshot and the stream's thread."""
+        if self._stream is not None:
+            await self._call(self._stream.close)
+        self._thread.shutdown(wait=False)
+
+
+class AsyncCache:
+    """A Cache for asyncio: the same constructor arguments, the same methods as coroutines.
+
+    ::
+
+        async with buffylite.AsyncCache("cache.sqlite3") as acache:
+            resp = await acache.fetch("https://example.org/data.csv")
+            data = await resp.aread()
+            async with resp.aopen() as stream:
+                head = await stream.read(1024)
+
+    Each call runs the blocking work (SQLite, the download) in a worker thread of this
+    object's pool (at most ``ASYNC_MAX_WORKERS``), so the event loop is never blocked
+    by it, whatever the download's size. The Responses are ordinary ones (``read()``
+    works too) that also offer ``await resp.aread()`` and ``resp.aopen()``. Underneath
+    is one ``Cache`` (``acache.cache``): a download started by an async caller and one
+    started by a sync caller of the same file are the same single download.
+
+    Cancelling an awaiting coroutine does not stop the worker thread: a download that
+    has started runs to its end and is stored. ``callback`` arguments (``validator``,
+    ``progress``) run in the worker thread. Opening the file happens in the
+    constructor, which is quick (a new file is a few small writes).
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.cache = Cache(*args, **kwargs)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=ASYNC_MAX_WORKERS,
+                                                               thread_name_prefix="buffylite-async")
+        # Responses find the pool through their Cache (for aread()).
+        self.cache._async_executor = self._executor
+
+    @property
+    def path(self) -> pathlib.Path:
+        """The cache file."""
+        return self.cache.path
+
+    def __repr__(self) -> str:
+        return f"AsyncCache({str(self.cache.path)!r})"
+
+    async def __aenter__(self) -> "AsyncCache":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def _run(self, function: Callable, *args, **kwargs):
+        return await _run_blocking(self._executor, function, *args, **kwargs)
+
+    async def close(self) -> None:
+        """Wait for running calls to end, then close the Cache (connections, HTTP pool)."""
+        def shut_down() -> None:
+            self._executor.shutdown(wait=True)
+            self.cache.close()
+        # Not on the pool being shut down: a thread of asyncio's default pool.
+        await _asyncio().get_running_loop().run_in_executor(None, shut_down)
+
+    @contextlib.asynccontextmanager
+    async def lease(self, response: Response, seconds: float):
+        """``Cache.lease`` as an ``async with`` block: the version is leased inside it."""
+        manager = self.cache.lease(response, seconds)
+        leased = await self._run(manager.__enter__)
+        try:
+            yield leased
+        except BaseException:
+            if not await self._run(manager.__exit__, *sys.exc_info()):
+                raise
+        else:
+            await self._run(manager.__exit__, None, None, None)
+
+
+def _async_method(name: str):
+    """A coroutine method of AsyncCache running ``Cache.<name>`` in the worker pool."""
+    blocking = getattr(Cache, name)
+
+    async def method(self, *args, **kwargs):
+        return await self._run(getattr(self.cache, name), *args, **kwargs)
+
+    method.__name__, method.__qualname__ = name, f"AsyncCache.{name}"
+    summary = (blocking.__doc__ or "").strip().split("\n\n")[0]
+    method.__doc__ = f"``await``-able ``Cache.{name}`` (run in a worker thread).\n\n{summary}"
+    method.__signature__ = inspect.signature(blocking)
+    return method
+
+
+#: Cache methods AsyncCache offers as coroutines (those this Cache has).
+_ASYNC_METHOD_NAMES = ("fetch", "get", "get_request", "requests", "versions", "stats", "pin", "unpin",
+                       "tag", "untag", "gc", "verify", "refresh", "delete", "lock", "sync", "backup",
+                       "import_from")
+for _name in _ASYNC_METHOD_NAMES:
+    if hasattr(Cache, _name):
+        setattr(AsyncCache, _name, _async_method(_name))
+del _name
+
+
 # ---------------------------------------------------------------------------
 # Module-level fetch()
 # ---------------------------------------------------------------------------
@@ -5418,7 +5709,7 @@ def fetch(url: str, **kwargs) -> Response:
 # the subcommand; errors are one line on stderr (a traceback only with -v) and an
 # exit status from the table below, so a script can tell the classes apart.
 
-#: Exit statuses of the command line (SPEC §13).
+#: Exit statuses of the command line.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_CACHED, EXIT_INTEGRITY, EXIT_DOWNLOAD_FAILED = 0, 1, 2, 3, 4, 5
 
 
@@ -5513,6 +5804,57 @@ def _version_row(response: Response) -> dict:
                           if response.cached_datetime_utc else "")}
 
 
+def _one_line(text: str | None) -> str:
+    """A message on one line (newlines and runs of spaces collapsed)."""
+    return " ".join(str(text or "").split())
+
+
+def _strategy_text(strategy) -> str:
+    """A strategy with its settings, e.g. ``age(seconds=3600)``."""
+    settings = []
+    for name, value in strategy.model_dump().items():
+        if name == "strategy_name":
+            continue
+        settings.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value!r}")
+    return f"{strategy.strategy_name}({', '.join(settings)})"
+
+
+def _parse_as_of(text: str | None) -> dt.datetime | None:
+    """``--as-of``: ISO 8601 with ``Z`` or an offset (a naive time is ambiguous: usage error)."""
+    if text is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in "Zz" and text else text)
+    except ValueError:
+        raise _UsageError(f"--as-of {text!r} is not an ISO 8601 date and time "
+                          "(e.g. 2026-01-31T12:00:00Z).") from None
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise _UsageError(f"--as-of {text!r} has no time zone: add Z (UTC) or an offset such as +01:00.")
+    return moment
+
+
+#: Bytes of content looked at to tell text from binary before writing to a terminal.
+_BINARY_SNIFF_BYTES = 8192
+
+
+def _looks_binary(head: bytes) -> bool:
+    """True when ``head`` has a NUL byte or is not UTF-8 (a character cut at the end is fine)."""
+    if b"\x00" in head:
+        return True
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start < len(head) - 3  # only a multi-byte character cut by the sniff is allowed
+    return False
+
+
+def _progress_label(args) -> str:
+    """The file name the progress bar shows: the ``-o`` target's, else the URL's last segment."""
+    if args.output and args.output != "-":
+        return pathlib.Path(args.output).name
+    return _guess_filename(None, args.url, None) or urllib.parse.urlsplit(args.url).hostname or args.url
+
+
 def _print_table(rows: list[dict], out) -> None:
     """Short aligned columns; the keys of the first row are the header."""
     if not rows:
@@ -5582,11 +5924,17 @@ def _cmd_fetch(cache: Cache, args) -> int:
                    "max_cached_unpinned_versions": args.keep, "max_cached_pinned_versions": args.keep_pinned}
         configuration = RequestCacheConfiguration.model_validate(
             {**base.model_dump(), **{key: value for key, value in changes.items() if value is not None}})
-    progress = _ProgressBar("download") if sys.stderr.isatty() and not args.quiet else None
+    if args.output == "-" and args.json:
+        raise _UsageError("-o - and --json would both write to stdout; use one of them.")
+    as_of = _parse_as_of(args.as_of)
+    progress = _ProgressBar(_progress_label(args)) if sys.stderr.isatty() and not args.quiet else None
     try:
         response = cache.fetch(args.url, cache_configuration=configuration, offline=args.offline or None,
                                expected_hash=args.expected_hash, force_version=args.force_version,
-                               prefer_tag=args.prefer_tag, pin_for=args.pin_for, progress=progress,
+                               force_tag=args.force_tag, force_pinned=args.force_pinned or None,
+                               prefer_version=args.prefer_version, prefer_tag=args.prefer_tag,
+                               prefer_pinned=args.prefer_pinned or None, as_of=as_of,
+                               pin_for=args.pin_for, progress=progress,
                                refresh=args.refresh, stale_if_error=not args.no_stale, **identity)
     finally:
         if progress is not None:
@@ -5601,18 +5949,12 @@ def _cmd_fetch(cache: Cache, args) -> int:
         unpacked = response.unpack(args.unpack)
         if not args.json:
             sys.stdout.write(f"{unpacked}\n")
-    elif args.output == "-":
-        response.save_to(sys.stdout.buffer)
-        sys.stdout.buffer.flush()
+    elif args.output == "-" or not (args.output or args.dir or args.json):
+        _write_content_to_stdout(response, asked=args.output == "-")
     elif args.output or args.dir:
         # -o FILE writes through a symlink and into a FIFO or device (the user named it);
         # -d DIR takes the origin's sanitised file name and replaces whatever is there.
         saved = response.save_to(args.output) if args.output else response.save_to(dir=args.dir)
-    elif not args.json:
-        with response.open() as stream:
-            for piece in iter(lambda: stream.read(DEFAULT_CHUNK_SIZE_BYTES), b""):
-                sys.stdout.buffer.write(piece)
-        sys.stdout.buffer.flush()
     if args.json:
         data = response.model_dump(mode="json")
         data["saved_to"] = str(saved) if saved else None
@@ -5628,6 +5970,23 @@ def _cmd_fetch(cache: Cache, args) -> int:
     return 0
 
 
+def _write_content_to_stdout(response: Response, *, asked: bool) -> None:
+    """Stream the content to stdout; to a terminal only when it looks like text or ``asked``
+    (``-o -``), else one stderr line says how to get it."""
+    with response.open() as stream:
+        head = stream.read(_BINARY_SNIFF_BYTES)
+        if not asked and sys.stdout.isatty() and _looks_binary(head):
+            size = response.content_attributes.content_size_bytes
+            sys.stderr.write(f"buffylite: version {response.version} of {response.url} is binary "
+                             f"({size} bytes), not written to the terminal; use -o FILE, -d DIR, "
+                             "or -o - to write it here anyway.\n")
+            return
+        sys.stdout.buffer.write(head)
+        for piece in iter(lambda: stream.read(DEFAULT_CHUNK_SIZE_BYTES), b""):
+            sys.stdout.buffer.write(piece)
+    sys.stdout.buffer.flush()
+
+
 def _cmd_path(cache: Cache, args) -> int:
     response = cache.get(args.url, args.version or "latest", **_identity_arguments(args))
     path = response.as_file()
@@ -5639,15 +5998,20 @@ def _cmd_path(cache: Cache, args) -> int:
 def _cmd_versions(cache: Cache, args) -> int:
     status = None if args.status == "all" else args.status
     versions = cache.versions(args.url, status=status, **_identity_arguments(args))
+    with_error = status in (None, "failed")  # an ERROR column where failed rows can appear
+    rows = [{**_version_row(response), **({"error": _one_line(response.download_stats.error)}
+                                          if with_error else {})} for response in versions]
     _emit(args, [response.model_dump(mode="json") for response in versions],
-          lambda: _print_table([_version_row(response) for response in versions], sys.stdout))
+          lambda: _print_table(rows, sys.stdout))
     return 0
 
 
 def _cmd_requests(cache: Cache, args) -> int:
     requests = cache.requests(args.group)
     rows = [{"id": request.id, "group": request.group_name, "method": request.http_method,
-             "strategy": request.cache_configuration.recaching_strategy.strategy_name, "url": request.url}
+             "strategy": _strategy_text(request.cache_configuration.recaching_strategy),
+             "keep": request.cache_configuration.max_cached_unpinned_versions,
+             "keep_pinned": request.cache_configuration.max_cached_pinned_versions, "url": request.url}
             for request in requests]
     _emit(args, [request.model_dump(mode="json") for request in requests],
           lambda: _print_table(rows, sys.stdout))
@@ -5655,10 +6019,25 @@ def _cmd_requests(cache: Cache, args) -> int:
 
 
 def _cmd_show(cache: Cache, args) -> int:
-    response = cache.get(args.url, args.version or "latest", **_identity_arguments(args))
+    identity = _identity_arguments(args)
+    if args.version is None or args.version == "latest":
+        # The newest ready version; when none is ready, the newest in any state (so a
+        # request whose downloads all failed shows why).
+        response = next(iter(cache.versions(args.url, **identity) or cache.versions(
+            args.url, status=None, **identity)), None)
+    else:
+        if len(args.version) != 20 or not args.version.isdigit():
+            raise _UsageError(f"VERSION {args.version!r} is not 'latest' or a version (20 digits).")
+        response = next((candidate for candidate in cache.versions(args.url, status=None, **identity)
+                         if candidate.version == args.version), None)
+    if response is None:
+        which = "any version" if args.version in (None, "latest") else f"version {args.version}"
+        raise NotCachedError(f"No {which} of {args.url} in {cache.path}.")
     data = response.model_dump(mode="json", exclude={"outcome", "stale_reason"})
 
     def human() -> None:
+        if response.download_stats.error:
+            sys.stdout.write(f"error: {_one_line(response.download_stats.error)}\n")
         for key, value in data.items():
             if isinstance(value, dict):
                 for sub_key, sub_value in value.items():
@@ -5824,7 +6203,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                        help="fetch a URL through the cache (content to stdout)")
     fetch_parser.add_argument("url")
     output = fetch_parser.add_mutually_exclusive_group()
-    output.add_argument("-o", "--output", metavar="FILE", help="write the content to FILE (- for stdout)")
+    output.add_argument("-o", "--output", metavar="FILE", help="write the content to FILE ('-': stdout, "
+                                                                "even binary content to a terminal)")
     output.add_argument("-d", "--dir", metavar="DIR", help="write the content into DIR under its file name")
     output.add_argument("--unpack", metavar="DIR",
                         help="unpack the zip/tar/gz/bz2/xz content into DIR and print DIR")
@@ -5843,7 +6223,14 @@ def _build_parser() -> argparse.ArgumentParser:
                               help="fail (exit 5) instead of serving a stale version when the download fails")
     fetch_parser.add_argument("--expected-hash", metavar="HASH", help="'sha256:<hex>' or '<hex>'")
     fetch_parser.add_argument("--force-version", metavar="V", help="return exactly this version")
+    fetch_parser.add_argument("--force-tag", metavar="T", help="return the newest version with this tag")
+    fetch_parser.add_argument("--force-pinned", action="store_true", help="return the newest pinned version")
+    fetch_parser.add_argument("--prefer-version", metavar="V", help="prefer this version")
     fetch_parser.add_argument("--prefer-tag", metavar="T", help="prefer the newest version with this tag")
+    fetch_parser.add_argument("--prefer-pinned", action="store_true", help="prefer the newest pinned version")
+    fetch_parser.add_argument("--as-of", metavar="DATETIME",
+                              help="the version current at DATETIME (ISO 8601 with Z or an offset); "
+                                   "no network")
     fetch_parser.set_defaults(handler=_cmd_fetch)
 
     path_parser = commands.add_parser("path", parents=common + [identity],
@@ -5924,6 +6311,20 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands that only read: they never create a cache file or its directory.
+_READ_ONLY_COMMANDS = frozenset({"versions", "requests", "show", "path", "info", "verify", "lock", "backup"})
+
+
+def _require_existing_cache(path: str | None) -> None:
+    """Raise CacheFileError naming the cache file when it does not exist (URLs pass)."""
+    if path is not None and "://" in path:
+        return
+    resolved = pathlib.Path(path).expanduser() if path is not None else _default_cache_path()
+    if not resolved.is_file():
+        raise CacheFileError(f"The cache file {resolved} does not exist; this command only reads "
+                             "and does not create one (check --cache or $BUFFYLITE_CACHE).", path=resolved)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
@@ -5941,6 +6342,8 @@ def main(argv: list[str] | None = None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING)
     try:
+        if args.command in _READ_ONLY_COMMANDS:
+            _require_existing_cache(args.cache)
         with Cache(args.cache, retries=args.retries, timeout=args.timeout) as cache:
             return args.handler(cache, args)
     except _UsageError as exc:

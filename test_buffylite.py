@@ -16,6 +16,7 @@ origin of their own, in the section "HTTP faults and concurrency" near the end.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import bz2
 import collections
@@ -27,6 +28,7 @@ import email.utils
 import errno
 import fcntl
 import functools
+import gc
 import gzip
 import hashlib
 import http
@@ -36,9 +38,12 @@ import json
 import logging
 import lzma
 import math
+import multiprocessing
 import os
 import pathlib
+import pickle
 import pty
+import pydoc
 import random
 import re
 import select
@@ -57,6 +62,7 @@ import termios
 import textwrap
 import threading
 import time
+import tty
 import unicodedata
 import urllib.parse
 import zipfile
@@ -474,6 +480,7 @@ def test_run_python_helper_runs_code_with_a_timeout():
 #: SPEC §3's public names: the Cache and fetch(), the models of §4 and the reports
 #: of §3, the errors of §12, and main(), the CLI entry point of pyproject.toml.
 PUBLIC_NAMES = sorted([
+    "AsyncCache",  # §18
     "BuffyliteError", "Cache", "CacheFileError", "FetchError", "GCReport", "IntegrityError",
     "InvalidRequestError", "NotCachedError", "ReCachingStrategy", "RefreshResult", "Request",
     "RequestCacheConfiguration", "Response", "ResponseContentAttributes",
@@ -4082,6 +4089,397 @@ def test_module_fetch_uses_a_default_cache_from_the_env(tmp_path, origin):
 
 
 # ===========================================================================
+# asyncio, pickling, finalisers, repr (§18)
+# ===========================================================================
+
+# --- AsyncCache (SPEC §18) ---
+
+#: Size of each body the event-loop heartbeat test downloads, and how many at once.
+ASYNC_BODY_BYTES = 64 * MiB
+ASYNC_CONCURRENT_FETCHES = 8
+#: The heartbeat's period and the longest gap between beats the test accepts (seconds).
+ASYNC_BEAT_SEC = 0.005
+ASYNC_STALL_LIMIT_SEC = 0.050
+
+
+class Heartbeat:
+    """A task that wakes every ``ASYNC_BEAT_SEC`` and records the longest gap between wakes."""
+
+    def __init__(self) -> None:
+        self.longest_gap = 0.0
+        self.beats = 0
+        self._running = True
+        self._task = None
+
+    async def _run(self) -> None:
+        last = time.perf_counter()
+        while self._running:
+            await asyncio.sleep(ASYNC_BEAT_SEC)
+            now = time.perf_counter()
+            self.longest_gap = max(self.longest_gap, now - last)
+            self.beats += 1
+            last = now
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        self._running = False
+        await asyncio.wait_for(self._task, timeout=5)
+
+
+#: An origin in a process of its own serving ``random_bytes(size)`` on every path: the
+#: heartbeat test measures this process's event loop, not the origin's threads.
+ASYNC_ORIGIN_SCRIPT = """
+import random, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+body = random.Random(int(sys.argv[2])).randbytes(int(sys.argv[1]))
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+server.daemon_threads = True
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+@contextlib.contextmanager
+def async_origin_process(size: int, seed: int):
+    """Run ``ASYNC_ORIGIN_SCRIPT`` on 127.0.0.1; yield its base URL; kill it at the end."""
+    child = subprocess.Popen([PYTHON, "-c", ASYNC_ORIGIN_SCRIPT, str(size), str(seed)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([child.stdout], [], [], 30)
+        assert ready, "the origin process did not start"
+        yield f"http://127.0.0.1:{int(child.stdout.readline())}"
+    finally:
+        child.kill()
+        child.wait(10)
+
+
+def test_async_fetches_of_64_mib_never_stall_the_event_loop(tmp_path):
+    """§18: 8 concurrent async fetches of 64 MiB each from a loopback origin, then
+    streamed back with aopen(); a heartbeat every 5 ms never waits more than 50 ms."""
+    expected = sha256(random.Random(2026).randbytes(ASYNC_BODY_BYTES))
+
+    async def scenario(base_url):
+        heartbeat = Heartbeat()
+        heartbeat.start()
+        started = time.perf_counter()
+        async with buffylite.AsyncCache(tmp_path / "async.sqlite3", timeout=30) as acache:
+            responses = await asyncio.wait_for(asyncio.gather(
+                *(acache.fetch(f"{base_url}/big-{index}") for index in range(ASYNC_CONCURRENT_FETCHES))),
+                timeout=300)
+            fetched = time.perf_counter() - started
+            digests = []
+            for response in responses:
+                hasher = hashlib.sha256()
+                async with response.aopen() as stream:
+                    while piece := await stream.read(MiB):
+                        hasher.update(piece)
+                digests.append(hasher.hexdigest())
+        await heartbeat.stop()
+        return responses, digests, heartbeat, fetched
+
+    with async_origin_process(ASYNC_BODY_BYTES, 2026) as base_url:
+        responses, digests, heartbeat, fetched = asyncio.run(scenario(base_url))
+    print(f"{ASYNC_CONCURRENT_FETCHES} x {ASYNC_BODY_BYTES // MiB} MiB fetched in {fetched:.1f} s; "
+          f"longest event-loop gap {heartbeat.longest_gap * 1000:.1f} ms over {heartbeat.beats} beats")
+    assert [response.outcome for response in responses] == ["downloaded"] * ASYNC_CONCURRENT_FETCHES
+    assert digests == [expected] * ASYNC_CONCURRENT_FETCHES
+    assert heartbeat.beats > 100
+    assert heartbeat.longest_gap < ASYNC_STALL_LIMIT_SEC, heartbeat.longest_gap
+
+
+def test_async_methods_mirror_the_cache(tmp_path, origin):
+    """§18: the Cache's methods as coroutines; Responses offer aread() and aopen()."""
+    origin.route("/a", b"first body")
+    url = origin.url("/a")
+
+    async def scenario():
+        async with buffylite.AsyncCache(tmp_path / "mirror.sqlite3", retries=0) as acache:
+            first = await acache.fetch(url, cache_configuration=always())
+            origin.routes["/a"].body = b"second body"
+            second = await acache.fetch(url, cache_configuration=always())
+            assert await first.aread() == b"first body"
+            async with second.aopen() as stream:
+                assert [await stream.read(7), await stream.read(100), await stream.read(1)] == \
+                    [b"second ", b"body", b""]
+            assert [response.version for response in await acache.versions(url)] == \
+                [second.version, first.version]
+            assert (await acache.get(url, first.version)).version == first.version
+            assert (await acache.get_request(url)).url == url
+            assert [request.url for request in await acache.requests()] == [url]
+            pinned = await acache.pin(first)
+            tagged = await acache.tag(second, "golden")
+            async with acache.lease(second, 60) as leased:
+                assert leased.is_pinned
+            assert (await acache.stats())["requests"] == 1
+            with pytest.raises(buffylite.NotCachedError):
+                await acache.get(url, "19990101000000000000")
+            report = await acache.verify()
+            assert (pinned.pinned, tagged.tags, report.checked) == (True, ["golden"], 2)
+            assert await acache.delete(url) == 2
+            return first
+
+    first = asyncio.run(scenario())
+    with pytest.raises(buffylite.NotCachedError):
+        first.read()  # deleted through the async API, seen by the sync one
+
+
+def test_async_and_sync_callers_share_one_download(tmp_path, origin):
+    """§18: a sync fetch downloading while an async fetch of the same request starts:
+    the async call waits for that download (one GET) and gets its version."""
+    origin.route("/shared", b"shared body")
+    url = origin.url("/shared")
+    path = tmp_path / "shared.sqlite3"
+    downloading, release = threading.Event(), threading.Event()
+
+    def hold(done, total):  # the sync download holds its lease until the async call waits
+        downloading.set()
+        release.wait(10)
+
+    sync_cache = buffylite.Cache(path)
+    sync_result = {}
+    sync_thread = threading.Thread(target=lambda: sync_result.update(
+        response=sync_cache.fetch(url, cache_configuration=always(), progress=hold)))
+    sync_thread.start()
+    try:
+        assert downloading.wait(10)
+
+        async def scenario():
+            async with buffylite.AsyncCache(path) as acache:
+                task = asyncio.ensure_future(acache.fetch(url, cache_configuration=always()))
+                # Release the sync download once the async call is seen waiting for it.
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and not any(
+                        frame.f_code.co_name == "_await_download"
+                        for stack in sys._current_frames().values()
+                        for frame in _frames_of(stack)):
+                    await asyncio.sleep(0.01)
+                waited = time.monotonic() < deadline
+                release.set()
+                return waited, await asyncio.wait_for(task, timeout=20)
+
+        waited, async_response = asyncio.run(scenario())
+    finally:
+        release.set()
+        sync_thread.join(20)
+        sync_cache.close()
+    assert waited, "the async fetch never waited for the running download"
+    assert origin.hits("/shared") == 1
+    assert sync_result["response"].outcome == "downloaded"
+    assert async_response.version == sync_result["response"].version
+    assert async_response.read() == b"shared body"
+
+
+def _frames_of(frame):
+    """A frame and its callers."""
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+def test_async_responses_stay_readable_after_the_async_cache_closes(tmp_path, origin):
+    """§18: like a closed Cache, a closed AsyncCache's Responses still read (aread too)."""
+    origin.route("/after", b"after close")
+
+    async def scenario():
+        acache = buffylite.AsyncCache(tmp_path / "after.sqlite3")
+        response = await acache.fetch(origin.url("/after"))
+        await acache.close()
+        return response, await response.aread(), await acache.get(origin.url("/after"))
+
+    response, data, again = asyncio.run(scenario())
+    assert data == b"after close" and response.read() == b"after close"
+    assert again.version == response.version
+    again._cache.close()
+
+
+def test_async_errors_are_the_cache_errors(tmp_path):
+    """§18: errors leave AsyncCache methods as the same §12 types."""
+    async def scenario():
+        async with buffylite.AsyncCache(tmp_path / "errors.sqlite3", retries=0, timeout=2) as acache:
+            with pytest.raises(buffylite.InvalidRequestError):
+                await acache.fetch("ftp://example.invalid/x")
+            with pytest.raises(buffylite.NotCachedError):
+                await acache.fetch("http://127.0.0.1:9/none", offline=True)
+    asyncio.run(scenario())
+    with pytest.raises(buffylite.InvalidRequestError):
+        buffylite.AsyncCache(tmp_path / "bad.sqlite3", retries=-1)
+
+
+# --- Response pickling, finalisers, repr (SPEC §18) ---
+
+
+def test_response_pickles_into_another_process_that_can_read_it(cache, cache_path, origin):
+    """§18: a Response pickled here unpickles in a spawned process, bound to the same
+    cache path, and read() returns the content there."""
+    body = random_bytes(3 * MiB + 5, seed=7)
+    response = fetch_body(cache, origin, "/pickled", body)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        child_pid = pool.apply(os.getpid)
+        data = pool.apply(buffylite.Response.read, (response,))
+        text = pool.apply(repr, (response,))
+        rebound = pool.apply(_pickled_round_trip, (pickle.dumps(response),))
+    assert child_pid != os.getpid()
+    assert data == body
+    assert text == repr(response)
+    assert rebound == (str(cache_path), response.version, sha256(body))
+    copy = pickle.loads(pickle.dumps(response))
+    assert copy.model_dump() == response.model_dump() and copy.read() == body
+
+
+def _pickled_round_trip(data: bytes):
+    """In a child process: unpickle a Response; its cache path, version, content hash."""
+    response = pickle.loads(data)
+    return str(response._cache.path), response.version, hashlib.sha256(response.read()).hexdigest()
+
+
+def test_unpickling_with_the_cache_file_gone_creates_nothing(cache, cache_path, origin, tmp_path):
+    """§18: unpickling where the cache file does not exist binds to nothing and creates no file."""
+    response = fetch_body(cache, origin, "/gone", b"gone soon")
+    data = pickle.dumps(response)
+    cache.close()
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in os.listdir(tmp_path):
+        if name.startswith(cache_path.name):
+            os.rename(tmp_path / name, moved / name)
+    copy = pickle.loads(data)
+    assert copy.version == response.version
+    with pytest.raises(buffylite.NotCachedError):
+        copy.read()
+    assert not cache_path.exists()
+
+
+def _descriptors() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _descriptors_on(path: pathlib.Path) -> list[str]:
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{name}").startswith(str(path)):
+                found.append(name)
+    return found
+
+
+def test_unclosed_caches_release_their_descriptors(tmp_path, origin):
+    """§18: 200 Cache objects never closed, each used from the main thread and a helper
+    thread that stays alive: once dropped (and gc.collect()), no descriptor is left."""
+    origin.route("/fd", b"descriptor")
+    path = tmp_path / "fd.sqlite3"
+    buffylite.Cache(path).close()  # the file exists before counting
+    gc.collect()
+    before = _descriptors()
+    keep_alive = threading.Event()
+    holders = []
+    for _ in range(200):
+        opened = [buffylite.Cache(path)]
+        opened[0].fetch(origin.url("/fd"))
+        used = threading.Event()
+
+        def use(box=opened, used=used):
+            box[0].stats()
+            used.set()
+            keep_alive.wait(30)
+
+        holder = threading.Thread(target=use)
+        holder.start()
+        assert used.wait(10)
+        holders.append(holder)
+        opened.clear()  # the last reference: the thread keeps nothing alive
+    try:
+        assert _descriptors_on(path) == [], "dropped Cache objects still hold the file"
+        gc.collect()
+        deadline = time.monotonic() + 10  # the origin closes its side of keep-alive sockets
+        while time.monotonic() < deadline and len(_descriptors() - before) > 0:
+            time.sleep(0.05)
+        assert _descriptors() - before == set()
+    finally:
+        keep_alive.set()
+        for holder in holders:
+            holder.join(10)
+
+
+def test_response_and_request_reprs_are_one_short_line(cache, origin):
+    """§18: repr(resp) is one short line with URL, version, status and size; repr(request) too."""
+    response = fetch_body(cache, origin, "/a-rather-long-path/for-the-repr.bin", b"12345678",
+                          headers={"X-Trace": "t" * 40}, params={"q": "v" * 40})
+    text = repr(response)
+    assert "\n" not in text and len(text) <= 200, text
+    assert text == (f"Response(url={response.url!r}, version={response.version!r}, status='ready', "
+                    "size=8)")
+    request = cache.get_request(response.url.split("?")[0], headers={"X-Trace": "t" * 40},
+                                params={"q": "v" * 40})
+    assert "\n" not in repr(request) and len(repr(request)) <= 200
+    assert repr(request).startswith(f"Request(id={request.id}, url=")
+    report_text = repr(cache.verify())
+    assert len(report_text) <= 200, report_text
+
+
+#: Lines ``pydoc.render_doc(buffylite)`` may have (measured 1,052 with every model
+#: listing only its own members; over 4,700 with pydantic's inherited text).
+HELP_LINE_LIMIT = 1500
+
+
+def test_help_of_the_module_is_reasonably_short():
+    """help(buffylite) documents buffylite, not pydantic's inherited members."""
+    text = pydoc.render_doc(buffylite)
+    assert len(text.splitlines()) <= HELP_LINE_LIMIT
+    assert "model_json_schema" not in text and "AsyncCache" in text and "aread" in text
+
+
+def test_docstrings_stand_alone_without_the_spec():
+    """Docstrings never send the reader to a specification that does not ship."""
+    citing = [name for name, text in _docstrings(buffylite) if "SPEC" in text or "§" in text]
+    assert citing == []
+
+
+def _docstrings(module):
+    yield module.__name__, module.__doc__ or ""
+    for name in dir(module):
+        value = getattr(module, name)
+        if getattr(value, "__module__", None) != module.__name__:
+            continue
+        yield name, getattr(value, "__doc__", None) or ""
+        if isinstance(value, type):
+            for member_name, member in vars(value).items():
+                doc = getattr(member, "__doc__", None)
+                if isinstance(doc, str) and callable(member):
+                    yield f"{name}.{member_name}", doc
+
+
+def test_a_small_cache_stays_small(cache_path, origin):
+    """An 8-byte download leaves a small cache file and no write-ahead log, once the Cache
+    is closed, and also once an unclosed Cache is dropped (without waiting for gc)."""
+    origin.route("/tiny", b"8 bytes!")
+
+    def files() -> dict[str, int]:
+        return {path.name: path.stat().st_size for path in cache_path.parent.iterdir()
+                if path.name.startswith(cache_path.name)}
+
+    with buffylite.Cache(cache_path) as opened:
+        assert opened.fetch(origin.url("/tiny")).read() == b"8 bytes!"
+    assert set(files()) == {cache_path.name} and files()[cache_path.name] <= 320 * 1024, files()
+    unclosed = buffylite.Cache(cache_path)
+    assert unclosed.fetch(origin.url("/tiny"), cache_configuration=always()).outcome == "duplicate"
+    assert cache_path.name + "-wal" in files()
+    del unclosed
+    assert set(files()) == {cache_path.name} and files()[cache_path.name] <= 320 * 1024, files()
+
+
+# ===========================================================================
 # Stateful model of the cache (hypothesis; §8, §9, §10)
 # ===========================================================================
 
@@ -6386,6 +6784,43 @@ def cli_seed(cli_origin, cli_cache_path, monkeypatch):
     return seed
 
 
+def cli_run_on_terminal(*args: str, env: dict[str, str], stream: str = "stdout") -> tuple[int, bytes, bytes]:
+    """Run the CLI with ``stream`` ("stdout" or "stderr") on a pseudo-terminal (80x24, raw
+    mode: bytes pass unchanged); return (exit status, what the terminal received, the other
+    stream's bytes)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    tty.setraw(slave)
+    captured = bytearray()
+    with tempfile.TemporaryFile() as other:
+        try:
+            process = subprocess.Popen(
+                [CLI_PYTHON, "-m", "buffylite", *args], cwd=CLI_REPO_DIR, env=env, stdin=subprocess.DEVNULL,
+                stdout=slave if stream == "stdout" else other, stderr=slave if stream == "stderr" else other)
+            os.close(slave)
+            slave = None
+            deadline = time.monotonic() + CLI_TIMEOUT_SEC
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([master], [], [], 0.2)
+                if ready:
+                    try:
+                        chunk = os.read(master, 65536)
+                    except OSError:  # EIO: the child closed the terminal
+                        break
+                    if not chunk:
+                        break
+                    captured += chunk
+                elif process.poll() is not None:
+                    break
+            returncode = process.wait(timeout=CLI_TIMEOUT_SEC)
+        finally:
+            if slave is not None:
+                os.close(slave)
+            os.close(master)
+        other.seek(0)
+        return returncode, bytes(captured), other.read()
+
+
 # ===========================================================================
 # fetch: content, stderr status line, -o / -d (§13)
 # ===========================================================================
@@ -6544,6 +6979,40 @@ def test_cli_fetch_params_headers_and_group_reach_origin(cli_run, cli_origin, cl
         assert cache.get_request(url) is None
 
 
+# --- content on a terminal, -o - (SPEC §13) ---
+
+
+def test_cli_binary_content_is_not_written_to_a_terminal(cli_origin, cli_cache_path):
+    """§13: binary content is kept off a terminal (one stderr line says how to get it);
+    text content is written; `-o -` writes binary content to the terminal unchanged."""
+    cli_origin.route("/bin.dat", CLI_BINARY_BODY)
+    cli_origin.route("/text.txt", "plain text, café\n".encode() * 3, content_type="text/plain")
+    env = cli_env(BUFFYLITE_CACHE=str(cli_cache_path))
+    status, terminal, stderr = cli_run_on_terminal("fetch", cli_origin.url("/bin.dat"), env=env)
+    assert status == 0, stderr
+    assert terminal == b""
+    lines = [line for line in stderr.decode().splitlines() if line.strip()]
+    assert any("-o -" in line and "binary" in line for line in lines), lines
+    with cli_open_cache(cli_cache_path) as cache:
+        assert cache.get(cli_origin.url("/bin.dat")).read() == CLI_BINARY_BODY  # cached all the same
+    status, terminal, _ = cli_run_on_terminal("fetch", cli_origin.url("/text.txt"), env=env)
+    assert (status, terminal) == (0, "plain text, café\n".encode() * 3)
+    status, terminal, stderr = cli_run_on_terminal("fetch", cli_origin.url("/bin.dat"), "-o", "-", env=env)
+    assert (status, terminal) == (0, CLI_BINARY_BODY), stderr
+
+
+def test_cli_output_dash_means_stdout(cli_run, cli_origin, tmp_path):
+    """§13: `-o -` writes the content to stdout (no file named '-' appears)."""
+    cli_origin.route("/dash.bin", CLI_BINARY_BODY)
+    done = cli_run("fetch", cli_origin.url("/dash.bin"), "-o", "-")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == CLI_BINARY_BODY
+    assert not (CLI_REPO_DIR / "-").exists() and not (tmp_path / "-").exists()
+    assert "-> " not in done.stderr and "downloaded" in done.stderr
+    both = cli_run("--json", "fetch", cli_origin.url("/dash.bin"), "-o", "-")
+    assert both.returncode == 2 and both.stdout.startswith(b'{"error"'), both.stderr
+
+
 # ===========================================================================
 # Global options (§13)
 # ===========================================================================
@@ -6557,6 +7026,8 @@ def test_cli_fetch_params_headers_and_group_reach_origin(cli_run, cli_origin, cl
 def test_cli_global_options_before_or_after_subcommand(cli_run, tmp_path, layout):
     """§13: `--cache` and `--json` work before or after the subcommand."""
     path = tmp_path / "explicit.sqlite3"
+    with cli_open_cache(path):  # info only reads: the file must exist
+        pass
     args = [item.format(path=path) for item in layout]
     done = cli_run(*args, env=cli_env())  # no BUFFYLITE_CACHE: --cache must be what counts
     assert done.returncode == 0, done.stderr
@@ -6845,6 +7316,67 @@ def test_cli_fetch_prefer_missing_tag_falls_back_to_latest(cli_run, cli_origin, 
     assert done.stdout == b"second"
 
 
+# --- fetch choices: --as-of, --force-tag, --force-pinned, --prefer-version, --prefer-pinned (SPEC §13) ---
+
+
+def test_cli_fetch_as_of_needs_a_time_zone_and_returns_the_version_current_then(
+        cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `--as-of` takes ISO 8601 with Z or an offset; a naive time exits 2; a moment
+    before any version exits 3; otherwise the version current then, without network."""
+    cli_seed("/asof.bin", [b"older", b"newer"])
+    url = cli_origin.url("/asof.bin")
+    with cli_open_cache(cli_cache_path) as cache:
+        newer, older = cache.versions(url)
+    middle = older.cached_datetime_utc + (newer.cached_datetime_utc - older.cached_datetime_utc) / 2
+    hits = cli_origin.hits("/asof.bin")
+    naive = cli_run("fetch", url, "--as-of", middle.replace(tzinfo=None).isoformat())
+    assert naive.returncode == 2 and "--as-of" in naive.stderr and naive.stdout == b"", naive.stderr
+    for text in (middle.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                 middle.astimezone(dt.timezone(dt.timedelta(hours=2))).isoformat()):
+        done = cli_run("fetch", url, "--as-of", text)
+        assert (done.returncode, done.stdout) == (0, b"older"), (text, done.stderr)
+    assert cli_run("fetch", url, "--as-of", "2026-12-31T23:59:59+00:00" if newer.cached_datetime_utc.year < 2026
+                   else (newer.cached_datetime_utc + dt.timedelta(days=1)).isoformat()).stdout == b"newer"
+    before = cli_run("fetch", url, "--as-of", "2001-01-01T00:00:00Z")
+    assert before.returncode == 3, before.stderr
+    assert cli_run("fetch", url, "--as-of", "yesterday").returncode == 2
+    assert cli_origin.hits("/asof.bin") == hits
+
+
+def test_cli_fetch_force_tag_and_force_pinned(cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `--force-tag T` / `--force-pinned` return the matching version without
+    network, exit 3 when nothing matches."""
+    first, second, third = cli_seed("/force.bin", [b"one", b"two", b"three"])
+    url = cli_origin.url("/force.bin")
+    hits = cli_origin.hits("/force.bin")
+    assert cli_run("fetch", url, "--force-pinned").returncode == 3
+    with cli_open_cache(cli_cache_path) as cache:
+        cache.tag(cache.get(url, second), "golden")
+        cache.pin(cache.get(url, first))
+    tagged = cli_run("fetch", url, "--force-tag", "golden")
+    assert (tagged.returncode, tagged.stdout) == (0, b"two"), tagged.stderr
+    pinned = cli_run("fetch", url, "--force-pinned")
+    assert (pinned.returncode, pinned.stdout) == (0, b"one"), pinned.stderr
+    missing = cli_run("fetch", url, "--force-tag", "nobody")
+    assert missing.returncode == 3 and len(cli_stderr_lines(missing)) == 1, missing.stderr
+    assert cli_origin.hits("/force.bin") == hits
+
+
+def test_cli_fetch_prefer_version_and_prefer_pinned(cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `--prefer-version V` / `--prefer-pinned` pick the matching version and fall
+    back to the latest when nothing matches."""
+    first, second = cli_seed("/prefer.bin", [b"one", b"two"])
+    url = cli_origin.url("/prefer.bin")
+    assert cli_run("fetch", url, "--offline", "--prefer-pinned").stdout == b"two"
+    assert cli_run("fetch", url, "--offline", "--prefer-version", first).stdout == b"one"
+    assert cli_run("fetch", url, "--offline", "--prefer-version", "20000101000000000000").stdout == b"two"
+    with cli_open_cache(cli_cache_path) as cache:
+        cache.pin(cache.get(url, first))
+    done = cli_run("fetch", url, "--offline", "--prefer-pinned")
+    assert (done.returncode, done.stdout) == (0, b"one"), done.stderr
+    assert cli_run("fetch", url, "--offline", "--prefer-version", "not-a-version").returncode == 2
+
+
 # ===========================================================================
 # Inspection: versions, requests, show, info (§13)
 # ===========================================================================
@@ -6941,6 +7473,7 @@ def test_cli_show_human_lists_fields(cli_run, cli_origin, cli_seed):
 
 def test_cli_show_unknown_url_exits_3(cli_run, cli_origin):
     """§13: `show` of a URL never fetched: exit 3 with one stderr line, no traceback."""
+    assert cli_run("fetch", cli_origin.url("/other.bin"), "-q").returncode == 5  # the cache file exists
     done = cli_run("show", cli_origin.url("/unknown.bin"))
     assert done.returncode == 3
     assert len(cli_stderr_lines(done)) == 1 and "Traceback" not in done.stderr, done.stderr
@@ -6964,6 +7497,8 @@ def test_cli_info_json_matches_stats(cli_run, cli_origin, cli_cache_path, cli_se
 
 def test_cli_info_human_shows_path_sqlite_and_schema(cli_run, cli_cache_path):
     """§13 / issue 6: `info` shows the path, file size, counts per status, SQLite and schema version."""
+    with cli_open_cache(cli_cache_path):  # info only reads: the file must exist
+        pass
     done = cli_run("info")
     assert done.returncode == 0, done.stderr
     text = done.stdout.decode()
@@ -6972,6 +7507,102 @@ def test_cli_info_human_shows_path_sqlite_and_schema(cli_run, cli_cache_path):
     assert str(cli_cache_path) in text
     assert stats["sqlite_version"] in text
     assert "schema" in text.lower() and "ready" in text
+
+
+# --- show of any state, versions ERROR column, requests strategy settings (SPEC §13) ---
+
+
+def cli_seed_failed_version(cli_run, cli_origin, cli_seed, path: str) -> str:
+    """A request with one ready version (b"good") and one failed one (HTTP 500); the URL."""
+    cli_seed(path, [b"good"])
+    cli_origin.routes[path].status = 500
+    stale = cli_run("fetch", cli_origin.url(path), "--strategy", "when_requested", *CLI_FAIL_FAST)
+    assert stale.returncode == 0 and stale.stdout == b"good", stale.stderr
+    return cli_origin.url(path)
+
+
+def test_cli_show_of_a_failed_version_shows_its_error(cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `show URL VERSION` shows a failed version with its error (human and --json)."""
+    url = cli_seed_failed_version(cli_run, cli_origin, cli_seed, "/showfail.bin")
+    with cli_open_cache(cli_cache_path) as cache:
+        [failed] = cache.versions(url, status="failed")
+    assert "500" in failed.download_stats.error
+    done = cli_run("show", url, failed.version)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.decode().splitlines()
+    assert f"error: {failed.download_stats.error}" in lines
+    assert "status: failed" in lines and f"version: {failed.version}" in lines
+    data = json.loads(cli_run("show", url, failed.version, "--json").stdout)
+    assert (data["status"], data["download_stats"]["error"]) == ("failed", failed.download_stats.error)
+    assert cli_run("show", url, "20000101000000000000").returncode == 3
+    assert cli_run("show", url, "yesterday").returncode == 2
+
+
+def test_cli_show_without_version_falls_back_to_the_newest_failed_one(cli_run, cli_origin):
+    """§13: `show URL` of a request that never succeeded shows its failed version and why."""
+    cli_origin.route("/neverok.bin", status=503)
+    first = cli_run("fetch", cli_origin.url("/neverok.bin"), *CLI_FAIL_FAST)
+    assert first.returncode == 5, first.stderr
+    done = cli_run("show", cli_origin.url("/neverok.bin"))
+    assert done.returncode == 0, done.stderr
+    text = done.stdout.decode()
+    assert "status: failed" in text and "error: " in text and "503" in text
+
+
+def test_cli_versions_status_all_has_an_error_column(cli_run, cli_origin, cli_cache_path, cli_seed):
+    """§13: `versions --status all` adds failed rows with an ERROR column; the default has none."""
+    url = cli_seed_failed_version(cli_run, cli_origin, cli_seed, "/verr.bin")
+    with cli_open_cache(cli_cache_path) as cache:
+        [failed] = cache.versions(url, status="failed")
+        [ready] = cache.versions(url)
+    lines = cli_run("versions", url, "--status", "all").stdout.decode().splitlines()
+    header, rows = lines[0].split(), lines[1:]
+    assert header[-1] == "ERROR" and len(rows) == 2
+    failed_row = next(line for line in rows if line.startswith(failed.version))
+    assert failed_row.endswith(failed.download_stats.error) and " failed " in failed_row
+    ready_row = next(line for line in rows if line.startswith(ready.version))
+    assert "500" not in ready_row
+    default = cli_run("versions", url).stdout.decode().splitlines()
+    assert "ERROR" not in default[0] and len(default) == 2
+
+
+def test_cli_requests_shows_each_strategy_with_its_settings(cli_run, cli_origin):
+    """§13: `requests` shows every request's strategy with its settings and keep counts."""
+    cli_origin.route("/s1.bin", b"1")
+    cli_origin.route("/s2.bin", b"2")
+    assert cli_run("fetch", cli_origin.url("/s1.bin"), "--strategy", "age:120", "--keep", "3", "-q").returncode == 0
+    assert cli_run("fetch", cli_origin.url("/s2.bin"), "--strategy", "when_remote_changed:60:600",
+                   "--keep-pinned", "4", "-q").returncode == 0
+    lines = cli_run("requests").stdout.decode().splitlines()
+    assert lines[0].split() == ["ID", "GROUP", "METHOD", "STRATEGY", "KEEP", "KEEP_PINNED", "URL"]
+    first = next(line for line in lines if line.endswith("/s1.bin"))
+    second = next(line for line in lines if line.endswith("/s2.bin"))
+    assert "age(seconds=120)" in first and re.search(r"\)\s+3\s+10\s+http", first), first
+    assert "when_remote_changed(check_interval_sec=60, fallback_max_age_sec=600)" in second
+    assert re.search(r"\)\s+2\s+4\s+http", second), second
+
+
+# --- read-only commands never create a cache (SPEC §13) ---
+
+
+@pytest.mark.parametrize("command", [["versions", "http://127.0.0.1:9/x"], ["requests"],
+                                     ["show", "http://127.0.0.1:9/x"], ["info"], ["verify"]])
+@pytest.mark.parametrize("how", ["--cache", "env"])
+def test_cli_read_only_commands_on_a_missing_cache_create_nothing(cli_run, tmp_path, command, how):
+    """§13: read-only commands on a missing cache exit 1 naming the path and create neither
+    the file nor its directory (with --cache and with $BUFFYLITE_CACHE)."""
+    missing = tmp_path / "typo" / "dir" / "x.sqlite3"
+    if how == "--cache":
+        done = cli_run("--cache", str(missing), *command)
+        as_json = cli_run("--cache", str(missing), "--json", *command)
+    else:
+        done = cli_run(*command, env=cli_env(BUFFYLITE_CACHE=str(missing)))
+        as_json = cli_run("--json", *command, env=cli_env(BUFFYLITE_CACHE=str(missing)))
+    assert done.returncode == 1, done.stderr
+    assert str(missing) in done.stderr and len(cli_stderr_lines(done)) == 1, done.stderr
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stdout)["error"]["type"] == "CacheFileError"
+    assert not (tmp_path / "typo").exists()
 
 
 # ===========================================================================
@@ -7328,6 +7959,35 @@ def test_cli_progress_bar_on_terminal(cli_origin, cli_cache_path, tmp_path, bar_
     assert output.read_bytes() == body
     assert ("%" if bar_library == "tqdm" else "MiB") in text, text
     assert "downloaded" in text
+
+
+# --- progress bar label (SPEC §13) ---
+
+
+@pytest.mark.parametrize("bar_library", ["tqdm", "none"])
+def test_cli_progress_bar_is_labelled_with_the_file_name(cli_origin, cli_cache_path, tmp_path, bar_library):
+    """§13: the progress bar on a terminal names the file being downloaded."""
+    cli_origin.route("/data/ontology-2026.owl", cli_large_body())
+    env = (cli_env_without_tqdm(tmp_path, BUFFYLITE_CACHE=str(cli_cache_path)) if bar_library == "none"
+           else cli_env(BUFFYLITE_CACHE=str(cli_cache_path)))
+    status, terminal, stdout = cli_run_on_terminal(
+        "fetch", cli_origin.url("/data/ontology-2026.owl"), "-o", str(tmp_path / "saved.owl"),
+        env=env, stream="stderr")
+    assert status == 0, terminal
+    bars = cli_bar_segments(terminal)
+    assert bars and all("saved.owl" in bar for bar in bars), bars
+    status, terminal, stdout = cli_run_on_terminal(
+        "fetch", cli_origin.url("/data/ontology-2026.owl"), "--strategy", "when_requested",
+        env=env, stream="stderr")
+    assert status == 0 and stdout == cli_large_body()
+    bars = cli_bar_segments(terminal)
+    assert bars and all(bar.lstrip().startswith("ontology-2026.owl") for bar in bars), bars
+
+
+def cli_bar_segments(terminal: bytes) -> list[str]:
+    """The progress-bar drawings among what a terminal received (not the status line)."""
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", terminal.decode("utf-8", "replace"))
+    return [segment for segment in re.split(r"[\r\n]", text) if "%|" in segment or "MiB/s" in segment]
 
 
 def test_cli_no_progress_bar_without_terminal(cli_run, cli_origin, tmp_path):
