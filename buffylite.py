@@ -176,7 +176,7 @@ import urllib3
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints
 from urllib3.util.retry import Retry
 
-try:  # POSIX: file locks serialising writers of a materialised file (§17)
+try:  # POSIX: file locks serialising writers of a materialised file
     import fcntl as _fcntl
 except ImportError:  # pragma: no cover - Windows: O_EXCL temp files + link still keep writes atomic
     _fcntl = None
@@ -233,7 +233,7 @@ DEFAULT_RETRIES = 5
 DEFAULT_MAX_RETRY_WAIT_SEC = 120.0
 #: Lifetime of an in-flight download's lease; renewed while bytes arrive.
 DEFAULT_DOWNLOAD_LEASE_SEC = 30.0
-#: After a failed download, serve the cached version at once for this long (§18).
+#: After a failed download, serve the cached version at once for this long.
 DEFAULT_FAILURE_BACKOFF_SEC = 60.0
 #: Longest failure backoff, and longest freshness a strategy may name: ~100 years,
 #: so every end time stays a datetime the file can hold.
@@ -761,7 +761,7 @@ def _parse_http_date(value: str | None) -> float | None:
     return timestamp if 0 <= timestamp < _MAX_TIMESTAMP else None
 
 
-#: RFC 9111 §1.2.2: delta-seconds beyond what a cache can count are this many.
+#: RFC 9111 section 1.2.2: delta-seconds beyond what a cache can count are this many.
 _DELTA_SECONDS_CAP = 2147483648
 #: One Cache-Control directive: a token, optionally ``=`` a token or a quoted string.
 _CACHE_DIRECTIVE = re.compile(r"""([!#$%&'*+.^_`|~0-9A-Za-z-]+)(?:\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*))?""")
@@ -787,7 +787,7 @@ def _delta_seconds(text: str | None) -> int | None:
 
 
 def _http_freshness(headers: dict, now: float, response_time: float | None = None) -> float | None:
-    """Seconds of freshness left for a stored response, as RFC 9111 §4.2 computes it:
+    """Seconds of freshness left for a stored response, as RFC 9111 section 4.2 computes it:
     positive while fresh, zero or negative once stale; None when the headers say nothing
     about freshness (the caller falls back to a heuristic).
 
@@ -796,7 +796,7 @@ def _http_freshness(headers: dict, now: float, response_time: float | None = Non
     confirmed by a 304), default ``now``. ``no-cache`` and ``no-store`` leave no freshness
     (revalidate every time); ``s-maxage`` is for shared caches and ignored. Freshness
     lifetime: ``max-age``, else ``Expires - Date``; an invalid ``max-age`` or ``Expires``
-    means already stale (§4.2.1). Age: ``current_age = max(apparent_age, Age) +
+    means already stale (RFC 9111 section 4.2.1). Age: ``current_age = max(apparent_age, Age) +
     resident_time`` with ``apparent_age = max(0, response_time - Date)`` (the response
     delay is not recorded, so it counts as 0). Never raises, whatever the header text.
     """
@@ -808,7 +808,7 @@ def _http_freshness(headers: dict, now: float, response_time: float | None = Non
         return 0.0
     date_value = _parse_http_date(headers.get("date"))
     if date_value is None:
-        date_value = response_time  # RFC 9110 §6.6.1: no Date -> the time of receipt
+        date_value = response_time  # RFC 9110 section 6.6.1: no Date -> the time of receipt
     if "max-age" in directives:
         lifetime = _delta_seconds(directives["max-age"])
         if lifetime is None:
@@ -924,7 +924,7 @@ def _validation_message(error: pydantic.ValidationError) -> str:
 
 
 def _build_model(model: type, **fields):
-    """``model(**fields)``, with a rejected value raised as InvalidRequestError (SPEC §12)."""
+    """``model(**fields)``, with a rejected value raised as InvalidRequestError."""
     try:
         return model(**fields)
     except pydantic.ValidationError as exc:
@@ -1123,7 +1123,7 @@ class Response(_Model):
     that returned it: ``downloaded``, ``not_modified``, ``duplicate``, ``stale``,
     ``offline`` or ``cached``. ``stale_reason`` (not stored either) says why, when
     ``outcome`` is ``stale``: the failure of the download just attempted, or, during
-    the failure backoff (§18), the earlier failure that keeps fetch from trying now.
+    the failure backoff, the earlier failure that keeps fetch from trying now.
     """
 
     id: int
@@ -1213,7 +1213,7 @@ class Response(_Model):
         cache, content_id = self._require_content()
         return _materialise(cache, content_id, self)
 
-    def unpack(self, dir: str | os.PathLike | None = None, *,  # noqa: A002 - SPEC name
+    def unpack(self, dir: str | os.PathLike | None = None, *,  # noqa: A002 - the documented name
                max_bytes: int = DEFAULT_UNPACK_MAX_BYTES,
                max_members: int = DEFAULT_UNPACK_MAX_MEMBERS) -> pathlib.Path:
         """Unpack a zip, tar (plain, gz, bz2, xz) or single-file gz/bz2/xz content; return the folder.
@@ -1486,7 +1486,7 @@ class _RequestRow(_Row):
     cache_configuration = peewee.TextField()         # JSON of RequestCacheConfiguration
     created_unix = peewee.DoubleField()
     last_settlement = peewee.TextField(null=True)    # JSON: how the last download ended, for waiters
-    backoff_until_unix = peewee.DoubleField(null=True)  # failure backoff (§18): serve stale until then
+    backoff_until_unix = peewee.DoubleField(null=True)  # failure backoff: serve stale until then
     backoff_failure = peewee.TextField(null=True)       # JSON: the failure that started the backoff
 
     class Meta:
@@ -1538,7 +1538,7 @@ class _VersionRow(_Row):
     lease_owner = peewee.CharField(null=True)          # download lease
     lease_expires_unix = peewee.DoubleField(null=True)
     resume_from = peewee.TextField(null=True)          # JSON: validators a resume needs
-    cache_headers = peewee.TextField(null=True)        # JSON: the origin's caching headers (§18 http)
+    cache_headers = peewee.TextField(null=True)        # JSON: the origin's caching headers
 
     class Meta:
         table_name = "version"
@@ -1787,7 +1787,7 @@ def _migrate_to_1(store: "_Store") -> None:
 
 def _migrate_to_3(store: "_Store") -> None:
     """Version 3: the failure backoff on the request row, the origin's caching headers
-    on the version row (§18). Files created at version 1 by this code already have the
+    on the version row. Files created at version 1 by this code already have the
     columns (the tables are created from the current models), so only missing ones are
     added."""
     for model, names in ((store.tables.request, ("backoff_until_unix", "backoff_failure")),
@@ -1811,7 +1811,7 @@ class _Store:
     def __init__(self, path: pathlib.Path, *, read_only: bool = False):
         self.path = path
         _sqlite_check_header(path)
-        # Read-only (§16): asked for, or the file cannot be written by this process.
+        # Read-only: asked for, or the file cannot be written by this process.
         self.read_only = read_only or _sqlite_is_read_only(path)
         self.access = _sqlite_read_only_access(path) if self.read_only else None
         if self.read_only and not path.is_file():
@@ -2532,7 +2532,7 @@ def _has_excess_body(response: urllib3.BaseHTTPResponse, remaining: int) -> bool
 
 
 # ---------------------------------------------------------------------------
-# Content as files: materialised files and unpacked archives (§17)
+# Content as files: materialised files and unpacked archives
 # ---------------------------------------------------------------------------
 #
 # The bookkeeping is the file system, keyed by content hash, so no table is needed
@@ -3250,7 +3250,7 @@ class _FetchCall:
     stale_if_error: bool = True          # False: a failed due download raises instead of serving L
     retries: int | None = None           # None: the Cache's
     timeout: Any = None                  # urllib3.Timeout, or None: the Cache's
-    locked: bool = False                 # expected_hash comes from the lockfile (§16)
+    locked: bool = False                 # expected_hash comes from the lockfile
 
     @property
     def is_hard_choice(self) -> bool:
@@ -3284,7 +3284,7 @@ class _Completed:
 
 class _NotModified:
     """The origin answered 304 to a conditional request; ``cache_headers`` are the
-    caching headers it sent, which update the stored ones (RFC 9111 §4.3.4)."""
+    caching headers it sent, which update the stored ones (RFC 9111 section 4.3.4)."""
 
     def __init__(self, cache_headers: dict):
         self.cache_headers = cache_headers
@@ -3301,7 +3301,7 @@ class _DownloadFailure(Exception):
         self.cause = cause
         self.stats = stats or {}
         #: A failure of the origin or the network (not of the content): later fetches
-        #: back off (§18), for at least ``retry_after`` seconds when the origin said so.
+        #: back off, for at least ``retry_after`` seconds when the origin said so.
         self.starts_backoff = starts_backoff
         self.retry_after = retry_after
 
@@ -3938,7 +3938,7 @@ class Cache:
         called as bytes arrive and cancels the download by raising (the exception
         reaches the caller; the partial content is kept for a later resume).
 
-        Control of this call (SPEC §18): ``refresh=True`` makes a download due now,
+        Control of this call: ``refresh=True`` makes a download due now,
         whatever the strategy and the failure backoff (a conditional GET when the cached
         version has an ETag or Last-Modified: a 304 confirms it). ``stale_if_error=False``
         raises FetchError when the due download fails (the failed attempt is still
@@ -3985,10 +3985,10 @@ class Cache:
         if call.configuration is not None:
             self._require_strategy_support(call.configuration)
         if self._locked is not None or self._seeds or self._store.read_only:
-            response = self._fetch_portably(call)  # §16: lockfile, seeds, read-only
+            response = self._fetch_portably(call)  # lockfile, seeds, read-only
         else:
             response = self._fetch(call)
-        if call.expected_hash is not None:  # reads of this object check the bytes (§10)
+        if call.expected_hash is not None:  # reads of this object check the bytes
             response.__pydantic_private__["_expected_hash"] = call.expected_hash
         return response
 
@@ -4082,7 +4082,7 @@ class Cache:
                 plan = "conditional" if self._has_validators(newest) else "download"
             if plan == "serve":
                 return self._serve(call, request, ready, "cached")
-            # A download is due, but a recent failure of the origin says not to try yet (§18).
+            # A download is due, but a recent failure of the origin says not to try yet.
             if eligible and not call.refresh and self._is_backing_off(request, now):
                 return self._serve_during_backoff(call, request, ready, now)
 
@@ -4152,7 +4152,7 @@ class Cache:
         return bool(attributes.get("etag") or attributes.get("last_modified_datetime_utc"))
 
     def _is_backing_off(self, request, now: float) -> bool:
-        """Is the request inside a failure backoff recorded in the file (§18)? A damaged
+        """Is the request inside a failure backoff recorded in the file? A damaged
         end (not a number, or beyond what a backoff can last) counts as none."""
         until = getattr(request, "backoff_until_unix", None)
         return bool(self._failure_backoff_sec and isinstance(until, float)
@@ -4488,7 +4488,7 @@ class Cache:
             if kind == "not_modified":
                 t.version.delete().where(t.version.id == row.id).execute()
                 if newest is not None:
-                    # A 304 updates the stored caching headers with those it carries (RFC 9111 §4.3.4).
+                    # A 304 updates the stored caching headers with those it carries (RFC 9111 section 4.3.4).
                     t.version.update(validated_unix=now, cache_headers=self._merged_cache_headers(
                         newest, completed.cache_headers if completed is not None else {})).where(t.version.id == newest.id).execute()
                 outcome, settled_id = "not_modified", newest.id if newest else None
@@ -4554,7 +4554,7 @@ class Cache:
         return self._responses([chosen], request.url, ready, outcome)[0]
 
     def _backoff_changes(self, kind: str, failure: _DownloadFailure | None, now: float) -> dict:
-        """The request row's failure backoff after a download settled (§18): started (or
+        """The request row's failure backoff after a download settled: started (or
         extended by Retry-After) by a failure of the origin or the network, ended by an
         answer from the origin, untouched by content rejected here (hash, validator)."""
         if kind in ("completed", "not_modified"):
@@ -4568,7 +4568,7 @@ class Cache:
 
     @staticmethod
     def _merged_cache_headers(row, fresh: dict) -> str | None:
-        """A version's stored caching headers updated with those of a 304 (RFC 9111 §4.3.4)."""
+        """A version's stored caching headers updated with those of a 304 (RFC 9111 section 4.3.4)."""
         try:
             stored = json.loads(row.cache_headers or "{}")
         except ValueError:
@@ -4690,7 +4690,7 @@ class Cache:
             report.bytes_freed += freed
         self._store.give_back_free_pages(checkpoint=True)
         report.file_size_after = self._store.file_size()
-        _sweep_content_files(self)  # files and folders of content no longer stored (§17)
+        _sweep_content_files(self)  # files and folders of content no longer stored
         return report
 
     # --- reading the cache --------------------------------------------------------------
@@ -4946,7 +4946,7 @@ class Cache:
             self._store.give_back_free_pages(checkpoint=False)
         return removed
 
-    # --- reproducible and portable caches (§16) -------------------------------------------
+    # --- reproducible and portable caches -------------------------------------------
 
     @property
     def read_only(self) -> bool:
@@ -4954,7 +4954,7 @@ class Cache:
         return self._store.read_only
 
     def _fetch_portably(self, call: _FetchCall) -> Response:
-        """``fetch`` with the §16 hooks: the lockfile's hash becomes the expected hash, a
+        """``fetch`` with the portability hooks: the lockfile's hash becomes the expected hash, a
         version missing here is taken from a seed, and a read-only cache serves what it
         holds as offline does."""
         entry = self._locked.get(_identity_lock_key(call.identity, self._sensitive)) \
@@ -5231,7 +5231,7 @@ class Cache:
 
 
 # ---------------------------------------------------------------------------
-# Portability: lockfiles, backups, imports, seeds (§16)
+# Portability: lockfiles, backups, imports, seeds
 # ---------------------------------------------------------------------------
 #
 # A request is matched across cache files by its *lock key*: the identity without
@@ -5240,7 +5240,7 @@ class Cache:
 
 
 class LockEntry(_Model):
-    """One request of a lockfile and the version it is locked to (SPEC §16).
+    """One request of a lockfile and the version it is locked to.
 
     ``headers`` holds sensitive headers by name only (value ``None``). ``body`` is the
     body as sent: a JSON value (``body_encoding="json"``), text (``"text"``) or base64
@@ -5272,7 +5272,7 @@ class LockEntry(_Model):
 
 
 class SyncReport(_Model):
-    """What ``Cache.sync`` found for each lockfile entry, as lists of URLs (SPEC §16)."""
+    """What ``Cache.sync`` found for each lockfile entry, as lists of URLs."""
 
     present: list[str] = Field(default_factory=list)
     downloaded: list[str] = Field(default_factory=list)
