@@ -1654,6 +1654,8 @@ class _Claim:
     owner: str | None = None
     other_row_id: int | None = None
     resume: Any = None  # the abandoned row being resumed, if any
+    settled: bool = False  # a suitable ready version appeared meanwhile: nothing to download
+    version: str | None = None  # the version string given before the validator ran
 
 
 @dataclasses.dataclass
@@ -2277,6 +2279,9 @@ class Cache:
     # --- fetch: deciding ---------------------------------------------------------------
 
     def _fetch(self, call: _FetchCall) -> Response:
+        # A version validated from this moment on is as fresh as a download this call
+        # would start: single flight serves it instead of sending a second GET.
+        started = _now()
         while True:
             request, ready = self._store.request_and_ready_rows(call.identity.key)
             now = _now()
@@ -2302,7 +2307,12 @@ class Cache:
                 return self._serve(call, request, ready, "cached")
 
             # A download (or a conditional check) is due: claim it, unless someone else runs it.
-            claim = self._claim(call)
+            seen = (newest.id, newest.validated_unix) if newest is not None else None
+            claim = self._claim(call, strategy, started, seen)
+            if claim.settled:
+                # Another thread or process made a suitable version ready meanwhile.
+                request, ready = self._store.request_and_ready_rows(call.identity.key)
+                return self._serve(call, request, ready, "cached")
             if claim.other_row_id is None:
                 return self._run_download(call, claim, newest if plan == "conditional" else None)
             if call.prefer_cached and eligible:
@@ -2420,11 +2430,17 @@ class Cache:
 
     # --- fetch: single flight -------------------------------------------------------------
 
-    def _claim(self, call: _FetchCall) -> _Claim:
+    def _claim(self, call: _FetchCall, strategy=None, started: float | None = None,
+               seen: tuple | None = None) -> _Claim:
         """Create the request if new and take the download lease, in one transaction.
 
-        A live lease on another row means someone else is downloading: report it.
-        An abandoned row with resumable partial content is taken over.
+        The decision to download is taken again here, on the rows this transaction
+        sees: when another thread or process made a ready version meanwhile that this
+        call may serve (validated since ``started``, or fresh per ``strategy``; ``seen``
+        is the newest ready version's (id, validated time) the first decision saw), the
+        claim is ``settled`` and nothing is downloaded. A live lease on another row
+        means someone else is downloading: report it. An abandoned row with resumable
+        partial content is taken over.
         """
         identity = call.identity
         owner = f"{os.getpid()}:{threading.get_ident()}:{secrets.token_hex(6)}"
@@ -2446,6 +2462,9 @@ class Cache:
                 changes = self._setting_changes(call, request)
                 if changes:
                     t.request.update(**changes).where(t.request.id == request_id).execute()
+                if started is not None and self._settled_meanwhile(call, request, strategy, started,
+                                                                   seen, now):
+                    return _Claim(request_id, settled=True)
             in_flight = list(t.version.select().where(
                 (t.version.request_id == request_id) & t.version.status.in_(IN_FLIGHT_STATUSES))
                 .order_by(t.version.version.desc()))
@@ -2463,6 +2482,24 @@ class Cache:
                 request_id=request_id, version=_next_version_string(now, newest), status="wait",
                 request_unix=now, **lease).execute()
             return _Claim(request_id, row_id, owner)
+
+    def _settled_meanwhile(self, call: _FetchCall, request, strategy, started: float, seen,
+                           now: float) -> bool:
+        """Inside the claiming transaction: is there a ready version this call may serve
+        without downloading? Only a change since the first decision can say so: the
+        newest one counts when it was validated (downloaded, re-downloaded identical,
+        or confirmed by a 304) since the call started, or when the strategy now finds
+        it fresh."""
+        ready = self._store.ready_rows(request.id)
+        if not ready or not any(call.expected_hash is None or row.content_hash_hex == call.expected_hash
+                                for row in ready):
+            return False
+        newest = ready[0]
+        if seen == (newest.id, newest.validated_unix):
+            return False  # Nothing changed: the first decision stands.
+        if (newest.validated_unix or 0.0) > started:
+            return True
+        return strategy is not None and self._plan(strategy, newest, request, now) == "serve"
 
     def _await_download(self, request_id: int, row_id: int) -> dict | None:
         """Wait, polling with backoff, until another download ends; return how it ended

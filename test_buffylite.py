@@ -3715,6 +3715,99 @@ def test_single_flight_8_threads_and_3_processes_one_upstream_get(
     assert len(fault_origin.hits("/slow")) == 1, "single flight: exactly one upstream GET"
 
 
+# --- single flight for short downloads (SPEC §7, §15) ---
+
+#: A process of the short single-flight test: opens the cache, starts its threads, prints
+#: READY, waits for the go file, releases the threads together; each thread fetches every
+#: URL in order; prints RESULT with {url: [version, sha256] per fetch}.
+_SHORT_FLIGHT_WORKER = textwrap.dedent("""
+    import hashlib, json, os, sys, threading, time
+    import buffylite
+    args = json.loads(sys.argv[1])
+    cache = buffylite.Cache(args["cache"], timeout=10.0, retries=0, download_lease_sec=10.0)
+    barrier = threading.Barrier(args["threads"] + 1)
+    found, errors = [], []
+    def run():
+        barrier.wait(30)
+        for url in args["urls"]:
+            try:
+                resp = cache.fetch(url, prefer_cached=args["prefer_cached"])
+                found.append([url, resp.version, hashlib.sha256(resp.read()).hexdigest()])
+            except Exception as exc:
+                errors.append(repr(exc))
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(args["threads"])]
+    for thread in threads:
+        thread.start()
+    print("READY", flush=True)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(args["go"]) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    barrier.wait(30)
+    for thread in threads:
+        thread.join(60)
+    print("RESULT " + json.dumps({"found": found, "errors": errors}), flush=True)
+""")
+
+
+def _short_flight_trial(origin, tmp_path, trial: str, processes: int, threads: int,
+                        prefer_cached: bool, urls: int = 10) -> list[int]:
+    """One trial: ``processes`` x ``threads`` fetch ``urls`` uncached URLs (10 KB / 1 MB bodies,
+    no delay) released together; returns the GET count per URL after checking that every
+    caller got the one version with the origin's bytes."""
+    paths = [f"/{trial}/{index}" for index in range(urls)]
+    bodies = {path: random_bytes(10_000 if index % 2 else MiB, seed=index + 7)
+              for index, path in enumerate(paths)}
+    for path in paths:
+        origin.route(path, body=bodies[path], etag=f'"{trial}-{path}"')
+    cache_path = tmp_path / f"{trial}.sqlite3"
+    buffylite.Cache(cache_path).close()  # the file exists before the processes open it
+    go = tmp_path / f"{trial}.go"
+    args = {"cache": str(cache_path), "urls": [origin.url(path) for path in paths],
+            "threads": threads, "prefer_cached": prefer_cached, "go": str(go)}
+    script = tmp_path / "short_flight_worker.py"
+    script.write_text(_SHORT_FLIGHT_WORKER)
+    procs = [subprocess.Popen([PYTHON, str(script), json.dumps(args)], cwd=REPO_DIR,
+                              env=subprocess_env(PYTHONPATH=str(REPO_DIR)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE,
+                              text=True) for _ in range(processes)]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
+        go.write_text("go")
+        outputs = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT_SEC)
+            line = next((text for text in out.splitlines() if text.startswith("RESULT ")), None)
+            assert line is not None, err
+            outputs.append(json.loads(line[len("RESULT "):]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+    errors = [error for output in outputs for error in output["errors"]]
+    assert errors == []
+    found = [entry for output in outputs for entry in output["found"]]
+    assert len(found) == processes * threads * urls
+    for path in paths:
+        url = origin.url(path)
+        answers = {(version, digest) for entry_url, version, digest in found if entry_url == url}
+        assert answers == {(answers and next(iter(answers))[0], sha256(bodies[path]))}, (path, answers)
+    return [origin.hits(path) for path in paths]
+
+
+@pytest.mark.parametrize("prefer_cached", [True, False])
+@pytest.mark.parametrize("processes, threads", [(1, 8), (3, 4)])
+def test_single_flight_holds_for_short_downloads(origin, tmp_path, processes, threads, prefer_cached):
+    """§7/§15: threads (and processes) released together on 10 uncached URLs with short
+    bodies (10 KB and 1 MB, no delay): exactly one GET per URL, one version for everyone,
+    whether the callers prefer the cached version or wait for the running download."""
+    trial = f"p{processes}t{threads}{'c' if prefer_cached else 'w'}"
+    counts = _short_flight_trial(origin, tmp_path, trial, processes, threads, prefer_cached)
+    print(f"single flight {trial}: GETs per URL {counts}")
+    assert counts == [1] * len(counts)
+
+
 def test_running_download_waiters_prefer_cached_or_wait(fault_origin, fault_open_cache):
     """§7: while a download runs, prefer_cached=True returns L at once; False waits for it."""
     url = fault_origin.url("/busy-download")
