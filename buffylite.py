@@ -2598,8 +2598,14 @@ class Cache:
 
     def _run_validator(self, call: _FetchCall, claim: _Claim, request, result: _Completed) -> None:
         """Show the new, complete content to the user's validator before it is published."""
-        with self._store.reading() as t:
-            row = t.version.get_by_id(claim.row_id)
+        # The version string the content will be published under is given now, so the
+        # validator sees the version fetch() returns (and the one a failure is recorded as).
+        with self._store.writing() as t:
+            row = t.version.get_or_none(t.version.id == claim.row_id)
+            if row is None or row.lease_owner != claim.owner:
+                raise _LeaseLost()
+            row.version = claim.version = self._next_version_of(t, request.id, row.id)
+            t.version.update(version=row.version).where(t.version.id == row.id).execute()
         row.content_attributes = json.dumps(result.attributes)
         row.content_hash_hex = result.hash_hex
         candidate = self._response(row, request.url, [])
@@ -2629,9 +2635,8 @@ class Cache:
             row = t.version.get_or_none(t.version.id == claim.row_id)
             if row is None or row.lease_owner != claim.owner:
                 raise _LeaseLost()
-            newest_version = (t.version.select(peewee.fn.MAX(t.version.version))
-                              .where(t.version.request_id == request.id).scalar())
-            final = {"version": _next_version_string(now, newest_version), "lease_owner": None,
+            final = {"version": self._next_version_of(t, request.id, row.id, keep=claim.version),
+                     "lease_owner": None,
                      "lease_expires_unix": None, "resume_from": None}
             ready = self._store.ready_rows(request.id)
             newest = ready[0] if ready else None
@@ -2695,6 +2700,16 @@ class Cache:
             log.info("%s %s: version %s (%s bytes).", outcome, request.url, chosen.version,
                      completed.size)
         return self._responses([chosen], request.url, ready, outcome)[0]
+
+    @staticmethod
+    def _next_version_of(t: _Tables, request_id: int, row_id: int, keep: str | None = None) -> str:
+        """The version string for row ``row_id`` of a request: ``keep`` (given earlier)
+        while it is still newer than every other row's, else a fresh one after them."""
+        others = (t.version.select(peewee.fn.MAX(t.version.version))
+                  .where((t.version.request_id == request_id) & (t.version.id != row_id)).scalar())
+        if keep is not None and (others is None or keep > others):
+            return keep
+        return _next_version_string(_now(), others)
 
     def _settle_content(self, t: _Tables, row, hash_type: str, completed: _Completed) -> int:
         """Make the received content addressable by its hash, or drop it for the identical

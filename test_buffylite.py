@@ -1275,6 +1275,34 @@ def test_validator_receives_the_new_version_with_readable_content(cache, origin)
     assert seen == [b"first body", b"second body"]
 
 
+# --- validator version string (SPEC §7) ---
+
+
+def test_validator_sees_the_version_string_fetch_returns(cache, origin):
+    """§7: resp.version inside validator(resp) is the version fetch() returns, the one
+    versions() lists, and for a rejected download the version its failed row carries."""
+    seen = []
+
+    def validator(resp):
+        seen.append(resp.version)
+
+    for body in (b"one", b"two", b"three"):
+        resp = fetch_body(cache, origin, "/val-version", body, validator=validator)
+        assert resp.outcome == "downloaded"
+        assert seen[-1] == resp.version
+    assert seen == [resp.version for resp in reversed(cache.versions(origin.url("/val-version")))]
+
+    def rejecting(resp):
+        seen.append(resp.version)
+        raise ValueError("not today")
+
+    stale = fetch_body(cache, origin, "/val-version", b"four", validator=rejecting)
+    assert stale.outcome == "stale" and stale.version != seen[-1]
+    [failed] = cache.versions(origin.url("/val-version"), status="failed")
+    assert failed.version == seen[-1]
+    assert len(seen) == 4 and len(set(seen)) == 4
+
+
 def test_validator_rejection_serves_stale_and_records_its_message(cache, origin):
     """§7: a raising validator -> version failed with its message; L served "stale"."""
     good = fetch_body(cache, origin, "/valx", b'{"rows": 3}')
