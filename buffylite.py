@@ -179,7 +179,7 @@ WAIT_POLL_MAX_SEC = 0.5
 #: and in each thread's memo of the rows a fetch reads.
 IDENTITY_MEMO_SIZE = 4096
 #: Version of the file layout; see ``_MIGRATIONS``.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: SQLite ``application_id`` marking a buffylite file ("BUFY").
 APPLICATION_ID = 0x42554659
 #: SQLite page size of new cache files. Measured with bench/large_download.py on a
@@ -929,7 +929,27 @@ class _VersionRow(_Row):
         )
 
 
-_TABLE_MODELS = (_MetaRow, _RequestRow, _ContentRow, _ChunkRow, _VersionRow)
+class _RemovedVersionRow(_Row):
+    """A ready version that is gone (collected, deleted, or found corrupted): enough to
+    say what a request served at a past moment (``as_of``) and which content that was.
+    Keyed by the request's identity, not its row, so it outlives a deleted request."""
+
+    identity_key = peewee.CharField()
+    request_id = peewee.IntegerField()
+    version = peewee.CharField(max_length=20)
+    hash_type = peewee.CharField(null=True)
+    hash_hex = peewee.CharField(null=True)
+    size_bytes = peewee.BigIntegerField(null=True)
+    cached_unix = peewee.DoubleField(null=True)
+    removed_unix = peewee.DoubleField()
+    reason = peewee.CharField()
+
+    class Meta:
+        table_name = "removed_version"
+        indexes = ((("identity_key", "version"), False),)
+
+
+_TABLE_MODELS = (_MetaRow, _RequestRow, _ContentRow, _ChunkRow, _VersionRow, _RemovedVersionRow)
 
 
 _REQUEST_COLUMNS = tuple(_RequestRow._meta.sorted_field_names)
@@ -1091,13 +1111,19 @@ def _sqlite_write_transaction(database: peewee.SqliteDatabase):
 
 def _migrate_to_1(store: "_Store") -> None:
     """Version 1: the five tables and the salt for sensitive header digests."""
-    store.db.create_tables(store.tables.all, safe=True)
+    t = store.tables
+    store.db.create_tables([t.meta, t.request, t.content, t.chunk, t.version], safe=True)
     store.tables.meta.create(key="salt", value=secrets.token_hex(32))
     store.tables.meta.create(key="created_unix", value=repr(_now()))
 
 
 #: Ordered migrations: (schema version reached, function). Each runs in one write transaction.
-_MIGRATIONS = ((1, _migrate_to_1),)
+def _migrate_to_2(store: "_Store") -> None:
+    """Version 2: the record of removed versions (for ``as_of`` and lockfiles)."""
+    store.db.create_tables([store.tables.removed_version], safe=True)
+
+
+_MIGRATIONS = ((1, _migrate_to_1), (2, _migrate_to_2))
 
 
 class _Store:
@@ -2375,6 +2401,8 @@ class Cache:
 
     def _serve(self, call: _FetchCall, request, ready: list, outcome: str, *, hard: bool = False):
         """Return a cached version without downloading (leasing it first if pin_for)."""
+        if request is None and call.as_of is not None:
+            self._refuse_removed_at(call, None)
         if request is None:
             raise NotCachedError(f"{call.identity.url} is not in the cache {self.path}"
                                  + (" (offline)." if call.offline else "."))
@@ -2386,9 +2414,36 @@ class Cache:
                     self._extend_lease(t, chosen, call.pin_for)
         else:
             chosen = self._choose(call, ready, _now(), hard=hard)
+        if call.as_of is not None:
+            self._refuse_removed_at(call, chosen)
         if chosen is None:
             raise NotCachedError(self._nothing_matches(call))
         return self._responses([chosen], request.url, ready, outcome)[0]
+
+    def _refuse_removed_at(self, call: _FetchCall, chosen) -> None:
+        """``as_of``: raise NotCachedError when the version that was newest at that moment
+        has been removed since (GC, delete, corruption), rather than answer with ``chosen``,
+        an older version that was not current then."""
+        if call.force_tag is not None or call.force_pinned is not None:
+            return  # A removed version's tags and pins are not kept: it cannot be compared.
+        removed = self._store.tables.removed_version
+        with self._store.reading():
+            rows = list(removed.select().where(
+                (removed.identity_key == call.identity.key)
+                & (removed.version > (chosen.version if chosen is not None else ""))
+                & removed.cached_unix.is_null(False)).order_by(removed.version.desc()))
+        for row in rows:
+            if call.force_version is not None and row.version != call.force_version:
+                continue
+            if call.expected_hash is not None and row.hash_hex != call.expected_hash:
+                continue
+            # Compared as shown: microsecond datetimes.
+            if _to_datetime(row.cached_unix) <= call.as_of < _to_datetime(row.removed_unix):
+                raise NotCachedError(
+                    f"The version of {call.identity.url} current at {call.as_of.isoformat()} was "
+                    f"{row.version} ({row.hash_type}:{row.hash_hex}, {row.size_bytes} bytes); it was "
+                    f"removed from {self.path} at {_to_datetime(row.removed_unix).isoformat()} "
+                    f"({row.reason}).")
 
     def _nothing_matches(self, call: _FetchCall) -> str:
         wanted = [f"{name}={getattr(call, name)!r}" for name in
@@ -2767,6 +2822,7 @@ class Cache:
                 removals[row] = "abandoned"
         if not removals:
             return {}, 0
+        self._record_removed(t, request, [row for row in removals if row.status == "ready"], "collected", now)
         t.version.delete().where(t.version.id.in_([row.id for row in removals])).execute()
         freed = self._delete_unreferenced_contents(
             t, {row.content_id for row in removals if row.content_id is not None})
@@ -2774,6 +2830,22 @@ class Cache:
         for reason in removals.values():
             counts[reason] = counts.get(reason, 0) + 1
         return counts, freed
+
+    @staticmethod
+    def _record_removed(t: _Tables, request, rows: list, reason: str, now: float) -> None:
+        """Remember ready versions that leave the cache (§7 ``as_of``): version, hash,
+        size, cached and removed times. Runs in the transaction that removes them."""
+        if not rows:
+            return
+        contents = {content_id: (hash_type, size) for content_id, hash_type, size in t.content.select(
+            t.content.id, t.content.hash_type, t.content.size_bytes).where(
+            t.content.id.in_([row.content_id for row in rows if row.content_id is not None])).tuples()}
+        t.removed_version.insert_many([
+            {"identity_key": request.identity_key, "request_id": request.id, "version": row.version,
+             "hash_type": contents.get(row.content_id, (request.validation_hash_type,))[0],
+             "hash_hex": row.content_hash_hex,
+             "size_bytes": contents.get(row.content_id, (None, None))[1], "cached_unix": row.cached_unix,
+             "removed_unix": now, "reason": reason} for row in rows]).execute()
 
     @staticmethod
     def _delete_unreferenced_contents(t: _Tables, content_ids: set) -> int:
@@ -3053,6 +3125,8 @@ class Cache:
                 return 0
             content_ids = {row[0] for row in t.version.select(t.version.content_id).where(
                 (t.version.request_id == request.id) & t.version.content_id.is_null(False)).tuples()}
+            self._record_removed(t, request, list(t.version.select().where(
+                (t.version.request_id == request.id) & (t.version.status == "ready"))), "deleted", _now())
             removed = t.version.delete().where(t.version.request_id == request.id).execute()
             t.request.delete().where(t.request.id == request.id).execute()
             freed = self._delete_unreferenced_contents(t, content_ids)
