@@ -87,6 +87,7 @@ import mimetypes
 import os
 import pathlib
 import random
+import re
 import secrets
 import select
 import socket
@@ -205,6 +206,10 @@ RETRY_STATUS_CODES = frozenset({429, 500, 502, 503, 504})
 SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 #: Values of ``$BUFFYLITE_OFFLINE`` that mean offline (any case).
 OFFLINE_ENV_VALUES = frozenset({"1", "true", "yes", "on"})
+#: ``download_stats.error`` of a version whose content verify() found corrupted.
+CORRUPTED_ERROR = "content corrupted"
+#: Most lines of ``PRAGMA integrity_check`` a VerifyReport carries.
+INTEGRITY_CHECK_MAX_LINES = 100
 #: Name given to a saved file when nothing better is known.
 FALLBACK_FILENAME = "download"
 
@@ -273,6 +278,17 @@ def _rebuild_cache_file_error(message, path):
 
 class InvalidRequestError(BuffyliteError, ValueError):
     """An argument is invalid; nothing was written to the cache."""
+
+
+class _DamagedValueError(CacheFileError):
+    """A value read back from the cache file cannot be used (the disk damaged it): only
+    what holds it is unusable."""
+
+
+#: What reading a damaged stored value can raise (JSON and pydantic errors are
+#: ValueErrors; a flipped type tag gives TypeErrors; huge numbers OverflowErrors).
+_DAMAGE_ERRORS = (ValueError, TypeError, KeyError, OverflowError, AttributeError, IndexError)
+_VERSION_PATTERN = re.compile(r"\d{20}")
 
 
 # ---------------------------------------------------------------------------
@@ -787,10 +803,18 @@ class GCReport(_Model):
 
 
 class VerifyReport(_Model):
-    """Result of ``Cache.verify()``: contents re-hashed and versions found corrupted."""
+    """Result of ``Cache.verify()``: contents re-hashed, versions whose content is
+    corrupted (found now or by an earlier verify, until deleted or collected), and
+    structural damage (``problems``: the database's own checks, unreadable rows)."""
 
     checked: int = 0
     corrupted: list[Response] = Field(default_factory=list)
+    problems: list[str] = Field(default_factory=list)
+
+    @property
+    def intact(self) -> bool:
+        """True when nothing is corrupted and no problem was found."""
+        return not self.corrupted and not self.problems
 
 
 class RefreshResult(_Model):
@@ -1232,6 +1256,20 @@ class _Store:
         with self.reading():
             return _sqlite_file_marks(self.db)[1]
 
+    def structural_problems(self) -> list[str]:
+        """What the database's own checks find wrong (``PRAGMA integrity_check`` and
+        ``foreign_key_check``), as sentences; empty when the file is sound."""
+        problems = []
+        with self.reading():
+            lines = [row[0] for row in self.db.execute_sql(
+                f"PRAGMA integrity_check({INTEGRITY_CHECK_MAX_LINES})").fetchall()]
+            if lines != ["ok"]:
+                problems += [f"SQLite integrity check of {self.path}: {line}" for line in lines]
+            for table, rowid, parent, _ in self.db.execute_sql("PRAGMA foreign_key_check").fetchall():
+                problems.append(f"SQLite foreign key check of {self.path}: row {rowid} of table {table} "
+                                f"refers to a missing row of {parent}.")
+        return problems
+
     def give_back_free_pages(self, *, checkpoint: bool) -> None:
         with self.reading():  # (translates sqlite3 errors from executescript too)
             _sqlite_give_back_free_pages(self.db, checkpoint=checkpoint)
@@ -1304,34 +1342,67 @@ class _Store:
     # --- content I/O ---
 
     def iter_chunks(self, content_id: int) -> Iterator[bytes]:
-        """The chunks of a content in order, one at a time (bounded memory)."""
+        """The chunks of a content in order, one at a time (bounded memory). Raises
+        IntegrityError when what they add up to is not the stored content (a chunk
+        missing, or a length differing from the stored size), never yielding less
+        silently at the end."""
         chunk = self.tables.chunk
-        seq = -1
+        with self.reading():
+            size = self._content_size(content_id)
+        seq, count, length = -1, 0, 0
         while True:
             with self.reading():
                 row = (chunk.select(chunk.seq, chunk.data)
                        .where((chunk.content_id == content_id) & (chunk.seq > seq))
                        .order_by(chunk.seq).limit(1).tuples().first())
             if row is None:
-                return
+                break
             seq, data = row
+            self._check_chunk(content_id, seq, count, data)
+            count += 1
+            length += len(data)
             yield bytes(data)
+        self._check_assembled(content_id, size, length)
 
     def read_content(self, content_id: int) -> bytes:
-        """The whole content, in one query."""
+        """The whole content, in one query (one snapshot). Raises NotCachedError when the
+        content was deleted, IntegrityError when the chunks do not assemble into the
+        stored size."""
         def build(t: _Tables):
-            return t.chunk.select(t.chunk.data).where(t.chunk.content_id == _slot()).order_by(t.chunk.seq)
-        with self.reading():
-            data = b"".join([row[0] for row in self._execute("read_content", build, content_id)])
-            if not data:
-                self._require_content(content_id)
-            return data
+            return (t.chunk.select(t.chunk.seq, t.chunk.data).where(t.chunk.content_id == _slot())
+                    .order_by(t.chunk.seq))
+        with self.reading(), self.db.atomic():  # the size and the chunks from one snapshot
+            size = self._content_size(content_id)
+            pieces = []
+            for count, (seq, data) in enumerate(self._execute("read_content_checked", build, content_id)):
+                self._check_chunk(content_id, seq, count, data)
+                pieces.append(data)
+        data = b"".join(pieces)
+        self._check_assembled(content_id, size, len(data))
+        return data
+
+    def _content_size(self, content_id: int) -> int:
+        """The stored size of a content; NotCachedError when it is gone."""
+        size = (self.tables.content.select(self.tables.content.size_bytes)
+                .where(self.tables.content.id == content_id).tuples().first())
+        if size is None:
+            raise NotCachedError(f"This version's content is no longer in the cache {self.path} "
+                                 "(the version was deleted or collected).")
+        return size[0]
+
+    def _check_chunk(self, content_id: int, seq, expected_seq: int, data) -> None:
+        if seq != expected_seq or not isinstance(data, (bytes, bytearray, memoryview)):
+            raise IntegrityError(f"Content {content_id} in the cache {self.path} is damaged: chunk "
+                                 f"{expected_seq} is missing or unreadable (found {seq!r}).")
+
+    def _check_assembled(self, content_id: int, size, length: int) -> None:
+        if not isinstance(size, int) or size != length:
+            raise IntegrityError(f"Content {content_id} in the cache {self.path} is damaged: its "
+                                 f"chunks hold {length} bytes, the stored size is {size!r}.")
 
     def _require_content(self, content_id: int) -> None:
         """Raise NotCachedError when the content was deleted (the version was collected)."""
-        if not self.tables.content.select().where(self.tables.content.id == content_id).exists():
-            raise NotCachedError(f"This version's content is no longer in the cache {self.path} "
-                                 "(the version was deleted or collected).")
+        self._content_size(content_id)
 
     def open_content(self, content_id: int) -> "_ContentStream":
         self._ensure_same_process()
@@ -2132,6 +2203,17 @@ class Cache:
     def _response(self, row, url: str, chain: list[str], outcome: str | None = None) -> Response:
         """Build the public object for a version row; ``chain`` is the request's ready
         versions in ascending order (for previous/next)."""
+        try:
+            return self._response_of(row, url, chain, outcome)
+        except _DAMAGE_ERRORS as exc:
+            raise _DamagedValueError(
+                f"Version {getattr(row, 'version', '?')!r} (row {getattr(row, 'id', '?')}) of {url} in the "
+                f"cache {self.path} is damaged and cannot be read: {type(exc).__name__}.",
+                path=self.path) from exc
+
+    def _response_of(self, row, url: str, chain: list[str], outcome: str | None) -> Response:
+        if row.status not in VERSION_STATUSES or not _VERSION_PATTERN.fullmatch(row.version):
+            raise ValueError("bad status or version string")
         previous_version = next_version = None
         if row.status == "ready":
             index = bisect.bisect_left(chain, row.version)
@@ -2161,13 +2243,17 @@ class Cache:
         request = t.request.get_by_id(row.request_id)
         return self._responses([row], request.url, self._store.ready_rows(row.request_id), outcome)[0]
 
-    @staticmethod
-    def _configuration_of(request_row) -> RequestCacheConfiguration:
+    def _configuration_of(self, request_row) -> RequestCacheConfiguration:
         # Parsed once per row object (rows are re-read whenever the file changes).
         parsed = getattr(request_row, "_parsed_configuration", None)
         if parsed is None or parsed[0] != request_row.cache_configuration:
-            parsed = (request_row.cache_configuration,
-                      RequestCacheConfiguration.model_validate_json(request_row.cache_configuration))
+            try:
+                configuration = RequestCacheConfiguration.model_validate_json(request_row.cache_configuration)
+            except _DAMAGE_ERRORS as exc:
+                raise _DamagedValueError(
+                    f"The stored cache configuration of {request_row.url!r} (request {request_row.id}) in "
+                    f"the cache {self.path} is damaged and cannot be read.", path=self.path) from exc
+            parsed = (request_row.cache_configuration, configuration)
             with contextlib.suppress(AttributeError):
                 request_row._parsed_configuration = parsed
         return parsed[1]
@@ -2880,8 +2966,13 @@ class Cache:
                 request_ids = [request.id] if request is not None else []
         for request_id in request_ids:
             # One short transaction per request keeps other writers moving.
-            with self._store.writing() as t:
-                counts, freed = self._collect_request(t, request_id, _now())
+            try:
+                with self._store.writing() as t:
+                    counts, freed = self._collect_request(t, request_id, _now())
+            except _DamagedValueError as exc:
+                # Only this request cannot be collected; verify() reports it.
+                log.warning("%s Not collected.", exc)
+                continue
             for reason, count in counts.items():
                 report.removed[reason] += count
             report.bytes_freed += freed
@@ -2892,6 +2983,17 @@ class Cache:
     # --- reading the cache --------------------------------------------------------------
 
     def _request_model(self, row) -> Request:
+        try:
+            return self._request_model_of(row)
+        except _DamagedValueError:
+            raise
+        except _DAMAGE_ERRORS as exc:
+            raise _DamagedValueError(
+                f"The stored request {getattr(row, 'url', '?')!r} (request {getattr(row, 'id', '?')}) in "
+                f"the cache {self.path} is damaged and cannot be read: {type(exc).__name__}.",
+                path=self.path) from exc
+
+    def _request_model_of(self, row) -> Request:
         return Request(
             id=row.id, url=row.url, http_method=row.http_method,
             http_header_fields=json.loads(row.http_header_fields or "{}"),
@@ -2915,7 +3017,15 @@ class Cache:
             query = t.request.select().order_by(t.request.id)
             if group is not None:
                 query = query.where(t.request.group_name == group)
-            return [self._request_model(row) for row in query]
+            rows = list(query)
+        found = []
+        for row in rows:
+            try:
+                found.append(self._request_model(row))
+            except _DamagedValueError as exc:
+                # Only this request is unusable; verify() reports it.
+                log.warning("%s Left out of requests().", exc)
+        return found
 
     def versions(self, url: str, *, status: str | None = "ready", tag: str | None = None,
                  pinned: bool | None = None, method: str = "get", params: dict | None = None,
@@ -2970,7 +3080,8 @@ class Cache:
             per_status = dict.fromkeys(VERSION_STATUSES, 0)
             for status, count in (t.version.select(t.version.status, peewee.fn.COUNT(t.version.id))
                                   .group_by(t.version.status).tuples()):
-                per_status[status] = count
+                if status in per_status:  # a damaged status is verify()'s to report
+                    per_status[status] = count
             complete = t.content.hash_hex.is_null(False)
             content_bytes, unique = (t.content.select(peewee.fn.COALESCE(peewee.fn.SUM(t.content.size_bytes), 0),
                                                       peewee.fn.COUNT(t.content.id))
@@ -3055,39 +3166,127 @@ class Cache:
     # --- maintenance ----------------------------------------------------------------------
 
     def verify(self) -> VerifyReport:
-        """Re-hash every stored content. A version whose content no longer matches its hash
-        leaves the chain and becomes ``failed`` with the error "content corrupted"; nothing
-        else changes. Returns a VerifyReport (contents checked, corrupted versions)."""
+        """Check the whole cache (§10) and report what is wrong; never "all intact" while
+        something is.
+
+        Runs the database's own checks (``PRAGMA integrity_check`` and
+        ``foreign_key_check``) and reads every stored value back; what fails goes to
+        ``problems``. Re-hashes every stored content: a version whose content no longer
+        matches its hash (or cannot be read) leaves the chain and becomes ``failed`` with
+        the error "content corrupted". ``corrupted`` lists every such version, found by
+        this call or an earlier one, until it is deleted or collected.
+        """
         report = VerifyReport()
-        with self._store.reading() as t:
-            contents = list(t.content.select(t.content.id, t.content.hash_type, t.content.hash_hex,
-                                             t.content.size_bytes)
-                            .where(t.content.hash_hex.is_null(False)).tuples())
+        try:
+            report.problems.extend(self._store.structural_problems())
+        except CacheFileError as exc:
+            report.problems.append(str(exc))
+        try:
+            with self._store.reading() as t:
+                contents = list(t.content.select(t.content.id, t.content.hash_type, t.content.hash_hex,
+                                                 t.content.size_bytes)
+                                .where(t.content.hash_hex.is_null(False)).tuples())
+        except CacheFileError as exc:
+            report.problems.append(f"The list of contents cannot be read: {exc}")
+            contents = []
         for content_id, hash_type, hash_hex, size in contents:
-            hasher, length = hashlib.new(hash_type), 0
-            try:  # One snapshot per content: a concurrent delete cannot look like corruption.
-                with self._store.open_content(content_id) as stream:
-                    while data := stream.read(DEFAULT_CHUNK_SIZE_BYTES):
-                        hasher.update(data)
-                        length += len(data)
+            try:
+                intact = self._content_is_intact(content_id, hash_type, hash_hex, size)
             except NotCachedError:
                 continue  # Deleted meanwhile: nothing to verify.
+            except CacheFileError as exc:
+                report.problems.append(f"Content {content_id} ({hash_type}:{hash_hex}) cannot be read: {exc}")
+                intact = False
             report.checked += 1
-            if hasher.hexdigest() == hash_hex and length == size:
-                continue
-            with self._store.writing() as t:
-                # No longer addressable: a new identical download must not reuse it.
-                t.content.update(hash_hex=None).where(t.content.id == content_id).execute()
-                rows = list(t.version.select().where((t.version.content_id == content_id)
-                                                     & (t.version.status == "ready")))
-                for row in rows:
-                    stats = json.loads(row.download_stats or "{}")
-                    stats.update(state="failed", error="content corrupted")
-                    t.version.update(status="failed", download_stats=json.dumps(stats)).where(
-                        t.version.id == row.id).execute()
-                report.corrupted.extend(self._response_for_row_id(t, row.id) for row in rows)
-            log.info("Content %s is corrupted; %d version(s) marked failed.", hash_hex, len(rows))
+            if not intact:
+                try:
+                    self._mark_corrupted(content_id, hash_hex)
+                except CacheFileError as exc:
+                    report.problems.append(f"Content {content_id} ({hash_type}:{hash_hex}) is corrupted "
+                                           f"and cannot be marked so: {exc}")
+        report.problems.extend(self._damaged_values())
+        report.corrupted.extend(self._corrupted_versions(report.problems))
         return report
+
+    def _content_is_intact(self, content_id: int, hash_type, hash_hex, size) -> bool:
+        """Re-hash one content from one snapshot (a concurrent delete cannot look like
+        corruption; it raises NotCachedError)."""
+        try:
+            hasher = hashlib.new(hash_type)
+        except (TypeError, ValueError):
+            return False  # A damaged algorithm name: the hash cannot be checked.
+        length = 0
+        try:
+            with self._store.open_content(content_id) as stream:
+                while data := stream.read(DEFAULT_CHUNK_SIZE_BYTES):
+                    hasher.update(data)
+                    length += len(data)
+        except (IntegrityError, TypeError, ValueError):
+            return False
+        return hasher.hexdigest() == hash_hex and length == size
+
+    def _mark_corrupted(self, content_id: int, hash_hex) -> None:
+        """Take the versions of a corrupted content out of the chain (failed, "content
+        corrupted"), remember them as removed (§7 as_of), and make the content
+        unaddressable so a new identical download does not reuse it."""
+        with self._store.writing() as t:
+            t.content.update(hash_hex=None).where(t.content.id == content_id).execute()
+            rows = list(t.version.select().where((t.version.content_id == content_id)
+                                                 & (t.version.status == "ready")))
+            now = _now()
+            for row in rows:
+                try:
+                    stats = json.loads(row.download_stats or "{}")
+                    stats = stats if isinstance(stats, dict) else {}
+                except ValueError:
+                    stats = {}
+                stats.update(state="failed", error=CORRUPTED_ERROR)
+                t.version.update(status="failed", download_stats=json.dumps(stats)).where(
+                    t.version.id == row.id).execute()
+                request = t.request.get_or_none(t.request.id == row.request_id)
+                if request is not None:
+                    self._record_removed(t, request, [row], "corrupted", now)
+        log.info("Content %s is corrupted; %d version(s) marked failed.", hash_hex, len(rows))
+
+    def _corrupted_versions(self, problems: list[str]) -> list[Response]:
+        """Every version marked "content corrupted" that is still stored."""
+        found = []
+        with self._store.reading() as t:
+            rows = list(t.version.select().where(
+                (t.version.status == "failed") & t.version.download_stats.contains(CORRUPTED_ERROR))
+                .order_by(t.version.request_id, t.version.version))
+            urls = dict(t.request.select(t.request.id, t.request.url).tuples())
+        for row in rows:
+            try:
+                response = self._responses([row], urls.get(row.request_id, "?"), [], "cached")[0]
+            except CacheFileError as exc:
+                problems.append(str(exc))
+                continue
+            if response.download_stats.error == CORRUPTED_ERROR:
+                found.append(response)
+        return found
+
+    def _damaged_values(self) -> list[str]:
+        """Read every stored request and version back as the API would; name those that fail."""
+        problems = []
+        try:
+            with self._store.reading() as t:
+                requests = list(t.request.select())
+                versions = list(t.version.select())
+        except CacheFileError as exc:
+            return [f"The requests and versions cannot be read: {exc}"]
+        urls = {}
+        for row in requests:
+            try:
+                urls[row.id] = self._request_model(row).url
+            except CacheFileError as exc:
+                problems.append(str(exc))
+        for row in versions:
+            try:
+                self._responses([row], urls.get(row.request_id, "?"), [], None)
+            except CacheFileError as exc:
+                problems.append(str(exc))
+        return problems
 
     def refresh(self, group: str | None = None) -> list[RefreshResult]:
         """Apply each stored request's strategy now (as ``fetch`` would), for every request
@@ -3422,15 +3621,24 @@ def _cmd_gc(cache: Cache, args) -> int:
 
 def _cmd_verify(cache: Cache, args) -> int:
     report = cache.verify()
-    _emit(args, report.model_dump(mode="json"),
-          lambda: _print_table([{"url": response.url, **_version_row(response)}
-                                for response in report.corrupted], sys.stdout)
-          if report.corrupted else sys.stdout.write(f"{report.checked} contents checked, all intact\n"))
+
+    def human() -> None:
+        if report.intact:
+            sys.stdout.write(f"{report.checked} contents checked, all intact\n")
+            return
+        if report.corrupted:
+            _print_table([{"url": response.url, **_version_row(response)}
+                          for response in report.corrupted], sys.stdout)
+        for problem in report.problems:
+            sys.stdout.write(f"problem: {problem}\n")
+    _emit(args, report.model_dump(mode="json"), human)
     if report.corrupted:
         sys.stderr.write(f"buffylite: {len(report.corrupted)} versions have corrupted content "
-                         "(now marked failed).\n")
-        return EXIT_INTEGRITY
-    return 0
+                         "(marked failed).\n")
+    if report.problems:
+        sys.stderr.write(f"buffylite: {len(report.problems)} problems found in the cache file "
+                         f"{cache.path}.\n")
+    return EXIT_INTEGRITY if not report.intact else 0
 
 
 def _cmd_refresh(cache: Cache, args) -> int:
