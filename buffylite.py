@@ -1260,14 +1260,24 @@ class _Store:
         """What the database's own checks find wrong (``PRAGMA integrity_check`` and
         ``foreign_key_check``), as sentences; empty when the file is sound."""
         problems = []
-        with self.reading():
-            lines = [row[0] for row in self.db.execute_sql(
-                f"PRAGMA integrity_check({INTEGRITY_CHECK_MAX_LINES})").fetchall()]
-            if lines != ["ok"]:
-                problems += [f"SQLite integrity check of {self.path}: {line}" for line in lines]
-            for table, rowid, parent, _ in self.db.execute_sql("PRAGMA foreign_key_check").fetchall():
-                problems.append(f"SQLite foreign key check of {self.path}: row {rowid} of table {table} "
-                                f"refers to a missing row of {parent}.")
+        try:
+            with self.reading():
+                lines = [row[0] for row in self.db.execute_sql(
+                    f"PRAGMA integrity_check({INTEGRITY_CHECK_MAX_LINES})").fetchall()]
+        except CacheFileError as exc:
+            lines = [f"the check could not complete ({exc.__cause__ or exc})"]
+        if lines != ["ok"]:
+            problems += [f"SQLite integrity check of {self.path}: {line}" for line in lines]
+        try:
+            with self.reading():
+                missing = self.db.execute_sql("PRAGMA foreign_key_check").fetchall()
+        except CacheFileError as exc:
+            problems.append(f"SQLite foreign key check of {self.path} could not complete "
+                            f"({exc.__cause__ or exc}).")
+            missing = []
+        for table, rowid, parent, _ in missing:
+            problems.append(f"SQLite foreign key check of {self.path}: row {rowid} of table {table} "
+                            f"refers to a missing row of {parent}.")
         return problems
 
     def give_back_free_pages(self, *, checkpoint: bool) -> None:
@@ -3251,11 +3261,15 @@ class Cache:
     def _corrupted_versions(self, problems: list[str]) -> list[Response]:
         """Every version marked "content corrupted" that is still stored."""
         found = []
-        with self._store.reading() as t:
-            rows = list(t.version.select().where(
-                (t.version.status == "failed") & t.version.download_stats.contains(CORRUPTED_ERROR))
-                .order_by(t.version.request_id, t.version.version))
-            urls = dict(t.request.select(t.request.id, t.request.url).tuples())
+        try:
+            with self._store.reading() as t:
+                rows = list(t.version.select().where(
+                    (t.version.status == "failed") & t.version.download_stats.contains(CORRUPTED_ERROR))
+                    .order_by(t.version.request_id, t.version.version))
+                urls = dict(t.request.select(t.request.id, t.request.url).tuples())
+        except CacheFileError as exc:
+            problems.append(f"The versions marked corrupted cannot be listed: {exc}")
+            return found
         for row in rows:
             try:
                 response = self._responses([row], urls.get(row.request_id, "?"), [], "cached")[0]

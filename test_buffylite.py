@@ -2053,6 +2053,230 @@ def test_open_stream_survives_deletion_by_another_cache(cache, cache_path, origi
         other.close()
 
 
+# --- damaged files: verify and the bit-flip sweep (SPEC §10, §14) ---
+
+
+def _checkpointed(path: pathlib.Path) -> None:
+    """Fold the WAL into the main file, so the main file alone holds everything."""
+    connection = sqlite3.connect(path, timeout=10)
+    try:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    finally:
+        connection.close()
+
+
+def _sqlite_integrity(path: pathlib.Path) -> list[str]:
+    """What ``PRAGMA integrity_check`` says about a file (["ok"] when sound); a file SQLite
+    cannot even open that far gives its error message."""
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            return [row[0] for row in connection.execute("PRAGMA integrity_check")]
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as exc:
+        return [str(exc)]
+
+
+def _page_size_and_count(path: pathlib.Path) -> tuple[int, int]:
+    header = path.read_bytes()[:100]
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    return page_size, path.stat().st_size // page_size
+
+
+def _populated_cache(path: pathlib.Path, origin: Origin) -> dict:
+    """A cache with several requests (groups, params, strategies), versions, tags, pins
+    and a removed version; returns {url: {hash: body}} of what was stored."""
+    bodies = {}
+    with buffylite.Cache(path, retries=0, timeout=5) as cache:
+        strategies = [buffylite.ReCachingStrategy.never(), buffylite.ReCachingStrategy.age(seconds=0),
+                      buffylite.ReCachingStrategy.when_remote_changed(),
+                      buffylite.ReCachingStrategy.cron(cron="0 3 * * *")]
+        for index, strategy in enumerate(strategies):
+            path_name = f"/damage/{index}"
+            origin.route(path_name, etag=f'"e{index}"')
+            url = origin.url(path_name)
+            for step in range(3):
+                body = random_bytes(3000 + 1500 * step, seed=100 * index + step)
+                origin.routes[path_name].body = body
+                resp = cache.fetch(url, group=f"group{index % 2}", params={"step": "x"} if index == 3 else None,
+                                   cache_configuration=config(buffylite.ReCachingStrategy.age(seconds=0), keep=2)
+                                   if step < 2 else config(strategy, keep=2))
+                bodies.setdefault(url, {})[sha256(body)] = body
+                if step == 0:
+                    cache.tag(resp, f"first-{index}")
+                if step == 1 and index % 2:
+                    cache.pin(resp)
+    _checkpointed(path)
+    return bodies
+
+
+def _damage_identity(url: str) -> dict:
+    index = int(url.rsplit("/", 1)[1])
+    return {"group": f"group{index % 2}", "params": {"step": "x"} if index == 3 else None}
+
+
+def _exercise_damaged_cache(path: pathlib.Path, bodies: dict) -> dict:
+    """Run every public reading method on a (possibly damaged) cache file. Each either
+    works or raises a §12 error; what read() returns has the stored length. Returns what
+    happened: {"opened": bool, "verify": VerifyReport | None, "outcomes": {name: "ok"|error}}."""
+    outcomes = {}
+
+    def attempt(name, call):
+        try:
+            result = call()
+        except buffylite.BuffyliteError as exc:
+            outcomes[name] = type(exc).__name__
+            return None
+        outcomes[name] = "ok"
+        return result
+
+    def check_read(resp):
+        data = resp.read()
+        known = bodies[resp.url].get(resp.content_hash_hex)
+        expected = len(known) if known is not None else resp.content_attributes.content_size_bytes
+        assert len(data) == expected, (resp.url, resp.version, len(data), expected)
+
+    try:
+        cache = buffylite.Cache(path, retries=0, timeout=2)
+    except buffylite.CacheFileError:
+        return {"opened": False, "verify": None, "outcomes": outcomes}
+    try:
+        for url in bodies:
+            identity = _damage_identity(url)
+            resp = attempt(f"fetch {url}", lambda: cache.fetch(url, offline=True, **identity))
+            if resp is not None:
+                attempt(f"read {url}", lambda: check_read(resp))
+            latest = attempt(f"get {url}", lambda: cache.get(url, **identity))
+            if latest is not None:
+                attempt(f"read latest {url}", lambda: check_read(latest))
+            listed = attempt(f"versions {url}", lambda: cache.versions(url, status=None, **identity))
+            for other in listed or []:
+                if other.status == "ready":
+                    attempt(f"read {other.version}", lambda: check_read(other))
+        attempt("requests", cache.requests)
+        attempt("stats", cache.stats)
+        report = attempt("verify", cache.verify)
+        attempt("gc", cache.gc)
+        return {"opened": True, "verify": report, "outcomes": outcomes}
+    finally:
+        cache.close()
+
+
+def test_verify_reports_an_overwritten_page_and_the_cli_exits_4(cache_path, origin, tmp_path):
+    """§10: a page overwritten on purpose -> integrity_check fails, verify() lists problems
+    (never "all intact"), the CLI's verify exits 4 and says so."""
+    _populated_cache(cache_path, origin)
+    page_size, pages = _page_size_and_count(cache_path)
+    assert pages >= 4
+    data = bytearray(cache_path.read_bytes())
+    # The last page holds table rows or an index: garbage in its middle breaks the b-tree.
+    start = (pages - 1) * page_size
+    data[start + 8: start + page_size // 2] = random_bytes(page_size // 2 - 8, seed=9)
+    damaged = tmp_path / "overwritten.sqlite3"
+    damaged.write_bytes(bytes(data))
+    assert _sqlite_integrity(damaged) != ["ok"]
+    with buffylite.Cache(damaged) as cache:
+        report = cache.verify()
+    assert report.problems, report
+    assert any("integrity" in problem for problem in report.problems)
+    done = run_cli("--cache", str(damaged), "verify")
+    assert done.returncode == 4, done.stderr
+    assert "all intact" not in done.stdout
+    assert "problem" in done.stdout and "problems found" in done.stderr
+    as_json = run_cli("--cache", str(damaged), "--json", "verify")
+    assert as_json.returncode == 4
+    assert json.loads(as_json.stdout)["problems"]
+
+
+def test_a_torn_copy_is_not_reported_intact(cache_path, origin, tmp_path):
+    """§10: a copy made page by page while another process writes is often torn; whenever
+    SQLite's integrity check fails on it, verify() reports problems, never "all intact"."""
+    _populated_cache(cache_path, origin)
+    writer = subprocess.Popen([PYTHON, "-c", textwrap.dedent(f"""
+        import sqlite3, time, os
+        connection = sqlite3.connect({str(cache_path)!r}, timeout=10)
+        connection.execute("PRAGMA journal_mode=DELETE")  # every commit rewrites pages in place
+        deadline = time.monotonic() + 20
+        n = 0
+        while time.monotonic() < deadline:
+            connection.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (f"filler-{{n}}", os.urandom(3000).hex()))
+            connection.commit()
+            n += 1
+            if n % 40 == 0:
+                connection.execute("DELETE FROM meta WHERE key LIKE 'filler-%'")
+                connection.commit()
+    """)], cwd=REPO_DIR, env=subprocess_env())
+    torn_seen = copies = 0
+    try:
+        deadline = time.monotonic() + 15
+        while copies < 40 and time.monotonic() < deadline:
+            copy = tmp_path / f"copy{copies}.sqlite3"
+            page_size = 16384
+            with open(cache_path, "rb") as source, open(copy, "wb") as target:
+                while piece := source.read(page_size):
+                    target.write(piece)
+                    time.sleep(0.0005)
+            copies += 1
+            integrity = _sqlite_integrity(copy)
+            if integrity == ["ok"]:
+                copy.unlink()
+                continue
+            torn_seen += 1
+            try:
+                with buffylite.Cache(copy) as cache:
+                    report = cache.verify()
+            except buffylite.CacheFileError:
+                continue  # refused at open, with the path: also not "intact"
+            assert report.problems, (integrity, report)
+            copy.unlink()
+    finally:
+        writer.kill()
+        writer.wait(10)
+    print(f"torn copies: {torn_seen} of {copies}")
+    assert copies >= 10
+
+
+def test_every_bit_flip_leaves_the_api_honest(cache_path, origin, tmp_path):
+    """§14: one bit flipped in a copy of a populated cache file, at every page header and a
+    sample of cells: each public method works or raises a §12 error; read() never returns
+    content of the wrong length; verify() reports the damage whenever integrity_check fails."""
+    bodies = _populated_cache(cache_path, origin)
+    original = cache_path.read_bytes()
+    page_size, pages = _page_size_and_count(cache_path)
+    rng = random.Random(20261130)
+    flips = []
+    for page in range(pages):
+        base = page * page_size + (100 if page == 0 else 0)
+        flips += [(base + rng.randrange(12), rng.randrange(8)) for _ in range(2)]  # page header
+        flips += [(page * page_size + rng.randrange(page_size), rng.randrange(8)) for _ in range(6)]  # cells
+    damaged = tmp_path / "flipped.sqlite3"
+    tally = {"flips": 0, "refused_at_open": 0, "integrity_failed": 0, "verify_problems": 0, "errors": 0}
+    started = time.monotonic()
+    for offset, bit in flips:
+        data = bytearray(original)
+        data[offset] ^= 1 << bit
+        damaged.write_bytes(bytes(data))
+        for suffix in ("-wal", "-shm"):
+            pathlib.Path(str(damaged) + suffix).unlink(missing_ok=True)
+        integrity = _sqlite_integrity(damaged)
+        result = _exercise_damaged_cache(damaged, bodies)
+        tally["flips"] += 1
+        tally["errors"] += sum(outcome != "ok" for outcome in result["outcomes"].values())
+        if not result["opened"]:
+            tally["refused_at_open"] += 1
+            continue
+        if integrity != ["ok"]:
+            tally["integrity_failed"] += 1
+            assert result["verify"] is not None and result["verify"].problems, (offset, bit, integrity)
+        if result["verify"] is not None and result["verify"].problems:
+            tally["verify_problems"] += 1
+    print(f"bit flips: {tally}, {time.monotonic() - started:.1f}s")
+    assert tally["flips"] == len(flips) == pages * 8
+    assert tally["integrity_failed"] > 0
+
+
 # ===========================================================================
 # refresh() (§3, §6)
 # ===========================================================================
