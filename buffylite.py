@@ -2424,7 +2424,7 @@ class Cache:
             if call.offline:
                 return self._serve(call, request, ready, "offline")
             self._require_strategy_support(configuration)
-            plan = self._plan(strategy, newest, request, now) if eligible else "download"
+            plan = self._stored_plan(strategy, newest, request, now) if eligible else "download"
             if plan == "serve":
                 return self._serve(call, request, ready, "cached")
 
@@ -2472,8 +2472,33 @@ class Cache:
         next_tick = _croniter.croniter(strategy.cron, _to_datetime(newest.validated_unix)).get_next(float)
         return "download" if next_tick <= now else "serve"
 
+    def _stored_plan(self, strategy, newest, request, now: float) -> str:
+        """``_plan`` on values read from the file: a damaged one makes this request unusable."""
+        try:
+            return self._plan(strategy, newest, request, now)
+        except _DAMAGE_ERRORS as exc:
+            raise _DamagedValueError(
+                f"Version {getattr(newest, 'version', '?')!r} of {request.url!r} in the cache {self.path} "
+                f"is damaged and cannot be read: {type(exc).__name__}.", path=self.path) from exc
+
     def _choose(self, call: _FetchCall, ready: list, now: float, *, hard: bool = False):
         """The newest ready row satisfying the call's choices (§7), or None."""
+        try:
+            return self._choose_of(call, ready, now, hard=hard)
+        except _DAMAGE_ERRORS as exc:
+            damaged = "?"
+            for row in ready:  # name the row that holds the damage
+                try:
+                    _matches(row, tag="", pinned=True, now=now)
+                    _to_datetime(row.cached_unix)
+                except _DAMAGE_ERRORS:
+                    damaged = row.version
+                    break
+            raise _DamagedValueError(
+                f"Version {damaged!r} of {call.identity.url} in the cache {self.path} is damaged and "
+                f"cannot be read: {type(exc).__name__}.", path=self.path) from exc
+
+    def _choose_of(self, call: _FetchCall, ready: list, now: float, *, hard: bool = False):
         candidates = [row for row in ready
                       if call.expected_hash is None or row.content_hash_hex == call.expected_hash]
         if hard:
@@ -2650,7 +2675,7 @@ class Cache:
             return False  # Nothing changed: the first decision stands.
         if (newest.validated_unix or 0.0) > started:
             return True
-        return strategy is not None and self._plan(strategy, newest, request, now) == "serve"
+        return strategy is not None and self._stored_plan(strategy, newest, request, now) == "serve"
 
     def _await_download(self, request_id: int, row_id: int) -> dict | None:
         """Wait, polling with backoff, until another download ends; return how it ended

@@ -2146,6 +2146,8 @@ def _exercise_damaged_cache(path: pathlib.Path, bodies: dict) -> dict:
         for url in bodies:
             identity = _damage_identity(url)
             resp = attempt(f"fetch {url}", lambda: cache.fetch(url, offline=True, **identity))
+            attempt(f"fetch preferring {url}", lambda: cache.fetch(
+                url, offline=True, prefer_tag="first-1", prefer_pinned=True, **identity))
             if resp is not None:
                 attempt(f"read {url}", lambda: check_read(resp))
             latest = attempt(f"get {url}", lambda: cache.get(url, **identity))
@@ -2162,6 +2164,82 @@ def _exercise_damaged_cache(path: pathlib.Path, bodies: dict) -> dict:
         return {"opened": True, "verify": report, "outcomes": outcomes}
     finally:
         cache.close()
+
+
+@pytest.mark.parametrize("column, damage", [
+    ("cache_configuration", lambda value: value.replace('"strategy_name"', '"strategy_nane"')),
+    ("cache_configuration", lambda value: value[:-3]),
+    ("http_header_fields", lambda value: "{" + value),
+])
+def test_a_damaged_stored_request_value_spoils_only_its_request(cache, cache_path, origin, column, damage):
+    """§14: a damaged JSON column of one request makes that request unusable with a
+    CacheFileError naming it; every other request, requests(), gc(), stats() keep working
+    and verify() reports it (by every later run too)."""
+    hurt = fetch_body(cache, origin, "/hurt", b"hurt body")
+    fine = fetch_body(cache, origin, "/fine", b"fine body")
+    fetch_body(cache, origin, "/fine", b"fine body 2")
+    table = table_with_columns(cache_path, {"identity_key", column})
+    with contextlib.closing(sqlite3.connect(cache_path, timeout=10)) as connection:
+        [(value,)] = connection.execute(f'SELECT "{column}" FROM "{table}" WHERE id = ?', (hurt.request_id,))
+        connection.execute(f'UPDATE "{table}" SET "{column}" = ? WHERE id = ?', (damage(value), hurt.request_id))
+        connection.commit()
+    with buffylite.Cache(cache_path) as other:
+        if column == "cache_configuration":
+            with pytest.raises(buffylite.CacheFileError, match="/hurt"):
+                other.fetch(origin.url("/hurt"))
+        assert [request.url for request in other.requests()] == [origin.url("/fine")]
+        assert other.fetch(origin.url("/fine"), offline=True).read() == b"fine body 2"
+        assert other.get(origin.url("/fine"), version=fine.version).read() == b"fine body"
+        report = other.gc()
+        assert report.removed["unpinned"] == 0
+        assert other.stats()["requests"] == 2
+        for _ in range(2):
+            problems = other.verify().problems
+            assert len(problems) == 1 and "/hurt" in problems[0], problems
+
+
+def test_a_damaged_version_row_spoils_only_that_version(cache, cache_path, origin):
+    """§14: a version row whose stored values are damaged (tags JSON, a number turned to
+    text) gives CacheFileError naming it; other requests and verify() keep working."""
+    hurt = fetch_body(cache, origin, "/hurt-v", b"hurt body")
+    fine = fetch_body(cache, origin, "/fine-v", b"fine body")
+    table = table_with_columns(cache_path, {"content_hash_hex", "tags"})
+    with contextlib.closing(sqlite3.connect(cache_path, timeout=10)) as connection:
+        connection.execute(f'UPDATE "{table}" SET tags = ?, cached_unix = ? WHERE id = ?',
+                           ('["ok", ', "not a time", hurt.id))
+        connection.commit()
+    with buffylite.Cache(cache_path) as other:
+        for call in (lambda: other.fetch(origin.url("/hurt-v"), offline=True),
+                     lambda: other.fetch(origin.url("/hurt-v"), offline=True, prefer_tag="ok"),
+                     lambda: other.get(origin.url("/hurt-v")),
+                     lambda: other.versions(origin.url("/hurt-v"))):
+            with pytest.raises(buffylite.CacheFileError, match=hurt.version):
+                call()
+        assert other.fetch(origin.url("/fine-v"), offline=True).version == fine.version
+        assert len(other.requests()) == 2
+        other.gc()
+        problems = other.verify().problems
+        assert len(problems) == 1 and hurt.version in problems[0]
+
+
+def test_read_of_content_with_a_lost_chunk_raises_integrity_error(cache, cache_path, origin):
+    """§10: read() checks what it assembles: a chunk gone (or a size that does not add up)
+    is an IntegrityError naming the content, never short content."""
+    body = random_bytes(3 * MiB + 5, seed=3)
+    resp = fetch_body(cache, origin, "/chunks", body)
+    assert resp.read() == body
+    chunk_table = table_with_columns(cache_path, {"content_id", "seq", "data"})
+    with contextlib.closing(sqlite3.connect(cache_path, timeout=10)) as connection:
+        connection.execute(f'DELETE FROM "{chunk_table}" WHERE seq = 1')
+        connection.commit()
+    with pytest.raises(buffylite.IntegrityError, match="chunk 1"):
+        resp.read()
+    with contextlib.closing(sqlite3.connect(cache_path, timeout=10)) as connection:
+        connection.execute(f'DELETE FROM "{chunk_table}"')
+        connection.commit()
+    with pytest.raises(buffylite.IntegrityError, match=str(len(body))):
+        resp.read()
+    assert [version.version for version in cache.verify().corrupted] == [resp.version]
 
 
 def test_verify_reports_an_overwritten_page_and_the_cli_exits_4(cache_path, origin, tmp_path):
