@@ -57,7 +57,7 @@ from urllib.parse import urlsplit
 import pydantic
 import pytest
 import urllib3
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
                                  run_state_machine_as_test)
@@ -1251,6 +1251,127 @@ def test_as_of_equal_to_a_cached_datetime_returns_that_version(cache, origin):
     for resp in versions:
         assert cache.fetch(origin.url("/asof-eq"), as_of=resp.cached_datetime_utc).version == resp.version
     assert len(origin.log) == sent_before
+
+
+# --- time travel after GC, delete and corruption (SPEC §7 as_of) ---
+
+
+def _corrupt_content_with_hash(path: pathlib.Path, content_hash: str) -> None:
+    """Flip a byte of the first chunk of the content with ``content_hash`` (tables found by columns)."""
+    version_table = table_with_columns(path, {"content_hash_hex", "tags"})
+    chunk_table = table_with_columns(path, {"content_id", "seq", "data"})
+    with contextlib.closing(sqlite3.connect(path, timeout=10)) as connection:
+        [content_id] = {row[0] for row in connection.execute(
+            f'SELECT content_id FROM "{version_table}" WHERE content_hash_hex = ?', (content_hash,))}
+        [(data,)] = connection.execute(f'SELECT data FROM "{chunk_table}" WHERE content_id = ? AND seq = 0',
+                                       (content_id,))
+        flipped = bytes([data[0] ^ 0xFF]) + bytes(data[1:])
+        connection.execute(f'UPDATE "{chunk_table}" SET data = ? WHERE content_id = ? AND seq = 0',
+                           (flipped, content_id))
+        connection.commit()
+
+
+def _moment() -> dt.datetime:
+    """Now, then a pause, so that the moment lies strictly between two steps' writes."""
+    moment = dt.datetime.now(UTC)
+    time.sleep(0.002)
+    return moment
+
+
+def test_as_of_after_gc_of_the_versions_current_then_names_them(cache, origin):
+    """§7: keep 1 unpinned; v0 pinned; v1, v2, v3 downloaded and v1, v2 collected: as_of a
+    moment after v1 (and after v2) raises NotCachedError naming v1 (v2) and its hash, never
+    answering with v0, which was not current then."""
+    keep_one = config(keep=1)
+    v0 = fetch_body(cache, origin, "/asof-gc", b"v0", cache_configuration=keep_one)
+    cache.pin(v0)
+    after = {}
+    for name in ("v1", "v2", "v3"):
+        resp = fetch_body(cache, origin, "/asof-gc", name.encode(), cache_configuration=keep_one)
+        after[name] = (resp, _moment())
+    url = origin.url("/asof-gc")
+    assert [resp.version for resp in cache.versions(url)] == [after["v3"][0].version, v0.version]
+    for name in ("v1", "v2"):
+        resp, moment = after[name]
+        with pytest.raises(buffylite.NotCachedError) as caught:
+            cache.fetch(url, as_of=moment)
+        assert resp.version in str(caught.value) and sha256(name.encode()) in str(caught.value)
+    assert cache.fetch(url, as_of=after["v3"][1]).version == after["v3"][0].version
+    assert cache.fetch(url, as_of=v0.cached_datetime_utc).version == v0.version
+
+
+#: Steps: (kind, argument); downloads weigh most. A download with argument 0 repeats the
+#: newest body (a duplicate); pin/unpin/corrupt pick a ready version by the argument.
+_AS_OF_STEPS = st.lists(st.tuples(
+    st.sampled_from(["download"] * 6 + ["pin", "unpin", "gc", "delete", "corrupt"]),
+    st.integers(0, 5)), min_size=1, max_size=14)
+_AS_OF_EXAMPLES = 30
+
+
+def test_as_of_answers_what_was_newest_then_or_names_the_removed_version(origin, tmp_path):
+    """§7 property: after any sequence of downloads, pins, GC, deletes and corruption (found by
+    verify), as_of at any moment between steps returns exactly the version that was the
+    newest ready one then, or raises NotCachedError naming that version and its hash when
+    it has been removed since; never another version."""
+    examples = itertools.count()
+    probes = {"returned": 0, "removed": 0, "nothing": 0}
+
+    @settings(max_examples=_AS_OF_EXAMPLES, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(steps=_AS_OF_STEPS)
+    def run(steps):
+        example = next(examples)
+        route_path = f"/asof-model/{example}"
+        origin.route(route_path, body=b"")
+        url = origin.url(route_path)
+        path = tmp_path / f"asof-{example}.sqlite3"
+        keep = config(keep=1, keep_pinned=1)
+        bodies = itertools.count()
+        # moments[k]: a moment after step k; newest[k]: the newest ready version then (or None).
+        moments, newest, hashes = [_moment()], [None], {}
+        with buffylite.Cache(path, retries=0, timeout=5) as cache:
+            for kind, arg in steps:
+                ready = cache.versions(url)
+                if kind == "download":
+                    body = (origin.routes[route_path].body if arg == 0 and ready
+                            else f"body {next(bodies)}".encode())
+                    origin.routes[route_path].body = body
+                    resp = cache.fetch(url, cache_configuration=keep)
+                    hashes[resp.version] = sha256(body)
+                elif kind in ("pin", "unpin") and ready:
+                    target = ready[arg % len(ready)]
+                    (cache.pin if kind == "pin" else cache.unpin)(target)
+                elif kind == "gc":
+                    cache.gc()
+                elif kind == "delete":
+                    cache.delete(url)
+                elif kind == "corrupt" and ready:
+                    _corrupt_content_with_hash(path, ready[arg % len(ready)].content_hash_hex)
+                    cache.verify()
+                after = cache.versions(url)
+                newest.append(after[0].version if after else None)
+                moments.append(_moment())
+            now_ready = {resp.version for resp in cache.versions(url)}
+            sent = len(origin.requests_to(route_path))
+            for moment, expected in zip(moments, newest):
+                if expected in now_ready:
+                    assert cache.fetch(url, as_of=moment).version == expected
+                    probes["returned"] += 1
+                    continue
+                with pytest.raises(buffylite.NotCachedError) as caught:
+                    cache.fetch(url, as_of=moment)
+                if expected is None:
+                    probes["nothing"] += 1
+                else:
+                    assert expected in str(caught.value) and hashes[expected] in str(caught.value), (
+                        expected, str(caught.value))
+                    probes["removed"] += 1
+            assert len(origin.requests_to(route_path)) == sent, "as_of never touches the network"
+
+    run()
+    print(f"as_of property: {_AS_OF_EXAMPLES} examples, probes {probes}")
+    assert next(examples) == _AS_OF_EXAMPLES
+    assert probes["removed"] > 0 and probes["returned"] > 0
 
 
 def test_naive_as_of_is_rejected_before_anything_is_written(cache, origin):
