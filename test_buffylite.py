@@ -668,6 +668,42 @@ def test_unusable_file_raises_cache_file_error_naming_the_path(tmp_path, write):
     assert path.read_bytes() == before, "the user's file was modified"
 
 
+# --- schema 2: the removed-version record (SPEC §7, §10) ---
+
+
+def test_a_version_1_file_is_upgraded_and_keeps_its_versions(tmp_path, origin):
+    """§10: a file written at schema version 1 (by this code, limited to its first
+    migration) opens, is upgraded to the current schema, keeps its versions and content,
+    and from then on remembers removed versions for as_of."""
+    path = tmp_path / "v1.sqlite3"
+    url = origin.url("/upgrade")
+    origin.route("/upgrade", body=b"old body")
+    done = run_python(textwrap.dedent("""
+        import sys, buffylite
+        buffylite.SCHEMA_VERSION = 1
+        buffylite._MIGRATIONS = buffylite._MIGRATIONS[:1]
+        keep = buffylite.RequestCacheConfiguration(
+            recaching_strategy=buffylite.ReCachingStrategy.age(seconds=0), max_cached_unpinned_versions=1)
+        with buffylite.Cache(sys.argv[1]) as cache:
+            print(cache.fetch(sys.argv[2], cache_configuration=keep).version)
+            print(cache.stats()["schema_version"])
+    """), str(path), url)
+    assert done.returncode == 0, done.stderr
+    old_version, schema = done.stdout.split()
+    assert schema == "1"
+    assert "removed_version" not in db_tables(path)
+    with buffylite.Cache(path) as cache:
+        assert cache.stats()["schema_version"] == buffylite.SCHEMA_VERSION == 2
+        assert cache.get(url).version == old_version and cache.get(url).read() == b"old body"
+        moment = _moment()
+        origin.routes["/upgrade"].body = b"new body"
+        new = cache.fetch(url)  # keeps one version: the old one is collected
+        assert [resp.version for resp in cache.versions(url)] == [new.version]
+        with pytest.raises(buffylite.NotCachedError, match=old_version):
+            cache.fetch(url, as_of=moment)
+    assert "removed_version" in db_tables(path)
+
+
 def test_stats_reports_counts_for_every_status(cache, cache_path, origin):
     """§3: stats() has path, file size, requests, a count per status, content bytes and unique contents."""
     stats = cache.stats()
@@ -2361,6 +2397,27 @@ def test_read_of_content_with_a_lost_chunk_raises_integrity_error(cache, cache_p
     with pytest.raises(buffylite.IntegrityError, match=str(len(body))):
         resp.read()
     assert [version.version for version in cache.verify().corrupted] == [resp.version]
+
+
+def test_tampered_content_is_reported_by_every_verify_until_deleted(cache, cache_path, origin):
+    """§10: a daily verify keeps alerting: the corrupted version is reported by each later
+    verify (API and CLI exit 4), until its request is deleted; then all is intact again."""
+    fine = fetch_body(cache, origin, "/daily-ok", b"fine content " * 50)
+    bad = fetch_body(cache, origin, "/daily-bad", b"tampered content " * 50)
+    _corrupt_chunk_containing(cache_path, b"tampered content")
+    for run in range(3):
+        report = cache.verify()
+        assert [resp.version for resp in report.corrupted] == [bad.version], run
+        assert report.corrupted[0].download_stats.error == "content corrupted"
+        assert report.checked == (2 if run == 0 else 1) and report.problems == []
+    done = run_cli("--cache", str(cache_path), "verify")
+    assert done.returncode == 4 and bad.version in done.stdout
+    assert "all intact" not in done.stdout
+    assert cache.fetch(origin.url("/daily-ok"), offline=True).version == fine.version
+    assert cache.delete(origin.url("/daily-bad")) == 1
+    assert cache.verify().intact
+    done = run_cli("--cache", str(cache_path), "verify")
+    assert done.returncode == 0 and "all intact" in done.stdout
 
 
 def test_verify_reports_an_overwritten_page_and_the_cli_exits_4(cache_path, origin, tmp_path):
