@@ -2608,6 +2608,14 @@ class Cache:
 
     def _claim(self, call: _FetchCall, strategy=None, started: float | None = None,
                seen: tuple | None = None) -> _Claim:
+        try:
+            return self._claim_of(call, strategy, started, seen)
+        except _DAMAGE_ERRORS as exc:
+            raise _DamagedValueError(
+                f"A stored version of {call.identity.url} in the cache {self.path} is damaged and "
+                f"cannot be read: {type(exc).__name__}.", path=self.path) from exc
+
+    def _claim_of(self, call: _FetchCall, strategy, started: float | None, seen: tuple | None) -> _Claim:
         """Create the request if new and take the download lease, in one transaction.
 
         The decision to download is taken again here, on the rows this transaction
@@ -2687,11 +2695,16 @@ class Cache:
                 settlement = t.request.select(t.request.last_settlement).where(
                     t.request.id == request_id).scalar()
             if row is None or row.status not in IN_FLIGHT_STATUSES:
-                settlement = json.loads(settlement) if settlement else None
-                if settlement is not None and settlement["row_id"] == row_id:
-                    return settlement
+                try:
+                    settlement = json.loads(settlement) if settlement else None
+                    if (isinstance(settlement, dict) and settlement.get("row_id") == row_id
+                            and {"outcome", "error", "status_code", "hash_mismatch"} <= settlement.keys()):
+                        return settlement
+                except _DAMAGE_ERRORS:
+                    pass  # A damaged settlement tells nothing: decide again on the rows.
                 return None  # Reclaimed, or settled and since overwritten: decide again.
-            if (row.lease_expires_unix or 0) <= _now():
+            if not isinstance(row.lease_expires_unix, (int, float, type(None))) \
+                    or (row.lease_expires_unix or 0) <= _now():
                 return None
             time.sleep(pause)
             pause = min(pause * 1.5, WAIT_POLL_MAX_SEC)
@@ -2916,7 +2929,16 @@ class Cache:
 
     def _collect_request(self, t: _Tables, request_id: int, now: float) -> tuple[dict, int]:
         """Apply the GC rules of §10 to one request. Runs inside the caller's write
-        transaction; reads only this request's rows (index on request_id)."""
+        transaction; reads only this request's rows (index on request_id). A damaged
+        stored value of the request raises _DamagedValueError (nothing is removed)."""
+        try:
+            return self._collect_request_of(t, request_id, now)
+        except _DAMAGE_ERRORS as exc:
+            raise _DamagedValueError(
+                f"A stored version of request {request_id} in the cache {self.path} is damaged and "
+                f"cannot be read: {type(exc).__name__}.", path=self.path) from exc
+
+    def _collect_request_of(self, t: _Tables, request_id: int, now: float) -> tuple[dict, int]:
         request = t.request.get_or_none(t.request.id == request_id)
         if request is None:
             return {}, 0
@@ -3087,7 +3109,12 @@ class Cache:
             ready = [row for row in rows if row.status == "ready"] if status in (None, "ready") \
                 else self._store.ready_rows(request.id)
         now = _now()
-        rows = [row for row in rows if _matches(row, tag=tag, pinned=pinned, now=now)]
+        try:
+            rows = [row for row in rows if _matches(row, tag=tag, pinned=pinned, now=now)]
+        except _DAMAGE_ERRORS as exc:
+            raise _DamagedValueError(f"A stored version of {request.url} in the cache {self.path} is "
+                                     f"damaged and cannot be read: {type(exc).__name__}.",
+                                     path=self.path) from exc
         return self._responses(rows, request.url, ready)
 
     def get(self, url: str, version: str = "latest", *, method: str = "get", params: dict | None = None,

@@ -2318,6 +2318,10 @@ def _exercise_damaged_cache(path: pathlib.Path, bodies: dict) -> dict:
         attempt("stats", cache.stats)
         report = attempt("verify", cache.verify)
         attempt("gc", cache.gc)
+        for url in bodies:  # online: each request's strategy decides, downloads write to the file
+            resp = attempt(f"fetch online {url}", lambda: cache.fetch(url, **_damage_identity(url)))
+            if resp is not None:
+                attempt(f"read online {url}", lambda: check_read(resp))
         return {"opened": True, "verify": report, "outcomes": outcomes}
     finally:
         cache.close()
