@@ -1379,15 +1379,21 @@ class _Store:
         content was deleted, IntegrityError when the chunks do not assemble into the
         stored size."""
         def build(t: _Tables):
-            return (t.chunk.select(t.chunk.seq, t.chunk.data).where(t.chunk.content_id == _slot())
-                    .order_by(t.chunk.seq))
-        with self.reading(), self.db.atomic():  # the size and the chunks from one snapshot
-            size = self._content_size(content_id)
-            pieces = []
-            for count, (seq, data) in enumerate(self._execute("read_content_checked", build, content_id)):
-                self._check_chunk(content_id, seq, count, data)
-                pieces.append(data)
-        data = b"".join(pieces)
+            # One statement, so the size and the chunks come from one snapshot.
+            return (t.content.select(t.content.size_bytes, t.chunk.seq, t.chunk.data)
+                    .join(t.chunk, peewee.JOIN.LEFT_OUTER, on=(t.chunk.content_id == t.content.id))
+                    .where(t.content.id == _slot()).order_by(t.chunk.seq))
+        with self.reading():
+            rows = self._execute("read_content_checked", build, content_id).fetchall()
+        if not rows:
+            raise NotCachedError(f"This version's content is no longer in the cache {self.path} "
+                                 "(the version was deleted or collected).")
+        size = rows[0][0]
+        if rows[0][1] is None:  # no chunk at all
+            rows = []
+        for count, (_, seq, data) in enumerate(rows):
+            self._check_chunk(content_id, seq, count, data)
+        data = b"".join([row[2] for row in rows])
         self._check_assembled(content_id, size, len(data))
         return data
 
