@@ -1349,6 +1349,15 @@ class _Store:
             return [_record(_VERSION_COLUMNS, row)
                     for row in self._execute("ready_rows", build, request_id).fetchall()]
 
+    def removed_versions(self, identity_key: str, after_version: str) -> list:
+        """The removed-version records of a request identity newer than ``after_version``,
+        newest first (§7 as_of)."""
+        removed = self.tables.removed_version
+        with self.reading():
+            return list(removed.select().where(
+                (removed.identity_key == identity_key) & (removed.version > after_version)
+                & removed.cached_unix.is_null(False)).order_by(removed.version.desc()))
+
     # --- content I/O ---
 
     def iter_chunks(self, content_id: int) -> Iterator[bytes]:
@@ -2553,12 +2562,7 @@ class Cache:
         an older version that was not current then."""
         if call.force_tag is not None or call.force_pinned is not None:
             return  # A removed version's tags and pins are not kept: it cannot be compared.
-        removed = self._store.tables.removed_version
-        with self._store.reading():
-            rows = list(removed.select().where(
-                (removed.identity_key == call.identity.key)
-                & (removed.version > (chosen.version if chosen is not None else ""))
-                & removed.cached_unix.is_null(False)).order_by(removed.version.desc()))
+        rows = self._store.removed_versions(call.identity.key, chosen.version if chosen is not None else "")
         for row in rows:
             if call.force_version is not None and row.version != call.force_version:
                 continue
