@@ -2803,7 +2803,7 @@ class Cache:
             row = t.version.get_or_none(t.version.id == claim.row_id)
             if row is None or row.lease_owner != claim.owner:
                 raise _LeaseLost()
-            row.version = claim.version = self._next_version_of(t, request.id, row.id)
+            row.version = claim.version = self._next_version_of(t, request.id, row.id, _now())
             t.version.update(version=row.version).where(t.version.id == row.id).execute()
         row.content_attributes = json.dumps(result.attributes)
         row.content_hash_hex = result.hash_hex
@@ -2834,7 +2834,7 @@ class Cache:
             row = t.version.get_or_none(t.version.id == claim.row_id)
             if row is None or row.lease_owner != claim.owner:
                 raise _LeaseLost()
-            final = {"version": self._next_version_of(t, request.id, row.id, keep=claim.version),
+            final = {"version": self._next_version_of(t, request.id, row.id, now, keep=claim.version),
                      "lease_owner": None,
                      "lease_expires_unix": None, "resume_from": None}
             ready = self._store.ready_rows(request.id)
@@ -2901,14 +2901,16 @@ class Cache:
         return self._responses([chosen], request.url, ready, outcome)[0]
 
     @staticmethod
-    def _next_version_of(t: _Tables, request_id: int, row_id: int, keep: str | None = None) -> str:
+    def _next_version_of(t: _Tables, request_id: int, row_id: int, now: float,
+                         keep: str | None = None) -> str:
         """The version string for row ``row_id`` of a request: ``keep`` (given earlier)
-        while it is still newer than every other row's, else a fresh one after them."""
+        while it is still newer than every other row's, else one for ``now`` after them.
+        Runs inside the caller's write transaction."""
         others = (t.version.select(peewee.fn.MAX(t.version.version))
                   .where((t.version.request_id == request_id) & (t.version.id != row_id)).scalar())
         if keep is not None and (others is None or keep > others):
             return keep
-        return _next_version_string(_now(), others)
+        return _next_version_string(now, others)
 
     def _settle_content(self, t: _Tables, row, hash_type: str, completed: _Completed) -> int:
         """Make the received content addressable by its hash, or drop it for the identical
