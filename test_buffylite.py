@@ -2511,17 +2511,19 @@ def test_every_bit_flip_leaves_the_api_honest(cache_path, origin, tmp_path):
         base = page * page_size + (100 if page == 0 else 0)
         flips += [(base + rng.randrange(12), rng.randrange(8)) for _ in range(2)]  # page header
         flips += [(page * page_size + rng.randrange(page_size), rng.randrange(8)) for _ in range(6)]  # cells
-    damaged = tmp_path / "flipped.sqlite3"
     tally = {"flips": 0, "refused_at_open": 0, "integrity_failed": 0, "verify_problems": 0, "errors": 0}
     started = time.monotonic()
-    for offset, bit in flips:
+    for number, (offset, bit) in enumerate(flips):
         data = bytearray(original)
         data[offset] ^= 1 << bit
+        # A new name each time: SQLite keeps per-file state in the process, and a file
+        # recreated under a name it still knows can read as a spurious "disk I/O error".
+        damaged = tmp_path / f"flipped-{number}.sqlite3"
         damaged.write_bytes(bytes(data))
-        for suffix in ("-wal", "-shm"):
-            pathlib.Path(str(damaged) + suffix).unlink(missing_ok=True)
         integrity = _sqlite_integrity(damaged)
         result = _exercise_damaged_cache(damaged, bodies)
+        for suffix in ("", "-wal", "-shm"):
+            pathlib.Path(str(damaged) + suffix).unlink(missing_ok=True)
         tally["flips"] += 1
         tally["errors"] += sum(outcome != "ok" for outcome in result["outcomes"].values())
         if not result["opened"]:
