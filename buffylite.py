@@ -1814,6 +1814,15 @@ def _is_leased(row, now: float) -> bool:
     return row.pinned_until_unix is not None and row.pinned_until_unix > now
 
 
+def _is_resumable_row(row) -> bool:
+    """Do the stored resume validators and attributes of an abandoned row read back?"""
+    try:
+        return (isinstance(json.loads(row.resume_from), dict)
+                and isinstance(json.loads(row.content_attributes or "{}"), dict))
+    except _DAMAGE_ERRORS:
+        return False
+
+
 def _row_tags(row) -> list[str]:
     return json.loads(row.tags) if row.tags else []
 
@@ -2667,7 +2676,8 @@ class Cache:
                     return _Claim(request_id, other_row_id=row.id)
             lease = {"lease_owner": owner, "lease_expires_unix": now + self._download_lease_sec}
             for row in in_flight:
-                if row.content_id is not None and row.resume_from:
+                # A row whose resume data is damaged is not resumed (GC reclaims it).
+                if row.content_id is not None and row.resume_from and _is_resumable_row(row):
                     t.version.update(**lease).where(t.version.id == row.id).execute()
                     return _Claim(request_id, row.id, owner, resume=row)
             newest = (t.version.select(peewee.fn.MAX(t.version.version))
