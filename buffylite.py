@@ -293,6 +293,10 @@ RETRY_STATUS_CODES = frozenset({429, 500, 502, 503, 504})
 SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 #: Values of ``$BUFFYLITE_OFFLINE`` that mean offline (any case).
 OFFLINE_ENV_VALUES = frozenset({"1", "true", "yes", "on"})
+#: ``download_stats.error`` of a version whose content verify() found corrupted.
+CORRUPTED_ERROR = "content corrupted"
+#: Most lines of ``PRAGMA integrity_check`` a VerifyReport carries.
+INTEGRITY_CHECK_MAX_LINES = 100
 #: Name given to a saved file when nothing better is known.
 FALLBACK_FILENAME = "download"
 #: ``Response.unpack()`` refuses an archive whose members add up to more bytes than this
@@ -394,6 +398,17 @@ def _rebuild_cache_file_error(message, path):
 
 class InvalidRequestError(BuffyliteError, ValueError):
     """An argument is invalid; nothing was written to the cache."""
+
+
+class _DamagedValueError(CacheFileError):
+    """A value read back from the cache file cannot be used (the disk damaged it): only
+    what holds it is unusable."""
+
+
+#: What reading a damaged stored value can raise (JSON and pydantic errors are
+#: ValueErrors; a flipped type tag gives TypeErrors; huge numbers OverflowErrors).
+_DAMAGE_ERRORS = (ValueError, TypeError, KeyError, OverflowError, AttributeError, IndexError)
+_VERSION_PATTERN = re.compile(r"\d{20}")
 
 
 # ---------------------------------------------------------------------------
@@ -1405,10 +1420,18 @@ class GCReport(_Model):
 
 
 class VerifyReport(_Model):
-    """Result of ``Cache.verify()``: contents re-hashed and versions found corrupted."""
+    """Result of ``Cache.verify()``: contents re-hashed, versions whose content is
+    corrupted (found now or by an earlier verify, until deleted or collected), and
+    structural damage (``problems``: the database's own checks, unreadable rows)."""
 
     checked: int = 0
     corrupted: list[Response] = Field(default_factory=list)
+    problems: list[str] = Field(default_factory=list)
+
+    @property
+    def intact(self) -> bool:
+        """True when nothing is corrupted and no problem was found."""
+        return not self.corrupted and not self.problems
 
 
 class RefreshResult(_Model):
@@ -1550,7 +1573,27 @@ class _VersionRow(_Row):
         )
 
 
-_TABLE_MODELS = (_MetaRow, _RequestRow, _ContentRow, _ChunkRow, _VersionRow)
+class _RemovedVersionRow(_Row):
+    """A ready version that is gone (collected, deleted, or found corrupted): enough to
+    say what a request served at a past moment (``as_of``) and which content that was.
+    Keyed by the request's identity, not its row, so it outlives a deleted request."""
+
+    identity_key = peewee.CharField()
+    request_id = peewee.IntegerField()
+    version = peewee.CharField(max_length=20)
+    hash_type = peewee.CharField(null=True)
+    hash_hex = peewee.CharField(null=True)
+    size_bytes = peewee.BigIntegerField(null=True)
+    cached_unix = peewee.DoubleField(null=True)
+    removed_unix = peewee.DoubleField()
+    reason = peewee.CharField()
+
+    class Meta:
+        table_name = "removed_version"
+        indexes = ((("identity_key", "version"), False),)
+
+
+_TABLE_MODELS = (_MetaRow, _RequestRow, _ContentRow, _ChunkRow, _VersionRow, _RemovedVersionRow)
 
 
 _REQUEST_COLUMNS = tuple(_RequestRow._meta.sorted_field_names)
@@ -1780,7 +1823,8 @@ def _sqlite_write_transaction(database: peewee.SqliteDatabase):
 
 def _migrate_to_1(store: "_Store") -> None:
     """Version 1: the five tables and the salt for sensitive header digests."""
-    store.db.create_tables(store.tables.all, safe=True)
+    t = store.tables
+    store.db.create_tables([t.meta, t.request, t.content, t.chunk, t.version], safe=True)
     store.tables.meta.create(key="salt", value=secrets.token_hex(32))
     store.tables.meta.create(key="created_unix", value=repr(_now()))
 
@@ -1801,7 +1845,28 @@ def _migrate_to_3(store: "_Store") -> None:
 
 
 #: Ordered migrations: (schema version reached, function). Each runs in one write transaction.
-_MIGRATIONS = ((1, _migrate_to_1), (3, _migrate_to_3))
+def _migrate_to_2(store: "_Store") -> None:
+    """Version 2: the record of removed versions (for ``as_of`` and lockfiles)."""
+    store.db.create_tables([store.tables.removed_version], safe=True)
+
+
+_MIGRATIONS = ((1, _migrate_to_1), (2, _migrate_to_2), (3, _migrate_to_3))
+
+
+def _record_removed(t: _Tables, request, rows: list, reason: str, now: float) -> None:
+    """Remember ready versions that leave the cache (for ``as_of``): version, hash,
+    size, cached and removed times. Runs in the transaction that removes them."""
+    if not rows:
+        return
+    contents = {content_id: (hash_type, size) for content_id, hash_type, size in t.content.select(
+        t.content.id, t.content.hash_type, t.content.size_bytes).where(
+        t.content.id.in_([row.content_id for row in rows if row.content_id is not None])).tuples()}
+    t.removed_version.insert_many([
+        {"identity_key": request.identity_key, "request_id": request.id, "version": row.version,
+         "hash_type": contents.get(row.content_id, (request.validation_hash_type,))[0],
+         "hash_hex": row.content_hash_hex,
+         "size_bytes": contents.get(row.content_id, (None, None))[1], "cached_unix": row.cached_unix,
+         "removed_unix": now, "reason": reason} for row in rows]).execute()
 
 
 class _Store:
@@ -1966,6 +2031,30 @@ class _Store:
         with self.reading():
             return _sqlite_file_marks(self.db)[1]
 
+    def structural_problems(self) -> list[str]:
+        """What the database's own checks find wrong (``PRAGMA integrity_check`` and
+        ``foreign_key_check``), as sentences; empty when the file is sound."""
+        problems = []
+        try:
+            with self.reading():
+                lines = [row[0] for row in self.db.execute_sql(
+                    f"PRAGMA integrity_check({INTEGRITY_CHECK_MAX_LINES})").fetchall()]
+        except CacheFileError as exc:
+            lines = [f"the check could not complete ({exc.__cause__ or exc})"]
+        if lines != ["ok"]:
+            problems += [f"SQLite integrity check of {self.path}: {line}" for line in lines]
+        try:
+            with self.reading():
+                missing = self.db.execute_sql("PRAGMA foreign_key_check").fetchall()
+        except CacheFileError as exc:
+            problems.append(f"SQLite foreign key check of {self.path} could not complete "
+                            f"({exc.__cause__ or exc}).")
+            missing = []
+        for table, rowid, parent, _ in missing:
+            problems.append(f"SQLite foreign key check of {self.path}: row {rowid} of table {table} "
+                            f"refers to a missing row of {parent}.")
+        return problems
+
     def give_back_free_pages(self, *, checkpoint: bool) -> None:
         with self.reading():  # (translates sqlite3 errors from executescript too)
             _sqlite_give_back_free_pages(self.db, checkpoint=checkpoint)
@@ -2038,37 +2127,85 @@ class _Store:
             return [_record(_VERSION_COLUMNS, row)
                     for row in self._execute("ready_rows", build, request_id).fetchall()]
 
+    def removed_versions(self, identity_key: str, after_version: str) -> list:
+        """The removed-version records of a request identity newer than ``after_version``,
+        newest first (for ``as_of``)."""
+        removed = self.tables.removed_version
+        with self.reading():
+            return list(removed.select().where(
+                (removed.identity_key == identity_key) & (removed.version > after_version)
+                & removed.cached_unix.is_null(False)).order_by(removed.version.desc()))
+
     # --- content I/O ---
 
     def iter_chunks(self, content_id: int) -> Iterator[bytes]:
-        """The chunks of a content in order, one at a time (bounded memory)."""
+        """The chunks of a content in order, one at a time (bounded memory). Raises
+        IntegrityError when what they add up to is not the stored content (a chunk
+        missing, or a length differing from the stored size), never yielding less
+        silently at the end."""
         chunk = self.tables.chunk
-        seq = -1
+        with self.reading():
+            size = self._content_size(content_id)
+        seq, count, length = -1, 0, 0
         while True:
             with self.reading():
                 row = (chunk.select(chunk.seq, chunk.data)
                        .where((chunk.content_id == content_id) & (chunk.seq > seq))
                        .order_by(chunk.seq).limit(1).tuples().first())
             if row is None:
-                return
+                break
             seq, data = row
+            self._check_chunk(content_id, seq, count, data)
+            count += 1
+            length += len(data)
             yield bytes(data)
+        self._check_assembled(content_id, size, length)
 
     def read_content(self, content_id: int) -> bytes:
-        """The whole content, in one query."""
+        """The whole content, in one query (one snapshot). Raises NotCachedError when the
+        content was deleted, IntegrityError when the chunks do not assemble into the
+        stored size."""
         def build(t: _Tables):
-            return t.chunk.select(t.chunk.data).where(t.chunk.content_id == _slot()).order_by(t.chunk.seq)
+            # One statement, so the size and the chunks come from one snapshot.
+            return (t.content.select(t.content.size_bytes, t.chunk.seq, t.chunk.data)
+                    .join(t.chunk, peewee.JOIN.LEFT_OUTER, on=(t.chunk.content_id == t.content.id))
+                    .where(t.content.id == _slot()).order_by(t.chunk.seq))
         with self.reading():
-            data = b"".join([row[0] for row in self._execute("read_content", build, content_id)])
-            if not data:
-                self._require_content(content_id)
-            return data
+            rows = self._execute("read_content_checked", build, content_id).fetchall()
+        if not rows:
+            raise NotCachedError(f"This version's content is no longer in the cache {self.path} "
+                                 "(the version was deleted or collected).")
+        size = rows[0][0]
+        if rows[0][1] is None:  # no chunk at all
+            rows = []
+        for count, (_, seq, data) in enumerate(rows):
+            self._check_chunk(content_id, seq, count, data)
+        data = b"".join([row[2] for row in rows])
+        self._check_assembled(content_id, size, len(data))
+        return data
+
+    def _content_size(self, content_id: int) -> int:
+        """The stored size of a content; NotCachedError when it is gone."""
+        size = (self.tables.content.select(self.tables.content.size_bytes)
+                .where(self.tables.content.id == content_id).tuples().first())
+        if size is None:
+            raise NotCachedError(f"This version's content is no longer in the cache {self.path} "
+                                 "(the version was deleted or collected).")
+        return size[0]
+
+    def _check_chunk(self, content_id: int, seq, expected_seq: int, data) -> None:
+        if seq != expected_seq or not isinstance(data, (bytes, bytearray, memoryview)):
+            raise IntegrityError(f"Content {content_id} in the cache {self.path} is damaged: chunk "
+                                 f"{expected_seq} is missing or unreadable (found {seq!r}).")
+
+    def _check_assembled(self, content_id: int, size, length: int) -> None:
+        if not isinstance(size, int) or size != length:
+            raise IntegrityError(f"Content {content_id} in the cache {self.path} is damaged: its "
+                                 f"chunks hold {length} bytes, the stored size is {size!r}.")
 
     def _require_content(self, content_id: int) -> None:
         """Raise NotCachedError when the content was deleted (the version was collected)."""
-        if not self.tables.content.select().where(self.tables.content.id == content_id).exists():
-            raise NotCachedError(f"This version's content is no longer in the cache {self.path} "
-                                 "(the version was deleted or collected).")
+        self._content_size(content_id)
 
     def open_content(self, content_id: int, *, check_hash: str | None = None) -> "_ContentStream":
         """A seekable stream over a content, reading one snapshot (see ``_ContentStream``).
@@ -2121,27 +2258,37 @@ class _Store:
             return t.content.select(t.content.id).where(
                 (t.content.hash_type == hash_type) & (t.content.hash_hex == hash_hex)).exists()
 
-    def mark_content_corrupted(self, content_id: int, expected_hex: str) -> list[int]:
-        """A read found that the bytes of a content do not hash to ``expected_hex``: unless
-        that was already handled, the content stops being addressable (a new identical
-        download must not reuse it) and its ready versions become ``failed`` with the error
-        "content corrupted", which takes them out of the chain. Returns the version ids marked."""
+    def mark_content_corrupted(self, content_id: int, expected_hex: str | None = None) -> list[int]:
+        """Content whose bytes no longer hash to what was stored: it stops being
+        addressable (a new identical download must not reuse it), its ready versions
+        become ``failed`` with the error "content corrupted" (out of the chain) and are
+        remembered as removed (for ``as_of``). With ``expected_hex`` (a read found the
+        mismatch), nothing happens unless the content still claims that hash (already
+        handled otherwise). Returns the version ids marked."""
         with self.writing() as t:
             content = t.content.get_or_none(t.content.id == content_id)
-            if content is None or content.hash_hex != expected_hex:
+            if content is None or (expected_hex is not None and content.hash_hex != expected_hex):
                 return []
             t.content.update(hash_hex=None).where(t.content.id == content_id).execute()
-            marked = []
-            for row in t.version.select().where((t.version.content_id == content_id)
-                                                & (t.version.status == "ready")):
-                stats = json.loads(row.download_stats or "{}")
-                stats.update(state="failed", error="content corrupted")
+            rows = list(t.version.select().where((t.version.content_id == content_id)
+                                                 & (t.version.status == "ready")))
+            now = _now()
+            for row in rows:
+                try:
+                    stats = json.loads(row.download_stats or "{}")
+                    stats = stats if isinstance(stats, dict) else {}
+                except ValueError:
+                    stats = {}
+                stats.update(state="failed", error=CORRUPTED_ERROR)
                 t.version.update(status="failed", download_stats=json.dumps(stats)).where(
                     t.version.id == row.id).execute()
-                marked.append(row.id)
-        log.warning("Content %s no longer matches its hash; %d version(s) marked failed.",
-                    expected_hex, len(marked))
-        return marked
+                request = t.request.get_or_none(t.request.id == row.request_id)
+                if request is not None:
+                    _record_removed(t, request, [row], "corrupted", now)
+        # A read that finds it says so loudly; verify() reports it in its own words.
+        log.log(logging.WARNING if expected_hex is not None else logging.INFO,
+                "Content %s is corrupted; %d version(s) marked failed.", content.hash_hex, len(rows))
+        return [row.id for row in rows]
 
 
 class _DriverErrors:
@@ -3268,6 +3415,8 @@ class _Claim:
     owner: str | None = None
     other_row_id: int | None = None
     resume: Any = None  # the abandoned row being resumed, if any
+    settled: bool = False  # a suitable ready version appeared meanwhile: nothing to download
+    version: str | None = None  # the version string given before the validator ran
 
 
 @dataclasses.dataclass
@@ -3316,6 +3465,15 @@ class _SensitiveNamesChanged(Exception):
 
 def _is_leased(row, now: float) -> bool:
     return row.pinned_until_unix is not None and row.pinned_until_unix > now
+
+
+def _is_resumable_row(row) -> bool:
+    """Do the stored resume validators and attributes of an abandoned row read back?"""
+    try:
+        return (isinstance(json.loads(row.resume_from), dict)
+                and isinstance(json.loads(row.content_attributes or "{}"), dict))
+    except _DAMAGE_ERRORS:
+        return False
 
 
 def _row_tags(row) -> list[str]:
@@ -3853,6 +4011,17 @@ class Cache:
     def _response(self, row, url: str, chain: list[str], outcome: str | None = None) -> Response:
         """Build the public object for a version row; ``chain`` is the request's ready
         versions in ascending order (for previous/next)."""
+        try:
+            return self._response_of(row, url, chain, outcome)
+        except _DAMAGE_ERRORS as exc:
+            raise _DamagedValueError(
+                f"Version {getattr(row, 'version', '?')!r} (row {getattr(row, 'id', '?')}) of {url} in the "
+                f"cache {self.path} is damaged and cannot be read: {type(exc).__name__}.",
+                path=self.path) from exc
+
+    def _response_of(self, row, url: str, chain: list[str], outcome: str | None) -> Response:
+        if row.status not in VERSION_STATUSES or not _VERSION_PATTERN.fullmatch(row.version):
+            raise ValueError("bad status or version string")
         previous_version = next_version = None
         if row.status == "ready":
             index = bisect.bisect_left(chain, row.version)
@@ -3882,13 +4051,17 @@ class Cache:
         request = t.request.get_by_id(row.request_id)
         return self._responses([row], request.url, self._store.ready_rows(row.request_id), outcome)[0]
 
-    @staticmethod
-    def _configuration_of(request_row) -> RequestCacheConfiguration:
+    def _configuration_of(self, request_row) -> RequestCacheConfiguration:
         # Parsed once per row object (rows are re-read whenever the file changes).
         parsed = getattr(request_row, "_parsed_configuration", None)
         if parsed is None or parsed[0] != request_row.cache_configuration:
-            parsed = (request_row.cache_configuration,
-                      RequestCacheConfiguration.model_validate_json(request_row.cache_configuration))
+            try:
+                configuration = RequestCacheConfiguration.model_validate_json(request_row.cache_configuration)
+            except _DAMAGE_ERRORS as exc:
+                raise _DamagedValueError(
+                    f"The stored cache configuration of {request_row.url!r} (request {request_row.id}) in "
+                    f"the cache {self.path} is damaged and cannot be read.", path=self.path) from exc
+            parsed = (request_row.cache_configuration, configuration)
             with contextlib.suppress(AttributeError):
                 request_row._parsed_configuration = parsed
         return parsed[1]
@@ -4056,6 +4229,9 @@ class Cache:
     # --- fetch: deciding ---------------------------------------------------------------
 
     def _fetch(self, call: _FetchCall) -> Response:
+        # A version validated from this moment on is as fresh as a download this call
+        # would start: single flight serves it instead of sending a second GET.
+        started = _now()
         while True:
             request, ready = self._store.request_and_ready_rows(call.identity.key)
             now = _now()
@@ -4076,7 +4252,7 @@ class Cache:
             if call.offline:
                 return self._serve(call, request, ready, "offline")
             self._require_strategy_support(configuration)
-            plan = ("serve" if call.locked else self._plan(strategy, newest, request, now)) \
+            plan = ("serve" if call.locked else self._stored_plan(strategy, newest, request, now)) \
                 if eligible else "download"
             if call.refresh and eligible and not call.locked:
                 plan = "conditional" if self._has_validators(newest) else "download"
@@ -4087,8 +4263,9 @@ class Cache:
                 return self._serve_during_backoff(call, request, ready, now)
 
             # A download (or a conditional check) is due: claim it, unless someone else runs it.
+            seen = (newest.id, newest.validated_unix) if newest is not None else None
             try:
-                claim = self._claim(call)
+                claim = self._claim(call, strategy, started, seen)
             except _SensitiveNamesChanged:
                 call.identity = self._identity(*call.identity.arguments)
                 continue
@@ -4096,6 +4273,10 @@ class Cache:
                 if not _is_out_of_space(exc):
                     raise
                 return self._cannot_store(call, exc)
+            if claim.settled:
+                # Another thread or process made a suitable version ready meanwhile.
+                request, ready = self._store.request_and_ready_rows(call.identity.key)
+                return self._serve(call, request, ready, "cached")
             if claim.other_row_id is None:
                 return self._run_download(call, claim, newest if plan == "conditional" else None)
             if call.prefer_cached and eligible:
@@ -4184,8 +4365,33 @@ class Cache:
                     response.version, extra={"buffylite_stale": True})
         return response
 
+    def _stored_plan(self, strategy, newest, request, now: float) -> str:
+        """``_plan`` on values read from the file: a damaged one makes this request unusable."""
+        try:
+            return self._plan(strategy, newest, request, now)
+        except _DAMAGE_ERRORS as exc:
+            raise _DamagedValueError(
+                f"Version {getattr(newest, 'version', '?')!r} of {request.url!r} in the cache {self.path} "
+                f"is damaged and cannot be read: {type(exc).__name__}.", path=self.path) from exc
+
     def _choose(self, call: _FetchCall, ready: list, now: float, *, hard: bool = False):
         """The newest ready row satisfying the call's choices, or None."""
+        try:
+            return self._choose_of(call, ready, now, hard=hard)
+        except _DAMAGE_ERRORS as exc:
+            damaged = "?"
+            for row in ready:  # name the row that holds the damage
+                try:
+                    _matches(row, tag="", pinned=True, now=now)
+                    _to_datetime(row.cached_unix)
+                except _DAMAGE_ERRORS:
+                    damaged = row.version
+                    break
+            raise _DamagedValueError(
+                f"Version {damaged!r} of {call.identity.url} in the cache {self.path} is damaged and "
+                f"cannot be read: {type(exc).__name__}.", path=self.path) from exc
+
+    def _choose_of(self, call: _FetchCall, ready: list, now: float, *, hard: bool = False):
         candidates = [row for row in ready
                       if call.expected_hash is None or row.content_hash_hex == call.expected_hash]
         if hard:
@@ -4209,6 +4415,8 @@ class Cache:
 
     def _serve(self, call: _FetchCall, request, ready: list, outcome: str, *, hard: bool = False):
         """Return a cached version without downloading (leasing it first if pin_for)."""
+        if request is None and call.as_of is not None:
+            self._refuse_removed_at(call, None)
         if request is None:
             raise NotCachedError(f"{call.identity.url} is not in the cache {self.path}"
                                  + (" (offline)." if call.offline else "."))
@@ -4220,9 +4428,31 @@ class Cache:
                     self._extend_lease(t, chosen, call.pin_for)
         else:
             chosen = self._choose(call, ready, _now(), hard=hard)
+        if call.as_of is not None:
+            self._refuse_removed_at(call, chosen)
         if chosen is None:
             raise NotCachedError(self._nothing_matches(call))
         return self._responses([chosen], request.url, ready, outcome)[0]
+
+    def _refuse_removed_at(self, call: _FetchCall, chosen) -> None:
+        """``as_of``: raise NotCachedError when the version that was newest at that moment
+        has been removed since (GC, delete, corruption), rather than answer with ``chosen``,
+        an older version that was not current then."""
+        if call.force_tag is not None or call.force_pinned is not None:
+            return  # A removed version's tags and pins are not kept: it cannot be compared.
+        rows = self._store.removed_versions(call.identity.key, chosen.version if chosen is not None else "")
+        for row in rows:
+            if call.force_version is not None and row.version != call.force_version:
+                continue
+            if call.expected_hash is not None and row.hash_hex != call.expected_hash:
+                continue
+            # Compared as shown: microsecond datetimes.
+            if _to_datetime(row.cached_unix) <= call.as_of < _to_datetime(row.removed_unix):
+                raise NotCachedError(
+                    f"The version of {call.identity.url} current at {call.as_of.isoformat()} was "
+                    f"{row.version} ({row.hash_type}:{row.hash_hex}, {row.size_bytes} bytes); it was "
+                    f"removed from {self.path} at {_to_datetime(row.removed_unix).isoformat()} "
+                    f"({row.reason}).")
 
     def _nothing_matches(self, call: _FetchCall) -> str:
         wanted = [f"{name}={getattr(call, name)!r}" for name in
@@ -4264,11 +4494,25 @@ class Cache:
 
     # --- fetch: single flight -------------------------------------------------------------
 
-    def _claim(self, call: _FetchCall) -> _Claim:
+    def _claim(self, call: _FetchCall, strategy=None, started: float | None = None,
+               seen: tuple | None = None) -> _Claim:
+        try:
+            return self._claim_of(call, strategy, started, seen)
+        except _DAMAGE_ERRORS as exc:
+            raise _DamagedValueError(
+                f"A stored version of {call.identity.url} in the cache {self.path} is damaged and "
+                f"cannot be read: {type(exc).__name__}.", path=self.path) from exc
+
+    def _claim_of(self, call: _FetchCall, strategy, started: float | None, seen: tuple | None) -> _Claim:
         """Create the request if new and take the download lease, in one transaction.
 
-        A live lease on another row means someone else is downloading: report it.
-        An abandoned row with resumable partial content is taken over.
+        The decision to download is taken again here, on the rows this transaction
+        sees: when another thread or process made a ready version meanwhile that this
+        call may serve (validated since ``started``, or fresh per ``strategy``; ``seen``
+        is the newest ready version's (id, validated time) the first decision saw), the
+        claim is ``settled`` and nothing is downloaded. A live lease on another row
+        means someone else is downloading: report it. An abandoned row with resumable
+        partial content is taken over.
         """
         identity = call.identity
         owner = f"{os.getpid()}:{threading.get_ident()}:{secrets.token_hex(6)}"
@@ -4294,6 +4538,9 @@ class Cache:
                 changes = self._setting_changes(call, request)
                 if changes:
                     t.request.update(**changes).where(t.request.id == request_id).execute()
+                if started is not None and self._settled_meanwhile(call, request, strategy, started,
+                                                                   seen, now):
+                    return _Claim(request_id, settled=True)
             in_flight = list(t.version.select().where(
                 (t.version.request_id == request_id) & t.version.status.in_(IN_FLIGHT_STATUSES))
                 .order_by(t.version.version.desc()))
@@ -4302,7 +4549,8 @@ class Cache:
                     return _Claim(request_id, other_row_id=row.id)
             lease = {"lease_owner": owner, "lease_expires_unix": now + self._download_lease_sec}
             for row in in_flight:
-                if row.content_id is not None and row.resume_from:
+                # A row whose resume data is damaged is not resumed (GC reclaims it).
+                if row.content_id is not None and row.resume_from and _is_resumable_row(row):
                     t.version.update(**lease).where(t.version.id == row.id).execute()
                     return _Claim(request_id, row.id, owner, resume=row)
             newest = (t.version.select(peewee.fn.MAX(t.version.version))
@@ -4311,6 +4559,24 @@ class Cache:
                 request_id=request_id, version=_next_version_string(now, newest), status="wait",
                 request_unix=now, **lease).execute()
             return _Claim(request_id, row_id, owner)
+
+    def _settled_meanwhile(self, call: _FetchCall, request, strategy, started: float, seen,
+                           now: float) -> bool:
+        """Inside the claiming transaction: is there a ready version this call may serve
+        without downloading? Only a change since the first decision can say so: the
+        newest one counts when it was validated (downloaded, re-downloaded identical,
+        or confirmed by a 304) since the call started, or when the strategy now finds
+        it fresh."""
+        ready = self._store.ready_rows(request.id)
+        if not ready or not any(call.expected_hash is None or row.content_hash_hex == call.expected_hash
+                                for row in ready):
+            return False
+        newest = ready[0]
+        if seen == (newest.id, newest.validated_unix):
+            return False  # Nothing changed: the first decision stands.
+        if (newest.validated_unix or 0.0) > started:
+            return True
+        return strategy is not None and self._stored_plan(strategy, newest, request, now) == "serve"
 
     def _await_download(self, request_id: int, row_id: int) -> dict | None:
         """Wait, polling with backoff, until another download ends; return how it ended
@@ -4322,11 +4588,16 @@ class Cache:
                 settlement = t.request.select(t.request.last_settlement).where(
                     t.request.id == request_id).scalar()
             if row is None or row.status not in IN_FLIGHT_STATUSES:
-                settlement = json.loads(settlement) if settlement else None
-                if settlement is not None and settlement["row_id"] == row_id:
-                    return settlement
+                try:
+                    settlement = json.loads(settlement) if settlement else None
+                    if (isinstance(settlement, dict) and settlement.get("row_id") == row_id
+                            and {"outcome", "error", "status_code", "hash_mismatch"} <= settlement.keys()):
+                        return settlement
+                except _DAMAGE_ERRORS:
+                    pass  # A damaged settlement tells nothing: decide again on the rows.
                 return None  # Reclaimed, or settled and since overwritten: decide again.
-            if (row.lease_expires_unix or 0) <= _now():
+            if not isinstance(row.lease_expires_unix, (int, float, type(None))) \
+                    or (row.lease_expires_unix or 0) <= _now():
                 return None
             time.sleep(pause)
             pause = min(pause * 1.5, WAIT_POLL_MAX_SEC)
@@ -4420,8 +4691,14 @@ class Cache:
 
     def _run_validator(self, call: _FetchCall, claim: _Claim, request, result: _Completed) -> None:
         """Show the new, complete content to the user's validator before it is published."""
-        with self._store.reading() as t:
-            row = t.version.get_by_id(claim.row_id)
+        # The version string the content will be published under is given now, so the
+        # validator sees the version fetch() returns (and the one a failure is recorded as).
+        with self._store.writing() as t:
+            row = t.version.get_or_none(t.version.id == claim.row_id)
+            if row is None or row.lease_owner != claim.owner:
+                raise _LeaseLost()
+            row.version = claim.version = self._next_version_of(t, request.id, row.id, _now())
+            t.version.update(version=row.version).where(t.version.id == row.id).execute()
         row.content_attributes = json.dumps(result.attributes)
         row.content_hash_hex = result.hash_hex
         candidate = self._response(row, request.url, [])
@@ -4479,9 +4756,8 @@ class Cache:
             row = t.version.get_or_none(t.version.id == claim.row_id)
             if row is None or row.lease_owner != claim.owner:
                 raise _LeaseLost()
-            newest_version = (t.version.select(peewee.fn.MAX(t.version.version))
-                              .where(t.version.request_id == request.id).scalar())
-            final = {"version": _next_version_string(now, newest_version), "lease_owner": None,
+            final = {"version": self._next_version_of(t, request.id, row.id, now, keep=claim.version),
+                     "lease_owner": None,
                      "lease_expires_unix": None, "resume_from": None}
             ready = self._store.ready_rows(request.id)
             newest = ready[0] if ready else None
@@ -4576,6 +4852,18 @@ class Cache:
         merged = {**(stored if isinstance(stored, dict) else {}), **fresh}
         return json.dumps(merged) if merged else row.cache_headers
 
+    @staticmethod
+    def _next_version_of(t: _Tables, request_id: int, row_id: int, now: float,
+                         keep: str | None = None) -> str:
+        """The version string for row ``row_id`` of a request: ``keep`` (given earlier)
+        while it is still newer than every other row's, else one for ``now`` after them.
+        Runs inside the caller's write transaction."""
+        others = (t.version.select(peewee.fn.MAX(t.version.version))
+                  .where((t.version.request_id == request_id) & (t.version.id != row_id)).scalar())
+        if keep is not None and (others is None or keep > others):
+            return keep
+        return _next_version_string(now, others)
+
     def _settle_content(self, t: _Tables, row, hash_type: str, completed: _Completed) -> int:
         """Make the received content addressable by its hash, or drop it for the identical
         content already stored. Returns the content id the version points to."""
@@ -4615,7 +4903,16 @@ class Cache:
 
     def _collect_request(self, t: _Tables, request_id: int, now: float) -> tuple[dict, int]:
         """Apply the GC rules (see ``gc``) to one request. Runs inside the caller's write
-        transaction; reads only this request's rows (index on request_id)."""
+        transaction; reads only this request's rows (index on request_id). A damaged
+        stored value of the request raises _DamagedValueError (nothing is removed)."""
+        try:
+            return self._collect_request_of(t, request_id, now)
+        except _DAMAGE_ERRORS as exc:
+            raise _DamagedValueError(
+                f"A stored version of request {request_id} in the cache {self.path} is damaged and "
+                f"cannot be read: {type(exc).__name__}.", path=self.path) from exc
+
+    def _collect_request_of(self, t: _Tables, request_id: int, now: float) -> tuple[dict, int]:
         request = t.request.get_or_none(t.request.id == request_id)
         if request is None:
             return {}, 0
@@ -4642,6 +4939,7 @@ class Cache:
                 removals[row] = "abandoned"
         if not removals:
             return {}, 0
+        _record_removed(t, request, [row for row in removals if row.status == "ready"], "collected", now)
         t.version.delete().where(t.version.id.in_([row.id for row in removals])).execute()
         freed = self._delete_unreferenced_contents(
             t, {row.content_id for row in removals if row.content_id is not None})
@@ -4683,8 +4981,13 @@ class Cache:
                 request_ids = [request.id] if request is not None else []
         for request_id in request_ids:
             # One short transaction per request keeps other writers moving.
-            with self._store.writing() as t:
-                counts, freed = self._collect_request(t, request_id, _now())
+            try:
+                with self._store.writing() as t:
+                    counts, freed = self._collect_request(t, request_id, _now())
+            except _DamagedValueError as exc:
+                # Only this request cannot be collected; verify() reports it.
+                log.warning("%s Not collected.", exc)
+                continue
             for reason, count in counts.items():
                 report.removed[reason] += count
             report.bytes_freed += freed
@@ -4696,6 +4999,17 @@ class Cache:
     # --- reading the cache --------------------------------------------------------------
 
     def _request_model(self, row) -> Request:
+        try:
+            return self._request_model_of(row)
+        except _DamagedValueError:
+            raise
+        except _DAMAGE_ERRORS as exc:
+            raise _DamagedValueError(
+                f"The stored request {getattr(row, 'url', '?')!r} (request {getattr(row, 'id', '?')}) in "
+                f"the cache {self.path} is damaged and cannot be read: {type(exc).__name__}.",
+                path=self.path) from exc
+
+    def _request_model_of(self, row) -> Request:
         return Request(
             id=row.id, url=row.url, http_method=row.http_method,
             http_header_fields=json.loads(row.http_header_fields or "{}"),
@@ -4719,7 +5033,15 @@ class Cache:
             query = t.request.select().order_by(t.request.id)
             if group is not None:
                 query = query.where(t.request.group_name == group)
-            return [self._request_model(row) for row in query]
+            rows = list(query)
+        found = []
+        for row in rows:
+            try:
+                found.append(self._request_model(row))
+            except _DamagedValueError as exc:
+                # Only this request is unusable; verify() reports it.
+                log.warning("%s Left out of requests().", exc)
+        return found
 
     def versions(self, url: str, *, status: str | None = "ready", tag: str | None = None,
                  pinned: bool | None = None, method: str = "get", params: dict | None = None,
@@ -4746,7 +5068,12 @@ class Cache:
             ready = [row for row in rows if row.status == "ready"] if status in (None, "ready") \
                 else self._store.ready_rows(request.id)
         now = _now()
-        rows = [row for row in rows if _matches(row, tag=tag, pinned=pinned, now=now)]
+        try:
+            rows = [row for row in rows if _matches(row, tag=tag, pinned=pinned, now=now)]
+        except _DAMAGE_ERRORS as exc:
+            raise _DamagedValueError(f"A stored version of {request.url} in the cache {self.path} is "
+                                     f"damaged and cannot be read: {type(exc).__name__}.",
+                                     path=self.path) from exc
         return self._responses(rows, request.url, ready)
 
     def get(self, url: str, version: str = "latest", *, method: str = "get", params: dict | None = None,
@@ -4775,7 +5102,8 @@ class Cache:
             per_status = dict.fromkeys(VERSION_STATUSES, 0)
             for status, count in (t.version.select(t.version.status, peewee.fn.COUNT(t.version.id))
                                   .group_by(t.version.status).tuples()):
-                per_status[status] = count
+                if status in per_status:  # a damaged status is verify()'s to report
+                    per_status[status] = count
             complete = t.content.hash_hex.is_null(False)
             content_bytes, unique = (t.content.select(peewee.fn.COALESCE(peewee.fn.SUM(t.content.size_bytes), 0),
                                                       peewee.fn.COUNT(t.content.id))
@@ -4862,41 +5190,108 @@ class Cache:
     # --- maintenance ----------------------------------------------------------------------
 
     def verify(self) -> VerifyReport:
-        """Re-hash every stored content. A version whose content no longer matches its hash
-        leaves the chain and becomes ``failed`` with the error "content corrupted"; nothing
-        else changes. Returns a VerifyReport (contents checked, corrupted versions)."""
+        """Check the whole cache and report what is wrong; never "all intact" while
+        something is.
+
+        Runs the database's own checks (``PRAGMA integrity_check`` and
+        ``foreign_key_check``) and reads every stored value back; what fails goes to
+        ``problems``. Re-hashes every stored content: a version whose content no longer
+        matches its hash (or cannot be read) leaves the chain and becomes ``failed`` with
+        the error "content corrupted". ``corrupted`` lists every such version, found by
+        this call or an earlier one, until it is deleted or collected.
+        """
         report = VerifyReport()
-        with self._store.reading() as t:
-            contents = list(t.content.select(t.content.id, t.content.hash_type, t.content.hash_hex,
-                                             t.content.size_bytes)
-                            .where(t.content.hash_hex.is_null(False)).tuples())
+        try:
+            report.problems.extend(self._store.structural_problems())
+        except CacheFileError as exc:
+            report.problems.append(str(exc))
+        try:
+            with self._store.reading() as t:
+                contents = list(t.content.select(t.content.id, t.content.hash_type, t.content.hash_hex,
+                                                 t.content.size_bytes)
+                                .where(t.content.hash_hex.is_null(False)).tuples())
+        except CacheFileError as exc:
+            report.problems.append(f"The list of contents cannot be read: {exc}")
+            contents = []
         for content_id, hash_type, hash_hex, size in contents:
-            hasher, length = hashlib.new(hash_type), 0
-            try:  # One snapshot per content: a concurrent delete cannot look like corruption.
-                with self._store.open_content(content_id) as stream:
-                    while data := stream.read(DEFAULT_CHUNK_SIZE_BYTES):
-                        hasher.update(data)
-                        length += len(data)
+            try:
+                intact = self._content_is_intact(content_id, hash_type, hash_hex, size)
             except NotCachedError:
                 continue  # Deleted meanwhile: nothing to verify.
-            except IntegrityError:
-                length = -1  # chunks missing or damaged: corrupted
+            except CacheFileError as exc:
+                report.problems.append(f"Content {content_id} ({hash_type}:{hash_hex}) cannot be read: {exc}")
+                intact = False
             report.checked += 1
-            if hasher.hexdigest() == hash_hex and length == size:
-                continue
-            with self._store.writing() as t:
-                # No longer addressable: a new identical download must not reuse it.
-                t.content.update(hash_hex=None).where(t.content.id == content_id).execute()
-                rows = list(t.version.select().where((t.version.content_id == content_id)
-                                                     & (t.version.status == "ready")))
-                for row in rows:
-                    stats = json.loads(row.download_stats or "{}")
-                    stats.update(state="failed", error="content corrupted")
-                    t.version.update(status="failed", download_stats=json.dumps(stats)).where(
-                        t.version.id == row.id).execute()
-                report.corrupted.extend(self._response_for_row_id(t, row.id) for row in rows)
-            log.info("Content %s is corrupted; %d version(s) marked failed.", hash_hex, len(rows))
+            if not intact:
+                try:
+                    self._store.mark_content_corrupted(content_id)
+                except CacheFileError as exc:
+                    report.problems.append(f"Content {content_id} ({hash_type}:{hash_hex}) is corrupted "
+                                           f"and cannot be marked so: {exc}")
+        report.problems.extend(self._damaged_values())
+        report.corrupted.extend(self._corrupted_versions(report.problems))
         return report
+
+    def _content_is_intact(self, content_id: int, hash_type, hash_hex, size) -> bool:
+        """Re-hash one content from one snapshot (a concurrent delete cannot look like
+        corruption; it raises NotCachedError)."""
+        try:
+            hasher = hashlib.new(hash_type)
+        except (TypeError, ValueError):
+            return False  # A damaged algorithm name: the hash cannot be checked.
+        length = 0
+        try:
+            with self._store.open_content(content_id) as stream:
+                while data := stream.read(DEFAULT_CHUNK_SIZE_BYTES):
+                    hasher.update(data)
+                    length += len(data)
+        except (IntegrityError, TypeError, ValueError):
+            return False
+        return hasher.hexdigest() == hash_hex and length == size
+
+    def _corrupted_versions(self, problems: list[str]) -> list[Response]:
+        """Every version marked "content corrupted" that is still stored."""
+        found = []
+        try:
+            with self._store.reading() as t:
+                rows = list(t.version.select().where(
+                    (t.version.status == "failed") & t.version.download_stats.contains(CORRUPTED_ERROR))
+                    .order_by(t.version.request_id, t.version.version))
+                urls = dict(t.request.select(t.request.id, t.request.url).tuples())
+        except CacheFileError as exc:
+            problems.append(f"The versions marked corrupted cannot be listed: {exc}")
+            return found
+        for row in rows:
+            try:
+                response = self._responses([row], urls.get(row.request_id, "?"), [], "cached")[0]
+            except CacheFileError as exc:
+                problems.append(str(exc))
+                continue
+            if response.download_stats.error == CORRUPTED_ERROR:
+                found.append(response)
+        return found
+
+    def _damaged_values(self) -> list[str]:
+        """Read every stored request and version back as the API would; name those that fail."""
+        problems = []
+        try:
+            with self._store.reading() as t:
+                requests = list(t.request.select())
+                versions = list(t.version.select())
+        except CacheFileError as exc:
+            return [f"The requests and versions cannot be read: {exc}"]
+        urls = {}
+        for row in requests:
+            try:
+                urls[row.id] = self._request_model(row).url
+            except CacheFileError as exc:
+                problems.append(str(exc))
+        for row in versions:
+            try:
+                self._responses([row], urls.get(row.request_id, "?"), [], None)
+            except CacheFileError as exc:
+                problems.append(str(exc))
+        return problems
 
     def refresh(self, group: str | None = None) -> list[RefreshResult]:
         """Apply each stored request's strategy now (as ``fetch`` would), for every request
@@ -4939,6 +5334,8 @@ class Cache:
                 return 0
             content_ids = {row[0] for row in t.version.select(t.version.content_id).where(
                 (t.version.request_id == request.id) & t.version.content_id.is_null(False)).tuples()}
+            _record_removed(t, request, list(t.version.select().where(
+                (t.version.request_id == request.id) & (t.version.status == "ready"))), "deleted", _now())
             removed = t.version.delete().where(t.version.request_id == request.id).execute()
             t.request.delete().where(t.request.id == request.id).execute()
             freed = self._delete_unreferenced_contents(t, content_ids)
@@ -6083,15 +6480,24 @@ def _cmd_gc(cache: Cache, args) -> int:
 
 def _cmd_verify(cache: Cache, args) -> int:
     report = cache.verify()
-    _emit(args, report.model_dump(mode="json"),
-          lambda: _print_table([{"url": response.url, **_version_row(response)}
-                                for response in report.corrupted], sys.stdout)
-          if report.corrupted else sys.stdout.write(f"{report.checked} contents checked, all intact\n"))
+
+    def human() -> None:
+        if report.intact:
+            sys.stdout.write(f"{report.checked} contents checked, all intact\n")
+            return
+        if report.corrupted:
+            _print_table([{"url": response.url, **_version_row(response)}
+                          for response in report.corrupted], sys.stdout)
+        for problem in report.problems:
+            sys.stdout.write(f"problem: {problem}\n")
+    _emit(args, report.model_dump(mode="json"), human)
     if report.corrupted:
         sys.stderr.write(f"buffylite: {len(report.corrupted)} versions have corrupted content "
-                         "(now marked failed).\n")
-        return EXIT_INTEGRITY
-    return 0
+                         "(marked failed).\n")
+    if report.problems:
+        sys.stderr.write(f"buffylite: {len(report.problems)} problems found in the cache file "
+                         f"{cache.path}.\n")
+    return EXIT_INTEGRITY if not report.intact else 0
 
 
 def _cmd_refresh(cache: Cache, args) -> int:

@@ -688,6 +688,42 @@ def test_unusable_file_raises_cache_file_error_naming_the_path(tmp_path, write):
     assert path.read_bytes() == before, "the user's file was modified"
 
 
+# --- schema 2: the removed-version record (SPEC §7, §10) ---
+
+
+def test_a_version_1_file_is_upgraded_and_keeps_its_versions(tmp_path, origin):
+    """§10: a file written at schema version 1 (by this code, limited to its first
+    migration) opens, is upgraded to the current schema, keeps its versions and content,
+    and from then on remembers removed versions for as_of."""
+    path = tmp_path / "v1.sqlite3"
+    url = origin.url("/upgrade")
+    origin.route("/upgrade", body=b"old body")
+    done = run_python(textwrap.dedent("""
+        import sys, buffylite
+        buffylite.SCHEMA_VERSION = 1
+        buffylite._MIGRATIONS = buffylite._MIGRATIONS[:1]
+        keep = buffylite.RequestCacheConfiguration(
+            recaching_strategy=buffylite.ReCachingStrategy.age(seconds=0), max_cached_unpinned_versions=1)
+        with buffylite.Cache(sys.argv[1]) as cache:
+            print(cache.fetch(sys.argv[2], cache_configuration=keep).version)
+            print(cache.stats()["schema_version"])
+    """), str(path), url)
+    assert done.returncode == 0, done.stderr
+    old_version, schema = done.stdout.split()
+    assert schema == "1"
+    assert "removed_version" not in db_tables(path)
+    with buffylite.Cache(path) as cache:
+        assert cache.stats()["schema_version"] == buffylite.SCHEMA_VERSION == 2
+        assert cache.get(url).version == old_version and cache.get(url).read() == b"old body"
+        moment = _moment()
+        origin.routes["/upgrade"].body = b"new body"
+        new = cache.fetch(url)  # keeps one version: the old one is collected
+        assert [resp.version for resp in cache.versions(url)] == [new.version]
+        with pytest.raises(buffylite.NotCachedError, match=old_version):
+            cache.fetch(url, as_of=moment)
+    assert "removed_version" in db_tables(path)
+
+
 def test_stats_reports_counts_for_every_status(cache, cache_path, origin):
     """§3: stats() has path, file size, requests, a count per status, content bytes and unique contents."""
     stats = cache.stats()
@@ -1975,6 +2011,127 @@ def test_as_of_equal_to_a_cached_datetime_returns_that_version(cache, origin):
     assert len(origin.log) == sent_before
 
 
+# --- time travel after GC, delete and corruption (SPEC §7 as_of) ---
+
+
+def _corrupt_content_with_hash(path: pathlib.Path, content_hash: str) -> None:
+    """Flip a byte of the first chunk of the content with ``content_hash`` (tables found by columns)."""
+    version_table = table_with_columns(path, {"content_hash_hex", "tags"})
+    chunk_table = table_with_columns(path, {"content_id", "seq", "data"})
+    with contextlib.closing(sqlite3.connect(path, timeout=10)) as connection:
+        [content_id] = {row[0] for row in connection.execute(
+            f'SELECT content_id FROM "{version_table}" WHERE content_hash_hex = ?', (content_hash,))}
+        [(data,)] = connection.execute(f'SELECT data FROM "{chunk_table}" WHERE content_id = ? AND seq = 0',
+                                       (content_id,))
+        flipped = bytes([data[0] ^ 0xFF]) + bytes(data[1:])
+        connection.execute(f'UPDATE "{chunk_table}" SET data = ? WHERE content_id = ? AND seq = 0',
+                           (flipped, content_id))
+        connection.commit()
+
+
+def _moment() -> dt.datetime:
+    """Now, then a pause, so that the moment lies strictly between two steps' writes."""
+    moment = dt.datetime.now(UTC)
+    time.sleep(0.002)
+    return moment
+
+
+def test_as_of_after_gc_of_the_versions_current_then_names_them(cache, origin):
+    """§7: keep 1 unpinned; v0 pinned; v1, v2, v3 downloaded and v1, v2 collected: as_of a
+    moment after v1 (and after v2) raises NotCachedError naming v1 (v2) and its hash, never
+    answering with v0, which was not current then."""
+    keep_one = config(keep=1)
+    v0 = fetch_body(cache, origin, "/asof-gc", b"v0", cache_configuration=keep_one)
+    cache.pin(v0)
+    after = {}
+    for name in ("v1", "v2", "v3"):
+        resp = fetch_body(cache, origin, "/asof-gc", name.encode(), cache_configuration=keep_one)
+        after[name] = (resp, _moment())
+    url = origin.url("/asof-gc")
+    assert [resp.version for resp in cache.versions(url)] == [after["v3"][0].version, v0.version]
+    for name in ("v1", "v2"):
+        resp, moment = after[name]
+        with pytest.raises(buffylite.NotCachedError) as caught:
+            cache.fetch(url, as_of=moment)
+        assert resp.version in str(caught.value) and sha256(name.encode()) in str(caught.value)
+    assert cache.fetch(url, as_of=after["v3"][1]).version == after["v3"][0].version
+    assert cache.fetch(url, as_of=v0.cached_datetime_utc).version == v0.version
+
+
+#: Steps: (kind, argument); downloads weigh most. A download with argument 0 repeats the
+#: newest body (a duplicate); pin/unpin/corrupt pick a ready version by the argument.
+_AS_OF_STEPS = st.lists(st.tuples(
+    st.sampled_from(["download"] * 6 + ["pin", "unpin", "gc", "delete", "corrupt"]),
+    st.integers(0, 5)), min_size=1, max_size=14)
+_AS_OF_EXAMPLES = 30
+
+
+def test_as_of_answers_what_was_newest_then_or_names_the_removed_version(origin, tmp_path):
+    """§7 property: after any sequence of downloads, pins, GC, deletes and corruption (found by
+    verify), as_of at any moment between steps returns exactly the version that was the
+    newest ready one then, or raises NotCachedError naming that version and its hash when
+    it has been removed since; never another version."""
+    examples = itertools.count()
+    probes = {"returned": 0, "removed": 0, "nothing": 0}
+
+    @settings(max_examples=_AS_OF_EXAMPLES, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(steps=_AS_OF_STEPS)
+    def run(steps):
+        example = next(examples)
+        route_path = f"/asof-model/{example}"
+        origin.route(route_path, body=b"")
+        url = origin.url(route_path)
+        path = tmp_path / f"asof-{example}.sqlite3"
+        keep = config(keep=1, keep_pinned=1)
+        bodies = itertools.count()
+        # moments[k]: a moment after step k; newest[k]: the newest ready version then (or None).
+        moments, newest, hashes = [_moment()], [None], {}
+        with buffylite.Cache(path, retries=0, timeout=5) as cache:
+            for kind, arg in steps:
+                ready = cache.versions(url)
+                if kind == "download":
+                    body = (origin.routes[route_path].body if arg == 0 and ready
+                            else f"body {next(bodies)}".encode())
+                    origin.routes[route_path].body = body
+                    resp = cache.fetch(url, cache_configuration=keep)
+                    hashes[resp.version] = sha256(body)
+                elif kind in ("pin", "unpin") and ready:
+                    target = ready[arg % len(ready)]
+                    (cache.pin if kind == "pin" else cache.unpin)(target)
+                elif kind == "gc":
+                    cache.gc()
+                elif kind == "delete":
+                    cache.delete(url)
+                elif kind == "corrupt" and ready:
+                    _corrupt_content_with_hash(path, ready[arg % len(ready)].content_hash_hex)
+                    cache.verify()
+                after = cache.versions(url)
+                newest.append(after[0].version if after else None)
+                moments.append(_moment())
+            now_ready = {resp.version for resp in cache.versions(url)}
+            sent = len(origin.requests_to(route_path))
+            for moment, expected in zip(moments, newest):
+                if expected in now_ready:
+                    assert cache.fetch(url, as_of=moment).version == expected
+                    probes["returned"] += 1
+                    continue
+                with pytest.raises(buffylite.NotCachedError) as caught:
+                    cache.fetch(url, as_of=moment)
+                if expected is None:
+                    probes["nothing"] += 1
+                else:
+                    assert expected in str(caught.value) and hashes[expected] in str(caught.value), (
+                        expected, str(caught.value))
+                    probes["removed"] += 1
+            assert len(origin.requests_to(route_path)) == sent, "as_of never touches the network"
+
+    run()
+    print(f"as_of property: {_AS_OF_EXAMPLES} examples, probes {probes}")
+    assert next(examples) == _AS_OF_EXAMPLES
+    assert probes["removed"] > 0 and probes["returned"] > 0
+
+
 def test_naive_as_of_is_rejected_before_anything_is_written(cache, origin):
     """§7/§12: a naive as_of -> InvalidRequestError, no request created."""
     origin.route("/naive", body=b"x")
@@ -1995,6 +2152,34 @@ def test_validator_receives_the_new_version_with_readable_content(cache, origin)
     fetch_body(cache, origin, "/val", b"second body", validator=validator)
     fetch_body(cache, origin, "/val", b"second body", validator=validator)
     assert seen == [b"first body", b"second body"]
+
+
+# --- validator version string (SPEC §7) ---
+
+
+def test_validator_sees_the_version_string_fetch_returns(cache, origin):
+    """§7: resp.version inside validator(resp) is the version fetch() returns, the one
+    versions() lists, and for a rejected download the version its failed row carries."""
+    seen = []
+
+    def validator(resp):
+        seen.append(resp.version)
+
+    for body in (b"one", b"two", b"three"):
+        resp = fetch_body(cache, origin, "/val-version", body, validator=validator)
+        assert resp.outcome == "downloaded"
+        assert seen[-1] == resp.version
+    assert seen == [resp.version for resp in reversed(cache.versions(origin.url("/val-version")))]
+
+    def rejecting(resp):
+        seen.append(resp.version)
+        raise ValueError("not today")
+
+    stale = fetch_body(cache, origin, "/val-version", b"four", validator=rejecting)
+    assert stale.outcome == "stale" and stale.version != seen[-1]
+    [failed] = cache.versions(origin.url("/val-version"), status="failed")
+    assert failed.version == seen[-1]
+    assert len(seen) == 4 and len(set(seen)) == 4
 
 
 def test_validator_rejection_serves_stale_and_records_its_message(cache, origin):
@@ -3350,7 +3535,8 @@ def test_verify_reports_corrupted_content_and_takes_it_out_of_the_chain(cache, c
         assert cache.get(url, version=version).model_dump(
             exclude={"previous_version", "next_version", "outcome"}) == before
     assert cache.get(url).read() == b"last version\n" * 200
-    assert cache.verify().corrupted == []
+    again = cache.verify()  # a daily verify keeps alerting until the version is gone
+    assert again.checked == 2 and [r.version for r in again.corrupted] == [middle.version]
 
 
 def test_a_deleted_version_never_reads_other_content(cache, cache_path, origin):
@@ -3402,6 +3588,335 @@ def test_open_stream_survives_deletion_by_another_cache(cache, cache_path, origi
         assert cache.get_request(origin.url("/survive")) is None
     finally:
         other.close()
+
+
+# --- damaged files: verify and the bit-flip sweep (SPEC §10, §14) ---
+
+
+def _checkpointed(path: pathlib.Path) -> None:
+    """Fold the WAL into the main file, so the main file alone holds everything."""
+    connection = sqlite3.connect(path, timeout=10)
+    try:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    finally:
+        connection.close()
+
+
+def _sqlite_integrity(path: pathlib.Path) -> list[str]:
+    """What ``PRAGMA integrity_check`` says about a file (["ok"] when sound); a file SQLite
+    cannot even open that far gives its error message."""
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            return [row[0] for row in connection.execute("PRAGMA integrity_check")]
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as exc:
+        return [str(exc)]
+
+
+def _page_size_and_count(path: pathlib.Path) -> tuple[int, int]:
+    header = path.read_bytes()[:100]
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    return page_size, path.stat().st_size // page_size
+
+
+def _populated_cache(path: pathlib.Path, origin: Origin) -> dict:
+    """A cache with several requests (groups, params, strategies), versions, tags, pins
+    and a removed version; returns {url: {hash: body}} of what was stored."""
+    bodies = {}
+    with buffylite.Cache(path, retries=0, timeout=5) as cache:
+        strategies = [buffylite.ReCachingStrategy.never(), buffylite.ReCachingStrategy.age(seconds=0),
+                      buffylite.ReCachingStrategy.when_remote_changed(),
+                      buffylite.ReCachingStrategy.cron(cron="0 3 * * *")]
+        for index, strategy in enumerate(strategies):
+            path_name = f"/damage/{index}"
+            origin.route(path_name, etag=f'"e{index}"')
+            url = origin.url(path_name)
+            for step in range(3):
+                body = random_bytes(3000 + 1500 * step, seed=100 * index + step)
+                origin.routes[path_name].body = body
+                resp = cache.fetch(url, group=f"group{index % 2}", params={"step": "x"} if index == 3 else None,
+                                   cache_configuration=config(buffylite.ReCachingStrategy.age(seconds=0), keep=2)
+                                   if step < 2 else config(strategy, keep=2))
+                bodies.setdefault(url, {})[sha256(body)] = body
+                if step == 0:
+                    cache.tag(resp, f"first-{index}")
+                if step == 1 and index % 2:
+                    cache.pin(resp)
+    _checkpointed(path)
+    return bodies
+
+
+def _damage_identity(url: str) -> dict:
+    index = int(url.rsplit("/", 1)[1])
+    return {"group": f"group{index % 2}", "params": {"step": "x"} if index == 3 else None}
+
+
+def _exercise_damaged_cache(path: pathlib.Path, bodies: dict) -> dict:
+    """Run every public reading method on a (possibly damaged) cache file. Each either
+    works or raises a §12 error; what read() returns has the stored length. Returns what
+    happened: {"opened": bool, "verify": VerifyReport | None, "outcomes": {name: "ok"|error}}."""
+    outcomes = {}
+
+    def attempt(name, call):
+        try:
+            result = call()
+        except buffylite.BuffyliteError as exc:
+            outcomes[name] = type(exc).__name__
+            return None
+        outcomes[name] = "ok"
+        return result
+
+    def check_read(resp):
+        data = resp.read()
+        known = bodies[resp.url].get(resp.content_hash_hex)
+        expected = len(known) if known is not None else resp.content_attributes.content_size_bytes
+        assert len(data) == expected, (resp.url, resp.version, len(data), expected)
+
+    try:
+        cache = buffylite.Cache(path, retries=0, timeout=2)
+    except buffylite.CacheFileError:
+        return {"opened": False, "verify": None, "outcomes": outcomes}
+    try:
+        for url in bodies:
+            identity = _damage_identity(url)
+            resp = attempt(f"fetch {url}", lambda: cache.fetch(url, offline=True, **identity))
+            attempt(f"fetch preferring {url}", lambda: cache.fetch(
+                url, offline=True, prefer_tag="first-1", prefer_pinned=True, **identity))
+            if resp is not None:
+                attempt(f"read {url}", lambda: check_read(resp))
+            latest = attempt(f"get {url}", lambda: cache.get(url, **identity))
+            if latest is not None:
+                attempt(f"read latest {url}", lambda: check_read(latest))
+            listed = attempt(f"versions {url}", lambda: cache.versions(url, status=None, **identity))
+            for other in listed or []:
+                if other.status == "ready":
+                    attempt(f"read {other.version}", lambda: check_read(other))
+        attempt("requests", cache.requests)
+        attempt("stats", cache.stats)
+        report = attempt("verify", cache.verify)
+        attempt("gc", cache.gc)
+        for url in bodies:  # online: each request's strategy decides, downloads write to the file
+            resp = attempt(f"fetch online {url}", lambda: cache.fetch(url, **_damage_identity(url)))
+            if resp is not None:
+                attempt(f"read online {url}", lambda: check_read(resp))
+        return {"opened": True, "verify": report, "outcomes": outcomes}
+    finally:
+        cache.close()
+
+
+@pytest.mark.parametrize("column, damage", [
+    ("cache_configuration", lambda value: value.replace('"strategy_name"', '"strategy_nane"')),
+    ("cache_configuration", lambda value: value[:-3]),
+    ("http_header_fields", lambda value: "{" + value),
+])
+def test_a_damaged_stored_request_value_spoils_only_its_request(cache, cache_path, origin, column, damage):
+    """§14: a damaged JSON column of one request makes that request unusable with a
+    CacheFileError naming it; every other request, requests(), gc(), stats() keep working
+    and verify() reports it (by every later run too)."""
+    hurt = fetch_body(cache, origin, "/hurt", b"hurt body")
+    fine = fetch_body(cache, origin, "/fine", b"fine body")
+    fetch_body(cache, origin, "/fine", b"fine body 2")
+    table = table_with_columns(cache_path, {"identity_key", column})
+    with contextlib.closing(sqlite3.connect(cache_path, timeout=10)) as connection:
+        [(value,)] = connection.execute(f'SELECT "{column}" FROM "{table}" WHERE id = ?', (hurt.request_id,))
+        connection.execute(f'UPDATE "{table}" SET "{column}" = ? WHERE id = ?', (damage(value), hurt.request_id))
+        connection.commit()
+    with buffylite.Cache(cache_path) as other:
+        if column == "cache_configuration":
+            with pytest.raises(buffylite.CacheFileError, match="/hurt"):
+                other.fetch(origin.url("/hurt"))
+        assert [request.url for request in other.requests()] == [origin.url("/fine")]
+        assert other.fetch(origin.url("/fine"), offline=True).read() == b"fine body 2"
+        assert other.get(origin.url("/fine"), version=fine.version).read() == b"fine body"
+        report = other.gc()
+        assert report.removed["unpinned"] == 0
+        assert other.stats()["requests"] == 2
+        for _ in range(2):
+            problems = other.verify().problems
+            assert len(problems) == 1 and "/hurt" in problems[0], problems
+
+
+def test_a_damaged_version_row_spoils_only_that_version(cache, cache_path, origin):
+    """§14: a version row whose stored values are damaged (tags JSON, a number turned to
+    text) gives CacheFileError naming it; other requests and verify() keep working."""
+    hurt = fetch_body(cache, origin, "/hurt-v", b"hurt body")
+    fine = fetch_body(cache, origin, "/fine-v", b"fine body")
+    table = table_with_columns(cache_path, {"content_hash_hex", "tags"})
+    with contextlib.closing(sqlite3.connect(cache_path, timeout=10)) as connection:
+        connection.execute(f'UPDATE "{table}" SET tags = ?, cached_unix = ? WHERE id = ?',
+                           ('["ok", ', "not a time", hurt.id))
+        connection.commit()
+    with buffylite.Cache(cache_path) as other:
+        for call in (lambda: other.fetch(origin.url("/hurt-v"), offline=True),
+                     lambda: other.fetch(origin.url("/hurt-v"), offline=True, prefer_tag="ok"),
+                     lambda: other.get(origin.url("/hurt-v")),
+                     lambda: other.versions(origin.url("/hurt-v"))):
+            with pytest.raises(buffylite.CacheFileError, match=hurt.version):
+                call()
+        assert other.fetch(origin.url("/fine-v"), offline=True).version == fine.version
+        assert len(other.requests()) == 2
+        other.gc()
+        problems = other.verify().problems
+        assert len(problems) == 1 and hurt.version in problems[0]
+
+
+def test_read_of_content_with_a_lost_chunk_raises_integrity_error(cache, cache_path, origin):
+    """§10: read() checks what it assembles: a chunk gone (or a size that does not add up)
+    is an IntegrityError naming the content, never short content."""
+    body = random_bytes(3 * MiB + 5, seed=3)
+    resp = fetch_body(cache, origin, "/chunks", body)
+    assert resp.read() == body
+    chunk_table = table_with_columns(cache_path, {"content_id", "seq", "data"})
+    with contextlib.closing(sqlite3.connect(cache_path, timeout=10)) as connection:
+        connection.execute(f'DELETE FROM "{chunk_table}" WHERE seq = 1')
+        connection.commit()
+    with pytest.raises(buffylite.IntegrityError, match="chunk 1"):
+        resp.read()
+    with contextlib.closing(sqlite3.connect(cache_path, timeout=10)) as connection:
+        connection.execute(f'DELETE FROM "{chunk_table}"')
+        connection.commit()
+    with pytest.raises(buffylite.IntegrityError, match=str(len(body))):
+        resp.read()
+    assert [version.version for version in cache.verify().corrupted] == [resp.version]
+
+
+def test_tampered_content_is_reported_by_every_verify_until_deleted(cache, cache_path, origin):
+    """§10: a daily verify keeps alerting: the corrupted version is reported by each later
+    verify (API and CLI exit 4), until its request is deleted; then all is intact again."""
+    fine = fetch_body(cache, origin, "/daily-ok", b"fine content " * 50)
+    bad = fetch_body(cache, origin, "/daily-bad", b"tampered content " * 50)
+    _corrupt_chunk_containing(cache_path, b"tampered content")
+    for run in range(3):
+        report = cache.verify()
+        assert [resp.version for resp in report.corrupted] == [bad.version], run
+        assert report.corrupted[0].download_stats.error == "content corrupted"
+        assert report.checked == (2 if run == 0 else 1) and report.problems == []
+    done = run_cli("--cache", str(cache_path), "verify")
+    assert done.returncode == 4 and bad.version in done.stdout
+    assert "all intact" not in done.stdout
+    assert cache.fetch(origin.url("/daily-ok"), offline=True).version == fine.version
+    assert cache.delete(origin.url("/daily-bad")) == 1
+    assert cache.verify().intact
+    done = run_cli("--cache", str(cache_path), "verify")
+    assert done.returncode == 0 and "all intact" in done.stdout
+
+
+def test_verify_reports_an_overwritten_page_and_the_cli_exits_4(cache_path, origin, tmp_path):
+    """§10: a page overwritten on purpose -> integrity_check fails, verify() lists problems
+    (never "all intact"), the CLI's verify exits 4 and says so."""
+    _populated_cache(cache_path, origin)
+    page_size, pages = _page_size_and_count(cache_path)
+    assert pages >= 4
+    data = bytearray(cache_path.read_bytes())
+    # The last page holds table rows or an index: garbage in its middle breaks the b-tree.
+    start = (pages - 1) * page_size
+    data[start + 8: start + page_size // 2] = random_bytes(page_size // 2 - 8, seed=9)
+    damaged = tmp_path / "overwritten.sqlite3"
+    damaged.write_bytes(bytes(data))
+    assert _sqlite_integrity(damaged) != ["ok"]
+    with buffylite.Cache(damaged) as cache:
+        report = cache.verify()
+    assert report.problems, report
+    assert any("integrity" in problem for problem in report.problems)
+    done = run_cli("--cache", str(damaged), "verify")
+    assert done.returncode == 4, done.stderr
+    assert "all intact" not in done.stdout
+    assert "problem" in done.stdout and "problems found" in done.stderr
+    as_json = run_cli("--cache", str(damaged), "--json", "verify")
+    assert as_json.returncode == 4
+    assert json.loads(as_json.stdout)["problems"]
+
+
+def test_a_torn_copy_is_not_reported_intact(cache_path, origin, tmp_path):
+    """§10: a copy made page by page while another process writes is often torn; whenever
+    SQLite's integrity check fails on it, verify() reports problems, never "all intact"."""
+    _populated_cache(cache_path, origin)
+    writer = subprocess.Popen([PYTHON, "-c", textwrap.dedent(f"""
+        import sqlite3, time, os
+        connection = sqlite3.connect({str(cache_path)!r}, timeout=10)
+        connection.execute("PRAGMA journal_mode=DELETE")  # every commit rewrites pages in place
+        deadline = time.monotonic() + 20
+        n = 0
+        while time.monotonic() < deadline:
+            connection.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (f"filler-{{n}}", os.urandom(3000).hex()))
+            connection.commit()
+            n += 1
+            if n % 40 == 0:
+                connection.execute("DELETE FROM meta WHERE key LIKE 'filler-%'")
+                connection.commit()
+    """)], cwd=REPO_DIR, env=subprocess_env())
+    torn_seen = copies = 0
+    try:
+        deadline = time.monotonic() + 15
+        while copies < 40 and time.monotonic() < deadline:
+            copy = tmp_path / f"copy{copies}.sqlite3"
+            page_size = 16384
+            with open(cache_path, "rb") as source, open(copy, "wb") as target:
+                while piece := source.read(page_size):
+                    target.write(piece)
+                    time.sleep(0.0005)
+            copies += 1
+            integrity = _sqlite_integrity(copy)
+            if integrity == ["ok"]:
+                copy.unlink()
+                continue
+            torn_seen += 1
+            try:
+                with buffylite.Cache(copy) as cache:
+                    report = cache.verify()
+            except buffylite.CacheFileError:
+                continue  # refused at open, with the path: also not "intact"
+            assert report.problems, (integrity, report)
+            copy.unlink()
+    finally:
+        writer.kill()
+        writer.wait(10)
+    print(f"torn copies: {torn_seen} of {copies}")
+    assert copies >= 10
+
+
+def test_every_bit_flip_leaves_the_api_honest(cache_path, origin, tmp_path):
+    """§14: one bit flipped in a copy of a populated cache file, at every page header and a
+    sample of cells: each public method works or raises a §12 error; read() never returns
+    content of the wrong length; verify() reports the damage whenever integrity_check fails."""
+    bodies = _populated_cache(cache_path, origin)
+    original = cache_path.read_bytes()
+    page_size, pages = _page_size_and_count(cache_path)
+    rng = random.Random(20261130)
+    flips = []
+    for page in range(pages):
+        base = page * page_size + (100 if page == 0 else 0)
+        flips += [(base + rng.randrange(12), rng.randrange(8)) for _ in range(2)]  # page header
+        flips += [(page * page_size + rng.randrange(page_size), rng.randrange(8)) for _ in range(6)]  # cells
+    tally = {"flips": 0, "refused_at_open": 0, "integrity_failed": 0, "verify_problems": 0, "errors": 0}
+    started = time.monotonic()
+    for number, (offset, bit) in enumerate(flips):
+        data = bytearray(original)
+        data[offset] ^= 1 << bit
+        # A new name each time: SQLite keeps per-file state in the process, and a file
+        # recreated under a name it still knows can read as a spurious "disk I/O error".
+        damaged = tmp_path / f"flipped-{number}.sqlite3"
+        damaged.write_bytes(bytes(data))
+        integrity = _sqlite_integrity(damaged)
+        result = _exercise_damaged_cache(damaged, bodies)
+        for suffix in ("", "-wal", "-shm"):
+            pathlib.Path(str(damaged) + suffix).unlink(missing_ok=True)
+        tally["flips"] += 1
+        tally["errors"] += sum(outcome != "ok" for outcome in result["outcomes"].values())
+        if not result["opened"]:
+            tally["refused_at_open"] += 1
+            continue
+        if integrity != ["ok"]:
+            tally["integrity_failed"] += 1
+            assert result["verify"] is not None and result["verify"].problems, (offset, bit, integrity)
+        if result["verify"] is not None and result["verify"].problems:
+            tally["verify_problems"] += 1
+    print(f"bit flips: {tally}, {time.monotonic() - started:.1f}s")
+    assert tally["flips"] == len(flips) == pages * 8
+    assert tally["integrity_failed"] > 0
 
 
 # ===========================================================================
@@ -6428,6 +6943,99 @@ def test_single_flight_8_threads_and_3_processes_one_upstream_get(
     assert len(fault_origin.hits("/slow")) == 1, "single flight: exactly one upstream GET"
 
 
+# --- single flight for short downloads (SPEC §7, §15) ---
+
+#: A process of the short single-flight test: opens the cache, starts its threads, prints
+#: READY, waits for the go file, releases the threads together; each thread fetches every
+#: URL in order; prints RESULT with {url: [version, sha256] per fetch}.
+_SHORT_FLIGHT_WORKER = textwrap.dedent("""
+    import hashlib, json, os, sys, threading, time
+    import buffylite
+    args = json.loads(sys.argv[1])
+    cache = buffylite.Cache(args["cache"], timeout=10.0, retries=0, download_lease_sec=10.0)
+    barrier = threading.Barrier(args["threads"] + 1)
+    found, errors = [], []
+    def run():
+        barrier.wait(30)
+        for url in args["urls"]:
+            try:
+                resp = cache.fetch(url, prefer_cached=args["prefer_cached"])
+                found.append([url, resp.version, hashlib.sha256(resp.read()).hexdigest()])
+            except Exception as exc:
+                errors.append(repr(exc))
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(args["threads"])]
+    for thread in threads:
+        thread.start()
+    print("READY", flush=True)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(args["go"]) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    barrier.wait(30)
+    for thread in threads:
+        thread.join(60)
+    print("RESULT " + json.dumps({"found": found, "errors": errors}), flush=True)
+""")
+
+
+def _short_flight_trial(origin, tmp_path, trial: str, processes: int, threads: int,
+                        prefer_cached: bool, urls: int = 10) -> list[int]:
+    """One trial: ``processes`` x ``threads`` fetch ``urls`` uncached URLs (10 KB / 1 MB bodies,
+    no delay) released together; returns the GET count per URL after checking that every
+    caller got the one version with the origin's bytes."""
+    paths = [f"/{trial}/{index}" for index in range(urls)]
+    bodies = {path: random_bytes(10_000 if index % 2 else MiB, seed=index + 7)
+              for index, path in enumerate(paths)}
+    for path in paths:
+        origin.route(path, body=bodies[path], etag=f'"{trial}-{path}"')
+    cache_path = tmp_path / f"{trial}.sqlite3"
+    buffylite.Cache(cache_path).close()  # the file exists before the processes open it
+    go = tmp_path / f"{trial}.go"
+    args = {"cache": str(cache_path), "urls": [origin.url(path) for path in paths],
+            "threads": threads, "prefer_cached": prefer_cached, "go": str(go)}
+    script = tmp_path / "short_flight_worker.py"
+    script.write_text(_SHORT_FLIGHT_WORKER)
+    procs = [subprocess.Popen([PYTHON, str(script), json.dumps(args)], cwd=REPO_DIR,
+                              env=subprocess_env(PYTHONPATH=str(REPO_DIR)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE,
+                              text=True) for _ in range(processes)]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
+        go.write_text("go")
+        outputs = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT_SEC)
+            line = next((text for text in out.splitlines() if text.startswith("RESULT ")), None)
+            assert line is not None, err
+            outputs.append(json.loads(line[len("RESULT "):]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+    errors = [error for output in outputs for error in output["errors"]]
+    assert errors == []
+    found = [entry for output in outputs for entry in output["found"]]
+    assert len(found) == processes * threads * urls
+    for path in paths:
+        url = origin.url(path)
+        answers = {(version, digest) for entry_url, version, digest in found if entry_url == url}
+        assert answers == {(answers and next(iter(answers))[0], sha256(bodies[path]))}, (path, answers)
+    return [origin.hits(path) for path in paths]
+
+
+@pytest.mark.parametrize("prefer_cached", [True, False])
+@pytest.mark.parametrize("processes, threads", [(1, 8), (3, 4)])
+def test_single_flight_holds_for_short_downloads(origin, tmp_path, processes, threads, prefer_cached):
+    """§7/§15: threads (and processes) released together on 10 uncached URLs with short
+    bodies (10 KB and 1 MB, no delay): exactly one GET per URL, one version for everyone,
+    whether the callers prefer the cached version or wait for the running download."""
+    trial = f"p{processes}t{threads}{'c' if prefer_cached else 'w'}"
+    counts = _short_flight_trial(origin, tmp_path, trial, processes, threads, prefer_cached)
+    print(f"single flight {trial}: GETs per URL {counts}")
+    assert counts == [1] * len(counts)
+
+
 def test_running_download_waiters_prefer_cached_or_wait(fault_origin, fault_open_cache):
     """§7: while a download runs, prefer_cached=True returns L at once; False waits for it."""
     url = fault_origin.url("/busy-download")
@@ -7713,7 +8321,7 @@ def test_cli_verify_intact_exits_0(cli_run, cli_origin, cli_seed):
     assert done.stderr == ""
     json_done = cli_run("verify", "--json")
     assert json_done.returncode == 0
-    assert json.loads(json_done.stdout) == {"checked": 2, "corrupted": []}
+    assert json.loads(json_done.stdout) == {"checked": 2, "corrupted": [], "problems": []}
 
 
 def cli_corrupt_content(path: pathlib.Path, content_hash: str) -> None:

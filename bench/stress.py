@@ -228,6 +228,8 @@ class Worker:
         if report.corrupted:
             raise AssertionError(f"verify() reported {len(report.corrupted)} corrupted version(s): "
                                  + ", ".join(f"{r.url} {r.version}" for r in report.corrupted[:3]))
+        if report.problems:
+            raise AssertionError(f"verify() reported {len(report.problems)} problem(s): {report.problems[:3]}")
 
     def op_versions(self) -> None:
         url, _ = self._pick()
@@ -295,8 +297,9 @@ def final_checks(cache_path: str, plan) -> list[tuple[str, bool, str]]:
         results.append(("ready contents hash to their recorded hash", not wrong,
                         f"{checked} versions read back" + (f"; wrong: {wrong[:3]}" if wrong else "")))
         report = cache.verify()
-        results.append(("verify() finds nothing corrupted", not report.corrupted,
-                        f"{report.checked} contents re-hashed, {len(report.corrupted)} corrupted"))
+        results.append(("verify() finds nothing corrupted and no problem", report.intact,
+                        f"{report.checked} contents re-hashed, {len(report.corrupted)} corrupted, "
+                        f"{len(report.problems)} problems"))
 
         # §8 chain of every request.
         broken = []
