@@ -1185,10 +1185,7 @@ class Response(_Model):
         (the version is then marked corrupted); NotCachedError when the version is gone.
         """
         cache, content_id = self._require_content()
-        data, size, hash_type, _ = cache._store.read_content_checked(content_id)
-        if len(data) != size:
-            raise IntegrityError(f"Version {self.version} of {self.url} holds {len(data)} bytes but its "
-                                 f"stored size is {size}: chunks are missing or damaged in {cache.path}.")
+        data, hash_type, _ = cache._store.read_content(content_id)
         expected = self.__pydantic_private__.get("_expected_hash")
         if expected is not None:
             digest = hashlib.new(hash_type, data).hexdigest()
@@ -2161,28 +2158,29 @@ class _Store:
             yield bytes(data)
         self._check_assembled(content_id, size, length)
 
-    def read_content(self, content_id: int) -> bytes:
-        """The whole content, in one query (one snapshot). Raises NotCachedError when the
+    def read_content(self, content_id: int) -> tuple[bytes, str, str | None]:
+        """(the whole content, its hash type, its stored hash or None when partial or
+        corrupted), from one query, so one snapshot. Raises NotCachedError when the
         content was deleted, IntegrityError when the chunks do not assemble into the
-        stored size."""
+        stored size (a chunk missing, or one cut short): never shorter content."""
         def build(t: _Tables):
-            # One statement, so the size and the chunks come from one snapshot.
-            return (t.content.select(t.content.size_bytes, t.chunk.seq, t.chunk.data)
+            return (t.content.select(t.content.size_bytes, t.content.hash_type, t.content.hash_hex,
+                                     t.chunk.seq, t.chunk.data)
                     .join(t.chunk, peewee.JOIN.LEFT_OUTER, on=(t.chunk.content_id == t.content.id))
                     .where(t.content.id == _slot()).order_by(t.chunk.seq))
         with self.reading():
-            rows = self._execute("read_content_checked", build, content_id).fetchall()
+            rows = self._execute("read_content", build, content_id).fetchall()
         if not rows:
             raise NotCachedError(f"This version's content is no longer in the cache {self.path} "
                                  "(the version was deleted or collected).")
-        size = rows[0][0]
-        if rows[0][1] is None:  # no chunk at all
+        size, hash_type, hash_hex = rows[0][:3]
+        if rows[0][3] is None:  # no chunk at all
             rows = []
-        for count, (_, seq, data) in enumerate(rows):
-            self._check_chunk(content_id, seq, count, data)
-        data = b"".join([row[2] for row in rows])
+        for count, row in enumerate(rows):
+            self._check_chunk(content_id, row[3], count, row[4])
+        data = b"".join([row[4] for row in rows])
         self._check_assembled(content_id, size, len(data))
-        return data
+        return data, hash_type, hash_hex
 
     def _content_size(self, content_id: int) -> int:
         """The stored size of a content; NotCachedError when it is gone."""
@@ -2230,21 +2228,6 @@ class _Store:
                 .where((chunk.content_id == _slot()) & (chunk.seq == _slot())).sql(),
             }
         return statements
-
-    def read_content_checked(self, content_id: int) -> tuple[bytes, int, str, str | None]:
-        """(the whole content, its stored size, hash type, stored hash) from one query, so
-        one snapshot; raises NotCachedError when the content is gone."""
-        def build(t: _Tables):
-            return (t.content.select(t.content.size_bytes, t.content.hash_type, t.content.hash_hex, t.chunk.data)
-                    .join(t.chunk, peewee.JOIN.LEFT_OUTER, on=(t.chunk.content_id == t.content.id))
-                    .where(t.content.id == _slot()).order_by(t.chunk.seq))
-        with self.reading():
-            rows = self._execute("read_content_checked", build, content_id).fetchall()
-        if not rows:
-            raise NotCachedError(f"This version's content is no longer in the cache {self.path} "
-                                 "(the version was deleted or collected).")
-        size, hash_type, hash_hex = rows[0][:3]
-        return b"".join([row[3] for row in rows if row[3] is not None]), size, hash_type, hash_hex
 
     def content_head(self, content_id: int) -> tuple[str, str | None, int] | None:
         """(hash type, hash or None when partial or corrupted, size) of a content, or None."""

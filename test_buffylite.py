@@ -713,7 +713,7 @@ def test_a_version_1_file_is_upgraded_and_keeps_its_versions(tmp_path, origin):
     assert schema == "1"
     assert "removed_version" not in db_tables(path)
     with buffylite.Cache(path) as cache:
-        assert cache.stats()["schema_version"] == buffylite.SCHEMA_VERSION == 2
+        assert cache.stats()["schema_version"] == buffylite.SCHEMA_VERSION
         assert cache.get(url).version == old_version and cache.get(url).read() == b"old body"
         moment = _moment()
         origin.routes["/upgrade"].body = b"new body"
@@ -2549,7 +2549,9 @@ def test_tampered_content_online_is_downloaded_again_never_served(cache, cache_p
     again = cache.fetch(url, expected_hash=sha256(body))
     assert again.outcome == "downloaded" and again.read() == body
     assert origin.hits("/tamper-online") == 2
-    assert cache.verify().corrupted == []
+    # The tampered version stays reported (as failed, out of the chain) until it is gone.
+    assert [version.version for version in cache.verify().corrupted] != [again.version]
+    assert len(cache.verify().corrupted) == 1 and cache.versions(url)[0].version == again.version
 
 
 def test_read_without_expected_hash_is_not_slowed_by_hashing_but_checks_length(cache, cache_path, origin):
@@ -2582,7 +2584,7 @@ def test_missing_or_truncated_chunk_raises_integrity_error_never_short_content(
         connection.commit()
     finally:
         connection.close()
-    with pytest.raises(buffylite.IntegrityError, match="stored size"):
+    with pytest.raises(buffylite.IntegrityError, match=r"stored size|chunk \d+ is missing"):
         if how == "read":
             resp.read()
         else:
