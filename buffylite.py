@@ -5401,13 +5401,14 @@ class Cache:
         into this cache, keeping its version string, pins, tags and times; content is
         stored once per hash and re-hashed while copied. Returns True when a version was
         added (False: this cache has that version string already, or it cannot be copied)."""
+        columns = self._imported_request_columns(source, request_row, version_row)
+        if columns is None:
+            return False
         try:
             with self._store.writing() as t:
-                target = t.request.get_or_none(t.request.identity_key == request_row.identity_key)
+                target = t.request.get_or_none(t.request.identity_key == columns["identity_key"])
                 if target is None:
-                    request_id = t.request.insert(**{
-                        name: getattr(request_row, name) for name in _REQUEST_COLUMNS
-                        if name not in ("id", "last_settlement")}).execute()
+                    request_id = t.request.insert(**columns).execute()
                     hash_type = request_row.validation_hash_type
                 else:
                     request_id, hash_type = target.id, target.validation_hash_type
@@ -5431,6 +5432,55 @@ class Cache:
             log.warning("Not importing version %s of %s from %s: %s", version_row.version,
                         request_row.url, source.path, exc)
             return False
+
+    def _imported_request_columns(self, source: _Store, request_row, version_row) -> dict | None:
+        """The request row another file's request gets in this one, or None (logged) when
+        the request or version cannot be imported. Both are parsed first: a damaged value
+        is not copied into a healthy file. Values this file declares sensitive and the
+        other file holds in clear are digested with this file's salt, so they never land
+        here in clear; the other file's failure backoff is its own and is not copied."""
+        try:
+            model = self._request_model(request_row)
+            self._response(version_row, request_row.url, [])
+        except _DamagedValueError as exc:
+            log.warning("Not importing version %s of %s from %s: a stored value there is damaged (%s).",
+                        getattr(version_row, "version", "?"), getattr(request_row, "url", "?"),
+                        source.path, type(exc.__cause__ or exc).__name__)
+            return None
+        columns = {name: getattr(request_row, name) for name in _REQUEST_COLUMNS
+                   if name not in ("id", "last_settlement", "backoff_until_unix", "backoff_failure")}
+        sensitive, sensitive_params = self._store.sensitive_names()["sets"]
+        try:
+            in_url = urllib.parse.parse_qsl(urllib.parse.urlsplit(model.url).query, keep_blank_values=True)
+        except ValueError:
+            in_url = []
+        clear = ([name for name, value in model.http_header_fields.items()
+                  if name.lower() in sensitive and not _is_digest(value)]
+                 + [name for name, value in (model.http_query_params or {}).items()
+                    if name.lower() in sensitive_params and _params_by_name({name: value})[name] is not None]
+                 + [name for name, value in in_url if name.lower() in sensitive_params and value != MASK])
+        if not clear:
+            return columns
+        problem = None
+        if _has_digests(request_row) or MASK in model.url:
+            problem = "it also holds values digested with the salt of that file"
+        else:
+            try:
+                identity = _Identity(model.url, model.http_method, model.http_query_params,
+                                     model.http_header_fields, model.http_request_body, model.group_name,
+                                     salt=self._store.salt, sensitive=sensitive,
+                                     sensitive_params=sensitive_params)
+            except BuffyliteError as exc:
+                problem = str(exc)
+        if problem is not None:
+            log.warning("Not importing %s (group %s) from %s: it holds %s in clear, which this cache "
+                        "keeps secret, and %s.", request_row.url, request_row.group_name, source.path,
+                        ", ".join(clear), problem)
+            return None
+        columns.update(identity_key=identity.key, url=identity.url,
+                       http_header_fields=_canonical_json(identity.stored_headers),
+                       http_query_params=_canonical_json(identity.stored_params) if identity.params else None)
+        return columns
 
     def lock(self, path: str | os.PathLike | None, *, group: str | None = None,
              tag: str | None = None, pinned: bool | None = None) -> list[LockEntry]:
@@ -5589,6 +5639,10 @@ class Cache:
         other = _Store(pathlib.Path(source).expanduser(), read_only=True)
         added = 0
         try:
+            # What the other file keeps secret stays secret here.
+            for kind, names in other.sensitive_names().items():
+                if kind != "sets" and names:
+                    self._store.remember_sensitive_names(kind, set(names))
             same_salt = other.salt == self._store.salt
             with other.reading() as t:
                 query = t.request.select().order_by(t.request.id)

@@ -29,6 +29,7 @@ import errno
 import fcntl
 import functools
 import gc
+import glob
 import gzip
 import hashlib
 import http
@@ -8632,3 +8633,96 @@ def test_cli_fetch_into_a_closed_pipe_is_quiet(cli_origin, cli_cache_path):
     _, stderr = child.communicate(timeout=CLI_TIMEOUT_SEC)
     assert child.returncode in (0, 1)
     assert "error" not in stderr.decode() and "Traceback" not in stderr.decode()
+
+
+# === review fixes: portability (new) ===
+
+
+def _file_bytes(path: pathlib.Path) -> bytes:
+    """The cache file and its side files (-wal, -shm), concatenated."""
+    return b"".join(pathlib.Path(name).read_bytes() for name in sorted(glob.glob(f"{path}*")))
+
+
+def _damage(path: pathlib.Path, statement: str) -> None:
+    """Run one SQL statement on a closed cache file, as a flipped bit on disk would."""
+    connection = sqlite3.connect(path)
+    try:
+        connection.execute(statement)
+        connection.commit()
+    finally:
+        connection.close()
+
+
+def test_import_from_digests_values_the_target_declares_sensitive(tmp_path, origin):
+    """§11, §16: import_from never stores in clear a header or parameter the target keeps secret."""
+    origin.route("/token", b"token-body")
+    origin.route("/keyed", b"keyed-body")
+    source_path, target_path = tmp_path / "source.sqlite3", tmp_path / "target.sqlite3"
+    with buffylite.Cache(source_path) as source:
+        source.fetch(origin.url("/token"), headers={"X-Token": "CLEARTOKEN1"})
+        source.fetch(origin.url("/keyed"), params={"api_key": "CLEARKEY2"})
+    with buffylite.Cache(target_path, sensitive_headers=("X-Token",), sensitive_params=("api_key",)) as target:
+        assert target.import_from(source_path) == 2
+        stored = {request.url: request for request in target.requests()}
+        token = stored[origin.url("/token")].http_header_fields["X-Token"]
+        assert token.startswith("hmac-sha256:")
+        assert stored[origin.url("/keyed")].http_query_params["api_key"].startswith("hmac-sha256:")
+        # The rebuilt identity is the one a fetch here computes: served from the import.
+        hits = origin.hits("/token") + origin.hits("/keyed")
+        assert target.fetch(origin.url("/token"), headers={"X-Token": "CLEARTOKEN1"},
+                            prefer_cached=True).read() == b"token-body"
+        assert target.fetch(origin.url("/keyed"), params={"api_key": "CLEARKEY2"},
+                            offline=True).read() == b"keyed-body"
+        assert origin.hits("/token") + origin.hits("/keyed") - hits <= 1
+    data = _file_bytes(target_path)
+    assert b"CLEARTOKEN1" not in data and b"CLEARKEY2" not in data
+
+
+def test_import_from_remembers_the_sources_sensitive_names(tmp_path, origin):
+    """§11: names the source file declared sensitive stay sensitive in the target file."""
+    origin.route("/a", b"a-body")
+    source_path, target_path = tmp_path / "source.sqlite3", tmp_path / "target.sqlite3"
+    with buffylite.Cache(source_path, sensitive_headers=("X-Secret",), sensitive_params=("sig",)) as source:
+        source.fetch(origin.url("/a"))
+    with buffylite.Cache(target_path) as target:
+        assert target.import_from(source_path) == 1
+        origin.route("/b", b"b-body")
+        target.fetch(origin.url("/b"), headers={"X-Secret": "NEVERCLEAR3"}, params={"sig": "NEVERCLEAR4"})
+    data = _file_bytes(target_path)
+    assert b"NEVERCLEAR3" not in data and b"NEVERCLEAR4" not in data
+
+
+def test_import_from_skips_damaged_requests_and_versions(tmp_path, origin, caplog):
+    """§14: an import never copies a value a later read cannot parse; the rest is imported."""
+    for name in "abc":
+        origin.route(f"/{name}", f"{name}-body".encode())
+    source_path, target_path = tmp_path / "source.sqlite3", tmp_path / "target.sqlite3"
+    with buffylite.Cache(source_path) as source:
+        ids = {name: source.fetch(origin.url(f"/{name}")).request_id for name in "abc"}
+    _damage(source_path, f"update version set tags='[bad', content_attributes='{{bad' where request_id={ids['a']}")
+    _damage(source_path, "update request set cache_configuration='{\"recaching_strategy\": {\"strategy_name\": "
+                         f"\"age\", \"seconds\": 1e999}}}}' where id={ids['b']}")
+    with caplog.at_level(logging.WARNING, logger="buffylite"), buffylite.Cache(target_path) as target:
+        assert target.import_from(source_path) == 1
+        assert [request.url for request in target.requests()] == [origin.url("/c")]
+        assert target.verify().problems == []
+        assert target.fetch(origin.url("/c"), offline=True).read() == b"c-body"
+    assert sum("damaged" in record.getMessage() for record in caplog.records) == 2
+
+
+def test_import_from_does_not_copy_the_failure_backoff(tmp_path, origin):
+    """§18, §16: the source's failure backoff is its own; the target asks the origin."""
+    route = origin.route("/flaky", b"flaky-body")
+    source_path, target_path = tmp_path / "source.sqlite3", tmp_path / "target.sqlite3"
+    always_download = {"recaching_strategy": {"strategy_name": "when_requested"}}
+    with buffylite.Cache(source_path, retries=0, failure_backoff_sec=3600) as source:
+        source.fetch(origin.url("/flaky"), cache_configuration=always_download)
+        route.status = 503
+        assert source.fetch(origin.url("/flaky")).outcome == "stale"
+    route.status = 200
+    with buffylite.Cache(target_path, retries=0) as target:
+        assert target.import_from(source_path) == 1
+        hits = origin.hits("/flaky")
+        response = target.fetch(origin.url("/flaky"))
+        assert response.outcome in ("duplicate", "not_modified") and response.stale_reason is None
+        assert origin.hits("/flaky") == hits + 1
