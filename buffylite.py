@@ -5510,13 +5510,19 @@ class Cache:
         now = _now()
         entries = []
         for request in requests:
-            chosen = next((row for row in self._store.ready_rows(request.id)
-                           if _matches(row, tag=tag, pinned=pinned, now=now)), None)
-            if chosen is None:
-                continue
-            with self._store.reading() as t:
-                size = t.content.select(t.content.size_bytes).where(t.content.id == chosen.content_id).scalar()
-            entries.append(_lock_entry(request, chosen, size))
+            try:
+                chosen = next((row for row in self._store.ready_rows(request.id)
+                               if _matches(row, tag=tag, pinned=pinned, now=now)), None)
+                if chosen is None:
+                    continue
+                with self._store.reading() as t:
+                    size = t.content.select(t.content.size_bytes).where(
+                        t.content.id == chosen.content_id).scalar()
+                entries.append(_lock_entry(request, chosen, size))
+            except _DAMAGE_ERRORS as exc:
+                # Only this request is unusable (verify() reports it); the others are locked.
+                log.warning("%s is left out of the lockfile: its stored values in the cache %s are damaged "
+                            "(%s).", request.url, self.path, type(exc).__name__)
         entries.sort(key=_lock_entry_order)
         if path is not None:
             _write_atomically(pathlib.Path(path).expanduser(), _lockfile_text(entries).encode())
@@ -5563,9 +5569,11 @@ class Cache:
         return report
 
     def _requests_by_lock_key(self) -> dict[str, int]:
-        """Lock key -> request id, for every stored request."""
+        """Lock key -> request id, for every stored request whose values can be read."""
         with self._store.reading() as t:
-            return {_stored_lock_key(row): row.id for row in t.request.select()}
+            rows = list(t.request.select())
+        return {key: row.id for row in rows
+                if (key := _stored_lock_key_or_none(row, self._store.path)) is not None}
 
     def backup(self, dest: str | os.PathLike, *, group: str | None = None,
                lockfile: str | os.PathLike | None = None) -> pathlib.Path:
@@ -5650,7 +5658,13 @@ class Cache:
                     query = query.where(t.request.group_name == group)
                 requests = list(query)
             for request in requests:
-                if not same_salt and _has_digests(request):
+                try:
+                    has_digests = _has_digests(request)
+                except _DAMAGE_ERRORS as exc:
+                    log.warning("Not importing %s (group %s) from %s: its stored values are damaged (%s).",
+                                request.url, request.group_name, other.path, type(exc).__name__)
+                    continue
+                if not same_salt and has_digests:
                     log.warning("Not importing %s (group %s): its sensitive header values are "
                                 "digested with the salt of %s.", request.url, request.group_name, other.path)
                     continue
@@ -5810,6 +5824,17 @@ def _stored_lock_key(request_row) -> str:
                      body, request_row.group_name)
 
 
+def _stored_lock_key_or_none(request_row, path) -> str | None:
+    """``_stored_lock_key``, or None (logged) when the request's stored values are damaged:
+    such a request matches no lockfile entry, and the others still do."""
+    try:
+        return _stored_lock_key(request_row)
+    except _DAMAGE_ERRORS as exc:
+        log.warning("The stored request %s in the cache %s is damaged and matches no lockfile entry (%s).",
+                    request_row.url, path, type(exc).__name__)
+        return None
+
+
 def _lock_entry_body(entry: LockEntry) -> tuple[str | None, bytes | None]:
     """The entry's body as (kind, bytes sent), the form the store keeps."""
     if entry.body_encoding is None or entry.body is None:
@@ -5931,7 +5956,7 @@ def _keep_only(store: _Store, group: str | None, locked: dict[str, LockEntry] | 
             continue
         if locked is None:
             keep[row.id] = None
-        elif (entry := locked.get(_stored_lock_key(row))) is not None:
+        elif (entry := locked.get(_stored_lock_key_or_none(row, store.path))) is not None:
             keep[row.id] = _parse_expected_hash(entry.hash)[1]
     dropped = [row.id for row in requests if row.id not in keep]
     with store.writing() as t:

@@ -8726,3 +8726,35 @@ def test_import_from_does_not_copy_the_failure_backoff(tmp_path, origin):
         response = target.fetch(origin.url("/flaky"))
         assert response.outcome in ("duplicate", "not_modified") and response.stale_reason is None
         assert origin.hits("/flaky") == hits + 1
+
+
+@pytest.mark.parametrize("statement", [
+    "update request set http_header_fields='{bad' where id={a}",
+    "update request set http_query_params='{bad' where id={a}",
+    "update version set content_attributes='{bad' where request_id={a}",
+    "update version set tags='[bad' where request_id={a}",
+], ids=["headers", "params", "content_attributes", "tags"])
+def test_one_damaged_value_leaves_lock_sync_backup_and_import_working(tmp_path, origin, statement, caplog):
+    """§14, §16: a damaged stored value makes only its request unusable to lock, sync, backup and import_from."""
+    for name in "abc":
+        origin.route(f"/{name}", f"{name}-body".encode())
+    path, lockfile = tmp_path / "cache.sqlite3", tmp_path / "lock.json"
+    with buffylite.Cache(path) as cache:
+        first = cache.fetch(origin.url("/a"))
+        for name in "abc":
+            cache.tag(cache.fetch(origin.url(f"/{name}")), "kept")
+        cache.lock(lockfile)
+    _damage(path, statement.replace("{a}", str(first.request_id)))
+    healthy = [origin.url("/b"), origin.url("/c")]
+    with caplog.at_level(logging.WARNING, logger="buffylite"), buffylite.Cache(path) as cache:
+        locked = [entry.url for entry in cache.lock(tmp_path / "again.json", tag="kept")]
+        assert set(healthy) <= set(locked) and len(locked) in (2, 3)
+        report = cache.sync(lockfile, offline=True)
+        assert set(healthy) <= set(report.present) and report.mismatched == []
+        copy = cache.backup(tmp_path / "backup.sqlite3", lockfile=lockfile)
+        with buffylite.Cache(tmp_path / "imported.sqlite3") as target:
+            assert target.import_from(path) >= 2
+            assert {request.url for request in target.requests()} >= set(healthy)
+    with buffylite.Cache(copy, read_only=True) as backup:
+        for url in healthy:
+            assert backup.fetch(url, offline=True).read() == url.rsplit("/", 1)[1].encode() + b"-body"
