@@ -4375,15 +4375,19 @@ class Cache:
                 f"cannot be read: {type(exc).__name__}.", path=self.path) from exc
 
     def _choose_of(self, call: _FetchCall, ready: list, now: float, *, hard: bool = False):
+        if call.as_of is not None:
+            # Only the version newest at that moment may answer; the other choices then
+            # accept or refuse it, never pick an older one that was not current then.
+            current = next((row for row in ready if row.cached_unix is not None
+                            # Compared as shown: microsecond datetimes.
+                            and _to_datetime(row.cached_unix) <= call.as_of), None)
+            ready = [current] if current is not None else []
         candidates = [row for row in ready
                       if call.expected_hash is None or row.content_hash_hex == call.expected_hash]
         if hard:
             for row in candidates:
-                if (_matches(row, version=call.force_version, tag=call.force_tag,
-                             pinned=call.force_pinned, now=now)
-                        and (call.as_of is None or (row.cached_unix is not None
-                                                    # Compared as shown: microsecond datetimes.
-                                                    and _to_datetime(row.cached_unix) <= call.as_of))):
+                if _matches(row, version=call.force_version, tag=call.force_tag,
+                            pinned=call.force_pinned, now=now):
                     return row
             return None
         # Soft preferences are dropped in Buffy's order: pinned, then tag, then version.
@@ -5959,6 +5963,8 @@ def _keep_only(store: _Store, group: str | None, locked: dict[str, LockEntry] | 
         elif (entry := locked.get(_stored_lock_key_or_none(row, store.path))) is not None:
             keep[row.id] = _parse_expected_hash(entry.hash)[1]
     dropped = [row.id for row in requests if row.id not in keep]
+    by_id = {row.id: row for row in requests}
+    now = _now()
     with store.writing() as t:
         for start in range(0, len(dropped), 500):
             batch = dropped[start:start + 500]
@@ -5966,8 +5972,13 @@ def _keep_only(store: _Store, group: str | None, locked: dict[str, LockEntry] | 
             t.request.delete().where(t.request.id.in_(batch)).execute()
         for request_id, digest in keep.items():
             if digest is not None:
-                t.version.delete().where((t.version.request_id == request_id) & (
-                    (t.version.status != "ready") | (t.version.content_hash_hex != digest))).execute()
+                unlocked = (t.version.request_id == request_id) & (
+                    (t.version.status != "ready") | (t.version.content_hash_hex != digest))
+                # The copy still knows which versions it lacks: as_of never answers with an
+                # older version than the one current then.
+                _record_removed(t, by_id[request_id], list(t.version.select().where(
+                    unlocked & (t.version.status == "ready"))), "not locked", now)
+                t.version.delete().where(unlocked).execute()
         used = t.version.select(t.version.content_id).where(t.version.content_id.is_null(False))
         t.content.delete().where(t.content.id.not_in(used)).execute()  # chunks follow (cascade)
 

@@ -8758,3 +8758,41 @@ def test_one_damaged_value_leaves_lock_sync_backup_and_import_working(tmp_path, 
     with buffylite.Cache(copy, read_only=True) as backup:
         for url in healthy:
             assert backup.fetch(url, offline=True).read() == url.rsplit("/", 1)[1].encode() + b"-body"
+
+
+def test_as_of_with_expected_hash_or_force_tag_never_answers_an_older_version(cache, origin):
+    """§7: as_of picks the version current then; expected_hash/force_* accept it or raise NotCachedError."""
+    v1 = fetch_body(cache, origin, "/asof-choice", b"one")
+    cache.tag(v1, "first")
+    v2 = fetch_body(cache, origin, "/asof-choice", b"two")
+    moment = _moment()
+    url = origin.url("/asof-choice")
+    for wrong in ({"expected_hash": sha256(b"one")}, {"force_tag": "first"}, {"force_version": v1.version}):
+        with pytest.raises(buffylite.NotCachedError):
+            cache.fetch(url, as_of=moment, **wrong)
+    assert cache.fetch(url, as_of=moment, expected_hash=sha256(b"two")).version == v2.version
+    assert cache.fetch(url, as_of=moment, force_version=v2.version).read() == b"two"
+    assert cache.fetch(url, as_of=v1.cached_datetime_utc, force_tag="first").read() == b"one"
+
+
+def test_locked_as_of_and_a_locked_backup_name_the_version_current_then(tmp_path, origin):
+    """§7, §16: under a lockfile and in backup(lockfile=), as_of never answers with the locked older version."""
+    route = origin.route("/locked-asof", b"one")
+    path, lockfile = tmp_path / "cache.sqlite3", tmp_path / "lock.json"
+    with buffylite.Cache(path) as cache:
+        url = origin.url("/locked-asof")
+        v1 = cache.fetch(url, cache_configuration=always())
+        cache.lock(lockfile)
+        route.body = b"two"
+        v2 = cache.fetch(url)
+        moment = _moment()
+        backup = cache.backup(tmp_path / "backup.sqlite3", lockfile=lockfile)
+    with buffylite.Cache(path, lockfile=lockfile) as locked:
+        with pytest.raises(buffylite.NotCachedError):
+            locked.fetch(url, as_of=moment)
+        assert locked.fetch(url, as_of=v1.cached_datetime_utc).read() == b"one"
+    with buffylite.Cache(backup, read_only=True) as copy:
+        with pytest.raises(buffylite.NotCachedError) as caught:
+            copy.fetch(url, as_of=moment)
+        assert v2.version in str(caught.value) and sha256(b"two") in str(caught.value)
+        assert copy.fetch(url, as_of=v1.cached_datetime_utc).read() == b"one"
