@@ -3893,6 +3893,11 @@ class Cache:
         self.path = pathlib.Path(path).expanduser() if path is not None else _default_cache_path()
         seeds, self._lockfile = _check_portability_options(seeds, lockfile)
         self._locked = _read_lockfile(self._lockfile) if self._lockfile is not None else None
+        # What the lockfile names without a value was secret where it was written: it is
+        # matched, and kept, as such here too.
+        self._locked_names = _lockfile_sensitive_names(self._locked)
+        header_names |= self._locked_names[0]
+        param_names |= self._locked_names[1]
         self._store = _Store(self.path, read_only=bool(read_only))
         try:
             self._seeds = _Seeds(seeds)
@@ -5341,8 +5346,9 @@ class Cache:
         """``fetch`` with the portability hooks: the lockfile's hash becomes the expected hash, a
         version missing here is taken from a seed, and a read-only cache serves what it
         holds as offline does."""
-        entry = self._locked.get(_identity_lock_key(call.identity, self._sensitive)) \
-            if self._locked is not None else None
+        entry = self._locked.get(_identity_lock_key(
+            call.identity, self._sensitive | self._locked_names[0],
+            self._sensitive_params | self._locked_names[1])) if self._locked is not None else None
         if entry is not None:
             algorithm, digest = _parse_expected_hash(entry.hash)
             if call.expected_hash is not None and call.expected_hash != digest:
@@ -5554,7 +5560,10 @@ class Cache:
                                               for row in self._store.ready_rows(request_id)):
                 report.present.append(entry.url)
                 continue
-            if offline or any(value is None for value in entry.headers.values()):
+            if (offline or any(value is None for value in entry.headers.values())
+                    or any(value is None for value in (entry.params or {}).values())
+                    or _lockfile_sensitive_names({key: entry})[1]):
+                # (Values the lockfile does not hold cannot be sent: None or *** would be.)
                 report.missing.append(entry.url)
                 continue
             kind, body = _lock_entry_body(entry)
@@ -5789,11 +5798,33 @@ def _lock_key(method: str, url: str, params, headers: dict, body_kind: str | Non
     return hashlib.sha256(_canonical_json(identity).encode()).hexdigest()
 
 
-def _identity_lock_key(identity: _Identity, sensitive: frozenset) -> str:
+def _identity_lock_key(identity: _Identity, sensitive: frozenset,
+                       sensitive_params: frozenset = frozenset()) -> str:
+    """The lock key of a fetch: the values of ``sensitive`` headers and ``sensitive_params``
+    (lower-case names) left out, whether or not the identity itself digested them."""
     headers = {name: (None if name.lower() in sensitive else value)
                for name, value in identity.send_headers.items()}
-    return _lock_key(identity.method, identity.url, _params_by_name(identity.stored_params), headers,
-                     identity.body_kind, identity.body, identity.group)
+    params = _params_by_name(identity.stored_params)
+    if params and sensitive_params:
+        params = {name: (None if name.lower() in sensitive_params else value) for name, value in params.items()}
+    url = _mask_url(identity.url, sensitive_params) if sensitive_params else identity.url
+    return _lock_key(identity.method, url, params, headers, identity.body_kind, identity.body, identity.group)
+
+
+def _lockfile_sensitive_names(entries: dict[str, LockEntry] | None) -> tuple[frozenset, frozenset]:
+    """(header names, parameter names), lower-case, that lockfile entries hold without a
+    value (``null``, or ``***`` in the URL's query): secret where the lockfile was written."""
+    headers, params = set(), set()
+    for entry in (entries or {}).values():
+        headers |= {name.lower() for name, value in entry.headers.items()
+                    if value is None and _TOKEN.fullmatch(name)}
+        params |= {name.lower() for name, value in (entry.params or {}).items()
+                   if value is None and name.isprintable() and len(name) <= 1000}
+        with contextlib.suppress(ValueError):
+            params |= {name.lower() for name, value in urllib.parse.parse_qsl(
+                urllib.parse.urlsplit(entry.url).query, keep_blank_values=True)
+                if value == MASK and name and name.isprintable() and len(name) <= 1000}
+    return frozenset(headers), frozenset(params)
 
 
 def _is_digest(value) -> bool:

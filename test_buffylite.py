@@ -8796,3 +8796,59 @@ def test_locked_as_of_and_a_locked_backup_name_the_version_current_then(tmp_path
             copy.fetch(url, as_of=moment)
         assert v2.version in str(caught.value) and sha256(b"two") in str(caught.value)
         assert copy.fetch(url, as_of=v1.cached_datetime_utc).read() == b"one"
+
+
+def _lock_with_secrets(tmp_path, origin) -> tuple[pathlib.Path, dict]:
+    """A lockfile written by a cache declaring X-Token and api_key sensitive; the three
+    requests (header, params, query string) and the keyword arguments that fetch them."""
+    for name in ("h", "p", "q"):
+        origin.route(f"/{name}", f"V1-{name}".encode())
+    calls = {origin.url("/h"): {"headers": {"X-Token": "TOKENVALUE"}},
+             origin.url("/p"): {"params": {"api_key": "KEYVALUE1"}},
+             origin.url("/q") + "?api_key=KEYVALUE2": {}}
+    lockfile = tmp_path / "lock.json"
+    with buffylite.Cache(tmp_path / "writer.sqlite3", sensitive_headers=("X-Token",),
+                         sensitive_params=("api_key",)) as writer:
+        for url, kwargs in calls.items():
+            writer.fetch(url, **kwargs)
+        writer.lock(lockfile)
+    for name in ("h", "p", "q"):
+        origin.routes[f"/{name}"].body = f"V2-{name}".encode()
+    return lockfile, calls
+
+
+def test_lockfile_is_enforced_for_custom_secrets_the_consumer_does_not_declare(tmp_path, origin):
+    """§16: names a lockfile holds without value are sensitive to Cache(lockfile=) too."""
+    lockfile, calls = _lock_with_secrets(tmp_path, origin)
+    consumer = tmp_path / "consumer.sqlite3"
+    with buffylite.Cache(consumer, lockfile=lockfile) as locked:
+        for url, kwargs in calls.items():
+            with pytest.raises(buffylite.IntegrityError):
+                locked.fetch(url, **kwargs)
+    data = _file_bytes(consumer)
+    assert b"TOKENVALUE" not in data and b"KEYVALUE1" not in data and b"KEYVALUE2" not in data
+
+
+def test_read_only_cache_with_a_lockfile_refuses_unlocked_versions_of_secret_requests(tmp_path, origin):
+    """§16: a read-only Cache(lockfile=) cannot remember names, yet still matches entries by their null names."""
+    lockfile, calls = _lock_with_secrets(tmp_path, origin)
+    plain = tmp_path / "plain.sqlite3"
+    with buffylite.Cache(plain) as unlocked:  # stores the V2 versions, the secrets in clear
+        assert [unlocked.fetch(url, **kwargs).read()[:2] for url, kwargs in calls.items()] == [b"V2"] * 3
+    with buffylite.Cache(plain, read_only=True, lockfile=lockfile) as locked:
+        for url, kwargs in calls.items():
+            with pytest.raises((buffylite.NotCachedError, buffylite.CacheFileError)):
+                locked.fetch(url, **kwargs)
+
+
+def test_sync_reports_entries_with_unsent_secret_params_missing(tmp_path, origin):
+    """§16: sync never sends None or *** for a secret parameter; such entries are missing, not mismatched."""
+    lockfile, calls = _lock_with_secrets(tmp_path, origin)
+    for name in ("h", "p", "q"):
+        origin.routes[f"/{name}"].body = f"V1-{name}".encode()
+    with buffylite.Cache(tmp_path / "fresh.sqlite3") as fresh:
+        report = fresh.sync(lockfile)
+    assert sorted(report.missing) == sorted(entry["url"] for entry in json.loads(lockfile.read_text())["entries"])
+    assert report.mismatched == [] and report.downloaded == [] and report.present == []
+    sent = [request.path for name in ("h", "p", "q") for request in origin.requests_to(f"/{name}")]
+    assert not any("None" in path or "%2A" in path or "***" in path for path in sent)
