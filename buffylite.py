@@ -4159,9 +4159,13 @@ class Cache:
             raise InvalidRequestError(
                 "The cron strategy needs the optional extra: pip install 'buffylite[cron]'.")
 
-    def _check_expected_hash(self, call: _FetchCall, request) -> None:
+    def _check_expected_hash(self, call: _FetchCall, request, *, known: bool = False) -> None:
         """The expected digest must be of the request's hash type, and of its length.
-        A new request takes the expected hash's algorithm as its hash type."""
+        A new request takes the expected hash's algorithm as its hash type. ``known``: a
+        ready version has that digest, so it is valid even when the request's hash type
+        changed since that version was stored."""
+        if known:
+            return
         stored = request.validation_hash_type if request is not None else None
         hash_type = call.hash_type or stored or call.expected_algorithm or DEFAULT_HASH_TYPE
         if call.expected_algorithm and call.expected_algorithm != hash_type:
@@ -4226,7 +4230,7 @@ class Cache:
             eligible = [row for row in ready
                         if call.expected_hash is None or row.content_hash_hex == call.expected_hash]
             if call.expected_hash is not None:
-                self._check_expected_hash(call, request)
+                self._check_expected_hash(call, request, known=bool(eligible))
             if request is not None:
                 self._update_request_settings(call, request)
             # Hard choices and time travel never touch the network.
@@ -5526,9 +5530,9 @@ class Cache:
                 if chosen is None:
                     continue
                 with self._store.reading() as t:
-                    size = t.content.select(t.content.size_bytes).where(
-                        t.content.id == chosen.content_id).scalar()
-                entries.append(_lock_entry(request, chosen, size))
+                    size, hash_type = t.content.select(t.content.size_bytes, t.content.hash_type).where(
+                        t.content.id == chosen.content_id).tuples().first() or (None, None)
+                entries.append(_lock_entry(request, chosen, size, hash_type))
             except _DAMAGE_ERRORS as exc:
                 # Only this request is unusable (verify() reports it); the others are locked.
                 log.warning("%s is left out of the lockfile: its stored values in the cache %s are damaged "
@@ -5891,8 +5895,9 @@ def _entry_lock_key(entry: LockEntry) -> str:
                      entry.group)
 
 
-def _lock_entry(request_row, version_row, size: int | None) -> LockEntry:
-    """The lockfile entry for a stored request and its chosen version."""
+def _lock_entry(request_row, version_row, size: int | None, hash_type: str | None = None) -> LockEntry:
+    """The lockfile entry for a stored request and its chosen version. ``hash_type``: the
+    algorithm the version's content is hashed with (the request's may have changed since)."""
     body, encoding = None, None
     raw = request_row.http_request_body
     if raw is not None and request_row.body_kind is not None:
@@ -5907,7 +5912,7 @@ def _lock_entry(request_row, version_row, size: int | None) -> LockEntry:
         headers={name: (None if _is_digest(value) else value)
                  for name, value in json.loads(request_row.http_header_fields or "{}").items()},
         body=body, body_encoding=encoding, group=request_row.group_name, version=version_row.version,
-        hash=f"{request_row.validation_hash_type}:{version_row.content_hash_hex}", size=size,
+        hash=f"{hash_type or request_row.validation_hash_type}:{version_row.content_hash_hex}", size=size,
         etag=attributes.get("etag"), last_modified=attributes.get("last_modified_datetime_utc"),
         cached_at=_to_datetime(version_row.cached_unix))
 

@@ -8852,3 +8852,21 @@ def test_sync_reports_entries_with_unsent_secret_params_missing(tmp_path, origin
     assert report.mismatched == [] and report.downloaded == [] and report.present == []
     sent = [request.path for name in ("h", "p", "q") for request in origin.requests_to(f"/{name}")]
     assert not any("None" in path or "%2A" in path or "***" in path for path in sent)
+
+
+def test_lock_after_a_hash_type_change_names_the_algorithm_of_the_locked_content(tmp_path, origin):
+    """§16, §7: lock writes the hash type of the version's content; that hash stays usable everywhere."""
+    origin.route("/rehashed", b"A" * 10)
+    url, lockfile = origin.url("/rehashed"), tmp_path / "lock.json"
+    with buffylite.Cache(tmp_path / "cache.sqlite3") as cache:
+        first = cache.fetch(url)
+        cache.fetch(url, validation_hash_type="sha512", offline=True)
+        assert cache.get_request(url).validation_hash_type == "sha512"
+        [entry] = cache.lock(lockfile)
+        assert entry.hash == "sha256:" + sha256(b"A" * 10)
+        assert cache.fetch(url, expected_hash=first.content_hash_hex, offline=True).read() == b"A" * 10
+        assert cache.sync(lockfile).present == [url]
+    with buffylite.Cache(tmp_path / "fresh.sqlite3", lockfile=lockfile) as locked:
+        assert locked.fetch(url).read() == b"A" * 10
+    with buffylite.Cache(tmp_path / "synced.sqlite3") as synced:
+        assert synced.sync(lockfile).downloaded == [url]
