@@ -1866,6 +1866,39 @@ def _record_removed(t: _Tables, request, rows: list, reason: str, now: float) ->
          "removed_unix": now, "reason": reason} for row in rows]).execute()
 
 
+#: Removed-version records kept per request identity among those ``as_of`` only names in
+#: its message (see ``_prune_removed``); the records it needs to answer honestly stay.
+REMOVED_VERSION_RECORDS_KEPT = 100
+
+
+def _prune_removed(t: _Tables, keep: int, identity_key: str | None = None) -> int:
+    """Forget the oldest removed-version records of each identity (or of ``identity_key``)
+    beyond the newest ``keep``, among those cached before every ready version of that
+    identity (all of them when it has none, e.g. after ``delete``): ``as_of`` at such a
+    moment has no ready version to answer with, so it raises NotCachedError with or
+    without the record, which only names the removed version. Newer records stay: without
+    them ``as_of`` could answer with an older version that was not current then. Runs in
+    the caller's write transaction; returns how many records were removed."""
+    removed = t.removed_version
+    crowded = removed.select(removed.identity_key).group_by(removed.identity_key).having(
+        peewee.fn.COUNT(removed.id) > keep)
+    if identity_key is not None:
+        crowded = crowded.where(removed.identity_key == identity_key)
+    pruned = 0
+    for (key,) in list(crowded.tuples()):
+        oldest_ready = (t.version.select(peewee.fn.MIN(t.version.cached_unix))
+                        .join(t.request, on=(t.version.request_id == t.request.id))
+                        .where((t.request.identity_key == key) & (t.version.status == "ready")).scalar())
+        only_named = removed.identity_key == key
+        if oldest_ready is not None:
+            only_named &= removed.cached_unix.is_null() | (removed.cached_unix < oldest_ready)
+        ids = [row[0] for row in removed.select(removed.id).where(only_named)
+               .order_by(removed.version.desc(), removed.id.desc()).offset(keep).tuples()]
+        for start in range(0, len(ids), 500):
+            pruned += removed.delete().where(removed.id.in_(ids[start:start + 500])).execute()
+    return pruned
+
+
 class _Store:
     """The cache file: connections (one per thread, reopened after fork), transactions,
     error translation, and chunked content I/O."""
@@ -4965,7 +4998,11 @@ class Cache:
         newest ``max_cached_pinned_versions`` permanently pinned ones, every leased one
         and always the newest ready one; removes duplicate rows, failed rows but the
         newest per request, and downloads whose lease expired (their process died).
-        Content nothing refers to any more is deleted and the file shrinks.
+        Content nothing refers to any more is deleted and the file shrinks. The record of
+        removed versions that ``as_of`` uses keeps, per request identity, every record it
+        needs to answer honestly and the newest ``REMOVED_VERSION_RECORDS_KEPT`` of those
+        that only name a removed version in its NotCachedError (older than every version
+        still stored, or of a deleted request).
         Returns a GCReport (removed per reason, bytes freed, file size before/after).
         """
         report = GCReport(file_size_before=self._store.file_size())
@@ -4973,7 +5010,8 @@ class Cache:
             if url is None:
                 request_ids = [row[0] for row in t.request.select(t.request.id).tuples()]
             else:
-                request = self._find_request(t, self._identity(url, method, params, headers, body, group))
+                identity_key = self._identity(url, method, params, headers, body, group).key
+                request = t.request.get_or_none(t.request.identity_key == identity_key)
                 request_ids = [request.id] if request is not None else []
         for request_id in request_ids:
             # One short transaction per request keeps other writers moving.
@@ -4987,6 +5025,11 @@ class Cache:
             for reason, count in counts.items():
                 report.removed[reason] += count
             report.bytes_freed += freed
+        # The record of removed versions (for as_of) stays bounded too; a deleted
+        # request's records are kept by identity, so a full gc looks at all of them.
+        if not self._store.read_only:
+            with self._store.writing() as t:
+                _prune_removed(t, REMOVED_VERSION_RECORDS_KEPT, None if url is None else identity_key)
         self._store.give_back_free_pages(checkpoint=True)
         report.file_size_after = self._store.file_size()
         _sweep_content_files(self)  # files and folders of content no longer stored

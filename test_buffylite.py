@@ -8870,3 +8870,44 @@ def test_lock_after_a_hash_type_change_names_the_algorithm_of_the_locked_content
         assert locked.fetch(url).read() == b"A" * 10
     with buffylite.Cache(tmp_path / "synced.sqlite3") as synced:
         assert synced.sync(lockfile).downloaded == [url]
+
+
+def _removed_records(path: pathlib.Path) -> list[str]:
+    """The versions in the record of removed versions, oldest first."""
+    table = table_with_columns(path, {"identity_key", "removed_unix", "reason"})
+    with contextlib.closing(sqlite3.connect(path, timeout=10)) as connection:
+        return [row[0] for row in connection.execute(f'SELECT version FROM "{table}" ORDER BY version')]
+
+
+def test_gc_prunes_removed_version_records_that_only_name_a_version(cache, cache_path, origin, monkeypatch):
+    """§7, §10: gc bounds the removed-version records; as_of still never answers with a version not current then."""
+    monkeypatch.setattr(buffylite, "REMOVED_VERSION_RECORDS_KEPT", 3, raising=False)
+    keep_one = config(keep=1)
+    pinned = fetch_body(cache, origin, "/pruned", b"v0", cache_configuration=keep_one)
+    cache.pin(pinned)
+    after = []
+    for n in range(1, 7):
+        after.append((fetch_body(cache, origin, "/pruned", f"v{n}".encode(), cache_configuration=keep_one),
+                      _moment()))
+    url = origin.url("/pruned")
+    removed = [resp.version for resp, _ in after[:-1]]
+    assert _removed_records(cache_path) == removed
+    cache.gc()  # v1..v5 were cached after the pinned v0: as_of needs every record.
+    assert _removed_records(cache_path) == removed
+    for resp, moment in after[:-1]:
+        with pytest.raises(buffylite.NotCachedError, match=resp.version):
+            cache.fetch(url, as_of=moment)
+    cache.unpin(pinned)
+    cache.gc()  # v0 goes too: now every record is older than the one ready version.
+    assert len(_removed_records(cache_path)) == 3
+    assert _removed_records(cache_path) == sorted([pinned.version] + removed)[-3:]
+    with pytest.raises(buffylite.NotCachedError, match=after[-2][0].version):
+        cache.fetch(url, as_of=after[-2][1])
+    with pytest.raises(buffylite.NotCachedError):
+        cache.fetch(url, as_of=after[0][1])
+    assert cache.fetch(url, as_of=after[-1][1]).read() == b"v6"
+    cache.delete(url)
+    cache.gc(url)
+    assert len(_removed_records(cache_path)) == 3
+    with pytest.raises(buffylite.NotCachedError, match=after[-1][0].version):
+        cache.fetch(url, as_of=after[-1][1])
