@@ -50,7 +50,9 @@ Design notes (choices the specification leaves open):
   Cache are remembered by the file. Requests carrying them cannot be replayed
   by ``refresh()`` (their values are not stored); they report ``"error"`` there.
 - ``expected_hash`` must use the request's hash type (a new request takes the
-  expected hash's algorithm).
+  expected hash's algorithm), unless a ready version already has that digest (the
+  request's hash type changed since it was stored). Lockfiles name the algorithm of
+  each locked version's content.
 - ``expected_hash`` with no matching cached version makes a download due, even
   under a strategy that would otherwise serve the cache.
 - ``VerifyReport.checked`` counts distinct contents re-hashed.
@@ -67,8 +69,10 @@ Design notes (choices the specification leaves open):
   of sensitive headers (each file digests those with its own salt); such headers
   appear in a lockfile by name with the value ``null``, and the body as JSON, text or
   base64 with a ``body_encoding`` field saying which. ``sync`` cannot replay a request
-  whose header values the lockfile withholds: unless already present, it is reported
-  ``missing`` (a fetch that passes the header, under ``Cache(lockfile=...)``, gets it).
+  whose header or parameter values the lockfile withholds: unless already present, it is
+  reported ``missing`` (a fetch that passes them, under ``Cache(lockfile=...)``, gets
+  it). Names a lockfile holds without value (``null``, or ``***`` in the URL) count as
+  sensitive for ``Cache(lockfile=...)``, which also remembers them in its file.
 - ``backup()`` refuses an existing destination (replacing a cache file that is in use
   would corrupt it). A backup by lockfile keeps only the locked versions of the locked
   requests; by group, every version of that group's requests.
@@ -76,6 +80,16 @@ Design notes (choices the specification leaves open):
   tags, re-hashing the content as it is copied; no garbage collection runs after an
   import. Requests with sensitive header values digested under another file's salt
   cannot be matched and are skipped (a backup shares its cache's salt, so they work there).
+  The other file's sensitive names are remembered here; values this file declares
+  sensitive but the other holds in clear are digested on the way (they never land here
+  in clear). Requests or versions with damaged stored values are skipped and logged,
+  and the other file's failure backoff is not copied.
+- ``as_of`` takes the version newest at that moment first; ``expected_hash`` (also a
+  lockfile's) and ``force_*`` then accept it or raise NotCachedError, never picking an
+  older one. ``gc()`` bounds the record of removed versions: per identity, it keeps all
+  records ``as_of`` needs to answer honestly and the newest ``REMOVED_VERSION_RECORDS_KEPT``
+  (100) of those that only name a version in the error (older than every stored version,
+  or of a deleted request).
 - A read-only file whose folder cannot be written is opened as immutable when it has
   no ``-wal``/``-shm`` files (SQLite could not create them to read it otherwise). A
   read-only file of an older schema is read as it is, not refused: migrations only add,
