@@ -8911,3 +8911,16 @@ def test_gc_prunes_removed_version_records_that_only_name_a_version(cache, cache
     assert len(_removed_records(cache_path)) == 3
     with pytest.raises(buffylite.NotCachedError, match=after[-1][0].version):
         cache.fetch(url, as_of=after[-1][1])
+
+
+def test_a_damaged_seed_version_is_not_copied_into_the_cache(tmp_path, origin):
+    """§14, §16: a seed's version with a damaged stored value is skipped; the cache stays healthy."""
+    origin.route("/seeded", b"from-origin")
+    seed_path = tmp_path / "seed.sqlite3"
+    with buffylite.Cache(seed_path) as seed:
+        request_id = seed.fetch(origin.url("/seeded")).request_id
+    _damage(seed_path, f"update version set content_attributes='{{bad' where request_id={request_id}")
+    with buffylite.Cache(tmp_path / "app.sqlite3", seeds=[seed_path]) as app:
+        response = app.fetch(origin.url("/seeded"))
+        assert response.outcome == "downloaded" and response.read() == b"from-origin"
+        assert app.verify().problems == []
