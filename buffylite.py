@@ -1248,6 +1248,11 @@ class Response(_Model):
         for name, value in (("max_bytes", max_bytes), ("max_members", max_members)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidRequestError(f"{name} must be an integer >= 1, not {value!r}.")
+        if self.__pydantic_private__.get("_expected_hash") is not None:
+            # Unpacking seeks around the content, so its bytes are checked in one pass first.
+            with self.open() as stream:
+                while stream.read(DEFAULT_CHUNK_SIZE_BYTES):
+                    pass
         return _unpack(cache, content_id, self, None if dir is None else pathlib.Path(dir),
                        _UnpackLimits(max_bytes, max_members))
 
@@ -1279,7 +1284,7 @@ class Response(_Model):
             raise InvalidRequestError("save_to() needs exactly one of target or dir=.")
         cache, content_id = self._require_content()
         if hasattr(target, "write"):
-            self._copy_content_to(cache, content_id, target)
+            self._copy_content_to(cache, content_id, target, self.__pydantic_private__.get("_expected_hash"))
             return None
         if dir is not None:
             if not isinstance(dir, (str, os.PathLike)):
@@ -1304,14 +1309,16 @@ class Response(_Model):
             raise InvalidRequestError(f"Cannot save the content of {self.url} to {target}: it is a directory.")
         if mode is not None and not stat.S_ISREG(mode):
             with open(path, "wb") as output:
-                self._copy_content_to(cache, content_id, output)
+                self._copy_content_to(cache, content_id, output, self.__pydantic_private__.get("_expected_hash"))
             return pathlib.Path(target)
         self._replace_atomically(cache, content_id, path, keep_mode=mode)
         return pathlib.Path(target)
 
     @staticmethod
-    def _copy_content_to(cache, content_id: int, output) -> None:
-        with cache._store.open_content(content_id) as stream:
+    def _copy_content_to(cache, content_id: int, output, check_hash: str | None = None) -> None:
+        # With check_hash (a Response from fetch(expected_hash=...)), the read reaching
+        # the end raises IntegrityError instead of handing out bytes that do not match.
+        with cache._store.open_content(content_id, check_hash=check_hash) as stream:
             for piece in iter(lambda: stream.read(DEFAULT_CHUNK_SIZE_BYTES), b""):
                 output.write(piece)
 
@@ -1322,7 +1329,7 @@ class Response(_Model):
         handle, temp_name = tempfile.mkstemp(prefix=".buffylite-", dir=path.parent)
         try:
             with os.fdopen(handle, "wb") as output:
-                self._copy_content_to(cache, content_id, output)
+                self._copy_content_to(cache, content_id, output, self.__pydantic_private__.get("_expected_hash"))
             # mkstemp makes 0600; give what open() would (or what the replaced file had).
             os.chmod(temp_name, stat.S_IMODE(keep_mode) if keep_mode is not None else 0o666 & ~_UMASK)
             os.replace(temp_name, path)
@@ -1359,7 +1366,9 @@ class Response(_Model):
         # another process; its path can. The copy binds to one Cache per path there.
         cache = self.__pydantic_private__.get("_cache")
         path = _portable_cache_path(cache.path) if cache is not None else None
-        return (_unpickle_response, (path, dict(self.__dict__), self.__pydantic_private__.get("_content_id")))
+        # The expected hash travels too: the copy must check it as the original does.
+        return (_unpickle_response, (path, dict(self.__dict__), self.__pydantic_private__.get("_content_id"),
+                                     self.__pydantic_private__.get("_expected_hash")))
 
 
 _RESPONSE_FIELD_NAMES = frozenset(Response.model_fields)
@@ -1375,7 +1384,8 @@ def _portable_cache_path(path) -> str:
     return text if "://" in text else os.path.abspath(text)
 
 
-def _unpickle_response(path: str | None, fields: dict, content_id: int | None) -> Response:
+def _unpickle_response(path: str | None, fields: dict, content_id: int | None,
+                       expected_hash: str | None = None) -> Response:
     """Rebuild a pickled Response, bound to this process's Cache for ``path``.
 
     A missing cache file is not created: the Response then has no content to read.
@@ -1387,7 +1397,8 @@ def _unpickle_response(path: str | None, fields: dict, content_id: int | None) -
             if cache is None:
                 cache = _REBOUND_CACHES[path] = Cache(path)
     private = {name: attribute.get_default() for name, attribute in Response.__private_attributes__.items()}
-    private.update(_cache=cache, _content_id=content_id if cache is not None else None)
+    private.update(_cache=cache, _content_id=content_id if cache is not None else None,
+                   _expected_hash=expected_hash)
     fields = {**{name: info.get_default(call_default_factory=True) for name, info in Response.model_fields.items()
                  if name not in fields}, **fields}
     return _trusted_response(fields, private)
@@ -6320,10 +6331,13 @@ def _cmd_fetch(cache: Cache, args) -> int:
         if progress is not None:
             progress.close()
     returned = {"outcome": response.outcome, "stale_reason": response.stale_reason}
+    expected = response.__pydantic_private__.get("_expected_hash")
     if args.pin:
         response = cache.pin(response).model_copy(update=returned)
     for tag in args.tag or ():
         response = cache.tag(response, tag).model_copy(update=returned)
+    # pin/tag answer with a fresh Response: it must still check --expected-hash on output.
+    response.__pydantic_private__["_expected_hash"] = expected
     saved = unpacked = None
     if args.unpack:
         unpacked = response.unpack(args.unpack)

@@ -8632,3 +8632,56 @@ def test_cli_fetch_into_a_closed_pipe_is_quiet(cli_origin, cli_cache_path):
     _, stderr = child.communicate(timeout=CLI_TIMEOUT_SEC)
     assert child.returncode in (0, 1)
     assert "error" not in stderr.decode() and "Traceback" not in stderr.decode()
+
+
+# === review fixes: content, CLI, entry points (new) ===
+
+
+def review_tampered_cache(path: pathlib.Path, origin: Origin, body: bytes = b"GOOD" * 1000,
+                          route: str = "/tampered") -> tuple[str, str]:
+    """Fetch ``body`` into a cache at ``path``, then swap its stored bytes for others of the
+    same length behind buffylite's back; return (url, hash of the good bytes)."""
+    origin.route(route, body)
+    with buffylite.Cache(path) as opened:
+        good = opened.fetch(origin.url(route)).content_hash_hex
+    connection = sqlite3.connect(path)
+    try:
+        connection.execute("UPDATE chunk SET data = CAST(REPLACE(CAST(data AS TEXT), 'GOOD', 'EVIL') AS BLOB)")
+        connection.commit()
+    finally:
+        connection.close()
+    return origin.url(route), good
+
+
+def test_review_expected_hash_guards_save_to_unpack_and_pickle(tmp_path, origin):
+    """§10/§7: every way content leaves a fetch(expected_hash=) Response checks the hash."""
+    leaves = {"save_to path": lambda r: r.save_to(tmp_path / "out.bin"),
+              "save_to file object": lambda r: r.save_to(io.BytesIO()),
+              "save_to dir": lambda r: r.save_to(dir=tmp_path / "d"),
+              "pickled copy": lambda r: pickle.loads(pickle.dumps(r)).read(),
+              "unpack": lambda r: r.unpack(tmp_path / "u")}
+    for number, (name, leave) in enumerate(leaves.items()):
+        path = tmp_path / f"c{number}.sqlite3"
+        url, good = review_tampered_cache(path, origin)
+        with buffylite.Cache(path) as opened:
+            response = opened.fetch(url, expected_hash=good, offline=True)
+            with pytest.raises(buffylite.IntegrityError, match="corrupted"):
+                leave(response)
+            # The check marked the version failed: it is not served again.
+            with pytest.raises(buffylite.NotCachedError):
+                opened.fetch(url, expected_hash=good, offline=True)
+    assert not (tmp_path / "out.bin").exists() and not (tmp_path / "u").exists()
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+@pytest.mark.parametrize("extra", [[], ["--pin"], ["--tag", "rel"], ["-o", "OUT"]])
+def test_review_cli_expected_hash_checked_after_pin_and_tag(tmp_path, origin, extra):
+    """§13/§10: `fetch --expected-hash` with --pin/--tag/-o never writes tampered bytes."""
+    path = tmp_path / "c.sqlite3"
+    url, good = review_tampered_cache(path, origin)
+    out = tmp_path / "out.bin"
+    extra = [str(out) if part == "OUT" else part for part in extra]
+    done = run_cli("--cache", str(path), "fetch", url, "--offline", "--expected-hash", good, *extra)
+    assert done.returncode == 4, done.stderr
+    assert "EVIL" not in done.stdout and "corrupted" in done.stderr
+    assert not out.exists()
