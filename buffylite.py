@@ -478,6 +478,36 @@ def _default_cache_path() -> pathlib.Path:
     return base / "buffylite" / "cache.sqlite3"
 
 
+#: ``scheme://`` at the start of a cache location: a URL, not a file path.
+_URL_LOCATION = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _masked_location(location: str) -> str:
+    """A URL with its password (if any) replaced by ``***``, fit for messages."""
+    scheme, rest = location.split("://", 1)
+    # Hosts never hold "@", passwords may hold "@" and "/": the user info ends at the last "@".
+    head, question, query = rest.partition("?")
+    userinfo, at, after = head.rpartition("@")
+    if at and ":" in userinfo:
+        head = f"{userinfo.split(':', 1)[0]}:***@{after}"
+    return f"{scheme}://{head}{question}{query}"
+
+
+def _refuse_url_location(location: str) -> None:
+    """A cache location that is a URL must not become a local file named after it
+    (with its password in the name): a PostgreSQL URL needs the backend this
+    installation lacks (CacheFileError); any other scheme is a mistake (InvalidRequestError)."""
+    match = _URL_LOCATION.match(location)
+    if match is None:
+        return
+    shown = _masked_location(location)
+    if match.group(1).lower() in ("postgresql", "postgres"):
+        raise CacheFileError(f"The cache {shown} is a PostgreSQL database: the PostgreSQL backend is not "
+                             "available in this installation: install buffylite[postgres].", path=shown)
+    raise InvalidRequestError(f"The cache location {shown} is a URL with the scheme {match.group(1)!r}; "
+                              "give the path of a cache file (or a postgresql:// URL).")
+
+
 def _check_hash_type(name: str) -> str:
     """Return ``name`` lower-cased if hashlib knows it, else raise InvalidRequestError."""
     if not isinstance(name, str):
@@ -3901,6 +3931,7 @@ class Cache:
             raise InvalidRequestError(f"path must be a str or os.PathLike, not {type(path).__name__}.")
         if isinstance(path, str) and "\x00" in path:
             raise InvalidRequestError("path must not contain a NUL character.")
+        _refuse_url_location(os.fspath(path) if path is not None else os.environ.get("BUFFYLITE_CACHE", ""))
         self.path = pathlib.Path(path).expanduser() if path is not None else _default_cache_path()
         seeds, self._lockfile = _check_portability_options(seeds, lockfile)
         self._locked = _read_lockfile(self._lockfile) if self._lockfile is not None else None
@@ -6719,7 +6750,9 @@ _READ_ONLY_COMMANDS = frozenset({"versions", "requests", "show", "path", "info",
 
 
 def _require_existing_cache(path: str | None) -> None:
-    """Raise CacheFileError naming the cache file when it does not exist (URLs pass)."""
+    """Raise CacheFileError naming the cache file when it does not exist (URLs are
+    judged by Cache itself, without ever showing their password)."""
+    _refuse_url_location(path if path is not None else os.environ.get("BUFFYLITE_CACHE", ""))
     if path is not None and "://" in path:
         return
     resolved = pathlib.Path(path).expanduser() if path is not None else _default_cache_path()

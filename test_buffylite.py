@@ -8685,3 +8685,28 @@ def test_review_cli_expected_hash_checked_after_pin_and_tag(tmp_path, origin, ex
     assert done.returncode == 4, done.stderr
     assert "EVIL" not in done.stdout and "corrupted" in done.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("location, error", [
+    ("postgresql://user:SECRETPW@127.0.0.1:1/db", buffylite.CacheFileError),
+    ("postgres://user:SECRETPW@db.example/cache?schema=b", buffylite.CacheFileError),
+    ("http://user:SECRETPW@example.org/cache.sqlite3", buffylite.InvalidRequestError),
+])
+def test_review_url_cache_location_is_refused_without_showing_the_password(tmp_path, monkeypatch,
+                                                                           location, error):
+    """§15/§2: a URL never becomes a local file; PostgreSQL names the extra; the password stays hidden."""
+    monkeypatch.chdir(tmp_path)
+    for make in (lambda: buffylite.Cache(location),
+                 lambda: (monkeypatch.setenv("BUFFYLITE_CACHE", location), buffylite.Cache())):
+        with pytest.raises(error) as caught:
+            make()
+        assert "SECRETPW" not in str(caught.value) and "user:***@" in str(caught.value)
+        if error is buffylite.CacheFileError:
+            assert "install buffylite[postgres]" in str(caught.value)
+            assert "SECRETPW" not in caught.value.path
+    for args in (["--cache", location, "info"], ["--json", "--cache", location, "fetch", "http://127.0.0.1:1/x"]):
+        done = subprocess.run([PYTHON, "-m", "buffylite", *args], cwd=tmp_path, capture_output=True, text=True,
+                              env=subprocess_env(PYTHONPATH=str(REPO_DIR)), timeout=SUBPROCESS_TIMEOUT_SEC)
+        assert done.returncode == (1 if error is buffylite.CacheFileError else 2), done.stderr
+        assert "SECRETPW" not in done.stdout + done.stderr and "user:***@" in done.stderr
+    assert list(tmp_path.iterdir()) == []
