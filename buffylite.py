@@ -5486,7 +5486,9 @@ class Cache:
         lockfile of an unchanged cache is byte-identical. Sensitive header values appear
         by name only (``null``); URLs never carry credentials.
 
-        ``path``: where to write (atomically); None writes nothing. Returns the entries.
+        ``path``: where to write, as ``Response.save_to`` writes a path: a regular file (or
+        nothing) is replaced atomically, a symlink is written through, a FIFO or a device is
+        written into; None writes nothing. Returns the entries.
         Raises InvalidRequestError (bad tag), CacheFileError (cannot write ``path``).
         """
         tag = self._check_tag(tag)
@@ -5875,14 +5877,27 @@ def _read_lockfile(path: str | os.PathLike) -> dict[str, LockEntry]:
 
 
 def _write_atomically(path: pathlib.Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    """Write ``data`` to the caller's ``path`` as ``Response.save_to`` does: through a
+    symlink, into a FIFO or a device as ``open(path, "wb")`` would; only a regular file
+    (or nothing) is replaced, atomically (temporary file + rename), keeping its mode."""
     try:
+        shown, path = path, pathlib.Path(os.path.realpath(path))
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            mode = None
+        if mode is not None and stat.S_ISDIR(mode):
+            raise InvalidRequestError(f"Cannot write {shown}: it is a directory.")
+        if mode is not None and not stat.S_ISREG(mode):
+            with open(path, "wb") as output:
+                output.write(data)
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
             with os.fdopen(handle, "wb") as output:
                 output.write(data)
-            os.chmod(temp_name, 0o666 & ~_UMASK)
+            os.chmod(temp_name, stat.S_IMODE(mode) if mode is not None else 0o666 & ~_UMASK)
             os.replace(temp_name, path)
         except BaseException:
             with contextlib.suppress(OSError):

@@ -8710,3 +8710,28 @@ def test_review_url_cache_location_is_refused_without_showing_the_password(tmp_p
         assert done.returncode == (1 if error is buffylite.CacheFileError else 2), done.stderr
         assert "SECRETPW" not in done.stdout + done.stderr and "user:***@" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_review_lock_writes_through_symlinks_and_into_devices(cache, cache_path, origin, tmp_path):
+    """§13/§16: lock(path) and `lock -o` treat the path as save_to does; only regular files are replaced."""
+    fetch_body(cache, origin, "/locked", b"locked body")
+    device = tmp_path / "null"
+    os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    real.chmod(0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    for target in (device, link):
+        entries = cache.lock(target)
+        assert [entry.url for entry in entries] == [origin.url("/locked")]
+    assert stat.S_ISCHR(os.lstat(device).st_mode) and link.is_symlink()
+    assert json.loads(real.read_text()) and stat.S_IMODE(real.stat().st_mode) == 0o640
+    real.write_text("old")
+    for target in (device, link):
+        done = run_cli("--cache", str(cache_path), "lock", "-o", str(target))
+        assert done.returncode == 0, done.stderr
+    assert stat.S_ISCHR(os.lstat(device).st_mode) and link.is_symlink()
+    assert origin.url("/locked") in real.read_text()
+    with pytest.raises(buffylite.InvalidRequestError, match="directory"):
+        cache.lock(tmp_path)
