@@ -508,6 +508,17 @@ def _refuse_url_location(location: str) -> None:
                               "give the path of a cache file (or a postgresql:// URL).")
 
 
+def _check_path(name: str, value) -> pathlib.Path:
+    """``value`` as a Path, or InvalidRequestError when it cannot be one (not a str or
+    os.PathLike, or holding a NUL character) -- before anything is read or written."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise InvalidRequestError(f"{name} must be a path (str or os.PathLike), not {type(value).__name__}.")
+    text = os.fspath(value)
+    if not isinstance(text, str) or "\x00" in text:
+        raise InvalidRequestError(f"{name} must be a text path without NUL characters, not {text!r}.")
+    return pathlib.Path(text)
+
+
 def _check_hash_type(name: str) -> str:
     """Return ``name`` lower-cased if hashlib knows it, else raise InvalidRequestError."""
     if not isinstance(name, str):
@@ -1278,12 +1289,13 @@ class Response(_Model):
         for name, value in (("max_bytes", max_bytes), ("max_members", max_members)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidRequestError(f"{name} must be an integer >= 1, not {value!r}.")
+        folder = None if dir is None else _check_path("dir", dir)
         if self.__pydantic_private__.get("_expected_hash") is not None:
             # Unpacking seeks around the content, so its bytes are checked in one pass first.
             with self.open() as stream:
                 while stream.read(DEFAULT_CHUNK_SIZE_BYTES):
                     pass
-        return _unpack(cache, content_id, self, None if dir is None else pathlib.Path(dir),
+        return _unpack(cache, content_id, self, folder,
                        _UnpackLimits(max_bytes, max_members))
 
     def text(self, encoding: str | None = None) -> str:
@@ -1308,26 +1320,46 @@ class Response(_Model):
         can never leave ``dir`` nor be hidden (fallback ``download``); whatever is at
         that name (a symlink, FIFO or device too) is replaced, never followed.
         Raises InvalidRequestError when neither or both of ``target``/``dir`` are given,
-        or ``target`` is a directory; OSError when the file system refuses the write.
+        a path is not a usable path, ``target`` is a directory, ``dir`` is not one, or a
+        file object refuses the bytes; CacheFileError (naming the path) when the file
+        system refuses the write.
         """
         if (target is None) == (dir is None):
             raise InvalidRequestError("save_to() needs exactly one of target or dir=.")
         cache, content_id = self._require_content()
         if hasattr(target, "write"):
-            self._copy_content_to(cache, content_id, target, self.__pydantic_private__.get("_expected_hash"))
+            try:
+                self._copy_content_to(cache, content_id, target, self.__pydantic_private__.get("_expected_hash"))
+            except (OSError, ValueError) as exc:  # io.UnsupportedOperation is both
+                if isinstance(exc, BuffyliteError):
+                    raise
+                raise InvalidRequestError(f"Cannot write the content of {self.url} to {target!r}: {exc}.") from exc
             return None
         if dir is not None:
-            if not isinstance(dir, (str, os.PathLike)):
-                raise InvalidRequestError(f"dir must be a path, not {type(dir).__name__}.")
+            directory = _check_path("dir", dir)
+            if os.path.exists(directory) and not os.path.isdir(directory):
+                raise InvalidRequestError(f"Cannot save the content of {self.url} into {dir}: it is not a "
+                                          "directory.")
+        elif not isinstance(target, (str, os.PathLike)):
+            raise InvalidRequestError(f"target must be a path or a writable binary file, not "
+                                      f"{type(target).__name__}.")
+        else:
+            _check_path("target", target)
+        try:
+            return self._save_to_path(cache, content_id, target, dir)
+        except OSError as exc:
+            where = target if target is not None else dir
+            raise CacheFileError(f"Cannot save the content of {self.url} to {where}: {exc}.", path=where) from exc
+
+    def _save_to_path(self, cache, content_id: int, target, dir) -> pathlib.Path:  # noqa: A002
+        """``save_to`` with a checked path ``target`` or directory ``dir``."""
+        if dir is not None:
             directory = pathlib.Path(dir)
             directory.mkdir(parents=True, exist_ok=True)
             # The origin chose this name: whatever is there (a symlink, a FIFO, a device)
             # is replaced by the rename, never followed or written into.
             name = _sanitize_filename(self.content_attributes.filename) or FALLBACK_FILENAME
             return self._replace_atomically(cache, content_id, directory / name)
-        if not isinstance(target, (str, os.PathLike)):
-            raise InvalidRequestError(f"target must be a path or a writable binary file, not "
-                                      f"{type(target).__name__}.")
         # The caller chose this path: it is written through a symlink, and into a FIFO or
         # a device, as open(path, "wb") would; only a regular file (or nothing) is replaced.
         path = pathlib.Path(os.path.realpath(target))
@@ -5492,6 +5524,7 @@ class Cache:
         Raises InvalidRequestError (bad tag), CacheFileError (cannot write ``path``).
         """
         tag = self._check_tag(tag)
+        target = _check_path("path", path).expanduser() if path is not None else None
         if pinned is not None and not isinstance(pinned, bool):
             raise InvalidRequestError(f"pinned must be True, False or None, not {pinned!r}.")
         if group is not None and (not isinstance(group, str) or not group):
@@ -5512,8 +5545,8 @@ class Cache:
                 size = t.content.select(t.content.size_bytes).where(t.content.id == chosen.content_id).scalar()
             entries.append(_lock_entry(request, chosen, size))
         entries.sort(key=_lock_entry_order)
-        if path is not None:
-            _write_atomically(pathlib.Path(path).expanduser(), _lockfile_text(entries).encode())
+        if target is not None:
+            _write_atomically(target, _lockfile_text(entries).encode())
         return entries
 
     def sync(self, path: str | os.PathLike, *, offline: bool = False) -> SyncReport:
@@ -5575,7 +5608,7 @@ class Cache:
 
         Raises InvalidRequestError (``dest`` exists, unreadable lockfile), CacheFileError.
         """
-        dest = pathlib.Path(dest).expanduser()
+        dest = _check_path("dest", dest).expanduser()
         if os.path.lexists(dest):
             raise InvalidRequestError(f"The backup destination {dest} already exists; remove it or "
                                       "choose another path.")
@@ -5630,7 +5663,7 @@ class Cache:
         if group is not None and (not isinstance(group, str) or not group):
             raise InvalidRequestError(f"group must be a non-empty string, not {group!r}.")
         self._store.require_writable()
-        other = _Store(pathlib.Path(source).expanduser(), read_only=True)
+        other = _Store(_check_path("source", source).expanduser(), read_only=True)
         added = 0
         try:
             same_salt = other.salt == self._store.salt
@@ -5856,6 +5889,7 @@ def _lockfile_text(entries: list[LockEntry]) -> str:
 
 def _read_lockfile(path: str | os.PathLike) -> dict[str, LockEntry]:
     """Lock key -> entry of the lockfile at ``path``; InvalidRequestError when unusable."""
+    _check_path("lockfile", path)
     try:
         document = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

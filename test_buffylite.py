@@ -8735,3 +8735,44 @@ def test_review_lock_writes_through_symlinks_and_into_devices(cache, cache_path,
     assert origin.url("/locked") in real.read_text()
     with pytest.raises(buffylite.InvalidRequestError, match="directory"):
         cache.lock(tmp_path)
+
+
+def test_review_bad_paths_raise_invalid_request_error(cache, cache_path, origin, tmp_path):
+    """§12: path arguments of the public methods fail with §12 errors, never TypeError/ValueError/OSError."""
+    response = fetch_body(cache, origin, "/paths", b"path body")
+    a_file = tmp_path / "a-file"
+    a_file.write_bytes(b"x")
+    calls = {"lock(123)": lambda: cache.lock(123),
+             "backup(123)": lambda: cache.backup(123),
+             "backup(None)": lambda: cache.backup(None),
+             "backup(NUL)": lambda: cache.backup(str(tmp_path / "b\x00k")),
+             "backup(lockfile=123)": lambda: cache.backup(tmp_path / "b1", lockfile=123),
+             "import_from(None)": lambda: cache.import_from(None),
+             "import_from(123)": lambda: cache.import_from(123),
+             "sync(None)": lambda: cache.sync(None),
+             "sync(123)": lambda: cache.sync(123),
+             "unpack(123)": lambda: response.unpack(123),
+             "save_to(NUL)": lambda: response.save_to(str(tmp_path / "a\x00b")),
+             "save_to(b'bytes')": lambda: response.save_to(b"/tmp/x"),
+             "save_to(dir=<file>)": lambda: response.save_to(dir=a_file),
+             "save_to(read-only file object)": lambda: response.save_to(open(a_file, "rb"))}
+    failures = {}
+    for name, call in calls.items():
+        with pytest.raises(buffylite.InvalidRequestError) as caught:
+            call()
+        failures[name] = str(caught.value)
+    assert len(failures) == len(calls) and all(failures.values())
+    assert a_file.read_bytes() == b"x" and sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        [a_file.name, cache_path.name, cache_path.name + "-wal", cache_path.name + "-shm"])
+
+
+def test_review_save_to_refused_by_the_file_system_is_a_cache_file_error(cache, origin, tmp_path):
+    """§12: an OSError while saving becomes CacheFileError naming the path."""
+    response = fetch_body(cache, origin, "/refused", b"refused body")
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    target = plain / "below.bin"  # a path under a regular file: refused even for root
+    with pytest.raises(buffylite.CacheFileError) as caught:
+        response.save_to(target)
+    assert caught.value.path == str(target) and str(target) in str(caught.value)
+    assert plain.read_bytes() == b""
