@@ -883,8 +883,13 @@ def _http_freshness(headers: dict, now: float, response_time: float | None = Non
 
 
 def _canonical_json(value: Any) -> str:
-    """Stable JSON text: sorted keys, no spaces; used for identities and stored dicts."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    """Stable JSON text: sorted keys, no spaces; used for identities and stored dicts.
+    InvalidRequestError for what a caller may pass but JSON cannot hold in a stable form:
+    keys of mixed types (unsortable), nesting deeper than Python recursion, cycles."""
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidRequestError(f"A body or params value cannot be written as JSON: {exc}.") from None
 
 
 def _encode_body(body: dict | list | bytes | str | None) -> tuple[str | None, bytes | None]:
@@ -3361,7 +3366,7 @@ class _Identity:
         if self.params:
             try:  # What request_url() will do: it must not fail after rows were written.
                 urllib.parse.urlencode(self.params, doseq=True)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, RecursionError) as exc:
                 raise InvalidRequestError(f"params cannot be encoded into a query string: {exc}.") from None
         self.send_headers = {_check_header(name, value): value for name, value in (headers or {}).items()}
         self.send_url, credentials = _split_credentials(url)
@@ -5892,7 +5897,7 @@ def _read_lockfile(path: str | os.PathLike) -> dict[str, LockEntry]:
     _check_path("lockfile", path)
     try:
         document = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise InvalidRequestError(f"The lockfile {path} cannot be read: {exc}.") from exc
     if (not isinstance(document, dict) or document.get("buffylite_lockfile") != LOCKFILE_FORMAT_VERSION
             or not isinstance(document.get("entries"), list)):

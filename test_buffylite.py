@@ -8776,3 +8776,36 @@ def test_review_save_to_refused_by_the_file_system_is_a_cache_file_error(cache, 
         response.save_to(target)
     assert caught.value.path == str(target) and str(target) in str(caught.value)
     assert plain.read_bytes() == b""
+
+
+def review_nested(depth: int) -> list:
+    """A list nested ``depth`` levels deep."""
+    root = current = []
+    for _ in range(depth):
+        current.append([])
+        current = current[0]
+    return root
+
+
+def test_review_hostile_structures_are_invalid_requests(cache, origin, tmp_path):
+    """§12: unsortable keys and nesting deeper than recursion allows are InvalidRequestError, nothing stored."""
+    origin.route("/hostile", b"hostile")
+    url = origin.url("/hostile")
+    deep = review_nested(5000)
+    for kwargs in ({"method": "post", "body": {1: 2, "1": 3}},
+                   {"method": "post", "body": {"x": deep}},
+                   {"params": {"x": deep}},
+                   {"params": {"x": {1: 2, "1": 3}}}):
+        with pytest.raises(buffylite.InvalidRequestError):
+            cache.fetch(url, **kwargs)
+    assert cache.requests() == [] and origin.hits("/hostile") == 0
+    hash_hex = "0" * 64
+    for name, text in (("deep.json", "[" * 100_000 + "]" * 100_000),
+                       ("deep-body.json", '{"buffylite_lockfile": 1, "entries": [{"url": "' + url + '", '
+                        '"version": "20200101000000000000", "hash": "sha256:' + hash_hex + '", '
+                        '"body_encoding": "json", "body": ' + "[" * 5000 + "]" * 5000 + '}]}')):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(buffylite.InvalidRequestError, match="lockfile"):
+            buffylite.Cache(tmp_path / "locked.sqlite3", lockfile=tmp_path / name)
+        with pytest.raises(buffylite.InvalidRequestError, match="lockfile"):
+            cache.sync(tmp_path / name)
