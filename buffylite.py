@@ -2506,6 +2506,11 @@ class _ContentStream(io.RawIOBase):
         if index != self._chunk_index:
             with self._store._translated():
                 row = self._run("chunk", self._content_id, self._seqs[index]).fetchone()
+            if row is not None and not isinstance(row[0], (bytes, bytearray, memoryview)):
+                # A damaged file can hold a chunk of another SQLite type (TEXT, a number).
+                raise IntegrityError(f"Content {self._stored_hash or self._content_id} in {self._store.path} "
+                                     f"is damaged: chunk {self._seqs[index]} is not bytes "
+                                     f"({type(row[0]).__name__}).")
             self._chunk = memoryview(bytes(row[0])) if row is not None else memoryview(b"")
             self._chunk_index = index
             expected = (self._starts[index + 1] if index + 1 < len(self._starts) else self._size) \

@@ -8809,3 +8809,25 @@ def test_review_hostile_structures_are_invalid_requests(cache, origin, tmp_path)
             buffylite.Cache(tmp_path / "locked.sqlite3", lockfile=tmp_path / name)
         with pytest.raises(buffylite.InvalidRequestError, match="lockfile"):
             cache.sync(tmp_path / name)
+
+
+def test_review_chunk_stored_as_text_is_an_integrity_error(tmp_path, origin):
+    """§14/§12: a chunk of the wrong SQLite type is damage (IntegrityError), not a TypeError."""
+    path = tmp_path / "c.sqlite3"
+    origin.route("/text-chunk", b"GOOD" * 1000)
+    with buffylite.Cache(path) as opened:
+        opened.fetch(origin.url("/text-chunk"))
+    connection = sqlite3.connect(path)
+    try:
+        connection.execute("UPDATE chunk SET data = CAST(data AS TEXT)")
+        connection.commit()
+    finally:
+        connection.close()
+    with buffylite.Cache(path) as opened:
+        for name, leave in (("open().read()", lambda r: r.open().read()),
+                            ("as_file()", lambda r: r.as_file()),
+                            ("save_to()", lambda r: r.save_to(tmp_path / "out.bin")),
+                            ("save_to(file object)", lambda r: r.save_to(io.BytesIO()))):
+            with pytest.raises(buffylite.IntegrityError, match="damaged"):
+                leave(opened.get(origin.url("/text-chunk")))
+    assert not (tmp_path / "out.bin").exists()
