@@ -134,6 +134,7 @@ import datetime as dt
 import email.message
 import email.utils
 import errno
+import filecmp
 import functools
 import gzip
 import hashlib
@@ -1279,8 +1280,10 @@ class Response(_Model):
         ``dir`` None: a folder beside the cache (``<cache file>.unpacked/<hash type>-<hash>``),
         made once per content and reused by later calls (``Cache.gc()`` removes it with the
         content). ``dir`` given: the archive is unpacked into a temporary folder next to it,
-        which is renamed to ``dir``; when ``dir`` already exists, each top-level entry of
-        the archive replaces the entry of that name in it. A single compressed file is
+        which is renamed to ``dir``; when ``dir`` already exists, the archive is merged
+        into it without deleting or overwriting anything: an entry already there with
+        other content, or a hidden top-level name in the archive, is InvalidRequestError
+        and nothing is written (an equal file is left as it is). A single compressed file is
         named after the version's file name without its compression suffix.
 
         Entries with absolute paths or ``..``, links leading out of the folder, device
@@ -3230,23 +3233,72 @@ def _unpack_to_new_folder(cache, content_id: int, response, folder: pathlib.Path
 
 def _unpack_over_folder(cache, content_id: int, response, folder: pathlib.Path,
                         limits: _UnpackLimits) -> None:
-    """Unpack into a temporary folder inside the existing ``folder``, then move each
-    top-level entry into place (a file by rename; a folder of the same name is set
-    aside and removed), so every entry appears complete."""
+    """Unpack into a temporary folder inside the existing ``folder``, then merge it in.
+
+    The caller's folder is never deleted from nor overwritten: archive folders merge
+    into existing folders of the same name; an entry already there with other content
+    (or of another kind, or a link to a folder) is InvalidRequestError before anything
+    is moved. Hidden top-level names (``.bashrc``, ``.ssh``) are refused: an archive
+    must not plant them in a folder that already exists, a home folder perhaps."""
     temp = pathlib.Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=folder))
     try:
         _unpack_into(cache, content_id, response, temp, limits)
-        for entry in sorted(temp.iterdir()):
-            destination = folder / entry.name
-            aside = None
-            if destination.is_dir() and not destination.is_symlink():
-                aside = pathlib.Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=folder)) / "old"
-                os.rename(destination, aside)
-            os.replace(entry, destination)
-            if aside is not None:
-                shutil.rmtree(aside.parent, ignore_errors=True)
+        hidden = sorted(entry.name for entry in temp.iterdir() if entry.name.startswith("."))
+        if hidden:
+            raise InvalidRequestError(f"Version {response.version} of {response.url} holds hidden top-level "
+                                      f"entries ({', '.join(map(repr, hidden[:5]))}); refused when unpacking "
+                                      f"into the existing folder {folder}.")
+        clashes = _merge_clashes(temp, folder)
+        if clashes:
+            raise InvalidRequestError(
+                f"Cannot unpack version {response.version} of {response.url} into {folder}: "
+                f"{len(clashes)} entr{'y' if len(clashes) == 1 else 'ies'} already there with other content "
+                f"({', '.join(map(repr, clashes[:5]))}); nothing was written.")
+        _merge_folder(temp, folder)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _same_entry(new: pathlib.Path, old: pathlib.Path) -> bool:
+    """True when ``old`` is a file or link equal to the unpacked ``new`` (kept as it is)."""
+    try:
+        new_info, old_info = os.lstat(new), os.lstat(old)
+        if stat.S_ISLNK(new_info.st_mode) or stat.S_ISLNK(old_info.st_mode):
+            return stat.S_ISLNK(old_info.st_mode) and stat.S_ISLNK(new_info.st_mode) \
+                and os.readlink(new) == os.readlink(old)
+        return (stat.S_ISREG(old_info.st_mode) and stat.S_ISREG(new_info.st_mode)
+                and filecmp.cmp(new, old, shallow=False))
+    except OSError:
+        return False
+
+
+def _merge_clashes(source: pathlib.Path, folder: pathlib.Path, prefix: str = "") -> list[str]:
+    """Names (relative to ``folder``) where merging ``source`` would replace something."""
+    clashes = []
+    for entry in sorted(source.iterdir()):
+        destination = folder / entry.name
+        if not os.path.lexists(destination):
+            continue
+        name = prefix + entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            if destination.is_dir() and not destination.is_symlink():
+                clashes += _merge_clashes(entry, destination, name + "/")
+            else:
+                clashes.append(name)
+        elif not _same_entry(entry, destination):
+            clashes.append(name)
+    return clashes
+
+
+def _merge_folder(source: pathlib.Path, folder: pathlib.Path) -> None:
+    """Move what ``source`` holds into ``folder``, which has no clashing entry
+    (see ``_merge_clashes``): new entries by rename, folders merged, equal files kept."""
+    for entry in sorted(source.iterdir()):
+        destination = folder / entry.name
+        if not os.path.lexists(destination):
+            os.rename(entry, destination)
+        elif entry.is_dir() and not entry.is_symlink():
+            _merge_folder(entry, destination)
 
 
 # --- collection and accounting -------------------------------------------------------

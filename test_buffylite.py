@@ -2751,11 +2751,14 @@ def test_unpack_single_compressed_file_into_a_given_dir(cache, origin, tmp_path,
     folder = cache.fetch(origin.url(f"/dump.csv.{compression}")).unpack(target)
     assert folder == target and files_in(target) == {"dump.csv": payload}
     assert sorted(p.name for p in target.parent.iterdir()) == ["here"], "temporary folder left behind"
-    # Into an existing folder: entries replaced, others kept.
-    (target / "dump.csv").write_bytes(b"old")
+    # Into an existing folder: others kept, an equal entry left, a different one never overwritten.
     (target / "mine.txt").write_bytes(b"keep me")
     assert cache.fetch(origin.url(f"/dump.csv.{compression}")).unpack(target) == target
     assert files_in(target) == {"dump.csv": payload, "mine.txt": b"keep me"}
+    (target / "dump.csv").write_bytes(b"old")
+    with pytest.raises(buffylite.InvalidRequestError, match="dump.csv"):
+        cache.fetch(origin.url(f"/dump.csv.{compression}")).unpack(target)
+    assert files_in(target) == {"dump.csv": b"old", "mine.txt": b"keep me"}
 
 
 HOSTILE_ARCHIVES = {
@@ -8831,3 +8834,29 @@ def test_review_chunk_stored_as_text_is_an_integrity_error(tmp_path, origin):
             with pytest.raises(buffylite.IntegrityError, match="damaged"):
                 leave(opened.get(origin.url("/text-chunk")))
     assert not (tmp_path / "out.bin").exists()
+
+
+def test_review_unpack_into_an_existing_folder_never_deletes_or_overwrites(cache, origin, tmp_path):
+    """§17/§14: unpack(dir) merges into an existing folder; clashes and hidden names write nothing."""
+    home = tmp_path / "home"
+    (home / "src").mkdir(parents=True)
+    (home / "src" / "mywork.py").write_bytes(b"precious")
+    (home / "notes.txt").write_bytes(b"mine")
+    before = files_in(home)
+    origin.route("/merge.tar.gz", tar_bytes([("src/", None), ("src/new.txt", b"new"), ("top.txt", b"top")], "gz"))
+    assert cache.fetch(origin.url("/merge.tar.gz")).unpack(home) == home
+    assert files_in(home) == {**before, "src/new.txt": b"new", "top.txt": b"top"}
+    # The same archive again: equal files are left as they are.
+    assert cache.fetch(origin.url("/merge.tar.gz")).unpack(home) == home
+    merged = files_in(home)
+    for name, members in (("/clash.zip", {"src/mywork.py": b"overwritten", "other.txt": b"x"}),
+                          ("/dir-over-file.zip", {"notes.txt/inner.txt": b"x"}),
+                          ("/dotfile.zip", {".bashrc": b"echo pwned", "fine.txt": b"x"})):
+        origin.route(name, zip_bytes(members))
+        with pytest.raises(buffylite.InvalidRequestError):
+            cache.fetch(origin.url(name)).unpack(home)
+        assert files_in(home) == merged, name
+        assert sorted(path.name for path in home.iterdir()) == ["notes.txt", "src", "top.txt"]
+    done = run_cli("--cache", str(cache.path), "fetch", origin.url("/clash.zip"), "--unpack", str(home))
+    assert done.returncode == 2, done.stderr
+    assert files_in(home) == merged
