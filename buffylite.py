@@ -1809,7 +1809,20 @@ def _sqlite_read_only_access(path: pathlib.Path) -> str:
 
 
 def _sqlite_check_header(path: pathlib.Path) -> None:
-    """Refuse a non-empty file that is not SQLite, before SQLite touches it."""
+    """Refuse a non-empty file that is not SQLite, before SQLite touches it, and
+    anything that is not a regular file (opening a FIFO would wait for a writer forever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CacheFileError(f"The cache file {path} cannot be read: {exc}.", path=path) from exc
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) \
+            else "not a regular file"
+        raise CacheFileError(f"The cache file {path} cannot be used: it is {kind}, not a regular file.",
+                             path=path)
     try:
         with open(path, "rb") as handle:
             header = handle.read(len(_SQLITE_MAGIC))

@@ -8860,3 +8860,26 @@ def test_review_unpack_into_an_existing_folder_never_deletes_or_overwrites(cache
     done = run_cli("--cache", str(cache.path), "fetch", origin.url("/clash.zip"), "--unpack", str(home))
     assert done.returncode == 2, done.stderr
     assert files_in(home) == merged
+
+
+def test_review_cache_on_a_fifo_device_or_folder_is_refused_at_once(tmp_path):
+    """§12/§14: a cache path that is no regular file is CacheFileError naming it, without waiting."""
+    fifo, device, folder = tmp_path / "fifo", tmp_path / "null", tmp_path / "folder"
+    os.mkfifo(fifo)
+    os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    folder.mkdir()
+    code = textwrap.dedent("""
+        import sys, buffylite
+        for path in sys.argv[1:]:
+            try:
+                buffylite.Cache(path)
+            except buffylite.CacheFileError as exc:
+                print(exc.path == path, str(exc))
+        """)
+    done = run_python(code, str(fifo), str(device), str(folder), timeout=20)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3 and all(line.startswith("True ") for line in lines), lines
+    for line, kind in zip(lines, ("a FIFO", "a device", "a folder")):
+        assert kind in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["fifo", "folder", "null"]
