@@ -6724,6 +6724,22 @@ def _cmd_import(cache: Cache, args) -> int:
     return 0
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser (subcommand parsers are of the same class), whose errors are
+    also printed as the ``--json`` error object while ``main()`` parses a command line
+    holding ``--json``."""
+
+    #: Set by ``main()`` around ``parse_args``: one command line is parsed at a time.
+    json_errors = False
+
+    def error(self, message: str):
+        if _ArgumentParser.json_errors:
+            with contextlib.suppress(OSError):
+                sys.stdout.write(json.dumps(_error_object(_UsageError(message), message)) + "\n")
+                sys.stdout.flush()
+        super().error(message)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     # Global options live in a parent parser shared by the main parser and every
     # subcommand; SUPPRESS keeps a subcommand from resetting what came before it.
@@ -6751,7 +6767,7 @@ def _build_parser() -> argparse.ArgumentParser:
     identity.add_argument("--group", default=DEFAULT_GROUP, help=f"request group (default {DEFAULT_GROUP})")
     common = [global_options(True)]
 
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="buffylite", parents=[global_options(False)],
         description="A versioning HTTP download cache in one SQLite file.")
     parser.add_argument("--version", action="version", version=f"buffylite {__version__}")
@@ -6894,7 +6910,13 @@ def main(argv: list[str] | None = None) -> int:
     "status_code"}}``.
     """
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Usage errors found while parsing are JSON too when --json was asked for.
+    _ArgumentParser.json_errors = "--json" in argv
+    try:
+        args = parser.parse_args(argv)
+    finally:
+        _ArgumentParser.json_errors = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("buffylite: %(message)s"))
     # ``fetch`` reports a stale answer itself, in one line with its cause.
@@ -6904,6 +6926,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in _READ_ONLY_COMMANDS:
             _require_existing_cache(args.cache)
+        if args.command == "sync":
+            _read_lockfile(args.file)  # an unusable lockfile must not create the cache first
         with Cache(args.cache, retries=args.retries, timeout=args.timeout) as cache:
             return args.handler(cache, args)
     except _UsageError as exc:
@@ -6924,8 +6948,11 @@ def main(argv: list[str] | None = None) -> int:
             "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors())
         status = EXIT_USAGE if isinstance(exc, pydantic.ValidationError) else _exit_status_for(exc)
         if args.json:
+            error = _error_object(exc, message)
+            if isinstance(exc, NotCachedError) and error["error"]["url"] is None:
+                error["error"]["url"] = getattr(args, "url", None)  # the URL the command was about
             with contextlib.suppress(OSError):
-                sys.stdout.write(json.dumps(_error_object(exc, message)) + "\n")
+                sys.stdout.write(json.dumps(error) + "\n")
                 sys.stdout.flush()
         sys.stderr.write(f"buffylite: error: {message}\n")
         return status

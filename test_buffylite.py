@@ -8883,3 +8883,23 @@ def test_review_cache_on_a_fifo_device_or_folder_is_refused_at_once(tmp_path):
     for line, kind in zip(lines, ("a FIFO", "a device", "a folder")):
         assert kind in line
     assert sorted(path.name for path in tmp_path.iterdir()) == ["fifo", "folder", "null"]
+
+
+def test_review_cli_json_errors_for_usage_and_not_cached_and_sync_creates_nothing(cli_run, cli_cache_path,
+                                                                                  cli_origin, tmp_path):
+    """§13: --json prints the error object for parse errors and names the URL; sync of a missing lockfile writes nothing."""
+    done = cli_run("--json", "fetch", cli_origin.url("/x"), "--retries", "abc")
+    assert done.returncode == 2
+    error = json.loads(done.stdout)["error"]
+    assert error["type"] == "InvalidRequestError" and "--retries" in error["message"]
+    plain = cli_run("fetch", cli_origin.url("/x"), "--retries", "abc")
+    assert plain.returncode == 2 and plain.stdout == b"" and "--retries" in plain.stderr
+    url = cli_origin.url("/never-fetched")
+    done = cli_run("--json", "fetch", url, "--offline")
+    assert done.returncode == 3
+    assert json.loads(done.stdout)["error"] == {**json.loads(done.stdout)["error"], "type": "NotCachedError",
+                                                "url": url}
+    missing_cache = tmp_path / "new" / "c.sqlite3"
+    done = cli_run("--cache", str(missing_cache), "sync", str(tmp_path / "missing.json"))
+    assert done.returncode == 2 and "missing.json" in done.stderr
+    assert not missing_cache.parent.exists()
