@@ -5257,6 +5257,14 @@ class Cache:
         if not isinstance(response, Response):
             raise InvalidRequestError(f"Expected a Response, not {type(response).__name__}.")
         row = t.version.get_or_none(t.version.id == response.id)
+        # Row ids are per file: a Response of another cache may share this id with an
+        # unrelated version here. The version and its request must be the same too.
+        if row is not None and (row.version != response.version or row.request_id != response.request_id
+                                or t.request.select(t.request.url).where(t.request.id == row.request_id)
+                                .scalar() != response.url):
+            # As when the id is free: that version is not in this cache.
+            raise NotCachedError(f"Version {response.version} of {response.url} is not in {self.path} "
+                                 "(a Response of another cache?).")
         if row is None:
             raise NotCachedError(f"Version {response.version} of {response.url} is no longer in {self.path}.")
         return row

@@ -8903,3 +8903,22 @@ def test_review_cli_json_errors_for_usage_and_not_cached_and_sync_creates_nothin
     done = cli_run("--cache", str(missing_cache), "sync", str(tmp_path / "missing.json"))
     assert done.returncode == 2 and "missing.json" in done.stderr
     assert not missing_cache.parent.exists()
+
+
+def test_review_pin_and_tag_refuse_a_response_of_another_cache(tmp_path, origin):
+    """§9: pin/tag/unpin/untag with another cache's Response never change an unrelated version here."""
+    origin.route("/x", b"x content")
+    origin.route("/y", b"y content")
+    with buffylite.Cache(tmp_path / "a.sqlite3") as first, buffylite.Cache(tmp_path / "b.sqlite3") as second:
+        foreign = first.fetch(origin.url("/x"))
+        own = second.fetch(origin.url("/y"))
+        assert foreign.id == own.id  # the first row of each file: the ids collide
+        for change in (lambda: second.pin(foreign), lambda: second.pin(foreign, seconds=60),
+                       lambda: second.tag(foreign, "release"), lambda: second.unpin(foreign),
+                       lambda: second.untag(foreign, "release")):
+            with pytest.raises(buffylite.NotCachedError, match="another cache"):
+                change()
+        mine = second.get(origin.url("/y"))
+        assert not mine.is_pinned and mine.tags == []
+        assert second.pin(own).pinned and second.tag(own, "release").tags == ["release"]
+        assert not first.get(origin.url("/x")).is_pinned
