@@ -1237,9 +1237,13 @@ class Response(_Model):
         if expected is not None:
             digest = hashlib.new(hash_type, data).hexdigest()
             if digest != expected:
-                cache._store.mark_content_corrupted(content_id, expected)
+                marked = "It is now marked failed."
+                if cache._store.read_only:  # the damage is reported all the same
+                    marked = "The cache is read-only: it cannot be marked failed."
+                else:
+                    cache._store.mark_content_corrupted(content_id, expected)
                 raise IntegrityError(f"Version {self.version} of {self.url} is corrupted in {cache.path}: "
-                                     f"its bytes hash to {digest}, not {expected}. It is now marked failed.")
+                                     f"its bytes hash to {digest}, not {expected}. {marked}")
         return data
 
     def open(self) -> "_ContentStream":
@@ -2547,9 +2551,13 @@ class _ContentStream(io.RawIOBase):
             return
         digest, self._hasher = self._hasher.hexdigest(), None
         if digest != self._check_hash:
-            self._store.mark_content_corrupted(self._content_id, self._check_hash)
+            marked = "The version is now marked failed."
+            if self._store.read_only:  # the damage is reported all the same
+                marked = "The cache is read-only: the version cannot be marked failed."
+            else:
+                self._store.mark_content_corrupted(self._content_id, self._check_hash)
             raise IntegrityError(f"Content {self._check_hash} in {self._store.path} is corrupted: its "
-                                 f"bytes hash to {digest}. The version is now marked failed.")
+                                 f"bytes hash to {digest}. {marked}")
 
 
 # ---------------------------------------------------------------------------
@@ -5341,6 +5349,7 @@ class Cache:
         this call or an earlier one, until it is deleted or collected.
         """
         report = VerifyReport()
+        unmarked: list[int] = []  # corrupted contents a read-only cache cannot mark
         try:
             report.problems.extend(self._store.structural_problems())
         except CacheFileError as exc:
@@ -5368,9 +5377,33 @@ class Cache:
                 except CacheFileError as exc:
                     report.problems.append(f"Content {content_id} ({hash_type}:{hash_hex}) is corrupted "
                                            f"and cannot be marked so: {exc}")
+                    unmarked.append(content_id)
         report.problems.extend(self._damaged_values())
         report.corrupted.extend(self._corrupted_versions(report.problems))
+        # A read-only cache cannot mark them, but its report must still name them.
+        report.corrupted.extend(self._versions_of_contents(unmarked, report.problems))
         return report
+
+    def _versions_of_contents(self, content_ids: list[int], problems: list[str]) -> list[Response]:
+        """The ready versions holding one of ``content_ids``, as stored."""
+        found = []
+        if not content_ids:
+            return found
+        try:
+            with self._store.reading() as t:
+                rows = list(t.version.select().where((t.version.status == "ready")
+                                                     & t.version.content_id.in_(content_ids))
+                            .order_by(t.version.request_id, t.version.version))
+                urls = dict(t.request.select(t.request.id, t.request.url).tuples())
+        except CacheFileError as exc:
+            problems.append(f"The versions of corrupted contents cannot be listed: {exc}")
+            return found
+        for row in rows:
+            try:
+                found.extend(self._responses([row], urls.get(row.request_id, "?"), [], "cached"))
+            except CacheFileError as exc:
+                problems.append(str(exc))
+        return found
 
     def _content_is_intact(self, content_id: int, hash_type, hash_hex, size) -> bool:
         """Re-hash one content from one snapshot (a concurrent delete cannot look like

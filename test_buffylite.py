@@ -8922,3 +8922,20 @@ def test_review_pin_and_tag_refuse_a_response_of_another_cache(tmp_path, origin)
         assert not mine.is_pinned and mine.tags == []
         assert second.pin(own).pinned and second.tag(own, "release").tags == ["release"]
         assert not first.get(origin.url("/x")).is_pinned
+
+
+def test_review_read_only_cache_still_reports_corruption_as_integrity_errors(tmp_path, origin):
+    """§10/§14: a read-only cache raises IntegrityError for tampered content and verify() lists the version."""
+    path = tmp_path / "c.sqlite3"
+    url, good = review_tampered_cache(path, origin)
+    before = path.read_bytes()
+    with buffylite.Cache(path, read_only=True) as opened:
+        assert opened.read_only
+        response = opened.fetch(url, expected_hash=good, offline=True)
+        for leave in (lambda r: r.read(), lambda r: r.open().read(), lambda r: r.save_to(io.BytesIO())):
+            with pytest.raises(buffylite.IntegrityError, match="read-only"):
+                leave(response)
+        report = opened.verify()
+        assert report.checked == 1 and [(r.url, r.version) for r in report.corrupted] == [(url, response.version)]
+        assert any("cannot be marked" in problem for problem in report.problems)
+    assert path.read_bytes() == before
