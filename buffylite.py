@@ -2473,13 +2473,14 @@ class _ContentStream(io.RawIOBase):
         ValueError, a relative seek before the start stops at 0, a position past the
         end reads as empty."""
         self._require_open()
+        # InvalidRequestError is a ValueError too, what io's own streams raise here.
         if isinstance(offset, bool) or not isinstance(offset, int):
-            raise TypeError(f"Seek offset must be an integer, not {type(offset).__name__}.")
+            raise InvalidRequestError(f"Seek offset must be an integer, not {type(offset).__name__}.")
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}.get(whence)
         if base is None:
-            raise ValueError(f"Invalid whence ({whence!r}): use SEEK_SET, SEEK_CUR or SEEK_END.")
+            raise InvalidRequestError(f"Invalid whence ({whence!r}): use SEEK_SET, SEEK_CUR or SEEK_END.")
         if whence == io.SEEK_SET and offset < 0:
-            raise ValueError(f"Negative seek position {offset}.")
+            raise InvalidRequestError(f"Negative seek position {offset}.")
         self._position = max(base + offset, 0)
         return self._position
 
@@ -2518,7 +2519,7 @@ class _ContentStream(io.RawIOBase):
 
     def _require_open(self) -> None:
         if self.closed:
-            raise ValueError("I/O operation on a closed buffylite stream.")
+            raise InvalidRequestError("I/O operation on a closed buffylite stream.")
 
     def _piece_at(self, position: int, size: int) -> memoryview:
         """Up to ``size`` bytes from ``position`` (inside the content), within one chunk."""
@@ -6210,6 +6211,11 @@ class AsyncCache:
     def path(self) -> pathlib.Path:
         """The cache file."""
         return self.cache.path
+
+    @property
+    def read_only(self) -> bool:
+        """True when the cache file was opened read-only (as ``Cache.read_only``)."""
+        return self.cache.read_only
 
     def __repr__(self) -> str:
         return f"AsyncCache({str(self.cache.path)!r})"

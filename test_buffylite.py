@@ -2463,7 +2463,8 @@ def test_open_seeks_and_reads_like_bytesio(cache, origin, small_chunks):
                 return count, bytes(buffer[:count])
             return stream.tell()
         except (ValueError, OSError) as exc:
-            return type(exc)
+            # buffylite raises InvalidRequestError, which is a ValueError as io's are.
+            return ValueError if isinstance(exc, ValueError) else type(exc)
 
     @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
     @hypothesis.given(st.lists(operation, min_size=1, max_size=25))
@@ -8939,3 +8940,28 @@ def test_review_read_only_cache_still_reports_corruption_as_integrity_errors(tmp
         assert report.checked == 1 and [(r.url, r.version) for r in report.corrupted] == [(url, response.version)]
         assert any("cannot be marked" in problem for problem in report.problems)
     assert path.read_bytes() == before
+
+
+def test_review_async_read_only_and_stream_misuse_errors(tmp_path, origin):
+    """§18/§12: AsyncCache.read_only mirrors Cache; bad seeks and use after close are InvalidRequestError."""
+    origin.route("/stream", bytes(range(256)) * 100)
+    path = tmp_path / "c.sqlite3"
+
+    async def scenario() -> tuple[bool, bool]:
+        async with buffylite.AsyncCache(path) as writable:
+            await writable.fetch(origin.url("/stream"))
+            first = writable.read_only
+        async with buffylite.AsyncCache(path, read_only=True) as readable:
+            return first, readable.read_only
+
+    assert asyncio.run(scenario()) == (False, True)
+    with buffylite.Cache(path) as opened:
+        stream = opened.get(origin.url("/stream")).open()
+        for bad in (lambda: stream.seek(-1), lambda: stream.seek(0, 7), lambda: stream.seek(1.5)):
+            with pytest.raises(buffylite.InvalidRequestError):
+                bad()
+        assert stream.seek(-10, io.SEEK_END) == 25590 and stream.read() == bytes(range(246, 256))
+        stream.close()
+        for after_close in (lambda: stream.read(1), lambda: stream.seek(0), lambda: stream.tell()):
+            with pytest.raises(buffylite.InvalidRequestError, match="closed"):
+                after_close()
