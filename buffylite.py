@@ -1271,7 +1271,8 @@ class Response(_Model):
         rewriting it. ``Cache.gc()`` removes it once no version references the content.
         The file is shared: do not change its mode or contents.
         Raises IntegrityError when the stored content is damaged, NotCachedError when the
-        version is gone.
+        version is gone, CacheFileError on a read-only cache when the file is not there
+        yet (a read-only cache writes nothing; ``save_to`` writes where you choose).
         """
         cache, content_id = self._require_content()
         return _materialise(cache, content_id, self)
@@ -1283,7 +1284,7 @@ class Response(_Model):
 
         ``dir`` None: a folder beside the cache (``<cache file>.unpacked/<hash type>-<hash>``),
         made once per content and reused by later calls (``Cache.gc()`` removes it with the
-        content). ``dir`` given: the archive is unpacked into a temporary folder next to it,
+        content; a read-only cache cannot make it: CacheFileError). ``dir`` given: the archive is unpacked into a temporary folder next to it,
         which is renamed to ``dir``; when ``dir`` already exists, the archive is merged
         into it without deleting or overwriting anything: an entry already there with
         other content, or a hidden top-level name in the archive, is InvalidRequestError
@@ -2890,6 +2891,9 @@ def _materialise(cache, content_id: int, response) -> pathlib.Path:
     path = folder / name
     if _is_complete_file(path, size):
         return path  # the common case: no lock, no write
+    # A read-only cache writes nothing, beside it either (the folder may be shared or
+    # on read-only media, and gc() could never clean up after it).
+    cache._store.require_writable()
     try:
         with _FolderLock(folder / ".lock"):
             if _is_complete_file(path, size):
@@ -3207,6 +3211,7 @@ def _unpack(cache, content_id: int, response, target: pathlib.Path | None,
             folder = root / key
             if folder.is_dir():
                 return folder
+            cache._store.require_writable()  # a read-only cache writes nothing beside it
             with _FolderLock(root / f".lock-{key}"):
                 if not folder.is_dir():
                     _unpack_to_new_folder(cache, content_id, response, folder, limits)

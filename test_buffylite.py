@@ -8965,3 +8965,26 @@ def test_review_async_read_only_and_stream_misuse_errors(tmp_path, origin):
         for after_close in (lambda: stream.read(1), lambda: stream.seek(0), lambda: stream.tell()):
             with pytest.raises(buffylite.InvalidRequestError, match="closed"):
                 after_close()
+
+
+def test_review_read_only_cache_writes_no_side_folders(tmp_path, origin):
+    """§16/§17: on a read-only cache as_file()/unpack() make no folder beside it; an existing file is reused."""
+    path = tmp_path / "c.sqlite3"
+    origin.route("/plain", b"plain")
+    origin.route("/pack.tar", tar_bytes([("inside.txt", b"inside")]))
+    with buffylite.Cache(path) as opened:
+        opened.fetch(origin.url("/plain"))
+        made = opened.fetch(origin.url("/pack.tar")).as_file()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with buffylite.Cache(path, read_only=True) as readable:
+        with pytest.raises(buffylite.CacheFileError, match="read-only"):
+            readable.get(origin.url("/plain")).as_file()
+        with pytest.raises(buffylite.CacheFileError, match="read-only"):
+            readable.get(origin.url("/pack.tar")).unpack()
+        assert readable.get(origin.url("/pack.tar")).as_file() == made  # already there: no write
+        into = readable.get(origin.url("/pack.tar")).unpack(tmp_path / "mine")  # the caller's folder
+        assert files_in(into) == {"inside.txt": b"inside"}
+    # (SQLite's own -wal/-shm files of a read-only reader are another matter, not checked here.)
+    assert sorted(p.name for p in tmp_path.iterdir()
+                  if p.name != "mine" and not p.name.endswith(("-wal", "-shm"))) == before
+    assert not pathlib.Path(str(path) + ".unpacked").exists()
