@@ -1813,6 +1813,24 @@ def _sqlite_read_only_access(path: pathlib.Path) -> str:
     return "immutable"
 
 
+def _remove_reader_side_files(path: pathlib.Path) -> None:
+    """Have SQLite remove the -wal/-shm files a read-only reader had to create.
+
+    Only a read-write connection may remove them, and SQLite's own rule decides: the
+    last connection to close removes them when it gets the exclusive lock, i.e. when no
+    other connection (of any process) has the file open; otherwise they stay for those.
+    The log is empty (read-only readers write nothing), so the database file itself is
+    not changed. Nothing happens when the file cannot be opened for writing."""
+    if not os.access(path, os.W_OK) or not os.path.exists(str(path) + "-wal"):
+        return
+    with contextlib.suppress(sqlite3.Error, OSError):
+        connection = sqlite3.connect(str(path), timeout=0)
+        try:
+            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            connection.close()
+
+
 def _sqlite_check_header(path: pathlib.Path) -> None:
     """Refuse a non-empty file that is not SQLite, before SQLite touches it, and
     anything that is not a regular file (opening a FIFO would wait for a writer forever)."""
@@ -1975,6 +1993,10 @@ class _Store:
         # Read-only: asked for, or the file cannot be written by this process.
         self.read_only = read_only or _sqlite_is_read_only(path)
         self.access = _sqlite_read_only_access(path) if self.read_only else None
+        # A read-only WAL reader must create -wal/-shm when no one has the file open;
+        # close() then has them removed again (see _remove_reader_side_files).
+        self._makes_side_files = self.access == "ro" and not any(
+            os.path.lexists(str(path) + suffix) for suffix in ("-wal", "-shm"))
         if self.read_only and not path.is_file():
             raise CacheFileError(f"The read-only cache file {path} does not exist.", path=path)
         try:
@@ -2041,6 +2063,8 @@ class _Store:
         """Close every connection of this store."""
         self._local = threading.local()  # A new connection restarts data_version.
         self.db.close_all()
+        if self._makes_side_files:
+            _remove_reader_side_files(self.path)
 
     # --- schema ---
 

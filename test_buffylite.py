@@ -8988,3 +8988,27 @@ def test_review_read_only_cache_writes_no_side_folders(tmp_path, origin):
     assert sorted(p.name for p in tmp_path.iterdir()
                   if p.name != "mine" and not p.name.endswith(("-wal", "-shm"))) == before
     assert not pathlib.Path(str(path) + ".unpacked").exists()
+
+
+def test_review_read_only_open_leaves_no_wal_files_behind(tmp_path, origin):
+    """§16: a read-only Cache leaves the folder as it found it; a writer open meanwhile keeps its files."""
+    path = tmp_path / "c.sqlite3"
+    origin.route("/ro", b"read only")
+    with buffylite.Cache(path) as opened:
+        opened.fetch(origin.url("/ro"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.sqlite3"]
+    before, mtime = path.read_bytes(), path.stat().st_mtime_ns
+    with buffylite.Cache(path, read_only=True) as readable:
+        assert readable.get(origin.url("/ro")).read() == b"read only"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.sqlite3"]
+    assert path.read_bytes() == before and path.stat().st_mtime_ns == mtime
+    with buffylite.Cache(path) as writer:
+        with buffylite.Cache(path, read_only=True) as readable:
+            assert readable.get(origin.url("/ro")).read() == b"read only"
+        # The writer still has the file open: its -wal/-shm stay and it keeps working.
+        assert {"c.sqlite3-wal", "c.sqlite3-shm"} <= {p.name for p in tmp_path.iterdir()}
+        origin.route("/ro2", b"second")
+        assert writer.fetch(origin.url("/ro2")).read() == b"second"
+    with buffylite.Cache(path, read_only=True) as readable:
+        assert readable.get(origin.url("/ro2")).read() == b"second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.sqlite3"]
