@@ -148,6 +148,7 @@ import datetime as dt
 import email.message
 import email.utils
 import errno
+import filecmp
 import functools
 import gzip
 import hashlib
@@ -490,6 +491,47 @@ def _default_cache_path() -> pathlib.Path:
     else:
         base = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache")
     return base / "buffylite" / "cache.sqlite3"
+
+
+#: ``scheme://`` at the start of a cache location: a URL, not a file path.
+_URL_LOCATION = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _masked_location(location: str) -> str:
+    """A URL with its password (if any) replaced by ``***``, fit for messages."""
+    scheme, rest = location.split("://", 1)
+    # Hosts never hold "@", passwords may hold "@" and "/": the user info ends at the last "@".
+    head, question, query = rest.partition("?")
+    userinfo, at, after = head.rpartition("@")
+    if at and ":" in userinfo:
+        head = f"{userinfo.split(':', 1)[0]}:***@{after}"
+    return f"{scheme}://{head}{question}{query}"
+
+
+def _refuse_url_location(location: str) -> None:
+    """A cache location that is a URL must not become a local file named after it
+    (with its password in the name): a PostgreSQL URL needs the backend this
+    installation lacks (CacheFileError); any other scheme is a mistake (InvalidRequestError)."""
+    match = _URL_LOCATION.match(location)
+    if match is None:
+        return
+    shown = _masked_location(location)
+    if match.group(1).lower() in ("postgresql", "postgres"):
+        raise CacheFileError(f"The cache {shown} is a PostgreSQL database: the PostgreSQL backend is not "
+                             "available in this installation: install buffylite[postgres].", path=shown)
+    raise InvalidRequestError(f"The cache location {shown} is a URL with the scheme {match.group(1)!r}; "
+                              "give the path of a cache file (or a postgresql:// URL).")
+
+
+def _check_path(name: str, value) -> pathlib.Path:
+    """``value`` as a Path, or InvalidRequestError when it cannot be one (not a str or
+    os.PathLike, or holding a NUL character) -- before anything is read or written."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise InvalidRequestError(f"{name} must be a path (str or os.PathLike), not {type(value).__name__}.")
+    text = os.fspath(value)
+    if not isinstance(text, str) or "\x00" in text:
+        raise InvalidRequestError(f"{name} must be a text path without NUL characters, not {text!r}.")
+    return pathlib.Path(text)
 
 
 def _check_hash_type(name: str) -> str:
@@ -856,8 +898,13 @@ def _http_freshness(headers: dict, now: float, response_time: float | None = Non
 
 
 def _canonical_json(value: Any) -> str:
-    """Stable JSON text: sorted keys, no spaces; used for identities and stored dicts."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    """Stable JSON text: sorted keys, no spaces; used for identities and stored dicts.
+    InvalidRequestError for what a caller may pass but JSON cannot hold in a stable form:
+    keys of mixed types (unsortable), nesting deeper than Python recursion, cycles."""
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidRequestError(f"A body or params value cannot be written as JSON: {exc}.") from None
 
 
 def _encode_body(body: dict | list | bytes | str | None) -> tuple[str | None, bytes | None]:
@@ -1204,9 +1251,13 @@ class Response(_Model):
         if expected is not None:
             digest = hashlib.new(hash_type, data).hexdigest()
             if digest != expected:
-                cache._store.mark_content_corrupted(content_id, expected)
+                marked = "It is now marked failed."
+                if cache._store.read_only:  # the damage is reported all the same
+                    marked = "The cache is read-only: it cannot be marked failed."
+                else:
+                    cache._store.mark_content_corrupted(content_id, expected)
                 raise IntegrityError(f"Version {self.version} of {self.url} is corrupted in {cache.path}: "
-                                     f"its bytes hash to {digest}, not {expected}. It is now marked failed.")
+                                     f"its bytes hash to {digest}, not {expected}. {marked}")
         return data
 
     def open(self) -> "_ContentStream":
@@ -1234,7 +1285,8 @@ class Response(_Model):
         rewriting it. ``Cache.gc()`` removes it once no version references the content.
         The file is shared: do not change its mode or contents.
         Raises IntegrityError when the stored content is damaged, NotCachedError when the
-        version is gone.
+        version is gone, CacheFileError on a read-only cache when the file is not there
+        yet (a read-only cache writes nothing; ``save_to`` writes where you choose).
         """
         cache, content_id = self._require_content()
         return _materialise(cache, content_id, self)
@@ -1246,9 +1298,11 @@ class Response(_Model):
 
         ``dir`` None: a folder beside the cache (``<cache file>.unpacked/<hash type>-<hash>``),
         made once per content and reused by later calls (``Cache.gc()`` removes it with the
-        content). ``dir`` given: the archive is unpacked into a temporary folder next to it,
-        which is renamed to ``dir``; when ``dir`` already exists, each top-level entry of
-        the archive replaces the entry of that name in it. A single compressed file is
+        content; a read-only cache cannot make it: CacheFileError). ``dir`` given: the archive is unpacked into a temporary folder next to it,
+        which is renamed to ``dir``; when ``dir`` already exists, the archive is merged
+        into it without deleting or overwriting anything: an entry already there with
+        other content, or a hidden top-level name in the archive, is InvalidRequestError
+        and nothing is written (an equal file is left as it is). A single compressed file is
         named after the version's file name without its compression suffix.
 
         Entries with absolute paths or ``..``, links leading out of the folder, device
@@ -1262,7 +1316,13 @@ class Response(_Model):
         for name, value in (("max_bytes", max_bytes), ("max_members", max_members)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidRequestError(f"{name} must be an integer >= 1, not {value!r}.")
-        return _unpack(cache, content_id, self, None if dir is None else pathlib.Path(dir),
+        folder = None if dir is None else _check_path("dir", dir)
+        if self.__pydantic_private__.get("_expected_hash") is not None:
+            # Unpacking seeks around the content, so its bytes are checked in one pass first.
+            with self.open() as stream:
+                while stream.read(DEFAULT_CHUNK_SIZE_BYTES):
+                    pass
+        return _unpack(cache, content_id, self, folder,
                        _UnpackLimits(max_bytes, max_members))
 
     def text(self, encoding: str | None = None) -> str:
@@ -1287,26 +1347,46 @@ class Response(_Model):
         can never leave ``dir`` nor be hidden (fallback ``download``); whatever is at
         that name (a symlink, FIFO or device too) is replaced, never followed.
         Raises InvalidRequestError when neither or both of ``target``/``dir`` are given,
-        or ``target`` is a directory; OSError when the file system refuses the write.
+        a path is not a usable path, ``target`` is a directory, ``dir`` is not one, or a
+        file object refuses the bytes; CacheFileError (naming the path) when the file
+        system refuses the write.
         """
         if (target is None) == (dir is None):
             raise InvalidRequestError("save_to() needs exactly one of target or dir=.")
         cache, content_id = self._require_content()
         if hasattr(target, "write"):
-            self._copy_content_to(cache, content_id, target)
+            try:
+                self._copy_content_to(cache, content_id, target, self.__pydantic_private__.get("_expected_hash"))
+            except (OSError, ValueError) as exc:  # io.UnsupportedOperation is both
+                if isinstance(exc, BuffyliteError):
+                    raise
+                raise InvalidRequestError(f"Cannot write the content of {self.url} to {target!r}: {exc}.") from exc
             return None
         if dir is not None:
-            if not isinstance(dir, (str, os.PathLike)):
-                raise InvalidRequestError(f"dir must be a path, not {type(dir).__name__}.")
+            directory = _check_path("dir", dir)
+            if os.path.exists(directory) and not os.path.isdir(directory):
+                raise InvalidRequestError(f"Cannot save the content of {self.url} into {dir}: it is not a "
+                                          "directory.")
+        elif not isinstance(target, (str, os.PathLike)):
+            raise InvalidRequestError(f"target must be a path or a writable binary file, not "
+                                      f"{type(target).__name__}.")
+        else:
+            _check_path("target", target)
+        try:
+            return self._save_to_path(cache, content_id, target, dir)
+        except OSError as exc:
+            where = target if target is not None else dir
+            raise CacheFileError(f"Cannot save the content of {self.url} to {where}: {exc}.", path=where) from exc
+
+    def _save_to_path(self, cache, content_id: int, target, dir) -> pathlib.Path:  # noqa: A002
+        """``save_to`` with a checked path ``target`` or directory ``dir``."""
+        if dir is not None:
             directory = pathlib.Path(dir)
             directory.mkdir(parents=True, exist_ok=True)
             # The origin chose this name: whatever is there (a symlink, a FIFO, a device)
             # is replaced by the rename, never followed or written into.
             name = _sanitize_filename(self.content_attributes.filename) or FALLBACK_FILENAME
             return self._replace_atomically(cache, content_id, directory / name)
-        if not isinstance(target, (str, os.PathLike)):
-            raise InvalidRequestError(f"target must be a path or a writable binary file, not "
-                                      f"{type(target).__name__}.")
         # The caller chose this path: it is written through a symlink, and into a FIFO or
         # a device, as open(path, "wb") would; only a regular file (or nothing) is replaced.
         path = pathlib.Path(os.path.realpath(target))
@@ -1318,14 +1398,16 @@ class Response(_Model):
             raise InvalidRequestError(f"Cannot save the content of {self.url} to {target}: it is a directory.")
         if mode is not None and not stat.S_ISREG(mode):
             with open(path, "wb") as output:
-                self._copy_content_to(cache, content_id, output)
+                self._copy_content_to(cache, content_id, output, self.__pydantic_private__.get("_expected_hash"))
             return pathlib.Path(target)
         self._replace_atomically(cache, content_id, path, keep_mode=mode)
         return pathlib.Path(target)
 
     @staticmethod
-    def _copy_content_to(cache, content_id: int, output) -> None:
-        with cache._store.open_content(content_id) as stream:
+    def _copy_content_to(cache, content_id: int, output, check_hash: str | None = None) -> None:
+        # With check_hash (a Response from fetch(expected_hash=...)), the read reaching
+        # the end raises IntegrityError instead of handing out bytes that do not match.
+        with cache._store.open_content(content_id, check_hash=check_hash) as stream:
             for piece in iter(lambda: stream.read(DEFAULT_CHUNK_SIZE_BYTES), b""):
                 output.write(piece)
 
@@ -1336,7 +1418,7 @@ class Response(_Model):
         handle, temp_name = tempfile.mkstemp(prefix=".buffylite-", dir=path.parent)
         try:
             with os.fdopen(handle, "wb") as output:
-                self._copy_content_to(cache, content_id, output)
+                self._copy_content_to(cache, content_id, output, self.__pydantic_private__.get("_expected_hash"))
             # mkstemp makes 0600; give what open() would (or what the replaced file had).
             os.chmod(temp_name, stat.S_IMODE(keep_mode) if keep_mode is not None else 0o666 & ~_UMASK)
             os.replace(temp_name, path)
@@ -1373,7 +1455,9 @@ class Response(_Model):
         # another process; its path can. The copy binds to one Cache per path there.
         cache = self.__pydantic_private__.get("_cache")
         path = _portable_cache_path(cache.path) if cache is not None else None
-        return (_unpickle_response, (path, dict(self.__dict__), self.__pydantic_private__.get("_content_id")))
+        # The expected hash travels too: the copy must check it as the original does.
+        return (_unpickle_response, (path, dict(self.__dict__), self.__pydantic_private__.get("_content_id"),
+                                     self.__pydantic_private__.get("_expected_hash")))
 
 
 _RESPONSE_FIELD_NAMES = frozenset(Response.model_fields)
@@ -1389,7 +1473,8 @@ def _portable_cache_path(path) -> str:
     return text if "://" in text else os.path.abspath(text)
 
 
-def _unpickle_response(path: str | None, fields: dict, content_id: int | None) -> Response:
+def _unpickle_response(path: str | None, fields: dict, content_id: int | None,
+                       expected_hash: str | None = None) -> Response:
     """Rebuild a pickled Response, bound to this process's Cache for ``path``.
 
     A missing cache file is not created: the Response then has no content to read.
@@ -1401,7 +1486,8 @@ def _unpickle_response(path: str | None, fields: dict, content_id: int | None) -
             if cache is None:
                 cache = _REBOUND_CACHES[path] = Cache(path)
     private = {name: attribute.get_default() for name, attribute in Response.__private_attributes__.items()}
-    private.update(_cache=cache, _content_id=content_id if cache is not None else None)
+    private.update(_cache=cache, _content_id=content_id if cache is not None else None,
+                   _expected_hash=expected_hash)
     fields = {**{name: info.get_default(call_default_factory=True) for name, info in Response.model_fields.items()
                  if name not in fields}, **fields}
     return _trusted_response(fields, private)
@@ -1741,8 +1827,39 @@ def _sqlite_read_only_access(path: pathlib.Path) -> str:
     return "immutable"
 
 
+def _remove_reader_side_files(path: pathlib.Path) -> None:
+    """Have SQLite remove the -wal/-shm files a read-only reader had to create.
+
+    Only a read-write connection may remove them, and SQLite's own rule decides: the
+    last connection to close removes them when it gets the exclusive lock, i.e. when no
+    other connection (of any process) has the file open; otherwise they stay for those.
+    The log is empty (read-only readers write nothing), so the database file itself is
+    not changed. Nothing happens when the file cannot be opened for writing."""
+    if not os.access(path, os.W_OK) or not os.path.exists(str(path) + "-wal"):
+        return
+    with contextlib.suppress(sqlite3.Error, OSError):
+        connection = sqlite3.connect(str(path), timeout=0)
+        try:
+            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            connection.close()
+
+
 def _sqlite_check_header(path: pathlib.Path) -> None:
-    """Refuse a non-empty file that is not SQLite, before SQLite touches it."""
+    """Refuse a non-empty file that is not SQLite, before SQLite touches it, and
+    anything that is not a regular file (opening a FIFO would wait for a writer forever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CacheFileError(f"The cache file {path} cannot be read: {exc}.", path=path) from exc
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) \
+            else "not a regular file"
+        raise CacheFileError(f"The cache file {path} cannot be used: it is {kind}, not a regular file.",
+                             path=path)
     try:
         with open(path, "rb") as handle:
             header = handle.read(len(_SQLITE_MAGIC))
@@ -1923,6 +2040,10 @@ class _Store:
         # Read-only: asked for, or the file cannot be written by this process.
         self.read_only = read_only or _sqlite_is_read_only(path)
         self.access = _sqlite_read_only_access(path) if self.read_only else None
+        # A read-only WAL reader must create -wal/-shm when no one has the file open;
+        # close() then has them removed again (see _remove_reader_side_files).
+        self._makes_side_files = self.access == "ro" and not any(
+            os.path.lexists(str(path) + suffix) for suffix in ("-wal", "-shm"))
         if self.read_only and not path.is_file():
             raise CacheFileError(f"The read-only cache file {path} does not exist.", path=path)
         try:
@@ -1989,6 +2110,8 @@ class _Store:
         """Close every connection of this store."""
         self._local = threading.local()  # A new connection restarts data_version.
         self.db.close_all()
+        if self._makes_side_files:
+            _remove_reader_side_files(self.path)
 
     # --- schema ---
 
@@ -2422,13 +2545,14 @@ class _ContentStream(io.RawIOBase):
         ValueError, a relative seek before the start stops at 0, a position past the
         end reads as empty."""
         self._require_open()
+        # InvalidRequestError is a ValueError too, what io's own streams raise here.
         if isinstance(offset, bool) or not isinstance(offset, int):
-            raise TypeError(f"Seek offset must be an integer, not {type(offset).__name__}.")
+            raise InvalidRequestError(f"Seek offset must be an integer, not {type(offset).__name__}.")
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}.get(whence)
         if base is None:
-            raise ValueError(f"Invalid whence ({whence!r}): use SEEK_SET, SEEK_CUR or SEEK_END.")
+            raise InvalidRequestError(f"Invalid whence ({whence!r}): use SEEK_SET, SEEK_CUR or SEEK_END.")
         if whence == io.SEEK_SET and offset < 0:
-            raise ValueError(f"Negative seek position {offset}.")
+            raise InvalidRequestError(f"Negative seek position {offset}.")
         self._position = max(base + offset, 0)
         return self._position
 
@@ -2467,7 +2591,7 @@ class _ContentStream(io.RawIOBase):
 
     def _require_open(self) -> None:
         if self.closed:
-            raise ValueError("I/O operation on a closed buffylite stream.")
+            raise InvalidRequestError("I/O operation on a closed buffylite stream.")
 
     def _piece_at(self, position: int, size: int) -> memoryview:
         """Up to ``size`` bytes from ``position`` (inside the content), within one chunk."""
@@ -2475,6 +2599,11 @@ class _ContentStream(io.RawIOBase):
         if index != self._chunk_index:
             with self._store._translated():
                 row = self._run("chunk", self._content_id, self._seqs[index]).fetchone()
+            if row is not None and not isinstance(row[0], (bytes, bytearray, memoryview)):
+                # A damaged file can hold a chunk of another SQLite type (TEXT, a number).
+                raise IntegrityError(f"Content {self._stored_hash or self._content_id} in {self._store.path} "
+                                     f"is damaged: chunk {self._seqs[index]} is not bytes "
+                                     f"({type(row[0]).__name__}).")
             self._chunk = memoryview(bytes(row[0])) if row is not None else memoryview(b"")
             self._chunk_index = index
             expected = (self._starts[index + 1] if index + 1 < len(self._starts) else self._size) \
@@ -2495,9 +2624,13 @@ class _ContentStream(io.RawIOBase):
             return
         digest, self._hasher = self._hasher.hexdigest(), None
         if digest != self._check_hash:
-            self._store.mark_content_corrupted(self._content_id, self._check_hash)
+            marked = "The version is now marked failed."
+            if self._store.read_only:  # the damage is reported all the same
+                marked = "The cache is read-only: the version cannot be marked failed."
+            else:
+                self._store.mark_content_corrupted(self._content_id, self._check_hash)
             raise IntegrityError(f"Content {self._check_hash} in {self._store.path} is corrupted: its "
-                                 f"bytes hash to {digest}. The version is now marked failed.")
+                                 f"bytes hash to {digest}. {marked}")
 
 
 # ---------------------------------------------------------------------------
@@ -2829,6 +2962,9 @@ def _materialise(cache, content_id: int, response) -> pathlib.Path:
     path = folder / name
     if _is_complete_file(path, size):
         return path  # the common case: no lock, no write
+    # A read-only cache writes nothing, beside it either (the folder may be shared or
+    # on read-only media, and gc() could never clean up after it).
+    cache._store.require_writable()
     try:
         with _FolderLock(folder / ".lock"):
             if _is_complete_file(path, size):
@@ -3146,6 +3282,7 @@ def _unpack(cache, content_id: int, response, target: pathlib.Path | None,
             folder = root / key
             if folder.is_dir():
                 return folder
+            cache._store.require_writable()  # a read-only cache writes nothing beside it
             with _FolderLock(root / f".lock-{key}"):
                 if not folder.is_dir():
                     _unpack_to_new_folder(cache, content_id, response, folder, limits)
@@ -3194,23 +3331,72 @@ def _unpack_to_new_folder(cache, content_id: int, response, folder: pathlib.Path
 
 def _unpack_over_folder(cache, content_id: int, response, folder: pathlib.Path,
                         limits: _UnpackLimits) -> None:
-    """Unpack into a temporary folder inside the existing ``folder``, then move each
-    top-level entry into place (a file by rename; a folder of the same name is set
-    aside and removed), so every entry appears complete."""
+    """Unpack into a temporary folder inside the existing ``folder``, then merge it in.
+
+    The caller's folder is never deleted from nor overwritten: archive folders merge
+    into existing folders of the same name; an entry already there with other content
+    (or of another kind, or a link to a folder) is InvalidRequestError before anything
+    is moved. Hidden top-level names (``.bashrc``, ``.ssh``) are refused: an archive
+    must not plant them in a folder that already exists, a home folder perhaps."""
     temp = pathlib.Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=folder))
     try:
         _unpack_into(cache, content_id, response, temp, limits)
-        for entry in sorted(temp.iterdir()):
-            destination = folder / entry.name
-            aside = None
-            if destination.is_dir() and not destination.is_symlink():
-                aside = pathlib.Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=folder)) / "old"
-                os.rename(destination, aside)
-            os.replace(entry, destination)
-            if aside is not None:
-                shutil.rmtree(aside.parent, ignore_errors=True)
+        hidden = sorted(entry.name for entry in temp.iterdir() if entry.name.startswith("."))
+        if hidden:
+            raise InvalidRequestError(f"Version {response.version} of {response.url} holds hidden top-level "
+                                      f"entries ({', '.join(map(repr, hidden[:5]))}); refused when unpacking "
+                                      f"into the existing folder {folder}.")
+        clashes = _merge_clashes(temp, folder)
+        if clashes:
+            raise InvalidRequestError(
+                f"Cannot unpack version {response.version} of {response.url} into {folder}: "
+                f"{len(clashes)} entr{'y' if len(clashes) == 1 else 'ies'} already there with other content "
+                f"({', '.join(map(repr, clashes[:5]))}); nothing was written.")
+        _merge_folder(temp, folder)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _same_entry(new: pathlib.Path, old: pathlib.Path) -> bool:
+    """True when ``old`` is a file or link equal to the unpacked ``new`` (kept as it is)."""
+    try:
+        new_info, old_info = os.lstat(new), os.lstat(old)
+        if stat.S_ISLNK(new_info.st_mode) or stat.S_ISLNK(old_info.st_mode):
+            return stat.S_ISLNK(old_info.st_mode) and stat.S_ISLNK(new_info.st_mode) \
+                and os.readlink(new) == os.readlink(old)
+        return (stat.S_ISREG(old_info.st_mode) and stat.S_ISREG(new_info.st_mode)
+                and filecmp.cmp(new, old, shallow=False))
+    except OSError:
+        return False
+
+
+def _merge_clashes(source: pathlib.Path, folder: pathlib.Path, prefix: str = "") -> list[str]:
+    """Names (relative to ``folder``) where merging ``source`` would replace something."""
+    clashes = []
+    for entry in sorted(source.iterdir()):
+        destination = folder / entry.name
+        if not os.path.lexists(destination):
+            continue
+        name = prefix + entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            if destination.is_dir() and not destination.is_symlink():
+                clashes += _merge_clashes(entry, destination, name + "/")
+            else:
+                clashes.append(name)
+        elif not _same_entry(entry, destination):
+            clashes.append(name)
+    return clashes
+
+
+def _merge_folder(source: pathlib.Path, folder: pathlib.Path) -> None:
+    """Move what ``source`` holds into ``folder``, which has no clashing entry
+    (see ``_merge_clashes``): new entries by rename, folders merged, equal files kept."""
+    for entry in sorted(source.iterdir()):
+        destination = folder / entry.name
+        if not os.path.lexists(destination):
+            os.rename(entry, destination)
+        elif entry.is_dir() and not entry.is_symlink():
+            _merge_folder(entry, destination)
 
 
 # --- collection and accounting -------------------------------------------------------
@@ -3335,7 +3521,7 @@ class _Identity:
         if self.params:
             try:  # What request_url() will do: it must not fail after rows were written.
                 urllib.parse.urlencode(self.params, doseq=True)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, RecursionError) as exc:
                 raise InvalidRequestError(f"params cannot be encoded into a query string: {exc}.") from None
         self.send_headers = {_check_header(name, value): value for name, value in (headers or {}).items()}
         self.send_url, credentials = _split_credentials(url)
@@ -3937,6 +4123,7 @@ class Cache:
             raise InvalidRequestError(f"path must be a str or os.PathLike, not {type(path).__name__}.")
         if isinstance(path, str) and "\x00" in path:
             raise InvalidRequestError("path must not contain a NUL character.")
+        _refuse_url_location(os.fspath(path) if path is not None else os.environ.get("BUFFYLITE_CACHE", ""))
         self.path = pathlib.Path(path).expanduser() if path is not None else _default_cache_path()
         seeds, self._lockfile = _check_portability_options(seeds, lockfile)
         self._locked = _read_lockfile(self._lockfile) if self._lockfile is not None else None
@@ -5178,6 +5365,14 @@ class Cache:
         if not isinstance(response, Response):
             raise InvalidRequestError(f"Expected a Response, not {type(response).__name__}.")
         row = t.version.get_or_none(t.version.id == response.id)
+        # Row ids are per file: a Response of another cache may share this id with an
+        # unrelated version here. The version and its request must be the same too.
+        if row is not None and (row.version != response.version or row.request_id != response.request_id
+                                or t.request.select(t.request.url).where(t.request.id == row.request_id)
+                                .scalar() != response.url):
+            # As when the id is free: that version is not in this cache.
+            raise NotCachedError(f"Version {response.version} of {response.url} is not in {self.path} "
+                                 "(a Response of another cache?).")
         if row is None:
             raise NotCachedError(f"Version {response.version} of {response.url} is no longer in {self.path}.")
         return row
@@ -5254,6 +5449,7 @@ class Cache:
         this call or an earlier one, until it is deleted or collected.
         """
         report = VerifyReport()
+        unmarked: list[int] = []  # corrupted contents a read-only cache cannot mark
         try:
             report.problems.extend(self._store.structural_problems())
         except CacheFileError as exc:
@@ -5281,9 +5477,33 @@ class Cache:
                 except CacheFileError as exc:
                     report.problems.append(f"Content {content_id} ({hash_type}:{hash_hex}) is corrupted "
                                            f"and cannot be marked so: {exc}")
+                    unmarked.append(content_id)
         report.problems.extend(self._damaged_values())
         report.corrupted.extend(self._corrupted_versions(report.problems))
+        # A read-only cache cannot mark them, but its report must still name them.
+        report.corrupted.extend(self._versions_of_contents(unmarked, report.problems))
         return report
+
+    def _versions_of_contents(self, content_ids: list[int], problems: list[str]) -> list[Response]:
+        """The ready versions holding one of ``content_ids``, as stored."""
+        found = []
+        if not content_ids:
+            return found
+        try:
+            with self._store.reading() as t:
+                rows = list(t.version.select().where((t.version.status == "ready")
+                                                     & t.version.content_id.in_(content_ids))
+                            .order_by(t.version.request_id, t.version.version))
+                urls = dict(t.request.select(t.request.id, t.request.url).tuples())
+        except CacheFileError as exc:
+            problems.append(f"The versions of corrupted contents cannot be listed: {exc}")
+            return found
+        for row in rows:
+            try:
+                found.extend(self._responses([row], urls.get(row.request_id, "?"), [], "cached"))
+            except CacheFileError as exc:
+                problems.append(str(exc))
+        return found
 
     def _content_is_intact(self, content_id: int, hash_type, hash_hex, size) -> bool:
         """Re-hash one content from one snapshot (a concurrent delete cannot look like
@@ -5565,10 +5785,13 @@ class Cache:
         lockfile of an unchanged cache is byte-identical. Sensitive header values appear
         by name only (``null``); URLs never carry credentials.
 
-        ``path``: where to write (atomically); None writes nothing. Returns the entries.
+        ``path``: where to write, as ``Response.save_to`` writes a path: a regular file (or
+        nothing) is replaced atomically, a symlink is written through, a FIFO or a device is
+        written into; None writes nothing. Returns the entries.
         Raises InvalidRequestError (bad tag), CacheFileError (cannot write ``path``).
         """
         tag = self._check_tag(tag)
+        target = _check_path("path", path).expanduser() if path is not None else None
         if pinned is not None and not isinstance(pinned, bool):
             raise InvalidRequestError(f"pinned must be True, False or None, not {pinned!r}.")
         if group is not None and (not isinstance(group, str) or not group):
@@ -5595,8 +5818,8 @@ class Cache:
                 log.warning("%s is left out of the lockfile: its stored values in the cache %s are damaged "
                             "(%s).", request.url, self.path, type(exc).__name__)
         entries.sort(key=_lock_entry_order)
-        if path is not None:
-            _write_atomically(pathlib.Path(path).expanduser(), _lockfile_text(entries).encode())
+        if target is not None:
+            _write_atomically(target, _lockfile_text(entries).encode())
         return entries
 
     def sync(self, path: str | os.PathLike, *, offline: bool = False) -> SyncReport:
@@ -5663,7 +5886,7 @@ class Cache:
 
         Raises InvalidRequestError (``dest`` exists, unreadable lockfile), CacheFileError.
         """
-        dest = pathlib.Path(dest).expanduser()
+        dest = _check_path("dest", dest).expanduser()
         if os.path.lexists(dest):
             raise InvalidRequestError(f"The backup destination {dest} already exists; remove it or "
                                       "choose another path.")
@@ -5718,7 +5941,7 @@ class Cache:
         if group is not None and (not isinstance(group, str) or not group):
             raise InvalidRequestError(f"group must be a non-empty string, not {group!r}.")
         self._store.require_writable()
-        other = _Store(pathlib.Path(source).expanduser(), read_only=True)
+        other = _Store(_check_path("source", source).expanduser(), read_only=True)
         added = 0
         try:
             # What the other file keeps secret stays secret here.
@@ -5988,9 +6211,10 @@ def _lockfile_text(entries: list[LockEntry]) -> str:
 
 def _read_lockfile(path: str | os.PathLike) -> dict[str, LockEntry]:
     """Lock key -> entry of the lockfile at ``path``; InvalidRequestError when unusable."""
+    _check_path("lockfile", path)
     try:
         document = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise InvalidRequestError(f"The lockfile {path} cannot be read: {exc}.") from exc
     if (not isinstance(document, dict) or document.get("buffylite_lockfile") != LOCKFILE_FORMAT_VERSION
             or not isinstance(document.get("entries"), list)):
@@ -6009,14 +6233,27 @@ def _read_lockfile(path: str | os.PathLike) -> dict[str, LockEntry]:
 
 
 def _write_atomically(path: pathlib.Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    """Write ``data`` to the caller's ``path`` as ``Response.save_to`` does: through a
+    symlink, into a FIFO or a device as ``open(path, "wb")`` would; only a regular file
+    (or nothing) is replaced, atomically (temporary file + rename), keeping its mode."""
     try:
+        shown, path = path, pathlib.Path(os.path.realpath(path))
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            mode = None
+        if mode is not None and stat.S_ISDIR(mode):
+            raise InvalidRequestError(f"Cannot write {shown}: it is a directory.")
+        if mode is not None and not stat.S_ISREG(mode):
+            with open(path, "wb") as output:
+                output.write(data)
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
             with os.fdopen(handle, "wb") as output:
                 output.write(data)
-            os.chmod(temp_name, 0o666 & ~_UMASK)
+            os.chmod(temp_name, stat.S_IMODE(mode) if mode is not None else 0o666 & ~_UMASK)
             os.replace(temp_name, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -6186,6 +6423,11 @@ class AsyncCache:
     def path(self) -> pathlib.Path:
         """The cache file."""
         return self.cache.path
+
+    @property
+    def read_only(self) -> bool:
+        """True when the cache file was opened read-only (as ``Cache.read_only``)."""
+        return self.cache.read_only
 
     def __repr__(self) -> str:
         return f"AsyncCache({str(self.cache.path)!r})"
@@ -6503,10 +6745,13 @@ def _cmd_fetch(cache: Cache, args) -> int:
         if progress is not None:
             progress.close()
     returned = {"outcome": response.outcome, "stale_reason": response.stale_reason}
+    expected = response.__pydantic_private__.get("_expected_hash")
     if args.pin:
         response = cache.pin(response).model_copy(update=returned)
     for tag in args.tag or ():
         response = cache.tag(response, tag).model_copy(update=returned)
+    # pin/tag answer with a fresh Response: it must still check --expected-hash on output.
+    response.__pydantic_private__["_expected_hash"] = expected
     saved = unpacked = None
     if args.unpack:
         unpacked = response.unpack(args.unpack)
@@ -6738,6 +6983,22 @@ def _cmd_import(cache: Cache, args) -> int:
     return 0
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser (subcommand parsers are of the same class), whose errors are
+    also printed as the ``--json`` error object while ``main()`` parses a command line
+    holding ``--json``."""
+
+    #: Set by ``main()`` around ``parse_args``: one command line is parsed at a time.
+    json_errors = False
+
+    def error(self, message: str):
+        if _ArgumentParser.json_errors:
+            with contextlib.suppress(OSError):
+                sys.stdout.write(json.dumps(_error_object(_UsageError(message), message)) + "\n")
+                sys.stdout.flush()
+        super().error(message)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     # Global options live in a parent parser shared by the main parser and every
     # subcommand; SUPPRESS keeps a subcommand from resetting what came before it.
@@ -6765,7 +7026,7 @@ def _build_parser() -> argparse.ArgumentParser:
     identity.add_argument("--group", default=DEFAULT_GROUP, help=f"request group (default {DEFAULT_GROUP})")
     common = [global_options(True)]
 
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="buffylite", parents=[global_options(False)],
         description="A versioning HTTP download cache in one SQLite file.")
     parser.add_argument("--version", action="version", version=f"buffylite {__version__}")
@@ -6888,7 +7149,9 @@ _READ_ONLY_COMMANDS = frozenset({"versions", "requests", "show", "path", "info",
 
 
 def _require_existing_cache(path: str | None) -> None:
-    """Raise CacheFileError naming the cache file when it does not exist (URLs pass)."""
+    """Raise CacheFileError naming the cache file when it does not exist (URLs are
+    judged by Cache itself, without ever showing their password)."""
+    _refuse_url_location(path if path is not None else os.environ.get("BUFFYLITE_CACHE", ""))
     if path is not None and "://" in path:
         return
     resolved = pathlib.Path(path).expanduser() if path is not None else _default_cache_path()
@@ -6906,7 +7169,13 @@ def main(argv: list[str] | None = None) -> int:
     "status_code"}}``.
     """
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Usage errors found while parsing are JSON too when --json was asked for.
+    _ArgumentParser.json_errors = "--json" in argv
+    try:
+        args = parser.parse_args(argv)
+    finally:
+        _ArgumentParser.json_errors = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("buffylite: %(message)s"))
     # ``fetch`` reports a stale answer itself, in one line with its cause.
@@ -6916,6 +7185,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in _READ_ONLY_COMMANDS:
             _require_existing_cache(args.cache)
+        if args.command == "sync":
+            _read_lockfile(args.file)  # an unusable lockfile must not create the cache first
         with Cache(args.cache, retries=args.retries, timeout=args.timeout) as cache:
             return args.handler(cache, args)
     except _UsageError as exc:
@@ -6936,8 +7207,11 @@ def main(argv: list[str] | None = None) -> int:
             "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors())
         status = EXIT_USAGE if isinstance(exc, pydantic.ValidationError) else _exit_status_for(exc)
         if args.json:
+            error = _error_object(exc, message)
+            if isinstance(exc, NotCachedError) and error["error"]["url"] is None:
+                error["error"]["url"] = getattr(args, "url", None)  # the URL the command was about
             with contextlib.suppress(OSError):
-                sys.stdout.write(json.dumps(_error_object(exc, message)) + "\n")
+                sys.stdout.write(json.dumps(error) + "\n")
                 sys.stdout.flush()
         sys.stderr.write(f"buffylite: error: {message}\n")
         return status

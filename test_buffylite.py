@@ -2464,7 +2464,8 @@ def test_open_seeks_and_reads_like_bytesio(cache, origin, small_chunks):
                 return count, bytes(buffer[:count])
             return stream.tell()
         except (ValueError, OSError) as exc:
-            return type(exc)
+            # buffylite raises InvalidRequestError, which is a ValueError as io's are.
+            return ValueError if isinstance(exc, ValueError) else type(exc)
 
     @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
     @hypothesis.given(st.lists(operation, min_size=1, max_size=25))
@@ -2752,11 +2753,14 @@ def test_unpack_single_compressed_file_into_a_given_dir(cache, origin, tmp_path,
     folder = cache.fetch(origin.url(f"/dump.csv.{compression}")).unpack(target)
     assert folder == target and files_in(target) == {"dump.csv": payload}
     assert sorted(p.name for p in target.parent.iterdir()) == ["here"], "temporary folder left behind"
-    # Into an existing folder: entries replaced, others kept.
-    (target / "dump.csv").write_bytes(b"old")
+    # Into an existing folder: others kept, an equal entry left, a different one never overwritten.
     (target / "mine.txt").write_bytes(b"keep me")
     assert cache.fetch(origin.url(f"/dump.csv.{compression}")).unpack(target) == target
     assert files_in(target) == {"dump.csv": payload, "mine.txt": b"keep me"}
+    (target / "dump.csv").write_bytes(b"old")
+    with pytest.raises(buffylite.InvalidRequestError, match="dump.csv"):
+        cache.fetch(origin.url(f"/dump.csv.{compression}")).unpack(target)
+    assert files_in(target) == {"dump.csv": b"old", "mine.txt": b"keep me"}
 
 
 HOSTILE_ARCHIVES = {
@@ -8924,3 +8928,379 @@ def test_a_damaged_seed_version_is_not_copied_into_the_cache(tmp_path, origin):
         response = app.fetch(origin.url("/seeded"))
         assert response.outcome == "downloaded" and response.read() == b"from-origin"
         assert app.verify().problems == []
+
+
+# === review fixes: content, CLI, entry points (new) ===
+
+
+def review_tampered_cache(path: pathlib.Path, origin: Origin, body: bytes = b"GOOD" * 1000,
+                          route: str = "/tampered") -> tuple[str, str]:
+    """Fetch ``body`` into a cache at ``path``, then swap its stored bytes for others of the
+    same length behind buffylite's back; return (url, hash of the good bytes)."""
+    origin.route(route, body)
+    with buffylite.Cache(path) as opened:
+        good = opened.fetch(origin.url(route)).content_hash_hex
+    connection = sqlite3.connect(path)
+    try:
+        connection.execute("UPDATE chunk SET data = CAST(REPLACE(CAST(data AS TEXT), 'GOOD', 'EVIL') AS BLOB)")
+        connection.commit()
+    finally:
+        connection.close()
+    return origin.url(route), good
+
+
+def test_review_expected_hash_guards_save_to_unpack_and_pickle(tmp_path, origin):
+    """§10/§7: every way content leaves a fetch(expected_hash=) Response checks the hash."""
+    leaves = {"save_to path": lambda r: r.save_to(tmp_path / "out.bin"),
+              "save_to file object": lambda r: r.save_to(io.BytesIO()),
+              "save_to dir": lambda r: r.save_to(dir=tmp_path / "d"),
+              "pickled copy": lambda r: pickle.loads(pickle.dumps(r)).read(),
+              "unpack": lambda r: r.unpack(tmp_path / "u")}
+    for number, (name, leave) in enumerate(leaves.items()):
+        path = tmp_path / f"c{number}.sqlite3"
+        url, good = review_tampered_cache(path, origin)
+        with buffylite.Cache(path) as opened:
+            response = opened.fetch(url, expected_hash=good, offline=True)
+            with pytest.raises(buffylite.IntegrityError, match="corrupted"):
+                leave(response)
+            # The check marked the version failed: it is not served again.
+            with pytest.raises(buffylite.NotCachedError):
+                opened.fetch(url, expected_hash=good, offline=True)
+    assert not (tmp_path / "out.bin").exists() and not (tmp_path / "u").exists()
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+@pytest.mark.parametrize("extra", [[], ["--pin"], ["--tag", "rel"], ["-o", "OUT"]])
+def test_review_cli_expected_hash_checked_after_pin_and_tag(tmp_path, origin, extra):
+    """§13/§10: `fetch --expected-hash` with --pin/--tag/-o never writes tampered bytes."""
+    path = tmp_path / "c.sqlite3"
+    url, good = review_tampered_cache(path, origin)
+    out = tmp_path / "out.bin"
+    extra = [str(out) if part == "OUT" else part for part in extra]
+    done = run_cli("--cache", str(path), "fetch", url, "--offline", "--expected-hash", good, *extra)
+    assert done.returncode == 4, done.stderr
+    assert "EVIL" not in done.stdout and "corrupted" in done.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("location, error", [
+    ("postgresql://user:SECRETPW@127.0.0.1:1/db", buffylite.CacheFileError),
+    ("postgres://user:SECRETPW@db.example/cache?schema=b", buffylite.CacheFileError),
+    ("http://user:SECRETPW@example.org/cache.sqlite3", buffylite.InvalidRequestError),
+])
+def test_review_url_cache_location_is_refused_without_showing_the_password(tmp_path, monkeypatch,
+                                                                           location, error):
+    """§15/§2: a URL never becomes a local file; PostgreSQL names the extra; the password stays hidden."""
+    monkeypatch.chdir(tmp_path)
+    for make in (lambda: buffylite.Cache(location),
+                 lambda: (monkeypatch.setenv("BUFFYLITE_CACHE", location), buffylite.Cache())):
+        with pytest.raises(error) as caught:
+            make()
+        assert "SECRETPW" not in str(caught.value) and "user:***@" in str(caught.value)
+        if error is buffylite.CacheFileError:
+            assert "install buffylite[postgres]" in str(caught.value)
+            assert "SECRETPW" not in caught.value.path
+    for args in (["--cache", location, "info"], ["--json", "--cache", location, "fetch", "http://127.0.0.1:1/x"]):
+        done = subprocess.run([PYTHON, "-m", "buffylite", *args], cwd=tmp_path, capture_output=True, text=True,
+                              env=subprocess_env(PYTHONPATH=str(REPO_DIR)), timeout=SUBPROCESS_TIMEOUT_SEC)
+        assert done.returncode == (1 if error is buffylite.CacheFileError else 2), done.stderr
+        assert "SECRETPW" not in done.stdout + done.stderr and "user:***@" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_review_lock_writes_through_symlinks_and_into_devices(cache, cache_path, origin, tmp_path):
+    """§13/§16: lock(path) and `lock -o` treat the path as save_to does; only regular files are replaced."""
+    fetch_body(cache, origin, "/locked", b"locked body")
+    device = tmp_path / "null"
+    os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    real.chmod(0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    for target in (device, link):
+        entries = cache.lock(target)
+        assert [entry.url for entry in entries] == [origin.url("/locked")]
+    assert stat.S_ISCHR(os.lstat(device).st_mode) and link.is_symlink()
+    assert json.loads(real.read_text()) and stat.S_IMODE(real.stat().st_mode) == 0o640
+    real.write_text("old")
+    for target in (device, link):
+        done = run_cli("--cache", str(cache_path), "lock", "-o", str(target))
+        assert done.returncode == 0, done.stderr
+    assert stat.S_ISCHR(os.lstat(device).st_mode) and link.is_symlink()
+    assert origin.url("/locked") in real.read_text()
+    with pytest.raises(buffylite.InvalidRequestError, match="directory"):
+        cache.lock(tmp_path)
+
+
+def test_review_bad_paths_raise_invalid_request_error(cache, cache_path, origin, tmp_path):
+    """§12: path arguments of the public methods fail with §12 errors, never TypeError/ValueError/OSError."""
+    response = fetch_body(cache, origin, "/paths", b"path body")
+    a_file = tmp_path / "a-file"
+    a_file.write_bytes(b"x")
+    calls = {"lock(123)": lambda: cache.lock(123),
+             "backup(123)": lambda: cache.backup(123),
+             "backup(None)": lambda: cache.backup(None),
+             "backup(NUL)": lambda: cache.backup(str(tmp_path / "b\x00k")),
+             "backup(lockfile=123)": lambda: cache.backup(tmp_path / "b1", lockfile=123),
+             "import_from(None)": lambda: cache.import_from(None),
+             "import_from(123)": lambda: cache.import_from(123),
+             "sync(None)": lambda: cache.sync(None),
+             "sync(123)": lambda: cache.sync(123),
+             "unpack(123)": lambda: response.unpack(123),
+             "save_to(NUL)": lambda: response.save_to(str(tmp_path / "a\x00b")),
+             "save_to(b'bytes')": lambda: response.save_to(b"/tmp/x"),
+             "save_to(dir=<file>)": lambda: response.save_to(dir=a_file),
+             "save_to(read-only file object)": lambda: response.save_to(open(a_file, "rb"))}
+    failures = {}
+    for name, call in calls.items():
+        with pytest.raises(buffylite.InvalidRequestError) as caught:
+            call()
+        failures[name] = str(caught.value)
+    assert len(failures) == len(calls) and all(failures.values())
+    assert a_file.read_bytes() == b"x" and sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        [a_file.name, cache_path.name, cache_path.name + "-wal", cache_path.name + "-shm"])
+
+
+def test_review_save_to_refused_by_the_file_system_is_a_cache_file_error(cache, origin, tmp_path):
+    """§12: an OSError while saving becomes CacheFileError naming the path."""
+    response = fetch_body(cache, origin, "/refused", b"refused body")
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    target = plain / "below.bin"  # a path under a regular file: refused even for root
+    with pytest.raises(buffylite.CacheFileError) as caught:
+        response.save_to(target)
+    assert caught.value.path == str(target) and str(target) in str(caught.value)
+    assert plain.read_bytes() == b""
+
+
+def review_nested(depth: int) -> list:
+    """A list nested ``depth`` levels deep."""
+    root = current = []
+    for _ in range(depth):
+        current.append([])
+        current = current[0]
+    return root
+
+
+def test_review_hostile_structures_are_invalid_requests(cache, origin, tmp_path):
+    """§12: unsortable keys and nesting deeper than recursion allows are InvalidRequestError, nothing stored."""
+    origin.route("/hostile", b"hostile")
+    url = origin.url("/hostile")
+    deep = review_nested(5000)
+    for kwargs in ({"method": "post", "body": {1: 2, "1": 3}},
+                   {"method": "post", "body": {"x": deep}},
+                   {"params": {"x": deep}},
+                   {"params": {"x": {1: 2, "1": 3}}}):
+        with pytest.raises(buffylite.InvalidRequestError):
+            cache.fetch(url, **kwargs)
+    assert cache.requests() == [] and origin.hits("/hostile") == 0
+    hash_hex = "0" * 64
+    for name, text in (("deep.json", "[" * 100_000 + "]" * 100_000),
+                       ("deep-body.json", '{"buffylite_lockfile": 1, "entries": [{"url": "' + url + '", '
+                        '"version": "20200101000000000000", "hash": "sha256:' + hash_hex + '", '
+                        '"body_encoding": "json", "body": ' + "[" * 5000 + "]" * 5000 + '}]}')):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(buffylite.InvalidRequestError, match="lockfile"):
+            buffylite.Cache(tmp_path / "locked.sqlite3", lockfile=tmp_path / name)
+        with pytest.raises(buffylite.InvalidRequestError, match="lockfile"):
+            cache.sync(tmp_path / name)
+
+
+def test_review_chunk_stored_as_text_is_an_integrity_error(tmp_path, origin):
+    """§14/§12: a chunk of the wrong SQLite type is damage (IntegrityError), not a TypeError."""
+    path = tmp_path / "c.sqlite3"
+    origin.route("/text-chunk", b"GOOD" * 1000)
+    with buffylite.Cache(path) as opened:
+        opened.fetch(origin.url("/text-chunk"))
+    connection = sqlite3.connect(path)
+    try:
+        connection.execute("UPDATE chunk SET data = CAST(data AS TEXT)")
+        connection.commit()
+    finally:
+        connection.close()
+    with buffylite.Cache(path) as opened:
+        for name, leave in (("open().read()", lambda r: r.open().read()),
+                            ("as_file()", lambda r: r.as_file()),
+                            ("save_to()", lambda r: r.save_to(tmp_path / "out.bin")),
+                            ("save_to(file object)", lambda r: r.save_to(io.BytesIO()))):
+            with pytest.raises(buffylite.IntegrityError, match="damaged"):
+                leave(opened.get(origin.url("/text-chunk")))
+    assert not (tmp_path / "out.bin").exists()
+
+
+def test_review_unpack_into_an_existing_folder_never_deletes_or_overwrites(cache, origin, tmp_path):
+    """§17/§14: unpack(dir) merges into an existing folder; clashes and hidden names write nothing."""
+    home = tmp_path / "home"
+    (home / "src").mkdir(parents=True)
+    (home / "src" / "mywork.py").write_bytes(b"precious")
+    (home / "notes.txt").write_bytes(b"mine")
+    before = files_in(home)
+    origin.route("/merge.tar.gz", tar_bytes([("src/", None), ("src/new.txt", b"new"), ("top.txt", b"top")], "gz"))
+    assert cache.fetch(origin.url("/merge.tar.gz")).unpack(home) == home
+    assert files_in(home) == {**before, "src/new.txt": b"new", "top.txt": b"top"}
+    # The same archive again: equal files are left as they are.
+    assert cache.fetch(origin.url("/merge.tar.gz")).unpack(home) == home
+    merged = files_in(home)
+    for name, members in (("/clash.zip", {"src/mywork.py": b"overwritten", "other.txt": b"x"}),
+                          ("/dir-over-file.zip", {"notes.txt/inner.txt": b"x"}),
+                          ("/dotfile.zip", {".bashrc": b"echo pwned", "fine.txt": b"x"})):
+        origin.route(name, zip_bytes(members))
+        with pytest.raises(buffylite.InvalidRequestError):
+            cache.fetch(origin.url(name)).unpack(home)
+        assert files_in(home) == merged, name
+        assert sorted(path.name for path in home.iterdir()) == ["notes.txt", "src", "top.txt"]
+    done = run_cli("--cache", str(cache.path), "fetch", origin.url("/clash.zip"), "--unpack", str(home))
+    assert done.returncode == 2, done.stderr
+    assert files_in(home) == merged
+
+
+def test_review_cache_on_a_fifo_device_or_folder_is_refused_at_once(tmp_path):
+    """§12/§14: a cache path that is no regular file is CacheFileError naming it, without waiting."""
+    fifo, device, folder = tmp_path / "fifo", tmp_path / "null", tmp_path / "folder"
+    os.mkfifo(fifo)
+    os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    folder.mkdir()
+    code = textwrap.dedent("""
+        import sys, buffylite
+        for path in sys.argv[1:]:
+            try:
+                buffylite.Cache(path)
+            except buffylite.CacheFileError as exc:
+                print(exc.path == path, str(exc))
+        """)
+    done = run_python(code, str(fifo), str(device), str(folder), timeout=20)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3 and all(line.startswith("True ") for line in lines), lines
+    for line, kind in zip(lines, ("a FIFO", "a device", "a folder")):
+        assert kind in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["fifo", "folder", "null"]
+
+
+def test_review_cli_json_errors_for_usage_and_not_cached_and_sync_creates_nothing(cli_run, cli_cache_path,
+                                                                                  cli_origin, tmp_path):
+    """§13: --json prints the error object for parse errors and names the URL; sync of a missing lockfile writes nothing."""
+    done = cli_run("--json", "fetch", cli_origin.url("/x"), "--retries", "abc")
+    assert done.returncode == 2
+    error = json.loads(done.stdout)["error"]
+    assert error["type"] == "InvalidRequestError" and "--retries" in error["message"]
+    plain = cli_run("fetch", cli_origin.url("/x"), "--retries", "abc")
+    assert plain.returncode == 2 and plain.stdout == b"" and "--retries" in plain.stderr
+    url = cli_origin.url("/never-fetched")
+    done = cli_run("--json", "fetch", url, "--offline")
+    assert done.returncode == 3
+    assert json.loads(done.stdout)["error"] == {**json.loads(done.stdout)["error"], "type": "NotCachedError",
+                                                "url": url}
+    missing_cache = tmp_path / "new" / "c.sqlite3"
+    done = cli_run("--cache", str(missing_cache), "sync", str(tmp_path / "missing.json"))
+    assert done.returncode == 2 and "missing.json" in done.stderr
+    assert not missing_cache.parent.exists()
+
+
+def test_review_pin_and_tag_refuse_a_response_of_another_cache(tmp_path, origin):
+    """§9: pin/tag/unpin/untag with another cache's Response never change an unrelated version here."""
+    origin.route("/x", b"x content")
+    origin.route("/y", b"y content")
+    with buffylite.Cache(tmp_path / "a.sqlite3") as first, buffylite.Cache(tmp_path / "b.sqlite3") as second:
+        foreign = first.fetch(origin.url("/x"))
+        own = second.fetch(origin.url("/y"))
+        assert foreign.id == own.id  # the first row of each file: the ids collide
+        for change in (lambda: second.pin(foreign), lambda: second.pin(foreign, seconds=60),
+                       lambda: second.tag(foreign, "release"), lambda: second.unpin(foreign),
+                       lambda: second.untag(foreign, "release")):
+            with pytest.raises(buffylite.NotCachedError, match="another cache"):
+                change()
+        mine = second.get(origin.url("/y"))
+        assert not mine.is_pinned and mine.tags == []
+        assert second.pin(own).pinned and second.tag(own, "release").tags == ["release"]
+        assert not first.get(origin.url("/x")).is_pinned
+
+
+def test_review_read_only_cache_still_reports_corruption_as_integrity_errors(tmp_path, origin):
+    """§10/§14: a read-only cache raises IntegrityError for tampered content and verify() lists the version."""
+    path = tmp_path / "c.sqlite3"
+    url, good = review_tampered_cache(path, origin)
+    before = path.read_bytes()
+    with buffylite.Cache(path, read_only=True) as opened:
+        assert opened.read_only
+        response = opened.fetch(url, expected_hash=good, offline=True)
+        for leave in (lambda r: r.read(), lambda r: r.open().read(), lambda r: r.save_to(io.BytesIO())):
+            with pytest.raises(buffylite.IntegrityError, match="read-only"):
+                leave(response)
+        report = opened.verify()
+        assert report.checked == 1 and [(r.url, r.version) for r in report.corrupted] == [(url, response.version)]
+        assert any("cannot be marked" in problem for problem in report.problems)
+    assert path.read_bytes() == before
+
+
+def test_review_async_read_only_and_stream_misuse_errors(tmp_path, origin):
+    """§18/§12: AsyncCache.read_only mirrors Cache; bad seeks and use after close are InvalidRequestError."""
+    origin.route("/stream", bytes(range(256)) * 100)
+    path = tmp_path / "c.sqlite3"
+
+    async def scenario() -> tuple[bool, bool]:
+        async with buffylite.AsyncCache(path) as writable:
+            await writable.fetch(origin.url("/stream"))
+            first = writable.read_only
+        async with buffylite.AsyncCache(path, read_only=True) as readable:
+            return first, readable.read_only
+
+    assert asyncio.run(scenario()) == (False, True)
+    with buffylite.Cache(path) as opened:
+        stream = opened.get(origin.url("/stream")).open()
+        for bad in (lambda: stream.seek(-1), lambda: stream.seek(0, 7), lambda: stream.seek(1.5)):
+            with pytest.raises(buffylite.InvalidRequestError):
+                bad()
+        assert stream.seek(-10, io.SEEK_END) == 25590 and stream.read() == bytes(range(246, 256))
+        stream.close()
+        for after_close in (lambda: stream.read(1), lambda: stream.seek(0), lambda: stream.tell()):
+            with pytest.raises(buffylite.InvalidRequestError, match="closed"):
+                after_close()
+
+
+def test_review_read_only_cache_writes_no_side_folders(tmp_path, origin):
+    """§16/§17: on a read-only cache as_file()/unpack() make no folder beside it; an existing file is reused."""
+    path = tmp_path / "c.sqlite3"
+    origin.route("/plain", b"plain")
+    origin.route("/pack.tar", tar_bytes([("inside.txt", b"inside")]))
+    with buffylite.Cache(path) as opened:
+        opened.fetch(origin.url("/plain"))
+        made = opened.fetch(origin.url("/pack.tar")).as_file()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with buffylite.Cache(path, read_only=True) as readable:
+        with pytest.raises(buffylite.CacheFileError, match="read-only"):
+            readable.get(origin.url("/plain")).as_file()
+        with pytest.raises(buffylite.CacheFileError, match="read-only"):
+            readable.get(origin.url("/pack.tar")).unpack()
+        assert readable.get(origin.url("/pack.tar")).as_file() == made  # already there: no write
+        into = readable.get(origin.url("/pack.tar")).unpack(tmp_path / "mine")  # the caller's folder
+        assert files_in(into) == {"inside.txt": b"inside"}
+    # (SQLite's own -wal/-shm files of a read-only reader are another matter, not checked here.)
+    assert sorted(p.name for p in tmp_path.iterdir()
+                  if p.name != "mine" and not p.name.endswith(("-wal", "-shm"))) == before
+    assert not pathlib.Path(str(path) + ".unpacked").exists()
+
+
+def test_review_read_only_open_leaves_no_wal_files_behind(tmp_path, origin):
+    """§16: a read-only Cache leaves the folder as it found it; a writer open meanwhile keeps its files."""
+    path = tmp_path / "c.sqlite3"
+    origin.route("/ro", b"read only")
+    with buffylite.Cache(path) as opened:
+        opened.fetch(origin.url("/ro"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.sqlite3"]
+    before, mtime = path.read_bytes(), path.stat().st_mtime_ns
+    with buffylite.Cache(path, read_only=True) as readable:
+        assert readable.get(origin.url("/ro")).read() == b"read only"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.sqlite3"]
+    assert path.read_bytes() == before and path.stat().st_mtime_ns == mtime
+    with buffylite.Cache(path) as writer:
+        with buffylite.Cache(path, read_only=True) as readable:
+            assert readable.get(origin.url("/ro")).read() == b"read only"
+        # The writer still has the file open: its -wal/-shm stay and it keeps working.
+        assert {"c.sqlite3-wal", "c.sqlite3-shm"} <= {p.name for p in tmp_path.iterdir()}
+        origin.route("/ro2", b"second")
+        assert writer.fetch(origin.url("/ro2")).read() == b"second"
+    with buffylite.Cache(path, read_only=True) as readable:
+        assert readable.get(origin.url("/ro2")).read() == b"second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.sqlite3"]
