@@ -510,17 +510,17 @@ def _masked_location(location: str) -> str:
 
 def _refuse_url_location(location: str) -> None:
     """A cache location that is a URL must not become a local file named after it
-    (with its password in the name): a PostgreSQL URL needs the backend this
-    installation lacks (CacheFileError); any other scheme is a mistake (InvalidRequestError)."""
+    (with its password in the name): a PostgreSQL URL names a backend this version does
+    not have (CacheFileError); any other scheme is a mistake (InvalidRequestError)."""
     match = _URL_LOCATION.match(location)
     if match is None:
         return
     shown = _masked_location(location)
     if match.group(1).lower() in ("postgresql", "postgres"):
-        raise CacheFileError(f"The cache {shown} is a PostgreSQL database: the PostgreSQL backend is not "
-                             "available in this installation: install buffylite[postgres].", path=shown)
+        raise CacheFileError(f"The cache {shown} is a PostgreSQL database, and buffylite {__version__} "
+                             "stores caches in SQLite files only; give the path of a cache file.", path=shown)
     raise InvalidRequestError(f"The cache location {shown} is a URL with the scheme {match.group(1)!r}; "
-                              "give the path of a cache file (or a postgresql:// URL).")
+                              "give the path of a cache file.")
 
 
 def _check_path(name: str, value) -> pathlib.Path:

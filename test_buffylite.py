@@ -8990,7 +8990,7 @@ def test_review_cli_expected_hash_checked_after_pin_and_tag(tmp_path, origin, ex
 ])
 def test_review_url_cache_location_is_refused_without_showing_the_password(tmp_path, monkeypatch,
                                                                            location, error):
-    """§15/§2: a URL never becomes a local file; PostgreSQL names the extra; the password stays hidden."""
+    """§15/§2: a URL never becomes a local file; PostgreSQL is refused clearly; the password stays hidden."""
     monkeypatch.chdir(tmp_path)
     for make in (lambda: buffylite.Cache(location),
                  lambda: (monkeypatch.setenv("BUFFYLITE_CACHE", location), buffylite.Cache())):
@@ -8998,7 +8998,7 @@ def test_review_url_cache_location_is_refused_without_showing_the_password(tmp_p
             make()
         assert "SECRETPW" not in str(caught.value) and "user:***@" in str(caught.value)
         if error is buffylite.CacheFileError:
-            assert "install buffylite[postgres]" in str(caught.value)
+            assert "SQLite files only" in str(caught.value)
             assert "SECRETPW" not in caught.value.path
     for args in (["--cache", location, "info"], ["--json", "--cache", location, "fetch", "http://127.0.0.1:1/x"]):
         done = subprocess.run([PYTHON, "-m", "buffylite", *args], cwd=tmp_path, capture_output=True, text=True,
