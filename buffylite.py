@@ -1633,6 +1633,10 @@ _SQL_INSERT_CONTENT = ('INSERT INTO "content" ("hash_type", "hash_hex", "size_by
                        'ON CONFLICT DO NOTHING')
 _SQL_CONTENT_ID_BY_HASH = 'SELECT "id" FROM "content" WHERE "hash_type" = ? AND "hash_hex" = ?'
 _SQL_INSERT_CHUNK = 'INSERT INTO "chunk" ("content_id", "seq", "data") VALUES (?, ?, ?)'
+#: A request by identity.
+_SQL_REQUEST_BY_IDENTITY = f'SELECT {_column_list("r", _REQUEST_COLUMNS)} FROM "request" AS r WHERE r."identity_key" = ?'
+#: Column defaults of a new version row (the models' defaults live in Python, not in the tables).
+_VERSION_DEFAULTS = {"pinned": False, "tags": "[]", "content_attributes": "{}", "download_stats": "{}"}
 #: Both lists of sensitive names the file remembers, and the salt, in one statement.
 _SQL_SENSITIVE_NAMES = """SELECT "key", "value" FROM "meta" WHERE "key" IN ('salt', 'sensitive_headers', 'sensitive_params')"""
 #: Placeholder for a value supplied when a prepared statement runs.
@@ -1942,6 +1946,7 @@ class _Store:
     def _open_database(self) -> None:
         self._pid = os.getpid()
         self._statements: dict[str, tuple[str, list]] = {}
+        self._sql_texts: dict[tuple, str] = {}
         self._local = threading.local()  # per thread: the memo of hot reads, own commits
         self.db = _sqlite_database(self.path, self.access)
         self.tables = _Tables(self.db)
@@ -2180,6 +2185,39 @@ class _Store:
         split = len(_REQUEST_COLUMNS)
         return (_record(_REQUEST_COLUMNS, rows[0][:split]) if rows else None,
                 [_record(_VERSION_COLUMNS, row[split:]) for row in rows if row[split] is not None])
+
+    def request_by_identity(self, identity_key: str):
+        """The request record with this identity key, or None."""
+        with self.reading():
+            row = self._run(_SQL_REQUEST_BY_IDENTITY, identity_key).fetchone()
+        return _record(_REQUEST_COLUMNS, row) if row is not None else None
+
+    def _statement(self, key: tuple, build: Callable[[], str]) -> str:
+        """The SQL text for ``key``, built by ``build`` the first time only."""
+        sql = self._sql_texts.get(key)
+        if sql is None:
+            sql = self._sql_texts[key] = build()
+        return sql
+
+    def insert_row(self, table: str, values: dict) -> int:
+        """INSERT one row into ``table``; return its id. The statement text is built once
+        per table and set of columns. Runs inside the caller's write transaction."""
+        names = tuple(values)
+        sql = self._statement(("insert", table, names), lambda: (
+            f'INSERT INTO "{table}" (' + ", ".join(f'"{name}"' for name in names) + ") VALUES ("
+            + ", ".join("?" * len(names)) + ")"))
+        with self.reading():
+            return self._run(sql, *values.values()).lastrowid
+
+    def update_row(self, table: str, row_id: int, changes: dict) -> int:
+        """UPDATE the row ``row_id`` of ``table``; return how many rows changed (0 or 1).
+        The statement text is built once per table and set of columns. Runs inside the
+        caller's write transaction."""
+        names = tuple(changes)
+        sql = self._statement(("update", table, names), lambda: (
+            f'UPDATE "{table}" SET ' + ", ".join(f'"{name}" = ?' for name in names) + ' WHERE "id" = ?'))
+        with self.reading():
+            return self._run(sql, *changes.values(), row_id).rowcount
 
     def store_small_content(self, hash_type: str, hash_hex: str, data: bytes) -> int:
         """Store a complete content held in memory, unless the same content is stored
@@ -4612,7 +4650,7 @@ class Cache:
             if self._store.sensitive_names()["sets"] != identity.sensitive_sets:
                 raise _SensitiveNamesChanged()
             now = _now()
-            request = self._find_request(t, identity)
+            request = self._store.request_by_identity(identity.key)
             lease = {"lease_owner": owner, "lease_expires_unix": now + self._download_lease_sec}
             if request is None:
                 configuration = call.configuration or RequestCacheConfiguration()
@@ -4624,12 +4662,12 @@ class Cache:
                     description=call.description, documentation_link=call.documentation_link,
                     validation_hash_type=call.hash_type or DEFAULT_HASH_TYPE,
                     cache_configuration=configuration.model_dump_json(), created_unix=now)
-                request_id = t.request.insert(**columns).execute()
+                request_id = self._store.insert_row("request", columns)
                 # A new request has no versions: no other download to look for, no
                 # version string to follow.
-                row_id = t.version.insert(
-                    request_id=request_id, version=_next_version_string(now, None), status="wait",
-                    request_unix=now, **lease).execute()
+                row_id = self._store.insert_row("version", {
+                    "request_id": request_id, "version": _next_version_string(now, None),
+                    "status": "wait", "request_unix": now, **_VERSION_DEFAULTS, **lease})
                 record = types.SimpleNamespace(
                     **{**dict.fromkeys(_REQUEST_COLUMNS), **columns, "id": request_id})
                 return _Claim(request_id, row_id, owner, request=record)
@@ -4637,7 +4675,7 @@ class Cache:
                 request_id = request.id
                 changes = self._setting_changes(call, request)
                 if changes:
-                    t.request.update(**changes).where(t.request.id == request_id).execute()
+                    self._store.update_row("request", request_id, changes)
                 if started is not None and self._settled_meanwhile(call, request, strategy, started,
                                                                    seen, now):
                     return _Claim(request_id, settled=True)
@@ -4872,7 +4910,7 @@ class Cache:
             newest = ready[0] if ready else None
 
             def update(record, **changes) -> None:
-                t.version.update(**changes).where(t.version.id == record.id).execute()
+                self._store.update_row("version", record.id, changes)
                 _set(record, changes)
 
             if kind == "not_modified":
@@ -4917,9 +4955,8 @@ class Cache:
                           "error": str(failure) if failure else None,
                           "status_code": failure.status_code if failure else None,
                           "hash_mismatch": bool(failure and failure.cause == "hash mismatch")}
-            t.request.update(last_settlement=json.dumps(settlement),
-                             **self._backoff_changes(kind, failure, now)).where(
-                t.request.id == request.id).execute()
+            self._store.update_row("request", request.id, {
+                "last_settlement": json.dumps(settlement), **self._backoff_changes(kind, failure, now)})
             # Garbage collection of this request, before choosing what to return.
             freed = 0
             if kind != "not_modified":
