@@ -3574,6 +3574,48 @@ def _is_leased(row, now: float) -> bool:
     return row.pinned_until_unix is not None and row.pinned_until_unix > now
 
 
+def _gc_selection(rows: list, configuration: RequestCacheConfiguration,
+                  now: float) -> dict[int, tuple[Any, str]]:
+    """Which version rows of one request garbage collection removes, and why, as
+    ``{version id: (row, reason)}``: a pure function of the rows (newest first), the
+    request's configuration and the time.
+
+    ======================================  ======================================
+    rows                                    kept / removed (reason)
+    ======================================  ======================================
+    the newest ready version                always kept (it is what fetch serves)
+    ready, leased (``pinned_until`` > now)  kept
+    ready, permanently pinned               the newest ``max_cached_pinned_versions``
+                                            kept, older ones removed ("pinned")
+    ready, neither pinned nor leased        the newest ``max_cached_unpinned_versions``
+                                            kept, older ones removed ("unpinned")
+    failed                                  the newest kept, older removed ("failed")
+    duplicate                               removed ("duplicate")
+    wait / in_progress, lease expired       removed ("abandoned")
+    wait / in_progress, lease running       kept (a download is in flight)
+    ======================================  ======================================
+    """
+    ready = [row for row in rows if row.status == "ready"]
+    newest_id = ready[0].id if ready else None
+    removals: dict[int, tuple[Any, str]] = {}
+    permanent = [row for row in ready if row.pinned]
+    for row in permanent[configuration.max_cached_pinned_versions:]:
+        if row.id != newest_id and not _is_leased(row, now):
+            removals[row.id] = (row, "pinned")
+    unpinned = [row for row in ready if not row.pinned and not _is_leased(row, now)]
+    for row in unpinned[configuration.max_cached_unpinned_versions:]:
+        if row.id != newest_id:
+            removals[row.id] = (row, "unpinned")
+    for row in [row for row in rows if row.status == "failed"][1:]:
+        removals[row.id] = (row, "failed")
+    for row in rows:
+        if row.status == "duplicate":
+            removals[row.id] = (row, "duplicate")
+        elif row.status in IN_FLIGHT_STATUSES and (row.lease_expires_unix or 0) <= now:
+            removals[row.id] = (row, "abandoned")
+    return removals
+
+
 def _is_resumable_row(row) -> bool:
     """Do the stored resume validators and attributes of an abandoned row read back?"""
     try:
@@ -5075,25 +5117,7 @@ class Cache:
             rows = given
         if request is None:
             return {}, 0
-        configuration = self._configuration_of(request)
-        ready = [row for row in rows if row.status == "ready"]
-        newest_id = ready[0].id if ready else None
-        removals: dict[int, tuple] = {}  # version id -> (record, reason)
-        permanent = [row for row in ready if row.pinned]
-        for row in permanent[configuration.max_cached_pinned_versions:]:
-            if row.id != newest_id and not _is_leased(row, now):
-                removals[row.id] = (row, "pinned")
-        unpinned = [row for row in ready if not row.pinned and not _is_leased(row, now)]
-        for row in unpinned[configuration.max_cached_unpinned_versions:]:
-            if row.id != newest_id:
-                removals[row.id] = (row, "unpinned")
-        for row in [row for row in rows if row.status == "failed"][1:]:
-            removals[row.id] = (row, "failed")
-        for row in rows:
-            if row.status == "duplicate":
-                removals[row.id] = (row, "duplicate")
-            elif row.status in IN_FLIGHT_STATUSES and (row.lease_expires_unix or 0) <= now:
-                removals[row.id] = (row, "abandoned")
+        removals = _gc_selection(rows, self._configuration_of(request), now)
         if not removals:
             return {}, 0
         removed = [row for row, _ in removals.values()]

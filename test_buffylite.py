@@ -8889,3 +8889,77 @@ def test_waiter_is_told_of_a_hash_mismatch(fault_origin, fault_open_cache, fault
     assert isinstance(errors.get("downloader"), buffylite.IntegrityError), errors
     assert isinstance(errors.get("waiter"), buffylite.IntegrityError), errors
     assert "/mismatch.bin" in str(errors["waiter"])
+
+
+_STORE_GC_EXAMPLES = 300
+_store_gc_examples_run = []
+
+
+@dataclasses.dataclass
+class _StoreVersionRecord:
+    """The columns of a version row that garbage collection looks at."""
+
+    id: int
+    version: str
+    status: str
+    pinned: bool
+    pinned_until_unix: float | None
+    lease_expires_unix: float | None
+    content_id: int | None
+
+
+@st.composite
+def _store_version_rows(draw):
+    """Version records of one request, newest first, in every state GC meets."""
+    now = 1_000_000.0
+    count = draw(st.integers(min_value=0, max_value=14))
+    rows = []
+    for index in range(count):
+        status = draw(st.sampled_from(sorted(STATUSES)))
+        rows.append(_StoreVersionRecord(
+            id=index + 1, version=f"{20260101000000000000 + count - index:020d}", status=status,
+            pinned=draw(st.booleans()) if status == "ready" else False,
+            pinned_until_unix=draw(st.one_of(st.none(), st.floats(now - 100, now + 100))),
+            lease_expires_unix=draw(st.one_of(st.none(), st.floats(now - 100, now + 100))),
+            content_id=index + 1))
+    return now, rows
+
+
+@settings(max_examples=_STORE_GC_EXAMPLES, deadline=None, derandomize=True)
+@given(_store_version_rows(), st.integers(min_value=1, max_value=4), st.integers(min_value=0, max_value=3))
+def test_gc_selection_keeps_what_the_rules_promise(drawn, keep_unpinned, keep_pinned):
+    """§10: GC's choice, as a pure function of rows, configuration and time, never
+    removes the newest ready version, a leased one or a live download; keeps the
+    newest unpinned and pinned versions up to their limits and the newest failed row;
+    removes duplicates, abandoned downloads and older failures."""
+    _store_gc_examples_run.append(1)
+    now, rows = drawn
+    configuration = buffylite.RequestCacheConfiguration(
+        max_cached_unpinned_versions=keep_unpinned, max_cached_pinned_versions=keep_pinned)
+    removed = buffylite._gc_selection(rows, configuration, now)
+    assert all(removed[row_id][0].id == row_id for row_id in removed)
+    ready = [row for row in rows if row.status == "ready"]
+    leased = [row for row in ready if (row.pinned_until_unix or 0) > now]
+    if ready:
+        assert ready[0].id not in removed
+    assert all(row.id not in removed for row in leased)
+    unpinned = [row for row in ready if not row.pinned and row not in leased]
+    assert [row for row in unpinned if row.id not in removed][:keep_unpinned] == unpinned[:keep_unpinned]
+    assert len([row for row in unpinned if row.id not in removed and row is not ready[0]]) <= keep_unpinned
+    pinned = [row for row in ready if row.pinned]
+    assert all(row.id not in removed for row in pinned[:keep_pinned])
+    failed = [row for row in rows if row.status == "failed"]
+    assert all(row.id not in removed for row in failed[:1])
+    assert all(row.id in removed for row in failed[1:])
+    for row in rows:
+        if row.status == "duplicate":
+            assert removed[row.id][1] == "duplicate"
+        if row.status in ("wait", "in_progress"):
+            assert (row.id in removed) == ((row.lease_expires_unix or 0) <= now)
+
+
+def test_gc_selection_property_ran_its_examples():
+    """§10: the property above ran the number of examples it asks for (it runs first)."""
+    if not _store_gc_examples_run:
+        test_gc_selection_keeps_what_the_rules_promise()
+    assert len(_store_gc_examples_run) >= _STORE_GC_EXAMPLES
