@@ -557,8 +557,10 @@ def _has_line_break_or_nul(text: str) -> bool:
     return "\r" in text or "\n" in text or "\x00" in text
 
 
+@functools.lru_cache(maxsize=256)
 def _is_valid_host(host: str) -> bool:
-    """A host name (international names in their IDNA form) or an IP literal."""
+    """A host name (international names in their IDNA form) or an IP literal.
+    Remembered: a program fetches from a few hosts, again and again."""
     try:
         ipaddress.ip_address(host.split("%", 1)[0])  # (an IPv6 zone id is allowed after %)
         return True
@@ -579,8 +581,8 @@ def _check_url(url: str) -> str:
         raise InvalidRequestError(f"URL must be a non-empty string, not {type(url).__name__} "
                                   f"{_mask_url(url) if isinstance(url, str) else '(not shown)'}.")
     url = url.strip()
-    shown = _mask_url(url)
     if not url.isprintable():
+        shown = _mask_url(url)
         raise InvalidRequestError(f"URL {shown!r} contains control or other unprintable characters "
                                   "(NUL, CR, LF, tabs...).")
     try:
@@ -588,12 +590,15 @@ def _check_url(url: str) -> str:
         host = parsed.hostname
         parsed.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError as exc:
+        shown = _mask_url(url)
         raise InvalidRequestError(f"URL {shown!r} cannot be parsed: {_mask_url(str(exc))}.") from None
     if parsed.scheme.lower() not in ("http", "https"):
+        shown = _mask_url(url)
         raise InvalidRequestError(f"URL {shown!r} is not http or https; only those are fetched.")
     if not host:
-        raise InvalidRequestError(f"URL {shown!r} has no host.")
+        raise InvalidRequestError(f"URL {_mask_url(url)!r} has no host.")
     if not _is_valid_host(host):
+        shown = _mask_url(url)
         raise InvalidRequestError(f"URL {shown!r} has an invalid host {host!r}: not a host name "
                                   "or an IP address.")
     return url
