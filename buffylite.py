@@ -3646,37 +3646,97 @@ def _matches(row, *, version=None, tag=None, pinned=None, now: float) -> bool:
 
 
 class _LeaseKeeper:
-    """Keeps a download lease alive from a thread of its own, every third of its length,
-    whatever the download is doing (waiting for headers, stalled, validating), and
-    notes when the lease was lost to another process."""
+    """Keeps a download lease alive, every third of its length, whatever the download
+    is doing (waiting for headers, stalled, validating), and notes when the lease was
+    lost to another process. All keepers of a process share one renewing thread
+    (``_LeaseRenewer``): starting a thread per download would cost more than a small
+    download itself."""
 
     def __init__(self, store: _Store, claim: _Claim, lease_sec: float):
-        self._store = store
-        self._claim = claim
-        self._lease_sec = lease_sec
-        self._stopped = threading.Event()
+        self.store = store
+        self.claim = claim
+        self.lease_sec = lease_sec
+        self.due = time.monotonic() + lease_sec / 3
         self.lost = False
+        #: Held while this keeper's lease is being renewed: stop() waits for it, so no
+        #: renewal lands after the download let its lease lapse.
+        self.renewing = threading.Lock()
+        _LeaseRenewer.shared().add(self)
+
+    def renew(self) -> None:
+        """Renew the lease now (from the renewing thread)."""
+        claim = self.claim
+        try:
+            with self.store.writing() as t:
+                renewed = t.version.update(lease_expires_unix=_now() + self.lease_sec).where(
+                    (t.version.id == claim.row_id) & (t.version.lease_owner == claim.owner)).execute()
+        except BuffyliteError as exc:  # try again at the next beat
+            log.debug("Renewing the download lease failed: %s", exc)
+            return
+        if not renewed:
+            self.lost = True
+
+    def stop(self) -> None:
+        """Stop renewing; returns once no renewal of this lease is running."""
+        _LeaseRenewer.shared().discard(self)
+        with self.renewing:
+            pass
+
+
+class _LeaseRenewer:
+    """The one thread of a process that renews the download leases of its keepers,
+    each when it falls due. Started when first needed, and again in a forked child."""
+
+    _instance: "_LeaseRenewer | None" = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._pid = os.getpid()
+        self._keepers: list[_LeaseKeeper] = []
+        self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="buffylite-lease", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        while not self._stopped.wait(self._lease_sec / 3):
-            try:
-                with self._store.writing() as t:
-                    renewed = t.version.update(lease_expires_unix=_now() + self._lease_sec).where(
-                        (t.version.id == self._claim.row_id)
-                        & (t.version.lease_owner == self._claim.owner)).execute()
-            except BuffyliteError as exc:  # try again at the next beat
-                log.debug("Renewing the download lease failed: %s", exc)
-                continue
-            if not renewed:
-                self.lost = True
-                break
-        self._store.close_thread_connection()
+    @classmethod
+    def shared(cls) -> "_LeaseRenewer":
+        with cls._instance_lock:
+            if cls._instance is None or cls._instance._pid != os.getpid():
+                cls._instance = cls()
+            return cls._instance
 
-    def stop(self) -> None:
-        self._stopped.set()
-        self._thread.join()
+    def add(self, keeper: _LeaseKeeper) -> None:
+        with self._changed:
+            self._keepers.append(keeper)
+            self._changed.notify()
+
+    def discard(self, keeper: _LeaseKeeper) -> None:
+        with self._changed:
+            if keeper in self._keepers:
+                self._keepers.remove(keeper)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                now = time.monotonic()
+                due = [keeper for keeper in self._keepers if keeper.due <= now]
+                if not due:
+                    wait = min((keeper.due for keeper in self._keepers), default=now + 3600.0) - now
+                    self._changed.wait(max(wait, 0.001))
+                    continue
+                for keeper in due:
+                    keeper.renewing.acquire()  # (released below, after the renewal)
+            for keeper in due:
+                try:
+                    with self._changed:
+                        active = keeper in self._keepers
+                    if active:
+                        keeper.renew()
+                finally:
+                    keeper.renewing.release()
+                with self._changed:
+                    keeper.due = time.monotonic() + keeper.lease_sec / 3
+                    if keeper.lost and keeper in self._keepers:
+                        self._keepers.remove(keeper)  # nothing left to renew
 
 
 class _Sink:

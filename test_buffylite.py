@@ -8963,3 +8963,44 @@ def test_gc_selection_property_ran_its_examples():
     if not _store_gc_examples_run:
         test_gc_selection_keeps_what_the_rules_promise()
     assert len(_store_gc_examples_run) >= _STORE_GC_EXAMPLES
+
+
+def test_lease_is_renewed_while_a_download_outlasts_it(fault_origin, fault_open_cache, fault_cache_path):
+    """§9/§10: a download that lasts three times its lease keeps renewing it, so a second
+    caller waits for it (one GET) instead of taking the download over."""
+    body = b"R" * 3000
+    fault_origin.route("/renewed.bin",
+                       FaultReply(body=body, drip_after=0, drip_bytes=300, drip_interval_sec=0.3))
+    downloader = fault_open_cache(download_lease_sec=1.0, timeout=5.0)
+    waiter = fault_open_cache(download_lease_sec=1.0, timeout=5.0)
+    results = {}
+
+    def fetch(name, cache):
+        try:
+            results[name] = cache.fetch(fault_origin.url("/renewed.bin"))
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            results[name] = exc
+
+    first = threading.Thread(target=fetch, args=("downloader", downloader))
+    first.start()
+    row_id, _ = _store_wait_for_in_flight_row(fault_cache_path)
+    with contextlib.closing(sqlite3.connect(fault_cache_path, timeout=5)) as connection:
+        claimed_until = connection.execute("SELECT lease_expires_unix FROM version WHERE id = ?",
+                                           (row_id,)).fetchone()[0]
+    time.sleep(1.5)  # past the first lease's end: only a renewal keeps it alive
+    with contextlib.closing(sqlite3.connect(fault_cache_path, timeout=5)) as connection:
+        renewed_until = connection.execute("SELECT lease_expires_unix FROM version WHERE id = ?",
+                                           (row_id,)).fetchone()[0]
+        read_at = time.time()
+    second = threading.Thread(target=fetch, args=("waiter", waiter))
+    second.start()
+    first.join(timeout=30)
+    second.join(timeout=30)
+    assert not first.is_alive() and not second.is_alive()
+    assert renewed_until is not None and renewed_until > claimed_until
+    assert renewed_until > read_at  # still running when the first lease had ended
+    for name in ("downloader", "waiter"):
+        assert isinstance(results[name], buffylite.Response), results
+        assert results[name].read() == body
+    assert results["waiter"].version == results["downloader"].version
+    assert len(fault_origin.hits("/renewed.bin")) == 1
