@@ -136,12 +136,9 @@ from __future__ import annotations
 # Imports
 # ---------------------------------------------------------------------------
 
-import argparse
 import base64
 import bisect
-import bz2
 import codecs
-import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
@@ -150,17 +147,15 @@ import email.utils
 import errno
 import filecmp
 import functools
-import gzip
 import hashlib
 import hmac
+import importlib
 import inspect
 import io
 import ipaddress
 import json
 import logging
-import lzma
 import math
-import mimetypes
 import os
 import pathlib
 import random
@@ -172,20 +167,16 @@ import socket
 import sqlite3
 import stat
 import sys
-import tarfile
 import tempfile
 import threading
 import time
 import types
 import urllib.parse
-import urllib.request
 import weakref
-import zipfile
 import zlib
 from typing import Annotated, Any, Callable, Iterator, Literal, Optional, Union
 
 import peewee
-import playhouse.migrate
 import pydantic
 import urllib3
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints
@@ -196,15 +187,18 @@ try:  # POSIX: file locks serialising writers of a materialised file
 except ImportError:  # pragma: no cover - Windows: O_EXCL temp files + link still keep writes atomic
     _fcntl = None
 
-try:  # optional extra: buffylite[cron]
-    import croniter as _croniter
-except ImportError:  # pragma: no cover - depends on the environment
-    _croniter = None
+# Modules only some features need (archives, the CLI, AsyncCache, proxies, the optional
+# extras croniter and tqdm) are imported where they are used: an import of buffylite
+# that only fetches and reads should cost little more than its three dependencies.
 
-try:  # optional extra: buffylite[progress]
-    import tqdm as _tqdm
-except ImportError:  # pragma: no cover - depends on the environment
-    _tqdm = None
+
+def _optional_extra(name: str):
+    """The optional module ``name`` (an extra), imported on first use; None when it is
+    not installed."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 __version__ = "0.1.0"
 
@@ -619,8 +613,10 @@ def _has_line_break_or_nul(text: str) -> bool:
     return "\r" in text or "\n" in text or "\x00" in text
 
 
+@functools.lru_cache(maxsize=256)
 def _is_valid_host(host: str) -> bool:
-    """A host name (international names in their IDNA form) or an IP literal."""
+    """A host name (international names in their IDNA form) or an IP literal.
+    Remembered: a program fetches from a few hosts, again and again."""
     try:
         ipaddress.ip_address(host.split("%", 1)[0])  # (an IPv6 zone id is allowed after %)
         return True
@@ -641,8 +637,8 @@ def _check_url(url: str) -> str:
         raise InvalidRequestError(f"URL must be a non-empty string, not {type(url).__name__} "
                                   f"{_mask_url(url) if isinstance(url, str) else '(not shown)'}.")
     url = url.strip()
-    shown = _mask_url(url)
     if not url.isprintable():
+        shown = _mask_url(url)
         raise InvalidRequestError(f"URL {shown!r} contains control or other unprintable characters "
                                   "(NUL, CR, LF, tabs...).")
     try:
@@ -650,12 +646,15 @@ def _check_url(url: str) -> str:
         host = parsed.hostname
         parsed.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError as exc:
+        shown = _mask_url(url)
         raise InvalidRequestError(f"URL {shown!r} cannot be parsed: {_mask_url(str(exc))}.") from None
     if parsed.scheme.lower() not in ("http", "https"):
+        shown = _mask_url(url)
         raise InvalidRequestError(f"URL {shown!r} is not http or https; only those are fetched.")
     if not host:
-        raise InvalidRequestError(f"URL {shown!r} has no host.")
+        raise InvalidRequestError(f"URL {_mask_url(url)!r} has no host.")
     if not _is_valid_host(host):
+        shown = _mask_url(url)
         raise InvalidRequestError(f"URL {shown!r} has an invalid host {host!r}: not a host name "
                                   "or an IP address.")
     return url
@@ -772,6 +771,7 @@ def _filename_from_content_disposition(value: str | None) -> str | None:
     if not value or not isinstance(value, str):
         return None
     plain = extended = None
+    import email.message  # noqa: PLC0415 - only for odd headers; see the imports note
     try:
         message = email.message.Message()
         message["Content-Disposition"] = value
@@ -809,6 +809,7 @@ def _guess_filename(content_disposition: str | None, url: str, media_type: str |
     name = _sanitize_filename(urllib.parse.unquote(path.rsplit("/", 1)[-1]))
     if name:
         return name
+    import mimetypes  # noqa: PLC0415 - reads the system's type tables: only when needed
     try:
         extension = mimetypes.guess_extension(media_type) if media_type else None
     except Exception:  # noqa: BLE001 - any media type string an origin sends
@@ -942,6 +943,7 @@ def _charset_of(media_type_header: str | None) -> str | None:
     """The ``charset`` parameter of a Content-Type header, if any."""
     if not media_type_header:
         return None
+    import email.message  # noqa: PLC0415 - see the imports note
     try:
         message = email.message.Message()
         message["Content-Type"] = media_type_header
@@ -978,13 +980,19 @@ class _ModelMetaclass(type(BaseModel)):
 
 
 class _Model(BaseModel, metaclass=_ModelMetaclass):
-    """Base of the public models: unknown fields are an error, not silently kept."""
+    """Base of the public models: unknown fields are an error, not silently kept.
 
-    model_config = ConfigDict(extra="forbid")
+    A model's validator is built when first used, not at import: most programs use a
+    few of them (an import that builds them all costs several milliseconds more)."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 class _Strategy(_Model):
-    """Base of the strategy models; ``strategy_name`` discriminates them."""
+    """Base of the strategy models; ``strategy_name`` discriminates them. Built at import:
+    every fetch reads a stored configuration, the first one too."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=False)
 
     strategy_name: str
 
@@ -1100,6 +1108,7 @@ class CronStrategy(_Strategy):
     @pydantic.field_validator("cron")
     @classmethod
     def _check_expression(cls, value: str) -> str:
+        _croniter = _optional_extra("croniter")
         if _croniter is None:
             return value
         try:
@@ -1134,6 +1143,8 @@ AnyStrategy = Annotated[
 
 class RequestCacheConfiguration(_Model):
     """How a request is cached: the re-caching strategy and how many versions the GC keeps."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=False)  # (see _Strategy)
 
     recaching_strategy: AnyStrategy = Field(default_factory=WhenRemoteChangedStrategy)
     max_cached_unpinned_versions: int = Field(2, ge=1, le=MAX_KEPT_VERSIONS, strict=True)
@@ -1170,6 +1181,8 @@ class Request(_Model):
 class ResponseContentAttributes(_Model):
     """What the origin's headers said about the content."""
 
+    model_config = ConfigDict(extra="forbid", defer_build=False)  # read on every cache hit
+
     media_type: Optional[str] = None
     etag: Optional[str] = None
     content_size_bytes: Optional[int] = Field(None, ge=0)
@@ -1180,6 +1193,8 @@ class ResponseContentAttributes(_Model):
 
 class ResponseDownloadStats(_Model):
     """How the download of a version went."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=False)  # read on every cache hit
 
     downloaded_bytes: int = Field(0, ge=0)
     avg_bytes_per_sec: float = Field(0.0, ge=0)
@@ -1695,6 +1710,40 @@ _TABLE_MODELS = (_MetaRow, _RequestRow, _ContentRow, _ChunkRow, _VersionRow, _Re
 
 _REQUEST_COLUMNS = tuple(_RequestRow._meta.sorted_field_names)
 _VERSION_COLUMNS = tuple(_VersionRow._meta.sorted_field_names)
+
+
+def _column_list(alias: str, names: tuple[str, ...]) -> str:
+    return ", ".join(f'{alias}."{name}"' for name in names)
+
+
+# The statements of the hot paths, as plain SQL text written once (portable SQL; the
+# "?" placeholders are the driver's). peewee builds the rest; building a statement
+# through it costs far more than running it, so nothing runs these through peewee.
+#: A request by identity with its ready versions, newest first (one row per version).
+_SQL_REQUEST_AND_READY = (
+    f"SELECT {_column_list('r', _REQUEST_COLUMNS)}, {_column_list('v', _VERSION_COLUMNS)} "
+    'FROM "request" AS r LEFT OUTER JOIN "version" AS v '
+    """ON v."request_id" = r."id" AND v."status" = 'ready' """
+    'WHERE r."identity_key" = ? ORDER BY v."version" DESC')
+#: The ready versions of a request, newest first.
+_SQL_READY_ROWS = (f"SELECT {_column_list('v', _VERSION_COLUMNS)} FROM \"version\" AS v "
+                   """WHERE v."request_id" = ? AND v."status" = 'ready' ORDER BY v."version" DESC""")
+#: A request by id with all its versions, newest first (what publishing a download reads).
+_SQL_REQUEST_AND_VERSIONS = (
+    f"SELECT {_column_list('r', _REQUEST_COLUMNS)}, {_column_list('v', _VERSION_COLUMNS)} "
+    'FROM "request" AS r LEFT OUTER JOIN "version" AS v ON v."request_id" = r."id" '
+    'WHERE r."id" = ? ORDER BY v."version" DESC')
+#: A complete content, unless one with the same hash is stored already (then nothing).
+_SQL_INSERT_CONTENT = ('INSERT INTO "content" ("hash_type", "hash_hex", "size_bytes") VALUES (?, ?, ?) '
+                       'ON CONFLICT DO NOTHING')
+_SQL_CONTENT_ID_BY_HASH = 'SELECT "id" FROM "content" WHERE "hash_type" = ? AND "hash_hex" = ?'
+_SQL_INSERT_CHUNK = 'INSERT INTO "chunk" ("content_id", "seq", "data") VALUES (?, ?, ?)'
+#: A request by identity.
+_SQL_REQUEST_BY_IDENTITY = f'SELECT {_column_list("r", _REQUEST_COLUMNS)} FROM "request" AS r WHERE r."identity_key" = ?'
+#: Column defaults of a new version row (the models' defaults live in Python, not in the tables).
+_VERSION_DEFAULTS = {"pinned": False, "tags": "[]", "content_attributes": "{}", "download_stats": "{}"}
+#: Both lists of sensitive names the file remembers, and the salt, in one statement.
+_SQL_SENSITIVE_NAMES = """SELECT "key", "value" FROM "meta" WHERE "key" IN ('salt', 'sensitive_headers', 'sensitive_params')"""
 #: Placeholder for a value supplied when a prepared statement runs.
 _SLOT = "\x00buffylite-slot\x00"
 
@@ -1710,6 +1759,12 @@ def _columns(model, names: tuple[str, ...]) -> list:
 def _record(names: tuple[str, ...], values) -> types.SimpleNamespace:
     """A row as a plain object with one attribute per column."""
     return types.SimpleNamespace(**dict(zip(names, values)))
+
+
+def _set(record, changes: dict) -> None:
+    """Mirror on a record read in this transaction what an UPDATE just wrote to its row."""
+    for name, value in changes.items():
+        setattr(record, name, value)
 
 
 class _Tables:
@@ -1968,6 +2023,7 @@ def _migrate_to_3(store: "_Store") -> None:
         present = {column.name for column in store.db.get_columns(table)}
         for name in names:
             if name not in present:
+                import playhouse.migrate  # noqa: PLC0415 - only old files need it
                 migrator = playhouse.migrate.SchemaMigrator.from_database(store.db)
                 playhouse.migrate.migrate(migrator.add_column(table, name, model._meta.fields[name]))
 
@@ -2055,13 +2111,15 @@ class _Store:
         self._open_database()
         with self._translated():
             self._upgrade_schema()
-            self.salt = bytes.fromhex(self.tables.meta.get_by_id("salt").value)
+        # The salt, and the sensitive names the first fetch needs, read at once.
+        self.sensitive_names()
 
     # --- connections and transactions ---
 
     def _open_database(self) -> None:
         self._pid = os.getpid()
         self._statements: dict[str, tuple[str, list]] = {}
+        self._sql_texts: dict[tuple, str] = {}
         self._local = threading.local()  # per thread: the memo of hot reads, own commits
         self.db = _sqlite_database(self.path, self.access)
         self.tables = _Tables(self.db)
@@ -2161,6 +2219,7 @@ class _Store:
                 known = set(json.loads(row.value)) if row is not None else set()
                 known |= names
                 meta.insert(key=key, value=json.dumps(sorted(known))).on_conflict_replace().execute()
+            self._local.sensitive = None  # (this connection's own commit: read them again)
         return self.sensitive_names()[kind]
 
     def sensitive_names(self, *, fresh: bool = True) -> dict[str, frozenset[str]]:
@@ -2175,20 +2234,28 @@ class _Store:
         remembered = getattr(local, "sensitive", None)
         if not fresh and remembered is not None:
             return remembered[1]
+        # Only other connections' commits can change the names: this thread's own
+        # change (remember_sensitive_names) forgets what it read.
         with self._translated():
-            stamp = (_sqlite_change_counter(self.db), getattr(local, "writes", 0))
+            stamp = _sqlite_change_counter(self.db)
         if remembered is not None and remembered[0] == stamp:
             return remembered[1]
-        meta = self.tables.meta
         names = {}
         with self.reading():
-            for kind in ("headers", "params"):
-                row = meta.get_or_none(meta.key == f"sensitive_{kind}")
-                try:
-                    names[kind] = frozenset(json.loads(row.value)) if row is not None else frozenset()
-                except (TypeError, ValueError):
-                    raise CacheFileError(f"The sensitive {kind} names stored in {self.path} are damaged.",
-                                         path=self.path) from None
+            stored = dict(self._run(_SQL_SENSITIVE_NAMES).fetchall())
+        if not hasattr(self, "salt"):
+            try:
+                self.salt = bytes.fromhex(stored["salt"])
+            except (KeyError, TypeError, ValueError):
+                raise CacheFileError(f"The salt stored in {self.path} is missing or damaged.",
+                                     path=self.path) from None
+        for kind in ("headers", "params"):
+            value = stored.get(f"sensitive_{kind}")
+            try:
+                names[kind] = frozenset(json.loads(value)) if value is not None else frozenset()
+            except (TypeError, ValueError):
+                raise CacheFileError(f"The sensitive {kind} names stored in {self.path} are damaged.",
+                                     path=self.path) from None
         # Built once per change: identities compare and hash this pair on every fetch.
         names["sets"] = (SENSITIVE_HEADERS | names["headers"], names["params"])
         local.sensitive = (stamp, names)
@@ -2240,6 +2307,11 @@ class _Store:
     # query against a few µs in SQLite), so the queries every fetch runs are built by
     # peewee once per store and then executed with fresh values.
 
+    def _run(self, sql: str, *values):
+        """Run one statement given as SQL text on this thread's connection (inside
+        whatever transaction the caller holds)."""
+        return self.db.connection().execute(sql, values)
+
     def _execute(self, name: str, build: Callable[[_Tables], peewee.Query], *values):
         statement = self._statements.get(name)
         if statement is None:
@@ -2262,20 +2334,15 @@ class _Store:
         with self._translated():
             stamp = (_sqlite_change_counter(self.db), getattr(local, "writes", 0))
         sensitive = getattr(local, "sensitive", None)
-        if sensitive is not None and sensitive[0] != stamp:
+        if sensitive is not None and sensitive[0] != stamp[0]:
             local.sensitive = None  # The file changed: the next identity re-reads the names.
         memo = local.__dict__.setdefault("memo", {})
         remembered = memo.get(identity_key)
         if remembered is not None and remembered[0] == stamp:
             return remembered[1]
 
-        def build(t: _Tables):
-            return (t.request.select(*_columns(t.request, _REQUEST_COLUMNS), *_columns(t.version, _VERSION_COLUMNS))
-                    .join(t.version, peewee.JOIN.LEFT_OUTER,
-                          on=(t.version.request_id == t.request.id) & (t.version.status == "ready"))
-                    .where(t.request.identity_key == _slot()).order_by(t.version.version.desc()))
         with self.reading():
-            rows = self._execute("request_and_ready_rows", build, identity_key).fetchall()
+            rows = self._run(_SQL_REQUEST_AND_READY, identity_key).fetchall()
         split = len(_REQUEST_COLUMNS)
         result = (_record(_REQUEST_COLUMNS, rows[0][:split]) if rows else None,
                   [_record(_VERSION_COLUMNS, row[split:]) for row in rows if row[split] is not None])
@@ -2284,15 +2351,65 @@ class _Store:
         memo[identity_key] = (stamp, result)
         return result
 
+    def request_and_versions(self, request_id: int):
+        """(request record or None, all its version records newest first), in one query.
+        Inside a write transaction, what the caller then changes it also changes on
+        these records (see ``_set``)."""
+        with self.reading():
+            rows = self._run(_SQL_REQUEST_AND_VERSIONS, request_id).fetchall()
+        split = len(_REQUEST_COLUMNS)
+        return (_record(_REQUEST_COLUMNS, rows[0][:split]) if rows else None,
+                [_record(_VERSION_COLUMNS, row[split:]) for row in rows if row[split] is not None])
+
+    def request_by_identity(self, identity_key: str):
+        """The request record with this identity key, or None."""
+        with self.reading():
+            row = self._run(_SQL_REQUEST_BY_IDENTITY, identity_key).fetchone()
+        return _record(_REQUEST_COLUMNS, row) if row is not None else None
+
+    def _statement(self, key: tuple, build: Callable[[], str]) -> str:
+        """The SQL text for ``key``, built by ``build`` the first time only."""
+        sql = self._sql_texts.get(key)
+        if sql is None:
+            sql = self._sql_texts[key] = build()
+        return sql
+
+    def insert_row(self, table: str, values: dict) -> int:
+        """INSERT one row into ``table``; return its id. The statement text is built once
+        per table and set of columns. Runs inside the caller's write transaction."""
+        names = tuple(values)
+        sql = self._statement(("insert", table, names), lambda: (
+            f'INSERT INTO "{table}" (' + ", ".join(f'"{name}"' for name in names) + ") VALUES ("
+            + ", ".join("?" * len(names)) + ")"))
+        with self.reading():
+            return self._run(sql, *values.values()).lastrowid
+
+    def update_row(self, table: str, row_id: int, changes: dict) -> int:
+        """UPDATE the row ``row_id`` of ``table``; return how many rows changed (0 or 1).
+        The statement text is built once per table and set of columns. Runs inside the
+        caller's write transaction."""
+        names = tuple(changes)
+        sql = self._statement(("update", table, names), lambda: (
+            f'UPDATE "{table}" SET ' + ", ".join(f'"{name}" = ?' for name in names) + ' WHERE "id" = ?'))
+        with self.reading():
+            return self._run(sql, *changes.values(), row_id).rowcount
+
+    def store_small_content(self, hash_type: str, hash_hex: str, data: bytes) -> int:
+        """Store a complete content held in memory, unless the same content is stored
+        already; return its id. Runs inside the caller's write transaction."""
+        cursor = self._run(_SQL_INSERT_CONTENT, hash_type, hash_hex, len(data))
+        if cursor.rowcount != 1:
+            return self._run(_SQL_CONTENT_ID_BY_HASH, hash_type, hash_hex).fetchone()[0]
+        content_id = cursor.lastrowid
+        if data:
+            self._run(_SQL_INSERT_CHUNK, content_id, 0, data)
+        return content_id
+
     def ready_rows(self, request_id: int) -> list:
         """The request's ready version records, newest first."""
-        def build(t: _Tables):
-            return (t.version.select(*_columns(t.version, _VERSION_COLUMNS))
-                    .where((t.version.request_id == _slot()) & (t.version.status == "ready"))
-                    .order_by(t.version.version.desc()))
         with self.reading():
             return [_record(_VERSION_COLUMNS, row)
-                    for row in self._execute("ready_rows", build, request_id).fetchall()]
+                    for row in self._run(_SQL_READY_ROWS, request_id).fetchall()]
 
     def removed_versions(self, identity_key: str, after_version: str) -> list:
         """The removed-version records of a request identity newer than ``after_version``,
@@ -2682,6 +2799,7 @@ class _HttpClient:
         self._lock = threading.Lock()
 
     def _manager_for(self, url: str) -> urllib3.PoolManager:
+        import urllib.request  # noqa: PLC0415 - loaded once, on the first request sent
         if os.getpid() != self._pid:  # After fork: never share sockets with the parent.
             self._pid, self._direct, self._proxied = os.getpid(), urllib3.PoolManager(), {}
         parsed = urllib3.util.parse_url(url)
@@ -2774,6 +2892,7 @@ def _read_available(response: urllib3.BaseHTTPResponse, amount: int) -> bytes:
 def _bypasses_proxy(host: str) -> bool:
     """Does ``NO_PROXY`` exempt ``host``? The standard library's rules (names, domain
     suffixes, ``*``), plus address ranges such as ``10.0.0.0/8`` as requests allows."""
+    import urllib.request  # noqa: PLC0415 - see the imports note
     if urllib.request.proxy_bypass(host):
         return True
     no_proxy = os.environ.get("no_proxy") or os.environ.get("NO_PROXY") or ""
@@ -3045,11 +3164,11 @@ class _ArchiveSource(io.RawIOBase):
     """A decompressing reader whose decoding errors become _ArchiveReadError, so they
     stay apart from errors of writing the unpacked files."""
 
-    _DECODING_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error, ValueError)
-
     def __init__(self, inner):
         super().__init__()
+        import lzma  # noqa: PLC0415 - archives only; see the imports note
         self._inner = inner
+        self._DECODING_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error, ValueError)
 
     def readable(self) -> bool:
         return True
@@ -3186,6 +3305,7 @@ _COMPRESSIONS = ((b"\x1f\x8b", "gz"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"))
 
 
 def _decompressing_reader(stream, compression: str):
+    import bz2, gzip, lzma  # noqa: E401, PLC0415 - archives only; see the imports note
     if compression == "gz":
         return gzip.GzipFile(fileobj=stream, mode="rb")
     if compression == "bz2":
@@ -3194,6 +3314,7 @@ def _decompressing_reader(stream, compression: str):
 
 
 def _is_tar_header(block: bytes) -> bool:
+    import tarfile  # noqa: PLC0415 - archives only; see the imports note
     if len(block) < tarfile.BLOCKSIZE:
         return False
     try:
@@ -3204,6 +3325,7 @@ def _is_tar_header(block: bytes) -> bool:
 
 
 def _unpack_zip(stream, writer: _SafeWriter) -> None:
+    import zipfile  # noqa: PLC0415 - archives only; see the imports note
     with zipfile.ZipFile(stream) as archive:
         for info in archive.infolist():
             mode = info.external_attr >> 16
@@ -3224,6 +3346,7 @@ def _unpack_zip(stream, writer: _SafeWriter) -> None:
 
 
 def _unpack_tar(source, writer: _SafeWriter) -> None:
+    import tarfile  # noqa: PLC0415 - archives only; see the imports note
     # Stream mode ("r|"): members are read in order, never by seeking to offsets the
     # headers claim.
     with tarfile.open(fileobj=source, mode="r|") as archive:
@@ -3244,6 +3367,7 @@ def _unpack_tar(source, writer: _SafeWriter) -> None:
 
 def _unpack_into(cache, content_id: int, response, folder: pathlib.Path, limits: _UnpackLimits) -> None:
     """Unpack the content into the empty ``folder`` (a temporary one the caller renames)."""
+    import tarfile, zipfile  # noqa: E401, PLC0415 - archives only; see the imports note
     writer = _SafeWriter(folder, limits)
     with cache._store.open_content(content_id) as raw:
         stream = io.BufferedReader(raw, buffer_size=READ_SIZE_BYTES)
@@ -3274,6 +3398,7 @@ def _unpack_into(cache, content_id: int, response, folder: pathlib.Path, limits:
 def _unpack(cache, content_id: int, response, target: pathlib.Path | None,
             limits: _UnpackLimits) -> pathlib.Path:
     """Unpack a content (see ``Response.unpack``) and return the folder."""
+    import lzma, tarfile, zipfile  # noqa: E401, PLC0415 - archives only; see the imports note
     hash_type, hash_hex, _ = _verified_content(cache, content_id, response)
     key = _content_key(hash_type, hash_hex)
     try:
@@ -3633,18 +3758,22 @@ class _Claim:
     resume: Any = None  # the abandoned row being resumed, if any
     settled: bool = False  # a suitable ready version appeared meanwhile: nothing to download
     version: str | None = None  # the version string given before the validator ran
+    request: Any = None  # the request record as the claim saw it (or None: read it again)
 
 
 @dataclasses.dataclass
 class _Completed:
-    """A fully received content, not yet published."""
+    """A fully received content, not yet published: stored as chunks (``content_id``),
+    or, when small, still in memory (``body``; ``content_id`` None), to be stored by the
+    transaction that publishes it."""
 
-    content_id: int
+    content_id: int | None
     hash_hex: str
     size: int
     attributes: dict
     stats: dict
     cache_headers: dict | None = None   # the origin's caching headers (CACHING_HEADERS)
+    body: bytes | None = None           # the whole content, when it was kept in memory
 
 
 class _NotModified:
@@ -3683,6 +3812,48 @@ def _is_leased(row, now: float) -> bool:
     return row.pinned_until_unix is not None and row.pinned_until_unix > now
 
 
+def _gc_selection(rows: list, configuration: RequestCacheConfiguration,
+                  now: float) -> dict[int, tuple[Any, str]]:
+    """Which version rows of one request garbage collection removes, and why, as
+    ``{version id: (row, reason)}``: a pure function of the rows (newest first), the
+    request's configuration and the time.
+
+    ======================================  ======================================
+    rows                                    kept / removed (reason)
+    ======================================  ======================================
+    the newest ready version                always kept (it is what fetch serves)
+    ready, leased (``pinned_until`` > now)  kept
+    ready, permanently pinned               the newest ``max_cached_pinned_versions``
+                                            kept, older ones removed ("pinned")
+    ready, neither pinned nor leased        the newest ``max_cached_unpinned_versions``
+                                            kept, older ones removed ("unpinned")
+    failed                                  the newest kept, older removed ("failed")
+    duplicate                               removed ("duplicate")
+    wait / in_progress, lease expired       removed ("abandoned")
+    wait / in_progress, lease running       kept (a download is in flight)
+    ======================================  ======================================
+    """
+    ready = [row for row in rows if row.status == "ready"]
+    newest_id = ready[0].id if ready else None
+    removals: dict[int, tuple[Any, str]] = {}
+    permanent = [row for row in ready if row.pinned]
+    for row in permanent[configuration.max_cached_pinned_versions:]:
+        if row.id != newest_id and not _is_leased(row, now):
+            removals[row.id] = (row, "pinned")
+    unpinned = [row for row in ready if not row.pinned and not _is_leased(row, now)]
+    for row in unpinned[configuration.max_cached_unpinned_versions:]:
+        if row.id != newest_id:
+            removals[row.id] = (row, "unpinned")
+    for row in [row for row in rows if row.status == "failed"][1:]:
+        removals[row.id] = (row, "failed")
+    for row in rows:
+        if row.status == "duplicate":
+            removals[row.id] = (row, "duplicate")
+        elif row.status in IN_FLIGHT_STATUSES and (row.lease_expires_unix or 0) <= now:
+            removals[row.id] = (row, "abandoned")
+    return removals
+
+
 def _is_resumable_row(row) -> bool:
     """Do the stored resume validators and attributes of an abandoned row read back?"""
     try:
@@ -3708,37 +3879,97 @@ def _matches(row, *, version=None, tag=None, pinned=None, now: float) -> bool:
 
 
 class _LeaseKeeper:
-    """Keeps a download lease alive from a thread of its own, every third of its length,
-    whatever the download is doing (waiting for headers, stalled, validating), and
-    notes when the lease was lost to another process."""
+    """Keeps a download lease alive, every third of its length, whatever the download
+    is doing (waiting for headers, stalled, validating), and notes when the lease was
+    lost to another process. All keepers of a process share one renewing thread
+    (``_LeaseRenewer``): starting a thread per download would cost more than a small
+    download itself."""
 
     def __init__(self, store: _Store, claim: _Claim, lease_sec: float):
-        self._store = store
-        self._claim = claim
-        self._lease_sec = lease_sec
-        self._stopped = threading.Event()
+        self.store = store
+        self.claim = claim
+        self.lease_sec = lease_sec
+        self.due = time.monotonic() + lease_sec / 3
         self.lost = False
+        #: Held while this keeper's lease is being renewed: stop() waits for it, so no
+        #: renewal lands after the download let its lease lapse.
+        self.renewing = threading.Lock()
+        _LeaseRenewer.shared().add(self)
+
+    def renew(self) -> None:
+        """Renew the lease now (from the renewing thread)."""
+        claim = self.claim
+        try:
+            with self.store.writing() as t:
+                renewed = t.version.update(lease_expires_unix=_now() + self.lease_sec).where(
+                    (t.version.id == claim.row_id) & (t.version.lease_owner == claim.owner)).execute()
+        except BuffyliteError as exc:  # try again at the next beat
+            log.debug("Renewing the download lease failed: %s", exc)
+            return
+        if not renewed:
+            self.lost = True
+
+    def stop(self) -> None:
+        """Stop renewing; returns once no renewal of this lease is running."""
+        _LeaseRenewer.shared().discard(self)
+        with self.renewing:
+            pass
+
+
+class _LeaseRenewer:
+    """The one thread of a process that renews the download leases of its keepers,
+    each when it falls due. Started when first needed, and again in a forked child."""
+
+    _instance: "_LeaseRenewer | None" = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._pid = os.getpid()
+        self._keepers: list[_LeaseKeeper] = []
+        self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="buffylite-lease", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        while not self._stopped.wait(self._lease_sec / 3):
-            try:
-                with self._store.writing() as t:
-                    renewed = t.version.update(lease_expires_unix=_now() + self._lease_sec).where(
-                        (t.version.id == self._claim.row_id)
-                        & (t.version.lease_owner == self._claim.owner)).execute()
-            except BuffyliteError as exc:  # try again at the next beat
-                log.debug("Renewing the download lease failed: %s", exc)
-                continue
-            if not renewed:
-                self.lost = True
-                break
-        self._store.close_thread_connection()
+    @classmethod
+    def shared(cls) -> "_LeaseRenewer":
+        with cls._instance_lock:
+            if cls._instance is None or cls._instance._pid != os.getpid():
+                cls._instance = cls()
+            return cls._instance
 
-    def stop(self) -> None:
-        self._stopped.set()
-        self._thread.join()
+    def add(self, keeper: _LeaseKeeper) -> None:
+        with self._changed:
+            self._keepers.append(keeper)
+            self._changed.notify()
+
+    def discard(self, keeper: _LeaseKeeper) -> None:
+        with self._changed:
+            if keeper in self._keepers:
+                self._keepers.remove(keeper)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                now = time.monotonic()
+                due = [keeper for keeper in self._keepers if keeper.due <= now]
+                if not due:
+                    wait = min((keeper.due for keeper in self._keepers), default=now + 3600.0) - now
+                    self._changed.wait(max(wait, 0.001))
+                    continue
+                for keeper in due:
+                    keeper.renewing.acquire()  # (released below, after the renewal)
+            for keeper in due:
+                try:
+                    with self._changed:
+                        active = keeper in self._keepers
+                    if active:
+                        keeper.renew()
+                finally:
+                    keeper.renewing.release()
+                with self._changed:
+                    keeper.due = time.monotonic() + keeper.lease_sec / 3
+                    if keeper.lost and keeper in self._keepers:
+                        self._keepers.remove(keeper)  # nothing left to renew
 
 
 class _Sink:
@@ -3758,6 +3989,12 @@ class _Sink:
         self.offset = 0            # bytes received (stored + buffered)
         self.received_now = 0      # bytes received by this process (for stats)
         self.total: int | None = None
+        #: Version columns to write with the first chunk (what the response headers said):
+        #: a small body never needs a transaction of its own for them.
+        self.pending_begin: dict | None = None
+        #: May a body smaller than one chunk stay in memory until it is published?
+        #: (Not when a validator must read it from the cache first.)
+        self.keep_small_in_memory = False
         self._buffer = bytearray()
         self._next_seq = 0
 
@@ -3794,14 +4031,25 @@ class _Sink:
         if self._progress is not None:
             self._progress(self.offset, self.total)
 
+    def small_body(self) -> bytes | None:
+        """The whole body, when it arrived without a chunk being stored and may stay in
+        memory until published; else None (the caller flushes)."""
+        if self.keep_small_in_memory and self.content_id is None:
+            return bytes(self._buffer)
+        return None
+
     def flush(self) -> None:
         """Store the buffered bytes as the next chunk, in one transaction."""
         with self._store.writing() as t:
             self._check_ownership(t)  # First: never write for a download someone took over.
             if self.content_id is None:
                 self.content_id = t.content.insert(hash_type=self._hash_type, hash_hex=None).execute()
-                t.version.update(content_id=self.content_id).where(
+                t.version.update(content_id=self.content_id, **(self.pending_begin or {})).where(
                     t.version.id == self._claim.row_id).execute()
+                self.pending_begin = None
+            elif self.pending_begin:  # the origin sent the whole body again (a restart)
+                t.version.update(**self.pending_begin).where(t.version.id == self._claim.row_id).execute()
+                self.pending_begin = None
             if self._buffer:
                 t.chunk.insert(content_id=self.content_id, seq=self._next_seq,
                                data=bytes(self._buffer)).execute()
@@ -3855,7 +4103,9 @@ class _Transfer:
             try:
                 response = cache._http.send(identity.method, url, self._headers_for_attempt(headers),
                                             identity.body, timeout=self._call.timeout,
-                                            strip_on_redirect=cache._sensitive)
+                                            # (the claim checked the identity's names)
+                                            strip_on_redirect=identity.sensitive_sets[0]
+                                            if attempt == 0 else cache._sensitive)
                 try:
                     result = self._receive(response)
                 except BaseException:
@@ -3951,10 +4201,12 @@ class _Transfer:
 
     def _complete(self) -> _Completed:
         sink = self._sink
-        sink.flush()
+        body = sink.small_body()
+        if body is None:
+            sink.flush()
         self._attributes["content_size_bytes"] = sink.offset
         return _Completed(sink.content_id, sink.hasher.hexdigest(), sink.offset, self._attributes,
-                          self._stats(), self._cache_headers)
+                          self._stats(), self._cache_headers, body)
 
     @staticmethod
     def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
@@ -3976,11 +4228,11 @@ class _Transfer:
         except (ValueError, TypeError, LookupError, UnicodeError, OverflowError) as exc:
             raise _AttemptError(f"the origin's headers cannot be used: {exc}", retryable=False,
                                 cause=exc) from exc
-        with self._cache._store.writing() as t:
-            t.version.update(status="in_progress", content_attributes=json.dumps(self._attributes),
-                             resume_from=json.dumps(self._validators) if self._validators else None,
-                             download_stats=json.dumps(self._stats())).where(
-                (t.version.id == self._claim.row_id) & (t.version.lease_owner == self._claim.owner)).execute()
+        # Written with the first chunk (or by the publishing transaction, for a small body).
+        self._sink.pending_begin = {
+            "status": "in_progress", "content_attributes": json.dumps(self._attributes),
+            "resume_from": json.dumps(self._validators) if self._validators else None,
+            "download_stats": json.dumps(self._stats())}
 
     def _read_attributes(self, response: urllib3.BaseHTTPResponse) -> None:
         """Content attributes, expected length and resume validators from the headers."""
@@ -4389,7 +4641,7 @@ class Cache:
 
     @staticmethod
     def _require_strategy_support(configuration: RequestCacheConfiguration) -> None:
-        if configuration.recaching_strategy.strategy_name == "cron" and _croniter is None:
+        if configuration.recaching_strategy.strategy_name == "cron" and _optional_extra("croniter") is None:
             raise InvalidRequestError(
                 "The cron strategy needs the optional extra: pip install 'buffylite[cron]'.")
 
@@ -4549,7 +4801,7 @@ class Cache:
                 if request.id not in self._cron_started:
                     self._cron_started.add(request.id)
                     return "download"
-        next_tick = _croniter.croniter(strategy.cron, _to_datetime(newest.validated_unix)).get_next(float)
+        next_tick = _optional_extra("croniter").croniter(strategy.cron, _to_datetime(newest.validated_unix)).get_next(float)
         return "download" if next_tick <= now else "serve"
 
     @staticmethod
@@ -4752,22 +5004,32 @@ class Cache:
             if self._store.sensitive_names()["sets"] != identity.sensitive_sets:
                 raise _SensitiveNamesChanged()
             now = _now()
-            request = self._find_request(t, identity)
+            request = self._store.request_by_identity(identity.key)
+            lease = {"lease_owner": owner, "lease_expires_unix": now + self._download_lease_sec}
             if request is None:
                 configuration = call.configuration or RequestCacheConfiguration()
-                request_id = t.request.insert(
+                columns = dict(
                     identity_key=identity.key, url=identity.url, http_method=identity.method,
                     group_name=identity.group, http_header_fields=_canonical_json(identity.stored_headers),
                     http_query_params=_canonical_json(identity.stored_params) if identity.params else None,
                     body_kind=identity.body_kind, http_request_body=identity.body,
                     description=call.description, documentation_link=call.documentation_link,
                     validation_hash_type=call.hash_type or DEFAULT_HASH_TYPE,
-                    cache_configuration=configuration.model_dump_json(), created_unix=now).execute()
+                    cache_configuration=configuration.model_dump_json(), created_unix=now)
+                request_id = self._store.insert_row("request", columns)
+                # A new request has no versions: no other download to look for, no
+                # version string to follow.
+                row_id = self._store.insert_row("version", {
+                    "request_id": request_id, "version": _next_version_string(now, None),
+                    "status": "wait", "request_unix": now, **_VERSION_DEFAULTS, **lease})
+                record = types.SimpleNamespace(
+                    **{**dict.fromkeys(_REQUEST_COLUMNS), **columns, "id": request_id})
+                return _Claim(request_id, row_id, owner, request=record)
             else:
                 request_id = request.id
                 changes = self._setting_changes(call, request)
                 if changes:
-                    t.request.update(**changes).where(t.request.id == request_id).execute()
+                    self._store.update_row("request", request_id, changes)
                 if started is not None and self._settled_meanwhile(call, request, strategy, started,
                                                                    seen, now):
                     return _Claim(request_id, settled=True)
@@ -4777,7 +5039,6 @@ class Cache:
             for row in in_flight:
                 if (row.lease_expires_unix or 0) > now:
                     return _Claim(request_id, other_row_id=row.id)
-            lease = {"lease_owner": owner, "lease_expires_unix": now + self._download_lease_sec}
             for row in in_flight:
                 # A row whose resume data is damaged is not resumed (GC reclaims it).
                 if row.content_id is not None and row.resume_from and _is_resumable_row(row):
@@ -4867,12 +5128,15 @@ class Cache:
     def _run_download(self, call: _FetchCall, claim: _Claim, conditional_from) -> Response:
         """Download for a claimed row, then publish, record the failure, or keep the
         partial content (cancelled), and return what the call's choices say to return."""
-        with self._store.reading() as t:
-            request = t.request.get_by_id(claim.request_id)
+        request = claim.request
+        if request is None:
+            with self._store.reading() as t:
+                request = t.request.get_by_id(claim.request_id)
         with self._cron_lock:  # A download in this Cache is the cron strategy's run at start.
             self._cron_started.add(claim.request_id)
         keeper = _LeaseKeeper(self._store, claim, self._download_lease_sec)
         sink = _Sink(self, claim, request.validation_hash_type, call.progress, keeper)
+        sink.keep_small_in_memory = call.validator is None
         try:
             try:
                 kind, completed, failure = self._download_and_check(call, claim, request, sink,
@@ -4983,65 +5247,75 @@ class Cache:
         return and lease it (pin_for), so no GC can slip in between."""
         with self._store.writing() as t:
             now = _now()
-            row = t.version.get_or_none(t.version.id == claim.row_id)
-            if row is None or row.lease_owner != claim.owner:
+            # One read gives the request as stored now and every version row: the
+            # ownership check, the version string, the newest ready one, and GC's input.
+            # Each UPDATE below is mirrored on these records (``_set``).
+            stored_request, rows = self._store.request_and_versions(request.id)
+            row = next((candidate for candidate in rows if candidate.id == claim.row_id), None)
+            if stored_request is None or row is None or row.lease_owner != claim.owner:
                 raise _LeaseLost()
-            final = {"version": self._next_version_of(t, request.id, row.id, now, keep=claim.version),
-                     "lease_owner": None,
-                     "lease_expires_unix": None, "resume_from": None}
-            ready = self._store.ready_rows(request.id)
+            request = stored_request
+            others = max((other.version for other in rows if other.id != row.id), default=None)
+            keep = claim.version
+            final = {"version": keep if keep is not None and (others is None or keep > others)
+                     else _next_version_string(now, others),
+                     "lease_owner": None, "lease_expires_unix": None, "resume_from": None}
+            ready = [candidate for candidate in rows if candidate.status == "ready"]
             newest = ready[0] if ready else None
+
+            def update(record, **changes) -> None:
+                self._store.update_row("version", record.id, changes)
+                _set(record, changes)
+
             if kind == "not_modified":
                 t.version.delete().where(t.version.id == row.id).execute()
+                rows.remove(row)
                 if newest is not None:
                     # A 304 updates the stored caching headers with those it carries (RFC 9111 section 4.3.4).
-                    t.version.update(validated_unix=now, cache_headers=self._merged_cache_headers(
-                        newest, completed.cache_headers if completed is not None else {})).where(t.version.id == newest.id).execute()
+                    update(newest, validated_unix=now, cache_headers=self._merged_cache_headers(
+                        newest, completed.cache_headers if completed is not None else {}))
                 outcome, settled_id = "not_modified", newest.id if newest else None
             elif kind == "completed":
                 content_id = self._settle_content(t, row, request.validation_hash_type, completed)
                 stats = dict(completed.stats, state="ready")
                 if newest is not None and newest.content_id == content_id:
                     stats["state"] = "duplicate"
-                    t.version.update(status="duplicate", content_id=content_id,
-                                     content_hash_hex=completed.hash_hex, cached_unix=now,
-                                     content_attributes=json.dumps(completed.attributes),
-                                     download_stats=json.dumps(stats), **final).where(
-                        t.version.id == row.id).execute()
-                    t.version.update(validated_unix=now, cache_headers=json.dumps(completed.cache_headers)
-                                     if completed.cache_headers is not None else newest.cache_headers).where(
-                        t.version.id == newest.id).execute()
+                    update(row, status="duplicate", content_id=content_id,
+                           content_hash_hex=completed.hash_hex, cached_unix=now,
+                           content_attributes=json.dumps(completed.attributes),
+                           download_stats=json.dumps(stats), **final)
+                    update(newest, validated_unix=now, cache_headers=json.dumps(completed.cache_headers)
+                           if completed.cache_headers is not None else newest.cache_headers)
                     outcome, settled_id = "duplicate", newest.id
                 else:
-                    t.version.update(status="ready", content_id=content_id,
-                                     content_hash_hex=completed.hash_hex, cached_unix=now,
-                                     validated_unix=now, content_attributes=json.dumps(completed.attributes),
-                                     cache_headers=json.dumps(completed.cache_headers)
-                                     if completed.cache_headers is not None else None,
-                                     download_stats=json.dumps(stats), **final).where(
-                        t.version.id == row.id).execute()
+                    update(row, status="ready", content_id=content_id,
+                           content_hash_hex=completed.hash_hex, cached_unix=now,
+                           validated_unix=now, content_attributes=json.dumps(completed.attributes),
+                           cache_headers=json.dumps(completed.cache_headers)
+                           if completed.cache_headers is not None else None,
+                           download_stats=json.dumps(stats), **final)
                     outcome, settled_id = "downloaded", row.id
             else:
                 stats = dict(failure.stats, state="failed", error=str(failure))
-                t.version.update(status="failed", content_id=None, cached_unix=None,
-                                 download_stats=json.dumps(stats), **final).where(
-                    t.version.id == row.id).execute()
-                if row.content_id is not None:
-                    self._delete_unreferenced_contents(t, {row.content_id})
+                partial = row.content_id
+                update(row, status="failed", content_id=None, cached_unix=None,
+                       download_stats=json.dumps(stats), **final)
+                if partial is not None:
+                    self._delete_unreferenced_contents(t, {partial})
                 outcome, settled_id = "stale", None
+            rows.sort(key=lambda record: record.version, reverse=True)
             # Tell the calls waiting for this download how it ended (its row may be gone).
             settlement = {"row_id": row.id, "outcome": "failed" if kind == "failed" else outcome,
                           "error": str(failure) if failure else None,
                           "status_code": failure.status_code if failure else None,
                           "hash_mismatch": bool(failure and failure.cause == "hash mismatch")}
-            t.request.update(last_settlement=json.dumps(settlement),
-                             **self._backoff_changes(kind, failure, now)).where(
-                t.request.id == request.id).execute()
+            self._store.update_row("request", request.id, {
+                "last_settlement": json.dumps(settlement), **self._backoff_changes(kind, failure, now)})
             # Garbage collection of this request, before choosing what to return.
             freed = 0
             if kind != "not_modified":
-                freed = self._collect_request(t, request.id, now)[1]
-            ready = self._store.ready_rows(request.id)
+                freed = self._collect_request(t, request.id, now, request=request, rows=rows)[1]
+            ready = [candidate for candidate in rows if candidate.status == "ready"]
             chosen = self._choose(call, ready, now)
             if chosen is not None and call.pin_for is not None:
                 self._extend_lease(t, chosen, call.pin_for)
@@ -5097,6 +5371,8 @@ class Cache:
     def _settle_content(self, t: _Tables, row, hash_type: str, completed: _Completed) -> int:
         """Make the received content addressable by its hash, or drop it for the identical
         content already stored. Returns the content id the version points to."""
+        if completed.body is not None:  # small: stored now, unless already stored
+            return self._store.store_small_content(hash_type, completed.hash_hex, completed.body)
         existing = t.content.get_or_none((t.content.hash_type == hash_type)
                                          & (t.content.hash_hex == completed.hash_hex))
         if existing is not None and existing.id != completed.content_id:
@@ -5131,50 +5407,40 @@ class Cache:
 
     # --- garbage collection -------------------------------------------------------------
 
-    def _collect_request(self, t: _Tables, request_id: int, now: float) -> tuple[dict, int]:
+    def _collect_request(self, t: _Tables, request_id: int, now: float, *, request=None,
+                         rows: list | None = None) -> tuple[dict, int]:
         """Apply the GC rules (see ``gc``) to one request. Runs inside the caller's write
-        transaction; reads only this request's rows (index on request_id). A damaged
-        stored value of the request raises _DamagedValueError (nothing is removed)."""
+        transaction; reads only this request's rows (index on request_id), or none when
+        the caller passes the request and its version records read in this transaction
+        (newest first; the removed ones are taken out of ``rows``). A damaged stored
+        value of the request raises _DamagedValueError (nothing is removed)."""
         try:
-            return self._collect_request_of(t, request_id, now)
+            return self._collect_request_of(t, request_id, now, request, rows)
         except _DAMAGE_ERRORS as exc:
             raise _DamagedValueError(
                 f"A stored version of request {request_id} in the cache {self.path} is damaged and "
                 f"cannot be read: {type(exc).__name__}.", path=self.path) from exc
 
-    def _collect_request_of(self, t: _Tables, request_id: int, now: float) -> tuple[dict, int]:
-        request = t.request.get_or_none(t.request.id == request_id)
+    def _collect_request_of(self, t: _Tables, request_id: int, now: float, request,
+                            given: list | None) -> tuple[dict, int]:
+        if given is None:
+            request, rows = self._store.request_and_versions(request_id)
+        else:
+            rows = given
         if request is None:
             return {}, 0
-        configuration = self._configuration_of(request)
-        rows = list(t.version.select().where(t.version.request_id == request_id)
-                    .order_by(t.version.version.desc()))
-        ready = [row for row in rows if row.status == "ready"]
-        newest_id = ready[0].id if ready else None
-        removals: dict = {}
-        permanent = [row for row in ready if row.pinned]
-        for row in permanent[configuration.max_cached_pinned_versions:]:
-            if row.id != newest_id and not _is_leased(row, now):
-                removals[row] = "pinned"
-        unpinned = [row for row in ready if not row.pinned and not _is_leased(row, now)]
-        for row in unpinned[configuration.max_cached_unpinned_versions:]:
-            if row.id != newest_id:
-                removals[row] = "unpinned"
-        for row in [row for row in rows if row.status == "failed"][1:]:
-            removals[row] = "failed"
-        for row in rows:
-            if row.status == "duplicate":
-                removals[row] = "duplicate"
-            elif row.status in IN_FLIGHT_STATUSES and (row.lease_expires_unix or 0) <= now:
-                removals[row] = "abandoned"
+        removals = _gc_selection(rows, self._configuration_of(request), now)
         if not removals:
             return {}, 0
-        _record_removed(t, request, [row for row in removals if row.status == "ready"], "collected", now)
-        t.version.delete().where(t.version.id.in_([row.id for row in removals])).execute()
+        removed = [row for row, _ in removals.values()]
+        _record_removed(t, request, [row for row in removed if row.status == "ready"], "collected", now)
+        t.version.delete().where(t.version.id.in_(list(removals))).execute()
+        if given is not None:
+            given[:] = [row for row in given if row.id not in removals]
         freed = self._delete_unreferenced_contents(
-            t, {row.content_id for row in removals if row.content_id is not None})
+            t, {row.content_id for row in removed if row.content_id is not None})
         counts: dict[str, int] = {}
-        for reason in removals.values():
+        for _, reason in removals.values():
             counts[reason] = counts.get(reason, 0) + 1
         return counts, freed
 
@@ -6360,6 +6626,7 @@ class _AsyncContentStream:
     """
 
     def __init__(self, response: Response):
+        import concurrent.futures  # noqa: PLC0415 - AsyncCache only; see the imports note
         self._response = response
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                              thread_name_prefix="buffylite-stream")
@@ -6413,6 +6680,7 @@ class AsyncCache:
     """
 
     def __init__(self, *args, **kwargs):
+        import concurrent.futures  # noqa: PLC0415 - AsyncCache only; see the imports note
         self.cache = Cache(*args, **kwargs)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=ASYNC_MAX_WORKERS,
                                                                thread_name_prefix="buffylite-async")
@@ -6686,13 +6954,14 @@ class _ProgressBar:
     def __init__(self, label: str):
         self._label = label
         self._bar = None
+        self._tqdm = _optional_extra("tqdm")
         self._started = time.monotonic()
         self._last_drawn = 0.0
 
     def __call__(self, done: int, total: int | None) -> None:
-        if _tqdm is not None:
+        if self._tqdm is not None:
             if self._bar is None:
-                self._bar = _tqdm.tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                self._bar = self._tqdm.tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                                        desc=self._label, file=sys.stderr, leave=False)
             self._bar.update(done - self._bar.n)
             return
@@ -6983,23 +7252,21 @@ def _cmd_import(cache: Cache, args) -> int:
     return 0
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser (subcommand parsers are of the same class), whose errors are
-    also printed as the ``--json`` error object while ``main()`` parses a command line
-    holding ``--json``."""
+def _build_parser(*, json_errors: bool = False):
+    """The command-line parser. ``json_errors``: usage errors found while parsing are
+    also printed on stdout as the ``--json`` error object (the command line holds ``--json``)."""
+    import argparse  # noqa: PLC0415 - the CLI only; see the imports note
 
-    #: Set by ``main()`` around ``parse_args``: one command line is parsed at a time.
-    json_errors = False
+    class _ArgumentParser(argparse.ArgumentParser):
+        """argparse's parser (subcommand parsers are of the same class) with JSON usage errors."""
 
-    def error(self, message: str):
-        if _ArgumentParser.json_errors:
-            with contextlib.suppress(OSError):
-                sys.stdout.write(json.dumps(_error_object(_UsageError(message), message)) + "\n")
-                sys.stdout.flush()
-        super().error(message)
+        def error(self, message: str):
+            if json_errors:
+                with contextlib.suppress(OSError):
+                    sys.stdout.write(json.dumps(_error_object(_UsageError(message), message)) + "\n")
+                    sys.stdout.flush()
+            super().error(message)
 
-
-def _build_parser() -> argparse.ArgumentParser:
     # Global options live in a parent parser shared by the main parser and every
     # subcommand; SUPPRESS keeps a subcommand from resetting what came before it.
     def global_options(suppress: bool) -> argparse.ArgumentParser:
@@ -7168,14 +7435,10 @@ def main(argv: list[str] | None = None) -> int:
     error is also printed on stdout as ``{"error": {"type", "message", "url",
     "status_code"}}``.
     """
-    parser = _build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # Usage errors found while parsing are JSON too when --json was asked for.
-    _ArgumentParser.json_errors = "--json" in argv
-    try:
-        args = parser.parse_args(argv)
-    finally:
-        _ArgumentParser.json_errors = False
+    parser = _build_parser(json_errors="--json" in argv)
+    args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("buffylite: %(message)s"))
     # ``fetch`` reports a stale answer itself, in one line with its cause.

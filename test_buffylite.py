@@ -9304,3 +9304,375 @@ def test_review_read_only_open_leaves_no_wal_files_behind(tmp_path, origin):
     with buffylite.Cache(path, read_only=True) as readable:
         assert readable.get(origin.url("/ro2")).read() == b"second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.sqlite3"]
+
+
+# =======================================================================================
+# === store, round trips, start-up (new) ===
+# =======================================================================================
+
+
+def _store_connection_trace(cache: buffylite.Cache) -> list[str]:
+    """Record every SQL statement the calling thread's connection of ``cache``'s store
+    runs from now on (the fetches below run on this thread), as a list that grows."""
+    statements: list[str] = []
+    cache._store.db.connection().set_trace_callback(statements.append)
+    return statements
+
+
+def _sql_only(statements: list[str]) -> list[str]:
+    """The statements without transaction control (BEGIN, COMMIT, ROLLBACK)."""
+    return [text for text in statements
+            if not text.lstrip().upper().startswith(("BEGIN", "COMMIT", "ROLLBACK", "END"))]
+
+
+def test_first_hit_of_a_cached_url_in_a_fresh_cache_takes_at_most_two_statements(cache_path, origin):
+    """§15: a cached URL's first fetch through a new Cache object runs at most 2 SQL
+    statements and no write transaction."""
+    origin.route("/hit-a.txt", body=b"alpha")
+    origin.route("/hit-b.txt", body=b"beta")
+    with buffylite.Cache(cache_path) as first:
+        first.fetch(origin.url("/hit-a.txt"))
+        first.fetch(origin.url("/hit-b.txt"))
+    with buffylite.Cache(cache_path) as fresh:
+        statements = _store_connection_trace(fresh)
+        response = fresh.fetch(origin.url("/hit-a.txt"))
+        first_hit = list(statements)
+        assert response.outcome == "cached" and response.read() == b"alpha"
+        statements.clear()
+        other = fresh.fetch(origin.url("/hit-b.txt"))  # the first call for that URL
+        other_url = list(statements)
+        assert other.outcome == "cached" and other.read() == b"beta"
+    assert origin.hits("/hit-a.txt") == 1 and origin.hits("/hit-b.txt") == 1
+    for recorded in (first_hit, other_url):
+        assert 1 <= len(recorded) <= 2, recorded
+        assert not any(text.upper().startswith(("BEGIN", "INSERT", "UPDATE", "DELETE")) for text in recorded)
+
+
+def test_cold_small_fetch_round_trips_are_bounded(cache, origin):
+    """§15: a new small URL is fetched in at most 2 write transactions on the fetching
+    connection, with a bounded number of statements."""
+    origin.route("/warm.txt", body=b"w")
+    cache.fetch(origin.url("/warm.txt"))  # the file exists, the schema is in place
+    origin.route("/cold.txt", body=b"c" * 10_000)
+    statements = _store_connection_trace(cache)
+    response = cache.fetch(origin.url("/cold.txt"))
+    statements = list(statements)  # (not the read below)
+    assert response.outcome == "downloaded" and response.read() == b"c" * 10_000
+    writes = [text for text in statements if text.upper().startswith("BEGIN")]
+    assert len(writes) <= STORE_COLD_MAX_WRITE_TRANSACTIONS, statements
+    assert len(_sql_only(statements)) <= STORE_COLD_MAX_STATEMENTS, statements
+
+
+#: What a cold small fetch may cost on the fetching connection (see the test above).
+STORE_COLD_MAX_WRITE_TRANSACTIONS = 2
+STORE_COLD_MAX_STATEMENTS = 11
+
+
+_STORE_LAZY_MODULES = ("argparse", "asyncio", "concurrent.futures", "tarfile", "urllib.request",
+                       "croniter", "tqdm", "playhouse.migrate", "gzip")
+
+
+def test_import_leaves_feature_modules_unloaded(tmp_path):
+    """§2: importing buffylite loads none of the modules only the CLI, AsyncCache,
+    archives, proxies or the optional extras need; using them still works."""
+    code = textwrap.dedent(f'''
+        import json, sys
+        import buffylite
+        loaded = sorted(name for name in {_STORE_LAZY_MODULES!r} if name in sys.modules)
+        parser = buffylite._build_parser()  # the CLI still finds argparse when it needs it
+        print(json.dumps({{"loaded": loaded, "parser": type(parser).__name__,
+                          "after": "argparse" in sys.modules}}))
+    ''')
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result == {"loaded": [], "parser": "ArgumentParser", "after": True}
+
+
+#: Generous bound on buffylite's own import time (its self time under -X importtime),
+#: about three times what it measures on an idle machine, for shared test machines.
+STORE_IMPORT_SELF_MAX_US = 60_000
+
+
+def test_import_self_time_is_small(tmp_path):
+    """§2: buffylite's own share of ``import buffylite`` (with compiled bytecode, as
+    installed) stays small; the best of three fresh processes is compared."""
+    env = subprocess_env(PYTHONPYCACHEPREFIX=str(tmp_path / "pycache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    self_times = []
+    for _ in range(4):  # the first run writes the bytecode
+        done = subprocess.run([PYTHON, "-X", "importtime", "-c", "import buffylite"], cwd=REPO_DIR,
+                              env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_SEC)
+        assert done.returncode == 0, done.stderr
+        line = next(line for line in done.stderr.splitlines() if line.rstrip().endswith("| buffylite"))
+        self_times.append(int(line.split("|")[0].split(":")[1]))
+    assert list((tmp_path / "pycache").rglob("buffylite*.pyc")), "no bytecode was written"
+    assert min(self_times[1:]) <= STORE_IMPORT_SELF_MAX_US, self_times
+
+
+@pytest.mark.parametrize("error", [
+    buffylite.BuffyliteError("Something went wrong with http://example.org/a."),
+    buffylite.FetchError("Downloading http://example.org/a failed: HTTP 503.", url="http://example.org/a",
+                         status_code=503, cause="HTTP 503"),
+    buffylite.NotCachedError("http://example.org/a is not in the cache /tmp/c.sqlite3."),
+    buffylite.IntegrityError("The content of http://example.org/a does not match sha256:00."),
+    buffylite.CacheFileError("The cache file /tmp/c.sqlite3 cannot be used: damaged.", path="/tmp/c.sqlite3"),
+    buffylite.InvalidRequestError("Invalid Request: url: not an http URL."),
+], ids=lambda error: type(error).__name__)
+def test_errors_round_trip_through_pickle(error):
+    """§12: every public error pickles (multiprocessing, concurrent.futures) with its type,
+    message, context attributes and standard-library bases intact."""
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        copy = pickle.loads(pickle.dumps(error, protocol=protocol))
+        assert type(copy) is type(error)
+        assert str(copy) == str(error) and copy.args == error.args
+        for name in ("url", "status_code", "cause", "path"):
+            assert getattr(copy, name, None) == getattr(error, name, None), name
+        assert isinstance(copy, buffylite.BuffyliteError)
+    assert isinstance(pickle.loads(pickle.dumps(buffylite.NotCachedError("x"))), LookupError)
+    assert isinstance(pickle.loads(pickle.dumps(buffylite.InvalidRequestError("x"))), ValueError)
+
+
+def test_errors_pickle_into_another_process(tmp_path):
+    """§12: a FetchError raised in a worker process arrives in the parent with its attributes."""
+    code = textwrap.dedent('''
+        import pickle, sys, buffylite
+        error = buffylite.FetchError("Downloading http://example.org/x failed: HTTP 500.",
+                                     url="http://example.org/x", status_code=500, cause="HTTP 500")
+        sys.stdout.buffer.write(pickle.dumps(error))
+    ''')
+    done = subprocess.run([PYTHON, "-c", code], cwd=REPO_DIR, env=subprocess_env(), capture_output=True,
+                          timeout=SUBPROCESS_TIMEOUT_SEC)
+    assert done.returncode == 0, done.stderr
+    error = pickle.loads(done.stdout)
+    assert isinstance(error, buffylite.FetchError)
+    assert (error.url, error.status_code, error.cause) == ("http://example.org/x", 500, "HTTP 500")
+
+
+def _store_wait_for_in_flight_row(path: pathlib.Path, timeout: float = 10.0) -> tuple:
+    """Poll the cache file until a download row is in flight; return (id, lease owner)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.closing(sqlite3.connect(path, timeout=5)) as connection:
+            with contextlib.suppress(sqlite3.OperationalError):  # tables not created yet
+                row = connection.execute("SELECT id, lease_owner FROM version WHERE status IN "
+                                         "('wait', 'in_progress') AND lease_owner IS NOT NULL").fetchone()
+                if row is not None:
+                    return row
+        time.sleep(0.02)
+    raise AssertionError(f"no download became in flight within {timeout} s")
+
+
+def test_download_whose_lease_was_taken_over_publishes_nothing(fault_origin, fault_open_cache,
+                                                               fault_cache_path):
+    """§9/§15: when another process takes over a download's lease, the first download
+    stops writing for that row and publishes nothing; the fetch then waits for the new
+    owner and, once that owner's lease lapses, downloads afresh."""
+    first_body, second_body = b"A" * 4000, b"B" * 3000
+    fault_origin.route("/taken.bin",
+                       FaultReply(body=first_body, drip_after=0, drip_bytes=400, drip_interval_sec=0.15),
+                       FaultReply(body=second_body))
+    cache = fault_open_cache(download_lease_sec=3.0, retries=0)
+    outcome = {}
+
+    def fetch():
+        try:
+            outcome["response"] = cache.fetch(fault_origin.url("/taken.bin"))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=fetch)
+    worker.start()
+    row_id, owner = _store_wait_for_in_flight_row(fault_cache_path)
+    with contextlib.closing(sqlite3.connect(fault_cache_path, timeout=5)) as connection:
+        with connection:
+            taken = connection.execute(
+                "UPDATE version SET lease_owner = 'another-process', lease_expires_unix = ? WHERE id = ?",
+                (time.time() + 2.0, row_id)).rowcount
+    assert taken == 1 and owner != "another-process"
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    assert "error" not in outcome, outcome
+    response = outcome["response"]
+    assert response.read() == second_body
+    assert len(fault_origin.hits("/taken.bin")) == 2
+    first_hash = hashlib.sha256(first_body).hexdigest()
+    with contextlib.closing(sqlite3.connect(fault_cache_path)) as connection:
+        statuses = connection.execute("SELECT id, status, lease_owner, content_hash_hex FROM version").fetchall()
+        stored_hashes = {row[0] for row in connection.execute("SELECT hash_hex FROM content")}
+    # The taken-over row was never published, and the first body was never stored whole.
+    assert all(content_hash != first_hash for _, _, _, content_hash in statuses), statuses
+    assert first_hash not in stored_hashes
+    assert [status for _, status, _, _ in statuses if status == "ready"] == ["ready"]
+    assert all(row[0] != row_id or row[1] != "ready" for row in statuses), statuses
+
+
+@pytest.mark.parametrize("answer", ["416", "wrong_content_range"])
+def test_resume_answered_with_416_or_a_wrong_content_range_restarts(answer, fault_origin,
+                                                                   fault_open_cache):
+    """§11: a resume the origin answers with 416 (range not satisfiable) or with a
+    Content-Range starting elsewhere than asked is not trusted: the download starts over
+    and the stored content is exactly the body, hashed from its first byte."""
+    body = random.Random(11).randbytes(2 * _FAULT_MIB)
+    first = FaultReply(body=body, etag='"r1"', accept_ranges=True, cut_after=_FAULT_MIB)
+    if answer == "416":
+        odd = FaultReply(status=416, body=b"", headers={"Content-Range": f"bytes */{len(body) + 5}"})
+    else:
+        odd = FaultReply(status=206, body=body[100:], etag='"r1"',
+                         headers={"Content-Range": f"bytes 100-{len(body) - 1}/{len(body)}"})
+    fault_origin.route("/odd-resume.bin", first, odd, FaultReply(body=body, etag='"r1"'))
+    response = fault_open_cache(timeout=5.0, retries=3, max_retry_wait=0.2).fetch(
+        fault_origin.url("/odd-resume.bin"))
+    hits = fault_origin.hits("/odd-resume.bin")
+    assert len(hits) == 3
+    assert _fault_range_start(hits[1]) == _FAULT_MIB
+    assert "range" not in hits[2]["headers"]  # started over, from byte 0
+    assert response.read() == body
+    assert response.content_hash_hex == hashlib.sha256(body).hexdigest()
+
+
+def test_waiter_is_told_of_a_hash_mismatch(fault_origin, fault_open_cache, fault_cache_path):
+    """§7/§12: a fetch waiting for another's download of the same request, both with an
+    expected hash the origin's content does not have, raises IntegrityError too, without
+    a second GET."""
+    body = b"not what was expected " * 200
+    fault_origin.route("/mismatch.bin",
+                       FaultReply(body=body, drip_after=0, drip_bytes=800, drip_interval_sec=0.1))
+    expected = "sha256:" + hashlib.sha256(b"the expected content").hexdigest()
+    downloader = fault_open_cache(timeout=5.0)
+    waiter = fault_open_cache(timeout=5.0)
+    errors = {}
+
+    def fetch(name, cache):
+        try:
+            cache.fetch(fault_origin.url("/mismatch.bin"), expected_hash=expected)
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            errors[name] = exc
+
+    first = threading.Thread(target=fetch, args=("downloader", downloader))
+    first.start()
+    _store_wait_for_in_flight_row(fault_cache_path)
+    second = threading.Thread(target=fetch, args=("waiter", waiter))
+    second.start()
+    first.join(timeout=30)
+    second.join(timeout=30)
+    assert not first.is_alive() and not second.is_alive()
+    assert len(fault_origin.hits("/mismatch.bin")) == 1
+    assert isinstance(errors.get("downloader"), buffylite.IntegrityError), errors
+    assert isinstance(errors.get("waiter"), buffylite.IntegrityError), errors
+    assert "/mismatch.bin" in str(errors["waiter"])
+
+
+_STORE_GC_EXAMPLES = 300
+_store_gc_examples_run = []
+
+
+@dataclasses.dataclass
+class _StoreVersionRecord:
+    """The columns of a version row that garbage collection looks at."""
+
+    id: int
+    version: str
+    status: str
+    pinned: bool
+    pinned_until_unix: float | None
+    lease_expires_unix: float | None
+    content_id: int | None
+
+
+@st.composite
+def _store_version_rows(draw):
+    """Version records of one request, newest first, in every state GC meets."""
+    now = 1_000_000.0
+    count = draw(st.integers(min_value=0, max_value=14))
+    rows = []
+    for index in range(count):
+        status = draw(st.sampled_from(sorted(STATUSES)))
+        rows.append(_StoreVersionRecord(
+            id=index + 1, version=f"{20260101000000000000 + count - index:020d}", status=status,
+            pinned=draw(st.booleans()) if status == "ready" else False,
+            pinned_until_unix=draw(st.one_of(st.none(), st.floats(now - 100, now + 100))),
+            lease_expires_unix=draw(st.one_of(st.none(), st.floats(now - 100, now + 100))),
+            content_id=index + 1))
+    return now, rows
+
+
+@settings(max_examples=_STORE_GC_EXAMPLES, deadline=None, derandomize=True)
+@given(_store_version_rows(), st.integers(min_value=1, max_value=4), st.integers(min_value=0, max_value=3))
+def test_gc_selection_keeps_what_the_rules_promise(drawn, keep_unpinned, keep_pinned):
+    """§10: GC's choice, as a pure function of rows, configuration and time, never
+    removes the newest ready version, a leased one or a live download; keeps the
+    newest unpinned and pinned versions up to their limits and the newest failed row;
+    removes duplicates, abandoned downloads and older failures."""
+    _store_gc_examples_run.append(1)
+    now, rows = drawn
+    configuration = buffylite.RequestCacheConfiguration(
+        max_cached_unpinned_versions=keep_unpinned, max_cached_pinned_versions=keep_pinned)
+    removed = buffylite._gc_selection(rows, configuration, now)
+    assert all(removed[row_id][0].id == row_id for row_id in removed)
+    ready = [row for row in rows if row.status == "ready"]
+    leased = [row for row in ready if (row.pinned_until_unix or 0) > now]
+    if ready:
+        assert ready[0].id not in removed
+    assert all(row.id not in removed for row in leased)
+    unpinned = [row for row in ready if not row.pinned and row not in leased]
+    assert [row for row in unpinned if row.id not in removed][:keep_unpinned] == unpinned[:keep_unpinned]
+    assert len([row for row in unpinned if row.id not in removed and row is not ready[0]]) <= keep_unpinned
+    pinned = [row for row in ready if row.pinned]
+    assert all(row.id not in removed for row in pinned[:keep_pinned])
+    failed = [row for row in rows if row.status == "failed"]
+    assert all(row.id not in removed for row in failed[:1])
+    assert all(row.id in removed for row in failed[1:])
+    for row in rows:
+        if row.status == "duplicate":
+            assert removed[row.id][1] == "duplicate"
+        if row.status in ("wait", "in_progress"):
+            assert (row.id in removed) == ((row.lease_expires_unix or 0) <= now)
+
+
+def test_gc_selection_property_ran_its_examples():
+    """§10: the property above ran the number of examples it asks for (it runs first)."""
+    if not _store_gc_examples_run:
+        test_gc_selection_keeps_what_the_rules_promise()
+    assert len(_store_gc_examples_run) >= _STORE_GC_EXAMPLES
+
+
+def test_lease_is_renewed_while_a_download_outlasts_it(fault_origin, fault_open_cache, fault_cache_path):
+    """§9/§10: a download that lasts three times its lease keeps renewing it, so a second
+    caller waits for it (one GET) instead of taking the download over."""
+    body = b"R" * 3000
+    fault_origin.route("/renewed.bin",
+                       FaultReply(body=body, drip_after=0, drip_bytes=300, drip_interval_sec=0.3))
+    downloader = fault_open_cache(download_lease_sec=1.0, timeout=5.0)
+    waiter = fault_open_cache(download_lease_sec=1.0, timeout=5.0)
+    results = {}
+
+    def fetch(name, cache):
+        try:
+            results[name] = cache.fetch(fault_origin.url("/renewed.bin"))
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            results[name] = exc
+
+    first = threading.Thread(target=fetch, args=("downloader", downloader))
+    first.start()
+    row_id, _ = _store_wait_for_in_flight_row(fault_cache_path)
+    with contextlib.closing(sqlite3.connect(fault_cache_path, timeout=5)) as connection:
+        claimed_until = connection.execute("SELECT lease_expires_unix FROM version WHERE id = ?",
+                                           (row_id,)).fetchone()[0]
+    time.sleep(1.5)  # past the first lease's end: only a renewal keeps it alive
+    with contextlib.closing(sqlite3.connect(fault_cache_path, timeout=5)) as connection:
+        renewed_until = connection.execute("SELECT lease_expires_unix FROM version WHERE id = ?",
+                                           (row_id,)).fetchone()[0]
+        read_at = time.time()
+    second = threading.Thread(target=fetch, args=("waiter", waiter))
+    second.start()
+    first.join(timeout=30)
+    second.join(timeout=30)
+    assert not first.is_alive() and not second.is_alive()
+    assert renewed_until is not None and renewed_until > claimed_until
+    assert renewed_until > read_at  # still running when the first lease had ended
+    for name in ("downloader", "waiter"):
+        assert isinstance(results[name], buffylite.Response), results
+        assert results[name].read() == body
+    assert results["waiter"].version == results["downloader"].version
+    assert len(fault_origin.hits("/renewed.bin")) == 1
