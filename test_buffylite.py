@@ -108,14 +108,13 @@ STATUSES = {"wait", "in_progress", "ready", "duplicate", "failed"}
 GC_REASONS = {"unpinned", "pinned", "duplicate", "failed", "abandoned"}
 #: Seconds any subprocess started by a test may run.
 SUBPROCESS_TIMEOUT_SEC = 60
-#: Python started by the subprocess helpers: the interpreter running the tests.
+#: Python started by the subprocess helpers (``python -c``, workers, the CLI): the
+#: interpreter running the tests.
 PYTHON = sys.executable
+#: The repository: subprocesses run here, so ``import buffylite`` finds this copy.
 REPO_DIR = pathlib.Path(__file__).resolve().parent
 
 
-#: Interpreter and directory the CLI runs with (the module is found on the cwd).
-CLI_PYTHON = sys.executable
-CLI_REPO_DIR = pathlib.Path(__file__).resolve().parent
 #: Seconds any one CLI invocation may run before the test fails.
 CLI_TIMEOUT_SEC = 30
 #: Options that make an expected network failure fast.
@@ -126,8 +125,6 @@ CLI_BINARY_BODY = bytes(range(256)) + b"line one\r\nline two\r\n\r\n" + b"\x00" 
 CLI_LARGE_BODY_BYTES = 4 * 1024 * 1024
 
 
-_FAULT_HERE = Path(__file__).resolve().parent
-_FAULT_MIB = 1024 * 1024
 #: Body bytes the origin sends per ``sendall`` when not dripping.
 _FAULT_SEND_CHUNK_BYTES = 256 * 1024
 #: How long an idle keep-alive connection is kept open by the fake servers.
@@ -321,11 +318,9 @@ def origin():
 
 
 @pytest.fixture
-def cli_origin():
-    """The same kind of origin as ``origin`` (see ``Origin``), shut down at teardown."""
-    server = Origin()
-    yield server
-    server.close()
+def cli_origin(origin):
+    """The command-line tests' name for ``origin`` (see ``Origin``)."""
+    return origin
 
 
 # --- A fresh cache path, an open Cache, and what to check it with ---
@@ -484,6 +479,19 @@ def unreferenced_contents(path: pathlib.Path) -> list[int]:
         return orphans
     finally:
         connection.close()
+
+
+def integrity_check(path: pathlib.Path) -> list[str]:
+    """What ``PRAGMA integrity_check`` says about a file (["ok"] when sound); a file SQLite
+    cannot even open that far gives its error message."""
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            return [row[0] for row in connection.execute("PRAGMA integrity_check")]
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as exc:
+        return [str(exc)]
 
 
 @pytest.fixture
@@ -915,20 +923,21 @@ def _fault_when_requested():
 @functools.lru_cache(maxsize=1)
 def _fault_big_body():
     """64 MiB of deterministic bytes (and their sha256)."""
-    body = random.Random(64).randbytes(64 * _FAULT_MIB)
+    body = random.Random(64).randbytes(64 * MiB)
     return body, hashlib.sha256(body).hexdigest()
 
 
 def _fault_stream_sha256(resp):
     digest = hashlib.sha256()
     with resp.open() as stream:
-        for block in iter(lambda: stream.read(_FAULT_MIB), b""):
+        for block in iter(lambda: stream.read(MiB), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
 def _fault_integrity(path):
-    """``PRAGMA integrity_check`` on a separate sqlite3 connection."""
+    """``PRAGMA integrity_check`` of a live cache file, on a separate read-write sqlite3
+    connection (unlike ``integrity_check``, it can recover the WAL a killed process left)."""
     connection = sqlite3.connect(str(path), timeout=10)
     try:
         return [row[0] for row in connection.execute("PRAGMA integrity_check").fetchall()]
@@ -1111,7 +1120,7 @@ class FaultWorkers:
         self._buffers = {}
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = os.pathsep.join(
-            [str(_FAULT_HERE)] + ([self.env["PYTHONPATH"]] if self.env.get("PYTHONPATH") else []))
+            [str(REPO_DIR)] + ([self.env["PYTHONPATH"]] if self.env.get("PYTHONPATH") else []))
 
     def spawn(self, args):
         index = len(self._procs)
@@ -1194,15 +1203,6 @@ def cli_cache_path(tmp_path) -> pathlib.Path:
     return tmp_path / "cli-cache.sqlite3"
 
 
-def cli_env(**overrides: str) -> dict[str, str]:
-    """Our environment minus every BUFFYLITE_* and proxy setting, loopback unproxied, plus ``overrides``."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.upper().startswith("BUFFYLITE_") and "PROXY" not in key.upper()}
-    env["NO_PROXY"] = "127.0.0.1,localhost"
-    env.update(overrides)
-    return env
-
-
 @pytest.fixture
 def cli_run(cli_cache_path):
     """Run ``python -m buffylite *args``; return the CompletedProcess (stdout bytes, stderr str).
@@ -1213,8 +1213,8 @@ def cli_run(cli_cache_path):
 
     def run(*args: str, env: dict[str, str] | None = None, stdout=subprocess.PIPE,
             timeout: float = CLI_TIMEOUT_SEC) -> subprocess.CompletedProcess:
-        done = subprocess.run([CLI_PYTHON, "-m", "buffylite", *args], cwd=CLI_REPO_DIR,
-                              env=env if env is not None else cli_env(BUFFYLITE_CACHE=str(cli_cache_path)),
+        done = subprocess.run([PYTHON, "-m", "buffylite", *args], cwd=REPO_DIR,
+                              env=env if env is not None else subprocess_env(BUFFYLITE_CACHE=str(cli_cache_path)),
                               stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE,
                               timeout=timeout)
         done.stderr = done.stderr.decode("utf-8", "replace")
@@ -1274,13 +1274,10 @@ def cli_fetch_versions(cli_run, cli_origin: Origin, path: str, bodies: list[byte
 
 
 @pytest.fixture
-def cli_seed(cli_origin, cli_cache_path, monkeypatch):
+def cli_seed(cli_origin, cli_cache_path):
     """Set up state fast, in-process, through the Python API: ``cli_seed(path, bodies)``
     fetches ``path`` once per body (origin changed before each; strategy when_requested,
     keep 10) into ``cli_cache_path`` and returns the version strings, oldest first."""
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     configuration = buffylite.RequestCacheConfiguration(
         recaching_strategy=buffylite.ReCachingStrategy.when_requested(), max_cached_unpinned_versions=10)
 
@@ -1303,13 +1300,15 @@ def cli_run_on_terminal(*args: str, env: dict[str, str], stream: str = "stdout")
     mode: bytes pass unchanged); return (exit status, what the terminal received, the other
     stream's bytes)."""
     master, slave = pty.openpty()
+    # A real terminal has a size; a fresh pty reports 0x0, which progress libraries treat
+    # as "no room to draw". Give it the classic 80x24.
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     tty.setraw(slave)
     captured = bytearray()
     with tempfile.TemporaryFile() as other:
         try:
             process = subprocess.Popen(
-                [CLI_PYTHON, "-m", "buffylite", *args], cwd=CLI_REPO_DIR, env=env, stdin=subprocess.DEVNULL,
+                [PYTHON, "-m", "buffylite", *args], cwd=REPO_DIR, env=env, stdin=subprocess.DEVNULL,
                 stdout=slave if stream == "stdout" else other, stderr=slave if stream == "stderr" else other)
             os.close(slave)
             slave = None
@@ -2559,7 +2558,7 @@ def test_cron_without_croniter_names_the_extra(fault_origin, fault_env, tmp_path
             out["plain"] = cache.fetch(sys.argv[2]).read().decode()
         print(json.dumps(out))
     ''')
-    env = dict(os.environ, PYTHONPATH=str(_FAULT_HERE))
+    env = dict(os.environ, PYTHONPATH=str(REPO_DIR))
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.sqlite3"),
                            fault_origin.url("/cron-missing.txt")],
                           capture_output=True, text=True, timeout=60, env=env, cwd=str(tmp_path))
@@ -2716,7 +2715,7 @@ def test_cli_offline_environment_variable(cli_run, cli_origin, cli_cache_path):
     cli_origin.route("/envoff.bin", b"env offline")
     url = cli_origin.url("/envoff.bin")
     assert cli_run("fetch", url, "--strategy", "when_requested", "-q").returncode == 0
-    done = cli_run("fetch", url, env=cli_env(BUFFYLITE_CACHE=str(cli_cache_path), BUFFYLITE_OFFLINE="yes"))
+    done = cli_run("fetch", url, env=subprocess_env(BUFFYLITE_CACHE=str(cli_cache_path), BUFFYLITE_OFFLINE="yes"))
     assert done.returncode == 0, done.stderr
     assert done.stdout == b"env offline"
     assert cli_origin.hits("/envoff.bin") == 1
@@ -3280,12 +3279,12 @@ def cli_large_body() -> bytes:
 
 
 def cli_env_without_tqdm(tmp_path: pathlib.Path, **overrides: str) -> dict[str, str]:
-    """``cli_env`` whose PYTHONPATH starts with a ``tqdm`` package that fails to import,
+    """``subprocess_env`` whose PYTHONPATH starts with a ``tqdm`` package that fails to import,
     so the CLI runs as if the optional progress extra were not installed."""
     shadow = tmp_path / "no-tqdm" / "tqdm"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text('raise ImportError("tqdm hidden by the test")\n')
-    env = cli_env(**overrides)
+    env = subprocess_env(**overrides)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shadow.parent), env.get("PYTHONPATH")]))
     return env
 
@@ -3296,43 +3295,14 @@ def test_cli_progress_bar_on_terminal(cli_origin, cli_cache_path, tmp_path, bar_
     (with the optional tqdm extra and without it)."""
     body = cli_large_body()
     cli_origin.route("/large.bin", body)
-    output = tmp_path / "large.out"
-    env = cli_env(BUFFYLITE_CACHE=str(cli_cache_path))
+    env = subprocess_env(BUFFYLITE_CACHE=str(cli_cache_path))
     if bar_library == "none":
         env = cli_env_without_tqdm(tmp_path, BUFFYLITE_CACHE=str(cli_cache_path))
-    master, slave = pty.openpty()
-    # A real terminal has a size; a fresh pty reports 0x0, which progress libraries treat
-    # as "no room to draw". Give it the classic 80x24.
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    try:
-        with open(output, "wb") as stdout:
-            process = subprocess.Popen(
-                [CLI_PYTHON, "-m", "buffylite", "fetch", cli_origin.url("/large.bin")],
-                cwd=CLI_REPO_DIR, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=slave)
-        os.close(slave)
-        slave = None
-        captured = bytearray()
-        deadline = time.monotonic() + CLI_TIMEOUT_SEC
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.2)
-            if ready:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:  # EIO: the child closed the terminal
-                    break
-                if not chunk:
-                    break
-                captured += chunk
-            elif process.poll() is not None:
-                break
-        returncode = process.wait(timeout=CLI_TIMEOUT_SEC)
-    finally:
-        if slave is not None:
-            os.close(slave)
-        os.close(master)
-    text = captured.decode("utf-8", "replace")
+    returncode, terminal, stdout = cli_run_on_terminal(
+        "fetch", cli_origin.url("/large.bin"), env=env, stream="stderr")
+    text = terminal.decode("utf-8", "replace")
     assert returncode == 0, text
-    assert output.read_bytes() == body
+    assert stdout == body
     assert ("%" if bar_library == "tqdm" else "MiB") in text, text
     assert "downloaded" in text
 
@@ -3342,7 +3312,7 @@ def test_cli_progress_bar_is_labelled_with_the_file_name(cli_origin, cli_cache_p
     """§13: the progress bar on a terminal names the file being downloaded."""
     cli_origin.route("/data/ontology-2026.owl", cli_large_body())
     env = (cli_env_without_tqdm(tmp_path, BUFFYLITE_CACHE=str(cli_cache_path)) if bar_library == "none"
-           else cli_env(BUFFYLITE_CACHE=str(cli_cache_path)))
+           else subprocess_env(BUFFYLITE_CACHE=str(cli_cache_path)))
     status, terminal, stdout = cli_run_on_terminal(
         "fetch", cli_origin.url("/data/ontology-2026.owl"), "-o", str(tmp_path / "saved.owl"),
         env=env, stream="stderr")
@@ -4626,19 +4596,6 @@ def _checkpointed(path: pathlib.Path) -> None:
         connection.close()
 
 
-def _sqlite_integrity(path: pathlib.Path) -> list[str]:
-    """What ``PRAGMA integrity_check`` says about a file (["ok"] when sound); a file SQLite
-    cannot even open that far gives its error message."""
-    try:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-        try:
-            return [row[0] for row in connection.execute("PRAGMA integrity_check")]
-        finally:
-            connection.close()
-    except sqlite3.DatabaseError as exc:
-        return [str(exc)]
-
-
 def _page_size_and_count(path: pathlib.Path) -> tuple[int, int]:
     header = path.read_bytes()[:100]
     page_size = int.from_bytes(header[16:18], "big")
@@ -4799,7 +4756,7 @@ def test_verify_reports_an_overwritten_page_and_the_cli_exits_4(cache_path, orig
     data[start + 8: start + page_size // 2] = random_bytes(page_size // 2 - 8, seed=9)
     damaged = tmp_path / "overwritten.sqlite3"
     damaged.write_bytes(bytes(data))
-    assert _sqlite_integrity(damaged) != ["ok"]
+    assert integrity_check(damaged) != ["ok"]
     with buffylite.Cache(damaged) as cache:
         report = cache.verify()
     assert report.problems, report
@@ -4842,7 +4799,7 @@ def test_a_torn_copy_is_not_reported_intact(cache_path, origin, tmp_path):
                     target.write(piece)
                     time.sleep(0.0005)
             copies += 1
-            integrity = _sqlite_integrity(copy)
+            integrity = integrity_check(copy)
             if integrity == ["ok"]:
                 copy.unlink()
                 continue
@@ -4883,7 +4840,7 @@ def test_every_bit_flip_leaves_the_api_honest(cache_path, origin, tmp_path):
         # recreated under a name it still knows can read as a spurious "disk I/O error".
         damaged = tmp_path / f"flipped-{number}.sqlite3"
         damaged.write_bytes(bytes(data))
-        integrity = _sqlite_integrity(damaged)
+        integrity = integrity_check(damaged)
         result = _exercise_damaged_cache(damaged, bodies)
         for suffix in ("", "-wal", "-shm"):
             pathlib.Path(str(damaged) + suffix).unlink(missing_ok=True)
@@ -5322,10 +5279,10 @@ def test_resume_64mib_after_cut_uses_one_range_request(fault_origin, fault_open_
     assert hits[1]["headers"].get("if-range") == '"big-1"'
     assert hits[1]["status"] == 206
     served = fault_origin.served_bytes("/big.bin")
-    print(f"64 MiB resume: range start {start / _FAULT_MIB:.1f} MiB, "
-          f"served {served / _FAULT_MIB:.1f} MiB")
-    assert start >= 26 * _FAULT_MIB
-    assert served < 70 * _FAULT_MIB
+    print(f"64 MiB resume: range start {start / MiB:.1f} MiB, "
+          f"served {served / MiB:.1f} MiB")
+    assert start >= 26 * MiB
+    assert served < 70 * MiB
     assert resp.outcome == "downloaded" and resp.status == "ready"
     assert resp.content_hash_hex == sha256
     assert resp.content_attributes.content_size_bytes == len(body)
@@ -5334,11 +5291,11 @@ def test_resume_64mib_after_cut_uses_one_range_request(fault_origin, fault_open_
 
 def test_resume_with_last_modified_validator(fault_origin, fault_open_cache):
     """§11: Last-Modified alone (no ETag) is enough to resume; If-Range carries it."""
-    body = random.Random(7).randbytes(4 * _FAULT_MIB)
+    body = random.Random(7).randbytes(4 * MiB)
     stamp = "Wed, 21 Oct 2015 07:28:00 GMT"
     fault_origin.route("/lm.bin",
                        FaultReply(body=body, last_modified=stamp, accept_ranges=True,
-                                  cut_after=3 * _FAULT_MIB, cut_how="reset"),
+                                  cut_after=3 * MiB, cut_how="reset"),
                        FaultReply(body=body, last_modified=stamp, accept_ranges=True))
     resp = fault_open_cache(timeout=5.0).fetch(fault_origin.url("/lm.bin"))
     hits = fault_origin.hits("/lm.bin")
@@ -5351,9 +5308,9 @@ def test_resume_with_last_modified_validator(fault_origin, fault_open_cache):
 @pytest.mark.parametrize("second", ["ignores_range", "changed_etag"])
 def test_resume_answered_with_200_restarts_cleanly(second, fault_origin, fault_open_cache):
     """§11: a 200 to a ranged request (Range ignored, or If-Range no longer matches) restarts."""
-    body = random.Random(8).randbytes(2 * _FAULT_MIB)
-    new_body = random.Random(9).randbytes(2 * _FAULT_MIB + 123)
-    first = FaultReply(body=body, etag='"one"', accept_ranges=True, cut_after=_FAULT_MIB)
+    body = random.Random(8).randbytes(2 * MiB)
+    new_body = random.Random(9).randbytes(2 * MiB + 123)
+    first = FaultReply(body=body, etag='"one"', accept_ranges=True, cut_after=MiB)
     if second == "ignores_range":
         expected, again = body, FaultReply(body=body, etag='"one"')
     else:
@@ -5403,10 +5360,10 @@ def test_resume_64mib_after_downloading_process_killed(fault_origin, fault_worke
     start = _fault_range_start(hits[1])
     assert hits[1]["headers"].get("if-range") == '"big-2"'
     served = fault_origin.served_bytes("/big-kill.bin")
-    print(f"64 MiB cross-process resume: killed after {first_sent / _FAULT_MIB:.1f} MiB, "
-          f"range start {start / _FAULT_MIB:.1f} MiB, served {served / _FAULT_MIB:.1f} MiB")
-    assert start >= 26 * _FAULT_MIB
-    assert served < 70 * _FAULT_MIB
+    print(f"64 MiB cross-process resume: killed after {first_sent / MiB:.1f} MiB, "
+          f"range start {start / MiB:.1f} MiB, served {served / MiB:.1f} MiB")
+    assert start >= 26 * MiB
+    assert served < 70 * MiB
     assert resp.content_hash_hex == sha256
     assert _fault_stream_sha256(resp) == sha256
     assert _fault_integrity(fault_cache_path) == ["ok"]
@@ -5414,7 +5371,7 @@ def test_resume_64mib_after_downloading_process_killed(fault_origin, fault_worke
 
 def test_progress_reports_and_cancel_keeps_partial_for_resume(fault_origin, fault_open_cache):
     """§7/§11: progress sees the bytes; raising cancels (propagated), and the next fetch resumes."""
-    body = random.Random(10).randbytes(8 * _FAULT_MIB)
+    body = random.Random(10).randbytes(8 * MiB)
     fault_origin.route("/cancel.bin", FaultReply(body=body, etag='"c"', accept_ranges=True))
     cache = fault_open_cache(timeout=5.0)
     url = fault_origin.url("/cancel.bin")
@@ -5425,7 +5382,7 @@ def test_progress_reports_and_cancel_keeps_partial_for_resume(fault_origin, faul
 
     def progress(done, total):
         calls.append((done, total))
-        if done >= 6 * _FAULT_MIB:
+        if done >= 6 * MiB:
             raise Cancelled()
 
     with pytest.raises(Cancelled):
@@ -5442,7 +5399,7 @@ def test_progress_reports_and_cancel_keeps_partial_for_resume(fault_origin, faul
 
 def test_cancel_after_the_last_byte_completes_without_a_request(fault_origin, fault_open_cache):
     """§11: a partial that already holds every byte is published by the next fetch, no Range sent."""
-    body = random.Random(11).randbytes(3 * _FAULT_MIB)
+    body = random.Random(11).randbytes(3 * MiB)
     fault_origin.route("/whole.bin", FaultReply(body=body, etag='"w"', accept_ranges=True))
     cache = fault_open_cache(timeout=5.0)
     url = fault_origin.url("/whole.bin")
@@ -5714,11 +5671,11 @@ def test_url_passwords_never_appear_in_messages_logs_reprs_or_cli(fault_origin, 
         texts += [record.getMessage() for record in caplog.records]
     assert secret not in _hostile_texts_of(texts)
     cache.close()
-    env = cli_env(BUFFYLITE_CACHE=str(fault_cache_path))
+    env = subprocess_env(BUFFYLITE_CACHE=str(fault_cache_path))
     for args in (["-v", "fetch", base + "ok"], ["-v", "fetch", base + "gone"], ["delete", base + "ok"],
                  ["--json", "delete", base + "ok"], ["fetch", f"http://member:{secret}@[::1/x"],
                  ["--json", "fetch", base + "gone"], ["versions", base + "ok"], ["requests"]):
-        done = subprocess.run([CLI_PYTHON, "-m", "buffylite", *args], cwd=CLI_REPO_DIR, env=env,
+        done = subprocess.run([PYTHON, "-m", "buffylite", *args], cwd=REPO_DIR, env=env,
                               stdin=subprocess.DEVNULL, capture_output=True, timeout=CLI_TIMEOUT_SEC)
         assert secret.encode() not in done.stdout + done.stderr, (args, done.stdout, done.stderr)
     assert secret.encode() not in _fault_file_bytes(fault_cache_path)
@@ -5752,8 +5709,8 @@ def test_sensitive_params_are_sent_but_stored_as_digests_and_masked(fault_origin
     assert later.get(url, params={"api_key": "PARAMKEY-222", "page": "2"}).version == in_params.version
     later.fetch(url, params={"api_key": "PARAMKEY-555"})
     later.close()
-    done = subprocess.run([CLI_PYTHON, "-m", "buffylite", "-v", "fetch", url + "?api_key=CLIKEY-666"],
-                          cwd=CLI_REPO_DIR, env=cli_env(BUFFYLITE_CACHE=str(fault_cache_path)),
+    done = subprocess.run([PYTHON, "-m", "buffylite", "-v", "fetch", url + "?api_key=CLIKEY-666"],
+                          cwd=REPO_DIR, env=subprocess_env(BUFFYLITE_CACHE=str(fault_cache_path)),
                           stdin=subprocess.DEVNULL, capture_output=True, timeout=CLI_TIMEOUT_SEC)
     assert done.returncode == 0, done.stderr
     texts += [done.stderr.decode()]
@@ -5974,7 +5931,7 @@ def test_cli_fetch_dir_into_a_fake_home_never_replaces_a_dotfile(cli_run, cli_or
     (home / ".bashrc").write_bytes(b"# mine\n")
     cli_origin.route("/rc", b"echo owned\n", content_disposition='attachment; filename=". . .bashrc"')
     done = cli_run("fetch", cli_origin.url("/rc"), "-d", str(home),
-                   env=cli_env(HOME=str(home), BUFFYLITE_CACHE=str(tmp_path / "c.sqlite3")))
+                   env=subprocess_env(HOME=str(home), BUFFYLITE_CACHE=str(tmp_path / "c.sqlite3")))
     assert done.returncode == 0, done.stderr
     assert (home / ".bashrc").read_bytes() == b"# mine\n"
     assert (home / "bashrc").read_bytes() == b"echo owned\n"
@@ -6143,7 +6100,7 @@ def test_cli_global_options_before_or_after_subcommand(cli_run, tmp_path, layout
     with cli_open_cache(path):  # info only reads: the file must exist
         pass
     args = [item.format(path=path) for item in layout]
-    done = cli_run(*args, env=cli_env())  # no BUFFYLITE_CACHE: --cache must be what counts
+    done = cli_run(*args, env=subprocess_env())  # no BUFFYLITE_CACHE: --cache must be what counts
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["path"] == str(path)
     assert path.exists()
@@ -6277,7 +6234,7 @@ def test_cli_fetch_output_dash_writes_to_stdout(cli_run, cli_origin, tmp_path):
     done = cli_run("fetch", cli_origin.url("/dash"), "-o", "-")
     assert done.returncode == 0, done.stderr
     assert done.stdout == b"to stdout"
-    assert not (CLI_REPO_DIR / "-").exists()
+    assert not (REPO_DIR / "-").exists()
 
 
 def test_cli_output_dash_means_stdout(cli_run, cli_origin, tmp_path):
@@ -6286,7 +6243,7 @@ def test_cli_output_dash_means_stdout(cli_run, cli_origin, tmp_path):
     done = cli_run("fetch", cli_origin.url("/dash.bin"), "-o", "-")
     assert done.returncode == 0, done.stderr
     assert done.stdout == CLI_BINARY_BODY
-    assert not (CLI_REPO_DIR / "-").exists() and not (tmp_path / "-").exists()
+    assert not (REPO_DIR / "-").exists() and not (tmp_path / "-").exists()
     assert "-> " not in done.stderr and "downloaded" in done.stderr
     both = cli_run("--json", "fetch", cli_origin.url("/dash.bin"), "-o", "-")
     assert both.returncode == 2 and both.stdout.startswith(b'{"error"'), both.stderr
@@ -6297,7 +6254,7 @@ def test_cli_binary_content_is_not_written_to_a_terminal(cli_origin, cli_cache_p
     text content is written; `-o -` writes binary content to the terminal unchanged."""
     cli_origin.route("/bin.dat", CLI_BINARY_BODY)
     cli_origin.route("/text.txt", "plain text, café\n".encode() * 3, content_type="text/plain")
-    env = cli_env(BUFFYLITE_CACHE=str(cli_cache_path))
+    env = subprocess_env(BUFFYLITE_CACHE=str(cli_cache_path))
     status, terminal, stderr = cli_run_on_terminal("fetch", cli_origin.url("/bin.dat"), env=env)
     assert status == 0, stderr
     assert terminal == b""
@@ -6315,8 +6272,8 @@ def test_cli_fetch_into_a_closed_pipe_is_quiet(cli_origin, cli_cache_path):
     """§13: `fetch URL | head -c 10` ends without an error line or traceback when the reader goes away."""
     cli_origin.route("/piped.bin", body=bytes(range(256)) * (CLI_LARGE_BODY_BYTES // 256))
     reader, writer = os.pipe()
-    child = subprocess.Popen([CLI_PYTHON, "-m", "buffylite", "fetch", cli_origin.url("/piped.bin")],
-                             cwd=CLI_REPO_DIR, env=cli_env(BUFFYLITE_CACHE=str(cli_cache_path)),
+    child = subprocess.Popen([PYTHON, "-m", "buffylite", "fetch", cli_origin.url("/piped.bin")],
+                             cwd=REPO_DIR, env=subprocess_env(BUFFYLITE_CACHE=str(cli_cache_path)),
                              stdin=subprocess.DEVNULL, stdout=writer, stderr=subprocess.PIPE)
     os.close(writer)
     with os.fdopen(reader, "rb") as pipe:
@@ -6387,8 +6344,8 @@ def test_cli_read_only_commands_on_a_missing_cache_create_nothing(cli_run, tmp_p
         done = cli_run("--cache", str(missing), *command)
         as_json = cli_run("--cache", str(missing), "--json", *command)
     else:
-        done = cli_run(*command, env=cli_env(BUFFYLITE_CACHE=str(missing)))
-        as_json = cli_run("--json", *command, env=cli_env(BUFFYLITE_CACHE=str(missing)))
+        done = cli_run(*command, env=subprocess_env(BUFFYLITE_CACHE=str(missing)))
+        as_json = cli_run("--json", *command, env=subprocess_env(BUFFYLITE_CACHE=str(missing)))
     assert done.returncode == 1, done.stderr
     assert str(missing) in done.stderr and len(cli_stderr_lines(done)) == 1, done.stderr
     assert as_json.returncode == 1
@@ -7086,14 +7043,6 @@ _PORTABLE_CHURN = textwrap.dedent('''
 ''')
 
 
-def portable_integrity(path: pathlib.Path) -> str:
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    try:
-        return connection.execute("PRAGMA integrity_check").fetchone()[0]
-    finally:
-        connection.close()
-
-
 def portable_contents(cache) -> dict[tuple, tuple]:
     """(group, url, version) -> (sha256 of the bytes read, stored hash, pinned, tags) of every ready version."""
     found = {}
@@ -7145,7 +7094,7 @@ def test_backup_while_three_processes_churn_is_never_torn(tmp_path, origin):
     assert len(backups) >= 3
     for backup in backups:
         assert not pathlib.Path(str(backup) + "-wal").exists()  # a complete file on its own
-        assert portable_integrity(backup) == "ok"
+        assert integrity_check(backup) == ["ok"]
         with buffylite.Cache(backup, read_only=True) as copy:
             contents = portable_contents(copy)
             assert len(contents) >= len(urls)  # every request kept at least its newest version
