@@ -75,7 +75,6 @@ import tty
 import unicodedata
 import urllib.parse
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import urlsplit
@@ -126,9 +125,9 @@ CLI_LARGE_BODY_BYTES = 4 * 1024 * 1024
 
 
 #: Body bytes the origin sends per ``sendall`` when not dripping.
-_FAULT_SEND_CHUNK_BYTES = 256 * 1024
-#: How long an idle keep-alive connection is kept open by the fake servers.
-_FAULT_IDLE_SEC = 10.0
+_SERVER_SEND_CHUNK_BYTES = 256 * 1024
+#: How long an idle keep-alive connection is kept open by the loopback servers.
+_SERVER_IDLE_SEC = 10.0
 #: Upper bound of any single test (SIGALRM); a hung fetch fails instead of hanging CI.
 _FAULT_TEST_TIMEOUT_SEC = 150
 #: Environment variables that would change where requests go.
@@ -141,7 +140,258 @@ _FAULT_BODY = bytes(range(256)) * 400
 _FAULT_OLD_BODY = b"the last good version\n" * 100
 
 
-# --- The origin: an http.server on 127.0.0.1 with a route table the test fills ---
+# --- One loopback HTTP/1.1 server over raw sockets, for origins that behave and ones that do not ---
+# Writing every byte itself, it can cut a body, reset a connection, lie about
+# ``Content-Length``, stall, drip, redirect in circles, or simply answer right. It records
+# every request it sees and how many body bytes it sent, so tests can count what went upstream.
+
+
+@dataclasses.dataclass
+class FaultReply:
+    """One answer of a :class:`LoopbackServer`, scripted by a test or built by ``Origin``.
+
+    ``body`` is what a correct server would send; the other fields say how to deviate.
+    With ``accept_ranges`` the reply honours ``Range: bytes=N-`` (206 + Content-Range) when
+    ``If-Range`` is absent or matches ``etag`` / ``last_modified``; a matching
+    ``If-None-Match`` gets a 304. Header values may be callables (evaluated when sent).
+    """
+
+    status: int = 200
+    body: bytes = b""
+    headers: dict = dataclasses.field(default_factory=dict)
+    etag: str | None = None
+    last_modified: str | None = None
+    accept_ranges: bool = False
+    content_length: int | None = None  # None: the true length; -1: no header at all
+    extra_bytes: bytes = b""  # sent after the body: a body longer than Content-Length
+    cut_after: int | None = None  # stop after this many body bytes ...
+    cut_how: str = "close"  # ... and then: "close" (FIN), "reset" (RST), "stall" (silence)
+    delay_sec: float = 0.0  # before the status line
+    drip_after: int | None = None  # from this body offset on, send slowly:
+    drip_bytes: int = 1  # this many bytes ...
+    drip_interval_sec: float = 0.5  # ... every this many seconds
+    gzip: bool = False  # Content-Encoding: gzip (Content-Length is the compressed size)
+    raw: bytes | None = None  # send exactly these bytes instead of a response, then close
+    close: bool = False  # say ``Connection: close`` and end the connection after this reply
+
+
+def _read_request_head(sock, buffer, is_closing):
+    """Read one request head from ``sock``; return ``(head, rest)`` or ``(None, b"")``."""
+    deadline = time.monotonic() + _SERVER_IDLE_SEC
+    while b"\r\n\r\n" not in buffer:
+        if is_closing() or time.monotonic() > deadline or len(buffer) > 65536:
+            return None, b""
+        readable, _, _ = select.select([sock], [], [], 0.1)
+        if not readable:
+            continue
+        try:
+            data = sock.recv(65536)
+        except OSError:
+            return None, b""
+        if not data:
+            return None, b""
+        buffer += data
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def _parse_request_head(head):
+    """Split a request head into ``(method, target, headers)``; header names lower-cased."""
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _version = lines[0].split(" ", 2)
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        key, value = name.strip().lower(), value.strip()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return method, target, headers
+
+
+def _read_request_body(sock, buffer, headers):
+    """Read a request body of ``Content-Length`` bytes (bounded); return ``(body, rest)``."""
+    length = int(headers.get("content-length", "0") or 0)
+    deadline = time.monotonic() + _SERVER_IDLE_SEC
+    while len(buffer) < length and time.monotonic() < deadline:
+        readable, _, _ = select.select([sock], [], [], 0.1)
+        if readable:
+            data = sock.recv(65536)
+            if not data:
+                break
+            buffer += data
+    return buffer[:length], buffer[length:]
+
+
+class _LoopbackTCPServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+
+
+class _LoopbackHandler(socketserver.BaseRequestHandler):
+    """Serves the requests of one connection (keep-alive) with its server's replies."""
+
+    def handle(self):
+        origin = self.server.owner
+        sock = self.request
+        sock.settimeout(30)  # bounds every sendall to a reader that stopped reading
+        buffer = b""
+        try:
+            while not origin.closing:
+                head, buffer = _read_request_head(sock, buffer, lambda: origin.closing)
+                if head is None:
+                    return
+                method, target, headers = _parse_request_head(head)
+                body, buffer = _read_request_body(sock, buffer, headers)
+                if not origin._answer(sock, method, target, headers, body):
+                    return
+        except OSError:
+            return  # the client went away (or was killed): nothing to do
+
+
+class LoopbackServer:
+    """An HTTP/1.1 server on ``127.0.0.1:<free port>`` over raw sockets, a thread per connection.
+
+    Subclasses say what to answer: ``_reply_for(record)`` returns the ``FaultReply`` for one
+    request. ``requests`` holds one record per request: ``method``, ``target``, ``path``,
+    ``headers`` (lower-case names), ``body``, ``status`` and ``bytes_sent`` (body bytes,
+    updated while sending). The server writes every byte itself, so that one implementation
+    answers by the rules (``Origin``) or breaks them as a reply says (``FaultOrigin``).
+    """
+
+    def __init__(self):
+        self.requests = []
+        self.closing = False
+        self._lock = threading.Lock()
+        self._server = _LoopbackTCPServer(("127.0.0.1", 0), _LoopbackHandler)
+        self._server.owner = self
+        self.port = self._server.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
+    def url(self, path):
+        """Full URL of ``path`` on this server."""
+        return self.base_url + path
+
+    def close(self):
+        """Stop serving, end the open connections and release the port (idempotent)."""
+        self.closing = True
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    # -- serving ------------------------------------------------------------------------
+
+    def _reply_for(self, record):
+        """The ``FaultReply`` for one request (``record`` as in ``requests``)."""
+        raise NotImplementedError
+
+    def _answer(self, sock, method, target, headers, body):
+        """Send one reply; return whether the connection may serve another request."""
+        path = urlsplit(target).path or "/"
+        record = {"method": method, "target": target, "path": path, "headers": headers,
+                  "body": body, "status": None, "bytes_sent": 0}
+        with self._lock:
+            self.requests.append(record)
+        reply = self._reply_for(record)
+        deadline = time.monotonic() + reply.delay_sec
+        while time.monotonic() < deadline and not self.closing:
+            time.sleep(0.02)
+        if reply.raw is not None:
+            sock.sendall(reply.raw)
+            return False
+        status, out_headers, body = self._shape(reply, method, headers)
+        client_closes = reply.close or headers.get("connection", "").lower() == "close"
+        if client_closes:
+            out_headers["Connection"] = "close"
+        phrase = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else "X"
+        head = f"HTTP/1.1 {status} {phrase}\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in out_headers.items()) + "\r\n"
+        record["status"] = status  # recorded before sending: the client may be faster
+        sock.sendall(head.encode("latin-1"))
+        if method == "HEAD" or status in (204, 304):
+            return not client_closes
+        if reply.extra_bytes:  # body and excess in one send: they arrive together
+            record["bytes_sent"] += len(body) + len(reply.extra_bytes)
+            sock.sendall(bytes(body) + reply.extra_bytes)
+            return not client_closes
+        if not self._send_body(sock, record, body, reply):
+            return False
+        return not client_closes
+
+    def _shape(self, reply, method, headers):
+        """Status, headers and body view for ``reply`` given the request headers."""
+        status = reply.status
+        body = reply.body
+        out = {}
+        if reply.gzip:
+            body = gzip.compress(body, mtime=0)
+            out["Content-Encoding"] = "gzip"
+        if reply.etag:
+            out["ETag"] = reply.etag
+        if reply.last_modified:
+            out["Last-Modified"] = reply.last_modified
+        if reply.accept_ranges:
+            out["Accept-Ranges"] = "bytes"
+        view = memoryview(body)
+        validators = {v for v in (reply.etag, reply.last_modified) if v}
+        if status == 200 and reply.etag and headers.get("if-none-match") == reply.etag:
+            status, view = 304, memoryview(b"")
+        elif status == 200 and reply.accept_ranges and "range" in headers:
+            match = re.fullmatch(r"bytes=(\d+)-(\d*)", headers["range"].strip())
+            if_range = headers.get("if-range")
+            if match and (if_range is None or if_range in validators):
+                total = len(view)
+                start = int(match[1])
+                end = min(int(match[2]), total - 1) if match[2] else total - 1
+                if start >= total:
+                    status, view = 416, memoryview(b"")
+                    out["Content-Range"] = f"bytes */{total}"
+                else:
+                    status, view = 206, view[start:end + 1]
+                    out["Content-Range"] = f"bytes {start}-{end}/{total}"
+        for name, value in reply.headers.items():
+            out[name] = value() if callable(value) else value
+        length = len(view) if reply.content_length is None else reply.content_length
+        if length != -1 and status != 304:
+            out["Content-Length"] = str(length)
+        return status, out, view
+
+    def _send_body(self, sock, record, view, reply):
+        """Send the body, dripping or cutting it as scripted; False once the connection is cut."""
+        total = len(view)
+        limit = total if reply.cut_after is None else min(reply.cut_after, total)
+        pos = 0
+        while pos < limit:  # bounded: every pass sends at least one byte
+            if self.closing:
+                return False
+            if reply.drip_after is not None and pos >= reply.drip_after:
+                time.sleep(reply.drip_interval_sec)
+                step = reply.drip_bytes
+            else:
+                step = _SERVER_SEND_CHUNK_BYTES
+                if reply.drip_after is not None:
+                    step = min(step, reply.drip_after - pos)
+            step = min(step, limit - pos)
+            record["bytes_sent"] += step  # counted first: an upper bound of what was served
+            sock.sendall(view[pos:pos + step])
+            pos += step
+        if limit == total:
+            return True
+        if reply.cut_how == "reset":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        elif reply.cut_how == "stall":
+            deadline = time.monotonic() + 10.0
+            while time.monotonic() < deadline and not self.closing:
+                readable, _, _ = select.select([sock], [], [], 0.1)
+                if readable and not sock.recv(65536):
+                    break  # the client gave up
+        return False  # "close": socketserver shuts the socket down (FIN)
+
+
+# --- The origin: a route table the test fills (status, headers, a body that can change) ---
 
 
 @dataclasses.dataclass
@@ -189,8 +439,8 @@ class LoggedRequest:
         return self.headers.get(name.lower())
 
 
-class Origin:
-    """A real threaded HTTP/1.1 server on 127.0.0.1 with a route table the test fills.
+class Origin(LoopbackServer):
+    """A well-behaved origin (a ``LoopbackServer``) with a route table the test fills.
 
     ``origin.route("/x", body=b"...", etag='"1"')`` adds or replaces a route and
     returns its mutable ``Route``; unknown paths answer 404. ``origin.url("/x")``
@@ -201,23 +451,13 @@ class Origin:
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
         self.log: list[LoggedRequest] = []
-        self._lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever,
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
+        super().__init__()
 
     def route(self, path: str, body: bytes = b"hello", **fields) -> Route:
         """Create (or replace) the route for ``path`` and return it."""
         with self._lock:
             self.routes[path] = Route(body=body, **fields)
             return self.routes[path]
-
-    def url(self, path: str) -> str:
-        """Full URL of ``path`` on this origin."""
-        return f"http://127.0.0.1:{self.port}{path}"
 
     def hits(self, path: str) -> int:
         """How many requests reached ``path`` (query string ignored)."""
@@ -228,19 +468,9 @@ class Origin:
         with self._lock:
             return [entry for entry in self.log if entry.route_path == path]
 
-    def close(self) -> None:
-        """Stop serving and release the port."""
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(timeout=5)
-
-    def _answer(self, handler: BaseHTTPRequestHandler) -> None:
-        """Log the request, then answer it from the route table."""
-        length = int(handler.headers.get("Content-Length") or 0)
-        request_body = handler.rfile.read(length) if length else b""
-        entry = LoggedRequest(handler.command, handler.path,
-                              {key.lower(): value for key, value in handler.headers.items()},
-                              request_body)
+    def _reply_for(self, record) -> FaultReply:
+        """Log the request, then answer it from the route table (a 304 when validators match)."""
+        entry = LoggedRequest(record["method"], record["target"], dict(record["headers"]), record["body"])
         with self._lock:
             self.log.append(entry)
             route = self.routes.get(entry.route_path)
@@ -250,27 +480,19 @@ class Origin:
         status = route.status
         if status == 200 and self._is_not_modified(route, entry):
             status = 304
-        handler.send_response(status)
+        headers = {"Date": email.utils.formatdate(usegmt=True)}  # as real origins send it
         if route.etag:
-            handler.send_header("ETag", route.etag)
+            headers["ETag"] = route.etag
         if route.last_modified:
-            handler.send_header("Last-Modified", route.last_modified)
-        for name, value in route.headers.items():
-            handler.send_header(name, value)
-        if route.close_connection:
-            handler.send_header("Connection", "close")
-            handler.close_connection = True
-        if status == 304:
-            handler.end_headers()
-            return
-        if route.content_type:
-            handler.send_header("Content-Type", route.content_type)
-        if route.content_disposition is not None:
-            handler.send_header("Content-Disposition", route.content_disposition)
-        handler.send_header("Content-Length", str(len(route.body)))
-        handler.end_headers()
-        if handler.command != "HEAD":
-            handler.wfile.write(route.body)
+            headers["Last-Modified"] = route.last_modified
+        headers.update(route.headers)
+        if status != 304:
+            if route.content_type:
+                headers["Content-Type"] = route.content_type
+            if route.content_disposition is not None:
+                headers["Content-Disposition"] = route.content_disposition
+        return FaultReply(status=status, body=b"" if status == 304 else route.body, headers=headers,
+                          close=route.close_connection)
 
     @staticmethod
     def _is_not_modified(route: Route, entry: LoggedRequest) -> bool:
@@ -290,23 +512,6 @@ class Origin:
                 return False
             return modified <= since
         return False
-
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        origin = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            timeout = 30  # idle keep-alive connections end on their own
-
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                origin._answer(self)
-
-            do_POST = do_PUT = do_HEAD = do_DELETE = do_GET  # noqa: N815
-
-            def log_message(self, *args):  # keep test output quiet
-                pass
-
-        return Handler
 
 
 @pytest.fixture
@@ -513,140 +718,22 @@ def chunk_rows(path: pathlib.Path) -> list[tuple[int, int, int]]:
         connection.close()
 
 
-# --- The fault origin: raw sockets that can cut, reset, stall, drip and lie; a forward proxy ---
-# The fault origin is a raw-socket server (not ``http.server``) so that it can misbehave: cut a
-# body, reset a connection, lie about ``Content-Length``, stall, drip, redirect in circles. It
-# records every request it sees and how many body bytes it sent, so the tests can count what
-# went upstream. Its fixtures and helpers are prefixed ``fault_`` / ``_fault`` / ``Fault``.
+# --- The fault origin: scripted replies that cut, reset, stall, drip and lie; a forward proxy ---
+# Its fixtures and helpers are prefixed ``fault_`` / ``_fault`` / ``Fault``.
 
 
-@dataclasses.dataclass
-class FaultReply:
-    """One scripted answer of :class:`FaultOrigin`.
-
-    ``body`` is what a correct server would send; the other fields say how to deviate.
-    With ``accept_ranges`` the reply honours ``Range: bytes=N-`` (206 + Content-Range) when
-    ``If-Range`` is absent or matches ``etag`` / ``last_modified``; a matching
-    ``If-None-Match`` gets a 304. Header values may be callables (evaluated when sent).
-    """
-
-    status: int = 200
-    body: bytes = b""
-    headers: dict = dataclasses.field(default_factory=dict)
-    etag: str | None = None
-    last_modified: str | None = None
-    accept_ranges: bool = False
-    content_length: int | None = None  # None: the true length; -1: no header at all
-    extra_bytes: bytes = b""  # sent after the body: a body longer than Content-Length
-    cut_after: int | None = None  # stop after this many body bytes ...
-    cut_how: str = "close"  # ... and then: "close" (FIN), "reset" (RST), "stall" (silence)
-    delay_sec: float = 0.0  # before the status line
-    drip_after: int | None = None  # from this body offset on, send slowly:
-    drip_bytes: int = 1  # this many bytes ...
-    drip_interval_sec: float = 0.5  # ... every this many seconds
-    gzip: bool = False  # Content-Encoding: gzip (Content-Length is the compressed size)
-    raw: bytes | None = None  # send exactly these bytes instead of a response, then close
-
-
-def _fault_read_head(sock, buffer, is_closing):
-    """Read one request head from ``sock``; return ``(head, rest)`` or ``(None, b"")``."""
-    deadline = time.monotonic() + _FAULT_IDLE_SEC
-    while b"\r\n\r\n" not in buffer:
-        if is_closing() or time.monotonic() > deadline or len(buffer) > 65536:
-            return None, b""
-        readable, _, _ = select.select([sock], [], [], 0.1)
-        if not readable:
-            continue
-        try:
-            data = sock.recv(65536)
-        except OSError:
-            return None, b""
-        if not data:
-            return None, b""
-        buffer += data
-    head, _, rest = buffer.partition(b"\r\n\r\n")
-    return head, rest
-
-
-def _fault_parse_head(head):
-    """Split a request head into ``(method, target, headers)``; header names lower-cased."""
-    lines = head.decode("latin-1").split("\r\n")
-    method, target, _version = lines[0].split(" ", 2)
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        key, value = name.strip().lower(), value.strip()
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    return method, target, headers
-
-
-def _fault_read_body(sock, buffer, headers):
-    """Read a request body of ``Content-Length`` bytes (bounded); return ``(body, rest)``."""
-    length = int(headers.get("content-length", "0") or 0)
-    deadline = time.monotonic() + _FAULT_IDLE_SEC
-    while len(buffer) < length and time.monotonic() < deadline:
-        readable, _, _ = select.select([sock], [], [], 0.1)
-        if readable:
-            data = sock.recv(65536)
-            if not data:
-                break
-            buffer += data
-    return buffer[:length], buffer[length:]
-
-
-class _FaultTCPServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    block_on_close = False
-
-
-class _FaultOriginHandler(socketserver.BaseRequestHandler):
-    """Serves requests on one connection (keep-alive) as the route table says."""
-
-    def handle(self):
-        origin = self.server.fault_owner
-        sock = self.request
-        sock.settimeout(30)  # bounds every sendall to a reader that stopped reading
-        buffer = b""
-        try:
-            while not origin.closing:
-                head, buffer = _fault_read_head(sock, buffer, lambda: origin.closing)
-                if head is None:
-                    return
-                method, target, headers = _fault_parse_head(head)
-                _body, buffer = _fault_read_body(sock, buffer, headers)
-                if not origin._answer(sock, method, target, headers):
-                    return
-        except OSError:
-            return  # the client went away (or was killed): nothing to do
-
-
-class FaultOrigin:
+class FaultOrigin(LoopbackServer):
     """An HTTP/1.1 origin on ``127.0.0.1:<free port>`` driven by a per-path route table.
 
     ``route(path, reply0, reply1, ...)``: the n-th request to ``path`` gets reply n (the
     last one repeats); a reply may also be a callable ``(record) -> FaultReply``.
-    Unknown paths get 404. ``requests`` holds one record per request: ``method``,
-    ``target``, ``path``, ``headers`` (lower-case names), ``status`` and ``bytes_sent``
-    (body bytes, updated while sending).
+    Unknown paths get 404. ``requests`` records every request (see ``LoopbackServer``).
     """
 
     def __init__(self):
         self.routes = {}
-        self.requests = []
-        self.closing = False
         self._counts = {}
-        self._lock = threading.Lock()
-        self._server = _FaultTCPServer(("127.0.0.1", 0), _FaultOriginHandler)
-        self._server.fault_owner = self
-        self.port = self._server.server_address[1]
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-
-    def url(self, path):
-        return self.base_url + path
+        super().__init__()
 
     def route(self, path, *replies):
         """Set the replies for ``path`` and restart its request counter."""
@@ -662,125 +749,22 @@ class FaultOrigin:
                     and (method is None or record["method"] == method)]
 
     def served_bytes(self, path):
+        """Body bytes sent for ``path`` over all requests (an upper bound of what arrived)."""
         return sum(record["bytes_sent"] for record in self.hits(path, method=None))
 
-    def close(self):
-        self.closing = True
-        self._server.shutdown()
-        self._server.server_close()
-
-    # -- serving ------------------------------------------------------------------------
-
-    def _answer(self, sock, method, target, headers):
-        """Send one reply; return whether the connection may serve another request."""
-        path = urlsplit(target).path or "/"
-        record = {"method": method, "target": target, "path": path, "headers": headers,
-                  "status": None, "bytes_sent": 0}
+    def _reply_for(self, record):
+        """The n-th request to a path gets its n-th reply (the last one repeats)."""
         with self._lock:
-            self.requests.append(record)
-            replies = self.routes.get(path)
-            index = self._counts.get(path, 0)
-            self._counts[path] = index + 1
+            replies = self.routes.get(record["path"])
+            index = self._counts.get(record["path"], 0)
+            self._counts[record["path"]] = index + 1
         if not replies:
             reply = FaultReply(status=404, body=b"no such route\n")
         else:
             reply = replies[min(index, len(replies) - 1)]
         if callable(reply):
             reply = reply(record)
-        deadline = time.monotonic() + reply.delay_sec
-        while time.monotonic() < deadline and not self.closing:
-            time.sleep(0.02)
-        if reply.raw is not None:
-            sock.sendall(reply.raw)
-            return False
-        status, out_headers, body = self._shape(reply, method, headers)
-        client_closes = headers.get("connection", "").lower() == "close"
-        if client_closes:
-            out_headers["Connection"] = "close"
-        phrase = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else "X"
-        head = f"HTTP/1.1 {status} {phrase}\r\n" + "".join(
-            f"{name}: {value}\r\n" for name, value in out_headers.items()) + "\r\n"
-        record["status"] = status  # recorded before sending: the client may be faster
-        sock.sendall(head.encode("latin-1"))
-        if method == "HEAD" or status in (204, 304):
-            return not client_closes
-        if reply.extra_bytes:  # body and excess in one send: they arrive together
-            record["bytes_sent"] += len(body) + len(reply.extra_bytes)
-            sock.sendall(bytes(body) + reply.extra_bytes)
-            return not client_closes
-        if not self._send_body(sock, record, body, reply):
-            return False
-        return not client_closes
-
-    def _shape(self, reply, method, headers):
-        """Status, headers and body view for ``reply`` given the request headers."""
-        status = reply.status
-        body = reply.body
-        out = {}
-        if reply.gzip:
-            body = gzip.compress(body, mtime=0)
-            out["Content-Encoding"] = "gzip"
-        if reply.etag:
-            out["ETag"] = reply.etag
-        if reply.last_modified:
-            out["Last-Modified"] = reply.last_modified
-        if reply.accept_ranges:
-            out["Accept-Ranges"] = "bytes"
-        view = memoryview(body)
-        validators = {v for v in (reply.etag, reply.last_modified) if v}
-        if status == 200 and reply.etag and headers.get("if-none-match") == reply.etag:
-            status, view = 304, memoryview(b"")
-        elif status == 200 and reply.accept_ranges and "range" in headers:
-            match = re.fullmatch(r"bytes=(\d+)-(\d*)", headers["range"].strip())
-            if_range = headers.get("if-range")
-            if match and (if_range is None or if_range in validators):
-                total = len(view)
-                start = int(match[1])
-                end = min(int(match[2]), total - 1) if match[2] else total - 1
-                if start >= total:
-                    status, view = 416, memoryview(b"")
-                    out["Content-Range"] = f"bytes */{total}"
-                else:
-                    status, view = 206, view[start:end + 1]
-                    out["Content-Range"] = f"bytes {start}-{end}/{total}"
-        for name, value in reply.headers.items():
-            out[name] = value() if callable(value) else value
-        length = len(view) if reply.content_length is None else reply.content_length
-        if length != -1 and status != 304:
-            out["Content-Length"] = str(length)
-        return status, out, view
-
-    def _send_body(self, sock, record, view, reply):
-        """Send the body, dripping or cutting it as scripted; False once the connection is cut."""
-        total = len(view)
-        limit = total if reply.cut_after is None else min(reply.cut_after, total)
-        pos = 0
-        while pos < limit:  # bounded: every pass sends at least one byte
-            if self.closing:
-                return False
-            if reply.drip_after is not None and pos >= reply.drip_after:
-                time.sleep(reply.drip_interval_sec)
-                step = reply.drip_bytes
-            else:
-                step = _FAULT_SEND_CHUNK_BYTES
-                if reply.drip_after is not None:
-                    step = min(step, reply.drip_after - pos)
-            step = min(step, limit - pos)
-            record["bytes_sent"] += step  # counted first: an upper bound of what was served
-            sock.sendall(view[pos:pos + step])
-            pos += step
-        if limit == total:
-            return True
-        if reply.cut_how == "reset":
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()
-        elif reply.cut_how == "stall":
-            deadline = time.monotonic() + 10.0
-            while time.monotonic() < deadline and not self.closing:
-                readable, _, _ = select.select([sock], [], [], 0.1)
-                if readable and not sock.recv(65536):
-                    break  # the client gave up
-        return False  # "close": socketserver shuts the socket down (FIN)
+        return reply
 
 
 _FAULT_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization",
@@ -791,15 +775,15 @@ class _FaultProxyHandler(socketserver.BaseRequestHandler):
     """Forwards one request per connection and records it."""
 
     def handle(self):
-        proxy = self.server.fault_owner
+        proxy = self.server.owner
         sock = self.request
         sock.settimeout(30)
         try:
-            head, rest = _fault_read_head(sock, b"", lambda: proxy.closing)
+            head, rest = _read_request_head(sock, b"", lambda: proxy.closing)
             if head is None:
                 return
-            method, target, headers = _fault_parse_head(head)
-            body, _ = _fault_read_body(sock, rest, headers)
+            method, target, headers = _parse_request_head(head)
+            body, _ = _read_request_body(sock, rest, headers)
             with proxy._lock:
                 proxy.requests.append({"method": method, "target": target, "headers": headers})
             if method == "CONNECT" or not target.startswith("http://"):
@@ -830,8 +814,8 @@ class FaultProxy:
         self.requests = []
         self.closing = False
         self._lock = threading.Lock()
-        self._server = _FaultTCPServer(("127.0.0.1", 0), _FaultProxyHandler)
-        self._server.fault_owner = self
+        self._server = _LoopbackTCPServer(("127.0.0.1", 0), _FaultProxyHandler)
+        self._server.owner = self
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
