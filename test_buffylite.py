@@ -568,6 +568,11 @@ def always() -> buffylite.RequestCacheConfiguration:
     return config(keep=10)
 
 
+def when_requested_config() -> buffylite.RequestCacheConfiguration:
+    """Shorthand: the when_requested strategy (ask the origin on every fetch), keep 2 and 10."""
+    return config(buffylite.ReCachingStrategy.when_requested())
+
+
 def _http_config(fallback: float = 86400):
     return config(buffylite.ReCachingStrategy.http(fallback_max_age_sec=fallback))
 
@@ -894,14 +899,6 @@ def fault_open_cache(fault_env, fault_cache_path):
     for cache in reversed(opened):
         with contextlib.suppress(Exception):
             cache.close()
-
-
-def _fault_config(strategy):
-    return buffylite.RequestCacheConfiguration(recaching_strategy=strategy)
-
-
-def _fault_when_requested():
-    return _fault_config(buffylite.ReCachingStrategy.when_requested())
 
 
 @functools.lru_cache(maxsize=1)
@@ -1424,14 +1421,14 @@ HELP_LINE_LIMIT = 1500
 
 
 def test_help_of_the_module_is_reasonably_short():
-    """help(buffylite) documents buffylite, not pydantic's inherited members."""
+    """§3: help(buffylite) documents buffylite, not pydantic's inherited members."""
     text = pydoc.render_doc(buffylite)
     assert len(text.splitlines()) <= HELP_LINE_LIMIT
     assert "model_json_schema" not in text and "AsyncCache" in text and "aread" in text
 
 
 def test_docstrings_stand_alone_without_the_spec():
-    """Docstrings never send the reader to a specification that does not ship."""
+    """§3: docstrings never send the reader to a specification that does not ship."""
     citing = [name for name, text in _docstrings(buffylite) if "SPEC" in text or "§" in text]
     assert citing == []
 
@@ -1946,7 +1943,7 @@ def test_cli_info_json_matches_stats(cli_run, cli_origin, cli_cache_path, cli_se
 
 
 def test_cli_info_human_shows_path_sqlite_and_schema(cli_run, cli_cache_path):
-    """§13 / issue 6: `info` shows the path, file size, counts per status, SQLite and schema version."""
+    """§13: `info` shows the path, file size, counts per status, SQLite and schema version."""
     with cli_open_cache(cli_cache_path):  # info only reads: the file must exist
         pass
     done = cli_run("info")
@@ -2236,7 +2233,7 @@ def test_first_fetch_downloads_and_describes_the_version(cache, origin):
 
 
 def test_content_changing_three_times_keeps_two_versions_newest_first(cache, origin):
-    """§6/§8/§10 must-show: age(0), keep 2, three changes -> two ready versions, right bytes, sound chain."""
+    """§6/§8/§10: age(0), keep 2, three changes -> two ready versions, right bytes, sound chain."""
     url = origin.url("/changing")
     origin.route("/changing")
     configuration = config(keep=2)
@@ -2306,7 +2303,7 @@ def test_when_requested_sends_the_validators_and_a_304_confirms_l(cache, origin,
     """§18: when_requested asks conditionally when L has validators; a 304 confirms L, no body."""
     origin.route("/wrc", body=b"same content", **validators)
     url = origin.url("/wrc")
-    strategy = config(buffylite.ReCachingStrategy.when_requested())
+    strategy = when_requested_config()
     first = cache.fetch(url, cache_configuration=strategy)
     second = cache.fetch(url)
     sent = origin.requests_to("/wrc")
@@ -2328,7 +2325,7 @@ def test_when_requested_sends_the_validators_and_a_304_confirms_l(cache, origin,
 
 def test_when_requested_serves_stale_and_records_failure_when_origin_errors(cache, origin, caplog):
     """§6: a failed due download serves L ("stale"), logs a WARNING and records a failed row with the error."""
-    strategy = config(buffylite.ReCachingStrategy.when_requested())
+    strategy = when_requested_config()
     good = fetch_body(cache, origin, "/flaky", b"good content", cache_configuration=strategy)
     origin.routes["/flaky"].status = 500
     with caplog.at_level("WARNING", logger="buffylite"):
@@ -2378,7 +2375,7 @@ def test_cli_unreachable_url_with_cache_serves_stale(cli_run, cli_origin, cli_se
 ], ids=["etag", "last-modified", "both"])
 def test_when_remote_changed_sends_one_conditional_request_and_304_makes_no_version(
         cache, origin, validators):
-    """§6 must-show: check_interval 0 -> one conditional GET; 304 -> no version, "not_modified", validation advances."""
+    """§6: check_interval 0 -> one conditional GET; 304 -> no version, "not_modified", validation advances."""
     origin.route("/rc", body=b"stable content", **validators)
     url = origin.url("/rc")
     strategy = config(buffylite.ReCachingStrategy.when_remote_changed(
@@ -2485,12 +2482,12 @@ def test_cron_without_run_at_start_serves_l_in_a_new_cache(cache_path, origin):
     assert len(origin.requests_to("/cron2")) == 1
 
 
-def _fault_cron_config(run_at_start):
-    return _fault_config(buffylite.ReCachingStrategy.cron(cron="* * * * *",
-                                                          run_at_start=run_at_start))
+def _cron_config(run_at_start):
+    """A configuration with the cron strategy ticking every minute."""
+    return config(buffylite.ReCachingStrategy.cron(cron="* * * * *", run_at_start=run_at_start))
 
 
-def _fault_tick_since(moment):
+def _cron_tick_since(moment):
     """Whether a '* * * * *' tick (a minute boundary) lies after ``moment``, up to now."""
     now = datetime.datetime.now(datetime.timezone.utc)
     return now.replace(second=0, microsecond=0) > moment
@@ -2502,20 +2499,20 @@ def test_cron_strategy_with_croniter(fault_origin, fault_open_cache):
     fault_origin.route("/cron.txt", FaultReply(body=b"scheduled\n"))
     url = fault_origin.url("/cron.txt")
     cache = fault_open_cache()
-    first = cache.fetch(url, cache_configuration=_fault_cron_config(False))
+    first = cache.fetch(url, cache_configuration=_cron_config(False))
     assert first.outcome == "downloaded"
-    second = cache.fetch(url, cache_configuration=_fault_cron_config(False))
-    if not _fault_tick_since(first.validated_datetime_utc):
+    second = cache.fetch(url, cache_configuration=_cron_config(False))
+    if not _cron_tick_since(first.validated_datetime_utc):
         assert second.outcome == "cached"
         assert len(fault_origin.hits("/cron.txt")) == 1
     hits = len(fault_origin.hits("/cron.txt"))
     other = fault_open_cache()  # run_at_start: once per opened Cache
-    third = other.fetch(url, cache_configuration=_fault_cron_config(True))
+    third = other.fetch(url, cache_configuration=_cron_config(True))
     assert third.outcome in ("duplicate", "not_modified")
     assert third.version == first.version
     assert len(fault_origin.hits("/cron.txt")) == hits + 1
     fourth = other.fetch(url)
-    if not _fault_tick_since(third.validated_datetime_utc):
+    if not _cron_tick_since(third.validated_datetime_utc):
         assert fourth.outcome == "cached"
         assert len(fault_origin.hits("/cron.txt")) == hits + 1
 
@@ -3473,7 +3470,7 @@ def test_running_download_waiters_prefer_cached_or_wait(fault_origin, fault_open
     fault_origin.route("/busy-download", FaultReply(body=b"old\n"),
                        FaultReply(body=b"new\n", delay_sec=1.5))
     cache = fault_open_cache(timeout=5.0, download_lease_sec=10.0)
-    old = cache.fetch(url, cache_configuration=_fault_when_requested())
+    old = cache.fetch(url, cache_configuration=when_requested_config())
     outcome = {}
     downloader = threading.Thread(
         target=lambda: outcome.setdefault("resp", cache.fetch(url)), daemon=True)
@@ -4124,7 +4121,7 @@ def test_a_schema_1_file_gains_the_backoff_and_caching_header_columns(cache_path
 
 
 def test_a_small_cache_stays_small(cache_path, origin):
-    """An 8-byte download leaves a small cache file and no write-ahead log, once the Cache
+    """§10: an 8-byte download leaves a small cache file and no write-ahead log, once the Cache
     is closed, and also once an unclosed Cache is dropped (without waiting for gc)."""
     origin.route("/tiny", b"8 bytes!")
 
@@ -4219,7 +4216,7 @@ def test_gc_never_removes_the_newest_ready_version(cache, origin):
 
 def test_gc_keeps_only_the_newest_failed_row(cache, origin):
     """§10: all failed rows but the newest per request are removed (at the end of each fetch)."""
-    strategy = config(buffylite.ReCachingStrategy.when_requested())
+    strategy = when_requested_config()
     good = fetch_body(cache, origin, "/gcf", b"good", cache_configuration=strategy)
     for status in (404, 410, 403):
         origin.routes["/gcf"].status = status
@@ -4280,7 +4277,7 @@ def test_gc_keeps_content_shared_with_a_surviving_version(cache, origin):
 
 
 def test_deleting_a_50_mib_version_and_gc_shrinks_the_file(cache, cache_path, origin):
-    """§10 must-show: after deleting a 50 MiB version, gc() returns the file to within 10% of its size before."""
+    """§10: after deleting a 50 MiB version, gc() returns the file to within 10% of its size before."""
     origin.route("/base", body=random_bytes(MiB, seed=10))
     cache.fetch(origin.url("/base"))
     cache.gc()
@@ -4872,7 +4869,7 @@ def test_kill9_at_random_moments_keeps_cache_consistent(
     fault_origin.route("/drip.bin", reply)
     url = fault_origin.url("/drip.bin")
     cache = fault_open_cache(**kwargs)
-    first = cache.fetch(url, cache_configuration=_fault_when_requested())
+    first = cache.fetch(url, cache_configuration=when_requested_config())
     assert first.outcome == "downloaded"
 
     def spawn():
@@ -5104,7 +5101,7 @@ def test_fault_matrix(fault, with_prior, fault_origin, fault_other_origin, fault
     prior = None
     if with_prior:
         origin.route("/fault", FaultReply(body=_FAULT_OLD_BODY))
-        prior = cache.fetch(url, cache_configuration=_fault_when_requested())
+        prior = cache.fetch(url, cache_configuration=when_requested_config())
         assert prior.outcome == "downloaded"
     hits_before = len(fault_origin.hits("/fault", method=None)) if origin is fault_origin else 0
     _fault_install(fault, origin)
@@ -5210,7 +5207,7 @@ def test_retry_after_beyond_cap_with_prior_serves_stale_after_one_request(fault_
     url = fault_origin.url("/pause")
     fault_origin.route("/pause", FaultReply(body=_FAULT_OLD_BODY))
     cache = fault_open_cache(retries=5, max_retry_wait=2.0)
-    prior = cache.fetch(url, cache_configuration=_fault_when_requested())
+    prior = cache.fetch(url, cache_configuration=when_requested_config())
     fault_origin.route("/pause", FaultReply(status=429, headers={"Retry-After": "3600"}))
     hits_before = len(fault_origin.hits("/pause"))
     started = time.monotonic()
@@ -5722,7 +5719,7 @@ def test_proxy_passwords_never_appear_in_errors_or_logs(fault_origin, fault_env,
 
 
 def test_gzip_content_encoding_stores_decoded_bytes(fault_origin, fault_open_cache):
-    """§11 (issue 4): Content-Encoding gzip is decoded; stored = what a browser saves."""
+    """§11: Content-Encoding gzip is decoded; stored = what a browser saves."""
     body = b"hello gzip world\n" * 5000
     fault_origin.route("/gz.txt", FaultReply(body=body, gzip=True, etag='"gz"',
                                              headers={"Content-Type": "text/plain"}))
@@ -5798,7 +5795,7 @@ HOSTILE_NAMES = [
 
 @pytest.mark.parametrize("disposition", HOSTILE_NAMES)
 def test_save_to_dir_never_escapes_dir_with_hostile_filenames(cache, origin, tmp_path, disposition):
-    """§3 must-show #5: hostile Content-Disposition names never write outside dir."""
+    """§3/§11: hostile Content-Disposition names never write outside dir."""
     outer = tmp_path / "outer"
     target_dir = outer / "dir"
     target_dir.mkdir(parents=True)
@@ -6607,7 +6604,7 @@ def test_hostile_origin_answers_never_break_the_cache(fault_origin, fault_open_c
                              failure_backoff_sec=0)
     url = fault_origin.url("/h")
     fault_origin.route("/h", FaultReply(body=b"last good version"))
-    good = cache.pin(cache.fetch(url, cache_configuration=_fault_when_requested()))
+    good = cache.pin(cache.fetch(url, cache_configuration=when_requested_config()))
     seen = collections.Counter()
 
     @settings(max_examples=320, deadline=None, database=None,
@@ -6683,7 +6680,7 @@ def test_full_disk_serves_stale_then_recovers(small_tmpfs, fault_origin, fault_o
     fault_origin.route("/big", FaultReply(body=b"first version"))
     fault_origin.route("/new", FaultReply(body=random_bytes(MiB, seed=9)))
     url = fault_origin.url("/big")
-    first = cache.fetch(url, cache_configuration=_fault_when_requested())
+    first = cache.fetch(url, cache_configuration=when_requested_config())
     filler = _fill_disk(small_tmpfs)
     fault_origin.route("/big", FaultReply(body=random_bytes(2 * MiB, seed=8)))
 
@@ -7923,7 +7920,7 @@ def test_failure_backoff_serves_stale_at_once_in_a_new_process(cache_path, down)
         server.route("/app.json", body=b'{"v": 1}', close_connection=True)
         url = server.url("/app.json")
         with buffylite.Cache(cache_path, retries=5, max_retry_wait=0.05) as app:
-            good = app.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.when_requested()))
+            good = app.fetch(url, cache_configuration=when_requested_config())
             if down == "503":
                 server.routes["/app.json"].status = 503
             else:
@@ -7955,7 +7952,7 @@ def test_failure_backoff_is_ignored_by_refresh_and_ends(cache_path, origin):
     origin.route("/bo", body=b"good")
     url = origin.url("/bo")
     with buffylite.Cache(cache_path, retries=0, failure_backoff_sec=1.0) as opened:
-        good = opened.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.when_requested()))
+        good = opened.fetch(url, cache_configuration=when_requested_config())
         origin.routes["/bo"].status = 503
         failed_at = time.monotonic()
         assert opened.fetch(url).outcome == "stale"
@@ -7999,7 +7996,7 @@ def test_failure_backoff_with_stale_refused_raises_at_once(cache_path, origin):
     origin.route("/bnr", body=b"good")
     url = origin.url("/bnr")
     with buffylite.Cache(cache_path, retries=0) as opened:
-        opened.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.when_requested()))
+        opened.fetch(url, cache_configuration=when_requested_config())
         origin.routes["/bnr"].status = 502
         assert opened.fetch(url).outcome == "stale"
         with pytest.raises(buffylite.FetchError) as caught:
@@ -8031,7 +8028,7 @@ def test_retry_after_longer_than_the_backoff_extends_it(cache_path, fault_origin
     fault_origin.route("/ra", FaultReply(body=b"good"),
                        FaultReply(status=429, body=b"later", headers={"Retry-After": "5"}))
     with buffylite.Cache(cache_path, retries=3, max_retry_wait=1.0, failure_backoff_sec=0.3) as opened:
-        opened.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.when_requested()))
+        opened.fetch(url, cache_configuration=when_requested_config())
         assert opened.fetch(url).outcome == "stale"
         assert len(fault_origin.hits("/ra")) == 2  # Retry-After beyond max_retry_wait: no retry
         time.sleep(0.6)
@@ -8048,7 +8045,7 @@ def test_a_damaged_backoff_record_means_no_backoff(cache_path, origin, until, fa
     origin.route("/dmg", body=b"good")
     url = origin.url("/dmg")
     with buffylite.Cache(cache_path, retries=0) as opened:
-        opened.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.when_requested()))
+        opened.fetch(url, cache_configuration=when_requested_config())
     connection = sqlite3.connect(cache_path)
     with connection:
         connection.execute(f"UPDATE request SET backoff_until_unix = {until}, backoff_failure = {failure}")
@@ -8064,7 +8061,7 @@ def test_a_backoff_with_a_damaged_failure_record_still_serves_stale(cache_path, 
     origin.route("/dmg2", body=b"good")
     url = origin.url("/dmg2")
     with buffylite.Cache(cache_path, retries=0) as opened:
-        opened.fetch(url, cache_configuration=config(buffylite.ReCachingStrategy.when_requested()))
+        opened.fetch(url, cache_configuration=when_requested_config())
     connection = sqlite3.connect(cache_path)
     with connection:
         connection.execute("UPDATE request SET backoff_until_unix = ?, backoff_failure = '{not json'",
