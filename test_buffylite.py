@@ -222,6 +222,8 @@ def _read_request_body(sock, buffer, headers):
 
 
 class _LoopbackTCPServer(socketserver.ThreadingTCPServer):
+    """A thread per connection; closing never waits for connections a client keeps open."""
+
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
@@ -574,6 +576,7 @@ def when_requested_config() -> buffylite.RequestCacheConfiguration:
 
 
 def _http_config(fallback: float = 86400):
+    """A configuration with the http strategy (``fallback`` seconds without caching headers)."""
     return config(buffylite.ReCachingStrategy.http(fallback_max_age_sec=fallback))
 
 
@@ -586,6 +589,7 @@ def fetch_body(cache, origin: Origin, path: str, body: bytes, **kwargs):
 
 
 def sha256(data: bytes) -> str:
+    """The sha256 of ``data`` in hex, as ``content_hash_hex`` has it."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -635,6 +639,7 @@ class CancelDownload(Exception):
 
 
 def _columns_by_table(connection: sqlite3.Connection) -> dict[str, list[str]]:
+    """Table name -> column names, on an open connection."""
     names = [row[0] for row in connection.execute(
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
     return {name: [column[1] for column in connection.execute(f'PRAGMA table_info("{name}")')]
@@ -877,9 +882,9 @@ def fault_proxy():
 
 
 @pytest.fixture
-def fault_cache_path(tmp_path):
-    """Path of a fresh (not yet created) cache file."""
-    return tmp_path / "fault-cache.sqlite3"
+def fault_cache_path(cache_path):
+    """The fault tests' name for ``cache_path``: a fresh, not yet created cache file."""
+    return cache_path
 
 
 @pytest.fixture
@@ -909,6 +914,7 @@ def _fault_big_body():
 
 
 def _fault_stream_sha256(resp):
+    """The sha256 of a Response's content read through ``open()`` in 1 MiB pieces."""
     digest = hashlib.sha256()
     with resp.open() as stream:
         for block in iter(lambda: stream.read(MiB), b""):
@@ -959,6 +965,7 @@ def _fault_invariant_problems(cache, url, **identity):
 
 
 def _fault_warnings(caplog):
+    """The WARNING (or worse) records buffylite logged during the test."""
     return [record for record in caplog.records
             if record.name.startswith("buffylite") and record.levelno >= logging.WARNING]
 
@@ -1179,9 +1186,9 @@ def fault_workers(tmp_path, fault_env):
 
 
 @pytest.fixture
-def cli_cache_path(tmp_path) -> pathlib.Path:
-    """The cache file the CLI uses by default (via ``BUFFYLITE_CACHE``); not created yet."""
-    return tmp_path / "cli-cache.sqlite3"
+def cli_cache_path(cache_path) -> pathlib.Path:
+    """``cache_path``, the file the CLI uses by default (via ``BUFFYLITE_CACHE``); not created yet."""
+    return cache_path
 
 
 @pytest.fixture
