@@ -709,6 +709,21 @@ def integrity_check(path: pathlib.Path) -> list[str]:
         return [str(exc)]
 
 
+def corrupt_content(path: pathlib.Path, content_hash: str) -> None:
+    """Flip a byte of the first chunk of the content with ``content_hash`` (tables found by columns)."""
+    version_table = table_with_columns(path, {"content_hash_hex", "tags"})
+    chunk_table = table_with_columns(path, {"content_id", "seq", "data"})
+    with contextlib.closing(sqlite3.connect(path, timeout=10)) as connection:
+        [content_id] = {row[0] for row in connection.execute(
+            f'SELECT content_id FROM "{version_table}" WHERE content_hash_hex = ?', (content_hash,))}
+        [(data,)] = connection.execute(f'SELECT data FROM "{chunk_table}" WHERE content_id = ? AND seq = 0',
+                                       (content_id,))
+        flipped = bytes([data[0] ^ 0xFF]) + bytes(data[1:])
+        connection.execute(f'UPDATE "{chunk_table}" SET data = ? WHERE content_id = ? AND seq = 0',
+                           (flipped, content_id))
+        connection.commit()
+
+
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Store new downloads in small chunks of irregular sizes (reads of 3001 bytes, chunks
@@ -3005,21 +3020,6 @@ def test_as_of_equal_to_a_cached_datetime_returns_that_version(cache, origin):
     assert len(origin.log) == sent_before
 
 
-def _corrupt_content_with_hash(path: pathlib.Path, content_hash: str) -> None:
-    """Flip a byte of the first chunk of the content with ``content_hash`` (tables found by columns)."""
-    version_table = table_with_columns(path, {"content_hash_hex", "tags"})
-    chunk_table = table_with_columns(path, {"content_id", "seq", "data"})
-    with contextlib.closing(sqlite3.connect(path, timeout=10)) as connection:
-        [content_id] = {row[0] for row in connection.execute(
-            f'SELECT content_id FROM "{version_table}" WHERE content_hash_hex = ?', (content_hash,))}
-        [(data,)] = connection.execute(f'SELECT data FROM "{chunk_table}" WHERE content_id = ? AND seq = 0',
-                                       (content_id,))
-        flipped = bytes([data[0] ^ 0xFF]) + bytes(data[1:])
-        connection.execute(f'UPDATE "{chunk_table}" SET data = ? WHERE content_id = ? AND seq = 0',
-                           (flipped, content_id))
-        connection.commit()
-
-
 def test_as_of_after_gc_of_the_versions_current_then_names_them(cache, origin):
     """§7: keep 1 unpinned; v0 pinned; v1, v2, v3 downloaded and v1, v2 collected: as_of a
     moment after v1 (and after v2) raises NotCachedError naming v1 (v2) and its hash, never
@@ -3088,7 +3088,7 @@ def test_as_of_answers_what_was_newest_then_or_names_the_removed_version(origin,
                 elif kind == "delete":
                     cache.delete(url)
                 elif kind == "corrupt" and ready:
-                    _corrupt_content_with_hash(path, ready[arg % len(ready)].content_hash_hex)
+                    corrupt_content(path, ready[arg % len(ready)].content_hash_hex)
                     cache.verify()
                 after = cache.versions(url)
                 newest.append(after[0].version if after else None)
@@ -4531,23 +4531,11 @@ def test_cli_verify_intact_exits_0(cli_run, cli_origin, cli_seed):
     assert json.loads(json_done.stdout) == {"checked": 2, "corrupted": [], "problems": []}
 
 
-def cli_corrupt_content(path: pathlib.Path, content_hash: str) -> None:
-    """Flip every byte of the first chunk of the content with ``content_hash`` (sqlite3, not the API)."""
-    with contextlib.closing(sqlite3.connect(path)) as connection:
-        (content_id,) = connection.execute("SELECT id FROM content WHERE hash_hex = ?", (content_hash,)).fetchone()
-        (data,) = connection.execute("SELECT data FROM chunk WHERE content_id = ? ORDER BY seq LIMIT 1",
-                                     (content_id,)).fetchone()
-        flipped = bytes(byte ^ 0xFF for byte in data)
-        connection.execute("UPDATE chunk SET data = ? WHERE content_id = ? AND seq = "
-                           "(SELECT MIN(seq) FROM chunk WHERE content_id = ?)", (flipped, content_id, content_id))
-        connection.commit()
-
-
 def test_cli_verify_corrupted_exits_4_with_one_stderr_line(cli_run, cli_origin, cli_cache_path, cli_seed):
     """§13: `verify` finding corrupted content exits 4 after one stderr line with the count."""
     old, new = cli_seed("/bad.bin", [CLI_BINARY_BODY, b"untouched"])
     url = cli_origin.url("/bad.bin")
-    cli_corrupt_content(cli_cache_path, hashlib.sha256(CLI_BINARY_BODY).hexdigest())
+    corrupt_content(cli_cache_path, hashlib.sha256(CLI_BINARY_BODY).hexdigest())
     done = cli_run("verify")
     assert done.returncode == 4
     lines = cli_stderr_lines(done)
@@ -4564,7 +4552,7 @@ def test_cli_verify_corrupted_exits_4_with_one_stderr_line(cli_run, cli_origin, 
 def test_cli_verify_corrupted_json_lists_versions(cli_run, cli_origin, cli_cache_path, cli_seed):
     """§13: `verify --json` lists the corrupted versions and exits 4."""
     (version,) = cli_seed("/badj.bin", [CLI_BINARY_BODY])
-    cli_corrupt_content(cli_cache_path, hashlib.sha256(CLI_BINARY_BODY).hexdigest())
+    corrupt_content(cli_cache_path, hashlib.sha256(CLI_BINARY_BODY).hexdigest())
     done = cli_run("--json", "verify")
     assert done.returncode == 4
     report = json.loads(done.stdout)
