@@ -847,6 +847,7 @@ class FaultProxy:
                          daemon=True).start()
 
     def close(self):
+        """Stop serving and release the port."""
         self.closing = True
         self._server.shutdown()
         self._server.server_close()
