@@ -910,8 +910,13 @@ class Bench:
                            for name in ("sqlite3 chunks",)], "—",
                          *[peer(f"{cold[name]['seconds']:.2f}", cold[name]["ratio"])
                            for name in ("pooch", "requests-cache")],
-                         fmt_ratio(cold["buffylite"]["ratio"]), "≤ 1.15×",
-                         mark(cold["buffylite"]["ratio"] <= 1.15)])
+                         fmt_ratio(cold["buffylite"]["ratio"]), "—", ""])
+            # The target of a resumable one-file design: raw sqlite3 in WAL, one commit per
+            # 1 MiB chunk and a final checkpoint ("sqlite3 chunks"), same run.
+            versus_floor = cold["buffylite"]["seconds"] / cold["sqlite3 chunks"]["seconds"]
+            rows.append([f"cold {mib} MiB vs sqlite3 chunks", fmt_ratio(versus_floor), "—",
+                         f"{cold['sqlite3 chunks']['seconds']:.2f}", "—", "—", "—", "—", "≤ 1.1×",
+                         mark(versus_floor <= 1.1)])
             rows.append([f"cold {mib} MiB, peak RSS − after imports, MiB",
                          f"+{cold['buffylite']['growth_mib']:.1f}", f"+{cold['urllib3']['growth_mib']:.1f}",
                          f"+{cold['sqlite3 chunks']['growth_mib']:.1f}", "—",
