@@ -734,6 +734,44 @@ _FILENAME_EDGES = re.compile(r"^[\s.]+|[\s.]+$")
 _MAX_EXTENSION_BYTES = 32
 
 
+def _replace_file(path: pathlib.Path, write: Callable[[Any], None], *,
+                  keep_mode: int | None = None) -> pathlib.Path:
+    """Fill a temporary file beside ``path`` with ``write(file)``, then rename it over
+    ``path``: readers see the old file or the whole new one. The mode is the replaced
+    file's (``keep_mode``), else what ``open()`` would give (mkstemp makes 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=".buffylite-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as output:
+            write(output)
+        os.chmod(temp_name, stat.S_IMODE(keep_mode) if keep_mode is not None else 0o666 & ~_UMASK)
+        os.replace(temp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_name)
+        raise
+    return path
+
+
+def _write_to_callers_path(target, write: Callable[[Any], None]) -> None:
+    """Write with ``write(file)`` to a path the caller named: through a symlink (its
+    target is written), into a FIFO or a device as ``open(path, "wb")`` would; only a
+    regular file (or nothing) is replaced, atomically, keeping its mode. A directory is
+    an InvalidRequestError. (A name an origin chose is replaced instead: ``_replace_file``.)"""
+    path = pathlib.Path(os.path.realpath(target))
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise InvalidRequestError(f"Cannot write {target}: it is a directory.")
+    if mode is not None and not stat.S_ISREG(mode):
+        with open(path, "wb") as output:
+            write(output)
+        return
+    _replace_file(path, write, keep_mode=mode)
+
+
 def _cut_utf8(text: str, limit: int) -> str:
     """The longest prefix of ``text`` whose UTF-8 form has at most ``limit`` bytes."""
     return text.encode("utf-8")[:max(limit, 0)].decode("utf-8", "ignore")
@@ -1401,22 +1439,15 @@ class Response(_Model):
             # The origin chose this name: whatever is there (a symlink, a FIFO, a device)
             # is replaced by the rename, never followed or written into.
             name = _sanitize_filename(self.content_attributes.filename) or FALLBACK_FILENAME
-            return self._replace_atomically(cache, content_id, directory / name)
-        # The caller chose this path: it is written through a symlink, and into a FIFO or
-        # a device, as open(path, "wb") would; only a regular file (or nothing) is replaced.
-        path = pathlib.Path(os.path.realpath(target))
-        try:
-            mode = os.stat(path).st_mode
-        except FileNotFoundError:
-            mode = None
-        if mode is not None and stat.S_ISDIR(mode):
-            raise InvalidRequestError(f"Cannot save the content of {self.url} to {target}: it is a directory.")
-        if mode is not None and not stat.S_ISREG(mode):
-            with open(path, "wb") as output:
-                self._copy_content_to(cache, content_id, output, self.__pydantic_private__.get("_expected_hash"))
-            return pathlib.Path(target)
-        self._replace_atomically(cache, content_id, path, keep_mode=mode)
+            return _replace_file(directory / name, self._content_writer(cache, content_id))
+        _write_to_callers_path(target, self._content_writer(cache, content_id))
         return pathlib.Path(target)
+
+    def _content_writer(self, cache, content_id: int) -> Callable[[Any], None]:
+        """``write(file)``: copies this version's content into a file (hash-checked when
+        this Response came from ``fetch(expected_hash=...)``)."""
+        expected = self.__pydantic_private__.get("_expected_hash")
+        return lambda output: self._copy_content_to(cache, content_id, output, expected)
 
     @staticmethod
     def _copy_content_to(cache, content_id: int, output, check_hash: str | None = None) -> None:
@@ -1425,23 +1456,6 @@ class Response(_Model):
         with cache._store.open_content(content_id, check_hash=check_hash) as stream:
             for piece in iter(lambda: stream.read(DEFAULT_CHUNK_SIZE_BYTES), b""):
                 output.write(piece)
-
-    def _replace_atomically(self, cache, content_id: int, path: pathlib.Path, *,
-                            keep_mode: int | None = None) -> pathlib.Path:
-        """Write a temporary file beside ``path``, then rename it over ``path``."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(prefix=".buffylite-", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as output:
-                self._copy_content_to(cache, content_id, output, self.__pydantic_private__.get("_expected_hash"))
-            # mkstemp makes 0600; give what open() would (or what the replaced file had).
-            os.chmod(temp_name, stat.S_IMODE(keep_mode) if keep_mode is not None else 0o666 & ~_UMASK)
-            os.replace(temp_name, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp_name)
-            raise
-        return path
 
     # --- asyncio (see AsyncCache) ---
 
@@ -6499,32 +6513,10 @@ def _read_lockfile(path: str | os.PathLike) -> dict[str, LockEntry]:
 
 
 def _write_atomically(path: pathlib.Path, data: bytes) -> None:
-    """Write ``data`` to the caller's ``path`` as ``Response.save_to`` does: through a
-    symlink, into a FIFO or a device as ``open(path, "wb")`` would; only a regular file
-    (or nothing) is replaced, atomically (temporary file + rename), keeping its mode."""
+    """Write ``data`` to the caller's ``path`` as ``Response.save_to`` does (see
+    ``_write_to_callers_path``); CacheFileError naming the path when the system refuses."""
     try:
-        shown, path = path, pathlib.Path(os.path.realpath(path))
-        try:
-            mode = os.stat(path).st_mode
-        except FileNotFoundError:
-            mode = None
-        if mode is not None and stat.S_ISDIR(mode):
-            raise InvalidRequestError(f"Cannot write {shown}: it is a directory.")
-        if mode is not None and not stat.S_ISREG(mode):
-            with open(path, "wb") as output:
-                output.write(data)
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as output:
-                output.write(data)
-            os.chmod(temp_name, stat.S_IMODE(mode) if mode is not None else 0o666 & ~_UMASK)
-            os.replace(temp_name, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp_name)
-            raise
+        _write_to_callers_path(path, lambda output: output.write(data))
     except OSError as exc:
         raise CacheFileError(f"Cannot write {path}: {exc}.", path=path) from exc
 
