@@ -1,5 +1,5 @@
 """Time ``gc()`` of one request holding 1,000 versions, in a cache of 10 requests and in a
-cache of 10,000 requests, and print the ratio (issue 3, must-show #4; target < 1.5).
+cache of 10,000 requests, and print the ratio (target < 1.5).
 
     .venv/bin/python bench/gc_scale.py            # full: 1,000 versions, 10 vs 10,000 requests
     .venv/bin/python bench/gc_scale.py --quick    # under a minute: 300 versions, 10 vs 2,000

@@ -1,5 +1,5 @@
 """Download a large body through buffylite, read it back through ``open()``, and
-report throughput and the process's peak RSS (issue: bounded memory).
+report throughput and the process's peak RSS (memory must stay bounded).
 
     python bench/large_download.py [--size-mib 256]
 

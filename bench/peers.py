@@ -1,4 +1,4 @@
-"""buffylite against the caches a user would otherwise pick (issue 7), in one run.
+"""buffylite against the caches a user would otherwise pick, in one run.
 
     .venv/bin/python bench/peers.py            # full run (about 5 minutes on 2 cores)
     .venv/bin/python bench/peers.py --quick    # under a minute, smaller sizes (see below)
@@ -47,7 +47,7 @@ round) and computing each ratio *inside* a round, then taking the median over ro
   ~1.5 s so every caller arrives while the first download is in flight).
 
 Then a summary table: measure, buffylite, each peer (with its ratio to the floor),
-buffylite's ratio, and the target from issue 7. Temporary files live in one temporary
+buffylite's ratio, and its target. Temporary files live in one temporary
 directory that is removed at the end; the origin subprocess is stopped.
 """
 

@@ -1,5 +1,5 @@
-"""Mixed-load stress test of one cache file shared by several processes (issue 5,
-must-show #3): N processes for S seconds doing a random mix of fetch / pin / unpin /
+"""Mixed-load stress test of one cache file shared by several processes:
+N processes for S seconds doing a random mix of fetch / pin / unpin /
 tag / untag / gc / verify / versions against a loopback origin whose content changes,
 then a check of the file's invariants.
 
