@@ -7564,6 +7564,33 @@ def test_a_clock_jump_during_a_download_causes_no_second_download(
     assert second["version"] == first["version"] and second["body"] == body.decode()
 
 
+def test_a_killed_downloader_whose_clock_ran_ahead_is_taken_over_after_its_lease(
+        fault_origin, fault_open_cache, fault_cache_path, tmp_path):
+    """§15/§10: a downloader whose clock ran five minutes ahead wrote lease ends that look
+    five minutes away; once it is killed, another process takes the download over after
+    about the lease time of watching the heartbeat stand still, not five minutes."""
+    body = b"K" * 2400
+    fault_origin.route("/killed.bin",
+                       FaultReply(body=body, drip_after=0, drip_bytes=100, drip_interval_sec=0.5),
+                       FaultReply(body=body))
+    url = fault_origin.url("/killed.bin")
+    fault_open_cache().close()
+    downloader = _skewed_fetch(tmp_path, fault_cache_path, url, skew=300.0)
+    _store_wait_for_in_flight_row(fault_cache_path)
+    time.sleep(0.5)
+    downloader.kill()
+    downloader.communicate(timeout=10)
+    cache = fault_open_cache(download_lease_sec=1.0)
+    began = time.monotonic()
+    response = cache.fetch(url)
+    waited = time.monotonic() - began
+    assert response.outcome == "downloaded" and response.read() == body
+    assert len(fault_origin.hits("/killed.bin")) == 2
+    assert 1.0 <= waited < 10.0
+    cache.gc()
+    assert [row.status for row in cache.versions(url, status=None)] == ["ready"]
+
+
 # ===========================================================================
 # §16 Reproducible and portable caches
 # ===========================================================================
