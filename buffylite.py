@@ -3826,11 +3826,60 @@ def _is_leased(row, now: float) -> bool:
     return row.pinned_until_unix is not None and row.pinned_until_unix > now
 
 
+#: How much longer than its lease a heartbeat must stay unchanged, on the waiter's own
+#: monotonic clock, before the waiter declares the download dead: room for a renewal
+#: that waited for the write lock.
+LEASE_SILENCE_MARGIN_SEC = 0.5
+#: Without an observation of its own, a process counts an in-flight row as abandoned
+#: (for GC) only when its stored lease end lies this many lease lengths in the past by
+#: the process's wall clock: a downloader whose clock runs minutes behind writes lease
+#: ends that already look past to others.
+ABANDONED_WITHOUT_OBSERVATION_LEASES = 10.0
+_LEASE_SIGHTINGS_MAX = 4096
+_lease_sightings: dict[tuple[str, int], tuple[tuple, float]] = {}
+_lease_sightings_lock = threading.Lock()
+
+
+def _lease_released(row) -> bool:
+    """Did the holder give the lease up (no lease, or the end set to 0 by ``_abandon``)?"""
+    return not row.lease_expires_unix or row.lease_expires_unix <= 0
+
+
+def _lease_silence(path: str, row) -> float | None:
+    """How long, in seconds of this process's monotonic clock, the heartbeat of an
+    in-flight row's lease (its owner and stored end, which every renewal changes) has
+    been seen unchanged; None when this process sees this heartbeat for the first time
+    (it is remembered from now on). Comparing the stored end with this process's wall
+    clock would make processes whose clocks disagree take each other's live leases."""
+    heartbeat = (row.lease_owner, row.lease_expires_unix)
+    moment = time.monotonic()
+    key = (path, row.id)
+    with _lease_sightings_lock:
+        seen = _lease_sightings.get(key)
+        if seen is not None and seen[0] == heartbeat:
+            return moment - seen[1]
+        if len(_lease_sightings) >= _LEASE_SIGHTINGS_MAX:
+            for old in sorted(_lease_sightings, key=lambda k: _lease_sightings[k][1])[:_LEASE_SIGHTINGS_MAX // 2]:
+                del _lease_sightings[old]
+        _lease_sightings[key] = (heartbeat, moment)
+        return None
+
+
+def _lease_is_live(path: str, row, lease_sec: float) -> bool:
+    """Is another download's lease alive, judged by whether its heartbeat still changes?
+    A heartbeat seen for the first time counts as alive."""
+    if _lease_released(row):
+        return False
+    silence = _lease_silence(path, row)
+    return silence is None or silence < lease_sec + LEASE_SILENCE_MARGIN_SEC
+
+
 def _gc_selection(rows: list, configuration: RequestCacheConfiguration,
-                  now: float) -> dict[int, tuple[Any, str]]:
+                  now: float, abandoned: Callable[[Any], bool] | None = None) -> dict[int, tuple[Any, str]]:
     """Which version rows of one request garbage collection removes, and why, as
     ``{version id: (row, reason)}``: a pure function of the rows (newest first), the
-    request's configuration and the time.
+    request's configuration and the time. ``abandoned`` says whether an in-flight row's
+    download is dead; without it, a row whose lease end is not after ``now`` is.
 
     ======================================  ======================================
     rows                                    kept / removed (reason)
@@ -3863,7 +3912,8 @@ def _gc_selection(rows: list, configuration: RequestCacheConfiguration,
     for row in rows:
         if row.status == "duplicate":
             removals[row.id] = (row, "duplicate")
-        elif row.status in IN_FLIGHT_STATUSES and (row.lease_expires_unix or 0) <= now:
+        elif row.status in IN_FLIGHT_STATUSES and (
+                abandoned(row) if abandoned is not None else (row.lease_expires_unix or 0) <= now):
             removals[row.id] = (row, "abandoned")
     return removals
 
@@ -4074,10 +4124,13 @@ class _Sink:
 
     def _check_ownership(self, t: _Tables) -> None:
         """Raise _LeaseLost unless this download still holds its lease. Runs inside the
-        caller's write transaction, so nothing can take the lease before it commits."""
+        caller's write transaction, so nothing can take the lease before it commits.
+        Holding means being the recorded owner of a lease not given up: another process
+        takes a lease over only by writing its own owner, and judging the lease end by
+        this process's clock would make a clock jump end a live download."""
         owned = t.version.select().where(
             (t.version.id == self._claim.row_id) & (t.version.lease_owner == self._claim.owner)
-            & (t.version.lease_expires_unix > _now())).exists()
+            & (t.version.lease_expires_unix > 0)).exists()
         if not owned:
             raise _LeaseLost()
 
@@ -5051,7 +5104,7 @@ class Cache:
                 (t.version.request_id == request_id) & t.version.status.in_(IN_FLIGHT_STATUSES))
                 .order_by(t.version.version.desc()))
             for row in in_flight:
-                if (row.lease_expires_unix or 0) > now:
+                if _lease_is_live(self.path, row, self._download_lease_sec):
                     return _Claim(request_id, other_row_id=row.id)
             for row in in_flight:
                 # A row whose resume data is damaged is not resumed (GC reclaims it).
@@ -5064,6 +5117,22 @@ class Cache:
                 request_id=request_id, version=_next_version_string(now, newest), status="wait",
                 request_unix=now, **lease).execute()
             return _Claim(request_id, row_id, owner)
+
+    def _is_abandoned_at(self, now: float) -> Callable[[Any], bool]:
+        """GC's judgement of an in-flight row: dead when released, or when this process
+        has watched its heartbeat stand still for the lease time; without such an
+        observation only when its stored lease end is long past by ``now``
+        (``ABANDONED_WITHOUT_OBSERVATION_LEASES`` lease lengths)."""
+        lease_sec = self._download_lease_sec
+
+        def abandoned(row) -> bool:
+            if _lease_released(row):
+                return True
+            silence = _lease_silence(self.path, row)
+            if silence is not None:
+                return silence >= lease_sec + LEASE_SILENCE_MARGIN_SEC
+            return row.lease_expires_unix <= now - ABANDONED_WITHOUT_OBSERVATION_LEASES * lease_sec
+        return abandoned
 
     def _settled_meanwhile(self, call: _FetchCall, request, strategy, started: float, seen,
                            now: float) -> bool:
@@ -5102,7 +5171,7 @@ class Cache:
                     pass  # A damaged settlement tells nothing: decide again on the rows.
                 return None  # Reclaimed, or settled and since overwritten: decide again.
             if not isinstance(row.lease_expires_unix, (int, float, type(None))) \
-                    or (row.lease_expires_unix or 0) <= _now():
+                    or not _lease_is_live(self.path, row, self._download_lease_sec):
                 return None
             time.sleep(pause)
             pause = min(pause * 1.5, WAIT_POLL_MAX_SEC)
@@ -5443,7 +5512,7 @@ class Cache:
             rows = given
         if request is None:
             return {}, 0
-        removals = _gc_selection(rows, self._configuration_of(request), now)
+        removals = _gc_selection(rows, self._configuration_of(request), now, self._is_abandoned_at(now))
         if not removals:
             return {}, 0
         removed = [row for row, _ in removals.values()]

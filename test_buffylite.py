@@ -4851,8 +4851,11 @@ def test_every_bit_flip_leaves_the_api_honest(cache_path, origin, tmp_path, repo
 
 
 def test_kill9_at_random_moments_keeps_cache_consistent(
-        fault_origin, fault_open_cache, fault_workers, fault_cache_path, capsys):
+        fault_origin, fault_open_cache, fault_workers, fault_cache_path, capsys, monkeypatch):
     """§10: 25 rounds of SIGKILL during a download: integrity, last good served, hashes, GC."""
+    # Every process here shares one clock, and this process never watched the killed
+    # row's heartbeat: let gc() count a lease end past by this clock as abandoned.
+    monkeypatch.setattr(buffylite, "ABANDONED_WITHOUT_OBSERVATION_LEASES", 0.0)
     rounds = 25
     rng = random.Random(1234)
     lease_sec = 0.5
@@ -7476,6 +7479,116 @@ def test_lease_is_renewed_while_a_download_outlasts_it(fault_origin, fault_open_
         assert results[name].read() == body
     assert results["waiter"].version == results["downloader"].version
     assert len(fault_origin.hits("/renewed.bin")) == 1
+
+
+# --- leases across skewed clocks (SPEC §15) ---
+# Each child process fetches one URL with its own ``buffylite._now``: shifted by a fixed
+# number of seconds, or jumping by some seconds once the child has run a while.
+
+_SKEWED_FETCH_SOURCE = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import buffylite
+args = json.loads(sys.argv[2])
+began = time.monotonic()
+buffylite._now = lambda: time.time() + args["skew"] + (
+    args["jump"] if time.monotonic() - began > args["jump_after"] else 0.0)
+with buffylite.Cache(args["cache"], download_lease_sec=args["lease"], retries=0, timeout=10.0) as cache:
+    response = cache.fetch(args["url"], prefer_cached=False)
+    print("RESULT " + json.dumps({"outcome": response.outcome, "version": response.version,
+                                  "body": response.read().decode()}), flush=True)
+"""
+
+
+def _skewed_fetch(tmp_path, cache_path, url, *, skew=0.0, jump=0.0, jump_after=0.0, lease=1.0):
+    """Start a child process fetching ``url`` with its clock shifted by ``skew`` seconds
+    (and by ``jump`` more once it has run ``jump_after`` seconds)."""
+    script = tmp_path / "skewed_fetch.py"
+    script.write_text(_SKEWED_FETCH_SOURCE)
+    args = {"cache": str(cache_path), "url": url, "skew": skew, "jump": jump,
+            "jump_after": jump_after, "lease": lease}
+    return subprocess.Popen([sys.executable, str(script), str(REPO_DIR), json.dumps(args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+
+
+def _skewed_result(proc, timeout=30):
+    out, err = proc.communicate(timeout=timeout)
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and len(lines) == 1, (proc.returncode, out, err[-3000:])
+    return json.loads(lines[0][len("RESULT "):])
+
+
+@pytest.mark.parametrize("downloader_skew, waiter_skew", [(0.0, 300.0), (0.0, -300.0),
+                                                          (300.0, 0.0), (-300.0, 0.0)])
+def test_processes_whose_clocks_disagree_share_one_download(
+        fault_origin, fault_open_cache, fault_cache_path, tmp_path, downloader_skew, waiter_skew):
+    """§15/§7: a downloader and a waiter whose wall clocks differ by five minutes, either
+    way round, make one GET and get the same version; a later download still gets a
+    greater version."""
+    body = b"S" * 2400
+    fault_origin.route("/skewed.bin",
+                       FaultReply(body=body, drip_after=0, drip_bytes=200, drip_interval_sec=0.2),
+                       FaultReply(body=b"T" * 100))
+    url = fault_origin.url("/skewed.bin")
+    fault_open_cache().close()  # the file exists before either child opens it
+    downloader = _skewed_fetch(tmp_path, fault_cache_path, url, skew=downloader_skew)
+    _store_wait_for_in_flight_row(fault_cache_path)
+    time.sleep(0.5)
+    waiter = _skewed_fetch(tmp_path, fault_cache_path, url, skew=waiter_skew)
+    first, second = _skewed_result(downloader), _skewed_result(waiter)
+    assert len(fault_origin.hits("/skewed.bin")) == 1
+    assert first["outcome"] == second["outcome"] == "downloaded"
+    assert first["version"] == second["version"] and first["body"] == second["body"] == body.decode()
+    later = fault_open_cache().fetch(url, refresh=True)
+    assert later.outcome == "downloaded" and later.read() == b"T" * 100
+    assert later.version > first["version"]
+
+
+@pytest.mark.parametrize("jump", [3600.0, -3600.0])
+def test_a_clock_jump_during_a_download_causes_no_second_download(
+        fault_origin, fault_open_cache, fault_cache_path, tmp_path, jump):
+    """§15: the downloader's clock jumps an hour (forward or back) in the middle of the
+    body; a waiter in another process still waits for that download: one GET."""
+    body = b"J" * 2400
+    fault_origin.route("/jump.bin",
+                       FaultReply(body=body, drip_after=0, drip_bytes=200, drip_interval_sec=0.2))
+    url = fault_origin.url("/jump.bin")
+    fault_open_cache().close()
+    downloader = _skewed_fetch(tmp_path, fault_cache_path, url, jump=jump, jump_after=1.0)
+    _store_wait_for_in_flight_row(fault_cache_path)
+    time.sleep(0.3)
+    waiter = _skewed_fetch(tmp_path, fault_cache_path, url)
+    first, second = _skewed_result(downloader), _skewed_result(waiter)
+    assert len(fault_origin.hits("/jump.bin")) == 1
+    assert first["outcome"] == "downloaded" and first["body"] == body.decode()
+    assert second["version"] == first["version"] and second["body"] == body.decode()
+
+
+def test_a_killed_downloader_whose_clock_ran_ahead_is_taken_over_after_its_lease(
+        fault_origin, fault_open_cache, fault_cache_path, tmp_path):
+    """§15/§10: a downloader whose clock ran five minutes ahead wrote lease ends that look
+    five minutes away; once it is killed, another process takes the download over after
+    about the lease time of watching the heartbeat stand still, not five minutes."""
+    body = b"K" * 2400
+    fault_origin.route("/killed.bin",
+                       FaultReply(body=body, drip_after=0, drip_bytes=100, drip_interval_sec=0.5),
+                       FaultReply(body=body))
+    url = fault_origin.url("/killed.bin")
+    fault_open_cache().close()
+    downloader = _skewed_fetch(tmp_path, fault_cache_path, url, skew=300.0)
+    _store_wait_for_in_flight_row(fault_cache_path)
+    time.sleep(0.5)
+    downloader.kill()
+    downloader.communicate(timeout=10)
+    cache = fault_open_cache(download_lease_sec=1.0)
+    began = time.monotonic()
+    response = cache.fetch(url)
+    waited = time.monotonic() - began
+    assert response.outcome == "downloaded" and response.read() == body
+    assert len(fault_origin.hits("/killed.bin")) == 2
+    assert 1.0 <= waited < 10.0
+    cache.gc()
+    assert [row.status for row in cache.versions(url, status=None)] == ["ready"]
 
 
 # ===========================================================================
