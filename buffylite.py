@@ -37,9 +37,15 @@ Design notes (choices the specification leaves open):
   resumed download never lands behind a newer one.
 - A download lease lives on the ``wait``/``in_progress`` version row (owner +
   expiry), renewed by a small thread while the download lives, whatever it is
-  doing. A row whose lease expired is abandoned: a later ``fetch`` of the same
-  request resumes its partial content when the origin still validates it, and
-  ``gc()`` reclaims it otherwise. Calls that waited for a download get its
+  doing. Other processes never compare that expiry with their own clock: a lease is
+  dead when it was given up, or when its value has stood still for the lease time
+  on the watching process's monotonic clock, so skewed or jumping clocks cause no
+  second download. The price: a fresh process that meets the row of a crashed
+  download watches it for about ``download_lease_sec`` before taking over (with a
+  cached version and ``prefer_cached`` it serves that at once); ``gc()`` without
+  such an observation counts a row abandoned only when its expiry is ten lease
+  times past. A dead row's partial content is resumed by a later ``fetch`` when the
+  origin still validates it, and reclaimed by ``gc()`` otherwise. Calls that waited for a download get its
   outcome from a note the download leaves on the request (its row may be gone).
 - Row ids are never reused, so a Response of a deleted version raises
   NotCachedError instead of reaching newer content.
