@@ -5839,19 +5839,18 @@ class Cache:
         report.corrupted.extend(self._versions_of_contents(unmarked, report.problems))
         return report
 
-    def _versions_of_contents(self, content_ids: list[int], problems: list[str]) -> list[Response]:
-        """The ready versions holding one of ``content_ids``, as stored."""
+    def _listed_versions(self, condition: Callable[[_Tables], Any], what: str,
+                         problems: list[str]) -> list[Response]:
+        """The versions matching ``condition(tables)`` as Responses, for verify(): what
+        cannot be listed or read back goes to ``problems`` instead."""
         found = []
-        if not content_ids:
-            return found
         try:
             with self._store.reading() as t:
-                rows = list(t.version.select().where((t.version.status == "ready")
-                                                     & t.version.content_id.in_(content_ids))
+                rows = list(t.version.select().where(condition(t))
                             .order_by(t.version.request_id, t.version.version))
                 urls = dict(t.request.select(t.request.id, t.request.url).tuples())
         except CacheFileError as exc:
-            problems.append(f"The versions of corrupted contents cannot be listed: {exc}")
+            problems.append(f"The {what} cannot be listed: {exc}")
             return found
         for row in rows:
             try:
@@ -5859,6 +5858,14 @@ class Cache:
             except CacheFileError as exc:
                 problems.append(str(exc))
         return found
+
+    def _versions_of_contents(self, content_ids: list[int], problems: list[str]) -> list[Response]:
+        """The ready versions holding one of ``content_ids``, as stored."""
+        if not content_ids:
+            return []
+        return self._listed_versions(
+            lambda t: (t.version.status == "ready") & t.version.content_id.in_(content_ids),
+            "versions of corrupted contents", problems)
 
     def _content_is_intact(self, content_id: int, hash_type, hash_hex, size) -> bool:
         """Re-hash one content from one snapshot (a concurrent delete cannot look like
@@ -5879,25 +5886,11 @@ class Cache:
 
     def _corrupted_versions(self, problems: list[str]) -> list[Response]:
         """Every version marked "content corrupted" that is still stored."""
-        found = []
-        try:
-            with self._store.reading() as t:
-                rows = list(t.version.select().where(
-                    (t.version.status == "failed") & t.version.download_stats.contains(CORRUPTED_ERROR))
-                    .order_by(t.version.request_id, t.version.version))
-                urls = dict(t.request.select(t.request.id, t.request.url).tuples())
-        except CacheFileError as exc:
-            problems.append(f"The versions marked corrupted cannot be listed: {exc}")
-            return found
-        for row in rows:
-            try:
-                response = self._responses([row], urls.get(row.request_id, "?"), [], "cached")[0]
-            except CacheFileError as exc:
-                problems.append(str(exc))
-                continue
-            if response.download_stats.error == CORRUPTED_ERROR:
-                found.append(response)
-        return found
+        return [response for response in self._listed_versions(
+                    lambda t: (t.version.status == "failed")
+                    & t.version.download_stats.contains(CORRUPTED_ERROR),
+                    "versions marked corrupted", problems)
+                if response.download_stats.error == CORRUPTED_ERROR]
 
     def _damaged_values(self) -> list[str]:
         """Read every stored request and version back as the API would; name those that fail."""
