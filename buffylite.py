@@ -2270,6 +2270,10 @@ class _Store:
         """``text`` (a driver's message) without the secrets of the location."""
         return text
 
+    def drop_broken_connection(self) -> None:
+        """After a driver error: forget this thread's connection if it is broken (the
+        server restarted, the network failed), so the next call connects again."""
+
     def _inserted_id(self, sql: str, values) -> int | None:
         """Run an INSERT given as SQL text; the new row's id, or None when it inserted
         nothing (``ON CONFLICT DO NOTHING``)."""
@@ -2830,6 +2834,13 @@ class _PostgresStore(_Store):
     def _forget_inherited_connections(self) -> None:
         _INHERITED_DATABASES.append(self.db)
 
+    def drop_broken_connection(self) -> None:
+        state = self.db._state
+        if state.conn is not None and (state.conn.closed or getattr(state.conn, "broken", False)):
+            with contextlib.suppress(Exception):
+                state.conn.close()
+            state.reset()
+
     def masked(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "***")
@@ -2932,6 +2943,7 @@ class _DriverErrors:
 
     def __exit__(self, kind, exc, traceback) -> bool:
         if kind is not None and issubclass(kind, self._store.driver_errors):
+            self._store.drop_broken_connection()
             path, noun = self._store.path, self._store.noun
             if _is_out_of_space(exc):
                 raise CacheFileError(f"The {noun} {path} cannot be written: the disk is full.",
@@ -6594,8 +6606,11 @@ class Cache:
             raise CacheFileError(f"Cannot write the backup {dest}: {exc}.", path=dest) from exc
         temp = pathlib.Path(temp_name)
         try:
-            with self._store.reading():
-                _sqlite_snapshot_into(self._store.db, temp)
+            if self._store.is_file:
+                with self._store.reading():
+                    _sqlite_snapshot_into(self._store.db, temp)
+            else:
+                self._copy_into_new_file(temp)
             copy = _SqliteStore(temp)
             try:
                 if group is not None or locked is not None:
@@ -6617,8 +6632,21 @@ class Cache:
             raise
         return dest
 
+    def _copy_into_new_file(self, path: pathlib.Path) -> None:
+        """Copy a cache that is not a file (a PostgreSQL schema) into a new SQLite cache
+        file at ``path``: its salt first (so sensitive values stay matched), then every
+        request with its ready versions, pins, tags and content, read from one snapshot."""
+        store = _SqliteStore(path)
+        try:
+            with store.writing() as t:
+                t.meta.update(value=self._store.salt.hex()).where(t.meta.key == "salt").execute()
+        finally:
+            store.close()
+        with Cache(path) as copy:
+            copy.import_from(self._location)
+
     def import_from(self, source: str | os.PathLike, *, group: str | None = None) -> int:
-        """Merge the requests and ready versions of another cache file into this one.
+        """Merge the requests and ready versions of another cache (a file, or a PostgreSQL URL) into this one.
 
         Version strings, pins, leases and tags are kept; content already stored here (same
         hash) is not stored twice, and copied content is re-hashed on the way. A version
@@ -6637,6 +6665,9 @@ class Cache:
                             _check_path("source", source).expanduser(), read_only=True)
         added = 0
         try:
+            if not other.is_file:  # one snapshot of a server's cache for the whole import
+                with other.reading():
+                    other.begin_snapshot(other.db)
             # What the other file keeps secret stays secret here.
             for kind, names in other.sensitive_names().items():
                 if kind != "sets" and names:
@@ -7823,8 +7854,9 @@ _READ_ONLY_COMMANDS = frozenset({"versions", "requests", "show", "path", "info",
 def _require_existing_cache(path: str | None) -> None:
     """Raise CacheFileError naming the cache file when it does not exist (URLs are
     judged by Cache itself, without ever showing their password)."""
-    _refuse_url_location(path if path is not None else os.environ.get("BUFFYLITE_CACHE", ""))
-    if path is not None and "://" in path:
+    location = path if path is not None else os.environ.get("BUFFYLITE_CACHE", "")
+    _refuse_url_location(location)
+    if _is_postgres_location(location):
         return
     resolved = pathlib.Path(path).expanduser() if path is not None else _default_cache_path()
     if not resolved.is_file():
