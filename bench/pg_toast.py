@@ -184,6 +184,13 @@ def recommend(ratios: dict, storages: list[str]) -> list[str]:
                      f"{ratios[('compressed', best)]['write']:.2f}× the time of EXTERNAL (the compressor "
                      f"gives up early), and on text it keeps {ratios[('text', best)]['size']:.0%} of the disk "
                      f"for {ratios[('text', best)]['write']:.2f}× the write time.")
+        if best == "extended lz4":
+            # lz4 needs PostgreSQL 14+ built with it; say what to do on a server without it.
+            pglz_ok = ratios[("compressed", "extended")]["write"] <= 1.10 and ratios[("text", "extended")]["write"] <= 1.25
+            lines.append("On a server without lz4 (SET COMPRESSION lz4 fails): "
+                         + ("keep the default (pglz)." if pglz_ok else
+                            f"SET STORAGE EXTERNAL (pglz writes text at {ratios[('text', 'extended')]['write']:.2f}× "
+                            f"the time of EXTERNAL)."))
     else:
         costs = "; ".join(f"{storage}: {ratios[('compressed', storage)]['write']:.2f}× on compressed bytes, "
                           f"{ratios[('text', storage)]['write']:.2f}× on text" for storage in others)
