@@ -281,6 +281,13 @@ class PostgresServer:
         import psycopg
         return psycopg.connect(_libpq_url(self.base_url), **options)
 
+    def drop_schema(self, schema: str) -> None:
+        """Drop one schema handed out by ``url()`` now (frees its space between rounds)."""
+        with self.connect(autocommit=True) as connection:
+            connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        if schema in self.schemas:
+            self.schemas.remove(schema)
+
     def drop_schemas(self) -> None:
         """Drop every schema handed out by ``url()`` (a given server keeps no bench data)."""
         if not self.schemas:
@@ -355,6 +362,11 @@ def postgres_server(url: str | None = None, bin_dir: str = POSTGRES_BIN_DIR):
             server.drop_schemas()
         return
     yield from _throwaway_postgres(bin_dir)
+
+
+def hide_password(text: str) -> str:
+    """``text`` with the password of any ``scheme://user:password@`` in it shown as ``***``."""
+    return re.sub(r"(://[^:/@\s]+:)[^\s/]*@", r"\1***@", text)
 
 
 def _without_password(text: str, url: str) -> str:

@@ -211,7 +211,7 @@ def main() -> None:
                                                "else a throwaway PostgreSQL 15)")
     args = parser.parse_args()
     print(f"PostgreSQL TOAST for content chunks — {_benchlib.machine_description()}")
-    print(f"command: {' '.join([os.path.relpath(sys.executable)] + sys.argv)}")
+    print(f"command: {' '.join([os.path.relpath(sys.executable)] + [_benchlib.hide_password(arg) for arg in sys.argv])}")
     started = time.perf_counter()
     contents = {}
     for name, make in CONTENTS.items():
