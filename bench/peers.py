@@ -1160,7 +1160,7 @@ class Bench:
             scale = self.scale
             label = f"{scale['big_n']:,}"
             rows.append([f"hit at {label} vs 10 requests", fmt_ratio(scale["hit_ratio"]), "—",
-                         fmt_ratio(scale["raw_ratio"]), "—", "—", "—", "—", "≤ 1.10",
+                         fmt_ratio(scale["raw_ratio"]), "—", "—", "—", "—", "—", "≤ 1.10",
                          mark(scale["hit_ratio"] <= 1.10)])
             rows.append([f"gc of one request at {label} vs 10", fmt_ratio(scale["gc_ratio"]), "—", "—", "—", "—",
                          "—", "—", "—", "≤ 1.5", mark(scale["gc_ratio"] <= 1.5)])
