@@ -31,10 +31,14 @@ def block(seed: int, index: int) -> bytes:
 NOISE_DISTINCT_BLOCKS = 16
 
 
-@functools.lru_cache(maxsize=2 * NOISE_DISTINCT_BLOCKS)
 def noise_block(seed: int, index: int) -> bytes:
     """The index-th 1 MiB block of a ``/noise`` body: SHAKE-128 output, incompressible."""
-    return hashlib.shake_128(f"noise:{seed}:{index % NOISE_DISTINCT_BLOCKS}".encode()).digest(BLOCK_BYTES)
+    return _distinct_noise_block(seed, index % NOISE_DISTINCT_BLOCKS)
+
+
+@functools.lru_cache(maxsize=2 * NOISE_DISTINCT_BLOCKS)
+def _distinct_noise_block(seed: int, distinct_index: int) -> bytes:
+    return hashlib.shake_128(f"noise:{seed}:{distinct_index}".encode()).digest(BLOCK_BYTES)
 
 
 def body_bytes(size: int, seed: int = 0, start: int = 0, noise: bool = False):
