@@ -1,6 +1,6 @@
 """buffylite against the caches a user would otherwise pick, in one run.
 
-    .venv/bin/python bench/peers.py            # full run (about 5 minutes on 2 cores)
+    .venv/bin/python bench/peers.py            # full run (about 6 minutes on 2 cores)
     .venv/bin/python bench/peers.py --quick    # under a minute, smaller sizes (see below)
 
 What it measures, alternating the contenders round by round (the order rotates every

@@ -181,8 +181,8 @@ def recommend(ratios: dict, storages: list[str]) -> list[str]:
     best = min(affordable, key=lambda storage: ratios[("text", storage)]["size"], default=None)
     if best is not None and ratios[("text", best)]["size"] <= 0.7:
         lines.append(f"Recommendation: {best}: on already-compressed bytes it writes at "
-                     f"{ratios[('compressed', best)]['write']:.2f}× the time of EXTERNAL (the compressor "
-                     f"gives up early), and on text it keeps {ratios[('text', best)]['size']:.0%} of the disk "
+                     f"{ratios[('compressed', best)]['write']:.2f}× the time of EXTERNAL (an incompressible "
+                     f"chunk is stored as it is), and on text it keeps {ratios[('text', best)]['size']:.0%} of the disk "
                      f"for {ratios[('text', best)]['write']:.2f}× the write time.")
         if best == "extended lz4":
             # lz4 needs PostgreSQL 14+ built with it; say what to do on a server without it.
