@@ -1162,8 +1162,8 @@ class Bench:
             rows.append([f"hit at {label} vs 10 requests", fmt_ratio(scale["hit_ratio"]), "—",
                          fmt_ratio(scale["raw_ratio"]), "—", "—", "—", "—", "—", "≤ 1.10",
                          mark(scale["hit_ratio"] <= 1.10)])
-            rows.append([f"gc of one request at {label} vs 10", fmt_ratio(scale["gc_ratio"]), "—", "—", "—", "—",
-                         "—", "—", "—", "≤ 1.5", mark(scale["gc_ratio"] <= 1.5)])
+            rows.append([f"gc of one request at {label} vs 10", fmt_ratio(scale["gc_ratio"]),
+                         "—", "—", "—", "—", "—", "—", "—", "≤ 1.5", mark(scale["gc_ratio"] <= 1.5)])
         if hasattr(self, "coldsmall"):
             cold = self.coldsmall
             rows.append([f"coldsmall {self.args.many_urls} × 10 KB, ms per fetch (p90)",
@@ -1198,8 +1198,8 @@ class Bench:
                          "—", "—", "—", "—", "—", "—", "—", ""])
         if hasattr(self, "flight"):
             flight = self.flight
-            rows.append(["single flight, upstream GETs (11 callers)", str(flight["buffylite"]), "—", "—", "—", "—",
-                         str(flight["pooch"]), str(flight["requests-cache"]), "—", "exactly 1",
+            rows.append(["single flight, upstream GETs (11 callers)", str(flight["buffylite"]),
+                         "—", "—", "—", "—", str(flight["pooch"]), str(flight["requests-cache"]), "—", "exactly 1",
                          mark(flight["buffylite"] == 1)])
         self.lib.print_table(["measure", "buffylite", PG_BUFFYLITE, "floor", "sqlite3 chunks", "diskcache", "pooch",
                               "requests-cache", "buffylite/floor", "target", ""], rows)
@@ -1266,7 +1266,8 @@ def main() -> None:
 
     import _benchlib
     print(f"buffylite peers benchmark — {_benchlib.machine_description()}")
-    print(f"command: {' '.join([os.path.relpath(sys.executable)] + [_benchlib.hide_password(arg) for arg in sys.argv])}")
+    shown_argv = [_benchlib.hide_password(arg) for arg in sys.argv]
+    print(f"command: {' '.join([os.path.relpath(sys.executable)] + shown_argv)}")
     started = time.perf_counter()
     origin_process, base_url = _benchlib.start_origin()
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="buffylite-peers-"))

@@ -182,11 +182,13 @@ def recommend(ratios: dict, storages: list[str]) -> list[str]:
     if best is not None and ratios[("text", best)]["size"] <= 0.7:
         lines.append(f"Recommendation: {best}: on already-compressed bytes it writes at "
                      f"{ratios[('compressed', best)]['write']:.2f}× the time of EXTERNAL (an incompressible "
-                     f"chunk is stored as it is), and on text it keeps {ratios[('text', best)]['size']:.0%} of the disk "
+                     f"chunk is stored as it is), and on text it keeps {ratios[('text', best)]['size']:.0%} "
+                     f"of the disk "
                      f"for {ratios[('text', best)]['write']:.2f}× the write time.")
         if best == "extended lz4":
             # lz4 needs PostgreSQL 14+ built with it; say what to do on a server without it.
-            pglz_ok = ratios[("compressed", "extended")]["write"] <= 1.10 and ratios[("text", "extended")]["write"] <= 1.25
+            pglz_ok = (ratios[("compressed", "extended")]["write"] <= 1.10
+                       and ratios[("text", "extended")]["write"] <= 1.25)
             lines.append("On a server without lz4 (SET COMPRESSION lz4 fails): "
                          + ("keep the default (pglz)." if pglz_ok else
                             f"SET STORAGE EXTERNAL (pglz writes text at {ratios[('text', 'extended')]['write']:.2f}× "
@@ -211,7 +213,8 @@ def main() -> None:
                                                "else a throwaway PostgreSQL 15)")
     args = parser.parse_args()
     print(f"PostgreSQL TOAST for content chunks — {_benchlib.machine_description()}")
-    print(f"command: {' '.join([os.path.relpath(sys.executable)] + [_benchlib.hide_password(arg) for arg in sys.argv])}")
+    shown_argv = [_benchlib.hide_password(arg) for arg in sys.argv]
+    print(f"command: {' '.join([os.path.relpath(sys.executable)] + shown_argv)}")
     started = time.perf_counter()
     contents = {}
     for name, make in CONTENTS.items():
