@@ -405,13 +405,16 @@ def _throwaway_postgres(bin_dir: str):
                                         "start"]), "pg_ctl start", log_path)
         started = True
         password = secrets.token_hex(12)
-        with psycopg.connect(host=str(root), port=port, user="postgres", dbname="postgres",
-                             autocommit=True, connect_timeout=10) as admin:
-            admin.execute(f"CREATE ROLE bench LOGIN PASSWORD '{password}'")
-            admin.execute("CREATE DATABASE bench OWNER bench")
-            # Lets a benchmark start each timed phase from a fresh checkpoint (PostgreSQL 15+).
-            admin.execute("GRANT pg_checkpoint TO bench")
-            version = admin.execute("SHOW server_version").fetchone()[0]
+        try:
+            with psycopg.connect(host=str(root), port=port, user="postgres", dbname="postgres",
+                                 autocommit=True, connect_timeout=10) as admin:
+                admin.execute(f"CREATE ROLE bench LOGIN PASSWORD '{password}'")
+                admin.execute("CREATE DATABASE bench OWNER bench")
+                # Lets a benchmark start each timed phase from a fresh checkpoint (PostgreSQL 15+).
+                admin.execute("GRANT pg_checkpoint TO bench")
+                version = admin.execute("SHOW server_version").fetchone()[0]
+        except psycopg.Error as exc:
+            raise PostgresUnavailable(f"The throwaway server started but could not be set up: {exc}") from exc
         server = PostgresServer(f"postgresql://bench:{password}@127.0.0.1:{port}/bench",
                                 f"PostgreSQL {version} (throwaway server, default settings, fsync on)",
                                 owned=True)

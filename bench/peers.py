@@ -1,7 +1,7 @@
 """buffylite against the caches a user would otherwise pick, in one run.
 
     .venv/bin/python bench/peers.py            # full run (about 6 minutes on 2 cores)
-    .venv/bin/python bench/peers.py --quick    # under a minute, smaller sizes (see below)
+    .venv/bin/python bench/peers.py --quick    # about a minute, smaller sizes (see below)
 
 What it measures, alternating the contenders round by round (the order rotates every
 round) and computing each ratio *inside* a round, then taking the median over rounds
@@ -1221,7 +1221,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:5]))
     parser.add_argument("--quick", action="store_true",
-                        help="under a minute: 32 MiB cold body, 1,000 requests for scale, fewer rounds")
+                        help="about a minute: 32 MiB cold body, 1,000 requests for scale, fewer rounds")
     parser.add_argument("--sections", default="hit,cold,coldsmall,hitfirst,scale,flight",
                         help="comma-separated subset of hit,cold,coldsmall,hitfirst,scale,flight")
     parser.add_argument("--many-urls", type=int,
