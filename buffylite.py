@@ -2865,7 +2865,11 @@ class _PostgresStore(_Store):
         self._start()
 
     def _new_database(self) -> peewee.Database:
-        return self._database_class(self._url, options=f"-c search_path={self.schema_name}",
+        import psycopg.conninfo  # noqa: PLC0415 - present: checked in __init__
+        # The URL as libpq reads it, as keywords (peewee releases pass a URL on differently).
+        parameters = psycopg.conninfo.conninfo_to_dict(self._url)
+        return self._database_class(parameters.pop("dbname", None) or "", **parameters,
+                                    options=f"-c search_path={self.schema_name}",
                                     application_name="buffylite", **self._driver_options)
 
     def _open_database(self) -> None:
