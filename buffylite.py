@@ -2092,36 +2092,8 @@ def _record_removed(t: _Tables, request, rows: list, reason: str, now: float) ->
 
 
 #: Removed-version records kept per request identity among those ``as_of`` only names in
-#: its message (see ``_prune_removed``); the records it needs to answer honestly stay.
+#: its message (see ``_Store.prune_removed``); the records it needs to answer honestly stay.
 REMOVED_VERSION_RECORDS_KEPT = 100
-
-
-def _prune_removed(t: _Tables, keep: int, identity_key: str | None = None) -> int:
-    """Forget the oldest removed-version records of each identity (or of ``identity_key``)
-    beyond the newest ``keep``, among those cached before every ready version of that
-    identity (all of them when it has none, e.g. after ``delete``): ``as_of`` at such a
-    moment has no ready version to answer with, so it raises NotCachedError with or
-    without the record, which only names the removed version. Newer records stay: without
-    them ``as_of`` could answer with an older version that was not current then. Runs in
-    the caller's write transaction; returns how many records were removed."""
-    removed = t.removed_version
-    crowded = removed.select(removed.identity_key).group_by(removed.identity_key).having(
-        peewee.fn.COUNT(removed.id) > keep)
-    if identity_key is not None:
-        crowded = crowded.where(removed.identity_key == identity_key)
-    pruned = 0
-    for (key,) in list(crowded.tuples()):
-        oldest_ready = (t.version.select(peewee.fn.MIN(t.version.cached_unix))
-                        .join(t.request, on=(t.version.request_id == t.request.id))
-                        .where((t.request.identity_key == key) & (t.version.status == "ready")).scalar())
-        only_named = removed.identity_key == key
-        if oldest_ready is not None:
-            only_named &= removed.cached_unix.is_null() | (removed.cached_unix < oldest_ready)
-        ids = [row[0] for row in removed.select(removed.id).where(only_named)
-               .order_by(removed.version.desc(), removed.id.desc()).offset(keep).tuples()]
-        for start in range(0, len(ids), 500):
-            pruned += removed.delete().where(removed.id.in_(ids[start:start + 500])).execute()
-    return pruned
 
 
 class _Store:
@@ -2633,6 +2605,95 @@ class _Store:
         log.log(logging.WARNING if expected_hex is not None else logging.INFO,
                 "Content %s is corrupted; %d version(s) marked failed.", content.hash_hex, len(rows))
         return [row.id for row in rows]
+
+    # --- named transitions: pins, tags, collection, listing, maintenance ---
+    #
+    # Each method runs its statements in one transaction of its own (``writing()`` or
+    # ``reading()``), unless its docstring says it runs inside the caller's write
+    # transaction. Policy stays with the caller: where a decision must be taken on the
+    # rows a transaction reads (what GC removes, whether a version is the one meant),
+    # the caller passes it in as a function and the store runs it inside.
+
+    def request_ids(self, identity_key: str | None = None) -> list[int]:
+        """The ids of every request, or of the one with ``identity_key`` (empty when none)."""
+        with self.reading() as t:
+            query = t.request.select(t.request.id)
+            if identity_key is not None:
+                query = query.where(t.request.identity_key == identity_key)
+            return [row[0] for row in query.tuples()]
+
+    def collect_request(self, request_id: int,
+                        select: Callable[[Any, list, float], dict]) -> tuple[dict, int]:
+        """Collect garbage of one request in one write transaction: read the request and
+        all its version records (newest first), let ``select(request, rows, now)`` say
+        which to remove (``{version id: (row, reason)}``, see ``_gc_selection``), and remove
+        them (see ``collect_versions``). Returns (the removals, bytes freed); nothing is
+        removed when the request is gone or ``select`` raises."""
+        with self.writing():
+            now = self.now()
+            request, rows = self.request_and_versions(request_id)
+            if request is None:
+                return {}, 0
+            removals = select(request, rows, now)
+            if not removals:
+                return {}, 0
+            return removals, self.collect_versions(request, removals, now)
+
+    def collect_versions(self, request, removals: dict, now: float) -> int:
+        """Delete the version rows ``removals`` names (``{version id: (row, reason)}``) of
+        ``request``, remembering the ready ones as removed ("collected", for ``as_of``),
+        then the contents they leave unreferenced. Runs inside the caller's write
+        transaction; returns the bytes freed."""
+        version = self.tables.version
+        removed = [row for row, _ in removals.values()]
+        _record_removed(self.tables, request, [row for row in removed if row.status == "ready"],
+                        "collected", now)
+        version.delete().where(version.id.in_(list(removals))).execute()
+        return self.delete_unreferenced_contents(
+            {row.content_id for row in removed if row.content_id is not None})
+
+    def delete_unreferenced_contents(self, content_ids: set) -> int:
+        """Delete those of ``content_ids`` no version points to (their chunks follow).
+        Runs inside the caller's write transaction; returns the bytes freed."""
+        t = self.tables
+        freed = 0
+        for content_id in content_ids:
+            if t.version.select().where(t.version.content_id == content_id).exists():
+                continue
+            content = t.content.get_or_none(t.content.id == content_id)
+            if content is not None:
+                freed += content.size_bytes or 0
+                t.content.delete().where(t.content.id == content_id).execute()
+        return freed
+
+    def prune_removed(self, keep: int, identity_key: str | None = None) -> int:
+        """Forget the oldest removed-version records of each identity (or of ``identity_key``)
+        beyond the newest ``keep``, among those cached before every ready version of that
+        identity (all of them when it has none, e.g. after ``delete``): ``as_of`` at such a
+        moment has no ready version to answer with, so it raises NotCachedError with or
+        without the record, which only names the removed version. Newer records stay: without
+        them ``as_of`` could answer with an older version that was not current then. One
+        write transaction; returns how many records were removed."""
+        with self.writing() as t:
+            removed = t.removed_version
+            crowded = removed.select(removed.identity_key).group_by(removed.identity_key).having(
+                peewee.fn.COUNT(removed.id) > keep)
+            if identity_key is not None:
+                crowded = crowded.where(removed.identity_key == identity_key)
+            pruned = 0
+            for (key,) in list(crowded.tuples()):
+                oldest_ready = (t.version.select(peewee.fn.MIN(t.version.cached_unix))
+                                .join(t.request, on=(t.version.request_id == t.request.id))
+                                .where((t.request.identity_key == key) & (t.version.status == "ready"))
+                                .scalar())
+                only_named = removed.identity_key == key
+                if oldest_ready is not None:
+                    only_named &= removed.cached_unix.is_null() | (removed.cached_unix < oldest_ready)
+                ids = [row[0] for row in removed.select(removed.id).where(only_named)
+                       .order_by(removed.version.desc(), removed.id.desc()).offset(keep).tuples()]
+                for start in range(0, len(ids), 500):
+                    pruned += removed.delete().where(removed.id.in_(ids[start:start + 500])).execute()
+            return pruned
 
 
 class _SqliteStore(_Store):
@@ -5851,55 +5912,41 @@ class Cache:
 
     # --- garbage collection -------------------------------------------------------------
 
-    def _collect_request(self, t: _Tables, request_id: int, now: float, *, request=None,
-                         rows: list | None = None) -> tuple[dict, int]:
-        """Apply the GC rules (see ``gc``) to one request. Runs inside the caller's write
-        transaction; reads only this request's rows (index on request_id), or none when
-        the caller passes the request and its version records read in this transaction
-        (newest first; the removed ones are taken out of ``rows``). A damaged stored
-        value of the request raises _DamagedValueError (nothing is removed)."""
-        try:
-            return self._collect_request_of(t, request_id, now, request, rows)
-        except _DAMAGE_ERRORS as exc:
-            raise _DamagedValueError(
-                f"A stored version of request {request_id} in the cache {self.path} is damaged and "
-                f"cannot be read: {type(exc).__name__}.", path=self.path) from exc
-
-    def _collect_request_of(self, t: _Tables, request_id: int, now: float, request,
-                            given: list | None) -> tuple[dict, int]:
-        if given is None:
-            request, rows = self._store.request_and_versions(request_id)
-        else:
-            rows = given
-        if request is None:
-            return {}, 0
-        removals = _gc_selection(rows, self._configuration_of(request), now, self._is_abandoned_at(now))
+    def _collect_request(self, t: _Tables, request_id: int, now: float, *, request,
+                         rows: list) -> tuple[dict, int]:
+        """Apply the GC rules (see ``gc``) to one request, given the request and its
+        version records read in the caller's write transaction (newest first), inside
+        that transaction (``t``); the removed ones are taken out of ``rows``. A damaged
+        stored value of the request raises _DamagedValueError (nothing is removed).
+        Returns (removed per reason, bytes freed)."""
+        removals = self._gc_removals(request, rows, now)
         if not removals:
             return {}, 0
-        removed = [row for row, _ in removals.values()]
-        _record_removed(t, request, [row for row in removed if row.status == "ready"], "collected", now)
-        t.version.delete().where(t.version.id.in_(list(removals))).execute()
-        if given is not None:
-            given[:] = [row for row in given if row.id not in removals]
-        freed = self._delete_unreferenced_contents(
-            t, {row.content_id for row in removed if row.content_id is not None})
+        freed = self._store.collect_versions(request, removals, now)
+        rows[:] = [row for row in rows if row.id not in removals]
+        return self._removed_per_reason(removals), freed
+
+    def _gc_removals(self, request, rows: list, now: float) -> dict:
+        """What GC removes of one request (see ``_gc_selection``); _DamagedValueError when
+        a stored value it needs cannot be read."""
+        try:
+            return _gc_selection(rows, self._configuration_of(request), now, self._is_abandoned_at(now))
+        except _DAMAGE_ERRORS as exc:
+            raise _DamagedValueError(
+                f"A stored version of request {request.id} in the cache {self.path} is damaged and "
+                f"cannot be read: {type(exc).__name__}.", path=self.path) from exc
+
+    @staticmethod
+    def _removed_per_reason(removals: dict) -> dict[str, int]:
         counts: dict[str, int] = {}
         for _, reason in removals.values():
             counts[reason] = counts.get(reason, 0) + 1
-        return counts, freed
+        return counts
 
-    @staticmethod
-    def _delete_unreferenced_contents(t: _Tables, content_ids: set) -> int:
-        """Delete those contents no version points to (their chunks follow); return bytes freed."""
-        freed = 0
-        for content_id in content_ids:
-            if t.version.select().where(t.version.content_id == content_id).exists():
-                continue
-            content = t.content.get_or_none(t.content.id == content_id)
-            if content is not None:
-                freed += content.size_bytes or 0
-                t.content.delete().where(t.content.id == content_id).execute()
-        return freed
+    def _delete_unreferenced_contents(self, t: _Tables, content_ids: set) -> int:
+        """Delete those contents no version points to, inside the caller's write
+        transaction (``t``); return bytes freed."""
+        return self._store.delete_unreferenced_contents(content_ids)
 
     def gc(self, url: str | None = None, *, method: str = "get", params: dict | None = None,
            headers: dict | None = None, body=None, group: str = DEFAULT_GROUP) -> GCReport:
@@ -5917,30 +5964,22 @@ class Cache:
         Returns a GCReport (removed per reason, bytes freed, file size before/after).
         """
         report = GCReport(file_size_before=self._store.file_size())
-        with self._store.reading() as t:
-            if url is None:
-                request_ids = [row[0] for row in t.request.select(t.request.id).tuples()]
-            else:
-                identity_key = self._identity(url, method, params, headers, body, group).key
-                request = t.request.get_or_none(t.request.identity_key == identity_key)
-                request_ids = [request.id] if request is not None else []
-        for request_id in request_ids:
+        identity_key = None if url is None else self._identity(url, method, params, headers, body, group).key
+        for request_id in self._store.request_ids(identity_key):
             # One short transaction per request keeps other writers moving.
             try:
-                with self._store.writing() as t:
-                    counts, freed = self._collect_request(t, request_id, self._store.now())
+                removals, freed = self._store.collect_request(request_id, self._gc_removals)
             except _DamagedValueError as exc:
                 # Only this request cannot be collected; verify() reports it.
                 log.warning("%s Not collected.", exc)
                 continue
-            for reason, count in counts.items():
+            for reason, count in self._removed_per_reason(removals).items():
                 report.removed[reason] += count
             report.bytes_freed += freed
         # The record of removed versions (for as_of) stays bounded too; a deleted
         # request's records are kept by identity, so a full gc looks at all of them.
         if not self._store.read_only:
-            with self._store.writing() as t:
-                _prune_removed(t, REMOVED_VERSION_RECORDS_KEPT, None if url is None else identity_key)
+            self._store.prune_removed(REMOVED_VERSION_RECORDS_KEPT, identity_key)
         self._store.give_back_free_pages(checkpoint=True)
         report.file_size_after = self._store.file_size()
         _sweep_content_files(self)  # files and folders of content no longer stored
