@@ -2695,6 +2695,44 @@ class _Store:
                     pruned += removed.delete().where(removed.id.in_(ids[start:start + 500])).execute()
             return pruned
 
+    def request_row(self, identity_key: str):
+        """The request row with this identity key (a model instance), or None."""
+        with self.reading() as t:
+            return t.request.get_or_none(t.request.identity_key == identity_key)
+
+    def request_rows(self, group: str | None = None) -> list:
+        """Every request row (of ``group`` when given), oldest first."""
+        with self.reading() as t:
+            query = t.request.select().order_by(t.request.id)
+            if group is not None:
+                query = query.where(t.request.group_name == group)
+            return list(query)
+
+    def versions_of(self, request_id: int, status: str | None = None) -> list:
+        """The version rows of a request (those of ``status`` when given), newest first."""
+        with self.reading() as t:
+            query = t.version.select().where(t.version.request_id == request_id)
+            if status is not None:
+                query = query.where(t.version.status == status)
+            return list(query.order_by(t.version.version.desc()))
+
+    def counts(self) -> dict:
+        """What ``stats()`` counts, read in one go: ``versions`` (status -> rows, as
+        stored), ``content_bytes`` and ``unique_contents`` (complete contents),
+        ``partial_bytes`` (contents still partial or found corrupted), ``requests``."""
+        with self.reading() as t:
+            per_status = dict(t.version.select(t.version.status, peewee.fn.COUNT(t.version.id))
+                              .group_by(t.version.status).tuples())
+            complete = t.content.hash_hex.is_null(False)
+            content_bytes, unique = (t.content.select(peewee.fn.COALESCE(peewee.fn.SUM(t.content.size_bytes), 0),
+                                                      peewee.fn.COUNT(t.content.id))
+                                     .where(complete).tuples().get())
+            partial = (t.content.select(peewee.fn.COALESCE(peewee.fn.SUM(t.content.size_bytes), 0))
+                       .where(~complete).scalar())
+            requests = t.request.select().count()
+        return {"versions": per_status, "content_bytes": content_bytes, "unique_contents": unique,
+                "partial_bytes": partial, "requests": requests}
+
 
 class _SqliteStore(_Store):
     """A cache in one SQLite file: WAL, one writer at a time (``BEGIN IMMEDIATE``), the
@@ -6012,19 +6050,13 @@ class Cache:
                     headers: dict | None = None, body=None, group: str = DEFAULT_GROUP) -> Request | None:
         """The stored Request for this identity, or None when it was never fetched."""
         identity = self._identity(url, method, params, headers, body, group)
-        with self._store.reading() as t:
-            row = self._find_request(t, identity)
-            return self._request_model(row) if row is not None else None
+        row = self._store.request_row(identity.key)
+        return self._request_model(row) if row is not None else None
 
     def requests(self, group: str | None = None) -> list[Request]:
         """Every stored request (of ``group`` when given), oldest first."""
-        with self._store.reading() as t:
-            query = t.request.select().order_by(t.request.id)
-            if group is not None:
-                query = query.where(t.request.group_name == group)
-            rows = list(query)
         found = []
-        for row in rows:
+        for row in self._store.request_rows(group):
             try:
                 found.append(self._request_model(row))
             except _DamagedValueError as exc:
@@ -6046,16 +6078,12 @@ class Cache:
                                       f"not {status!r}.")
         tag = self._check_tag(tag)
         identity = self._identity(url, method, params, headers, body, group)
-        with self._store.reading() as t:
-            request = self._find_request(t, identity)
-            if request is None:
-                return []
-            query = t.version.select().where(t.version.request_id == request.id)
-            if status is not None:
-                query = query.where(t.version.status == status)
-            rows = list(query.order_by(t.version.version.desc()))
-            ready = [row for row in rows if row.status == "ready"] if status in (None, "ready") \
-                else self._store.ready_rows(request.id)
+        request = self._store.request_row(identity.key)
+        if request is None:
+            return []
+        rows = self._store.versions_of(request.id, status)
+        ready = [row for row in rows if row.status == "ready"] if status in (None, "ready") \
+            else self._store.ready_rows(request.id)
         now = self._store.now()
         try:
             rows = [row for row in rows if _matches(row, tag=tag, pinned=pinned, now=now)]
@@ -6074,9 +6102,8 @@ class Cache:
         if version != "latest":
             self._check_version_string("version", version)
         identity = self._identity(url, method, params, headers, body, group)
-        with self._store.reading() as t:
-            request = self._find_request(t, identity)
-            ready = self._store.ready_rows(request.id) if request is not None else []
+        request = self._store.request_row(identity.key)
+        ready = self._store.ready_rows(request.id) if request is not None else []
         chosen = next((row for row in ready if version in ("latest", row.version)), None)
         if chosen is None:
             raise NotCachedError(f"No ready version {version!r} of {identity.url} in {self.path}.")
@@ -6088,22 +6115,15 @@ class Cache:
         (downloads kept for resume), files_bytes and unpacked_bytes (held beside the cache file
         by ``as_file()`` and ``unpack()``), schema_version, database (its kind and version;
         for an SQLite file also sqlite_version)."""
-        with self._store.reading() as t:
-            per_status = dict.fromkeys(VERSION_STATUSES, 0)
-            for status, count in (t.version.select(t.version.status, peewee.fn.COUNT(t.version.id))
-                                  .group_by(t.version.status).tuples()):
-                if status in per_status:  # a damaged status is verify()'s to report
-                    per_status[status] = count
-            complete = t.content.hash_hex.is_null(False)
-            content_bytes, unique = (t.content.select(peewee.fn.COALESCE(peewee.fn.SUM(t.content.size_bytes), 0),
-                                                      peewee.fn.COUNT(t.content.id))
-                                     .where(complete).tuples().get())
-            partial = (t.content.select(peewee.fn.COALESCE(peewee.fn.SUM(t.content.size_bytes), 0))
-                       .where(~complete).scalar())
-            requests = t.request.select().count()
+        counts = self._store.counts()
+        per_status = dict.fromkeys(VERSION_STATUSES, 0)
+        for status, count in counts["versions"].items():
+            if status in per_status:  # a damaged status is verify()'s to report
+                per_status[status] = count
         return {"path": str(self.path), "file_size_bytes": self._store.file_size(),
-                "requests": requests, "versions": per_status, "content_bytes": int(content_bytes),
-                "unique_contents": int(unique), "partial_bytes": int(partial),
+                "requests": counts["requests"], "versions": per_status,
+                "content_bytes": int(counts["content_bytes"]), "unique_contents": int(counts["unique_contents"]),
+                "partial_bytes": int(counts["partial_bytes"]),
                 "files_bytes": _bytes_under(_files_root(self)),
                 "unpacked_bytes": _bytes_under(_unpacked_root(self)),
                 "schema_version": self._store.schema_version(),
