@@ -2733,6 +2733,87 @@ class _Store:
         return {"versions": per_status, "content_bytes": content_bytes, "unique_contents": unique,
                 "partial_bytes": partial, "requests": requests}
 
+    def _checked_version(self, version_id: int, check: Callable[[Any, str | None], None]):
+        """(the version row ``version_id``, the URL of its request) once ``check(row or
+        None, url or None)`` has accepted them (it raises when the row is not the version
+        the caller means). Runs inside the caller's transaction."""
+        t = self.tables
+        row = t.version.get_or_none(t.version.id == version_id)
+        url = None if row is None else (
+            t.request.select(t.request.url).where(t.request.id == row.request_id).scalar())
+        check(row, url)
+        return row, url
+
+    def _answered(self, version_id: int, url: str, answer: Callable[[Any, str, list], Any]):
+        """``answer(row, url, ready rows of its request newest first)`` for the version row
+        as it is now. Runs inside the caller's transaction, so an answer that fails
+        undoes the change made before it."""
+        t = self.tables
+        row = t.version.get_or_none(t.version.id == version_id)
+        return answer(row, url, self.ready_rows(row.request_id))
+
+    def extend_lease(self, row, seconds: float) -> None:
+        """Lease the version ``row`` for ``seconds`` from now, never shortening a running
+        lease; the new end is mirrored on ``row``. Runs inside the caller's write transaction."""
+        version = self.tables.version
+        until = self.now() + seconds
+        if row.pinned_until_unix is None or row.pinned_until_unix < until:
+            version.update(pinned_until_unix=until).where(version.id == row.id).execute()
+            row.pinned_until_unix = until
+
+    def pin_version(self, version_id: int, *, lease_sec: float | None, check, answer):
+        """Pin a version permanently (``lease_sec`` None) or lease it for ``lease_sec``
+        (see ``extend_lease``), in one write transaction; ``check`` and ``answer`` as in
+        ``_checked_version`` and ``_answered``. Returns the answer."""
+        with self.writing() as t:
+            row, url = self._checked_version(version_id, check)
+            if lease_sec is None:
+                t.version.update(pinned=True).where(t.version.id == row.id).execute()
+            else:
+                self.extend_lease(row, lease_sec)
+            return self._answered(row.id, url, answer)
+
+    def unpin_version(self, version_id: int, *, check, answer):
+        """Clear the permanent pin and any lease of a version, in one write transaction."""
+        with self.writing() as t:
+            row, url = self._checked_version(version_id, check)
+            t.version.update(pinned=False, pinned_until_unix=None).where(t.version.id == row.id).execute()
+            return self._answered(row.id, url, answer)
+
+    def lease_version(self, version_id: int, lease_sec: float, *, check, answer) -> tuple[Any, Any, float]:
+        """Lease a version for ``lease_sec`` (see ``extend_lease``) in one write
+        transaction. Returns (the answer, the lease end before, the lease end now), what
+        ``end_lease`` needs."""
+        with self.writing():
+            row, url = self._checked_version(version_id, check)
+            before = row.pinned_until_unix
+            self.extend_lease(row, lease_sec)
+            return self._answered(row.id, url, answer), before, row.pinned_until_unix
+
+    def end_lease(self, version_id: int, before, ours: float) -> None:
+        """Put back the lease end ``before`` of a version, unless its lease end is no
+        longer ``ours`` (someone extended it meanwhile)."""
+        with self.writing() as t:
+            t.version.update(pinned_until_unix=before).where(
+                (t.version.id == version_id) & (t.version.pinned_until_unix == ours)).execute()
+
+    def add_tag(self, version_id: int, tag: str, *, check, answer):
+        """Add ``tag`` to a version's tags unless it is there, in one write transaction."""
+        with self.writing() as t:
+            row, url = self._checked_version(version_id, check)
+            tags = _row_tags(row)
+            if tag not in tags:
+                t.version.update(tags=json.dumps(tags + [tag])).where(t.version.id == row.id).execute()
+            return self._answered(row.id, url, answer)
+
+    def remove_tag(self, version_id: int, tag: str, *, check, answer):
+        """Remove ``tag`` from a version's tags (if there), in one write transaction."""
+        with self.writing() as t:
+            row, url = self._checked_version(version_id, check)
+            tags = [existing for existing in _row_tags(row) if existing != tag]
+            t.version.update(tags=json.dumps(tags)).where(t.version.id == row.id).execute()
+            return self._answered(row.id, url, answer)
+
 
 class _SqliteStore(_Store):
     """A cache in one SQLite file: WAL, one writer at a time (``BEGIN IMMEDIATE``), the
@@ -6131,21 +6212,30 @@ class Cache:
 
     # --- pins, leases, tags ---------------------------------------------------------------
 
-    def _row_of(self, t: _Tables, response: Response):
+    def _version_check(self, response: Response) -> Callable[[Any, str | None], None]:
+        """For a change to the version ``response`` names: a check the store runs on the
+        row with its id (see ``_Store._checked_version``), raising NotCachedError when
+        that row is gone or is another version."""
+        # A read-only cache refuses the change before the argument is looked at.
+        self._store.require_writable()
         if not isinstance(response, Response):
             raise InvalidRequestError(f"Expected a Response, not {type(response).__name__}.")
-        row = t.version.get_or_none(t.version.id == response.id)
-        # Row ids are per file: a Response of another cache may share this id with an
-        # unrelated version here. The version and its request must be the same too.
-        if row is not None and (row.version != response.version or row.request_id != response.request_id
-                                or t.request.select(t.request.url).where(t.request.id == row.request_id)
-                                .scalar() != response.url):
-            # As when the id is free: that version is not in this cache.
-            raise NotCachedError(f"Version {response.version} of {response.url} is not in {self.path} "
-                                 "(a Response of another cache?).")
-        if row is None:
-            raise NotCachedError(f"Version {response.version} of {response.url} is no longer in {self.path}.")
-        return row
+
+        def check(row, url: str | None) -> None:
+            # Row ids are per file: a Response of another cache may share this id with an
+            # unrelated version here. The version and its request must be the same too.
+            if row is not None and (row.version != response.version or row.request_id != response.request_id
+                                    or url != response.url):
+                # As when the id is free: that version is not in this cache.
+                raise NotCachedError(f"Version {response.version} of {response.url} is not in {self.path} "
+                                     "(a Response of another cache?).")
+            if row is None:
+                raise NotCachedError(f"Version {response.version} of {response.url} is no longer in {self.path}.")
+        return check
+
+    def _answer(self, row, url: str, ready: list) -> Response:
+        """The Response a pin, lease or tag returns: the version as it is now."""
+        return self._responses([row], url, ready, "cached")[0]
 
     def pin(self, response: Response, *, seconds: float | None = None) -> Response:
         """Pin a version: permanently (``seconds=None``; only the pinned GC may remove it,
@@ -6153,57 +6243,38 @@ class Cache:
         touches while it runs (extending, never shortening, a running lease)."""
         if seconds is not None:
             seconds = _check_seconds("seconds", seconds, allow_zero=False)
-        with self._store.writing() as t:
-            row = self._row_of(t, response)
-            if seconds is None:
-                t.version.update(pinned=True).where(t.version.id == row.id).execute()
-            else:
-                self._extend_lease(t, row, seconds)
-            return self._response_for_row_id(t, row.id)
+        check = self._version_check(response)
+        return self._store.pin_version(response.id, lease_sec=seconds, check=check, answer=self._answer)
 
     def unpin(self, response: Response) -> Response:
         """Clear the permanent pin and any lease of a version."""
-        with self._store.writing() as t:
-            row = self._row_of(t, response)
-            t.version.update(pinned=False, pinned_until_unix=None).where(t.version.id == row.id).execute()
-            return self._response_for_row_id(t, row.id)
+        check = self._version_check(response)
+        return self._store.unpin_version(response.id, check=check, answer=self._answer)
 
     @contextlib.contextmanager
     def lease(self, response: Response, seconds: float) -> Iterator[Response]:
         """Lease a version for the ``with`` block (at most ``seconds``); on exit put back
         the lease end that was there before, unless someone extended it further meanwhile."""
         seconds = _check_seconds("seconds", seconds, allow_zero=False)
-        with self._store.writing() as t:
-            row = self._row_of(t, response)
-            before = row.pinned_until_unix
-            self._extend_lease(t, row, seconds)
-            ours = row.pinned_until_unix
-            leased = self._response_for_row_id(t, row.id)
+        check = self._version_check(response)
+        leased, before, ours = self._store.lease_version(response.id, seconds, check=check,
+                                                         answer=self._answer)
         try:
             yield leased
         finally:
-            with self._store.writing() as t:
-                t.version.update(pinned_until_unix=before).where(
-                    (t.version.id == row.id) & (t.version.pinned_until_unix == ours)).execute()
+            self._store.end_lease(response.id, before, ours)
 
     def tag(self, response: Response, tag: str) -> Response:
         """Add a tag (2-64 characters of A-Z a-z 0-9 _ -) to a version."""
         tag = self._check_tag(tag)
-        with self._store.writing() as t:
-            row = self._row_of(t, response)
-            tags = _row_tags(row)
-            if tag not in tags:
-                t.version.update(tags=json.dumps(tags + [tag])).where(t.version.id == row.id).execute()
-            return self._response_for_row_id(t, row.id)
+        check = self._version_check(response)
+        return self._store.add_tag(response.id, tag, check=check, answer=self._answer)
 
     def untag(self, response: Response, tag: str) -> Response:
         """Remove a tag from a version (no error if it was not there)."""
         tag = self._check_tag(tag)
-        with self._store.writing() as t:
-            row = self._row_of(t, response)
-            tags = [existing for existing in _row_tags(row) if existing != tag]
-            t.version.update(tags=json.dumps(tags)).where(t.version.id == row.id).execute()
-            return self._response_for_row_id(t, row.id)
+        check = self._version_check(response)
+        return self._store.remove_tag(response.id, tag, check=check, answer=self._answer)
 
     # --- maintenance ----------------------------------------------------------------------
 
