@@ -2814,6 +2814,57 @@ class _Store:
             t.version.update(tags=json.dumps(tags)).where(t.version.id == row.id).execute()
             return self._answered(row.id, url, answer)
 
+    def complete_contents(self) -> list[tuple]:
+        """(id, hash type, hash, size) of every complete content that is not known to be
+        corrupted: what ``verify()`` re-hashes."""
+        with self.reading() as t:
+            return list(t.content.select(t.content.id, t.content.hash_type, t.content.hash_hex,
+                                         t.content.size_bytes)
+                        .where(t.content.hash_hex.is_null(False)).tuples())
+
+    def _versions_where(self, condition) -> tuple[list, dict[int, str]]:
+        """(the version rows matching ``condition``, by request and version; request id ->
+        URL of every request)."""
+        with self.reading() as t:
+            rows = list(t.version.select().where(condition)
+                        .order_by(t.version.request_id, t.version.version))
+            urls = dict(t.request.select(t.request.id, t.request.url).tuples())
+        return rows, urls
+
+    def ready_versions_holding(self, content_ids: list[int]) -> tuple[list, dict[int, str]]:
+        """(the ready version rows holding one of ``content_ids``, request id -> URL)."""
+        version = self.tables.version
+        return self._versions_where((version.status == "ready") & version.content_id.in_(content_ids))
+
+    def versions_marked_corrupted(self) -> tuple[list, dict[int, str]]:
+        """(the failed version rows whose download stats name the corrupted-content error
+        (see ``mark_content_corrupted``), request id -> URL)."""
+        version = self.tables.version
+        return self._versions_where((version.status == "failed")
+                                     & version.download_stats.contains(CORRUPTED_ERROR))
+
+    def every_row(self) -> tuple[list, list]:
+        """(every request row, every version row), for reading each one back."""
+        with self.reading() as t:
+            return list(t.request.select()), list(t.version.select())
+
+    def delete_request(self, identity_key: str) -> tuple[int, int]:
+        """Delete a request and all its versions in one write transaction, remembering
+        its ready versions as removed ("deleted", for ``as_of``), then the contents no
+        other version uses. Returns (version rows removed, bytes freed); (0, 0) for an
+        unknown request."""
+        with self.writing() as t:
+            request = self.request_row(identity_key)
+            if request is None:
+                return 0, 0
+            content_ids = {row[0] for row in t.version.select(t.version.content_id).where(
+                (t.version.request_id == request.id) & t.version.content_id.is_null(False)).tuples()}
+            _record_removed(t, request, list(t.version.select().where(
+                (t.version.request_id == request.id) & (t.version.status == "ready"))), "deleted", self.now())
+            removed = t.version.delete().where(t.version.request_id == request.id).execute()
+            t.request.delete().where(t.request.id == request.id).execute()
+            return removed, self.delete_unreferenced_contents(content_ids)
+
 
 class _SqliteStore(_Store):
     """A cache in one SQLite file: WAL, one writer at a time (``BEGIN IMMEDIATE``), the
@@ -6296,10 +6347,7 @@ class Cache:
         except CacheFileError as exc:
             report.problems.append(str(exc))
         try:
-            with self._store.reading() as t:
-                contents = list(t.content.select(t.content.id, t.content.hash_type, t.content.hash_hex,
-                                                 t.content.size_bytes)
-                                .where(t.content.hash_hex.is_null(False)).tuples())
+            contents = self._store.complete_contents()
         except CacheFileError as exc:
             report.problems.append(f"The list of contents cannot be read: {exc}")
             contents = []
@@ -6325,16 +6373,13 @@ class Cache:
         report.corrupted.extend(self._versions_of_contents(unmarked, report.problems))
         return report
 
-    def _listed_versions(self, condition: Callable[[_Tables], Any], what: str,
+    def _listed_versions(self, listing: Callable[[], tuple[list, dict]], what: str,
                          problems: list[str]) -> list[Response]:
-        """The versions matching ``condition(tables)`` as Responses, for verify(): what
-        cannot be listed or read back goes to ``problems`` instead."""
+        """The versions ``listing()`` gives (rows, request id -> URL) as Responses, for
+        verify(): what cannot be listed or read back goes to ``problems`` instead."""
         found = []
         try:
-            with self._store.reading() as t:
-                rows = list(t.version.select().where(condition(t))
-                            .order_by(t.version.request_id, t.version.version))
-                urls = dict(t.request.select(t.request.id, t.request.url).tuples())
+            rows, urls = listing()
         except CacheFileError as exc:
             problems.append(f"The {what} cannot be listed: {exc}")
             return found
@@ -6349,9 +6394,8 @@ class Cache:
         """The ready versions holding one of ``content_ids``, as stored."""
         if not content_ids:
             return []
-        return self._listed_versions(
-            lambda t: (t.version.status == "ready") & t.version.content_id.in_(content_ids),
-            "versions of corrupted contents", problems)
+        return self._listed_versions(lambda: self._store.ready_versions_holding(content_ids),
+                                     "versions of corrupted contents", problems)
 
     def _content_is_intact(self, content_id: int, hash_type, hash_hex, size) -> bool:
         """Re-hash one content from one snapshot (a concurrent delete cannot look like
@@ -6373,18 +6417,14 @@ class Cache:
     def _corrupted_versions(self, problems: list[str]) -> list[Response]:
         """Every version marked "content corrupted" that is still stored."""
         return [response for response in self._listed_versions(
-                    lambda t: (t.version.status == "failed")
-                    & t.version.download_stats.contains(CORRUPTED_ERROR),
-                    "versions marked corrupted", problems)
+                    self._store.versions_marked_corrupted, "versions marked corrupted", problems)
                 if response.download_stats.error == CORRUPTED_ERROR]
 
     def _damaged_values(self) -> list[str]:
         """Read every stored request and version back as the API would; name those that fail."""
         problems = []
         try:
-            with self._store.reading() as t:
-                requests = list(t.request.select())
-                versions = list(t.version.select())
+            requests, versions = self._store.every_row()
         except CacheFileError as exc:
             return [f"The requests and versions cannot be read: {exc}"]
         urls = {}
@@ -6435,17 +6475,7 @@ class Cache:
         """Forget a request and all its versions; returns how many version rows were
         removed (0 for an unknown request). Content no other version uses is deleted."""
         identity = self._identity(url, method, params, headers, body, group)
-        with self._store.writing() as t:
-            request = self._find_request(t, identity)
-            if request is None:
-                return 0
-            content_ids = {row[0] for row in t.version.select(t.version.content_id).where(
-                (t.version.request_id == request.id) & t.version.content_id.is_null(False)).tuples()}
-            _record_removed(t, request, list(t.version.select().where(
-                (t.version.request_id == request.id) & (t.version.status == "ready"))), "deleted", self._store.now())
-            removed = t.version.delete().where(t.version.request_id == request.id).execute()
-            t.request.delete().where(t.request.id == request.id).execute()
-            freed = self._delete_unreferenced_contents(t, content_ids)
+        removed, freed = self._store.delete_request(identity.key)
         if freed:
             self._store.give_back_free_pages(checkpoint=False)
         return removed
