@@ -2865,6 +2865,91 @@ class _Store:
             t.request.delete().where(t.request.id == request.id).execute()
             return removed, self.delete_unreferenced_contents(content_ids)
 
+    def content_size_and_hash_type(self, content_id: int) -> tuple[int | None, str | None]:
+        """(size, hash type) of a content; (None, None) when it is gone."""
+        with self.reading() as t:
+            return t.content.select(t.content.size_bytes, t.content.hash_type).where(
+                t.content.id == content_id).tuples().first() or (None, None)
+
+    def import_version(self, source: "_Store", request_columns: dict, version_columns: dict,
+                       source_content_id: int) -> tuple[bool, str]:
+        """Add one ready version of ``source`` (another cache) to this one, in one write
+        transaction: its request (``request_columns``) unless one with that identity is
+        here, then a ready version row with ``version_columns`` (its version string, hash,
+        pins, tags, times...) and its content: the one this cache holds with that hash, or
+        a copy of ``source_content_id`` (see ``copy_content_from``; _ContentMismatch undoes
+        everything). Nothing is added when the request here already has that version
+        string or is hashed with another type. Returns (whether the version was added,
+        the hash type of the request here)."""
+        with self.writing() as t:
+            target = self.request_row(request_columns["identity_key"])
+            if target is None:
+                request_id = t.request.insert(**request_columns).execute()
+                hash_type = request_columns["validation_hash_type"]
+            else:
+                request_id, hash_type = target.id, target.validation_hash_type
+                if hash_type != request_columns["validation_hash_type"]:
+                    return False, hash_type
+            if t.version.select().where((t.version.request_id == request_id)
+                                        & (t.version.version == version_columns["version"])).exists():
+                return False, hash_type
+            hash_hex = version_columns["content_hash_hex"]
+            content = t.content.get_or_none((t.content.hash_type == hash_type) & (t.content.hash_hex == hash_hex))
+            content_id = content.id if content is not None else self.copy_content_from(
+                source, source_content_id, hash_type, hash_hex)
+            t.version.insert(request_id=request_id, content_id=content_id, status="ready",
+                             **version_columns).execute()
+            return True, hash_type
+
+    def copy_content_from(self, source: "_Store", source_content_id: int, hash_type: str,
+                          hash_hex: str) -> int:
+        """Copy a content chunk by chunk from ``source`` into this cache, checking its hash
+        (_ContentMismatch when it differs). Runs inside the caller's write transaction;
+        returns the new content id."""
+        t = self.tables
+        content_id = t.content.insert(hash_type=hash_type, hash_hex=None, size_bytes=0).execute()
+        hasher, size = hashlib.new(hash_type), 0
+        for seq, data in enumerate(source.iter_chunks(source_content_id)):
+            hasher.update(data)
+            size += len(data)
+            t.chunk.insert(content_id=content_id, seq=seq, data=data).execute()
+        if hasher.hexdigest() != hash_hex:
+            raise _ContentMismatch(f"its content hashes to {hasher.hexdigest()}, not {hash_hex}")
+        t.content.update(hash_hex=hash_hex, size_bytes=size).where(t.content.id == content_id).execute()
+        return content_id
+
+    def keep_requests(self, requests: list, keep: dict[int, str | None]) -> None:
+        """For a private copy, in one write transaction: delete every request of
+        ``requests`` (its rows) that ``keep`` does not name, with its versions; of each
+        request ``keep`` maps to a content hash, every version but the ready ones with
+        that hash (the ready ones remembered as removed, "not locked", so ``as_of`` in
+        the copy never answers with an older version than the one current then); then
+        every content no version uses."""
+        dropped = [row.id for row in requests if row.id not in keep]
+        by_id = {row.id: row for row in requests}
+        with self.writing() as t:
+            now = self.now()
+            for start in range(0, len(dropped), 500):
+                batch = dropped[start:start + 500]
+                t.version.delete().where(t.version.request_id.in_(batch)).execute()
+                t.request.delete().where(t.request.id.in_(batch)).execute()
+            for request_id, digest in keep.items():
+                if digest is not None:
+                    unlocked = (t.version.request_id == request_id) & (
+                        (t.version.status != "ready") | (t.version.content_hash_hex != digest))
+                    _record_removed(t, by_id[request_id], list(t.version.select().where(
+                        unlocked & (t.version.status == "ready"))), "not locked", now)
+                    t.version.delete().where(unlocked).execute()
+            used = t.version.select(t.version.content_id).where(t.version.content_id.is_null(False))
+            t.content.delete().where(t.content.id.not_in(used)).execute()  # chunks follow (cascade)
+
+    def replace_salt(self, salt: bytes) -> None:
+        """Make ``salt`` this cache's salt, in one write transaction (a copy of another
+        cache takes its salt, so the sensitive values digested there still match)."""
+        with self.writing() as t:
+            t.meta.update(value=salt.hex()).where(t.meta.key == "salt").execute()
+        self.salt = salt
+
 
 class _SqliteStore(_Store):
     """A cache in one SQLite file: WAL, one writer at a time (``BEGIN IMMEDIATE``), the
@@ -6533,12 +6618,8 @@ class Cache:
             # Identities with secret values are keyed by each file's own salt.
             if has_secrets and seed.salt != self._store.salt:
                 continue
-            with seed.reading() as t:
-                seed_request = t.request.get_or_none(t.request.identity_key == call.identity.key)
-                seed_ready = [] if seed_request is None else list(
-                    t.version.select().where((t.version.request_id == seed_request.id)
-                                             & (t.version.status == "ready"))
-                    .order_by(t.version.version.desc()))
+            seed_request = seed.request_row(call.identity.key)
+            seed_ready = [] if seed_request is None else seed.versions_of(seed_request.id, "ready")
             chosen = self._choose(call, seed_ready, self._store.now(), hard=call.is_hard_choice)
             if chosen is None:
                 continue
@@ -6560,33 +6641,18 @@ class Cache:
         if columns is None:
             return False
         try:
-            with self._store.writing() as t:
-                target = t.request.get_or_none(t.request.identity_key == columns["identity_key"])
-                if target is None:
-                    request_id = t.request.insert(**columns).execute()
-                    hash_type = request_row.validation_hash_type
-                else:
-                    request_id, hash_type = target.id, target.validation_hash_type
-                    if hash_type != request_row.validation_hash_type:
-                        log.warning("Not importing version %s of %s: it is hashed with %s, this cache "
-                                    "with %s.", version_row.version, request_row.url,
-                                    request_row.validation_hash_type, hash_type)
-                        return False
-                if t.version.select().where((t.version.request_id == request_id)
-                                            & (t.version.version == version_row.version)).exists():
-                    return False
-                content = t.content.get_or_none((t.content.hash_type == hash_type)
-                                                & (t.content.hash_hex == version_row.content_hash_hex))
-                content_id = content.id if content is not None else _copy_content(
-                    t, source, version_row.content_id, hash_type, version_row.content_hash_hex)
-                t.version.insert(
-                    request_id=request_id, content_id=content_id, status="ready",
-                    **{name: getattr(version_row, name) for name in _IMPORTED_VERSION_COLUMNS}).execute()
-                return True
+            added, hash_type = self._store.import_version(
+                source, columns, {name: getattr(version_row, name) for name in _IMPORTED_VERSION_COLUMNS},
+                version_row.content_id)
         except _ContentMismatch as exc:
             log.warning("Not importing version %s of %s from %s: %s", version_row.version,
                         request_row.url, source.path, exc)
             return False
+        if hash_type != request_row.validation_hash_type:
+            log.warning("Not importing version %s of %s: it is hashed with %s, this cache "
+                        "with %s.", version_row.version, request_row.url,
+                        request_row.validation_hash_type, hash_type)
+        return added
 
     def _imported_request_columns(self, source: _Store, request_row, version_row) -> dict | None:
         """The request row another file's request gets in this one, or None (logged) when
@@ -6660,22 +6726,15 @@ class Cache:
             raise InvalidRequestError(f"pinned must be True, False or None, not {pinned!r}.")
         if group is not None and (not isinstance(group, str) or not group):
             raise InvalidRequestError(f"group must be a non-empty string, not {group!r}.")
-        with self._store.reading() as t:
-            query = t.request.select().order_by(t.request.id)
-            if group is not None:
-                query = query.where(t.request.group_name == group)
-            requests = list(query)
         now = self._store.now()
         entries = []
-        for request in requests:
+        for request in self._store.request_rows(group):
             try:
                 chosen = next((row for row in self._store.ready_rows(request.id)
                                if _matches(row, tag=tag, pinned=pinned, now=now)), None)
                 if chosen is None:
                     continue
-                with self._store.reading() as t:
-                    size, hash_type = t.content.select(t.content.size_bytes, t.content.hash_type).where(
-                        t.content.id == chosen.content_id).tuples().first() or (None, None)
+                size, hash_type = self._store.content_size_and_hash_type(chosen.content_id)
                 entries.append(_lock_entry(request, chosen, size, hash_type))
             except _DAMAGE_ERRORS as exc:
                 # Only this request is unusable (verify() reports it); the others are locked.
@@ -6731,9 +6790,7 @@ class Cache:
 
     def _requests_by_lock_key(self) -> dict[str, int]:
         """Lock key -> request id, for every stored request whose values can be read."""
-        with self._store.reading() as t:
-            rows = list(t.request.select())
-        return {key: row.id for row in rows
+        return {key: row.id for row in self._store.request_rows()
                 if (key := _stored_lock_key_or_none(row, self._store.path)) is not None}
 
     def backup(self, dest: str | os.PathLike, *, group: str | None = None,
@@ -6798,8 +6855,7 @@ class Cache:
         request with its ready versions, pins, tags and content, read from one snapshot."""
         store = _SqliteStore(path)
         try:
-            with store.writing() as t:
-                t.meta.update(value=self._store.salt.hex()).where(t.meta.key == "salt").execute()
+            store.replace_salt(self._store.salt)
         finally:
             store.close()
         with Cache(path) as copy:
@@ -6833,12 +6889,7 @@ class Cache:
                 if kind != "sets" and names:
                     self._store.remember_sensitive_names(kind, set(names))
             same_salt = other.salt == self._store.salt
-            with other.reading() as t:
-                query = t.request.select().order_by(t.request.id)
-                if group is not None:
-                    query = query.where(t.request.group_name == group)
-                requests = list(query)
-            for request in requests:
+            for request in other.request_rows(group):
                 try:
                     has_digests = _has_digests(request)
                 except _DAMAGE_ERRORS as exc:
@@ -6849,10 +6900,7 @@ class Cache:
                     log.warning("Not importing %s (group %s): its sensitive header values are "
                                 "digested with the salt of %s.", request.url, request.group_name, other.path)
                     continue
-                with other.reading() as t:
-                    rows = list(t.version.select().where((t.version.request_id == request.id)
-                                                         & (t.version.status == "ready"))
-                                .order_by(t.version.version))
+                rows = other.versions_of(request.id, "ready")[::-1]  # oldest first
                 added += sum(self._import_version(other, request, row) for row in rows)
         finally:
             other.close()
@@ -7125,27 +7173,10 @@ def _write_atomically(path: pathlib.Path, data: bytes) -> None:
         raise CacheFileError(f"Cannot write {path}: {exc}.", path=path) from exc
 
 
-def _copy_content(t: _Tables, source: _Store, source_content_id: int, hash_type: str,
-                  hash_hex: str) -> int:
-    """Copy a content chunk by chunk from ``source`` into this file, checking its hash.
-    Runs inside the caller's write transaction; returns the new content id."""
-    content_id = t.content.insert(hash_type=hash_type, hash_hex=None, size_bytes=0).execute()
-    hasher, size = hashlib.new(hash_type), 0
-    for seq, data in enumerate(source.iter_chunks(source_content_id)):
-        hasher.update(data)
-        size += len(data)
-        t.chunk.insert(content_id=content_id, seq=seq, data=data).execute()
-    if hasher.hexdigest() != hash_hex:
-        raise _ContentMismatch(f"its content hashes to {hasher.hexdigest()}, not {hash_hex}")
-    t.content.update(hash_hex=hash_hex, size_bytes=size).where(t.content.id == content_id).execute()
-    return content_id
-
-
 def _keep_only(store: _Store, group: str | None, locked: dict[str, LockEntry] | None) -> None:
     """In a private copy: remove every request outside ``group`` / the lockfile (and, for
     locked requests, every version but the locked one), then the content left unused."""
-    with store.reading() as t:
-        requests = list(t.request.select())
+    requests = store.request_rows()
     keep: dict[int, str | None] = {}  # request id -> locked digest (None: every version)
     for row in requests:
         if group is not None and row.group_name != group:
@@ -7154,25 +7185,7 @@ def _keep_only(store: _Store, group: str | None, locked: dict[str, LockEntry] | 
             keep[row.id] = None
         elif (entry := locked.get(_stored_lock_key_or_none(row, store.path))) is not None:
             keep[row.id] = _parse_expected_hash(entry.hash)[1]
-    dropped = [row.id for row in requests if row.id not in keep]
-    by_id = {row.id: row for row in requests}
-    now = store.now()
-    with store.writing() as t:
-        for start in range(0, len(dropped), 500):
-            batch = dropped[start:start + 500]
-            t.version.delete().where(t.version.request_id.in_(batch)).execute()
-            t.request.delete().where(t.request.id.in_(batch)).execute()
-        for request_id, digest in keep.items():
-            if digest is not None:
-                unlocked = (t.version.request_id == request_id) & (
-                    (t.version.status != "ready") | (t.version.content_hash_hex != digest))
-                # The copy still knows which versions it lacks: as_of never answers with an
-                # older version than the one current then.
-                _record_removed(t, by_id[request_id], list(t.version.select().where(
-                    unlocked & (t.version.status == "ready"))), "not locked", now)
-                t.version.delete().where(unlocked).execute()
-        used = t.version.select(t.version.content_id).where(t.version.content_id.is_null(False))
-        t.content.delete().where(t.content.id.not_in(used)).execute()  # chunks follow (cascade)
+    store.keep_requests(requests, keep)
 
 
 def _release_cache_resources(store: _Store, http: _HttpClient, seeds: "_Seeds") -> None:
