@@ -2894,7 +2894,8 @@ class _Store:
                                         & (t.version.version == version_columns["version"])).exists():
                 return False, hash_type
             hash_hex = version_columns["content_hash_hex"]
-            content = t.content.get_or_none((t.content.hash_type == hash_type) & (t.content.hash_hex == hash_hex))
+            content = t.content.get_or_none((t.content.hash_type == hash_type)
+                                            & (t.content.hash_hex == hash_hex))
             content_id = content.id if content is not None else self.copy_content_from(
                 source, source_content_id, hash_type, hash_hex)
             t.version.insert(request_id=request_id, content_id=content_id, status="ready",
@@ -6339,8 +6340,8 @@ class Cache:
                 per_status[status] = count
         return {"path": str(self.path), "file_size_bytes": self._store.file_size(),
                 "requests": counts["requests"], "versions": per_status,
-                "content_bytes": int(counts["content_bytes"]), "unique_contents": int(counts["unique_contents"]),
-                "partial_bytes": int(counts["partial_bytes"]),
+                "content_bytes": int(counts["content_bytes"]),
+                "unique_contents": int(counts["unique_contents"]), "partial_bytes": int(counts["partial_bytes"]),
                 "files_bytes": _bytes_under(_files_root(self)),
                 "unpacked_bytes": _bytes_under(_unpacked_root(self)),
                 "schema_version": self._store.schema_version(),
