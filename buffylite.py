@@ -6170,11 +6170,11 @@ class Cache:
 
     def _collect_request(self, t: _Tables, request_id: int, now: float, *, request,
                          rows: list) -> tuple[dict, int]:
-        """Apply the GC rules (see ``gc``) to one request, given the request and its
-        version records read in the caller's write transaction (newest first), inside
-        that transaction (``t``); the removed ones are taken out of ``rows``. A damaged
-        stored value of the request raises _DamagedValueError (nothing is removed).
-        Returns (removed per reason, bytes freed)."""
+        """Apply the GC rules (see ``gc``) to the request ``request_id``, given that request
+        and its version records read in the caller's write transaction ``t`` (newest
+        first); the store removes them inside that transaction, and the removed ones are
+        taken out of ``rows``. A damaged stored value of the request raises
+        _DamagedValueError (nothing is removed). Returns (removed per reason, bytes freed)."""
         removals = self._gc_removals(request, rows, now)
         if not removals:
             return {}, 0
@@ -6194,6 +6194,7 @@ class Cache:
 
     @staticmethod
     def _removed_per_reason(removals: dict) -> dict[str, int]:
+        """How many of ``removals`` (``{version id: (row, reason)}``) each reason removes."""
         counts: dict[str, int] = {}
         for _, reason in removals.values():
             counts[reason] = counts.get(reason, 0) + 1
