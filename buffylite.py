@@ -5307,9 +5307,6 @@ class Cache:
             self._plain_identities[memo_key] = identity
         return identity
 
-    def _find_request(self, t: _Tables, identity: _Identity):
-        return t.request.get_or_none(t.request.identity_key == identity.key)
-
     def _response(self, row, url: str, chain: list[str], outcome: str | None = None) -> Response:
         """Build the public object for a version row; ``chain`` is the request's ready
         versions in ascending order (for previous/next)."""
@@ -5345,13 +5342,6 @@ class Cache:
     def _responses(self, rows: list, url: str, ready_rows: list, outcome: str | None = "cached"):
         chain = sorted(row.version for row in ready_rows)
         return [self._response(row, url, chain, outcome) for row in rows]
-
-    def _response_for_row_id(self, t: _Tables, row_id: int, outcome: str = "cached") -> Response:
-        row = t.version.get_or_none(t.version.id == row_id)
-        if row is None:
-            raise NotCachedError(f"Version row {row_id} is no longer in the cache {self.path}.")
-        request = t.request.get_by_id(row.request_id)
-        return self._responses([row], request.url, self._store.ready_rows(row.request_id), outcome)[0]
 
     def _configuration_of(self, request_row) -> RequestCacheConfiguration:
         # Parsed once per row object (rows are re-read whenever the file changes).
@@ -5731,11 +5721,11 @@ class Cache:
             raise NotCachedError(f"{call.identity.url} is not in the cache {self.path}"
                                  + (" (offline)." if call.offline else "."))
         if call.pin_for is not None:
-            with self._store.writing() as t:
+            with self._store.writing():
                 ready = self._store.ready_rows(request.id)
                 chosen = self._choose(call, ready, self._store.now(), hard=hard)
                 if chosen is not None:
-                    self._extend_lease(t, chosen, call.pin_for)
+                    self._store.extend_lease(chosen, call.pin_for)
         else:
             chosen = self._choose(call, ready, self._store.now(), hard=hard)
         if call.as_of is not None:
@@ -5772,13 +5762,6 @@ class Cache:
             wanted.append(f"as_of={call.as_of.isoformat()}")
         return (f"No cached version of {call.identity.url} matches "
                 f"{', '.join(wanted) or 'the request'} in {self.path}.")
-
-    def _extend_lease(self, t: _Tables, row, seconds: float) -> None:
-        """Lease ``row`` for ``seconds`` from now; never shortens a running lease."""
-        until = self._store.now() + seconds
-        if row.pinned_until_unix is None or row.pinned_until_unix < until:
-            t.version.update(pinned_until_unix=until).where(t.version.id == row.id).execute()
-            row.pinned_until_unix = until
 
     def _update_request_settings(self, call: _FetchCall, request) -> None:
         """Store a changed configuration / description / hash type passed to fetch()."""
@@ -6185,7 +6168,7 @@ class Cache:
             ready = [candidate for candidate in rows if candidate.status == "ready"]
             chosen = self._choose(call, ready, now)
             if chosen is not None and call.pin_for is not None:
-                self._extend_lease(t, chosen, call.pin_for)
+                self._store.extend_lease(chosen, call.pin_for)
         if freed:
             self._store.give_back_free_pages(checkpoint=False)
 
