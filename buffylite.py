@@ -1762,6 +1762,16 @@ _SQL_STAMPED_REQUEST_AND_READY = (
     'LEFT OUTER JOIN "version" AS v '
     """ON v."request_id" = r."id" AND v."status" = 'ready' """
     'ORDER BY v."version" DESC')
+#: The same for a store without such a counter, with the salt and sensitive names instead
+#: (written as ``_PostgresStore._names_stamp`` writes them: keys in byte order).
+_SQL_NAMED_REQUEST_AND_READY = (
+    """SELECT (SELECT string_agg("key" || '=' || "value", ';' ORDER BY "key" COLLATE "C") FROM "meta" """
+    """WHERE "key" IN ('salt', 'sensitive_headers', 'sensitive_params')), """
+    f"{_column_list('r', _REQUEST_COLUMNS)}, {_column_list('v', _VERSION_COLUMNS)} "
+    'FROM (SELECT 1) AS d LEFT OUTER JOIN "request" AS r ON r."identity_key" = ? '
+    'LEFT OUTER JOIN "version" AS v '
+    """ON v."request_id" = r."id" AND v."status" = 'ready' """
+    'ORDER BY v."version" DESC')
 #: The ready versions of a request, newest first.
 _SQL_READY_ROWS = (f"SELECT {_column_list('v', _VERSION_COLUMNS)} FROM \"version\" AS v "
                    """WHERE v."request_id" = ? AND v."status" = 'ready' ORDER BY v."version" DESC""")
@@ -2337,6 +2347,7 @@ class _Store:
         names = {}
         with self.reading():
             stored = dict(self._run(_SQL_SENSITIVE_NAMES).fetchall())
+        stamp = self._names_stamp(stored, stamp)
         if not hasattr(self, "salt"):
             try:
                 self.salt = bytes.fromhex(stored["salt"])
@@ -2402,12 +2413,12 @@ class _Store:
                 changes = self.change_stamp()
             if changes is not None and remembered[0] == (changes, writes):
                 return remembered[1]
-        # Otherwise one statement reads the rows and, where the store has one, the stamp.
+        # Otherwise one statement reads the rows and what tells whether the names changed.
         with self.reading():
-            changes, rows = self._read_request_and_ready(identity_key)
+            names_stamp, changes, rows = self._read_request_and_ready(identity_key)
         sensitive = getattr(local, "sensitive", None)
-        if sensitive is not None and (changes is None or sensitive[0] != changes):
-            local.sensitive = None  # The cache changed: the next identity re-reads the names.
+        if sensitive is not None and (names_stamp is None or sensitive[0] != names_stamp):
+            local.sensitive = None  # They may have: the next identity re-reads the names.
         split = len(_REQUEST_COLUMNS)
         result = (_record(_REQUEST_COLUMNS, rows[0][:split]) if rows else None,
                   [_record(_VERSION_COLUMNS, row[split:]) for row in rows if row[split] is not None])
@@ -2417,9 +2428,15 @@ class _Store:
             memo[identity_key] = ((changes, writes), result)
         return result
 
-    def _read_request_and_ready(self, identity_key: str) -> tuple[Any, list]:
-        """(the change stamp or None, the rows of ``_SQL_REQUEST_AND_READY``)."""
-        return None, self._run(_SQL_REQUEST_AND_READY, identity_key).fetchall()
+    def _read_request_and_ready(self, identity_key: str) -> tuple[Any, Any, list]:
+        """(a stamp of the sensitive names as ``_names_stamp`` makes it, the change stamp,
+        the rows of ``_SQL_REQUEST_AND_READY``); a stamp is None where the store has none."""
+        return None, None, self._run(_SQL_REQUEST_AND_READY, identity_key).fetchall()
+
+    def _names_stamp(self, stored: dict, change_stamp):
+        """What tells, on the fetch path, whether the sensitive names read as ``stored``
+        (at ``change_stamp``) may have changed since."""
+        return change_stamp
 
     def request_and_versions(self, request_id: int):
         """(request record or None, all its version records newest first), in one query.
@@ -3041,10 +3058,10 @@ class _SqliteStore(_Store):
     def change_stamp(self) -> int:
         return _sqlite_change_counter(self.db)
 
-    def _read_request_and_ready(self, identity_key: str) -> tuple[Any, list]:
+    def _read_request_and_ready(self, identity_key: str) -> tuple[Any, Any, list]:
         rows = self._run(_SQL_STAMPED_REQUEST_AND_READY, identity_key).fetchall()
         # One row at least (the stamp's), with empty request columns when there is no request.
-        return rows[0][0], [row[1:] for row in rows if row[1] is not None]
+        return rows[0][0], rows[0][0], [row[1:] for row in rows if row[1] is not None]
 
     def structural_problems(self) -> list[str]:
         """``PRAGMA integrity_check`` and ``foreign_key_check``, as sentences."""
@@ -3223,6 +3240,15 @@ class _PostgresStore(_Store):
         """Results in binary form: a ``bytea`` chunk then arrives as its bytes, not as
         hex text of twice the size that both ends must encode and decode."""
         return connection.execute(sql, values, binary=True)
+
+    def _read_request_and_ready(self, identity_key: str) -> tuple[Any, Any, list]:
+        # No cheap change counter: the rows are always read, and the stored sensitive
+        # names come along (as ``_names_stamp`` writes them) to tell whether they changed.
+        rows = self._run(_SQL_NAMED_REQUEST_AND_READY, identity_key).fetchall()
+        return rows[0][0], None, [row[1:] for row in rows if row[1] is not None]
+
+    def _names_stamp(self, stored: dict, change_stamp) -> str:
+        return ";".join(f"{key}={value}" for key, value in sorted(stored.items()))
 
     def _inserted_id(self, sql: str, values) -> int | None:
         text = self._statement(("returning id", sql), lambda: sql + ' RETURNING "id"')
