@@ -2483,6 +2483,15 @@ class _Store:
         with self.reading():
             return self._run(sql, *changes.values(), row_id).rowcount
 
+    def owned_by(self, claim) -> peewee.Expression:
+        """The lease-ownership condition, written here only: the version row ``claim``
+        took, still recorded as leased to ``claim.owner``. Another process takes a lease
+        over only by writing its own owner there, so a download that finds this false
+        has lost its lease and must stop writing. (``publish_first_version`` states the
+        same condition in SQL text.)"""
+        version = self.tables.version
+        return (version.id == claim.row_id) & (version.lease_owner == claim.owner)
+
     def publish_first_version(self, row_id: int, owner: str, request_id: int, changes: dict) -> bool:
         """UPDATE the version row ``row_id`` with ``changes`` if ``owner`` still holds its
         lease and it is the only version of its request; return whether it did. Lets the
@@ -4747,7 +4756,7 @@ class _LeaseKeeper:
         try:
             with self.store.writing() as t:
                 renewed = t.version.update(lease_expires_unix=self.store.now() + self.lease_sec).where(
-                    (t.version.id == claim.row_id) & (t.version.lease_owner == claim.owner)).execute()
+                    self.store.owned_by(claim)).execute()
         except BuffyliteError as exc:  # try again at the next beat
             log.debug("Renewing the download lease failed: %s", exc)
             return
@@ -4910,8 +4919,7 @@ class _Sink:
         takes a lease over only by writing its own owner, and judging the lease end by
         this process's clock would make a clock jump end a live download."""
         owned = t.version.select().where(
-            (t.version.id == self._claim.row_id) & (t.version.lease_owner == self._claim.owner)
-            & (t.version.lease_expires_unix > 0)).exists()
+            self._store.owned_by(self._claim) & (t.version.lease_expires_unix > 0)).exists()
         if not owned:
             raise _LeaseLost()
 
@@ -6079,8 +6087,7 @@ class Cache:
         reclaims the row later."""
         try:
             with self._store.writing() as t:
-                row = t.version.get_or_none((t.version.id == claim.row_id)
-                                            & (t.version.lease_owner == claim.owner))
+                row = t.version.get_or_none(self._store.owned_by(claim))
                 if row is not None:
                     t.version.delete().where(t.version.id == row.id).execute()
                     if row.content_id is not None:
@@ -6094,8 +6101,7 @@ class Cache:
         with contextlib.suppress(Exception):
             sink.flush()
         with contextlib.suppress(Exception), self._store.writing() as t:
-            t.version.update(lease_expires_unix=0.0).where(
-                (t.version.id == claim.row_id) & (t.version.lease_owner == claim.owner)).execute()
+            t.version.update(lease_expires_unix=0.0).where(self._store.owned_by(claim)).execute()
 
     def _finish(self, call: _FetchCall, claim: _Claim, request, kind: str, *,
                 completed: _Completed | _NotModified | None = None,
