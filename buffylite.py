@@ -4732,6 +4732,87 @@ def _matches(row, *, version=None, tag=None, pinned=None, now: float) -> bool:
     return True
 
 
+def _has_validators(row) -> bool:
+    """Can a conditional GET confirm this version (it has an ETag or a Last-Modified)?"""
+    attributes = json.loads(row.content_attributes or "{}")
+    return bool(attributes.get("etag") or attributes.get("last_modified_datetime_utc"))
+
+
+def _plan(strategy, newest, now: float, *, cron_first_run: bool = False) -> str:
+    """By the strategy: "serve" the newest ready version, "download", or "conditional" GET.
+
+    Policy, with no I/O: a function of the strategy, the newest ready version row (None
+    when there is none) and the time; ``cron_first_run``: the cron strategy's run at
+    start is due (its caller remembers which requests had theirs)."""
+    if newest is None:
+        return "download"
+    age = now - (newest.validated_unix or 0.0)
+    name = strategy.strategy_name
+    if name == "never":
+        return "serve"
+    if name == "age":
+        return "download" if age > strategy.seconds else "serve"
+    if name == "when_requested":
+        return "conditional" if _has_validators(newest) else "download"
+    if name == "when_remote_changed":
+        if age < strategy.check_interval_sec:
+            return "serve"
+        if _has_validators(newest):
+            return "conditional"
+        return "download" if age > strategy.fallback_max_age_sec else "serve"
+    if name == "http":
+        try:
+            stored = json.loads(newest.cache_headers or "{}")
+        except ValueError:
+            stored = {}  # damaged: as if the origin had said nothing
+        stored = {name: value for name, value in stored.items() if isinstance(value, str)} \
+            if isinstance(stored, dict) else {}
+        left = _http_freshness(stored, now, newest.validated_unix)
+        if left is None:
+            left = strategy.fallback_max_age_sec - age
+        if left > 0:
+            return "serve"
+        return "conditional" if _has_validators(newest) else "download"
+    # cron
+    if cron_first_run:
+        return "download"
+    next_tick = _optional_extra("croniter").croniter(strategy.cron, _to_datetime(newest.validated_unix)).get_next(float)
+    return "download" if next_tick <= now else "serve"
+
+
+def _choose_version(call, ready: list, now: float, *, hard: bool = False):
+    """The version row a fetch returns among ``ready`` (newest first), or None (§7).
+
+    Policy, with no I/O: ``as_of`` keeps only the version newest at that moment;
+    ``expected_hash`` keeps those with that hash; ``hard`` (force_*) returns the newest
+    row matching every forced choice; otherwise the soft preferences are dropped in
+    Buffy's order (pinned, then tag, then version) until some row matches."""
+    if call.as_of is not None:
+        # Only the version newest at that moment may answer; the other choices then
+        # accept or refuse it, never pick an older one that was not current then.
+        current = next((row for row in ready if row.cached_unix is not None
+                        # Compared as shown: microsecond datetimes.
+                        and _to_datetime(row.cached_unix) <= call.as_of), None)
+        ready = [current] if current is not None else []
+    candidates = [row for row in ready
+                  if call.expected_hash is None or row.content_hash_hex == call.expected_hash]
+    if hard:
+        for row in candidates:
+            if _matches(row, version=call.force_version, tag=call.force_tag,
+                        pinned=call.force_pinned, now=now):
+                return row
+        return None
+    # Soft preferences are dropped in Buffy's order: pinned, then tag, then version.
+    for keep in (3, 2, 1, 0):
+        wanted = {"version": call.prefer_version if keep >= 1 else None,
+                  "tag": call.prefer_tag if keep >= 2 else None,
+                  "pinned": call.prefer_pinned if keep >= 3 else None}
+        for row in candidates:
+            if _matches(row, now=now, **wanted):
+                return row
+    return None
+
+
 class _LeaseKeeper:
     """Keeps a download lease alive, every third of its length, whatever the download
     is doing (waiting for headers, stalled, validating), and notes when the lease was
@@ -5585,7 +5666,7 @@ class Cache:
             plan = ("serve" if call.locked else self._stored_plan(strategy, newest, request, now)) \
                 if eligible else "download"
             if call.refresh and eligible and not call.locked:
-                plan = "conditional" if self._has_validators(newest) else "download"
+                plan = "conditional" if _has_validators(newest) else "download"
             if plan == "serve":
                 return self._serve(call, request, ready, "cached")
             # A download is due, but a recent failure of the origin says not to try yet.
@@ -5615,52 +5696,6 @@ class Cache:
             if settlement is not None:
                 return self._after_other_download(call, claim.request_id, settlement)
             # That download vanished (a 304 check) or died: decide again on fresh state.
-
-    def _plan(self, strategy, newest, request, now: float) -> str:
-        """By the strategy: "serve" the newest ready version, "download", or "conditional" GET."""
-        if newest is None:
-            return "download"
-        age = now - (newest.validated_unix or 0.0)
-        name = strategy.strategy_name
-        if name == "never":
-            return "serve"
-        if name == "age":
-            return "download" if age > strategy.seconds else "serve"
-        if name == "when_requested":
-            return "conditional" if self._has_validators(newest) else "download"
-        if name == "when_remote_changed":
-            if age < strategy.check_interval_sec:
-                return "serve"
-            if self._has_validators(newest):
-                return "conditional"
-            return "download" if age > strategy.fallback_max_age_sec else "serve"
-        if name == "http":
-            try:
-                stored = json.loads(newest.cache_headers or "{}")
-            except ValueError:
-                stored = {}  # damaged: as if the origin had said nothing
-            stored = {name: value for name, value in stored.items() if isinstance(value, str)} \
-                if isinstance(stored, dict) else {}
-            left = _http_freshness(stored, now, newest.validated_unix)
-            if left is None:
-                left = strategy.fallback_max_age_sec - age
-            if left > 0:
-                return "serve"
-            return "conditional" if self._has_validators(newest) else "download"
-        # cron
-        if strategy.run_at_start:
-            with self._cron_lock:
-                if request.id not in self._cron_started:
-                    self._cron_started.add(request.id)
-                    return "download"
-        next_tick = _optional_extra("croniter").croniter(strategy.cron, _to_datetime(newest.validated_unix)).get_next(float)
-        return "download" if next_tick <= now else "serve"
-
-    @staticmethod
-    def _has_validators(row) -> bool:
-        """Can a conditional GET confirm this version (it has an ETag or a Last-Modified)?"""
-        attributes = json.loads(row.content_attributes or "{}")
-        return bool(attributes.get("etag") or attributes.get("last_modified_datetime_utc"))
 
     def _is_backing_off(self, request, now: float) -> bool:
         """Is the request inside a failure backoff recorded in the file? A damaged
@@ -5697,8 +5732,13 @@ class Cache:
 
     def _stored_plan(self, strategy, newest, request, now: float) -> str:
         """``_plan`` on values read from the file: a damaged one makes this request unusable."""
+        cron_first_run = False
+        if newest is not None and strategy.strategy_name == "cron" and strategy.run_at_start:
+            with self._cron_lock:  # a download in this Cache is the cron strategy's run at start
+                cron_first_run = request.id not in self._cron_started
+                self._cron_started.add(request.id)
         try:
-            return self._plan(strategy, newest, request, now)
+            return _plan(strategy, newest, now, cron_first_run=cron_first_run)
         except _DAMAGE_ERRORS as exc:
             raise _DamagedValueError(
                 f"Version {getattr(newest, 'version', '?')!r} of {request.url!r} in the cache {self.path} "
@@ -5707,7 +5747,7 @@ class Cache:
     def _choose(self, call: _FetchCall, ready: list, now: float, *, hard: bool = False):
         """The newest ready row satisfying the call's choices, or None."""
         try:
-            return self._choose_of(call, ready, now, hard=hard)
+            return _choose_version(call, ready, now, hard=hard)
         except _DAMAGE_ERRORS as exc:
             damaged = "?"
             for row in ready:  # name the row that holds the damage
@@ -5720,32 +5760,6 @@ class Cache:
             raise _DamagedValueError(
                 f"Version {damaged!r} of {call.identity.url} in the cache {self.path} is damaged and "
                 f"cannot be read: {type(exc).__name__}.", path=self.path) from exc
-
-    def _choose_of(self, call: _FetchCall, ready: list, now: float, *, hard: bool = False):
-        if call.as_of is not None:
-            # Only the version newest at that moment may answer; the other choices then
-            # accept or refuse it, never pick an older one that was not current then.
-            current = next((row for row in ready if row.cached_unix is not None
-                            # Compared as shown: microsecond datetimes.
-                            and _to_datetime(row.cached_unix) <= call.as_of), None)
-            ready = [current] if current is not None else []
-        candidates = [row for row in ready
-                      if call.expected_hash is None or row.content_hash_hex == call.expected_hash]
-        if hard:
-            for row in candidates:
-                if _matches(row, version=call.force_version, tag=call.force_tag,
-                            pinned=call.force_pinned, now=now):
-                    return row
-            return None
-        # Soft preferences are dropped in Buffy's order: pinned, then tag, then version.
-        for keep in (3, 2, 1, 0):
-            wanted = {"version": call.prefer_version if keep >= 1 else None,
-                      "tag": call.prefer_tag if keep >= 2 else None,
-                      "pinned": call.prefer_pinned if keep >= 3 else None}
-            for row in candidates:
-                if _matches(row, now=now, **wanted):
-                    return row
-        return None
 
     def _serve(self, call: _FetchCall, request, ready: list, outcome: str, *, hard: bool = False):
         """Return a cached version without downloading (leasing it first if pin_for)."""
