@@ -2671,6 +2671,137 @@ class _Store:
                 "Content %s is corrupted; %d version(s) marked failed.", content.hash_hex, len(rows))
         return [row.id for row in rows]
 
+    # --- named transitions: downloads ---
+    #
+    # The claim, the lease, the content and the publication of a download. Those that
+    # say so run inside the caller's write transaction (the claim and the settlement
+    # each make one transaction of several of them); the others are one transaction.
+
+    def request_by_id(self, request_id: int):
+        """The request row ``request_id`` (a model instance); NotCachedError when it is gone."""
+        with self.reading() as t:
+            row = t.request.get_or_none(t.request.id == request_id)
+        if row is None:
+            raise NotCachedError(f"Request {request_id} is no longer in the cache {self.path}.")
+        return row
+
+    def in_flight_rows(self, request_id: int) -> list:
+        """The request's rows of downloads not settled yet (wait, in_progress), newest
+        first. Runs inside the caller's write transaction."""
+        version = self.tables.version
+        return list(version.select().where((version.request_id == request_id)
+                                           & version.status.in_(IN_FLIGHT_STATUSES))
+                    .order_by(version.version.desc()))
+
+    def newest_version_string(self, request_id: int, *, excluding: int | None = None) -> str | None:
+        """The greatest version string among the request's rows (but row ``excluding``).
+        Runs inside the caller's write transaction."""
+        version = self.tables.version
+        condition = version.request_id == request_id
+        if excluding is not None:
+            condition &= version.id != excluding
+        return version.select(peewee.fn.MAX(version.version)).where(condition).scalar()
+
+    def add_download_row(self, request_id: int, version: str, now: float, lease: dict) -> int:
+        """A new ``wait`` row for a download, leased as ``lease`` says; its id. Runs
+        inside the caller's write transaction."""
+        return self.insert_row("version", {"request_id": request_id, "version": version, "status": "wait",
+                                           "request_unix": now, **_VERSION_DEFAULTS, **lease})
+
+    def download_state(self, request_id: int, row_id: int):
+        """(the row of a download or None when it is gone, the request's note on how its
+        last download ended), from one snapshot each, for a call waiting on it."""
+        with self.reading() as t:
+            row = t.version.get_or_none(t.version.id == row_id)
+            settlement = t.request.select(t.request.last_settlement).where(
+                t.request.id == request_id).scalar()
+        return row, settlement
+
+    def owned_row(self, claim):
+        """The row of ``claim`` while it still holds the lease (see ``owned_by``), else
+        None. Runs inside the caller's write transaction."""
+        return self.tables.version.get_or_none(self.owned_by(claim))
+
+    def delete_version(self, row_id: int) -> None:
+        """Delete one version row. Runs inside the caller's write transaction."""
+        self.tables.version.delete().where(self.tables.version.id == row_id).execute()
+
+    def discard_download(self, claim) -> None:
+        """Delete the row of ``claim`` (while it holds the lease) and its partial
+        content, in one transaction."""
+        with self.writing():
+            row = self.owned_row(claim)
+            if row is not None:
+                self.delete_version(row.id)
+                if row.content_id is not None:
+                    self.delete_unreferenced_contents({row.content_id})
+
+    def give_up_lease(self, claim) -> None:
+        """End the lease of ``claim`` now, keeping its row and partial content for a
+        resume (or for gc())."""
+        with self.writing() as t:
+            t.version.update(lease_expires_unix=0.0).where(self.owned_by(claim)).execute()
+
+    def renew_lease(self, claim, lease_sec: float) -> bool:
+        """Extend the lease of ``claim`` to ``lease_sec`` from now; False when it was lost."""
+        with self.writing() as t:
+            return bool(t.version.update(lease_expires_unix=self.now() + lease_sec)
+                        .where(self.owned_by(claim)).execute())
+
+    def _require_lease(self, claim) -> None:
+        """Raise _LeaseLost unless ``claim`` still holds its lease: the recorded owner of a
+        lease not given up (another process takes a lease over only by writing its own
+        owner; judging the lease end by this process's clock would let a clock jump end a
+        live download). Runs inside the caller's write transaction, so nothing can take
+        the lease before it commits."""
+        version = self.tables.version
+        if not version.select().where(self.owned_by(claim) & (version.lease_expires_unix > 0)).exists():
+            raise _LeaseLost()
+
+    def append_chunk(self, claim, content_id: int | None, hash_type: str, seq: int, data: bytes | None,
+                     begin: dict | None) -> int:
+        """Store the next chunk of a download in one transaction, only while ``claim``
+        holds its lease (_LeaseLost otherwise, checked first): the first one creates the
+        partial content and points the row at it; ``begin`` (version columns the
+        response's headers gave) is written with it; ``data`` None stores no chunk.
+        Returns the content id."""
+        with self.writing() as t:
+            self._require_lease(claim)  # First: never write for a download someone took over.
+            if content_id is None:
+                content_id = self.insert_row("content", {"hash_type": hash_type, "hash_hex": None,
+                                                         "size_bytes": 0})
+                self.update_row("version", claim.row_id, {"content_id": content_id, **(begin or {})})
+            elif begin:  # the origin sent the whole body again (a restart)
+                self.update_row("version", claim.row_id, begin)
+            if data is not None:
+                self._run(_SQL_INSERT_CHUNK, content_id, seq, data)
+                t.content.update(size_bytes=t.content.size_bytes + len(data)).where(
+                    t.content.id == content_id).execute()
+        return content_id
+
+    def empty_partial_content(self, claim, content_id: int) -> None:
+        """Drop every chunk of a download's partial content (the origin sends the whole
+        body again), in one transaction, only while ``claim`` holds its lease."""
+        with self.writing() as t:
+            self._require_lease(claim)
+            t.chunk.delete().where(t.chunk.content_id == content_id).execute()
+            t.content.update(size_bytes=0).where(t.content.id == content_id).execute()
+
+    def settle_chunked_content(self, row_id: int, hash_type: str, hash_hex: str, content_id: int,
+                               size: int) -> int:
+        """Make a content stored chunk by chunk addressable by its hash, or drop it for the
+        identical content already stored (row ``row_id`` then points to that one);
+        returns the content id the version points to. Runs inside the caller's write
+        transaction."""
+        t = self.tables
+        existing = t.content.get_or_none((t.content.hash_type == hash_type) & (t.content.hash_hex == hash_hex))
+        if existing is not None and existing.id != content_id:
+            t.version.update(content_id=existing.id).where(t.version.id == row_id).execute()
+            t.content.delete().where(t.content.id == content_id).execute()
+            return existing.id
+        t.content.update(hash_hex=hash_hex, size_bytes=size).where(t.content.id == content_id).execute()
+        return content_id
+
     # --- named transitions: pins, tags, collection, listing, maintenance ---
     #
     # Each method runs its statements in one transaction of its own (``writing()`` or
@@ -4781,7 +4912,7 @@ def _plan(strategy, newest, now: float, *, cron_first_run: bool = False) -> str:
 
 
 def _choose_version(call, ready: list, now: float, *, hard: bool = False):
-    """The version row a fetch returns among ``ready`` (newest first), or None (§7).
+    """The version row a fetch returns among ``ready`` (newest first), or None.
 
     Policy, with no I/O: ``as_of`` keeps only the version newest at that moment;
     ``expected_hash`` keeps those with that hash; ``hard`` (force_*) returns the newest
@@ -4835,9 +4966,7 @@ class _LeaseKeeper:
         """Renew the lease now (from the renewing thread)."""
         claim = self.claim
         try:
-            with self.store.writing() as t:
-                renewed = t.version.update(lease_expires_unix=self.store.now() + self.lease_sec).where(
-                    self.store.owned_by(claim)).execute()
+            renewed = self.store.renew_lease(claim, self.lease_sec)
         except BuffyliteError as exc:  # try again at the next beat
             log.debug("Renewing the download lease failed: %s", exc)
             return
@@ -4945,10 +5074,7 @@ class _Sink:
     def restart(self) -> None:
         """Drop everything received so far (the origin sent a full body again)."""
         if self.content_id is not None:
-            with self._store.writing() as t:
-                self._check_ownership(t)
-                t.chunk.delete().where(t.chunk.content_id == self.content_id).execute()
-                t.content.update(size_bytes=0).where(t.content.id == self.content_id).execute()
+            self._store.empty_partial_content(self._claim, self.content_id)
         self.hasher = hashlib.new(self._hash_type)
         self.offset = 0
         self._buffer.clear()
@@ -4975,34 +5101,13 @@ class _Sink:
 
     def flush(self) -> None:
         """Store the buffered bytes as the next chunk, in one transaction."""
-        with self._store.writing() as t:
-            self._check_ownership(t)  # First: never write for a download someone took over.
-            if self.content_id is None:
-                self.content_id = t.content.insert(hash_type=self._hash_type, hash_hex=None).execute()
-                t.version.update(content_id=self.content_id, **(self.pending_begin or {})).where(
-                    t.version.id == self._claim.row_id).execute()
-                self.pending_begin = None
-            elif self.pending_begin:  # the origin sent the whole body again (a restart)
-                t.version.update(**self.pending_begin).where(t.version.id == self._claim.row_id).execute()
-                self.pending_begin = None
-            if self._buffer:
-                t.chunk.insert(content_id=self.content_id, seq=self._next_seq,
-                               data=bytes(self._buffer)).execute()
-                t.content.update(size_bytes=t.content.size_bytes + len(self._buffer)).where(
-                    t.content.id == self.content_id).execute()
-                self._next_seq += 1
+        self.content_id = self._store.append_chunk(
+            self._claim, self.content_id, self._hash_type, self._next_seq,
+            bytes(self._buffer) if self._buffer else None, self.pending_begin)
+        self.pending_begin = None
+        if self._buffer:
+            self._next_seq += 1
         self._buffer.clear()
-
-    def _check_ownership(self, t: _Tables) -> None:
-        """Raise _LeaseLost unless this download still holds its lease. Runs inside the
-        caller's write transaction, so nothing can take the lease before it commits.
-        Holding means being the recorded owner of a lease not given up: another process
-        takes a lease over only by writing its own owner, and judging the lease end by
-        this process's clock would make a clock jump end a live download."""
-        owned = t.version.select().where(
-            self._store.owned_by(self._claim) & (t.version.lease_expires_unix > 0)).exists()
-        if not owned:
-            raise _LeaseLost()
 
 
 class _Transfer:
@@ -5815,8 +5920,8 @@ class Cache:
         """Store a changed configuration / description / hash type passed to fetch()."""
         changes = self._setting_changes(call, request)
         if changes and not self._store.read_only:
-            with self._store.writing() as t:
-                t.request.update(**changes).where(t.request.id == request.id).execute()
+            with self._store.writing():
+                self._store.update_row("request", request.id, changes)
 
     @staticmethod
     def _setting_changes(call: _FetchCall, request) -> dict:
@@ -5858,7 +5963,7 @@ class Cache:
         """
         identity = call.identity
         owner = f"{os.getpid()}:{threading.get_ident()}:{secrets.token_hex(6)}"
-        with self._store.writing() as t:
+        with self._store.writing():
             # Checked where the request row is written: a name another Cache declared
             # since the identity was built must not be stored in clear.
             if self._store.sensitive_names()["sets"] != identity.sensitive_sets:
@@ -5884,7 +5989,7 @@ class Cache:
                 # version string to follow.
                 version = {"request_id": request_id, "version": _next_version_string(now, None),
                            "status": "wait", "request_unix": now, **_VERSION_DEFAULTS, **lease}
-                row_id = self._store.insert_row("version", version)
+                row_id = self._store.add_download_row(request_id, version["version"], now, lease)
                 record = types.SimpleNamespace(
                     **{**dict.fromkeys(_REQUEST_COLUMNS), **columns, "id": request_id})
                 row = types.SimpleNamespace(**{**dict.fromkeys(_VERSION_COLUMNS), **version, "id": row_id})
@@ -5897,22 +6002,17 @@ class Cache:
                 if started is not None and self._settled_meanwhile(call, request, strategy, started,
                                                                    seen, now):
                     return _Claim(request_id, settled=True)
-            in_flight = list(t.version.select().where(
-                (t.version.request_id == request_id) & t.version.status.in_(IN_FLIGHT_STATUSES))
-                .order_by(t.version.version.desc()))
+            in_flight = self._store.in_flight_rows(request_id)
             for row in in_flight:
                 if _lease_is_live(self.path, row, self._download_lease_sec):
                     return _Claim(request_id, other_row_id=row.id)
             for row in in_flight:
                 # A row whose resume data is damaged is not resumed (GC reclaims it).
                 if row.content_id is not None and row.resume_from and _is_resumable_row(row):
-                    t.version.update(**lease).where(t.version.id == row.id).execute()
+                    self._store.update_row("version", row.id, lease)
                     return _Claim(request_id, row.id, owner, resume=row)
-            newest = (t.version.select(peewee.fn.MAX(t.version.version))
-                      .where(t.version.request_id == request_id).scalar())
-            row_id = t.version.insert(
-                request_id=request_id, version=_next_version_string(now, newest), status="wait",
-                request_unix=now, **lease).execute()
+            newest = self._store.newest_version_string(request_id)
+            row_id = self._store.add_download_row(request_id, _next_version_string(now, newest), now, lease)
             return _Claim(request_id, row_id, owner)
 
     def _is_abandoned_at(self, now: float) -> Callable[[Any], bool]:
@@ -5954,10 +6054,7 @@ class Cache:
         (its settlement), or None when its lease expired (its process died)."""
         pause = WAIT_POLL_MIN_SEC
         while True:
-            with self._store.reading() as t:
-                row = t.version.get_or_none(t.version.id == row_id)
-                settlement = t.request.select(t.request.last_settlement).where(
-                    t.request.id == request_id).scalar()
+            row, settlement = self._store.download_state(request_id, row_id)
             if row is None or row.status not in IN_FLIGHT_STATUSES:
                 try:
                     settlement = json.loads(settlement) if settlement else None
@@ -6010,8 +6107,7 @@ class Cache:
         partial content (cancelled), and return what the call's choices say to return."""
         request = claim.request
         if request is None:
-            with self._store.reading() as t:
-                request = t.request.get_by_id(claim.request_id)
+            request = self._store.request_by_id(claim.request_id)
         with self._cron_lock:  # A download in this Cache is the cron strategy's run at start.
             self._cron_started.add(claim.request_id)
         keeper = _LeaseKeeper(self._store, claim, self._download_lease_sec)
@@ -6067,12 +6163,12 @@ class Cache:
         """Show the new, complete content to the user's validator before it is published."""
         # The version string the content will be published under is given now, so the
         # validator sees the version fetch() returns (and the one a failure is recorded as).
-        with self._store.writing() as t:
-            row = t.version.get_or_none(t.version.id == claim.row_id)
-            if row is None or row.lease_owner != claim.owner:
+        with self._store.writing():
+            row = self._store.owned_row(claim)
+            if row is None:
                 raise _LeaseLost()
-            row.version = claim.version = self._next_version_of(t, request.id, row.id, self._store.now())
-            t.version.update(version=row.version).where(t.version.id == row.id).execute()
+            row.version = claim.version = self._next_version_of(request.id, row.id, self._store.now())
+            self._store.update_row("version", row.id, {"version": row.version})
         row.content_attributes = json.dumps(result.attributes)
         row.content_hash_hex = result.hash_hex
         candidate = self._response(row, request.url, [])
@@ -6100,12 +6196,7 @@ class Cache:
         content. If even that cannot be written, the lease lapses on its own and gc()
         reclaims the row later."""
         try:
-            with self._store.writing() as t:
-                row = t.version.get_or_none(self._store.owned_by(claim))
-                if row is not None:
-                    t.version.delete().where(t.version.id == row.id).execute()
-                    if row.content_id is not None:
-                        self._delete_unreferenced_contents(t, {row.content_id})
+            self._store.discard_download(claim)
         except BuffyliteError as exc:
             log.debug("Discarding the download failed too (%s); gc() will reclaim it.", exc)
 
@@ -6114,8 +6205,8 @@ class Cache:
         so a later fetch can resume it (or gc() reclaim it)."""
         with contextlib.suppress(Exception):
             sink.flush()
-        with contextlib.suppress(Exception), self._store.writing() as t:
-            t.version.update(lease_expires_unix=0.0).where(self._store.owned_by(claim)).execute()
+        with contextlib.suppress(Exception):
+            self._store.give_up_lease(claim)
 
     def _finish(self, call: _FetchCall, claim: _Claim, request, kind: str, *,
                 completed: _Completed | _NotModified | None = None,
@@ -6132,7 +6223,7 @@ class Cache:
 
     def _settle(self, call: _FetchCall, claim: _Claim, request, kind: str, completed, failure, *,
                 first: bool) -> Response:
-        with self._store.writing() as t:
+        with self._store.writing():
             now = self._store.now()
             # One read gives the request as stored now and every version row: the
             # ownership check, the version string, the newest ready one, and GC's input.
@@ -6158,7 +6249,7 @@ class Cache:
                 _set(record, changes)
 
             if kind == "not_modified":
-                t.version.delete().where(t.version.id == row.id).execute()
+                self._store.delete_version(row.id)
                 rows.remove(row)
                 if newest is not None:
                     # A 304 updates the stored caching headers with those it carries (RFC 9111 section 4.3.4).
@@ -6166,7 +6257,7 @@ class Cache:
                         newest, completed.cache_headers if completed is not None else {}))
                 outcome, settled_id = "not_modified", newest.id if newest else None
             elif kind == "completed":
-                content_id = self._settle_content(t, row, request.validation_hash_type, completed)
+                content_id = self._settle_content(row, request.validation_hash_type, completed)
                 stats = dict(completed.stats, state="ready")
                 if newest is not None and newest.content_id == content_id:
                     stats["state"] = "duplicate"
@@ -6197,7 +6288,7 @@ class Cache:
                 update(row, status="failed", content_id=None, cached_unix=None,
                        download_stats=json.dumps(stats), **final)
                 if partial is not None:
-                    self._delete_unreferenced_contents(t, {partial})
+                    self._store.delete_unreferenced_contents({partial})
                 outcome, settled_id = "stale", None
             rows.sort(key=lambda record: record.version, reverse=True)
             # Tell the calls waiting for this download how it ended (its row may be gone).
@@ -6210,7 +6301,7 @@ class Cache:
             # Garbage collection of this request, before choosing what to return.
             freed = 0
             if kind != "not_modified":
-                freed = self._collect_request(t, request.id, now, request=request, rows=rows)[1]
+                freed = self._collect_request(request.id, now, request=request, rows=rows)[1]
             ready = [candidate for candidate in rows if candidate.status == "ready"]
             chosen = self._choose(call, ready, now)
             if chosen is not None and call.pin_for is not None:
@@ -6252,32 +6343,22 @@ class Cache:
         merged = {**(stored if isinstance(stored, dict) else {}), **fresh}
         return json.dumps(merged) if merged else row.cache_headers
 
-    @staticmethod
-    def _next_version_of(t: _Tables, request_id: int, row_id: int, now: float,
-                         keep: str | None = None) -> str:
+    def _next_version_of(self, request_id: int, row_id: int, now: float, keep: str | None = None) -> str:
         """The version string for row ``row_id`` of a request: ``keep`` (given earlier)
         while it is still newer than every other row's, else one for ``now`` after them.
         Runs inside the caller's write transaction."""
-        others = (t.version.select(peewee.fn.MAX(t.version.version))
-                  .where((t.version.request_id == request_id) & (t.version.id != row_id)).scalar())
+        others = self._store.newest_version_string(request_id, excluding=row_id)
         if keep is not None and (others is None or keep > others):
             return keep
         return _next_version_string(now, others)
 
-    def _settle_content(self, t: _Tables, row, hash_type: str, completed: _Completed) -> int:
+    def _settle_content(self, row, hash_type: str, completed: _Completed) -> int:
         """Make the received content addressable by its hash, or drop it for the identical
         content already stored. Returns the content id the version points to."""
         if completed.body is not None:  # small: stored now, unless already stored
             return self._store.store_small_content(hash_type, completed.hash_hex, completed.body)
-        existing = t.content.get_or_none((t.content.hash_type == hash_type)
-                                         & (t.content.hash_hex == completed.hash_hex))
-        if existing is not None and existing.id != completed.content_id:
-            t.version.update(content_id=existing.id).where(t.version.id == row.id).execute()
-            t.content.delete().where(t.content.id == completed.content_id).execute()
-            return existing.id
-        t.content.update(hash_hex=completed.hash_hex, size_bytes=completed.size).where(
-            t.content.id == completed.content_id).execute()
-        return completed.content_id
+        return self._store.settle_chunked_content(row.id, hash_type, completed.hash_hex,
+                                                  completed.content_id, completed.size)
 
     def _fall_back(self, call: _FetchCall, request, chosen, ready: list, failure: _DownloadFailure):
         """A due download failed: serve the newest suitable cached version (stale) unless the
@@ -6303,11 +6384,9 @@ class Cache:
 
     # --- garbage collection -------------------------------------------------------------
 
-    def _collect_request(self, t: _Tables, request_id: int, now: float, *, request,
-                         rows: list) -> tuple[dict, int]:
+    def _collect_request(self, request_id: int, now: float, *, request, rows: list) -> tuple[dict, int]:
         """Apply the GC rules (see ``gc``) to the request ``request_id``, given that request
-        and its version records read in the caller's write transaction ``t`` (newest
-        first); the store removes them inside that transaction, and the removed ones are
+        and its version records read in the caller's write transaction (newest first); the store removes them inside that transaction, and the removed ones are
         taken out of ``rows``. A damaged stored value of the request raises
         _DamagedValueError (nothing is removed). Returns (removed per reason, bytes freed)."""
         removals = self._gc_removals(request, rows, now)
@@ -6334,11 +6413,6 @@ class Cache:
         for _, reason in removals.values():
             counts[reason] = counts.get(reason, 0) + 1
         return counts
-
-    def _delete_unreferenced_contents(self, t: _Tables, content_ids: set) -> int:
-        """Delete those contents no version points to, inside the caller's write
-        transaction (``t``); return bytes freed."""
-        return self._store.delete_unreferenced_contents(content_ids)
 
     def gc(self, url: str | None = None, *, method: str = "get", params: dict | None = None,
            headers: dict | None = None, body=None, group: str = DEFAULT_GROUP) -> GCReport:
