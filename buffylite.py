@@ -2094,22 +2094,6 @@ def _migrate_to_2(store: "_Store") -> None:
 _MIGRATIONS = ((1, _migrate_to_1), (2, _migrate_to_2), (3, _migrate_to_3))
 
 
-def _record_removed(t: _Tables, request, rows: list, reason: str, now: float) -> None:
-    """Remember ready versions that leave the cache (for ``as_of``): version, hash,
-    size, cached and removed times. Runs in the transaction that removes them."""
-    if not rows:
-        return
-    contents = {content_id: (hash_type, size) for content_id, hash_type, size in t.content.select(
-        t.content.id, t.content.hash_type, t.content.size_bytes).where(
-        t.content.id.in_([row.content_id for row in rows if row.content_id is not None])).tuples()}
-    t.removed_version.insert_many([
-        {"identity_key": request.identity_key, "request_id": request.id, "version": row.version,
-         "hash_type": contents.get(row.content_id, (request.validation_hash_type,))[0],
-         "hash_hex": row.content_hash_hex,
-         "size_bytes": contents.get(row.content_id, (None, None))[1], "cached_unix": row.cached_unix,
-         "removed_unix": now, "reason": reason} for row in rows]).execute()
-
-
 #: Removed-version records kept per request identity among those ``as_of`` only names in
 #: its message (see ``_Store.prune_removed``); the records it needs to answer honestly stay.
 REMOVED_VERSION_RECORDS_KEPT = 100
@@ -2665,11 +2649,27 @@ class _Store:
                     t.version.id == row.id).execute()
                 request = t.request.get_or_none(t.request.id == row.request_id)
                 if request is not None:
-                    _record_removed(t, request, [row], "corrupted", now)
+                    self.record_removed(request, [row], "corrupted", now)
         # A read that finds it says so loudly; verify() reports it in its own words.
         log.log(logging.WARNING if expected_hex is not None else logging.INFO,
                 "Content %s is corrupted; %d version(s) marked failed.", content.hash_hex, len(rows))
         return [row.id for row in rows]
+
+    def record_removed(self, request, rows: list, reason: str, now: float) -> None:
+        """Remember ready versions that leave the cache (for ``as_of``): version, hash,
+        size, cached and removed times. Runs in the transaction that removes them."""
+        if not rows:
+            return
+        t = self.tables
+        contents = {content_id: (hash_type, size) for content_id, hash_type, size in t.content.select(
+            t.content.id, t.content.hash_type, t.content.size_bytes).where(
+            t.content.id.in_([row.content_id for row in rows if row.content_id is not None])).tuples()}
+        t.removed_version.insert_many([
+            {"identity_key": request.identity_key, "request_id": request.id, "version": row.version,
+             "hash_type": contents.get(row.content_id, (request.validation_hash_type,))[0],
+             "hash_hex": row.content_hash_hex,
+             "size_bytes": contents.get(row.content_id, (None, None))[1], "cached_unix": row.cached_unix,
+             "removed_unix": now, "reason": reason} for row in rows]).execute()
 
     # --- named transitions: downloads ---
     #
@@ -2842,7 +2842,7 @@ class _Store:
         transaction; returns the bytes freed."""
         version = self.tables.version
         removed = [row for row, _ in removals.values()]
-        _record_removed(self.tables, request, [row for row in removed if row.status == "ready"],
+        self.record_removed(request, [row for row in removed if row.status == "ready"],
                         "collected", now)
         version.delete().where(version.id.in_(list(removals))).execute()
         return self.delete_unreferenced_contents(
@@ -3055,7 +3055,7 @@ class _Store:
                 return 0, 0
             content_ids = {row[0] for row in t.version.select(t.version.content_id).where(
                 (t.version.request_id == request.id) & t.version.content_id.is_null(False)).tuples()}
-            _record_removed(t, request, list(t.version.select().where(
+            self.record_removed(request, list(t.version.select().where(
                 (t.version.request_id == request.id) & (t.version.status == "ready"))), "deleted", self.now())
             removed = t.version.delete().where(t.version.request_id == request.id).execute()
             t.request.delete().where(t.request.id == request.id).execute()
@@ -3134,7 +3134,7 @@ class _Store:
                 if digest is not None:
                     unlocked = (t.version.request_id == request_id) & (
                         (t.version.status != "ready") | (t.version.content_hash_hex != digest))
-                    _record_removed(t, by_id[request_id], list(t.version.select().where(
+                    self.record_removed(by_id[request_id], list(t.version.select().where(
                         unlocked & (t.version.status == "ready"))), "not locked", now)
                     t.version.delete().where(unlocked).execute()
             used = t.version.select(t.version.content_id).where(t.version.content_id.is_null(False))
