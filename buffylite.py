@@ -5041,9 +5041,8 @@ class _Sink:
     chunk commits in its own short transaction (so a crash loses at most the chunk in
     memory), and only while this download still owns its lease."""
 
-    def __init__(self, cache: "Cache", claim: _Claim, hash_type: str, progress,
-                 keeper: _LeaseKeeper):
-        self._store = cache._store
+    def __init__(self, store: _Store, claim: _Claim, hash_type: str, progress, keeper: _LeaseKeeper):
+        self._store = store
         self._claim = claim
         self._hash_type = hash_type
         self._progress = progress
@@ -5110,13 +5109,35 @@ class _Sink:
         self._buffer.clear()
 
 
+@dataclasses.dataclass(frozen=True)
+class _RetrySettings:
+    """How a download retries: attempts after the first, and the cap on any wait (seconds)."""
+
+    retries: int
+    max_wait: float
+
+
+@dataclasses.dataclass
+class _DownloadResult:
+    """How one download ended, the one form it travels in from the transfer to its
+    settlement: ``kind`` "completed" (``received`` is the new content), "not_modified"
+    (``received`` holds the 304's headers) or "failed" (``failure`` says why)."""
+
+    kind: str
+    received: "_Completed | _NotModified | None" = None
+    failure: "_DownloadFailure | None" = None
+
+
 class _Transfer:
     """One due download: attempts with backoff, Retry-After, resume with Range +
     If-Range, and the conditional GET of ``when_remote_changed``. Returns a _Completed
     or _NotModified, or raises _DownloadFailure once retrying cannot help."""
 
-    def __init__(self, cache: "Cache", call: _FetchCall, claim: _Claim, sink: _Sink, conditional_from):
-        self._cache = cache
+    def __init__(self, http: "_HttpClient", store: _Store, retry: "_RetrySettings", call: _FetchCall,
+                 claim: _Claim, sink: _Sink, conditional_from):
+        self._http = http
+        self._store = store
+        self._retry = retry
         self._call = call
         self._claim = claim
         self._sink = sink
@@ -5132,22 +5153,22 @@ class _Transfer:
             sink.load_partial(claim.resume.content_id)
 
     def run(self):
-        cache, identity = self._cache, self._call.identity
+        identity = self._call.identity
         headers = dict(identity.send_headers)
         if identity.body_kind == "json" and not any(name.lower() == "content-type" for name in headers):
             headers["Content-Type"] = "application/json"
         url = identity.request_url()
         if self._validators and self._sink.offset and self._sink.offset == self._validators.get("total"):
             return self._complete()  # A dead download had stored every byte already.
-        retries = cache._retries if self._call.retries is None else self._call.retries
+        retries = self._retry.retries if self._call.retries is None else self._call.retries
         attempt, status_code = 0, None
         while True:
             try:
-                response = cache._http.send(identity.method, url, self._headers_for_attempt(headers),
-                                            identity.body, timeout=self._call.timeout,
-                                            # (the claim checked the identity's names)
-                                            strip_on_redirect=identity.sensitive_sets[0]
-                                            if attempt == 0 else cache._sensitive)
+                # The claim checked the identity's sensitive names; later attempts read them again.
+                strip = identity.sensitive_sets[0] if attempt == 0 else \
+                    SENSITIVE_HEADERS | self._store.sensitive_names()["headers"]
+                response = self._http.send(identity.method, url, self._headers_for_attempt(headers),
+                                           identity.body, timeout=self._call.timeout, strip_on_redirect=strip)
                 try:
                     result = self._receive(response)
                 except BaseException:
@@ -5164,13 +5185,13 @@ class _Transfer:
                 if not error.retryable or attempt >= retries:
                     raise self._failure(str(error), status_code, error.cause, backs_off,
                                         error.retry_after) from error
-                if error.retry_after is not None and error.retry_after > cache._max_retry_wait:
+                if error.retry_after is not None and error.retry_after > self._retry.max_wait:
                     raise self._failure(
                         f"{error}; the origin asks to wait {error.retry_after:.0f} s, more than "
-                        f"max_retry_wait {cache._max_retry_wait:g} s", status_code, error.cause,
+                        f"max_retry_wait {self._retry.max_wait:g} s", status_code, error.cause,
                         backs_off, error.retry_after) from error
                 wait = (error.retry_after if error.retry_after is not None
-                        else _backoff_seconds(attempt, cache._max_retry_wait))
+                        else _backoff_seconds(attempt, self._retry.max_wait))
                 log.info("Attempt %d for %s failed (%s); retrying in %.1f s.", attempt + 1, identity.url,
                          identity.scrub(str(error)), wait)
                 time.sleep(wait)  # The lease keeper renews the lease meanwhile.
@@ -6111,15 +6132,14 @@ class Cache:
         with self._cron_lock:  # A download in this Cache is the cron strategy's run at start.
             self._cron_started.add(claim.request_id)
         keeper = _LeaseKeeper(self._store, claim, self._download_lease_sec)
-        sink = _Sink(self, claim, request.validation_hash_type, call.progress, keeper)
+        sink = _Sink(self._store, claim, request.validation_hash_type, call.progress, keeper)
         sink.keep_small_in_memory = call.validator is None
         try:
             try:
-                kind, completed, failure = self._download_and_check(call, claim, request, sink,
-                                                                    conditional_from)
+                result = self._download_and_check(call, claim, request, sink, conditional_from)
             finally:
                 keeper.stop()
-            return self._finish(call, claim, request, kind, completed=completed, failure=failure)
+            return self._finish(call, claim, request, result)
         except _LeaseLost:
             log.warning("The download of %s was taken over by another process; waiting for it.",
                         request.url)
@@ -6136,24 +6156,23 @@ class Cache:
             raise
 
     def _download_and_check(self, call: _FetchCall, claim: _Claim, request, sink: _Sink,
-                            conditional_from) -> tuple[str, _Completed | _NotModified | None,
-                                                       _DownloadFailure | None]:
-        """Run the transfer, then the content checks (expected hash, validator).
-        Returns how the download settles: ("not_modified" | "completed" | "failed", the
-        transfer's result, the failure)."""
+                            conditional_from) -> _DownloadResult:
+        """Run the transfer, then the content checks (expected hash, validator); how the
+        download settles."""
         try:
-            result = _Transfer(self, call, claim, sink, conditional_from).run()
+            result = _Transfer(self._http, self._store, _RetrySettings(self._retries, self._max_retry_wait),
+                               call, claim, sink, conditional_from).run()
             if isinstance(result, _NotModified):
-                return "not_modified", result, None
+                return _DownloadResult("not_modified", result)
             if call.expected_hash is not None and result.hash_hex != call.expected_hash:
                 raise _DownloadFailure(f"hash mismatch: expected {call.expected_hash}, got {result.hash_hex}",
                                        stats=result.stats, cause="hash mismatch")
             if call.validator is not None and not self._is_duplicate_of_newest(claim.request_id, result):
                 self._run_validator(call, claim, request, result)
-            return "completed", result, None
+            return _DownloadResult("completed", result)
         except _DownloadFailure as failure:
             failure.stats.setdefault("downloaded_bytes", sink.offset)
-            return "failed", None, failure
+            return _DownloadResult("failed", failure=failure)
 
     def _is_duplicate_of_newest(self, request_id: int, result: _Completed) -> bool:
         ready = self._store.ready_rows(request_id)
@@ -6208,21 +6227,20 @@ class Cache:
         with contextlib.suppress(Exception):
             self._store.give_up_lease(claim)
 
-    def _finish(self, call: _FetchCall, claim: _Claim, request, kind: str, *,
-                completed: _Completed | _NotModified | None = None,
-                failure: _DownloadFailure | None = None) -> Response:
+    def _finish(self, call: _FetchCall, claim: _Claim, request, result: _DownloadResult) -> Response:
         """Settle a download in one transaction: publish it (ready or duplicate), record the
         304 or the failure, collect garbage for the request, then choose the version to
         return and lease it (pin_for), so no GC can slip in between."""
-        if kind == "completed" and claim.first_row is not None:
+        if result.kind == "completed" and claim.first_row is not None:
             try:  # The first version of a request this call created: nothing to read back.
-                return self._settle(call, claim, request, kind, completed, failure, first=True)
+                return self._settle(call, claim, request, result, first=True)
             except _Crowded:
                 pass  # The lease was lost or another version appeared: the general way.
-        return self._settle(call, claim, request, kind, completed, failure, first=False)
+        return self._settle(call, claim, request, result, first=False)
 
-    def _settle(self, call: _FetchCall, claim: _Claim, request, kind: str, completed, failure, *,
+    def _settle(self, call: _FetchCall, claim: _Claim, request, result: _DownloadResult, *,
                 first: bool) -> Response:
+        kind, completed, failure = result.kind, result.received, result.failure
         with self._store.writing():
             now = self._store.now()
             # One read gives the request as stored now and every version row: the
