@@ -531,6 +531,333 @@ def cli_origin(origin):
     return origin
 
 
+# --- The two storage backends: SQLite files and a PostgreSQL server (SPEC §15) ---
+# Every test whose fixtures include ``backend`` (through ``cache_path``, ``cache``,
+# ``cli_run``, ``fault_open_cache``, ...) runs twice: ``[sqlite]`` on a fresh file in its
+# tmp_path, ``[postgres]`` in a fresh schema of one PostgreSQL server started for the
+# session (or the one ``BUFFYLITE_TEST_POSTGRES_URL`` names). A test about the SQLite file
+# itself is marked ``@pytest.mark.sqlite_only("why")`` and runs on SQLite only.
+
+
+#: The storage backends every backend-aware test runs on.
+BACKENDS = ("sqlite", "postgres")
+#: A server for the PostgreSQL half instead of starting one: ``postgresql://user:pw@host:port/db``.
+POSTGRES_URL_ENV = "BUFFYLITE_TEST_POSTGRES_URL"
+#: Where PostgreSQL's server binaries (initdb, pg_ctl) are looked for, newest major version first.
+_POSTGRES_BIN_GLOB = "/usr/lib/postgresql/*/bin"
+#: Seconds initdb, a start or a stop of the test server may take.
+_POSTGRES_COMMAND_TIMEOUT_SEC = 60
+#: Seconds a connection to the test server may take to open.
+_POSTGRES_CONNECT_TIMEOUT_SEC = 10
+#: The login role and database the tests use on a server started here.
+_POSTGRES_TEST_ROLE = "buffylite_test"
+
+
+def is_postgres_location(location) -> bool:
+    """True when a cache location (``cache_path``'s value) is a PostgreSQL URL, not a file path."""
+    return isinstance(location, str) and location.split("://", 1)[0].lower() in ("postgresql", "postgres")
+
+
+def _ci_requires_postgres() -> bool:
+    """True on CI (``CI=true``), where the PostgreSQL half must run, never be skipped."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _postgres_connect_arguments(url: str) -> tuple[str, str | None]:
+    """(conninfo URL without buffylite's own ``schema`` parameter, that schema or None)."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    schema = next((value for key, value in query if key == "schema"), None)
+    rest = urllib.parse.urlencode([(key, value) for key, value in query if key != "schema"])
+    return urllib.parse.urlunsplit(parts._replace(query=rest)), schema
+
+
+@contextlib.contextmanager
+def postgres_connection(url: str, *, autocommit: bool = True):
+    """A direct psycopg connection to the database of a PostgreSQL cache URL, its
+    ``search_path`` set to the URL's schema (when it names one); closed afterwards."""
+    import psycopg  # the test extra installs it; a missing driver skips the postgres half earlier
+    conninfo, schema = _postgres_connect_arguments(url)
+    connection = psycopg.connect(conninfo, autocommit=autocommit, connect_timeout=_POSTGRES_CONNECT_TIMEOUT_SEC)
+    try:
+        if schema is not None:
+            connection.execute(psycopg.sql.SQL("SET search_path TO {}").format(psycopg.sql.Identifier(schema)))
+        yield connection
+    finally:
+        connection.close()
+
+
+class PostgresServer:
+    """A PostgreSQL server for the test session: started here in a temp dir (initdb and
+    pg_ctl as the ``postgres`` user, listening on a free loopback port, password login),
+    or the one ``BUFFYLITE_TEST_POSTGRES_URL`` names.
+
+    ``url`` is ``postgresql://role:password@127.0.0.1:port/db`` (no schema); each test
+    gets its own schema from ``new_schema_url()``, dropped again by ``drop_schema()``.
+    ``unavailable`` holds the reason when there is no server (then ``url`` is None).
+    The server runs with ``fsync=off`` and ``synchronous_commit=off``: the tests kill
+    client processes, never the server or the machine, so durability against a power
+    loss is not under test, and the session runs faster without it.
+    """
+
+    def __init__(self):
+        self.url: str | None = None
+        self.password: str | None = None
+        self.unavailable: str | None = None
+        self._dir: pathlib.Path | None = None
+        self._run_as: list[str] = []
+        self._bin: pathlib.Path | None = None
+
+    def start(self) -> None:
+        """Start (or find) the server; on failure set ``unavailable`` and clean up."""
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            self.unavailable = "the PostgreSQL driver is not installed (pip install 'psycopg[binary]>=3.1')"
+            return
+        given = os.environ.get(POSTGRES_URL_ENV)
+        if given:
+            self._use_given_server(given)
+            return
+        try:
+            self._start_own_server()
+        except Exception as exc:  # any failure: the postgres half skips (or fails on CI) naming it
+            self.unavailable = f"could not start a PostgreSQL server: {type(exc).__name__}: {exc}"
+            self.stop()
+
+    def _use_given_server(self, url: str) -> None:
+        """Check that the server named by the environment answers; keep its URL."""
+        try:
+            with postgres_connection(url) as connection:
+                connection.execute("SELECT 1")
+        except Exception as exc:
+            masked = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+            self.unavailable = f"{POSTGRES_URL_ENV}={masked} does not answer: {type(exc).__name__}: {exc}"
+            return
+        self.url = url.split("?", 1)[0]
+        self.password = urllib.parse.unquote(urllib.parse.urlsplit(url).password or "") or None
+
+    def _find_binaries(self) -> pathlib.Path:
+        """The directory holding initdb and pg_ctl (newest major version first)."""
+        candidates = sorted(glob.glob(_POSTGRES_BIN_GLOB), key=lambda path: [
+            int(part) if part.isdigit() else -1 for part in pathlib.Path(path).parent.name.split(".")], reverse=True)
+        on_path = shutil.which("initdb")
+        if on_path:
+            candidates.append(str(pathlib.Path(on_path).parent))
+        for candidate in candidates:
+            if all(os.access(pathlib.Path(candidate) / name, os.X_OK) for name in ("initdb", "pg_ctl", "postgres")):
+                return pathlib.Path(candidate)
+        raise FileNotFoundError(f"no PostgreSQL server binaries (initdb, pg_ctl) in {_POSTGRES_BIN_GLOB} "
+                                f"or on PATH; install PostgreSQL or set {POSTGRES_URL_ENV}")
+
+    def _run(self, *command: str) -> None:
+        """Run a server command (as the ``postgres`` user when we are root), bounded in time;
+        its output goes to a log file (a pipe would be held open by the forked server)."""
+        log_path = self._dir / "commands.log"
+        with open(log_path, "ab") as log:
+            done = subprocess.run([*self._run_as, *command], stdin=subprocess.DEVNULL, stdout=log,
+                                  stderr=subprocess.STDOUT, timeout=_POSTGRES_COMMAND_TIMEOUT_SEC)
+        if done.returncode != 0:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError(f"{pathlib.Path(command[0]).name} exited with {done.returncode}: " + " | ".join(tail))
+
+    def _start_own_server(self) -> None:
+        """initdb, configure, pg_ctl start on a free loopback port, then a role and a database."""
+        import psycopg
+        self._bin = self._find_binaries()
+        self._dir = pathlib.Path(tempfile.mkdtemp(prefix="buffylite-pg-"))
+        if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+            import pwd
+            try:
+                account = pwd.getpwnam("postgres")
+            except KeyError:
+                raise RuntimeError("running as root and there is no 'postgres' user to run the server as") from None
+            runuser = shutil.which("runuser")
+            if runuser is None:
+                raise RuntimeError("running as root and runuser is missing (needed to start the server as 'postgres')")
+            os.chown(self._dir, account.pw_uid, account.pw_gid)
+            self._run_as = [runuser, "-u", "postgres", "--"]
+        os.chmod(self._dir, 0o700)
+        superuser_password = "su-" + os.urandom(12).hex()
+        password_file = self._dir / "superuser.pw"
+        password_file.write_text(superuser_password + "\n")
+        if self._run_as:
+            os.chown(password_file, account.pw_uid, account.pw_gid)
+        data = self._dir / "data"
+        self._run(str(self._bin / "initdb"), "-D", str(data), "-U", "postgres", f"--pwfile={password_file}",
+                  "--auth=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions")
+        password_file.unlink()
+        for attempt in range(3):  # a free port found now may be taken before the server binds it
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            settings_text = textwrap.dedent(f"""
+                listen_addresses = '127.0.0.1'
+                port = {port}
+                unix_socket_directories = '{self._dir}'
+                fsync = off
+                synchronous_commit = off
+                full_page_writes = off
+                max_connections = 200
+                shared_buffers = 32MB
+            """)
+            (data / "postgresql.auto.conf").write_text(settings_text)
+            try:
+                self._run(str(self._bin / "pg_ctl"), "-D", str(data), "-l", str(self._dir / "server.log"),
+                          "-w", "-t", str(_POSTGRES_COMMAND_TIMEOUT_SEC // 2), "start")
+                break
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+        self.password = "pw-" + os.urandom(10).hex()
+        superuser_url = f"postgresql://postgres:{superuser_password}@127.0.0.1:{port}/postgres"
+        with postgres_connection(superuser_url) as connection:
+            sql = psycopg.sql
+            connection.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(_POSTGRES_TEST_ROLE), sql.Literal(self.password)))
+            connection.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                sql.Identifier(_POSTGRES_TEST_ROLE), sql.Identifier(_POSTGRES_TEST_ROLE)))
+        self.url = f"postgresql://{_POSTGRES_TEST_ROLE}:{self.password}@127.0.0.1:{port}/{_POSTGRES_TEST_ROLE}"
+
+    def new_schema_url(self) -> str:
+        """The server URL with a fresh, not yet created schema: ``?schema=t_<random hex>``."""
+        return f"{self.url}?schema=t_{os.urandom(8).hex()}"
+
+    def drop_schema(self, url: str) -> None:
+        """Drop the schema of ``url`` with everything in it. Connections a test left open
+        (a Cache not closed, a killed worker's session) that hold locks on it are ended."""
+        import psycopg
+        _, schema = _postgres_connect_arguments(url)
+        drop = psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(psycopg.sql.Identifier(schema))
+        with postgres_connection(self.url) as connection:
+            connection.execute("SET lock_timeout = '5s'")
+            try:
+                connection.execute(drop)
+                return
+            except psycopg.errors.LockNotAvailable:
+                pass
+            connection.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            connection.execute("SET lock_timeout = '30s'")
+            connection.execute(drop)
+
+    def stop(self) -> None:
+        """Stop a server started here (fast shutdown, bounded) and remove its directory."""
+        if self._dir is None:
+            return
+        data = self._dir / "data"
+        if (data / "postmaster.pid").exists():
+            try:
+                self._run(str(self._bin / "pg_ctl"), "-D", str(data), "-m", "fast", "-w",
+                          "-t", str(_POSTGRES_COMMAND_TIMEOUT_SEC // 2), "stop")
+            except (RuntimeError, subprocess.TimeoutExpired):
+                with contextlib.suppress(OSError, ValueError, IndexError):  # the postmaster this session started
+                    os.kill(int((data / "postmaster.pid").read_text().split()[0]), signal.SIGKILL)
+        shutil.rmtree(self._dir, ignore_errors=True)
+        self._dir = None
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The session's PostgreSQL server (see ``PostgresServer``), started on first use only."""
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def pytest_generate_tests(metafunc):
+    """Run every test that uses ``backend`` (directly or through ``cache_path``) once per
+    backend, except those marked ``sqlite_only``, which run on SQLite alone."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("sqlite_only")
+    if marker is not None and not (marker.args or marker.kwargs.get("reason")):
+        raise ValueError(f"{metafunc.definition.nodeid}: @pytest.mark.sqlite_only needs a reason")
+    metafunc.parametrize("backend", ["sqlite"] if marker is not None else list(BACKENDS), indirect=True)
+
+
+@pytest.fixture
+def backend(request) -> str:
+    """The storage backend of this run of the test: "sqlite" or "postgres". Without a
+    PostgreSQL server the postgres runs skip, naming why; with ``CI=true`` they fail."""
+    name = getattr(request, "param", "sqlite")
+    if name == "postgres":
+        server = request.getfixturevalue("postgres_server")
+        if server.unavailable:
+            if _ci_requires_postgres():
+                pytest.fail(f"CI=true requires the PostgreSQL backend tests to run, but {server.unavailable}",
+                            pytrace=False)
+            pytest.skip(f"PostgreSQL backend not tested: {server.unavailable}")
+    return name
+
+
+@pytest.fixture
+def new_cache_path(backend, tmp_path, request):
+    """Factory: ``new_cache_path(name)`` -> a fresh, not yet created cache location on this
+    test's backend: ``tmp_path / name`` on SQLite, a URL with a schema of its own on
+    PostgreSQL (dropped at teardown)."""
+    def make(name: str = "cache.sqlite3"):
+        if backend == "sqlite":
+            return tmp_path / name
+        server = request.getfixturevalue("postgres_server")
+        url = server.new_schema_url()
+        request.addfinalizer(functools.partial(server.drop_schema, url))
+        return url
+    return make
+
+
+@pytest.fixture
+def cache_path(new_cache_path):
+    """A fresh, not yet existing cache location: on SQLite a file path inside the test's
+    tmp_path (``pathlib.Path``), on PostgreSQL a URL string with a schema of its own."""
+    return new_cache_path("cache.sqlite3")
+
+
+class _BackendCounts:
+    """A plugin counting test outcomes per backend, printed as one line after the run."""
+
+    def __init__(self, items):
+        self._backend_of = {item.nodeid: getattr(item, "callspec", None) and item.callspec.params.get("backend")
+                            for item in items}
+        self._outcome_of: dict[str, str] = {}
+
+    def pytest_runtest_logreport(self, report):
+        """Record the test's outcome: a failure in any phase wins, then a skip, then a pass."""
+        known = self._outcome_of.get(report.nodeid)
+        if report.failed:
+            self._outcome_of[report.nodeid] = "failed"
+        elif report.skipped and known != "failed":
+            self._outcome_of[report.nodeid] = "skipped"
+        elif report.when == "call" and report.passed and known is None:
+            self._outcome_of[report.nodeid] = "passed"
+
+    def counts(self) -> dict[str | None, collections.Counter]:
+        """backend ("sqlite", "postgres", None for backend-neutral) -> Counter of outcomes."""
+        counts = {name: collections.Counter() for name in (*BACKENDS, None)}
+        for nodeid, outcome in self._outcome_of.items():
+            counts[self._backend_of.get(nodeid)][outcome] += 1
+        return counts
+
+    def pytest_terminal_summary(self, terminalreporter):
+        """One line: passed (failed, skipped) per backend, and PostgreSQL's share of SQLite."""
+        counts = self.counts()
+        sqlite, postgres, neutral = counts["sqlite"], counts["postgres"], counts[None]
+        share = f"{100 * postgres['passed'] // sqlite['passed']}% of sqlite" if sqlite["passed"] else "sqlite not run"
+        terminalreporter.write_line(
+            f"backends: sqlite {sqlite['passed']} passed ({sqlite['failed']} failed, {sqlite['skipped']} skipped), "
+            f"postgres {postgres['passed']} passed ({share}; {postgres['failed']} failed, "
+            f"{postgres['skipped']} skipped), {neutral['passed']} backend-neutral")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _count_tests_per_backend(request):
+    """Register the per-backend counter (``_BackendCounts``) once per session."""
+    manager = request.config.pluginmanager
+    if not manager.has_plugin("buffylite-backend-counts"):
+        manager.register(_BackendCounts(request.session.items), "buffylite-backend-counts")
+
+
 # --- A fresh cache path, an open Cache, and what to check it with ---
 
 
@@ -551,12 +878,6 @@ def report(capsys):
         with capsys.disabled():
             print(f"\n{line}", flush=True)
     return say
-
-
-@pytest.fixture
-def cache_path(tmp_path) -> pathlib.Path:
-    """A fresh, not yet existing cache file path inside the test's tmp_path."""
-    return tmp_path / "cache.sqlite3"
 
 
 @pytest.fixture
@@ -646,51 +967,120 @@ class CancelDownload(Exception):
     """Raised by a test's progress callback, as a "Cancel" button would."""
 
 
-# --- The cache file through sqlite3 (tables found by their columns, never guessed) ---
+# --- The store read directly: sqlite3 on a file, psycopg on a PostgreSQL schema ---
+# Tables are found by their columns, never guessed. Each helper takes ``cache_path``'s
+# value: a file path (read through ``sqlite3``) or a PostgreSQL URL (read through a
+# direct psycopg connection whose search_path is the URL's schema).
 
 
 def _columns_by_table(connection: sqlite3.Connection) -> dict[str, list[str]]:
-    """Table name -> column names, on an open connection."""
+    """Table name -> column names, on an open sqlite3 connection."""
     names = [row[0] for row in connection.execute(
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
     return {name: [column[1] for column in connection.execute(f'PRAGMA table_info("{name}")')]
             for name in names}
 
 
-def db_tables(path: pathlib.Path) -> dict[str, list[str]]:
-    """Table name -> column names of the cache file, read through ``sqlite3`` (read-only)."""
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    try:
+def _postgres_columns_by_table(connection) -> dict[str, list[str]]:
+    """Table name -> column names in the connection's schema (its search_path), in column order."""
+    tables: dict[str, list[str]] = {}
+    for table, column in connection.execute(
+            "SELECT table_name, column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema() ORDER BY table_name, ordinal_position"):
+        tables.setdefault(table, []).append(column)
+    return tables
+
+
+@contextlib.contextmanager
+def store_connection(location, *, write: bool = False):
+    """A direct DB-API connection to the store at ``location``: sqlite3 on a file
+    (read-only unless ``write``), psycopg on a PostgreSQL URL's schema. Statements use
+    ``%s`` placeholders on PostgreSQL and ``?`` on SQLite (``store_sql`` converts)."""
+    if is_postgres_location(location):
+        with postgres_connection(location) as connection:
+            yield connection
+        return
+    uri = f"file:{location}" + ("" if write else "?mode=ro")
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as connection:
+        yield connection
+        if write:
+            connection.commit()
+
+
+def store_sql(location, statement: str) -> str:
+    """``statement`` written with ``?`` placeholders, as the store at ``location`` takes it."""
+    return statement.replace("?", "%s") if is_postgres_location(location) else statement
+
+
+def store_rows(location, statement: str, parameters=()) -> list[tuple]:
+    """Run one read statement (``?`` placeholders) on the store at ``location``; its rows."""
+    with store_connection(location) as connection:
+        return [tuple(row) for row in connection.execute(store_sql(location, statement), parameters).fetchall()]
+
+
+def store_execute(location, statement: str, parameters=()) -> int:
+    """Run one write statement (``?`` placeholders) on the store at ``location``, committed;
+    the number of rows it changed."""
+    with store_connection(location, write=True) as connection:
+        return connection.execute(store_sql(location, statement), parameters).rowcount
+
+
+def db_tables(path) -> dict[str, list[str]]:
+    """Table name -> column names of the store at ``path`` (file or PostgreSQL URL)."""
+    with store_connection(path) as connection:
+        if is_postgres_location(path):
+            return _postgres_columns_by_table(connection)
         return _columns_by_table(connection)
-    finally:
-        connection.close()
 
 
-def table_with_columns(path: pathlib.Path, columns: set[str]) -> str:
-    """The one table of the cache file that has all ``columns`` (found, not guessed)."""
+def table_with_columns(path, columns: set[str]) -> str:
+    """The one table of the store at ``path`` that has all ``columns`` (found, not guessed)."""
     matches = [name for name, cols in db_tables(path).items() if columns <= set(cols)]
     assert len(matches) == 1, f"expected one table with columns {columns}, found {matches}"
     return matches[0]
 
 
-def unreferenced_contents(path: pathlib.Path) -> list[int]:
+def _foreign_keys(connection, location, tables) -> list[tuple[str, str, str]]:
+    """(table, column, referenced table) of every declared single-column foreign key."""
+    if is_postgres_location(location):
+        return [tuple(row) for row in connection.execute(
+            "SELECT child.relname, attribute.attname, parent.relname FROM pg_constraint AS fk "
+            "JOIN pg_class AS child ON child.oid = fk.conrelid "
+            "JOIN pg_class AS parent ON parent.oid = fk.confrelid "
+            "JOIN pg_attribute AS attribute ON attribute.attrelid = fk.conrelid "
+            "AND attribute.attnum = fk.conkey[1] "
+            "WHERE fk.contype = 'f' AND child.relnamespace = current_schema()::regnamespace")]
+    return [(table, row[3], row[2]) for table in tables
+            for row in connection.execute(f'PRAGMA foreign_key_list("{table}")')]
+
+
+def _primary_key(connection, location, table: str) -> str:
+    """The (single) primary key column of ``table``."""
+    if is_postgres_location(location):
+        [(column,)] = connection.execute(
+            "SELECT attribute.attname FROM pg_index AS ix JOIN pg_attribute AS attribute "
+            "ON attribute.attrelid = ix.indrelid AND attribute.attnum = ANY(ix.indkey) "
+            "WHERE ix.indisprimary AND ix.indrelid = %s::regclass", (table,)).fetchall()
+        return column
+    return next(row[1] for row in connection.execute(f'PRAGMA table_info("{table}")') if row[5] == 1)
+
+
+def unreferenced_contents(path) -> list[int]:
     """Content rows no version row references, and (negated) chunk content ids without a content row.
 
-    The tables are found from ``sqlite_master`` and the declared foreign keys to the
+    The tables are found from the catalogue and the declared foreign keys to the
     content table (the chunk table excepted), not guessed.
     """
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    try:
-        tables = _columns_by_table(connection)
+    with store_connection(path) as connection:
+        tables = (_postgres_columns_by_table(connection) if is_postgres_location(path)
+                  else _columns_by_table(connection))
         [chunk_table] = [name for name, cols in tables.items() if {"content_id", "seq", "data"} <= set(cols)]
-        content_table = next(
-            (row[2] for row in connection.execute(f'PRAGMA foreign_key_list("{chunk_table}")')
-             if row[3] == "content_id"), "content")
-        content_key = next(row[1] for row in connection.execute(f'PRAGMA table_info("{content_table}")')
-                           if row[5] == 1)
-        references = [(table, row[3]) for table in tables if table not in (chunk_table, content_table)
-                      for row in connection.execute(f'PRAGMA foreign_key_list("{table}")')
-                      if row[2] == content_table]
+        foreign_keys = _foreign_keys(connection, path, tables)
+        content_table = next((parent for table, column, parent in foreign_keys
+                              if table == chunk_table and column == "content_id"), "content")
+        content_key = _primary_key(connection, path, content_table)
+        references = [(table, column) for table, column, parent in foreign_keys
+                      if parent == content_table and table not in (chunk_table, content_table)]
         if not references:  # no declared foreign keys: fall back to columns named content_id
             references = [(table, "content_id") for table, columns in tables.items()
                           if table not in (chunk_table, content_table) and "content_id" in columns]
@@ -703,13 +1093,21 @@ def unreferenced_contents(path: pathlib.Path) -> list[int]:
             f'SELECT DISTINCT content_id FROM "{chunk_table}" WHERE content_id NOT IN '
             f'(SELECT "{content_key}" FROM "{content_table}")')]
         return orphans
-    finally:
-        connection.close()
 
 
-def integrity_check(path: pathlib.Path) -> list[str]:
+def integrity_check(path) -> list[str]:
     """What ``PRAGMA integrity_check`` says about a file (["ok"] when sound); a file SQLite
-    cannot even open that far gives its error message."""
+    cannot even open that far gives its error message. On PostgreSQL the server owns the
+    pages: ["ok"] when every row of every table of the schema reads back (bytea included),
+    else the error."""
+    if is_postgres_location(path):
+        try:
+            with store_connection(path) as connection:
+                for table in _postgres_columns_by_table(connection):
+                    connection.execute(f'SELECT * FROM "{table}"').fetchall()
+            return ["ok"]
+        except Exception as exc:  # the driver's errors, whatever they are, are the answer
+            return [f"{type(exc).__name__}: {exc}"]
     try:
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
         try:
@@ -720,19 +1118,18 @@ def integrity_check(path: pathlib.Path) -> list[str]:
         return [str(exc)]
 
 
-def corrupt_content(path: pathlib.Path, content_hash: str) -> None:
+def corrupt_content(path, content_hash: str) -> None:
     """Flip a byte of the first chunk of the content with ``content_hash`` (tables found by columns)."""
     version_table = table_with_columns(path, {"content_hash_hex", "tags"})
     chunk_table = table_with_columns(path, {"content_id", "seq", "data"})
-    with contextlib.closing(sqlite3.connect(path, timeout=10)) as connection:
-        [content_id] = {row[0] for row in connection.execute(
-            f'SELECT content_id FROM "{version_table}" WHERE content_hash_hex = ?', (content_hash,))}
-        [(data,)] = connection.execute(f'SELECT data FROM "{chunk_table}" WHERE content_id = ? AND seq = 0',
-                                       (content_id,))
+    with store_connection(path, write=True) as connection:
+        [content_id] = {row[0] for row in connection.execute(store_sql(
+            path, f'SELECT content_id FROM "{version_table}" WHERE content_hash_hex = ?'), (content_hash,))}
+        [(data,)] = connection.execute(store_sql(
+            path, f'SELECT data FROM "{chunk_table}" WHERE content_id = ? AND seq = 0'), (content_id,)).fetchall()
         flipped = bytes([data[0] ^ 0xFF]) + bytes(data[1:])
-        connection.execute(f'UPDATE "{chunk_table}" SET data = ? WHERE content_id = ? AND seq = 0',
+        connection.execute(store_sql(path, f'UPDATE "{chunk_table}" SET data = ? WHERE content_id = ? AND seq = 0'),
                            (flipped, content_id))
-        connection.commit()
 
 
 @pytest.fixture
@@ -743,15 +1140,11 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(buffylite, "DEFAULT_CHUNK_SIZE_BYTES", 5000)
 
 
-def chunk_rows(path: pathlib.Path) -> list[tuple[int, int, int]]:
-    """(content_id, seq, length) of every stored chunk, found via sqlite_master."""
+def chunk_rows(path) -> list[tuple[int, int, int]]:
+    """(content_id, seq, length) of every stored chunk, found via the catalogue."""
     chunk_table = table_with_columns(path, {"content_id", "seq", "data"})
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    try:
-        return list(connection.execute(
-            f'SELECT content_id, seq, length(data) FROM "{chunk_table}" ORDER BY content_id, seq'))
-    finally:
-        connection.close()
+    return store_rows(path, f'SELECT content_id, seq, length(data) FROM "{chunk_table}" '
+                            "ORDER BY content_id, seq")
 
 
 # --- The fault origin: scripted replies that cut, reset, stall, drip and lie; a forward proxy ---
@@ -1419,6 +1812,80 @@ def test_run_python_helper_runs_code_with_a_timeout():
     assert (done.returncode, done.stdout.strip()) == (0, "hi")
     with pytest.raises(subprocess.TimeoutExpired):
         run_python("import time; time.sleep(30)", timeout=1)
+
+
+def test_store_helpers_read_the_store_directly_on_both_backends(cache_path, backend):
+    """The inspection helpers read a store of either backend (tables made here by hand,
+    shaped like the cache's): tables by columns, chunks, orphans, a flipped byte."""
+    key, blob = ("INTEGER PRIMARY KEY", "BLOB") if backend == "sqlite" else ("bigserial PRIMARY KEY", "bytea")
+    with store_connection(cache_path, write=True) as connection:
+        if backend == "postgres":
+            connection.execute(f'CREATE SCHEMA "{_postgres_connect_arguments(cache_path)[1]}"')
+        connection.execute(f"CREATE TABLE content (id {key}, size bigint)")
+        connection.execute(f"CREATE TABLE chunk (content_id bigint REFERENCES content (id), seq integer, "
+                           f"data {blob}, PRIMARY KEY (content_id, seq))")
+        connection.execute(f"CREATE TABLE version (id {key}, content_id bigint REFERENCES content (id), "
+                           "content_hash_hex text, tags text)")
+        for statement, parameters in [
+                ("INSERT INTO content (id, size) VALUES (?, ?)", (1, 5)),
+                ("INSERT INTO content (id, size) VALUES (?, ?)", (2, 2)),
+                ("INSERT INTO chunk (content_id, seq, data) VALUES (?, ?, ?)", (1, 0, b"abc")),
+                ("INSERT INTO chunk (content_id, seq, data) VALUES (?, ?, ?)", (1, 1, b"de")),
+                ("INSERT INTO chunk (content_id, seq, data) VALUES (?, ?, ?)", (2, 0, b"zz")),
+                ("INSERT INTO version (content_id, content_hash_hex, tags) VALUES (?, ?, ?)", (1, "h1", "[]"))]:
+            connection.execute(store_sql(cache_path, statement), parameters)
+    assert db_tables(cache_path) == {"content": ["id", "size"], "chunk": ["content_id", "seq", "data"],
+                                     "version": ["id", "content_id", "content_hash_hex", "tags"]}
+    assert table_with_columns(cache_path, {"content_id", "seq", "data"}) == "chunk"
+    assert chunk_rows(cache_path) == [(1, 0, 3), (1, 1, 2), (2, 0, 2)]
+    assert unreferenced_contents(cache_path) == [2]
+    corrupt_content(cache_path, "h1")
+    assert store_rows(cache_path, "SELECT data FROM chunk WHERE content_id = ? ORDER BY seq", (1,)) == [
+        (bytes([ord("a") ^ 0xFF]) + b"bc",), (b"de",)]
+    assert store_execute(cache_path, "DELETE FROM version WHERE content_hash_hex = ?", ("h1",)) == 1
+    assert sorted(unreferenced_contents(cache_path)) == [1, 2]
+    assert integrity_check(cache_path) == ["ok"]
+
+
+def test_postgres_cache_paths_are_schemas_of_their_own_with_a_password(postgres_server, new_cache_path, backend):
+    """On PostgreSQL every cache location is a password-carrying URL with a fresh schema,
+    and the schema is gone after the test (checked for the previous test's schema)."""
+    if backend == "sqlite":
+        first, second = new_cache_path("a.sqlite3"), new_cache_path("b.sqlite3")
+        assert isinstance(first, pathlib.Path) and first != second and not first.exists()
+        return
+    first, second = new_cache_path(), new_cache_path()
+    assert first != second
+    for url in (first, second):
+        parts = urlsplit(url)
+        assert parts.scheme == "postgresql" and parts.password == postgres_server.password
+        assert re.fullmatch(r"schema=t_[0-9a-f]{16}", parts.query), parts.query
+    with postgres_connection(first) as connection:
+        schemas = {row[0] for row in connection.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 't\\_%'")}
+    assert not schemas & {_postgres_connect_arguments(url)[1] for url in (first, second)}
+    postgres_server.drop_schema(first)  # dropping a schema never created is harmless
+
+
+def test_postgres_half_skips_without_a_server_and_fails_with_ci_true(tmp_path):
+    """Without a PostgreSQL server the ``[postgres]`` runs skip naming why (the password
+    masked); with CI=true they fail instead."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    node = f"{pathlib.Path(__file__).name}::test_cache_accepts_a_urllib3_timeout[postgres]"
+    outcomes = {}
+    for ci in ("", "true"):
+        env = subprocess_env(CI=ci, **{POSTGRES_URL_ENV: f"postgresql://someone:hush-{port}@127.0.0.1:{port}/none"})
+        done = subprocess.run([PYTHON, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", node], cwd=REPO_DIR,
+                              env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_SEC)
+        assert f"hush-{port}" not in done.stdout + done.stderr
+        assert "someone:***@127.0.0.1" in done.stdout, done.stdout[-2000:]
+        last_line = done.stdout.strip().splitlines()[-1]
+        counts = re.search(r"^backends: .*$", done.stdout, re.MULTILINE)
+        assert counts, done.stdout[-2000:]
+        outcomes[ci] = (done.returncode, re.findall(r"\d+ (?:passed|skipped|failed|errors?)", last_line),
+                        re.search(r"postgres 0 passed \(sqlite not run; (\d) failed, (\d) skipped\)", counts[0]).groups())
+    assert outcomes == {"": (0, ["1 skipped"], ("0", "1")), "true": (1, ["1 error"], ("1", "0"))}
 
 
 # ===========================================================================
