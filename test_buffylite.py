@@ -862,12 +862,14 @@ def _count_tests_per_backend(request):
 
 
 @pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch):
-    """No developer setting leaks into a test: no offline mode, no default cache, no proxy."""
+def _clean_environment(monkeypatch, tmp_path):
+    """No developer setting leaks into a test: no offline mode, no default cache, no proxy;
+    and the user cache dir (where a PostgreSQL cache keeps its files, §17) is inside tmp_path."""
     for name in ("BUFFYLITE_OFFLINE", "BUFFYLITE_CACHE", "BUFFYLITE_LOCKFILE", "HTTP_PROXY", "HTTPS_PROXY",
                  "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
 
 
 @pytest.fixture
@@ -1031,6 +1033,42 @@ def db_tables(path) -> dict[str, list[str]]:
         if is_postgres_location(path):
             return _postgres_columns_by_table(connection)
         return _columns_by_table(connection)
+
+
+def shown_location(location) -> str:
+    """A cache location as buffylite shows it (stats, messages): a file path as it is, a
+    PostgreSQL URL with its password replaced by ``***``."""
+    if not is_postgres_location(location):
+        return str(location)
+    return re.sub(r"^(\w+://[^:/@]*:)[^@]*@", r"\1***@", location)
+
+
+def store_exists(location) -> bool:
+    """Whether the store at ``location`` exists: the file, or the URL's schema."""
+    if not is_postgres_location(location):
+        return pathlib.Path(location).exists()
+    return bool(store_rows(location, "SELECT 1 FROM pg_namespace WHERE nspname = current_schema()"))
+
+
+def store_bytes(location) -> bytes:
+    """Every byte the store at ``location`` holds, for "nothing written" and "no secret
+    stored" checks: the file with its -wal/-journal (SQLite), or every value of every row
+    of the schema's tables (PostgreSQL; bytea as is, the rest as text)."""
+    if not is_postgres_location(location):
+        data = b""
+        for suffix in ("", "-wal", "-journal"):
+            candidate = Path(f"{location}{suffix}")
+            if candidate.exists():
+                data += candidate.read_bytes()
+        return data
+    data = bytearray()
+    with store_connection(location) as connection:
+        for table in sorted(_postgres_columns_by_table(connection)):
+            for row in connection.execute(f'SELECT * FROM "{table}" ORDER BY 1'):
+                for value in row:
+                    data += bytes(value) if isinstance(value, (bytes, memoryview)) else repr(value).encode()
+                    data += b"\x00"
+    return bytes(data)
 
 
 def table_with_columns(path, columns: set[str]) -> str:
@@ -1344,7 +1382,10 @@ def _fault_stream_sha256(resp):
 
 def _fault_integrity(path):
     """``PRAGMA integrity_check`` of a live cache file, on a separate read-write sqlite3
-    connection (unlike ``integrity_check``, it can recover the WAL a killed process left)."""
+    connection (unlike ``integrity_check``, it can recover the WAL a killed process left);
+    on PostgreSQL, ``integrity_check``'s read of every row."""
+    if is_postgres_location(path):
+        return integrity_check(path)
     connection = sqlite3.connect(str(path), timeout=10)
     try:
         return [row[0] for row in connection.execute("PRAGMA integrity_check").fetchall()]
@@ -1353,13 +1394,9 @@ def _fault_integrity(path):
 
 
 def _fault_file_bytes(path):
-    """Raw bytes of the cache file and its WAL / journal (whatever exists now)."""
-    data = b""
-    for suffix in ("", "-wal", "-journal"):
-        candidate = Path(f"{path}{suffix}")
-        if candidate.exists():
-            data += candidate.read_bytes()
-    return data
+    """Raw bytes of the cache file and its WAL / journal (whatever exists now), or of the
+    PostgreSQL schema's rows (see ``store_bytes``)."""
+    return store_bytes(path)
 
 
 def _fault_invariant_problems(cache, url, **identity):
@@ -1997,7 +2034,10 @@ def test_cache_accepts_a_urllib3_timeout(cache_path, origin):
 
 
 def test_close_closes_the_connections_of_every_thread(cache_path):
-    """§3: close() releases the connections, including those other threads opened."""
+    """§3: close() releases the connections, including those other threads opened (file
+    handles of the SQLite file; sessions of the PostgreSQL server)."""
+    sessions = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    sessions_before = store_rows(cache_path, sessions)[0][0] if is_postgres_location(cache_path) else 0
     cache = buffylite.Cache(cache_path)
     workers = [threading.Thread(target=cache.stats) for _ in range(4)]
     keep_alive = threading.Event()
@@ -2012,6 +2052,8 @@ def test_close_closes_the_connections_of_every_thread(cache_path):
         assert opened.acquire(timeout=10)
 
     def open_handles():
+        if is_postgres_location(cache_path):
+            return [None] * (store_rows(cache_path, sessions)[0][0] - sessions_before)
         return [name for name in os.listdir("/proc/self/fd")
                 if os.path.realpath(f"/proc/self/fd/{name}").startswith(str(cache_path))]
 
@@ -2400,8 +2442,12 @@ def test_stats_reports_counts_for_every_status(cache, cache_path, origin):
             "unique_contents"} <= set(stats)
     assert set(stats["versions"]) == STATUSES
     assert stats["requests"] == 0 and stats["content_bytes"] == 0 and stats["unique_contents"] == 0
-    assert pathlib.Path(stats["path"]).resolve() == cache_path.resolve()
-    assert stats["file_size_bytes"] > 0
+    if is_postgres_location(cache_path):
+        assert stats["path"] == shown_location(cache_path) and "***" in stats["path"]
+        assert urlsplit(cache_path).password not in repr(stats)
+    else:
+        assert pathlib.Path(stats["path"]).resolve() == cache_path.resolve()
+        assert stats["file_size_bytes"] > 0
     origin.route("/s", body=b"x" * 1000)
     cache.fetch(origin.url("/s"))
     stats = cache.stats()
@@ -2438,11 +2484,13 @@ def test_cli_info_json_matches_stats(cli_run, cli_origin, cli_cache_path, cli_se
     for key in ("path", "requests", "versions", "content_bytes", "unique_contents",
                 "schema_version", "sqlite_version"):
         assert data[key] == stats[key], key
-    assert data["path"] == str(cli_cache_path)
+    assert data["path"] == shown_location(cli_cache_path)
     assert data["versions"]["ready"] == 2 and data["content_bytes"] == 3000
-    assert data["file_size_bytes"] > 0
+    if not is_postgres_location(cli_cache_path):
+        assert data["file_size_bytes"] > 0
 
 
+@pytest.mark.sqlite_only("shows the file path, its size and the SQLite library version")
 def test_cli_info_human_shows_path_sqlite_and_schema(cli_run, cli_cache_path):
     """§13: `info` shows the path, file size, counts per status, SQLite and schema version."""
     with cli_open_cache(cli_cache_path):  # info only reads: the file must exist
@@ -4578,6 +4626,7 @@ def test_a_version_1_file_is_upgraded_and_keeps_its_versions(tmp_path, origin):
     assert "removed_version" in db_tables(path)
 
 
+@pytest.mark.sqlite_only("upgrades a SQLite file of schema 1 (PRAGMA user_version)")
 def test_a_schema_1_file_gains_the_backoff_and_caching_header_columns(cache_path, origin):
     """§10/§18: a file from before the failure backoff (schema 1) is upgraded in place and keeps working."""
     origin.route("/old", body=b"from an old file")
@@ -4606,6 +4655,7 @@ def test_a_schema_1_file_gains_the_backoff_and_caching_header_columns(cache_path
     check.close()
 
 
+@pytest.mark.sqlite_only("measures the SQLite file and its write-ahead log on disk")
 def test_a_small_cache_stays_small(cache_path, origin):
     """§10: an 8-byte download leaves a small cache file and no write-ahead log, once the Cache
     is closed, and also once an unclosed Cache is dropped (without waiting for gc)."""
@@ -4762,6 +4812,7 @@ def test_gc_keeps_content_shared_with_a_surviving_version(cache, origin):
     assert cache.stats()["unique_contents"] == 2
 
 
+@pytest.mark.sqlite_only("measures the size of the SQLite file and its WAL on disk")
 def test_deleting_a_50_mib_version_and_gc_shrinks_the_file(cache, cache_path, origin):
     """§10: after deleting a 50 MiB version, gc() returns the file to within 10% of its size before."""
     origin.route("/base", body=random_bytes(MiB, seed=10))
@@ -4821,21 +4872,16 @@ def test_cli_gc_human_output(cli_run, cli_origin, cli_seed):
 
 
 def _corrupt_chunk_containing(path: pathlib.Path, marker: bytes) -> None:
-    """Flip one byte inside the stored chunk that holds ``marker`` (found via sqlite_master)."""
+    """Flip one byte inside the stored chunk that holds ``marker`` (found via the catalogue)."""
     chunk_table = table_with_columns(path, {"content_id", "seq", "data"})
-    connection = sqlite3.connect(path, timeout=10)
-    try:
-        rows = [(content_id, seq, bytes(data)) for content_id, seq, data in connection.execute(
-            f'SELECT content_id, seq, data FROM "{chunk_table}"') if marker in bytes(data)]
-        assert len(rows) == 1, f"expected one chunk holding {marker!r}, found {len(rows)}"
-        content_id, seq, data = rows[0]
-        flipped = bytearray(data)
-        flipped[data.index(marker) + 3] ^= 0xFF
-        connection.execute(f'UPDATE "{chunk_table}" SET data = ? WHERE content_id = ? AND seq = ?',
-                           (bytes(flipped), content_id, seq))
-        connection.commit()
-    finally:
-        connection.close()
+    rows = [(content_id, seq, bytes(data)) for content_id, seq, data in store_rows(
+        path, f'SELECT content_id, seq, data FROM "{chunk_table}"') if marker in bytes(data)]
+    assert len(rows) == 1, f"expected one chunk holding {marker!r}, found {len(rows)}"
+    content_id, seq, data = rows[0]
+    flipped = bytearray(data)
+    flipped[data.index(marker) + 3] ^= 0xFF
+    assert store_execute(path, f'UPDATE "{chunk_table}" SET data = ? WHERE content_id = ? AND seq = ?',
+                         (bytes(flipped), content_id, seq)) == 1
 
 
 @pytest.mark.parametrize("how", ["read", "open", "text"])
@@ -4900,16 +4946,13 @@ def test_missing_or_truncated_chunk_raises_integrity_error_never_short_content(
     assert len(rows) >= 3
     content_id, seq, length = rows[len(rows) // 2] if damage != "delete-last-chunk" else rows[-1]
     chunk_table = table_with_columns(cache_path, {"content_id", "seq", "data"})
-    connection = sqlite3.connect(cache_path, timeout=10)
-    try:
-        if damage.startswith("delete"):
-            connection.execute(f'DELETE FROM "{chunk_table}" WHERE content_id = ? AND seq = ?', (content_id, seq))
-        else:
-            connection.execute(f'UPDATE "{chunk_table}" SET data = substr(data, 1, ?) '
-                               "WHERE content_id = ? AND seq = ?", (length - 10, content_id, seq))
-        connection.commit()
-    finally:
-        connection.close()
+    if damage.startswith("delete"):
+        changed = store_execute(cache_path, f'DELETE FROM "{chunk_table}" WHERE content_id = ? AND seq = ?',
+                                (content_id, seq))
+    else:
+        changed = store_execute(cache_path, f'UPDATE "{chunk_table}" SET data = substr(data, 1, ?) '
+                                "WHERE content_id = ? AND seq = ?", (length - 10, content_id, seq))
+    assert changed == 1
     with pytest.raises(buffylite.IntegrityError, match=r"stored size|chunk \d+ is missing"):
         if how == "read":
             resp.read()
@@ -4926,14 +4969,10 @@ def test_read_of_content_with_a_lost_chunk_raises_integrity_error(cache, cache_p
     resp = fetch_body(cache, origin, "/chunks", body)
     assert resp.read() == body
     chunk_table = table_with_columns(cache_path, {"content_id", "seq", "data"})
-    with contextlib.closing(sqlite3.connect(cache_path, timeout=10)) as connection:
-        connection.execute(f'DELETE FROM "{chunk_table}" WHERE seq = 1')
-        connection.commit()
+    assert store_execute(cache_path, f'DELETE FROM "{chunk_table}" WHERE seq = 1') == 1
     with pytest.raises(buffylite.IntegrityError, match="chunk 1"):
         resp.read()
-    with contextlib.closing(sqlite3.connect(cache_path, timeout=10)) as connection:
-        connection.execute(f'DELETE FROM "{chunk_table}"')
-        connection.commit()
+    assert store_execute(cache_path, f'DELETE FROM "{chunk_table}"') > 0
     with pytest.raises(buffylite.IntegrityError, match=str(len(body))):
         resp.read()
     assert [version.version for version in cache.verify().corrupted] == [resp.version]
@@ -5156,10 +5195,9 @@ def test_a_damaged_stored_request_value_spoils_only_its_request(cache, cache_pat
     fine = fetch_body(cache, origin, "/fine", b"fine body")
     fetch_body(cache, origin, "/fine", b"fine body 2")
     table = table_with_columns(cache_path, {"identity_key", column})
-    with contextlib.closing(sqlite3.connect(cache_path, timeout=10)) as connection:
-        [(value,)] = connection.execute(f'SELECT "{column}" FROM "{table}" WHERE id = ?', (hurt.request_id,))
-        connection.execute(f'UPDATE "{table}" SET "{column}" = ? WHERE id = ?', (damage(value), hurt.request_id))
-        connection.commit()
+    [(value,)] = store_rows(cache_path, f'SELECT "{column}" FROM "{table}" WHERE id = ?', (hurt.request_id,))
+    assert store_execute(cache_path, f'UPDATE "{table}" SET "{column}" = ? WHERE id = ?',
+                         (damage(value), hurt.request_id)) == 1
     with buffylite.Cache(cache_path) as other:
         if column == "cache_configuration":
             with pytest.raises(buffylite.CacheFileError, match="/hurt"):
@@ -5181,10 +5219,12 @@ def test_a_damaged_version_row_spoils_only_that_version(cache, cache_path, origi
     hurt = fetch_body(cache, origin, "/hurt-v", b"hurt body")
     fine = fetch_body(cache, origin, "/fine-v", b"fine body")
     table = table_with_columns(cache_path, {"content_hash_hex", "tags"})
-    with contextlib.closing(sqlite3.connect(cache_path, timeout=10)) as connection:
-        connection.execute(f'UPDATE "{table}" SET tags = ?, cached_unix = ? WHERE id = ?',
-                           ('["ok", ', "not a time", hurt.id))
-        connection.commit()
+    if is_postgres_location(cache_path):  # a typed column cannot hold text in place of a number
+        changed = store_execute(cache_path, f'UPDATE "{table}" SET tags = ? WHERE id = ?', ('["ok", ', hurt.id))
+    else:
+        changed = store_execute(cache_path, f'UPDATE "{table}" SET tags = ?, cached_unix = ? WHERE id = ?',
+                                ('["ok", ', "not a time", hurt.id))
+    assert changed == 1
     with buffylite.Cache(cache_path) as other:
         for call in (lambda: other.fetch(origin.url("/hurt-v"), offline=True),
                      lambda: other.fetch(origin.url("/hurt-v"), offline=True, prefer_tag="ok"),
@@ -5199,6 +5239,7 @@ def test_a_damaged_version_row_spoils_only_that_version(cache, cache_path, origi
         assert len(problems) == 1 and hurt.version in problems[0]
 
 
+@pytest.mark.sqlite_only("overwrites a page of the SQLite file")
 def test_verify_reports_an_overwritten_page_and_the_cli_exits_4(cache_path, origin, tmp_path):
     """§10: a page overwritten on purpose -> integrity_check fails, verify() lists problems
     (never "all intact"), the CLI's verify exits 4 and says so."""
@@ -5225,6 +5266,7 @@ def test_verify_reports_an_overwritten_page_and_the_cli_exits_4(cache_path, orig
     assert json.loads(as_json.stdout)["problems"]
 
 
+@pytest.mark.sqlite_only("copies the SQLite file while it is being written")
 def test_a_torn_copy_is_not_reported_intact(cache_path, origin, tmp_path):
     """§10: a copy made page by page while another process writes is often torn; whenever
     SQLite's integrity check fails on it, verify() reports problems, never "all intact"."""
@@ -5273,6 +5315,7 @@ def test_a_torn_copy_is_not_reported_intact(cache_path, origin, tmp_path):
     assert copies >= 10
 
 
+@pytest.mark.sqlite_only("flips bits in the pages of the SQLite file")
 def test_every_bit_flip_leaves_the_api_honest(cache_path, origin, tmp_path, report):
     """§14: one bit flipped in a copy of a populated cache file, at every page header and a
     sample of cells: each public method works or raises a §12 error; read() never returns
@@ -5458,12 +5501,12 @@ def test_mixed_load_three_processes_no_errors(fault_origin, fault_open_cache, fa
 # --- User-Agent, timeouts and schemes (SPEC §11) ---
 
 
-def test_user_agent_defaults_to_buffylite_version_and_can_be_set(tmp_path, origin):
+def test_user_agent_defaults_to_buffylite_version_and_can_be_set(new_cache_path, origin):
     """§3: requests carry User-Agent "buffylite/<version>" unless Cache(user_agent=...) says otherwise."""
     origin.route("/ua", body=b"x")
-    with buffylite.Cache(tmp_path / "a.sqlite3") as default_agent:
+    with buffylite.Cache(new_cache_path("a.sqlite3")) as default_agent:
         default_agent.fetch(origin.url("/ua"))
-    with buffylite.Cache(tmp_path / "b.sqlite3", user_agent="my-app/2.0") as own_agent:
+    with buffylite.Cache(new_cache_path("b.sqlite3"), user_agent="my-app/2.0") as own_agent:
         own_agent.fetch(origin.url("/ua"))
     agents = [entry.header("User-Agent") for entry in origin.requests_to("/ua")]
     assert agents == [f"buffylite/{buffylite.__version__}", "my-app/2.0"]
@@ -6002,7 +6045,8 @@ def test_sensitive_header_values_never_reach_the_file(fault_origin, fault_open_c
     hit = fault_origin.hits("/secret")[0]
     assert hit["headers"]["authorization"] == _FAULT_SECRETS["Authorization"]  # really sent
     assert hit["headers"]["x-api-key"] == _FAULT_SECRETS["X-Api-Key"]
-    assert Path(f"{fault_cache_path}-wal").exists(), "§10: WAL mode"
+    if not is_postgres_location(fault_cache_path):
+        assert Path(f"{fault_cache_path}-wal").exists(), "§10: WAL mode"
     assert _fault_secret_leaks(fault_cache_path) == []
     # Same headers: the same request (identity uses the digest); served from the cache.
     again = cache.fetch(url, headers=_FAULT_SECRETS)
@@ -6835,14 +6879,13 @@ HOSTILE_TEXT = st.text(alphabet=st.one_of(
     st.characters(codec="utf-8"), st.sampled_from("aZ09-_.")), max_size=24)
 
 
-def hostile_snapshot(path: pathlib.Path) -> dict:
-    """Every row of every table of the cache file (read-only), to compare before/after a call."""
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    try:
-        return {name: connection.execute(f'SELECT * FROM "{name}" ORDER BY rowid').fetchall()
-                for name in _columns_by_table(connection)}
-    finally:
-        connection.close()
+def hostile_snapshot(path) -> dict:
+    """Every row of every table of the store (read-only), to compare before/after a call."""
+    with store_connection(path) as connection:
+        tables = (_postgres_columns_by_table(connection) if is_postgres_location(path)
+                  else _columns_by_table(connection))
+        return {name: sorted((tuple(row) for row in connection.execute(f'SELECT * FROM "{name}"')), key=repr)
+                for name in tables}
 
 
 def hostile_read_back(cache, url: str) -> None:
@@ -7153,6 +7196,7 @@ def _fill_disk(directory: pathlib.Path) -> pathlib.Path:
     return filler
 
 
+@pytest.mark.sqlite_only("fills a tmpfs holding the SQLite file")
 def test_full_disk_serves_stale_then_recovers(small_tmpfs, fault_origin, fault_open_cache, caplog, report):
     """§14: on a full disk a due download serves the cached version as stale (WARNING naming
     the cause), a request with nothing cached raises CacheFileError saying the disk is full;
@@ -7320,8 +7364,12 @@ def test_bad_paths_raise_invalid_request_error(cache, cache_path, origin, tmp_pa
             call()
         failures[name] = str(caught.value)
     assert len(failures) == len(calls) and all(failures.values())
-    assert a_file.read_bytes() == b"x" and sorted(path.name for path in tmp_path.iterdir()) == sorted(
-        [a_file.name, cache_path.name, cache_path.name + "-wal", cache_path.name + "-shm"])
+    if is_postgres_location(cache_path):  # the store is a schema; tmp_path holds the user cache dir at most
+        assert a_file.read_bytes() == b"x" and sorted(
+            path.name for path in tmp_path.iterdir() if path.name != "user-cache") == [a_file.name]
+    else:
+        assert a_file.read_bytes() == b"x" and sorted(path.name for path in tmp_path.iterdir()) == sorted(
+            [a_file.name, cache_path.name, cache_path.name + "-wal", cache_path.name + "-shm"])
 
 
 def test_save_to_refused_by_the_file_system_is_a_cache_file_error(cache, origin, tmp_path):
@@ -7460,11 +7508,11 @@ def test_cli_json_errors_for_usage_and_not_cached_and_sync_creates_nothing(cli_r
     assert not missing_cache.parent.exists()
 
 
-def test_pin_and_tag_refuse_a_response_of_another_cache(tmp_path, origin):
+def test_pin_and_tag_refuse_a_response_of_another_cache(new_cache_path, origin):
     """§9: pin/tag/unpin/untag with another cache's Response never change an unrelated version here."""
     origin.route("/x", b"x content")
     origin.route("/y", b"y content")
-    with buffylite.Cache(tmp_path / "a.sqlite3") as first, buffylite.Cache(tmp_path / "b.sqlite3") as second:
+    with buffylite.Cache(new_cache_path("a.sqlite3")) as first, buffylite.Cache(new_cache_path("b.sqlite3")) as second:
         foreign = first.fetch(origin.url("/x"))
         own = second.fetch(origin.url("/y"))
         assert foreign.id == own.id  # the first row of each file: the ids collide
@@ -7719,16 +7767,21 @@ def test_errors_pickle_into_another_process(tmp_path):
     assert (error.url, error.status_code, error.cause) == ("http://example.org/x", 500, "HTTP 500")
 
 
-def _store_wait_for_in_flight_row(path: pathlib.Path, timeout: float = 10.0) -> tuple:
-    """Poll the cache file until a download row is in flight; return (id, lease owner)."""
+def _store_wait_for_in_flight_row(path, timeout: float = 10.0) -> tuple:
+    """Poll the store until a download row is in flight; return (id, lease owner)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.closing(sqlite3.connect(path, timeout=5)) as connection:
-            with contextlib.suppress(sqlite3.OperationalError):  # tables not created yet
-                row = connection.execute("SELECT id, lease_owner FROM version WHERE status IN "
-                                         "('wait', 'in_progress') AND lease_owner IS NOT NULL").fetchone()
-                if row is not None:
-                    return row
+        try:
+            rows = store_rows(path, "SELECT id, lease_owner FROM version WHERE status IN "
+                                    "('wait', 'in_progress') AND lease_owner IS NOT NULL")
+        except sqlite3.OperationalError:  # tables not created yet
+            rows = []
+        except Exception as exc:  # psycopg's UndefinedTable: tables not created yet
+            if type(exc).__name__ != "UndefinedTable":
+                raise
+            rows = []
+        if rows:
+            return rows[0]
         time.sleep(0.02)
     raise AssertionError(f"no download became in flight within {timeout} s")
 
@@ -7754,11 +7807,9 @@ def test_download_whose_lease_was_taken_over_publishes_nothing(fault_origin, fau
     worker = threading.Thread(target=fetch)
     worker.start()
     row_id, owner = _store_wait_for_in_flight_row(fault_cache_path)
-    with contextlib.closing(sqlite3.connect(fault_cache_path, timeout=5)) as connection:
-        with connection:
-            taken = connection.execute(
-                "UPDATE version SET lease_owner = 'another-process', lease_expires_unix = ? WHERE id = ?",
-                (time.time() + 2.0, row_id)).rowcount
+    taken = store_execute(fault_cache_path,
+                          "UPDATE version SET lease_owner = 'another-process', lease_expires_unix = ? WHERE id = ?",
+                          (time.time() + 2.0, row_id))
     assert taken == 1 and owner != "another-process"
     worker.join(timeout=30)
     assert not worker.is_alive()
@@ -7767,9 +7818,8 @@ def test_download_whose_lease_was_taken_over_publishes_nothing(fault_origin, fau
     assert response.read() == second_body
     assert len(fault_origin.hits("/taken.bin")) == 2
     first_hash = hashlib.sha256(first_body).hexdigest()
-    with contextlib.closing(sqlite3.connect(fault_cache_path)) as connection:
-        statuses = connection.execute("SELECT id, status, lease_owner, content_hash_hex FROM version").fetchall()
-        stored_hashes = {row[0] for row in connection.execute("SELECT hash_hex FROM content")}
+    statuses = store_rows(fault_cache_path, "SELECT id, status, lease_owner, content_hash_hex FROM version")
+    stored_hashes = {row[0] for row in store_rows(fault_cache_path, "SELECT hash_hex FROM content")}
     # The taken-over row was never published, and the first body was never stored whole.
     assert all(content_hash != first_hash for _, _, _, content_hash in statuses), statuses
     assert first_hash not in stored_hashes
@@ -7926,14 +7976,10 @@ def test_lease_is_renewed_while_a_download_outlasts_it(fault_origin, fault_open_
     first = threading.Thread(target=fetch, args=("downloader", downloader))
     first.start()
     row_id, _ = _store_wait_for_in_flight_row(fault_cache_path)
-    with contextlib.closing(sqlite3.connect(fault_cache_path, timeout=5)) as connection:
-        claimed_until = connection.execute("SELECT lease_expires_unix FROM version WHERE id = ?",
-                                           (row_id,)).fetchone()[0]
+    [(claimed_until,)] = store_rows(fault_cache_path, "SELECT lease_expires_unix FROM version WHERE id = ?", (row_id,))
     time.sleep(1.5)  # past the first lease's end: only a renewal keeps it alive
-    with contextlib.closing(sqlite3.connect(fault_cache_path, timeout=5)) as connection:
-        renewed_until = connection.execute("SELECT lease_expires_unix FROM version WHERE id = ?",
-                                           (row_id,)).fetchone()[0]
-        read_at = time.time()
+    [(renewed_until,)] = store_rows(fault_cache_path, "SELECT lease_expires_unix FROM version WHERE id = ?", (row_id,))
+    read_at = time.time()
     second = threading.Thread(target=fetch, args=("waiter", waiter))
     second.start()
     first.join(timeout=30)
