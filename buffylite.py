@@ -483,6 +483,11 @@ def _default_cache_path() -> pathlib.Path:
     override = os.environ.get("BUFFYLITE_CACHE")
     if override:
         return pathlib.Path(override).expanduser()
+    return _user_cache_dir() / "cache.sqlite3"
+
+
+def _user_cache_dir() -> pathlib.Path:
+    """The platform's user cache directory / buffylite."""
     home = pathlib.Path.home()
     if sys.platform == "win32":
         base = pathlib.Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local")
@@ -490,7 +495,7 @@ def _default_cache_path() -> pathlib.Path:
         base = home / "Library" / "Caches"
     else:
         base = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache")
-    return base / "buffylite" / "cache.sqlite3"
+    return base / "buffylite"
 
 
 #: ``scheme://`` at the start of a cache location: a URL, not a file path.
@@ -510,15 +515,14 @@ def _masked_location(location: str) -> str:
 
 def _refuse_url_location(location: str) -> None:
     """A cache location that is a URL must not become a local file named after it
-    (with its password in the name): a PostgreSQL URL names a backend this version does
-    not have (CacheFileError); any other scheme is a mistake (InvalidRequestError)."""
+    (with its password in the name): a PostgreSQL URL names a database, any other
+    scheme is a mistake (InvalidRequestError)."""
     match = _URL_LOCATION.match(location)
     if match is None:
         return
     shown = _masked_location(location)
-    if match.group(1).lower() in ("postgresql", "postgres"):
-        raise CacheFileError(f"The cache {shown} is a PostgreSQL database, and buffylite {__version__} "
-                             "stores caches in SQLite files only; give the path of a cache file.", path=shown)
+    if match.group(1).lower() in _POSTGRES_SCHEMES:
+        return
     raise InvalidRequestError(f"The cache location {shown} is a URL with the scheme {match.group(1)!r}; "
                               "give the path of a cache file.")
 
@@ -1287,8 +1291,11 @@ class Response(_Model):
     @property
     def is_pinned(self) -> bool:
         """True when permanently pinned or while a lease runs."""
-        return self.pinned or (self.pinned_until_utc is not None
-                               and self.pinned_until_utc.timestamp() > _now())
+        if self.pinned or self.pinned_until_utc is None:
+            return self.pinned
+        cache = self.__pydantic_private__.get("_cache")
+        now = cache._store.now() if cache is not None else _now()  # the store's clock orders leases
+        return self.pinned_until_utc.timestamp() > now
 
     def _require_content(self) -> tuple["Cache", int]:
         private = self.__pydantic_private__
@@ -1489,7 +1496,7 @@ class Response(_Model):
         # The bound Cache (connections, thread-locals, an HTTP pool) cannot travel to
         # another process; its path can. The copy binds to one Cache per path there.
         cache = self.__pydantic_private__.get("_cache")
-        path = _portable_cache_path(cache.path) if cache is not None else None
+        path = _portable_cache_path(cache._location) if cache is not None else None
         # The expected hash travels too: the copy must check it as the original does.
         return (_unpickle_response, (path, dict(self.__dict__), self.__pydantic_private__.get("_content_id"),
                                      self.__pydantic_private__.get("_expected_hash")))
@@ -1602,6 +1609,8 @@ class _NeverReusedIdField(peewee.AutoField):
     """
 
     def ddl(self, ctx):
+        if not isinstance(self.model._meta.database, peewee.SqliteDatabase):
+            return super().ddl(ctx)
         return peewee.NodeList((super().ddl(ctx), peewee.SQL("AUTOINCREMENT")))
 
 
@@ -1806,13 +1815,13 @@ class _Connection(sqlite3.Connection):
     """An sqlite3 connection that can be weakly referenced (the base class cannot)."""
 
 
-class _SqliteDatabase(peewee.SqliteDatabase):
-    """peewee's SqliteDatabase (one connection per thread) remembering, weakly, every
-    connection it opens, so that closing the Cache closes all of them while a thread
-    that ends still drops its own."""
+class _ClosingAll:
+    """Mixed into a peewee database (one connection per thread): it remembers, weakly,
+    every connection it opens, so that closing the Cache closes all of them while a
+    thread that ends still drops its own."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, factory=_Connection, **kwargs)
+        super().__init__(*args, **kwargs)
         self._opened: weakref.WeakSet = weakref.WeakSet()
         self._opened_lock = threading.Lock()
 
@@ -1835,6 +1844,14 @@ class _SqliteDatabase(peewee.SqliteDatabase):
         for connection in opened:
             with contextlib.suppress(Exception):
                 connection.close()
+
+
+class _SqliteDatabase(_ClosingAll, peewee.SqliteDatabase):
+    """peewee's SqliteDatabase whose connections can be weakly referenced (and so closed
+    all at once)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, factory=_Connection, **kwargs)
 
 
 def _sqlite_database(path: pathlib.Path, access: str | None = None) -> _SqliteDatabase:
@@ -2027,9 +2044,10 @@ def _sqlite_write_transaction(database: peewee.SqliteDatabase):
 def _migrate_to_1(store: "_Store") -> None:
     """Version 1: the five tables and the salt for sensitive header digests."""
     t = store.tables
-    store.db.create_tables([t.meta, t.request, t.content, t.chunk, t.version], safe=True)
+    for model in (t.meta, t.request, t.content, t.chunk, t.version):  # referenced tables first
+        model.create_table(safe=True)
     store.tables.meta.create(key="salt", value=secrets.token_hex(32))
-    store.tables.meta.create(key="created_unix", value=repr(_now()))
+    store.tables.meta.create(key="created_unix", value=repr(store.now()))
 
 
 def _migrate_to_3(store: "_Store") -> None:
@@ -2040,7 +2058,7 @@ def _migrate_to_3(store: "_Store") -> None:
     for model, names in ((store.tables.request, ("backoff_until_unix", "backoff_failure")),
                          (store.tables.version, ("cache_headers",))):
         table = model._meta.table_name
-        present = {column.name for column in store.db.get_columns(table)}
+        present = {column.name for column in store.db.get_columns(table, schema=store.schema_name)}
         for name in names:
             if name not in present:
                 import playhouse.migrate  # noqa: PLC0415 - only old files need it
@@ -2107,27 +2125,26 @@ def _prune_removed(t: _Tables, keep: int, identity_key: str | None = None) -> in
 
 
 class _Store:
-    """The cache file: connections (one per thread, reopened after fork), transactions,
-    error translation, and chunked content I/O."""
+    """The cache's database: connections (one per thread, reopened after fork),
+    transactions, error translation, the statements every fetch runs, and chunked
+    content I/O. It comes in two kinds, ``_SqliteStore`` (a file) and ``_PostgresStore``
+    (a schema on a database server); whatever differs between the two lives in those
+    classes, below this one (``_open_store`` picks one for a location)."""
 
-    def __init__(self, path: pathlib.Path, *, read_only: bool = False):
-        self.path = path
-        _sqlite_check_header(path)
-        # Read-only: asked for, or the file cannot be written by this process.
-        self.read_only = read_only or _sqlite_is_read_only(path)
-        self.access = _sqlite_read_only_access(path) if self.read_only else None
-        # A read-only WAL reader must create -wal/-shm when no one has the file open;
-        # close() then has them removed again (see _remove_reader_side_files).
-        self._makes_side_files = self.access == "ro" and not any(
-            os.path.lexists(str(path) + suffix) for suffix in ("-wal", "-shm"))
-        if self.read_only and not path.is_file():
-            raise CacheFileError(f"The read-only cache file {path} does not exist.", path=path)
-        try:
-            if not self.read_only:
-                path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CacheFileError(f"Cannot create the directory of the cache file {path}: {exc}.",
-                                 path=path) from exc
+    #: How messages name it.
+    noun = "cache"
+    #: Driver exceptions that ``_DriverErrors`` turns into CacheFileError.
+    driver_errors: tuple = (peewee.DatabaseError, peewee.InterfaceError, sqlite3.Error)
+    #: The schema holding the tables (None: the database's only one).
+    schema_name: str | None = None
+    #: Whether it is one local file (backups, checks and sizes that work on files).
+    is_file = True
+
+    path: Any          # what messages show: a Path, or a URL without its password
+    read_only: bool
+
+    def _start(self) -> None:
+        """Connect, create or upgrade the schema, and read the salt and sensitive names."""
         self._open_database()
         with self._translated():
             self._upgrade_schema()
@@ -2141,14 +2158,18 @@ class _Store:
         self._statements: dict[str, tuple[str, list]] = {}
         self._sql_texts: dict[tuple, str] = {}
         self._local = threading.local()  # per thread: the memo of hot reads, own commits
-        self.db = _sqlite_database(self.path, self.access)
+        self.db = self._new_database()
         self.tables = _Tables(self.db)
 
     def _ensure_same_process(self) -> None:
-        """After fork, drop the parent's connections: sharing one SQLite handle across
-        processes corrupts its locking."""
+        """After fork, use connections of this process's own."""
         if os.getpid() != self._pid:
+            self._forget_inherited_connections()
             self._open_database()
+
+    def _forget_inherited_connections(self) -> None:
+        """What to do with the parent's connections in a forked child (SQLite: drop them;
+        sharing one SQLite handle across processes corrupts its locking)."""
 
     def _translated(self) -> "_DriverErrors":
         """The one place where driver errors become CacheFileError (keeping the cause)."""
@@ -2162,19 +2183,20 @@ class _Store:
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[_Tables]:
-        """A short IMMEDIATE write transaction. Never hold one across network I/O.
-        Raises CacheFileError at once on a read-only cache."""
+        """A short write transaction holding the store's write lock from its start.
+        Never hold one across network I/O. Raises CacheFileError at once on a
+        read-only cache."""
         self._ensure_same_process()
         self.require_writable()
         try:
-            with self._translated(), _sqlite_write_transaction(self.db):
+            with self._translated(), self._write_transaction():
                 yield self.tables
         finally:
-            # This connection's own commits do not move data_version: count them.
+            # This connection's own commits do not move the change stamp: count them.
             self._local.writes = getattr(self._local, "writes", 0) + 1
 
     def require_writable(self) -> None:
-        """Raise CacheFileError when the file was opened read-only."""
+        """Raise CacheFileError when the cache was opened read-only."""
         if self.read_only:
             raise CacheFileError(f"The cache {self.path} is read-only: this operation needs to write "
                                  "to it. Write to a copy made with Cache.backup() instead.", path=self.path)
@@ -2186,49 +2208,112 @@ class _Store:
 
     def close(self) -> None:
         """Close every connection of this store."""
-        self._local = threading.local()  # A new connection restarts data_version.
+        self._local = threading.local()  # A new connection restarts the change stamp.
         self.db.close_all()
-        if self._makes_side_files:
-            _remove_reader_side_files(self.path)
+
+    # --- what each kind provides ---
+
+    def _new_database(self) -> peewee.Database:
+        """A peewee database for this store (one connection per thread)."""
+        raise NotImplementedError
+
+    def _write_transaction(self):
+        """A context manager: one write transaction that takes the write lock first."""
+        raise NotImplementedError
+
+    def _schema_marks(self) -> tuple[bool, int]:
+        """(True when the database holds something that is not a buffylite cache, the
+        schema version of the cache: 0 before the first migration)."""
+        raise NotImplementedError
+
+    def _prepare_new(self) -> None:
+        """Settings a new cache needs before its first table."""
+
+    def _mark_schema(self, version: int) -> None:
+        """Record ``version`` as reached; runs inside the migration's transaction."""
+        raise NotImplementedError
+
+    def change_stamp(self):
+        """A value that changes whenever another connection commits, or None when this
+        store cannot tell cheaply (then every read goes to the database)."""
+        return None
+
+    def now(self) -> float:
+        """The time that orders and expires what is stored (a Unix timestamp)."""
+        return _now()
+
+    def begin_snapshot(self, database: peewee.Database) -> None:
+        """Open a read transaction on ``database`` (a connection of its own) that sees one
+        consistent snapshot until it ends."""
+        database.begin()
+
+    def structural_problems(self) -> list[str]:
+        """What the database's own checks find wrong, as sentences; empty when sound."""
+        return []
+
+    def give_back_free_pages(self, *, checkpoint: bool) -> None:
+        """Let the space of removed rows be reused (``checkpoint``: gc() is ending)."""
+
+    def file_size(self) -> int:
+        """Bytes the cache occupies in storage."""
+        raise NotImplementedError
+
+    def database_version(self) -> str:
+        """The kind of database and its version, e.g. "SQLite 3.45.1"."""
+        raise NotImplementedError
+
+    def extra_stats(self) -> dict:
+        """Facts for ``stats()`` only this kind of store has."""
+        return {}
+
+    def masked(self, text: str) -> str:
+        """``text`` (a driver's message) without the secrets of the location."""
+        return text
+
+    def _inserted_id(self, sql: str, values) -> int | None:
+        """Run an INSERT given as SQL text; the new row's id, or None when it inserted
+        nothing (``ON CONFLICT DO NOTHING``)."""
+        cursor = self._run(sql, *values)
+        return cursor.lastrowid if cursor.rowcount == 1 else None
 
     # --- schema ---
 
     def _upgrade_schema(self) -> None:
-        application_id, user_version, tables = _sqlite_file_marks(self.db)
-        if application_id != APPLICATION_ID and (application_id != 0 or tables):
-            raise CacheFileError(f"The file {self.path} is an SQLite database but not a buffylite cache.",
+        foreign, version = self._schema_marks()
+        if foreign:
+            raise CacheFileError(f"The {self.noun} {self.path} is a database but not a buffylite cache.",
                                  path=self.path)
-        if user_version > SCHEMA_VERSION:
+        if version > SCHEMA_VERSION:
             raise CacheFileError(
-                f"The cache file {self.path} has schema version {user_version}, newer than this "
+                f"The {self.noun} {self.path} has schema version {version}, newer than this "
                 f"buffylite {__version__} understands ({SCHEMA_VERSION}); upgrade buffylite.",
                 path=self.path)
-        if user_version == SCHEMA_VERSION:
+        if version == SCHEMA_VERSION:
             return
         if self.read_only:
-            if user_version == 0:
-                raise CacheFileError(f"The read-only file {self.path} is not a buffylite cache (it has "
-                                     "no buffylite tables).", path=self.path)
-            # An older file cannot be upgraded here. Migrations only add, so what it holds
+            if version == 0:
+                raise CacheFileError(f"The read-only {self.noun} {self.path} is not a buffylite cache (it "
+                                     "has no buffylite tables).", path=self.path)
+            # An older cache cannot be upgraded here. Migrations only add, so what it holds
             # stays readable (a seed shipped with an older release keeps working); a
             # feature that needs a newer table fails with CacheFileError when used.
             log.info("The read-only cache %s has schema version %d (current %d); it is read "
-                     "without upgrading.", self.path, user_version, SCHEMA_VERSION)
+                     "without upgrading.", self.path, version, SCHEMA_VERSION)
             return
-        if user_version == 0:
-            _sqlite_prepare_new_file(self.db)
+        if version == 0:
+            self._prepare_new()
         for target_version, migrate in _MIGRATIONS:
-            with _sqlite_write_transaction(self.db):
+            with self._write_transaction():
                 # Another process may have migrated while we waited for the lock.
-                if _sqlite_file_marks(self.db)[1] >= target_version:
+                if self._schema_marks()[1] >= target_version:
                     continue
                 migrate(self)
-                _sqlite_mark_file(self.db, target_version)
+                self._mark_schema(target_version)
 
     def remember_sensitive_names(self, kind: str, names: set[str]) -> frozenset[str]:
         """Add ``names`` (lower-case) to the sensitive names of ``kind`` ("headers" or
-        "params") kept in the file, and return them all: a request's identity, and what
-        is stored in clear, must not depend on which Cache object opened the file."""
+        "params") kept in the cache, and return them all: a request's identity, and what
+        is stored in clear, must not depend on which Cache object opened the cache."""
         meta, key = self.tables.meta, f"sensitive_{kind}"
         known = self.sensitive_names()[kind]
         if self.read_only:  # Nothing can be stored, so nothing is stored with them either.
@@ -2238,17 +2323,18 @@ class _Store:
                 row = meta.get_or_none(meta.key == key)
                 known = set(json.loads(row.value)) if row is not None else set()
                 known |= names
-                meta.insert(key=key, value=json.dumps(sorted(known))).on_conflict_replace().execute()
+                meta.insert(key=key, value=json.dumps(sorted(known))).on_conflict(
+                    conflict_target=[meta.key], update={meta.value: json.dumps(sorted(known))}).execute()
             self._local.sensitive = None  # (this connection's own commit: read them again)
         return self.sensitive_names()[kind]
 
     def sensitive_names(self, *, fresh: bool = True) -> dict[str, frozenset[str]]:
-        """The sensitive header and parameter names the file remembers, as
-        ``{"headers": ..., "params": ..., "sets": (built-in + file header names, params)}``
-        (lower-case); re-read only when the file changed (another Cache object, in this
+        """The sensitive header and parameter names the cache remembers, as
+        ``{"headers": ..., "params": ..., "sets": (built-in + stored header names, params)}``
+        (lower-case); re-read only when the cache changed (another Cache object, in this
         process or another, may have added some). ``fresh=False`` (the fetch hot path)
         trusts what this thread read last unless ``request_and_ready_rows`` has seen the
-        file change since; the claim of a download checks afresh before writing."""
+        cache change since; the claim of a download checks afresh before writing."""
         self._ensure_same_process()
         local = self._local
         remembered = getattr(local, "sensitive", None)
@@ -2257,8 +2343,8 @@ class _Store:
         # Only other connections' commits can change the names: this thread's own
         # change (remember_sensitive_names) forgets what it read.
         with self._translated():
-            stamp = _sqlite_change_counter(self.db)
-        if remembered is not None and remembered[0] == stamp:
+            stamp = self.change_stamp()
+        if remembered is not None and stamp is not None and remembered[0] == stamp:
             return remembered[1]
         names = {}
         with self.reading():
@@ -2283,43 +2369,7 @@ class _Store:
 
     def schema_version(self) -> int:
         with self.reading():
-            return _sqlite_file_marks(self.db)[1]
-
-    def structural_problems(self) -> list[str]:
-        """What the database's own checks find wrong (``PRAGMA integrity_check`` and
-        ``foreign_key_check``), as sentences; empty when the file is sound."""
-        problems = []
-        try:
-            with self.reading():
-                lines = [row[0] for row in self.db.execute_sql(
-                    f"PRAGMA integrity_check({INTEGRITY_CHECK_MAX_LINES})").fetchall()]
-        except CacheFileError as exc:
-            lines = [f"the check could not complete ({exc.__cause__ or exc})"]
-        if lines != ["ok"]:
-            problems += [f"SQLite integrity check of {self.path}: {line}" for line in lines]
-        try:
-            with self.reading():
-                missing = self.db.execute_sql("PRAGMA foreign_key_check").fetchall()
-        except CacheFileError as exc:
-            problems.append(f"SQLite foreign key check of {self.path} could not complete "
-                            f"({exc.__cause__ or exc}).")
-            missing = []
-        for table, rowid, parent, _ in missing:
-            problems.append(f"SQLite foreign key check of {self.path}: row {rowid} of table {table} "
-                            f"refers to a missing row of {parent}.")
-        return problems
-
-    def give_back_free_pages(self, *, checkpoint: bool) -> None:
-        with self.reading():  # (translates sqlite3 errors from executescript too)
-            _sqlite_give_back_free_pages(self.db, checkpoint=checkpoint)
-
-    def file_size(self) -> int:
-        """Bytes on disk: the main file plus its write-ahead log."""
-        total = 0
-        for path in (self.path, pathlib.Path(str(self.path) + "-wal")):
-            with contextlib.suppress(OSError):
-                total += path.stat().st_size
-        return total
+            return self._schema_marks()[1]
 
     # --- prepared statements (the fetch hot path) ---
     #
@@ -2352,13 +2402,14 @@ class _Store:
         self._ensure_same_process()
         local = self._local
         with self._translated():
-            stamp = (_sqlite_change_counter(self.db), getattr(local, "writes", 0))
+            changes = self.change_stamp()
+        stamp = (changes, getattr(local, "writes", 0))
         sensitive = getattr(local, "sensitive", None)
-        if sensitive is not None and sensitive[0] != stamp[0]:
-            local.sensitive = None  # The file changed: the next identity re-reads the names.
+        if sensitive is not None and (changes is None or sensitive[0] != changes):
+            local.sensitive = None  # The cache changed: the next identity re-reads the names.
         memo = local.__dict__.setdefault("memo", {})
         remembered = memo.get(identity_key)
-        if remembered is not None and remembered[0] == stamp:
+        if remembered is not None and changes is not None and remembered[0] == stamp:
             return remembered[1]
 
         with self.reading():
@@ -2402,7 +2453,7 @@ class _Store:
             f'INSERT INTO "{table}" (' + ", ".join(f'"{name}"' for name in names) + ") VALUES ("
             + ", ".join("?" * len(names)) + ")"))
         with self.reading():
-            return self._run(sql, *values.values()).lastrowid
+            return self._inserted_id(sql, values.values())
 
     def update_row(self, table: str, row_id: int, changes: dict) -> int:
         """UPDATE the row ``row_id`` of ``table``; return how many rows changed (0 or 1).
@@ -2417,10 +2468,9 @@ class _Store:
     def store_small_content(self, hash_type: str, hash_hex: str, data: bytes) -> int:
         """Store a complete content held in memory, unless the same content is stored
         already; return its id. Runs inside the caller's write transaction."""
-        cursor = self._run(_SQL_INSERT_CONTENT, hash_type, hash_hex, len(data))
-        if cursor.rowcount != 1:
+        content_id = self._inserted_id(_SQL_INSERT_CONTENT, (hash_type, hash_hex, len(data)))
+        if content_id is None:
             return self._run(_SQL_CONTENT_ID_BY_HASH, hash_type, hash_hex).fetchone()[0]
-        content_id = cursor.lastrowid
         if data:
             self._run(_SQL_INSERT_CHUNK, content_id, 0, data)
         return content_id
@@ -2562,7 +2612,7 @@ class _Store:
             t.content.update(hash_hex=None).where(t.content.id == content_id).execute()
             rows = list(t.version.select().where((t.version.content_id == content_id)
                                                  & (t.version.status == "ready")))
-            now = _now()
+            now = self.now()
             for row in rows:
                 try:
                     stats = json.loads(row.download_stats or "{}")
@@ -2581,6 +2631,293 @@ class _Store:
         return [row.id for row in rows]
 
 
+class _SqliteStore(_Store):
+    """A cache in one SQLite file: WAL, one writer at a time (``BEGIN IMMEDIATE``), the
+    file's own marks (``application_id``, ``user_version``), read-only opening."""
+
+    noun = "cache file"
+
+    def __init__(self, path: pathlib.Path, *, read_only: bool = False):
+        self.path = path
+        _sqlite_check_header(path)
+        # Read-only: asked for, or the file cannot be written by this process.
+        self.read_only = read_only or _sqlite_is_read_only(path)
+        self.access = _sqlite_read_only_access(path) if self.read_only else None
+        # A read-only WAL reader must create -wal/-shm when no one has the file open;
+        # close() then has them removed again (see _remove_reader_side_files).
+        self._makes_side_files = self.access == "ro" and not any(
+            os.path.lexists(str(path) + suffix) for suffix in ("-wal", "-shm"))
+        if self.read_only and not path.is_file():
+            raise CacheFileError(f"The read-only cache file {path} does not exist.", path=path)
+        try:
+            if not self.read_only:
+                path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheFileError(f"Cannot create the directory of the cache file {path}: {exc}.",
+                                 path=path) from exc
+        self._start()
+
+    def _new_database(self) -> peewee.Database:
+        return _sqlite_database(self.path, self.access)
+
+    def _write_transaction(self):
+        return _sqlite_write_transaction(self.db)
+
+    def close(self) -> None:
+        super().close()
+        if self._makes_side_files:
+            _remove_reader_side_files(self.path)
+
+    def _schema_marks(self) -> tuple[bool, int]:
+        application_id, user_version, tables = _sqlite_file_marks(self.db)
+        return application_id != APPLICATION_ID and (application_id != 0 or tables > 0), user_version
+
+    def _prepare_new(self) -> None:
+        _sqlite_prepare_new_file(self.db)
+
+    def _mark_schema(self, version: int) -> None:
+        _sqlite_mark_file(self.db, version)
+
+    def change_stamp(self) -> int:
+        return _sqlite_change_counter(self.db)
+
+    def structural_problems(self) -> list[str]:
+        """``PRAGMA integrity_check`` and ``foreign_key_check``, as sentences."""
+        problems = []
+        try:
+            with self.reading():
+                lines = [row[0] for row in self.db.execute_sql(
+                    f"PRAGMA integrity_check({INTEGRITY_CHECK_MAX_LINES})").fetchall()]
+        except CacheFileError as exc:
+            lines = [f"the check could not complete ({exc.__cause__ or exc})"]
+        if lines != ["ok"]:
+            problems += [f"SQLite integrity check of {self.path}: {line}" for line in lines]
+        try:
+            with self.reading():
+                missing = self.db.execute_sql("PRAGMA foreign_key_check").fetchall()
+        except CacheFileError as exc:
+            problems.append(f"SQLite foreign key check of {self.path} could not complete "
+                            f"({exc.__cause__ or exc}).")
+            missing = []
+        for table, rowid, parent, _ in missing:
+            problems.append(f"SQLite foreign key check of {self.path}: row {rowid} of table {table} "
+                            f"refers to a missing row of {parent}.")
+        return problems
+
+    def database_version(self) -> str:
+        return f"SQLite {sqlite3.sqlite_version}"
+
+    def extra_stats(self) -> dict:
+        return {"sqlite_version": sqlite3.sqlite_version}
+
+    def give_back_free_pages(self, *, checkpoint: bool) -> None:
+        with self.reading():  # (translates sqlite3 errors from executescript too)
+            _sqlite_give_back_free_pages(self.db, checkpoint=checkpoint)
+
+    def file_size(self) -> int:
+        """Bytes on disk: the main file plus its write-ahead log."""
+        total = 0
+        for path in (self.path, pathlib.Path(str(self.path) + "-wal")):
+            with contextlib.suppress(OSError):
+                total += path.stat().st_size
+        return total
+
+
+# --- PostgreSQL specifics ----------------------------------------------------------
+
+
+#: Schemes of a cache location that names a PostgreSQL database.
+_POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
+#: The schema a PostgreSQL cache lives in unless its URL says ``?schema=NAME``.
+DEFAULT_POSTGRES_SCHEMA = "buffylite"
+#: Schema names buffylite accepts: what PostgreSQL takes unquoted, lower case.
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+#: Seconds to wait for a connection to the server unless the URL says ``connect_timeout``.
+POSTGRES_CONNECT_TIMEOUT_SEC = 10
+#: A write transaction's first statement: wait for the cache's write lock (writers take
+#: turns, as in SQLite), then read the server's clock.
+_PG_LOCK_AND_CLOCK = "SELECT pg_advisory_xact_lock(%s), extract(epoch FROM clock_timestamp())::float8"
+_PG_CLOCK = "SELECT extract(epoch FROM clock_timestamp())::float8"
+#: Connections of a parent process, kept from being finalised in a forked child: closing
+#: them there would end the parent's sessions on the server.
+_INHERITED_DATABASES: list = []
+
+
+def _is_postgres_location(location) -> bool:
+    match = _URL_LOCATION.match(location) if isinstance(location, str) else None
+    return match is not None and match.group(1).lower() in _POSTGRES_SCHEMES
+
+
+def _postgres_location(location: str) -> tuple[str, str, str, list[str]]:
+    """(the URL for the driver, the schema name, the URL as messages show it, the
+    password in the forms it can take in a message) of a PostgreSQL cache location.
+    ``?schema=NAME`` is buffylite's; every other parameter goes to the driver."""
+    shown = _masked_location(location)
+    try:
+        parts = urllib.parse.urlsplit(location)
+        parts.port  # noqa: B018 - raises ValueError when the port is not a number
+    except ValueError as exc:
+        raise InvalidRequestError(f"The cache location {shown} is not a valid PostgreSQL URL: {exc}.") from None
+    if not parts.hostname and not parts.path.strip("/"):
+        raise InvalidRequestError(f"The cache location {shown} names no PostgreSQL host or database.")
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    schemas = [value for name, value in query if name == "schema"]
+    schema = schemas[-1] if schemas else DEFAULT_POSTGRES_SCHEMA
+    if not _SCHEMA_NAME.fullmatch(schema):
+        raise InvalidRequestError(f"The schema {schema!r} of {shown} is not a valid schema name: use "
+                                  "lower-case letters, digits and _ (up to 63, not starting with a digit).")
+    rest = [(name, value) for name, value in query if name != "schema"]
+    if not any(name == "connect_timeout" for name, _ in rest):
+        rest.append(("connect_timeout", str(POSTGRES_CONNECT_TIMEOUT_SEC)))
+    url = urllib.parse.urlunsplit(("postgresql", parts.netloc, parts.path, urllib.parse.urlencode(rest), ""))
+    password = parts.password or ""
+    secrets_in_text = sorted({password, urllib.parse.quote(password, safe=""),
+                              parts.netloc.rpartition("@")[0].partition(":")[2]} - {""}, key=len, reverse=True)
+    return url, schema, shown, secrets_in_text
+
+
+def _postgres_database_class() -> tuple[type, dict]:
+    """peewee's database class for psycopg 3 (and the arguments it needs), with the
+    connection tracking of ``_ClosingAll``; CacheFileError naming the extra when the
+    driver is not installed."""
+    if _optional_extra("psycopg") is None:
+        raise CacheFileError("A PostgreSQL cache needs the psycopg driver: install buffylite[postgres] "
+                             "(pip install 'buffylite[postgres]').")
+    try:  # peewee 3.17 has psycopg 3 in playhouse; later releases in PostgresqlDatabase
+        from playhouse.psycopg3_ext import Psycopg3Database as base  # noqa: PLC0415
+        options = {}
+    except ImportError:
+        base, options = peewee.PostgresqlDatabase, {"prefer_psycopg3": True}
+    return type("_PostgresDatabase", (_ClosingAll, base), {"__module__": __name__}), options
+
+
+class _PostgresStore(_Store):
+    """A cache in one schema of a PostgreSQL database, shared by every process and
+    machine that reaches the server.
+
+    Writers take turns: every write transaction starts by taking a transaction-scoped
+    advisory lock of the schema, so a claim and its decision are one step across
+    machines, as with SQLite's single writer. That statement also reads the server's
+    clock; ``now()`` is that reading moved on by this process's monotonic clock, so every
+    time stored (version strings, leases, pins, freshness, backoff) comes from the
+    server, whatever the client machines' clocks say. Content chunks are ``bytea`` rows."""
+
+    is_file = False
+
+    def __init__(self, location: str, *, read_only: bool = False):
+        self._url, self.schema_name, self.path, self._secrets = _postgres_location(location)
+        self.read_only = bool(read_only)
+        self._database_class, self._driver_options = _postgres_database_class()
+        import psycopg  # noqa: PLC0415 - present: checked just above
+        self.driver_errors = (peewee.DatabaseError, peewee.InterfaceError, psycopg.Error)
+        self._lock_key = int.from_bytes(
+            hashlib.sha256(f"buffylite {self.schema_name}".encode()).digest()[:8], "big", signed=True)
+        self._driver_sql: dict[str, str] = {}
+        self._clock = (time.time(), time.monotonic())
+        self._start()
+
+    def _new_database(self) -> peewee.Database:
+        return self._database_class(self._url, options=f"-c search_path={self.schema_name}",
+                                    application_name="buffylite", **self._driver_options)
+
+    def _open_database(self) -> None:
+        super()._open_database()
+        with self._translated():
+            started = time.monotonic()
+            epoch = self.db.connection().execute(_PG_CLOCK).fetchone()[0]
+            self._clock = (epoch, (started + time.monotonic()) / 2)
+
+    def _forget_inherited_connections(self) -> None:
+        _INHERITED_DATABASES.append(self.db)
+
+    def masked(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _run(self, sql: str, *values):
+        """Like the base's, with the SQL's ``?`` placeholders as psycopg's ``%s``."""
+        text = self._driver_sql.get(sql)
+        if text is None:
+            text = self._driver_sql[sql] = sql.replace("?", "%s")
+        return self.db.connection().execute(text, values)
+
+    def _inserted_id(self, sql: str, values) -> int | None:
+        text = self._statement(("returning id", sql), lambda: sql + ' RETURNING "id"')
+        row = self._run(text, *values).fetchone()
+        return row[0] if row is not None else None
+
+    @contextlib.contextmanager
+    def _write_transaction(self):
+        with self.db.atomic():
+            epoch = self.db.connection().execute(_PG_LOCK_AND_CLOCK, (self._lock_key,)).fetchone()[1]
+            self._clock = (epoch, time.monotonic())
+            yield
+
+    def now(self) -> float:
+        epoch, read_at = self._clock
+        return epoch + (time.monotonic() - read_at)
+
+    def begin_snapshot(self, database: peewee.Database) -> None:
+        database.execute_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+
+    def _schema_marks(self) -> tuple[bool, int]:
+        tables, has_meta = self.db.connection().execute(
+            "SELECT count(*), count(*) FILTER (WHERE tablename = 'meta') FROM pg_tables WHERE schemaname = %s",
+            (self.schema_name,)).fetchone()
+        if not has_meta:
+            return tables > 0, 0
+        row = self.db.connection().execute(
+            """SELECT "value" FROM "meta" WHERE "key" = 'schema_version'""").fetchone()
+        try:
+            return row is None, int(row[0]) if row is not None else 0
+        except ValueError:
+            return True, 0
+
+    def _prepare_new(self) -> None:
+        with self._write_transaction():
+            self.db.connection().execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema_name}"')
+
+    def _mark_schema(self, version: int) -> None:
+        meta = self.tables.meta
+        meta.insert(key="schema_version", value=str(int(version))).on_conflict(
+            conflict_target=[meta.key], update={meta.value: str(int(version))}).execute()
+
+    def give_back_free_pages(self, *, checkpoint: bool) -> None:
+        """At the end of gc(): VACUUM the tables, so the space of removed chunks is
+        reused at once (autovacuum would get there later). Skipped when another session
+        is vacuuming them."""
+        if not checkpoint:
+            return
+        try:
+            with self.reading():
+                self.db.connection().execute('VACUUM (SKIP_LOCKED) "chunk", "content", "version"')
+        except CacheFileError as exc:
+            log.debug("VACUUM of %s did not run: %s", self.path, exc)
+
+    def database_version(self) -> str:
+        with self.reading():
+            return "PostgreSQL " + self.db.connection().execute("SHOW server_version").fetchone()[0]
+
+    def extra_stats(self) -> dict:
+        return {"schema": self.schema_name}
+
+    def file_size(self) -> int:
+        """Bytes of the schema's tables, with their indexes and TOAST data."""
+        with self.reading():
+            return int(self.db.connection().execute(
+                "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relkind = 'r'",
+                (self.schema_name,)).fetchone()[0])
+
+
+def _open_store(location, *, read_only: bool = False) -> _Store:
+    """The store for a cache location: a PostgreSQL URL or the path of an SQLite file."""
+    if _is_postgres_location(location):
+        return _PostgresStore(location, read_only=read_only)
+    return _SqliteStore(pathlib.Path(location), read_only=read_only)
+
+
 class _DriverErrors:
     """Context manager turning sqlite3/peewee errors into CacheFileError naming the file.
     A class rather than a generator: it runs twice on every cache hit."""
@@ -2594,12 +2931,13 @@ class _DriverErrors:
         return self._store.tables
 
     def __exit__(self, kind, exc, traceback) -> bool:
-        if kind is not None and issubclass(kind, (peewee.DatabaseError, peewee.InterfaceError, sqlite3.Error)):
-            path = self._store.path
+        if kind is not None and issubclass(kind, self._store.driver_errors):
+            path, noun = self._store.path, self._store.noun
             if _is_out_of_space(exc):
-                raise CacheFileError(f"The cache file {path} cannot be written: the disk is full.",
+                raise CacheFileError(f"The {noun} {path} cannot be written: the disk is full.",
                                      path=path) from exc
-            raise CacheFileError(f"The cache file {path} cannot be used: {exc}.", path=path) from exc
+            raise CacheFileError(f"The {noun} {path} cannot be used: {self._store.masked(str(exc))}.",
+                                 path=path) from exc
         return False
 
 
@@ -2624,9 +2962,9 @@ class _ContentStream(io.RawIOBase):
         self._store = store
         self._content_id = content_id
         self._statements = store.content_statements()
-        self._db = _sqlite_database(store.path, store.access)
+        self._db = store._new_database()
         self._db.connect()
-        self._db.begin()
+        store.begin_snapshot(self._db)
         try:
             self._load_layout(check_hash)
         except BaseException:
@@ -3007,7 +3345,7 @@ def _beside_cache(cache, suffix: str) -> pathlib.Path:
     if "://" not in location:
         return pathlib.Path(os.path.abspath(location + suffix))  # a path that survives chdir()
     digest = hashlib.sha256(location.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return _default_cache_path().parent / f"server-{digest}{suffix}"
+    return _user_cache_dir() / f"server-{digest}{suffix}"
 
 
 def _files_root(cache) -> pathlib.Path:
@@ -3971,7 +4309,7 @@ class _LeaseKeeper:
         claim = self.claim
         try:
             with self.store.writing() as t:
-                renewed = t.version.update(lease_expires_unix=_now() + self.lease_sec).where(
+                renewed = t.version.update(lease_expires_unix=self.store.now() + self.lease_sec).where(
                     (t.version.id == claim.row_id) & (t.version.lease_owner == claim.owner)).execute()
         except BuffyliteError as exc:  # try again at the next beat
             log.debug("Renewing the download lease failed: %s", exc)
@@ -4448,8 +4786,14 @@ class Cache:
             raise InvalidRequestError(f"path must be a str or os.PathLike, not {type(path).__name__}.")
         if isinstance(path, str) and "\x00" in path:
             raise InvalidRequestError("path must not contain a NUL character.")
-        _refuse_url_location(os.fspath(path) if path is not None else os.environ.get("BUFFYLITE_CACHE", ""))
-        self.path = pathlib.Path(path).expanduser() if path is not None else _default_cache_path()
+        location = os.fspath(path) if path is not None else os.environ.get("BUFFYLITE_CACHE") or None
+        _refuse_url_location(location or "")
+        if _is_postgres_location(location):
+            # Messages, reprs and stats() show the URL without its password.
+            self._location, self.path = location, _masked_location(location)
+        else:
+            self.path = pathlib.Path(path).expanduser() if path is not None else _default_cache_path()
+            self._location = self.path
         seeds, self._lockfile = _check_portability_options(seeds, lockfile)
         self._locked = _read_lockfile(self._lockfile) if self._lockfile is not None else None
         # What the lockfile names without a value was secret where it was written: it is
@@ -4457,7 +4801,7 @@ class Cache:
         self._locked_names = _lockfile_sensitive_names(self._locked)
         header_names |= self._locked_names[0]
         param_names |= self._locked_names[1]
-        self._store = _Store(self.path, read_only=bool(read_only))
+        self._store = _open_store(self._location, read_only=bool(read_only))
         try:
             self._seeds = _Seeds(seeds)
             if header_names:
@@ -4782,10 +5126,10 @@ class Cache:
     def _fetch(self, call: _FetchCall) -> Response:
         # A version validated from this moment on is as fresh as a download this call
         # would start: single flight serves it instead of sending a second GET.
-        started = _now()
+        started = self._store.now()
         while True:
             request, ready = self._store.request_and_ready_rows(call.identity.key)
-            now = _now()
+            now = self._store.now()
             eligible = [row for row in ready
                         if call.expected_hash is None or row.content_hash_hex == call.expected_hash]
             if call.expected_hash is not None:
@@ -4978,11 +5322,11 @@ class Cache:
         if call.pin_for is not None:
             with self._store.writing() as t:
                 ready = self._store.ready_rows(request.id)
-                chosen = self._choose(call, ready, _now(), hard=hard)
+                chosen = self._choose(call, ready, self._store.now(), hard=hard)
                 if chosen is not None:
                     self._extend_lease(t, chosen, call.pin_for)
         else:
-            chosen = self._choose(call, ready, _now(), hard=hard)
+            chosen = self._choose(call, ready, self._store.now(), hard=hard)
         if call.as_of is not None:
             self._refuse_removed_at(call, chosen)
         if chosen is None:
@@ -5018,10 +5362,9 @@ class Cache:
         return (f"No cached version of {call.identity.url} matches "
                 f"{', '.join(wanted) or 'the request'} in {self.path}.")
 
-    @staticmethod
-    def _extend_lease(t: _Tables, row, seconds: float) -> None:
+    def _extend_lease(self, t: _Tables, row, seconds: float) -> None:
         """Lease ``row`` for ``seconds`` from now; never shortens a running lease."""
-        until = _now() + seconds
+        until = self._store.now() + seconds
         if row.pinned_until_unix is None or row.pinned_until_unix < until:
             t.version.update(pinned_until_unix=until).where(t.version.id == row.id).execute()
             row.pinned_until_unix = until
@@ -5076,7 +5419,7 @@ class Cache:
             # since the identity was built must not be stored in clear.
             if self._store.sensitive_names()["sets"] != identity.sensitive_sets:
                 raise _SensitiveNamesChanged()
-            now = _now()
+            now = self._store.now()
             request = self._store.request_by_identity(identity.key)
             lease = {"lease_owner": owner, "lease_expires_unix": now + self._download_lease_sec}
             if request is None:
@@ -5280,7 +5623,7 @@ class Cache:
             row = t.version.get_or_none(t.version.id == claim.row_id)
             if row is None or row.lease_owner != claim.owner:
                 raise _LeaseLost()
-            row.version = claim.version = self._next_version_of(t, request.id, row.id, _now())
+            row.version = claim.version = self._next_version_of(t, request.id, row.id, self._store.now())
             t.version.update(version=row.version).where(t.version.id == row.id).execute()
         row.content_attributes = json.dumps(result.attributes)
         row.content_hash_hex = result.hash_hex
@@ -5296,7 +5639,7 @@ class Cache:
         """The disk is full: serve the newest suitable cached version (stale, with a
         WARNING naming the cause), else raise a CacheFileError saying why."""
         request, ready = self._store.request_and_ready_rows(call.identity.key)
-        chosen = self._choose(call, ready, _now()) if request is not None and call.pin_for is None else None
+        chosen = self._choose(call, ready, self._store.now()) if request is not None and call.pin_for is None else None
         if chosen is not None:
             log.warning("Cannot store the download of %s (%s); serving the cached version %s.",
                         call.identity.url, exc, chosen.version)
@@ -5335,7 +5678,7 @@ class Cache:
         304 or the failure, collect garbage for the request, then choose the version to
         return and lease it (pin_for), so no GC can slip in between."""
         with self._store.writing() as t:
-            now = _now()
+            now = self._store.now()
             # One read gives the request as stored now and every version row: the
             # ownership check, the version string, the newest ready one, and GC's input.
             # Each UPDATE below is mirrored on these records (``_set``).
@@ -5573,7 +5916,7 @@ class Cache:
             # One short transaction per request keeps other writers moving.
             try:
                 with self._store.writing() as t:
-                    counts, freed = self._collect_request(t, request_id, _now())
+                    counts, freed = self._collect_request(t, request_id, self._store.now())
             except _DamagedValueError as exc:
                 # Only this request cannot be collected; verify() reports it.
                 log.warning("%s Not collected.", exc)
@@ -5662,7 +6005,7 @@ class Cache:
             rows = list(query.order_by(t.version.version.desc()))
             ready = [row for row in rows if row.status == "ready"] if status in (None, "ready") \
                 else self._store.ready_rows(request.id)
-        now = _now()
+        now = self._store.now()
         try:
             rows = [row for row in rows if _matches(row, tag=tag, pinned=pinned, now=now)]
         except _DAMAGE_ERRORS as exc:
@@ -5692,7 +6035,8 @@ class Cache:
         """Counts and sizes: path, file_size_bytes (main file + WAL), requests, versions per
         status, content_bytes and unique_contents (each distinct content once), partial_bytes
         (downloads kept for resume), files_bytes and unpacked_bytes (held beside the cache file
-        by ``as_file()`` and ``unpack()``), schema_version, sqlite_version."""
+        by ``as_file()`` and ``unpack()``), schema_version, database (its kind and version;
+        for an SQLite file also sqlite_version)."""
         with self._store.reading() as t:
             per_status = dict.fromkeys(VERSION_STATUSES, 0)
             for status, count in (t.version.select(t.version.status, peewee.fn.COUNT(t.version.id))
@@ -5712,7 +6056,7 @@ class Cache:
                 "files_bytes": _bytes_under(_files_root(self)),
                 "unpacked_bytes": _bytes_under(_unpacked_root(self)),
                 "schema_version": self._store.schema_version(),
-                "sqlite_version": peewee.sqlite3.sqlite_version}
+                "database": self._store.database_version(), **self._store.extra_stats()}
 
     # --- pins, leases, tags ---------------------------------------------------------------
 
@@ -5956,7 +6300,7 @@ class Cache:
             content_ids = {row[0] for row in t.version.select(t.version.content_id).where(
                 (t.version.request_id == request.id) & t.version.content_id.is_null(False)).tuples()}
             _record_removed(t, request, list(t.version.select().where(
-                (t.version.request_id == request.id) & (t.version.status == "ready"))), "deleted", _now())
+                (t.version.request_id == request.id) & (t.version.status == "ready"))), "deleted", self._store.now())
             removed = t.version.delete().where(t.version.request_id == request.id).execute()
             t.request.delete().where(t.request.id == request.id).execute()
             freed = self._delete_unreferenced_contents(t, content_ids)
@@ -6010,7 +6354,7 @@ class Cache:
         """When this cache holds no version the call accepts, copy the newest one a seed
         holds into this cache and serve it (outcome ``cached``); else None."""
         request, ready = self._store.request_and_ready_rows(call.identity.key)
-        if self._choose(call, ready, _now(), hard=call.is_hard_choice) is not None:
+        if self._choose(call, ready, self._store.now(), hard=call.is_hard_choice) is not None:
             return None
         has_secrets = call.identity.stored_headers != call.identity.send_headers
         for seed in self._seeds.stores():
@@ -6023,7 +6367,7 @@ class Cache:
                     t.version.select().where((t.version.request_id == seed_request.id)
                                              & (t.version.status == "ready"))
                     .order_by(t.version.version.desc()))
-            chosen = self._choose(call, seed_ready, _now(), hard=call.is_hard_choice)
+            chosen = self._choose(call, seed_ready, self._store.now(), hard=call.is_hard_choice)
             if chosen is None:
                 continue
             self._import_version(seed, seed_request, chosen)
@@ -6149,7 +6493,7 @@ class Cache:
             if group is not None:
                 query = query.where(t.request.group_name == group)
             requests = list(query)
-        now = _now()
+        now = self._store.now()
         entries = []
         for request in requests:
             try:
@@ -6252,7 +6596,7 @@ class Cache:
         try:
             with self._store.reading():
                 _sqlite_snapshot_into(self._store.db, temp)
-            copy = _Store(temp)
+            copy = _SqliteStore(temp)
             try:
                 if group is not None or locked is not None:
                     _keep_only(copy, group, locked)
@@ -6289,7 +6633,8 @@ class Cache:
         if group is not None and (not isinstance(group, str) or not group):
             raise InvalidRequestError(f"group must be a non-empty string, not {group!r}.")
         self._store.require_writable()
-        other = _Store(_check_path("source", source).expanduser(), read_only=True)
+        other = _open_store(source if _is_postgres_location(source) else
+                            _check_path("source", source).expanduser(), read_only=True)
         added = 0
         try:
             # What the other file keeps secret stays secret here.
@@ -6404,7 +6749,7 @@ class _Seeds:
         self._stores: list[_Store] = []
         try:
             for path in paths:
-                self._stores.append(_Store(path, read_only=True))
+                self._stores.append(_open_store(path, read_only=True))
         except BaseException:
             self.close()
             raise
@@ -6620,7 +6965,7 @@ def _keep_only(store: _Store, group: str | None, locked: dict[str, LockEntry] | 
             keep[row.id] = _parse_expected_hash(entry.hash)[1]
     dropped = [row.id for row in requests if row.id not in keep]
     by_id = {row.id: row for row in requests}
-    now = _now()
+    now = store.now()
     with store.writing() as t:
         for start in range(0, len(dropped), 500):
             batch = dropped[start:start + 500]
