@@ -4811,7 +4811,7 @@ def test_gc_reclaims_a_cancelled_download_once_its_lease_expired(cache_path, ori
         assert unreferenced_contents(cache_path) == []
 
 
-def test_gc_without_url_covers_every_request(cache, origin):
+def test_gc_without_url_covers_every_request(cache, cache_path, origin):
     """§10: cache.gc() collects all requests; gc(url) only that one."""
     conf = config(keep=1)
     paths = ("/all-1", "/all-2", "/all-3")
@@ -4826,7 +4826,7 @@ def test_gc_without_url_covers_every_request(cache, origin):
     assert report.removed["unpinned"] == 4
     for path in paths:
         assert [r.read() for r in cache.versions(origin.url(path))] == [f"{path} 2".encode()]
-    assert unreferenced_contents(cache.stats()["path"]) == []
+    assert unreferenced_contents(cache_path) == []
 
 
 def test_gc_keeps_content_shared_with_a_surviving_version(cache, origin):
@@ -6637,15 +6637,15 @@ def test_cli_global_options_before_or_after_subcommand(cli_run, tmp_path, layout
     assert path.exists()
 
 
-def test_cli_cache_option_overrides_environment(cli_run, cli_origin, cli_cache_path, tmp_path):
+def test_cli_cache_option_overrides_environment(cli_run, cli_origin, cli_cache_path, cache_path_for):
     """§13: `--cache PATH` wins over $BUFFYLITE_CACHE."""
     cli_origin.route("/where.bin", b"where")
-    explicit = tmp_path / "explicit.sqlite3"
+    explicit = cache_path_for("explicit.sqlite3")
     done = cli_run("fetch", cli_origin.url("/where.bin"), "--cache", str(explicit), "-q")
     assert done.returncode == 0, done.stderr
     with cli_open_cache(explicit) as cache:
         assert cache.get(cli_origin.url("/where.bin")).read() == b"where"
-    assert not cli_cache_path.exists()
+    assert not store_exists(cli_cache_path)
 
 
 def test_cli_verbose_logs_on_success(cli_run, cli_origin):
@@ -7467,7 +7467,7 @@ def test_chunk_stored_as_text_is_an_integrity_error(tmp_path, origin):
     assert not (tmp_path / "out.bin").exists()
 
 
-def test_unpack_into_an_existing_folder_never_deletes_or_overwrites(cache, origin, tmp_path):
+def test_unpack_into_an_existing_folder_never_deletes_or_overwrites(cache, cache_path, origin, tmp_path):
     """§17/§14: unpack(dir) merges into an existing folder; clashes and hidden names write nothing."""
     home = tmp_path / "home"
     (home / "src").mkdir(parents=True)
@@ -7488,7 +7488,7 @@ def test_unpack_into_an_existing_folder_never_deletes_or_overwrites(cache, origi
             cache.fetch(origin.url(name)).unpack(home)
         assert files_in(home) == merged, name
         assert sorted(path.name for path in home.iterdir()) == ["notes.txt", "src", "top.txt"]
-    done = run_cli("--cache", str(cache.path), "fetch", origin.url("/clash.zip"), "--unpack", str(home))
+    done = run_cli("--cache", str(cache_path), "fetch", origin.url("/clash.zip"), "--unpack", str(home))
     assert done.returncode == 2, done.stderr
     assert files_in(home) == merged
 
@@ -7670,6 +7670,7 @@ def _sql_only(statements: list[str]) -> list[str]:
             if not text.lstrip().upper().startswith(("BEGIN", "COMMIT", "ROLLBACK", "END"))]
 
 
+@pytest.mark.sqlite_only("counts statements through sqlite3's trace callback")
 def test_first_hit_of_a_cached_url_in_a_fresh_cache_takes_at_most_two_statements(cache_path, origin):
     """§15: a cached URL's first fetch through a new Cache object runs at most 2 SQL
     statements and no write transaction."""
@@ -7693,6 +7694,7 @@ def test_first_hit_of_a_cached_url_in_a_fresh_cache_takes_at_most_two_statements
         assert not any(text.upper().startswith(("BEGIN", "INSERT", "UPDATE", "DELETE")) for text in recorded)
 
 
+@pytest.mark.sqlite_only("counts statements through sqlite3's trace callback")
 def test_cold_small_fetch_round_trips_are_bounded(cache, origin):
     """§15: a new small URL is fetched in at most 2 write transactions on the fetching
     connection, with a bounded number of statements."""
@@ -8372,7 +8374,7 @@ def test_relock_is_byte_identical_and_a_change_touches_few_lines(cache_path_for,
     assert len(first) == len(requests)
 
 
-def test_lock_chooses_the_tagged_or_pinned_version_and_filters_groups(cache, origin, tmp_path):
+def test_lock_chooses_the_tagged_or_pinned_version_and_filters_groups(cache, cache_path, origin, tmp_path):
     """§16: lock(tag=) locks the newest version carrying the tag, lock(pinned=True) the
     newest pinned one, lock(group=) only that group's requests."""
     requests = portable_fill(cache, origin)
@@ -8386,7 +8388,7 @@ def test_lock_chooses_the_tagged_or_pinned_version_and_filters_groups(cache, ori
                                                           "DEFAULT_GROUP")
     [grouped] = cache.lock(None, group="nightly")
     assert grouped.group == "nightly" and grouped.hash == "sha256:" + sha256(b"grouped round 2")
-    done = run_cli("--cache", str(cache.path), "lock", "--pinned", "--group", "DEFAULT_GROUP",
+    done = run_cli("--cache", str(cache_path), "lock", "--pinned", "--group", "DEFAULT_GROUP",
                    "-o", str(tmp_path / "cli.lock"))
     assert done.returncode == 0, done.stderr
     assert [entry["version"] for entry in json.loads((tmp_path / "cli.lock").read_text())["entries"]] \
@@ -9096,12 +9098,12 @@ def files_in(folder: pathlib.Path) -> dict[str, bytes]:
             for path in sorted(folder.rglob("*")) if path.is_file() and not path.is_symlink()}
 
 
-def test_open_seeks_and_reads_like_bytesio(cache, origin, small_chunks):
+def test_open_seeks_and_reads_like_bytesio(cache, cache_path, origin, small_chunks):
     """§17: random seek/tell/read/readinto sequences on open() match io.BytesIO over the same bytes."""
     body = random_bytes(180_000, seed=171)
     origin.route("/seek.bin", body=body)
     resp = cache.fetch(origin.url("/seek.bin"))
-    assert len(chunk_rows(cache.path)) >= 10, "the content should span many chunks"
+    assert len(chunk_rows(cache_path)) >= 10, "the content should span many chunks"
     positions = st.one_of(st.integers(min_value=-len(body) - 10, max_value=len(body) + 10),
                           st.integers(min_value=-20, max_value=20))
     operation = st.one_of(
@@ -10222,7 +10224,7 @@ def test_response_pickles_into_another_process_that_can_read_it(cache, cache_pat
     assert child_pid != os.getpid()
     assert data == body
     assert text == repr(response)
-    assert rebound == (str(cache_path), response.version, sha256(body))  # the URL itself: the child must connect
+    assert rebound == (shown_location(cache_path), response.version, sha256(body))
     copy = pickle.loads(pickle.dumps(response))
     assert copy.model_dump() == response.model_dump() and copy.read() == body
 
