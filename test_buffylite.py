@@ -2109,10 +2109,10 @@ print(json.dumps({"first": [first.version, first.outcome], "second": [second.ver
 """
 
 
-def test_module_fetch_uses_a_default_cache_from_the_env(tmp_path, origin):
+def test_module_fetch_uses_a_default_cache_from_the_env(cache_path_for, origin):
     """§3: buffylite.fetch() opens a default Cache() once per process, at $BUFFYLITE_CACHE."""
     origin.route("/mod", body=b"module level")
-    path = tmp_path / "env-dir" / "cache.sqlite3"
+    path = cache_path_for("env-dir/cache.sqlite3")
     done = run_python(MODULE_FETCH_SCRIPT, origin.url("/mod"), env=subprocess_env(BUFFYLITE_CACHE=str(path)))
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -3607,7 +3607,7 @@ _AS_OF_STEPS = st.lists(st.tuples(
 _AS_OF_EXAMPLES = 30
 
 
-def test_as_of_answers_what_was_newest_then_or_names_the_removed_version(origin, tmp_path):
+def test_as_of_answers_what_was_newest_then_or_names_the_removed_version(cache_path_for, origin, tmp_path):
     """§7 property: after any sequence of downloads, pins, GC, deletes and corruption (found by
     verify), as_of at any moment between steps returns exactly the version that was the
     newest ready one then, or raises NotCachedError naming that version and its hash when
@@ -3623,7 +3623,7 @@ def test_as_of_answers_what_was_newest_then_or_names_the_removed_version(origin,
         route_path = f"/asof-model/{example}"
         origin.route(route_path, body=b"")
         url = origin.url(route_path)
-        path = tmp_path / f"asof-{example}.sqlite3"
+        path = cache_path_for(f"asof-{example}.sqlite3")
         keep = config(keep=1, keep_pinned=1)
         bodies = itertools.count()
         # moments[k]: a moment after step k; newest[k]: the newest ready version then (or None).
@@ -3969,7 +3969,7 @@ _SHORT_FLIGHT_WORKER = textwrap.dedent("""
 """)
 
 
-def _short_flight_trial(origin, tmp_path, trial: str, processes: int, threads: int,
+def _short_flight_trial(origin, tmp_path, cache_path_for, trial: str, processes: int, threads: int,
                         prefer_cached: bool, urls: int = 10) -> list[int]:
     """One trial: ``processes`` x ``threads`` fetch ``urls`` uncached URLs (10 KB / 1 MB bodies,
     no delay) released together; returns the GET count per URL after checking that every
@@ -3979,8 +3979,8 @@ def _short_flight_trial(origin, tmp_path, trial: str, processes: int, threads: i
               for index, path in enumerate(paths)}
     for path in paths:
         origin.route(path, body=bodies[path], etag=f'"{trial}-{path}"')
-    cache_path = tmp_path / f"{trial}.sqlite3"
-    buffylite.Cache(cache_path).close()  # the file exists before the processes open it
+    cache_path = cache_path_for(f"{trial}.sqlite3")
+    buffylite.Cache(cache_path).close()  # the store exists before the processes open it
     go = tmp_path / f"{trial}.go"
     args = {"cache": str(cache_path), "urls": [origin.url(path) for path in paths],
             "threads": threads, "prefer_cached": prefer_cached, "go": str(go)}
@@ -4018,12 +4018,13 @@ def _short_flight_trial(origin, tmp_path, trial: str, processes: int, threads: i
 
 @pytest.mark.parametrize("prefer_cached", [True, False])
 @pytest.mark.parametrize("processes, threads", [(1, 8), (3, 4)])
-def test_single_flight_holds_for_short_downloads(origin, tmp_path, processes, threads, prefer_cached, report):
+def test_single_flight_holds_for_short_downloads(origin, tmp_path, cache_path_for, processes, threads,
+                                                prefer_cached, report):
     """§7/§15: threads (and processes) released together on 10 uncached URLs with short
     bodies (10 KB and 1 MB, no delay): exactly one GET per URL, one version for everyone,
     whether the callers prefer the cached version or wait for the running download."""
     trial = f"p{processes}t{threads}{'c' if prefer_cached else 'w'}"
-    counts = _short_flight_trial(origin, tmp_path, trial, processes, threads, prefer_cached)
+    counts = _short_flight_trial(origin, tmp_path, cache_path_for, trial, processes, threads, prefer_cached)
     report(f"single flight {trial}: GETs per URL {counts}")
     assert counts == [1] * len(counts)
 
@@ -7266,23 +7267,22 @@ def test_full_disk_serves_stale_then_recovers(small_tmpfs, fault_origin, fault_o
 # --- hostile paths, structures and content at the entry points (SPEC §14, §10, §13, §17) ---
 
 
-def tampered_cache(path: pathlib.Path, origin: Origin, body: bytes = b"GOOD" * 1000,
+def tampered_cache(path, origin: Origin, body: bytes = b"GOOD" * 1000,
                           route: str = "/tampered") -> tuple[str, str]:
     """Fetch ``body`` into a cache at ``path``, then swap its stored bytes for others of the
     same length behind buffylite's back; return (url, hash of the good bytes)."""
     origin.route(route, body)
     with buffylite.Cache(path) as opened:
         good = opened.fetch(origin.url(route)).content_hash_hex
-    connection = sqlite3.connect(path)
-    try:
-        connection.execute("UPDATE chunk SET data = CAST(REPLACE(CAST(data AS TEXT), 'GOOD', 'EVIL') AS BLOB)")
-        connection.commit()
-    finally:
-        connection.close()
+    if is_postgres_location(path):
+        store_execute(path, "UPDATE chunk SET data = convert_to(replace(convert_from(data, 'UTF8'), "
+                            "'GOOD', 'EVIL'), 'UTF8')")
+    else:
+        store_execute(path, "UPDATE chunk SET data = CAST(REPLACE(CAST(data AS TEXT), 'GOOD', 'EVIL') AS BLOB)")
     return origin.url(route), good
 
 
-def test_expected_hash_guards_save_to_unpack_and_pickle(tmp_path, origin):
+def test_expected_hash_guards_save_to_unpack_and_pickle(cache_path_for, tmp_path, origin):
     """§10/§7: every way content leaves a fetch(expected_hash=) Response checks the hash."""
     leaves = {"save_to path": lambda r: r.save_to(tmp_path / "out.bin"),
               "save_to file object": lambda r: r.save_to(io.BytesIO()),
@@ -7290,7 +7290,7 @@ def test_expected_hash_guards_save_to_unpack_and_pickle(tmp_path, origin):
               "pickled copy": lambda r: pickle.loads(pickle.dumps(r)).read(),
               "unpack": lambda r: r.unpack(tmp_path / "u")}
     for number, (name, leave) in enumerate(leaves.items()):
-        path = tmp_path / f"c{number}.sqlite3"
+        path = cache_path_for(f"c{number}.sqlite3")
         url, good = tampered_cache(path, origin)
         with buffylite.Cache(path) as opened:
             response = opened.fetch(url, expected_hash=good, offline=True)
@@ -7304,9 +7304,9 @@ def test_expected_hash_guards_save_to_unpack_and_pickle(tmp_path, origin):
 
 
 @pytest.mark.parametrize("extra", [[], ["--pin"], ["--tag", "rel"], ["-o", "OUT"]])
-def test_cli_expected_hash_checked_after_pin_and_tag(tmp_path, origin, extra):
+def test_cli_expected_hash_checked_after_pin_and_tag(cache_path_for, tmp_path, origin, extra):
     """§13/§10: `fetch --expected-hash` with --pin/--tag/-o never writes tampered bytes."""
-    path = tmp_path / "c.sqlite3"
+    path = cache_path_for("c.sqlite3")
     url, good = tampered_cache(path, origin)
     out = tmp_path / "out.bin"
     extra = [str(out) if part == "OUT" else part for part in extra]
@@ -8773,21 +8773,16 @@ def _file_bytes(path) -> bytes:
     return b"".join(pathlib.Path(name).read_bytes() for name in sorted(glob.glob(f"{path}*")))
 
 
-def _damage(path: pathlib.Path, statement: str) -> None:
-    """Run one SQL statement on a closed cache file, as a flipped bit on disk would."""
-    connection = sqlite3.connect(path)
-    try:
-        connection.execute(statement)
-        connection.commit()
-    finally:
-        connection.close()
+def _damage(path, statement: str) -> None:
+    """Run one SQL statement on a closed cache (file or schema), as a flipped bit on disk would."""
+    store_execute(path, statement)
 
 
-def test_import_from_digests_values_the_target_declares_sensitive(tmp_path, origin):
+def test_import_from_digests_values_the_target_declares_sensitive(cache_path_for, tmp_path, origin):
     """§11, §16: import_from never stores in clear a header or parameter the target keeps secret."""
     origin.route("/token", b"token-body")
     origin.route("/keyed", b"keyed-body")
-    source_path, target_path = tmp_path / "source.sqlite3", tmp_path / "target.sqlite3"
+    source_path, target_path = cache_path_for("source.sqlite3"), cache_path_for("target.sqlite3")
     with buffylite.Cache(source_path) as source:
         source.fetch(origin.url("/token"), headers={"X-Token": "CLEARTOKEN1"})
         source.fetch(origin.url("/keyed"), params={"api_key": "CLEARKEY2"})
@@ -8808,10 +8803,10 @@ def test_import_from_digests_values_the_target_declares_sensitive(tmp_path, orig
     assert b"CLEARTOKEN1" not in data and b"CLEARKEY2" not in data
 
 
-def test_import_from_remembers_the_sources_sensitive_names(tmp_path, origin):
+def test_import_from_remembers_the_sources_sensitive_names(cache_path_for, tmp_path, origin):
     """§11: names the source file declared sensitive stay sensitive in the target file."""
     origin.route("/a", b"a-body")
-    source_path, target_path = tmp_path / "source.sqlite3", tmp_path / "target.sqlite3"
+    source_path, target_path = cache_path_for("source.sqlite3"), cache_path_for("target.sqlite3")
     with buffylite.Cache(source_path, sensitive_headers=("X-Secret",), sensitive_params=("sig",)) as source:
         source.fetch(origin.url("/a"))
     with buffylite.Cache(target_path) as target:
@@ -8822,11 +8817,11 @@ def test_import_from_remembers_the_sources_sensitive_names(tmp_path, origin):
     assert b"NEVERCLEAR3" not in data and b"NEVERCLEAR4" not in data
 
 
-def test_import_from_skips_damaged_requests_and_versions(tmp_path, origin, caplog):
+def test_import_from_skips_damaged_requests_and_versions(cache_path_for, tmp_path, origin, caplog):
     """§14: an import never copies a value a later read cannot parse; the rest is imported."""
     for name in "abc":
         origin.route(f"/{name}", f"{name}-body".encode())
-    source_path, target_path = tmp_path / "source.sqlite3", tmp_path / "target.sqlite3"
+    source_path, target_path = cache_path_for("source.sqlite3"), cache_path_for("target.sqlite3")
     with buffylite.Cache(source_path) as source:
         ids = {name: source.fetch(origin.url(f"/{name}")).request_id for name in "abc"}
     _damage(source_path, f"update version set tags='[bad', content_attributes='{{bad' where request_id={ids['a']}")
@@ -8840,10 +8835,10 @@ def test_import_from_skips_damaged_requests_and_versions(tmp_path, origin, caplo
     assert sum("damaged" in record.getMessage() for record in caplog.records) == 2
 
 
-def test_import_from_does_not_copy_the_failure_backoff(tmp_path, origin):
+def test_import_from_does_not_copy_the_failure_backoff(cache_path_for, tmp_path, origin):
     """§18, §16: the source's failure backoff is its own; the target asks the origin."""
     route = origin.route("/flaky", b"flaky-body")
-    source_path, target_path = tmp_path / "source.sqlite3", tmp_path / "target.sqlite3"
+    source_path, target_path = cache_path_for("source.sqlite3"), cache_path_for("target.sqlite3")
     always_download = {"recaching_strategy": {"strategy_name": "when_requested"}}
     with buffylite.Cache(source_path, retries=0, failure_backoff_sec=3600) as source:
         source.fetch(origin.url("/flaky"), cache_configuration=always_download)
