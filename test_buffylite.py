@@ -777,19 +777,35 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("backend", ["sqlite"] if marker is not None else list(BACKENDS), indirect=True)
 
 
+def _require_postgres(request) -> PostgresServer:
+    """The session's server; without one, skip the test naming why (fail it with ``CI=true``)."""
+    server = request.getfixturevalue("postgres_server")
+    if server.unavailable:
+        if _ci_requires_postgres():
+            pytest.fail(f"CI=true requires the PostgreSQL backend tests to run, but {server.unavailable}",
+                        pytrace=False)
+        pytest.skip(f"PostgreSQL backend not tested: {server.unavailable}")
+    return server
+
+
 @pytest.fixture
 def backend(request) -> str:
     """The storage backend of this run of the test: "sqlite" or "postgres". Without a
     PostgreSQL server the postgres runs skip, naming why; with ``CI=true`` they fail."""
     name = getattr(request, "param", "sqlite")
     if name == "postgres":
-        server = request.getfixturevalue("postgres_server")
-        if server.unavailable:
-            if _ci_requires_postgres():
-                pytest.fail(f"CI=true requires the PostgreSQL backend tests to run, but {server.unavailable}",
-                            pytrace=False)
-            pytest.skip(f"PostgreSQL backend not tested: {server.unavailable}")
+        _require_postgres(request)
     return name
+
+
+@pytest.fixture
+def postgres_cache_url(request) -> str:
+    """For a test about PostgreSQL alone: a cache URL (with the password) on a schema of
+    its own, dropped at teardown. Skips or fails like ``backend`` without a server."""
+    server = _require_postgres(request)
+    url = server.new_schema_url()
+    request.addfinalizer(functools.partial(server.drop_schema, url))
+    return url
 
 
 @pytest.fixture
@@ -8022,6 +8038,44 @@ def test_lease_is_renewed_while_a_download_outlasts_it(fault_origin, fault_open_
         assert results[name].read() == body
     assert results["waiter"].version == results["downloader"].version
     assert len(fault_origin.hits("/renewed.bin")) == 1
+
+
+# --- PostgreSQL: the password of the URL (SPEC §15, §14) ---
+
+
+def test_postgres_password_never_appears_in_messages_logs_stats_or_cli(postgres_cache_url, origin, caplog):
+    """§15/§14: the password of a PostgreSQL cache URL is in no message, log record, repr,
+    stats() or CLI output (read and write commands, errors with -v), only ``***``; a wrong
+    password is a CacheFileError that names the server but not the password tried."""
+    url, password = postgres_cache_url, urlsplit(postgres_cache_url).password
+    wrong_password = "WRONG" + password[::-1]
+    wrong = url.replace(f":{password}@", f":{wrong_password}@")
+    origin.route("/pw.txt", body=b"password test")
+    texts = []
+    with caplog.at_level(logging.DEBUG, logger="buffylite"):
+        with buffylite.Cache(url, retries=0, timeout=5) as cache:
+            response = cache.fetch(origin.url("/pw.txt"))
+            texts += [repr(cache), str(cache.path), json.dumps(cache.stats(), default=str), repr(response),
+                      repr(cache.verify()), repr(cache.gc())]
+            with pytest.raises(buffylite.NotCachedError) as caught:
+                cache.fetch(origin.url("/never.txt"), offline=True)
+            texts.append(str(caught.value))
+        with pytest.raises(buffylite.CacheFileError) as caught:
+            buffylite.Cache(wrong, retries=0, timeout=5)
+        texts += [str(caught.value), str(caught.value.path)]
+        assert "127.0.0.1" in str(caught.value)
+    texts += [record.getMessage() for record in caplog.records]
+    for args in (["info", "--json"], ["info"], ["verify"], ["versions", origin.url("/pw.txt")],
+                 ["fetch", origin.url("/pw.txt")], ["-v", "fetch", origin.url("/never.txt"), "--offline"]):
+        done = run_cli("--cache", url, *args)
+        assert done.returncode in (0, 3), (args, done.stderr)
+        texts += [done.stdout, done.stderr]
+    done = run_cli("-v", "--cache", wrong, "info")
+    assert done.returncode != 0
+    texts += [done.stdout, done.stderr]
+    everything = "\n".join(texts)
+    assert password not in everything and wrong_password not in everything
+    assert "***" in everything
 
 
 # --- leases across skewed clocks (SPEC §15) ---
