@@ -8045,7 +8045,8 @@ def test_lease_is_renewed_while_a_download_outlasts_it(fault_origin, fault_open_
 
 def test_postgres_password_never_appears_in_messages_logs_stats_or_cli(postgres_cache_url, origin, caplog):
     """§15/§14: the password of a PostgreSQL cache URL is in no message, log record, repr,
-    stats() or CLI output (read and write commands, errors with -v), only ``***``; a wrong
+    stats() or CLI output (read and write commands, errors with -v; the URL given by
+    --cache or by $BUFFYLITE_CACHE), only ``***``; a wrong
     password is a CacheFileError that names the server but not the password tried."""
     url, password = postgres_cache_url, urlsplit(postgres_cache_url).password
     wrong_password = "WRONG" + password[::-1]
@@ -8067,9 +8068,9 @@ def test_postgres_password_never_appears_in_messages_logs_stats_or_cli(postgres_
     texts += [record.getMessage() for record in caplog.records]
     for args in (["info", "--json"], ["info"], ["verify"], ["versions", origin.url("/pw.txt")],
                  ["fetch", origin.url("/pw.txt")], ["-v", "fetch", origin.url("/never.txt"), "--offline"]):
-        done = run_cli("--cache", url, *args)
-        assert done.returncode in (0, 3), (args, done.stderr)
-        texts += [done.stdout, done.stderr]
+        for done in (run_cli("--cache", url, *args), run_cli(*args, env=subprocess_env(BUFFYLITE_CACHE=url))):
+            assert done.returncode in (0, 3), (args, done.stderr)
+            texts += [done.stdout, done.stderr]
     done = run_cli("-v", "--cache", wrong, "info")
     assert done.returncode != 0
     texts += [done.stdout, done.stderr]
