@@ -1754,6 +1754,14 @@ _SQL_REQUEST_AND_READY = (
     'FROM "request" AS r LEFT OUTER JOIN "version" AS v '
     """ON v."request_id" = r."id" AND v."status" = 'ready' """
     'WHERE r."identity_key" = ? ORDER BY v."version" DESC')
+#: The same, with SQLite's change counter (``data_version``) in the first column and a row
+#: also when there is no such request: one statement where a fetch would need two.
+_SQL_STAMPED_REQUEST_AND_READY = (
+    f"SELECT d.data_version, {_column_list('r', _REQUEST_COLUMNS)}, {_column_list('v', _VERSION_COLUMNS)} "
+    'FROM pragma_data_version AS d LEFT OUTER JOIN "request" AS r ON r."identity_key" = ? '
+    'LEFT OUTER JOIN "version" AS v '
+    """ON v."request_id" = r."id" AND v."status" = 'ready' """
+    'ORDER BY v."version" DESC')
 #: The ready versions of a request, newest first.
 _SQL_READY_ROWS = (f"SELECT {_column_list('v', _VERSION_COLUMNS)} FROM \"version\" AS v "
                    """WHERE v."request_id" = ? AND v."status" = 'ready' ORDER BY v."version" DESC""")
@@ -2046,6 +2054,7 @@ def _migrate_to_1(store: "_Store") -> None:
     t = store.tables
     for model in (t.meta, t.request, t.content, t.chunk, t.version):  # referenced tables first
         model.create_table(safe=True)
+    store.prepare_chunk_table()
     store.tables.meta.create(key="salt", value=secrets.token_hex(32))
     store.tables.meta.create(key="created_unix", value=repr(store.now()))
 
@@ -2270,6 +2279,13 @@ class _Store:
         """``text`` (a driver's message) without the secrets of the location."""
         return text
 
+    def drop_broken_connection(self) -> None:
+        """After a driver error: forget this thread's connection if it is broken (the
+        server restarted, the network failed), so the next call connects again."""
+
+    def prepare_chunk_table(self) -> None:
+        """Storage settings of the new chunk table (in the first migration's transaction)."""
+
     def _inserted_id(self, sql: str, values) -> int | None:
         """Run an INSERT given as SQL text; the new row's id, or None when it inserted
         nothing (``ON CONFLICT DO NOTHING``)."""
@@ -2389,8 +2405,13 @@ class _Store:
         sql, template = statement
         supplied = iter(values)
         # Straight to the driver: peewee's per-statement bookkeeping would double the cost.
-        return self.db.connection().execute(
-            sql, [next(supplied) if param == _SLOT else param for param in template])
+        return self.execute_on(self.db.connection(),
+                               sql, [next(supplied) if param == _SLOT else param for param in template])
+
+    @staticmethod
+    def execute_on(connection, sql: str, values):
+        """Run ``sql`` on a driver connection (the one place that calls the driver)."""
+        return connection.execute(sql, values)
 
     def request_and_ready_rows(self, identity_key: str):
         """(request record or None, its ready version records newest first), in one query.
@@ -2401,26 +2422,32 @@ class _Store:
         """
         self._ensure_same_process()
         local = self._local
-        with self._translated():
-            changes = self.change_stamp()
-        stamp = (changes, getattr(local, "writes", 0))
+        memo = local.__dict__.setdefault("memo", {})
+        remembered = memo.get(identity_key)
+        writes = getattr(local, "writes", 0)
+        if remembered is not None:  # one cheap statement tells whether it still holds
+            with self._translated():
+                changes = self.change_stamp()
+            if changes is not None and remembered[0] == (changes, writes):
+                return remembered[1]
+        # Otherwise one statement reads the rows and, where the store has one, the stamp.
+        with self.reading():
+            changes, rows = self._read_request_and_ready(identity_key)
         sensitive = getattr(local, "sensitive", None)
         if sensitive is not None and (changes is None or sensitive[0] != changes):
             local.sensitive = None  # The cache changed: the next identity re-reads the names.
-        memo = local.__dict__.setdefault("memo", {})
-        remembered = memo.get(identity_key)
-        if remembered is not None and changes is not None and remembered[0] == stamp:
-            return remembered[1]
-
-        with self.reading():
-            rows = self._run(_SQL_REQUEST_AND_READY, identity_key).fetchall()
         split = len(_REQUEST_COLUMNS)
         result = (_record(_REQUEST_COLUMNS, rows[0][:split]) if rows else None,
                   [_record(_VERSION_COLUMNS, row[split:]) for row in rows if row[split] is not None])
-        if len(memo) >= IDENTITY_MEMO_SIZE:
-            memo.clear()
-        memo[identity_key] = (stamp, result)
+        if changes is not None:
+            if len(memo) >= IDENTITY_MEMO_SIZE:
+                memo.clear()
+            memo[identity_key] = ((changes, writes), result)
         return result
+
+    def _read_request_and_ready(self, identity_key: str) -> tuple[Any, list]:
+        """(the change stamp or None, the rows of ``_SQL_REQUEST_AND_READY``)."""
+        return None, self._run(_SQL_REQUEST_AND_READY, identity_key).fetchall()
 
     def request_and_versions(self, request_id: int):
         """(request record or None, all its version records newest first), in one query.
@@ -2445,13 +2472,15 @@ class _Store:
             sql = self._sql_texts[key] = build()
         return sql
 
-    def insert_row(self, table: str, values: dict) -> int:
-        """INSERT one row into ``table``; return its id. The statement text is built once
-        per table and set of columns. Runs inside the caller's write transaction."""
+    def insert_row(self, table: str, values: dict, *, unless_present: bool = False) -> int | None:
+        """INSERT one row into ``table``; return its id. ``unless_present``: insert nothing
+        when a row with the same unique key exists, and return None. The statement text
+        is built once per table and set of columns. Runs inside the caller's write
+        transaction."""
         names = tuple(values)
-        sql = self._statement(("insert", table, names), lambda: (
+        sql = self._statement(("insert", table, names, unless_present), lambda: (
             f'INSERT INTO "{table}" (' + ", ".join(f'"{name}"' for name in names) + ") VALUES ("
-            + ", ".join("?" * len(names)) + ")"))
+            + ", ".join("?" * len(names)) + ")" + (" ON CONFLICT DO NOTHING" if unless_present else "")))
         with self.reading():
             return self._inserted_id(sql, values.values())
 
@@ -2464,6 +2493,19 @@ class _Store:
             f'UPDATE "{table}" SET ' + ", ".join(f'"{name}" = ?' for name in names) + ' WHERE "id" = ?'))
         with self.reading():
             return self._run(sql, *changes.values(), row_id).rowcount
+
+    def publish_first_version(self, row_id: int, owner: str, request_id: int, changes: dict) -> bool:
+        """UPDATE the version row ``row_id`` with ``changes`` if ``owner`` still holds its
+        lease and it is the only version of its request; return whether it did. Lets the
+        first download of a new request be published without reading the request back.
+        Runs inside the caller's write transaction."""
+        names = tuple(changes)
+        sql = self._statement(("publish first", names), lambda: (
+            'UPDATE "version" SET ' + ", ".join(f'"{name}" = ?' for name in names)
+            + ' WHERE "id" = ? AND "lease_owner" = ? AND NOT EXISTS (SELECT 1 FROM "version" AS o'
+            ' WHERE o."request_id" = ? AND o."id" <> ?)'))
+        with self.reading():
+            return self._run(sql, *changes.values(), row_id, owner, request_id, row_id).rowcount == 1
 
     def store_small_content(self, hash_type: str, hash_hex: str, data: bytes) -> int:
         """Store a complete content held in memory, unless the same content is stored
@@ -2497,15 +2539,16 @@ class _Store:
         IntegrityError when what they add up to is not the stored content (a chunk
         missing, or a length differing from the stored size), never yielding less
         silently at the end."""
-        chunk = self.tables.chunk
+        def build(t: _Tables):
+            return (t.chunk.select(t.chunk.seq, t.chunk.data)
+                    .where((t.chunk.content_id == _slot()) & (t.chunk.seq > _slot()))
+                    .order_by(t.chunk.seq).limit(1))
         with self.reading():
             size = self._content_size(content_id)
         seq, count, length = -1, 0, 0
         while True:
             with self.reading():
-                row = (chunk.select(chunk.seq, chunk.data)
-                       .where((chunk.content_id == content_id) & (chunk.seq > seq))
-                       .order_by(chunk.seq).limit(1).tuples().first())
+                row = self._execute("next_chunk", build, content_id, seq).fetchone()
             if row is None:
                 break
             seq, data = row
@@ -2681,6 +2724,11 @@ class _SqliteStore(_Store):
     def change_stamp(self) -> int:
         return _sqlite_change_counter(self.db)
 
+    def _read_request_and_ready(self, identity_key: str) -> tuple[Any, list]:
+        rows = self._run(_SQL_STAMPED_REQUEST_AND_READY, identity_key).fetchall()
+        # One row at least (the stamp's), with empty request columns when there is no request.
+        return rows[0][0], [row[1:] for row in rows if row[1] is not None]
+
     def structural_problems(self) -> list[str]:
         """``PRAGMA integrity_check`` and ``foreign_key_check``, as sentences."""
         problems = []
@@ -2817,7 +2865,11 @@ class _PostgresStore(_Store):
         self._start()
 
     def _new_database(self) -> peewee.Database:
-        return self._database_class(self._url, options=f"-c search_path={self.schema_name}",
+        import psycopg.conninfo  # noqa: PLC0415 - present: checked in __init__
+        # The URL as libpq reads it, as keywords (peewee releases pass a URL on differently).
+        parameters = psycopg.conninfo.conninfo_to_dict(self._url)
+        return self._database_class(parameters.pop("dbname", None) or "", **parameters,
+                                    options=f"-c search_path={self.schema_name}",
                                     application_name="buffylite", **self._driver_options)
 
     def _open_database(self) -> None:
@@ -2830,6 +2882,13 @@ class _PostgresStore(_Store):
     def _forget_inherited_connections(self) -> None:
         _INHERITED_DATABASES.append(self.db)
 
+    def drop_broken_connection(self) -> None:
+        state = self.db._state
+        if state.conn is not None and (state.conn.closed or getattr(state.conn, "broken", False)):
+            with contextlib.suppress(Exception):
+                state.conn.close()
+            state.reset()
+
     def masked(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "***")
@@ -2840,7 +2899,13 @@ class _PostgresStore(_Store):
         text = self._driver_sql.get(sql)
         if text is None:
             text = self._driver_sql[sql] = sql.replace("?", "%s")
-        return self.db.connection().execute(text, values)
+        return self.execute_on(self.db.connection(), text, values)
+
+    @staticmethod
+    def execute_on(connection, sql: str, values):
+        """Results in binary form: a ``bytea`` chunk then arrives as its bytes, not as
+        hex text of twice the size that both ends must encode and decode."""
+        return connection.execute(sql, values, binary=True)
 
     def _inserted_id(self, sql: str, values) -> int | None:
         text = self._statement(("returning id", sql), lambda: sql + ' RETURNING "id"')
@@ -2874,9 +2939,30 @@ class _PostgresStore(_Store):
         except ValueError:
             return True, 0
 
+    def _upgrade_schema(self) -> None:
+        if self.read_only and self._schema_marks() == (False, 0):
+            raise CacheFileError(f"The read-only cache {self.path} does not exist (the schema "
+                                 f"{self.schema_name} holds no tables).", path=self.path)
+        super()._upgrade_schema()
+
     def _prepare_new(self) -> None:
         with self._write_transaction():
             self.db.connection().execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema_name}"')
+
+    def prepare_chunk_table(self) -> None:
+        """Chunks are stored compressed with lz4 where the server has it: on content that
+        is already compressed (most downloads) it costs nothing, on text it saves about
+        two thirds of the disk and WAL at no cost in speed; the default, pglz, writes text
+        four times slower. A server without lz4 (before PostgreSQL 14, or built without
+        it) stores chunks uncompressed instead (bench/pg_toast.py has the numbers)."""
+        for setting in ('ALTER TABLE "chunk" ALTER COLUMN "data" SET COMPRESSION lz4',
+                        'ALTER TABLE "chunk" ALTER COLUMN "data" SET STORAGE EXTERNAL'):
+            try:
+                with self.db.atomic():  # a savepoint: a refused setting spoils nothing
+                    self.db.execute_sql(setting)
+                return
+            except peewee.DatabaseError as exc:
+                log.debug("%s: %s", setting, exc)
 
     def _mark_schema(self, version: int) -> None:
         meta = self.tables.meta
@@ -2932,6 +3018,7 @@ class _DriverErrors:
 
     def __exit__(self, kind, exc, traceback) -> bool:
         if kind is not None and issubclass(kind, self._store.driver_errors):
+            self._store.drop_broken_connection()
             path, noun = self._store.path, self._store.noun
             if _is_out_of_space(exc):
                 raise CacheFileError(f"The {noun} {path} cannot be written: the disk is full.",
@@ -2977,7 +3064,8 @@ class _ContentStream(io.RawIOBase):
     def _run(self, name: str, *values):
         sql, template = self._statements[name]
         supplied = iter(values)
-        return self._db.execute_sql(sql, [next(supplied) if param == _SLOT else param for param in template])
+        return self._store.execute_on(self._db.connection(),
+                                      sql, [next(supplied) if param == _SLOT else param for param in template])
 
     def _load_layout(self, check_hash: str | None) -> None:
         # The first read pins the snapshot; the content must be in it.
@@ -4117,6 +4205,7 @@ class _Claim:
     settled: bool = False  # a suitable ready version appeared meanwhile: nothing to download
     version: str | None = None  # the version string given before the validator ran
     request: Any = None  # the request record as the claim saw it (or None: read it again)
+    first_row: Any = None  # the version record, when the claim created the request with it
 
 
 @dataclasses.dataclass
@@ -4156,6 +4245,11 @@ class _DownloadFailure(Exception):
         #: back off, for at least ``retry_after`` seconds when the origin said so.
         self.starts_backoff = starts_backoff
         self.retry_after = retry_after
+
+
+class _Crowded(Exception):
+    """The first version of a new request cannot be published on what its claim wrote
+    (its lease was lost, or another version of the request appeared)."""
 
 
 class _LeaseLost(Exception):
@@ -5160,7 +5254,7 @@ class Cache:
             # A download (or a conditional check) is due: claim it, unless someone else runs it.
             seen = (newest.id, newest.validated_unix) if newest is not None else None
             try:
-                claim = self._claim(call, strategy, started, seen)
+                claim = self._claim(call, strategy, started, seen, absent=request is None)
             except _SensitiveNamesChanged:
                 call.identity = self._identity(*call.identity.arguments)
                 continue
@@ -5393,15 +5487,16 @@ class Cache:
     # --- fetch: single flight -------------------------------------------------------------
 
     def _claim(self, call: _FetchCall, strategy=None, started: float | None = None,
-               seen: tuple | None = None) -> _Claim:
+               seen: tuple | None = None, *, absent: bool = False) -> _Claim:
         try:
-            return self._claim_of(call, strategy, started, seen)
+            return self._claim_of(call, strategy, started, seen, absent)
         except _DAMAGE_ERRORS as exc:
             raise _DamagedValueError(
                 f"A stored version of {call.identity.url} in the cache {self.path} is damaged and "
                 f"cannot be read: {type(exc).__name__}.", path=self.path) from exc
 
-    def _claim_of(self, call: _FetchCall, strategy, started: float | None, seen: tuple | None) -> _Claim:
+    def _claim_of(self, call: _FetchCall, strategy, started: float | None, seen: tuple | None,
+                  absent: bool) -> _Claim:
         """Create the request if new and take the download lease, in one transaction.
 
         The decision to download is taken again here, on the rows this transaction
@@ -5410,7 +5505,8 @@ class Cache:
         is the newest ready version's (id, validated time) the first decision saw), the
         claim is ``settled`` and nothing is downloaded. A live lease on another row
         means someone else is downloading: report it. An abandoned row with resumable
-        partial content is taken over.
+        partial content is taken over. ``absent``: the request was not stored a moment
+        ago, so creating it is tried first (and the read skipped when that succeeds).
         """
         identity = call.identity
         owner = f"{os.getpid()}:{threading.get_ident()}:{secrets.token_hex(6)}"
@@ -5420,7 +5516,7 @@ class Cache:
             if self._store.sensitive_names()["sets"] != identity.sensitive_sets:
                 raise _SensitiveNamesChanged()
             now = self._store.now()
-            request = self._store.request_by_identity(identity.key)
+            request = None if absent else self._store.request_by_identity(identity.key)
             lease = {"lease_owner": owner, "lease_expires_unix": now + self._download_lease_sec}
             if request is None:
                 configuration = call.configuration or RequestCacheConfiguration()
@@ -5432,15 +5528,19 @@ class Cache:
                     description=call.description, documentation_link=call.documentation_link,
                     validation_hash_type=call.hash_type or DEFAULT_HASH_TYPE,
                     cache_configuration=configuration.model_dump_json(), created_unix=now)
-                request_id = self._store.insert_row("request", columns)
+                request_id = self._store.insert_row("request", columns, unless_present=True)
+                if request_id is None:  # another thread or process stored it meanwhile
+                    request = self._store.request_by_identity(identity.key)
+            if request is None:
                 # A new request has no versions: no other download to look for, no
                 # version string to follow.
-                row_id = self._store.insert_row("version", {
-                    "request_id": request_id, "version": _next_version_string(now, None),
-                    "status": "wait", "request_unix": now, **_VERSION_DEFAULTS, **lease})
+                version = {"request_id": request_id, "version": _next_version_string(now, None),
+                           "status": "wait", "request_unix": now, **_VERSION_DEFAULTS, **lease}
+                row_id = self._store.insert_row("version", version)
                 record = types.SimpleNamespace(
                     **{**dict.fromkeys(_REQUEST_COLUMNS), **columns, "id": request_id})
-                return _Claim(request_id, row_id, owner, request=record)
+                row = types.SimpleNamespace(**{**dict.fromkeys(_VERSION_COLUMNS), **version, "id": row_id})
+                return _Claim(request_id, row_id, owner, request=record, first_row=row)
             else:
                 request_id = request.id
                 changes = self._setting_changes(call, request)
@@ -5677,12 +5777,24 @@ class Cache:
         """Settle a download in one transaction: publish it (ready or duplicate), record the
         304 or the failure, collect garbage for the request, then choose the version to
         return and lease it (pin_for), so no GC can slip in between."""
+        if kind == "completed" and claim.first_row is not None:
+            try:  # The first version of a request this call created: nothing to read back.
+                return self._settle(call, claim, request, kind, completed, failure, first=True)
+            except _Crowded:
+                pass  # The lease was lost or another version appeared: the general way.
+        return self._settle(call, claim, request, kind, completed, failure, first=False)
+
+    def _settle(self, call: _FetchCall, claim: _Claim, request, kind: str, completed, failure, *,
+                first: bool) -> Response:
         with self._store.writing() as t:
             now = self._store.now()
             # One read gives the request as stored now and every version row: the
             # ownership check, the version string, the newest ready one, and GC's input.
-            # Each UPDATE below is mirrored on these records (``_set``).
-            stored_request, rows = self._store.request_and_versions(request.id)
+            # Each UPDATE below is mirrored on these records (``_set``). A first version
+            # is published on the records the claim wrote, by an UPDATE that checks they
+            # still hold (``publish_first_version``).
+            stored_request, rows = (claim.request, [claim.first_row]) if first else \
+                self._store.request_and_versions(request.id)
             row = next((candidate for candidate in rows if candidate.id == claim.row_id), None)
             if stored_request is None or row is None or row.lease_owner != claim.owner:
                 raise _LeaseLost()
@@ -5720,12 +5832,18 @@ class Cache:
                            if completed.cache_headers is not None else newest.cache_headers)
                     outcome, settled_id = "duplicate", newest.id
                 else:
-                    update(row, status="ready", content_id=content_id,
-                           content_hash_hex=completed.hash_hex, cached_unix=now,
-                           validated_unix=now, content_attributes=json.dumps(completed.attributes),
-                           cache_headers=json.dumps(completed.cache_headers)
-                           if completed.cache_headers is not None else None,
-                           download_stats=json.dumps(stats), **final)
+                    changes = dict(status="ready", content_id=content_id,
+                                   content_hash_hex=completed.hash_hex, cached_unix=now,
+                                   validated_unix=now, content_attributes=json.dumps(completed.attributes),
+                                   cache_headers=json.dumps(completed.cache_headers)
+                                   if completed.cache_headers is not None else None,
+                                   download_stats=json.dumps(stats), **final)
+                    if not first:
+                        update(row, **changes)
+                    elif self._store.publish_first_version(row.id, claim.owner, request.id, changes):
+                        _set(row, changes)
+                    else:
+                        raise _Crowded()
                     outcome, settled_id = "downloaded", row.id
             else:
                 stats = dict(failure.stats, state="failed", error=str(failure))
@@ -6594,8 +6712,11 @@ class Cache:
             raise CacheFileError(f"Cannot write the backup {dest}: {exc}.", path=dest) from exc
         temp = pathlib.Path(temp_name)
         try:
-            with self._store.reading():
-                _sqlite_snapshot_into(self._store.db, temp)
+            if self._store.is_file:
+                with self._store.reading():
+                    _sqlite_snapshot_into(self._store.db, temp)
+            else:
+                self._copy_into_new_file(temp)
             copy = _SqliteStore(temp)
             try:
                 if group is not None or locked is not None:
@@ -6617,8 +6738,21 @@ class Cache:
             raise
         return dest
 
+    def _copy_into_new_file(self, path: pathlib.Path) -> None:
+        """Copy a cache that is not a file (a PostgreSQL schema) into a new SQLite cache
+        file at ``path``: its salt first (so sensitive values stay matched), then every
+        request with its ready versions, pins, tags and content, read from one snapshot."""
+        store = _SqliteStore(path)
+        try:
+            with store.writing() as t:
+                t.meta.update(value=self._store.salt.hex()).where(t.meta.key == "salt").execute()
+        finally:
+            store.close()
+        with Cache(path) as copy:
+            copy.import_from(self._location)
+
     def import_from(self, source: str | os.PathLike, *, group: str | None = None) -> int:
-        """Merge the requests and ready versions of another cache file into this one.
+        """Merge the requests and ready versions of another cache (a file, or a PostgreSQL URL) into this one.
 
         Version strings, pins, leases and tags are kept; content already stored here (same
         hash) is not stored twice, and copied content is re-hashed on the way. A version
@@ -6637,6 +6771,9 @@ class Cache:
                             _check_path("source", source).expanduser(), read_only=True)
         added = 0
         try:
+            if not other.is_file:  # one snapshot of a server's cache for the whole import
+                with other.reading():
+                    other.begin_snapshot(other.db)
             # What the other file keeps secret stays secret here.
             for kind, names in other.sensitive_names().items():
                 if kind != "sets" and names:
@@ -7823,8 +7960,9 @@ _READ_ONLY_COMMANDS = frozenset({"versions", "requests", "show", "path", "info",
 def _require_existing_cache(path: str | None) -> None:
     """Raise CacheFileError naming the cache file when it does not exist (URLs are
     judged by Cache itself, without ever showing their password)."""
-    _refuse_url_location(path if path is not None else os.environ.get("BUFFYLITE_CACHE", ""))
-    if path is not None and "://" in path:
+    location = path if path is not None else os.environ.get("BUFFYLITE_CACHE", "")
+    _refuse_url_location(location)
+    if _is_postgres_location(location):
         return
     resolved = pathlib.Path(path).expanduser() if path is not None else _default_cache_path()
     if not resolved.is_file():

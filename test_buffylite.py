@@ -203,7 +203,9 @@ def _parse_request_head(head):
     headers = {}
     for line in lines[1:]:
         name, _, value = line.partition(":")
-        key, value = name.strip().lower(), value.strip()
+        # HTTP's optional whitespace is spaces and tabs only (str.strip() would also eat
+        # Latin-1 characters such as NEL, U+0085, that a header value may carry).
+        key, value = name.strip(" \t").lower(), value.strip(" \t")
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
     return method, target, headers
 
@@ -7075,6 +7077,7 @@ def test_hostile_strings_work_or_are_rejected_writing_nothing(cache, cache_path,
     @example(entry="body", text="\ud800")
     @example(entry="header.value", text="a\r\nInjected: yes")
     @example(entry="user_agent", text="agent\x00")
+    @example(entry="header.value", text="\x85")  # NEL: Latin-1, sent as is
     @example(entry="url.host", text="exa mple")
     @example(entry="force_version", text="\u0663" * 20)
     def check(entry, text):
@@ -7681,15 +7684,17 @@ def _store_connection_trace(cache: buffylite.Cache) -> list[str]:
 
 
 def _sql_only(statements: list[str]) -> list[str]:
-    """The statements without transaction control (BEGIN, COMMIT, ROLLBACK)."""
+    """The statements without transaction control (BEGIN, COMMIT, ROLLBACK) and without
+    what a statement runs inside itself (the trace shows those as "-- ...", e.g. the
+    PRAGMA behind a ``pragma_data_version`` table)."""
     return [text for text in statements
-            if not text.lstrip().upper().startswith(("BEGIN", "COMMIT", "ROLLBACK", "END"))]
+            if not text.lstrip().upper().startswith(("BEGIN", "COMMIT", "ROLLBACK", "END", "--"))]
 
 
 @pytest.mark.sqlite_only("counts statements through sqlite3's trace callback")
-def test_first_hit_of_a_cached_url_in_a_fresh_cache_takes_at_most_two_statements(cache_path, origin):
-    """§15: a cached URL's first fetch through a new Cache object runs at most 2 SQL
-    statements and no write transaction."""
+def test_first_hit_of_a_cached_url_in_a_fresh_cache_takes_one_statement(cache_path, origin):
+    """§15: a cached URL's first fetch through a new Cache object runs one SQL statement
+    (the target is at most 2) and no write transaction."""
     origin.route("/hit-a.txt", body=b"alpha")
     origin.route("/hit-b.txt", body=b"beta")
     with buffylite.Cache(cache_path) as first:
@@ -7706,7 +7711,7 @@ def test_first_hit_of_a_cached_url_in_a_fresh_cache_takes_at_most_two_statements
         assert other.outcome == "cached" and other.read() == b"beta"
     assert origin.hits("/hit-a.txt") == 1 and origin.hits("/hit-b.txt") == 1
     for recorded in (first_hit, other_url):
-        assert 1 <= len(recorded) <= 2, recorded
+        assert len(_sql_only(recorded)) == 1, recorded
         assert not any(text.upper().startswith(("BEGIN", "INSERT", "UPDATE", "DELETE")) for text in recorded)
 
 
@@ -7728,7 +7733,7 @@ def test_cold_small_fetch_round_trips_are_bounded(cache, origin):
 
 #: What a cold small fetch may cost on the fetching connection (see the test above).
 STORE_COLD_MAX_WRITE_TRANSACTIONS = 2
-STORE_COLD_MAX_STATEMENTS = 11
+STORE_COLD_MAX_STATEMENTS = 8
 
 
 _STORE_LAZY_MODULES = ("argparse", "asyncio", "concurrent.futures", "tarfile", "urllib.request",
@@ -7740,17 +7745,23 @@ def test_import_leaves_feature_modules_unloaded(tmp_path):
     archives, proxies or the optional extras need; using them still works."""
     code = textwrap.dedent(f'''
         import json, sys
-        import buffylite
+        import {{}}
         loaded = sorted(name for name in {_STORE_LAZY_MODULES!r} if name in sys.modules)
-        parser = buffylite._build_parser()  # the CLI still finds argparse when it needs it
+        parser = buffylite._build_parser() if "buffylite" in sys.modules else None
         import argparse
         print(json.dumps({{"loaded": loaded, "parser": isinstance(parser, argparse.ArgumentParser),
                           "after": "argparse" in sys.modules}}))
     ''')
-    done = run_python(code)
+    # What the three dependencies load themselves does not count (peewee imports the
+    # PostgreSQL driver when it is installed, and the driver loads asyncio).
+    done = run_python(code.replace("{}", "pydantic, urllib3, peewee"))
+    assert done.returncode == 0, done.stderr
+    dependencies = json.loads(done.stdout)["loaded"]
+    done = run_python(code.replace("{}", "buffylite"))
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert result == {"loaded": [], "parser": True, "after": True}
+    # The CLI still finds argparse when it needs it.
+    assert result == {"loaded": dependencies, "parser": True, "after": True}
 
 
 #: Generous bound on buffylite's own import time (its self time under -X importtime),
