@@ -7574,11 +7574,11 @@ def test_pin_and_tag_refuse_a_response_of_another_cache(cache_path_for, origin):
         assert not first.get(origin.url("/x")).is_pinned
 
 
-def test_read_only_cache_still_reports_corruption_as_integrity_errors(tmp_path, origin):
+def test_read_only_cache_still_reports_corruption_as_integrity_errors(cache_path_for, tmp_path, origin):
     """§10/§14: a read-only cache raises IntegrityError for tampered content and verify() lists the version."""
-    path = tmp_path / "c.sqlite3"
+    path = cache_path_for("c.sqlite3")
     url, good = tampered_cache(path, origin)
-    before = path.read_bytes()
+    before = store_bytes(path)
     with buffylite.Cache(path, read_only=True) as opened:
         assert opened.read_only
         response = opened.fetch(url, expected_hash=good, offline=True)
@@ -7588,13 +7588,13 @@ def test_read_only_cache_still_reports_corruption_as_integrity_errors(tmp_path, 
         report = opened.verify()
         assert report.checked == 1 and [(r.url, r.version) for r in report.corrupted] == [(url, response.version)]
         assert any("cannot be marked" in problem for problem in report.problems)
-    assert path.read_bytes() == before
+    assert store_bytes(path) == before
 
 
-def test_async_read_only_and_stream_misuse_errors(tmp_path, origin):
+def test_async_read_only_and_stream_misuse_errors(cache_path_for, tmp_path, origin):
     """§18/§12: AsyncCache.read_only mirrors Cache; bad seeks and use after close are InvalidRequestError."""
     origin.route("/stream", bytes(range(256)) * 100)
-    path = tmp_path / "c.sqlite3"
+    path = cache_path_for("c.sqlite3")
 
     async def scenario() -> tuple[bool, bool]:
         async with buffylite.AsyncCache(path) as writable:
