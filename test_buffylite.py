@@ -862,11 +862,21 @@ class _BackendCounts:
             counts[self._backend_of.get(nodeid)][outcome] += 1
         return counts
 
+    def pytest_sessionfinish(self, session):
+        """With ``CI=true`` a skipped PostgreSQL test fails the run: CI must test both backends."""
+        skipped = self.counts()["postgres"]["skipped"]
+        if skipped and _ci_requires_postgres() and session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
     def pytest_terminal_summary(self, terminalreporter):
         """One line: passed (failed, skipped) per backend, and PostgreSQL's share of SQLite."""
         counts = self.counts()
+        if counts["postgres"]["skipped"] and _ci_requires_postgres():
+            terminalreporter.write_line(f"backends: CI=true and {counts['postgres']['skipped']} PostgreSQL tests "
+                                        "were skipped: the run fails")
         sqlite, postgres, neutral = counts["sqlite"], counts["postgres"], counts[None]
-        share = f"{100 * postgres['passed'] // sqlite['passed']}% of sqlite" if sqlite["passed"] else "sqlite not run"
+        share = (f"{100 * postgres['passed'] // sqlite['passed']}% of sqlite" if sqlite["passed"]
+                 else "no sqlite passes to compare")
         terminalreporter.write_line(
             f"backends: sqlite {sqlite['passed']} passed ({sqlite['failed']} failed, {sqlite['skipped']} skipped), "
             f"postgres {postgres['passed']} passed ({share}; {postgres['failed']} failed, "
@@ -1967,10 +1977,11 @@ def test_postgres_half_skips_without_a_server_and_fails_with_ci_true(tmp_path):
         assert f"hush-{port}" not in done.stdout + done.stderr
         assert "someone:***@127.0.0.1" in done.stdout, done.stdout[-2000:]
         last_line = done.stdout.strip().splitlines()[-1]
-        counts = re.search(r"^backends: .*$", done.stdout, re.MULTILINE)
+        counts = re.search(r"^backends: .*postgres 0 passed \([^;]*; (\d) failed, (\d) skipped\)", done.stdout,
+                           re.MULTILINE)
         assert counts, done.stdout[-2000:]
         outcomes[ci] = (done.returncode, re.findall(r"\d+ (?:passed|skipped|failed|errors?)", last_line),
-                        re.search(r"postgres 0 passed \(sqlite not run; (\d) failed, (\d) skipped\)", counts[0]).groups())
+                        counts.groups())
     assert outcomes == {"": (0, ["1 skipped"], ("0", "1")), "true": (1, ["1 error"], ("1", "0"))}
 
 
