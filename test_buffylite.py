@@ -2122,6 +2122,10 @@ def test_close_closes_the_connections_of_every_thread(cache_path):
     keep_alive.set()
     for thread in holders:
         thread.join(10)
+    # A server notices a closed session a moment later: wait for that (bounded).
+    deadline = time.monotonic() + (5 if is_postgres_location(cache_path) else 0)
+    while open_handles() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert open_handles() == []
 
 
@@ -8543,10 +8547,11 @@ def portable_contents(cache) -> dict[tuple, tuple]:
     return found
 
 
-def test_backup_while_three_processes_churn_is_never_torn(tmp_path, origin):
+def test_backup_while_three_processes_churn_is_never_torn(tmp_path, cache_path_for, origin):
     """§16: backups taken while 3 processes fetch, pin and gc pass integrity_check and
-    serve every version they list, byte-identical to its hash."""
-    source = tmp_path / "source.sqlite3"
+    serve every version they list, byte-identical to its hash (backups are cache files,
+    whichever backend the source is on)."""
+    source = cache_path_for("source.sqlite3")
     urls = [origin.url(f"/churn/{index}") for index in range(4)]
     with buffylite.Cache(source) as cache:
         for index, url in enumerate(urls):
@@ -8588,10 +8593,11 @@ def test_backup_while_three_processes_churn_is_never_torn(tmp_path, origin):
     assert not list(tmp_path.glob("*.partial"))
 
 
-def test_backup_of_a_group_or_a_lockfile_holds_exactly_that_subset(tmp_path, origin):
+def test_backup_of_a_group_or_a_lockfile_holds_exactly_that_subset(tmp_path, cache_path_for, origin):
     """§16: backup(group=) keeps that group's requests with all their versions, pins and
-    tags; backup(lockfile=) keeps the locked requests with just their locked versions."""
-    source = tmp_path / "source.sqlite3"
+    tags; backup(lockfile=) keeps the locked requests with just their locked versions.
+    The copies are cache files, whichever backend the source is on."""
+    source = cache_path_for("source.sqlite3")
     with buffylite.Cache(source) as cache:
         requests = portable_fill(cache, origin)
         origin.route("/p/large", body=random_bytes(2 * MiB))
@@ -8614,7 +8620,10 @@ def test_backup_of_a_group_or_a_lockfile_holds_exactly_that_subset(tmp_path, ori
         assert len(portable_contents(copy)) == 2
         tagged_kept = copy.get(**requests["params"])
         assert tagged_kept.read() == b"params round 2"
-    assert by_lock.stat().st_size < source.stat().st_size - MiB  # compacted: the large content is gone
+    if not is_postgres_location(source):  # compacted: the large content is gone
+        assert by_lock.stat().st_size < source.stat().st_size - MiB
+    else:
+        assert by_lock.stat().st_size < MiB
     done = run_cli("--cache", str(source), "--json", "backup", str(tmp_path / "cli.sqlite3"), "--group", "nightly")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"backup": str(tmp_path / "cli.sqlite3")}
@@ -8936,11 +8945,12 @@ def test_import_from_does_not_copy_the_failure_backoff(cache_path_for, tmp_path,
     "update version set content_attributes='{bad' where request_id={a}",
     "update version set tags='[bad' where request_id={a}",
 ], ids=["headers", "params", "content_attributes", "tags"])
-def test_one_damaged_value_leaves_lock_sync_backup_and_import_working(tmp_path, origin, statement, caplog):
+def test_one_damaged_value_leaves_lock_sync_backup_and_import_working(tmp_path, cache_path_for, origin, statement,
+                                                                      caplog):
     """§14, §16: a damaged stored value makes only its request unusable to lock, sync, backup and import_from."""
     for name in "abc":
         origin.route(f"/{name}", f"{name}-body".encode())
-    path, lockfile = tmp_path / "cache.sqlite3", tmp_path / "lock.json"
+    path, lockfile = cache_path_for("cache.sqlite3"), tmp_path / "lock.json"
     with buffylite.Cache(path) as cache:
         first = cache.fetch(origin.url("/a"))
         for name in "abc":
@@ -8954,7 +8964,7 @@ def test_one_damaged_value_leaves_lock_sync_backup_and_import_working(tmp_path, 
         report = cache.sync(lockfile, offline=True)
         assert set(healthy) <= set(report.present) and report.mismatched == []
         copy = cache.backup(tmp_path / "backup.sqlite3", lockfile=lockfile)
-        with buffylite.Cache(tmp_path / "imported.sqlite3") as target:
+        with buffylite.Cache(cache_path_for("imported.sqlite3")) as target:
             assert target.import_from(path) >= 2
             assert {request.url for request in target.requests()} >= set(healthy)
     with buffylite.Cache(copy, read_only=True) as backup:
@@ -8977,10 +8987,10 @@ def test_as_of_with_expected_hash_or_force_tag_never_answers_an_older_version(ca
     assert cache.fetch(url, as_of=v1.cached_datetime_utc, force_tag="first").read() == b"one"
 
 
-def test_locked_as_of_and_a_locked_backup_name_the_version_current_then(tmp_path, origin):
+def test_locked_as_of_and_a_locked_backup_name_the_version_current_then(tmp_path, cache_path_for, origin):
     """§7, §16: under a lockfile and in backup(lockfile=), as_of never answers with the locked older version."""
     route = origin.route("/locked-asof", b"one")
-    path, lockfile = tmp_path / "cache.sqlite3", tmp_path / "lock.json"
+    path, lockfile = cache_path_for("cache.sqlite3"), tmp_path / "lock.json"
     with buffylite.Cache(path) as cache:
         url = origin.url("/locked-asof")
         v1 = cache.fetch(url, cache_configuration=always())
