@@ -1762,6 +1762,16 @@ _SQL_STAMPED_REQUEST_AND_READY = (
     'LEFT OUTER JOIN "version" AS v '
     """ON v."request_id" = r."id" AND v."status" = 'ready' """
     'ORDER BY v."version" DESC')
+#: The same for a store without such a counter, with the salt and sensitive names instead
+#: (written as ``_PostgresStore._names_stamp`` writes them: keys in byte order).
+_SQL_NAMED_REQUEST_AND_READY = (
+    """SELECT (SELECT string_agg("key" || '=' || "value", ';' ORDER BY "key" COLLATE "C") FROM "meta" """
+    """WHERE "key" IN ('salt', 'sensitive_headers', 'sensitive_params')), """
+    f"{_column_list('r', _REQUEST_COLUMNS)}, {_column_list('v', _VERSION_COLUMNS)} "
+    'FROM (SELECT 1) AS d LEFT OUTER JOIN "request" AS r ON r."identity_key" = ? '
+    'LEFT OUTER JOIN "version" AS v '
+    """ON v."request_id" = r."id" AND v."status" = 'ready' """
+    'ORDER BY v."version" DESC')
 #: The ready versions of a request, newest first.
 _SQL_READY_ROWS = (f"SELECT {_column_list('v', _VERSION_COLUMNS)} FROM \"version\" AS v "
                    """WHERE v."request_id" = ? AND v."status" = 'ready' ORDER BY v."version" DESC""")
@@ -2101,36 +2111,8 @@ def _record_removed(t: _Tables, request, rows: list, reason: str, now: float) ->
 
 
 #: Removed-version records kept per request identity among those ``as_of`` only names in
-#: its message (see ``_prune_removed``); the records it needs to answer honestly stay.
+#: its message (see ``_Store.prune_removed``); the records it needs to answer honestly stay.
 REMOVED_VERSION_RECORDS_KEPT = 100
-
-
-def _prune_removed(t: _Tables, keep: int, identity_key: str | None = None) -> int:
-    """Forget the oldest removed-version records of each identity (or of ``identity_key``)
-    beyond the newest ``keep``, among those cached before every ready version of that
-    identity (all of them when it has none, e.g. after ``delete``): ``as_of`` at such a
-    moment has no ready version to answer with, so it raises NotCachedError with or
-    without the record, which only names the removed version. Newer records stay: without
-    them ``as_of`` could answer with an older version that was not current then. Runs in
-    the caller's write transaction; returns how many records were removed."""
-    removed = t.removed_version
-    crowded = removed.select(removed.identity_key).group_by(removed.identity_key).having(
-        peewee.fn.COUNT(removed.id) > keep)
-    if identity_key is not None:
-        crowded = crowded.where(removed.identity_key == identity_key)
-    pruned = 0
-    for (key,) in list(crowded.tuples()):
-        oldest_ready = (t.version.select(peewee.fn.MIN(t.version.cached_unix))
-                        .join(t.request, on=(t.version.request_id == t.request.id))
-                        .where((t.request.identity_key == key) & (t.version.status == "ready")).scalar())
-        only_named = removed.identity_key == key
-        if oldest_ready is not None:
-            only_named &= removed.cached_unix.is_null() | (removed.cached_unix < oldest_ready)
-        ids = [row[0] for row in removed.select(removed.id).where(only_named)
-               .order_by(removed.version.desc(), removed.id.desc()).offset(keep).tuples()]
-        for start in range(0, len(ids), 500):
-            pruned += removed.delete().where(removed.id.in_(ids[start:start + 500])).execute()
-    return pruned
 
 
 class _Store:
@@ -2365,6 +2347,7 @@ class _Store:
         names = {}
         with self.reading():
             stored = dict(self._run(_SQL_SENSITIVE_NAMES).fetchall())
+        stamp = self._names_stamp(stored, stamp)
         if not hasattr(self, "salt"):
             try:
                 self.salt = bytes.fromhex(stored["salt"])
@@ -2430,12 +2413,12 @@ class _Store:
                 changes = self.change_stamp()
             if changes is not None and remembered[0] == (changes, writes):
                 return remembered[1]
-        # Otherwise one statement reads the rows and, where the store has one, the stamp.
+        # Otherwise one statement reads the rows and what tells whether the names changed.
         with self.reading():
-            changes, rows = self._read_request_and_ready(identity_key)
+            names_stamp, changes, rows = self._read_request_and_ready(identity_key)
         sensitive = getattr(local, "sensitive", None)
-        if sensitive is not None and (changes is None or sensitive[0] != changes):
-            local.sensitive = None  # The cache changed: the next identity re-reads the names.
+        if sensitive is not None and (names_stamp is None or sensitive[0] != names_stamp):
+            local.sensitive = None  # They may have: the next identity re-reads the names.
         split = len(_REQUEST_COLUMNS)
         result = (_record(_REQUEST_COLUMNS, rows[0][:split]) if rows else None,
                   [_record(_VERSION_COLUMNS, row[split:]) for row in rows if row[split] is not None])
@@ -2445,9 +2428,15 @@ class _Store:
             memo[identity_key] = ((changes, writes), result)
         return result
 
-    def _read_request_and_ready(self, identity_key: str) -> tuple[Any, list]:
-        """(the change stamp or None, the rows of ``_SQL_REQUEST_AND_READY``)."""
-        return None, self._run(_SQL_REQUEST_AND_READY, identity_key).fetchall()
+    def _read_request_and_ready(self, identity_key: str) -> tuple[Any, Any, list]:
+        """(a stamp of the sensitive names as ``_names_stamp`` makes it, the change stamp,
+        the rows of ``_SQL_REQUEST_AND_READY``); a stamp is None where the store has none."""
+        return None, None, self._run(_SQL_REQUEST_AND_READY, identity_key).fetchall()
+
+    def _names_stamp(self, stored: dict, change_stamp):
+        """What tells, on the fetch path, whether the sensitive names read as ``stored``
+        (at ``change_stamp``) may have changed since."""
+        return change_stamp
 
     def request_and_versions(self, request_id: int):
         """(request record or None, all its version records newest first), in one query.
@@ -2493,6 +2482,15 @@ class _Store:
             f'UPDATE "{table}" SET ' + ", ".join(f'"{name}" = ?' for name in names) + ' WHERE "id" = ?'))
         with self.reading():
             return self._run(sql, *changes.values(), row_id).rowcount
+
+    def owned_by(self, claim) -> peewee.Expression:
+        """The lease-ownership condition, written here only: the version row ``claim``
+        took, still recorded as leased to ``claim.owner``. Another process takes a lease
+        over only by writing its own owner there, so a download that finds this false
+        has lost its lease and must stop writing. (``publish_first_version`` states the
+        same condition in SQL text.)"""
+        version = self.tables.version
+        return (version.id == claim.row_id) & (version.lease_owner == claim.owner)
 
     def publish_first_version(self, row_id: int, owner: str, request_id: int, changes: dict) -> bool:
         """UPDATE the version row ``row_id`` with ``changes`` if ``owner`` still holds its
@@ -2673,6 +2671,351 @@ class _Store:
                 "Content %s is corrupted; %d version(s) marked failed.", content.hash_hex, len(rows))
         return [row.id for row in rows]
 
+    # --- named transitions: pins, tags, collection, listing, maintenance ---
+    #
+    # Each method runs its statements in one transaction of its own (``writing()`` or
+    # ``reading()``), unless its docstring says it runs inside the caller's write
+    # transaction. Policy stays with the caller: where a decision must be taken on the
+    # rows a transaction reads (what GC removes, whether a version is the one meant),
+    # the caller passes it in as a function and the store runs it inside.
+
+    def request_ids(self, identity_key: str | None = None) -> list[int]:
+        """The ids of every request, or of the one with ``identity_key`` (empty when none)."""
+        with self.reading() as t:
+            query = t.request.select(t.request.id)
+            if identity_key is not None:
+                query = query.where(t.request.identity_key == identity_key)
+            return [row[0] for row in query.tuples()]
+
+    def collect_request(self, request_id: int,
+                        select: Callable[[Any, list, float], dict]) -> tuple[dict, int]:
+        """Collect garbage of one request in one write transaction: read the request and
+        all its version records (newest first), let ``select(request, rows, now)`` say
+        which to remove (``{version id: (row, reason)}``, see ``_gc_selection``), and remove
+        them (see ``collect_versions``). Returns (the removals, bytes freed); nothing is
+        removed when the request is gone or ``select`` raises."""
+        with self.writing():
+            now = self.now()
+            request, rows = self.request_and_versions(request_id)
+            if request is None:
+                return {}, 0
+            removals = select(request, rows, now)
+            if not removals:
+                return {}, 0
+            return removals, self.collect_versions(request, removals, now)
+
+    def collect_versions(self, request, removals: dict, now: float) -> int:
+        """Delete the version rows ``removals`` names (``{version id: (row, reason)}``) of
+        ``request``, remembering the ready ones as removed ("collected", for ``as_of``),
+        then the contents they leave unreferenced. Runs inside the caller's write
+        transaction; returns the bytes freed."""
+        version = self.tables.version
+        removed = [row for row, _ in removals.values()]
+        _record_removed(self.tables, request, [row for row in removed if row.status == "ready"],
+                        "collected", now)
+        version.delete().where(version.id.in_(list(removals))).execute()
+        return self.delete_unreferenced_contents(
+            {row.content_id for row in removed if row.content_id is not None})
+
+    def delete_unreferenced_contents(self, content_ids: set) -> int:
+        """Delete those of ``content_ids`` no version points to (their chunks follow).
+        Runs inside the caller's write transaction; returns the bytes freed."""
+        t = self.tables
+        freed = 0
+        for content_id in content_ids:
+            if t.version.select().where(t.version.content_id == content_id).exists():
+                continue
+            content = t.content.get_or_none(t.content.id == content_id)
+            if content is not None:
+                freed += content.size_bytes or 0
+                t.content.delete().where(t.content.id == content_id).execute()
+        return freed
+
+    def prune_removed(self, keep: int, identity_key: str | None = None) -> int:
+        """Forget the oldest removed-version records of each identity (or of ``identity_key``)
+        beyond the newest ``keep``, among those cached before every ready version of that
+        identity (all of them when it has none, e.g. after ``delete``): ``as_of`` at such a
+        moment has no ready version to answer with, so it raises NotCachedError with or
+        without the record, which only names the removed version. Newer records stay: without
+        them ``as_of`` could answer with an older version that was not current then. One
+        write transaction; returns how many records were removed."""
+        with self.writing() as t:
+            removed = t.removed_version
+            crowded = removed.select(removed.identity_key).group_by(removed.identity_key).having(
+                peewee.fn.COUNT(removed.id) > keep)
+            if identity_key is not None:
+                crowded = crowded.where(removed.identity_key == identity_key)
+            pruned = 0
+            for (key,) in list(crowded.tuples()):
+                oldest_ready = (t.version.select(peewee.fn.MIN(t.version.cached_unix))
+                                .join(t.request, on=(t.version.request_id == t.request.id))
+                                .where((t.request.identity_key == key) & (t.version.status == "ready"))
+                                .scalar())
+                only_named = removed.identity_key == key
+                if oldest_ready is not None:
+                    only_named &= removed.cached_unix.is_null() | (removed.cached_unix < oldest_ready)
+                ids = [row[0] for row in removed.select(removed.id).where(only_named)
+                       .order_by(removed.version.desc(), removed.id.desc()).offset(keep).tuples()]
+                for start in range(0, len(ids), 500):
+                    pruned += removed.delete().where(removed.id.in_(ids[start:start + 500])).execute()
+            return pruned
+
+    def request_row(self, identity_key: str):
+        """The request row with this identity key (a model instance), or None."""
+        with self.reading() as t:
+            return t.request.get_or_none(t.request.identity_key == identity_key)
+
+    def request_rows(self, group: str | None = None) -> list:
+        """Every request row (of ``group`` when given), oldest first."""
+        with self.reading() as t:
+            query = t.request.select().order_by(t.request.id)
+            if group is not None:
+                query = query.where(t.request.group_name == group)
+            return list(query)
+
+    def versions_of(self, request_id: int, status: str | None = None) -> list:
+        """The version rows of a request (those of ``status`` when given), newest first."""
+        with self.reading() as t:
+            query = t.version.select().where(t.version.request_id == request_id)
+            if status is not None:
+                query = query.where(t.version.status == status)
+            return list(query.order_by(t.version.version.desc()))
+
+    def counts(self) -> dict:
+        """What ``stats()`` counts, read in one go: ``versions`` (status -> rows, as
+        stored), ``content_bytes`` and ``unique_contents`` (complete contents),
+        ``partial_bytes`` (contents still partial or found corrupted), ``requests``."""
+        with self.reading() as t:
+            per_status = dict(t.version.select(t.version.status, peewee.fn.COUNT(t.version.id))
+                              .group_by(t.version.status).tuples())
+            complete = t.content.hash_hex.is_null(False)
+            content_bytes, unique = (t.content.select(peewee.fn.COALESCE(peewee.fn.SUM(t.content.size_bytes), 0),
+                                                      peewee.fn.COUNT(t.content.id))
+                                     .where(complete).tuples().get())
+            partial = (t.content.select(peewee.fn.COALESCE(peewee.fn.SUM(t.content.size_bytes), 0))
+                       .where(~complete).scalar())
+            requests = t.request.select().count()
+        return {"versions": per_status, "content_bytes": content_bytes, "unique_contents": unique,
+                "partial_bytes": partial, "requests": requests}
+
+    def _checked_version(self, version_id: int, check: Callable[[Any, str | None], None]):
+        """(the version row ``version_id``, the URL of its request) once ``check(row or
+        None, url or None)`` has accepted them (it raises when the row is not the version
+        the caller means). Runs inside the caller's transaction."""
+        t = self.tables
+        row = t.version.get_or_none(t.version.id == version_id)
+        url = None if row is None else (
+            t.request.select(t.request.url).where(t.request.id == row.request_id).scalar())
+        check(row, url)
+        return row, url
+
+    def _answered(self, version_id: int, url: str, answer: Callable[[Any, str, list], Any]):
+        """``answer(row, url, ready rows of its request newest first)`` for the version row
+        as it is now. Runs inside the caller's transaction, so an answer that fails
+        undoes the change made before it."""
+        t = self.tables
+        row = t.version.get_or_none(t.version.id == version_id)
+        return answer(row, url, self.ready_rows(row.request_id))
+
+    def extend_lease(self, row, seconds: float) -> None:
+        """Lease the version ``row`` for ``seconds`` from now, never shortening a running
+        lease; the new end is mirrored on ``row``. Runs inside the caller's write transaction."""
+        version = self.tables.version
+        until = self.now() + seconds
+        if row.pinned_until_unix is None or row.pinned_until_unix < until:
+            version.update(pinned_until_unix=until).where(version.id == row.id).execute()
+            row.pinned_until_unix = until
+
+    def pin_version(self, version_id: int, *, lease_sec: float | None, check, answer):
+        """Pin a version permanently (``lease_sec`` None) or lease it for ``lease_sec``
+        (see ``extend_lease``), in one write transaction; ``check`` and ``answer`` as in
+        ``_checked_version`` and ``_answered``. Returns the answer."""
+        with self.writing() as t:
+            row, url = self._checked_version(version_id, check)
+            if lease_sec is None:
+                t.version.update(pinned=True).where(t.version.id == row.id).execute()
+            else:
+                self.extend_lease(row, lease_sec)
+            return self._answered(row.id, url, answer)
+
+    def unpin_version(self, version_id: int, *, check, answer):
+        """Clear the permanent pin and any lease of a version, in one write transaction."""
+        with self.writing() as t:
+            row, url = self._checked_version(version_id, check)
+            t.version.update(pinned=False, pinned_until_unix=None).where(t.version.id == row.id).execute()
+            return self._answered(row.id, url, answer)
+
+    def lease_version(self, version_id: int, lease_sec: float, *, check, answer) -> tuple[Any, Any, float]:
+        """Lease a version for ``lease_sec`` (see ``extend_lease``) in one write
+        transaction. Returns (the answer, the lease end before, the lease end now), what
+        ``end_lease`` needs."""
+        with self.writing():
+            row, url = self._checked_version(version_id, check)
+            before = row.pinned_until_unix
+            self.extend_lease(row, lease_sec)
+            return self._answered(row.id, url, answer), before, row.pinned_until_unix
+
+    def end_lease(self, version_id: int, before, ours: float) -> None:
+        """Put back the lease end ``before`` of a version, unless its lease end is no
+        longer ``ours`` (someone extended it meanwhile)."""
+        with self.writing() as t:
+            t.version.update(pinned_until_unix=before).where(
+                (t.version.id == version_id) & (t.version.pinned_until_unix == ours)).execute()
+
+    def add_tag(self, version_id: int, tag: str, *, check, answer):
+        """Add ``tag`` to a version's tags unless it is there, in one write transaction."""
+        with self.writing() as t:
+            row, url = self._checked_version(version_id, check)
+            tags = _row_tags(row)
+            if tag not in tags:
+                t.version.update(tags=json.dumps(tags + [tag])).where(t.version.id == row.id).execute()
+            return self._answered(row.id, url, answer)
+
+    def remove_tag(self, version_id: int, tag: str, *, check, answer):
+        """Remove ``tag`` from a version's tags (if there), in one write transaction."""
+        with self.writing() as t:
+            row, url = self._checked_version(version_id, check)
+            tags = [existing for existing in _row_tags(row) if existing != tag]
+            t.version.update(tags=json.dumps(tags)).where(t.version.id == row.id).execute()
+            return self._answered(row.id, url, answer)
+
+    def complete_contents(self) -> list[tuple]:
+        """(id, hash type, hash, size) of every complete content that is not known to be
+        corrupted: what ``verify()`` re-hashes."""
+        with self.reading() as t:
+            return list(t.content.select(t.content.id, t.content.hash_type, t.content.hash_hex,
+                                         t.content.size_bytes)
+                        .where(t.content.hash_hex.is_null(False)).tuples())
+
+    def _versions_where(self, condition) -> tuple[list, dict[int, str]]:
+        """(the version rows matching ``condition``, by request and version; request id ->
+        URL of every request)."""
+        with self.reading() as t:
+            rows = list(t.version.select().where(condition)
+                        .order_by(t.version.request_id, t.version.version))
+            urls = dict(t.request.select(t.request.id, t.request.url).tuples())
+        return rows, urls
+
+    def ready_versions_holding(self, content_ids: list[int]) -> tuple[list, dict[int, str]]:
+        """(the ready version rows holding one of ``content_ids``, request id -> URL)."""
+        version = self.tables.version
+        return self._versions_where((version.status == "ready") & version.content_id.in_(content_ids))
+
+    def versions_marked_corrupted(self) -> tuple[list, dict[int, str]]:
+        """(the failed version rows whose download stats name the corrupted-content error
+        (see ``mark_content_corrupted``), request id -> URL)."""
+        version = self.tables.version
+        return self._versions_where((version.status == "failed")
+                                     & version.download_stats.contains(CORRUPTED_ERROR))
+
+    def every_row(self) -> tuple[list, list]:
+        """(every request row, every version row), for reading each one back."""
+        with self.reading() as t:
+            return list(t.request.select()), list(t.version.select())
+
+    def delete_request(self, identity_key: str) -> tuple[int, int]:
+        """Delete a request and all its versions in one write transaction, remembering
+        its ready versions as removed ("deleted", for ``as_of``), then the contents no
+        other version uses. Returns (version rows removed, bytes freed); (0, 0) for an
+        unknown request."""
+        with self.writing() as t:
+            request = self.request_row(identity_key)
+            if request is None:
+                return 0, 0
+            content_ids = {row[0] for row in t.version.select(t.version.content_id).where(
+                (t.version.request_id == request.id) & t.version.content_id.is_null(False)).tuples()}
+            _record_removed(t, request, list(t.version.select().where(
+                (t.version.request_id == request.id) & (t.version.status == "ready"))), "deleted", self.now())
+            removed = t.version.delete().where(t.version.request_id == request.id).execute()
+            t.request.delete().where(t.request.id == request.id).execute()
+            return removed, self.delete_unreferenced_contents(content_ids)
+
+    def content_size_and_hash_type(self, content_id: int) -> tuple[int | None, str | None]:
+        """(size, hash type) of a content; (None, None) when it is gone."""
+        with self.reading() as t:
+            return t.content.select(t.content.size_bytes, t.content.hash_type).where(
+                t.content.id == content_id).tuples().first() or (None, None)
+
+    def import_version(self, source: "_Store", request_columns: dict, version_columns: dict,
+                       source_content_id: int) -> tuple[bool, str]:
+        """Add one ready version of ``source`` (another cache) to this one, in one write
+        transaction: its request (``request_columns``) unless one with that identity is
+        here, then a ready version row with ``version_columns`` (its version string, hash,
+        pins, tags, times...) and its content: the one this cache holds with that hash, or
+        a copy of ``source_content_id`` (see ``copy_content_from``; _ContentMismatch undoes
+        everything). Nothing is added when the request here already has that version
+        string or is hashed with another type. Returns (whether the version was added,
+        the hash type of the request here)."""
+        with self.writing() as t:
+            target = self.request_row(request_columns["identity_key"])
+            if target is None:
+                request_id = t.request.insert(**request_columns).execute()
+                hash_type = request_columns["validation_hash_type"]
+            else:
+                request_id, hash_type = target.id, target.validation_hash_type
+                if hash_type != request_columns["validation_hash_type"]:
+                    return False, hash_type
+            if t.version.select().where((t.version.request_id == request_id)
+                                        & (t.version.version == version_columns["version"])).exists():
+                return False, hash_type
+            hash_hex = version_columns["content_hash_hex"]
+            content = t.content.get_or_none((t.content.hash_type == hash_type)
+                                            & (t.content.hash_hex == hash_hex))
+            content_id = content.id if content is not None else self.copy_content_from(
+                source, source_content_id, hash_type, hash_hex)
+            t.version.insert(request_id=request_id, content_id=content_id, status="ready",
+                             **version_columns).execute()
+            return True, hash_type
+
+    def copy_content_from(self, source: "_Store", source_content_id: int, hash_type: str,
+                          hash_hex: str) -> int:
+        """Copy a content chunk by chunk from ``source`` into this cache, checking its hash
+        (_ContentMismatch when it differs). Runs inside the caller's write transaction;
+        returns the new content id."""
+        t = self.tables
+        content_id = t.content.insert(hash_type=hash_type, hash_hex=None, size_bytes=0).execute()
+        hasher, size = hashlib.new(hash_type), 0
+        for seq, data in enumerate(source.iter_chunks(source_content_id)):
+            hasher.update(data)
+            size += len(data)
+            t.chunk.insert(content_id=content_id, seq=seq, data=data).execute()
+        if hasher.hexdigest() != hash_hex:
+            raise _ContentMismatch(f"its content hashes to {hasher.hexdigest()}, not {hash_hex}")
+        t.content.update(hash_hex=hash_hex, size_bytes=size).where(t.content.id == content_id).execute()
+        return content_id
+
+    def keep_requests(self, requests: list, keep: dict[int, str | None]) -> None:
+        """For a private copy, in one write transaction: delete every request of
+        ``requests`` (its rows) that ``keep`` does not name, with its versions; of each
+        request ``keep`` maps to a content hash, every version but the ready ones with
+        that hash (the ready ones remembered as removed, "not locked", so ``as_of`` in
+        the copy never answers with an older version than the one current then); then
+        every content no version uses."""
+        dropped = [row.id for row in requests if row.id not in keep]
+        by_id = {row.id: row for row in requests}
+        with self.writing() as t:
+            now = self.now()
+            for start in range(0, len(dropped), 500):
+                batch = dropped[start:start + 500]
+                t.version.delete().where(t.version.request_id.in_(batch)).execute()
+                t.request.delete().where(t.request.id.in_(batch)).execute()
+            for request_id, digest in keep.items():
+                if digest is not None:
+                    unlocked = (t.version.request_id == request_id) & (
+                        (t.version.status != "ready") | (t.version.content_hash_hex != digest))
+                    _record_removed(t, by_id[request_id], list(t.version.select().where(
+                        unlocked & (t.version.status == "ready"))), "not locked", now)
+                    t.version.delete().where(unlocked).execute()
+            used = t.version.select(t.version.content_id).where(t.version.content_id.is_null(False))
+            t.content.delete().where(t.content.id.not_in(used)).execute()  # chunks follow (cascade)
+
+    def replace_salt(self, salt: bytes) -> None:
+        """Make ``salt`` this cache's salt, in one write transaction (a copy of another
+        cache takes its salt, so the sensitive values digested there still match)."""
+        with self.writing() as t:
+            t.meta.update(value=salt.hex()).where(t.meta.key == "salt").execute()
+        self.salt = salt
+
 
 class _SqliteStore(_Store):
     """A cache in one SQLite file: WAL, one writer at a time (``BEGIN IMMEDIATE``), the
@@ -2724,10 +3067,10 @@ class _SqliteStore(_Store):
     def change_stamp(self) -> int:
         return _sqlite_change_counter(self.db)
 
-    def _read_request_and_ready(self, identity_key: str) -> tuple[Any, list]:
+    def _read_request_and_ready(self, identity_key: str) -> tuple[Any, Any, list]:
         rows = self._run(_SQL_STAMPED_REQUEST_AND_READY, identity_key).fetchall()
         # One row at least (the stamp's), with empty request columns when there is no request.
-        return rows[0][0], [row[1:] for row in rows if row[1] is not None]
+        return rows[0][0], rows[0][0], [row[1:] for row in rows if row[1] is not None]
 
     def structural_problems(self) -> list[str]:
         """``PRAGMA integrity_check`` and ``foreign_key_check``, as sentences."""
@@ -2906,6 +3249,15 @@ class _PostgresStore(_Store):
         """Results in binary form: a ``bytea`` chunk then arrives as its bytes, not as
         hex text of twice the size that both ends must encode and decode."""
         return connection.execute(sql, values, binary=True)
+
+    def _read_request_and_ready(self, identity_key: str) -> tuple[Any, Any, list]:
+        # No cheap change counter: the rows are always read, and the stored sensitive
+        # names come along (as ``_names_stamp`` writes them) to tell whether they changed.
+        rows = self._run(_SQL_NAMED_REQUEST_AND_READY, identity_key).fetchall()
+        return rows[0][0], None, [row[1:] for row in rows if row[1] is not None]
+
+    def _names_stamp(self, stored: dict, change_stamp) -> str:
+        return ";".join(f"{key}={value}" for key, value in sorted(stored.items()))
 
     def _inserted_id(self, sql: str, values) -> int | None:
         text = self._statement(("returning id", sql), lambda: sql + ' RETURNING "id"')
@@ -4404,7 +4756,7 @@ class _LeaseKeeper:
         try:
             with self.store.writing() as t:
                 renewed = t.version.update(lease_expires_unix=self.store.now() + self.lease_sec).where(
-                    (t.version.id == claim.row_id) & (t.version.lease_owner == claim.owner)).execute()
+                    self.store.owned_by(claim)).execute()
         except BuffyliteError as exc:  # try again at the next beat
             log.debug("Renewing the download lease failed: %s", exc)
             return
@@ -4567,8 +4919,7 @@ class _Sink:
         takes a lease over only by writing its own owner, and judging the lease end by
         this process's clock would make a clock jump end a live download."""
         owned = t.version.select().where(
-            (t.version.id == self._claim.row_id) & (t.version.lease_owner == self._claim.owner)
-            & (t.version.lease_expires_unix > 0)).exists()
+            self._store.owned_by(self._claim) & (t.version.lease_expires_unix > 0)).exists()
         if not owned:
             raise _LeaseLost()
 
@@ -4990,9 +5341,6 @@ class Cache:
             self._plain_identities[memo_key] = identity
         return identity
 
-    def _find_request(self, t: _Tables, identity: _Identity):
-        return t.request.get_or_none(t.request.identity_key == identity.key)
-
     def _response(self, row, url: str, chain: list[str], outcome: str | None = None) -> Response:
         """Build the public object for a version row; ``chain`` is the request's ready
         versions in ascending order (for previous/next)."""
@@ -5028,13 +5376,6 @@ class Cache:
     def _responses(self, rows: list, url: str, ready_rows: list, outcome: str | None = "cached"):
         chain = sorted(row.version for row in ready_rows)
         return [self._response(row, url, chain, outcome) for row in rows]
-
-    def _response_for_row_id(self, t: _Tables, row_id: int, outcome: str = "cached") -> Response:
-        row = t.version.get_or_none(t.version.id == row_id)
-        if row is None:
-            raise NotCachedError(f"Version row {row_id} is no longer in the cache {self.path}.")
-        request = t.request.get_by_id(row.request_id)
-        return self._responses([row], request.url, self._store.ready_rows(row.request_id), outcome)[0]
 
     def _configuration_of(self, request_row) -> RequestCacheConfiguration:
         # Parsed once per row object (rows are re-read whenever the file changes).
@@ -5414,11 +5755,11 @@ class Cache:
             raise NotCachedError(f"{call.identity.url} is not in the cache {self.path}"
                                  + (" (offline)." if call.offline else "."))
         if call.pin_for is not None:
-            with self._store.writing() as t:
+            with self._store.writing():
                 ready = self._store.ready_rows(request.id)
                 chosen = self._choose(call, ready, self._store.now(), hard=hard)
                 if chosen is not None:
-                    self._extend_lease(t, chosen, call.pin_for)
+                    self._store.extend_lease(chosen, call.pin_for)
         else:
             chosen = self._choose(call, ready, self._store.now(), hard=hard)
         if call.as_of is not None:
@@ -5455,13 +5796,6 @@ class Cache:
             wanted.append(f"as_of={call.as_of.isoformat()}")
         return (f"No cached version of {call.identity.url} matches "
                 f"{', '.join(wanted) or 'the request'} in {self.path}.")
-
-    def _extend_lease(self, t: _Tables, row, seconds: float) -> None:
-        """Lease ``row`` for ``seconds`` from now; never shortens a running lease."""
-        until = self._store.now() + seconds
-        if row.pinned_until_unix is None or row.pinned_until_unix < until:
-            t.version.update(pinned_until_unix=until).where(t.version.id == row.id).execute()
-            row.pinned_until_unix = until
 
     def _update_request_settings(self, call: _FetchCall, request) -> None:
         """Store a changed configuration / description / hash type passed to fetch()."""
@@ -5753,8 +6087,7 @@ class Cache:
         reclaims the row later."""
         try:
             with self._store.writing() as t:
-                row = t.version.get_or_none((t.version.id == claim.row_id)
-                                            & (t.version.lease_owner == claim.owner))
+                row = t.version.get_or_none(self._store.owned_by(claim))
                 if row is not None:
                     t.version.delete().where(t.version.id == row.id).execute()
                     if row.content_id is not None:
@@ -5768,8 +6101,7 @@ class Cache:
         with contextlib.suppress(Exception):
             sink.flush()
         with contextlib.suppress(Exception), self._store.writing() as t:
-            t.version.update(lease_expires_unix=0.0).where(
-                (t.version.id == claim.row_id) & (t.version.lease_owner == claim.owner)).execute()
+            t.version.update(lease_expires_unix=0.0).where(self._store.owned_by(claim)).execute()
 
     def _finish(self, call: _FetchCall, claim: _Claim, request, kind: str, *,
                 completed: _Completed | _NotModified | None = None,
@@ -5868,7 +6200,7 @@ class Cache:
             ready = [candidate for candidate in rows if candidate.status == "ready"]
             chosen = self._choose(call, ready, now)
             if chosen is not None and call.pin_for is not None:
-                self._extend_lease(t, chosen, call.pin_for)
+                self._store.extend_lease(chosen, call.pin_for)
         if freed:
             self._store.give_back_free_pages(checkpoint=False)
 
@@ -5957,55 +6289,42 @@ class Cache:
 
     # --- garbage collection -------------------------------------------------------------
 
-    def _collect_request(self, t: _Tables, request_id: int, now: float, *, request=None,
-                         rows: list | None = None) -> tuple[dict, int]:
-        """Apply the GC rules (see ``gc``) to one request. Runs inside the caller's write
-        transaction; reads only this request's rows (index on request_id), or none when
-        the caller passes the request and its version records read in this transaction
-        (newest first; the removed ones are taken out of ``rows``). A damaged stored
-        value of the request raises _DamagedValueError (nothing is removed)."""
-        try:
-            return self._collect_request_of(t, request_id, now, request, rows)
-        except _DAMAGE_ERRORS as exc:
-            raise _DamagedValueError(
-                f"A stored version of request {request_id} in the cache {self.path} is damaged and "
-                f"cannot be read: {type(exc).__name__}.", path=self.path) from exc
-
-    def _collect_request_of(self, t: _Tables, request_id: int, now: float, request,
-                            given: list | None) -> tuple[dict, int]:
-        if given is None:
-            request, rows = self._store.request_and_versions(request_id)
-        else:
-            rows = given
-        if request is None:
-            return {}, 0
-        removals = _gc_selection(rows, self._configuration_of(request), now, self._is_abandoned_at(now))
+    def _collect_request(self, t: _Tables, request_id: int, now: float, *, request,
+                         rows: list) -> tuple[dict, int]:
+        """Apply the GC rules (see ``gc``) to the request ``request_id``, given that request
+        and its version records read in the caller's write transaction ``t`` (newest
+        first); the store removes them inside that transaction, and the removed ones are
+        taken out of ``rows``. A damaged stored value of the request raises
+        _DamagedValueError (nothing is removed). Returns (removed per reason, bytes freed)."""
+        removals = self._gc_removals(request, rows, now)
         if not removals:
             return {}, 0
-        removed = [row for row, _ in removals.values()]
-        _record_removed(t, request, [row for row in removed if row.status == "ready"], "collected", now)
-        t.version.delete().where(t.version.id.in_(list(removals))).execute()
-        if given is not None:
-            given[:] = [row for row in given if row.id not in removals]
-        freed = self._delete_unreferenced_contents(
-            t, {row.content_id for row in removed if row.content_id is not None})
+        freed = self._store.collect_versions(request, removals, now)
+        rows[:] = [row for row in rows if row.id not in removals]
+        return self._removed_per_reason(removals), freed
+
+    def _gc_removals(self, request, rows: list, now: float) -> dict:
+        """What GC removes of one request (see ``_gc_selection``); _DamagedValueError when
+        a stored value it needs cannot be read."""
+        try:
+            return _gc_selection(rows, self._configuration_of(request), now, self._is_abandoned_at(now))
+        except _DAMAGE_ERRORS as exc:
+            raise _DamagedValueError(
+                f"A stored version of request {request.id} in the cache {self.path} is damaged and "
+                f"cannot be read: {type(exc).__name__}.", path=self.path) from exc
+
+    @staticmethod
+    def _removed_per_reason(removals: dict) -> dict[str, int]:
+        """How many of ``removals`` (``{version id: (row, reason)}``) each reason removes."""
         counts: dict[str, int] = {}
         for _, reason in removals.values():
             counts[reason] = counts.get(reason, 0) + 1
-        return counts, freed
+        return counts
 
-    @staticmethod
-    def _delete_unreferenced_contents(t: _Tables, content_ids: set) -> int:
-        """Delete those contents no version points to (their chunks follow); return bytes freed."""
-        freed = 0
-        for content_id in content_ids:
-            if t.version.select().where(t.version.content_id == content_id).exists():
-                continue
-            content = t.content.get_or_none(t.content.id == content_id)
-            if content is not None:
-                freed += content.size_bytes or 0
-                t.content.delete().where(t.content.id == content_id).execute()
-        return freed
+    def _delete_unreferenced_contents(self, t: _Tables, content_ids: set) -> int:
+        """Delete those contents no version points to, inside the caller's write
+        transaction (``t``); return bytes freed."""
+        return self._store.delete_unreferenced_contents(content_ids)
 
     def gc(self, url: str | None = None, *, method: str = "get", params: dict | None = None,
            headers: dict | None = None, body=None, group: str = DEFAULT_GROUP) -> GCReport:
@@ -6023,30 +6342,22 @@ class Cache:
         Returns a GCReport (removed per reason, bytes freed, file size before/after).
         """
         report = GCReport(file_size_before=self._store.file_size())
-        with self._store.reading() as t:
-            if url is None:
-                request_ids = [row[0] for row in t.request.select(t.request.id).tuples()]
-            else:
-                identity_key = self._identity(url, method, params, headers, body, group).key
-                request = t.request.get_or_none(t.request.identity_key == identity_key)
-                request_ids = [request.id] if request is not None else []
-        for request_id in request_ids:
+        identity_key = None if url is None else self._identity(url, method, params, headers, body, group).key
+        for request_id in self._store.request_ids(identity_key):
             # One short transaction per request keeps other writers moving.
             try:
-                with self._store.writing() as t:
-                    counts, freed = self._collect_request(t, request_id, self._store.now())
+                removals, freed = self._store.collect_request(request_id, self._gc_removals)
             except _DamagedValueError as exc:
                 # Only this request cannot be collected; verify() reports it.
                 log.warning("%s Not collected.", exc)
                 continue
-            for reason, count in counts.items():
+            for reason, count in self._removed_per_reason(removals).items():
                 report.removed[reason] += count
             report.bytes_freed += freed
         # The record of removed versions (for as_of) stays bounded too; a deleted
         # request's records are kept by identity, so a full gc looks at all of them.
         if not self._store.read_only:
-            with self._store.writing() as t:
-                _prune_removed(t, REMOVED_VERSION_RECORDS_KEPT, None if url is None else identity_key)
+            self._store.prune_removed(REMOVED_VERSION_RECORDS_KEPT, identity_key)
         self._store.give_back_free_pages(checkpoint=True)
         report.file_size_after = self._store.file_size()
         _sweep_content_files(self)  # files and folders of content no longer stored
@@ -6079,19 +6390,13 @@ class Cache:
                     headers: dict | None = None, body=None, group: str = DEFAULT_GROUP) -> Request | None:
         """The stored Request for this identity, or None when it was never fetched."""
         identity = self._identity(url, method, params, headers, body, group)
-        with self._store.reading() as t:
-            row = self._find_request(t, identity)
-            return self._request_model(row) if row is not None else None
+        row = self._store.request_row(identity.key)
+        return self._request_model(row) if row is not None else None
 
     def requests(self, group: str | None = None) -> list[Request]:
         """Every stored request (of ``group`` when given), oldest first."""
-        with self._store.reading() as t:
-            query = t.request.select().order_by(t.request.id)
-            if group is not None:
-                query = query.where(t.request.group_name == group)
-            rows = list(query)
         found = []
-        for row in rows:
+        for row in self._store.request_rows(group):
             try:
                 found.append(self._request_model(row))
             except _DamagedValueError as exc:
@@ -6113,16 +6418,12 @@ class Cache:
                                       f"not {status!r}.")
         tag = self._check_tag(tag)
         identity = self._identity(url, method, params, headers, body, group)
-        with self._store.reading() as t:
-            request = self._find_request(t, identity)
-            if request is None:
-                return []
-            query = t.version.select().where(t.version.request_id == request.id)
-            if status is not None:
-                query = query.where(t.version.status == status)
-            rows = list(query.order_by(t.version.version.desc()))
-            ready = [row for row in rows if row.status == "ready"] if status in (None, "ready") \
-                else self._store.ready_rows(request.id)
+        request = self._store.request_row(identity.key)
+        if request is None:
+            return []
+        rows = self._store.versions_of(request.id, status)
+        ready = [row for row in rows if row.status == "ready"] if status in (None, "ready") \
+            else self._store.ready_rows(request.id)
         now = self._store.now()
         try:
             rows = [row for row in rows if _matches(row, tag=tag, pinned=pinned, now=now)]
@@ -6141,9 +6442,8 @@ class Cache:
         if version != "latest":
             self._check_version_string("version", version)
         identity = self._identity(url, method, params, headers, body, group)
-        with self._store.reading() as t:
-            request = self._find_request(t, identity)
-            ready = self._store.ready_rows(request.id) if request is not None else []
+        request = self._store.request_row(identity.key)
+        ready = self._store.ready_rows(request.id) if request is not None else []
         chosen = next((row for row in ready if version in ("latest", row.version)), None)
         if chosen is None:
             raise NotCachedError(f"No ready version {version!r} of {identity.url} in {self.path}.")
@@ -6155,22 +6455,15 @@ class Cache:
         (downloads kept for resume), files_bytes and unpacked_bytes (held beside the cache file
         by ``as_file()`` and ``unpack()``), schema_version, database (its kind and version;
         for an SQLite file also sqlite_version)."""
-        with self._store.reading() as t:
-            per_status = dict.fromkeys(VERSION_STATUSES, 0)
-            for status, count in (t.version.select(t.version.status, peewee.fn.COUNT(t.version.id))
-                                  .group_by(t.version.status).tuples()):
-                if status in per_status:  # a damaged status is verify()'s to report
-                    per_status[status] = count
-            complete = t.content.hash_hex.is_null(False)
-            content_bytes, unique = (t.content.select(peewee.fn.COALESCE(peewee.fn.SUM(t.content.size_bytes), 0),
-                                                      peewee.fn.COUNT(t.content.id))
-                                     .where(complete).tuples().get())
-            partial = (t.content.select(peewee.fn.COALESCE(peewee.fn.SUM(t.content.size_bytes), 0))
-                       .where(~complete).scalar())
-            requests = t.request.select().count()
+        counts = self._store.counts()
+        per_status = dict.fromkeys(VERSION_STATUSES, 0)
+        for status, count in counts["versions"].items():
+            if status in per_status:  # a damaged status is verify()'s to report
+                per_status[status] = count
         return {"path": str(self.path), "file_size_bytes": self._store.file_size(),
-                "requests": requests, "versions": per_status, "content_bytes": int(content_bytes),
-                "unique_contents": int(unique), "partial_bytes": int(partial),
+                "requests": counts["requests"], "versions": per_status,
+                "content_bytes": int(counts["content_bytes"]),
+                "unique_contents": int(counts["unique_contents"]), "partial_bytes": int(counts["partial_bytes"]),
                 "files_bytes": _bytes_under(_files_root(self)),
                 "unpacked_bytes": _bytes_under(_unpacked_root(self)),
                 "schema_version": self._store.schema_version(),
@@ -6178,21 +6471,30 @@ class Cache:
 
     # --- pins, leases, tags ---------------------------------------------------------------
 
-    def _row_of(self, t: _Tables, response: Response):
+    def _version_check(self, response: Response) -> Callable[[Any, str | None], None]:
+        """For a change to the version ``response`` names: a check the store runs on the
+        row with its id (see ``_Store._checked_version``), raising NotCachedError when
+        that row is gone or is another version."""
+        # A read-only cache refuses the change before the argument is looked at.
+        self._store.require_writable()
         if not isinstance(response, Response):
             raise InvalidRequestError(f"Expected a Response, not {type(response).__name__}.")
-        row = t.version.get_or_none(t.version.id == response.id)
-        # Row ids are per file: a Response of another cache may share this id with an
-        # unrelated version here. The version and its request must be the same too.
-        if row is not None and (row.version != response.version or row.request_id != response.request_id
-                                or t.request.select(t.request.url).where(t.request.id == row.request_id)
-                                .scalar() != response.url):
-            # As when the id is free: that version is not in this cache.
-            raise NotCachedError(f"Version {response.version} of {response.url} is not in {self.path} "
-                                 "(a Response of another cache?).")
-        if row is None:
-            raise NotCachedError(f"Version {response.version} of {response.url} is no longer in {self.path}.")
-        return row
+
+        def check(row, url: str | None) -> None:
+            # Row ids are per file: a Response of another cache may share this id with an
+            # unrelated version here. The version and its request must be the same too.
+            if row is not None and (row.version != response.version or row.request_id != response.request_id
+                                    or url != response.url):
+                # As when the id is free: that version is not in this cache.
+                raise NotCachedError(f"Version {response.version} of {response.url} is not in {self.path} "
+                                     "(a Response of another cache?).")
+            if row is None:
+                raise NotCachedError(f"Version {response.version} of {response.url} is no longer in {self.path}.")
+        return check
+
+    def _answer(self, row, url: str, ready: list) -> Response:
+        """The Response a pin, lease or tag returns: the version as it is now."""
+        return self._responses([row], url, ready, "cached")[0]
 
     def pin(self, response: Response, *, seconds: float | None = None) -> Response:
         """Pin a version: permanently (``seconds=None``; only the pinned GC may remove it,
@@ -6200,57 +6502,38 @@ class Cache:
         touches while it runs (extending, never shortening, a running lease)."""
         if seconds is not None:
             seconds = _check_seconds("seconds", seconds, allow_zero=False)
-        with self._store.writing() as t:
-            row = self._row_of(t, response)
-            if seconds is None:
-                t.version.update(pinned=True).where(t.version.id == row.id).execute()
-            else:
-                self._extend_lease(t, row, seconds)
-            return self._response_for_row_id(t, row.id)
+        check = self._version_check(response)
+        return self._store.pin_version(response.id, lease_sec=seconds, check=check, answer=self._answer)
 
     def unpin(self, response: Response) -> Response:
         """Clear the permanent pin and any lease of a version."""
-        with self._store.writing() as t:
-            row = self._row_of(t, response)
-            t.version.update(pinned=False, pinned_until_unix=None).where(t.version.id == row.id).execute()
-            return self._response_for_row_id(t, row.id)
+        check = self._version_check(response)
+        return self._store.unpin_version(response.id, check=check, answer=self._answer)
 
     @contextlib.contextmanager
     def lease(self, response: Response, seconds: float) -> Iterator[Response]:
         """Lease a version for the ``with`` block (at most ``seconds``); on exit put back
         the lease end that was there before, unless someone extended it further meanwhile."""
         seconds = _check_seconds("seconds", seconds, allow_zero=False)
-        with self._store.writing() as t:
-            row = self._row_of(t, response)
-            before = row.pinned_until_unix
-            self._extend_lease(t, row, seconds)
-            ours = row.pinned_until_unix
-            leased = self._response_for_row_id(t, row.id)
+        check = self._version_check(response)
+        leased, before, ours = self._store.lease_version(response.id, seconds, check=check,
+                                                         answer=self._answer)
         try:
             yield leased
         finally:
-            with self._store.writing() as t:
-                t.version.update(pinned_until_unix=before).where(
-                    (t.version.id == row.id) & (t.version.pinned_until_unix == ours)).execute()
+            self._store.end_lease(response.id, before, ours)
 
     def tag(self, response: Response, tag: str) -> Response:
         """Add a tag (2-64 characters of A-Z a-z 0-9 _ -) to a version."""
         tag = self._check_tag(tag)
-        with self._store.writing() as t:
-            row = self._row_of(t, response)
-            tags = _row_tags(row)
-            if tag not in tags:
-                t.version.update(tags=json.dumps(tags + [tag])).where(t.version.id == row.id).execute()
-            return self._response_for_row_id(t, row.id)
+        check = self._version_check(response)
+        return self._store.add_tag(response.id, tag, check=check, answer=self._answer)
 
     def untag(self, response: Response, tag: str) -> Response:
         """Remove a tag from a version (no error if it was not there)."""
         tag = self._check_tag(tag)
-        with self._store.writing() as t:
-            row = self._row_of(t, response)
-            tags = [existing for existing in _row_tags(row) if existing != tag]
-            t.version.update(tags=json.dumps(tags)).where(t.version.id == row.id).execute()
-            return self._response_for_row_id(t, row.id)
+        check = self._version_check(response)
+        return self._store.remove_tag(response.id, tag, check=check, answer=self._answer)
 
     # --- maintenance ----------------------------------------------------------------------
 
@@ -6272,10 +6555,7 @@ class Cache:
         except CacheFileError as exc:
             report.problems.append(str(exc))
         try:
-            with self._store.reading() as t:
-                contents = list(t.content.select(t.content.id, t.content.hash_type, t.content.hash_hex,
-                                                 t.content.size_bytes)
-                                .where(t.content.hash_hex.is_null(False)).tuples())
+            contents = self._store.complete_contents()
         except CacheFileError as exc:
             report.problems.append(f"The list of contents cannot be read: {exc}")
             contents = []
@@ -6301,16 +6581,13 @@ class Cache:
         report.corrupted.extend(self._versions_of_contents(unmarked, report.problems))
         return report
 
-    def _listed_versions(self, condition: Callable[[_Tables], Any], what: str,
+    def _listed_versions(self, listing: Callable[[], tuple[list, dict]], what: str,
                          problems: list[str]) -> list[Response]:
-        """The versions matching ``condition(tables)`` as Responses, for verify(): what
-        cannot be listed or read back goes to ``problems`` instead."""
+        """The versions ``listing()`` gives (rows, request id -> URL) as Responses, for
+        verify(): what cannot be listed or read back goes to ``problems`` instead."""
         found = []
         try:
-            with self._store.reading() as t:
-                rows = list(t.version.select().where(condition(t))
-                            .order_by(t.version.request_id, t.version.version))
-                urls = dict(t.request.select(t.request.id, t.request.url).tuples())
+            rows, urls = listing()
         except CacheFileError as exc:
             problems.append(f"The {what} cannot be listed: {exc}")
             return found
@@ -6325,9 +6602,8 @@ class Cache:
         """The ready versions holding one of ``content_ids``, as stored."""
         if not content_ids:
             return []
-        return self._listed_versions(
-            lambda t: (t.version.status == "ready") & t.version.content_id.in_(content_ids),
-            "versions of corrupted contents", problems)
+        return self._listed_versions(lambda: self._store.ready_versions_holding(content_ids),
+                                     "versions of corrupted contents", problems)
 
     def _content_is_intact(self, content_id: int, hash_type, hash_hex, size) -> bool:
         """Re-hash one content from one snapshot (a concurrent delete cannot look like
@@ -6349,18 +6625,14 @@ class Cache:
     def _corrupted_versions(self, problems: list[str]) -> list[Response]:
         """Every version marked "content corrupted" that is still stored."""
         return [response for response in self._listed_versions(
-                    lambda t: (t.version.status == "failed")
-                    & t.version.download_stats.contains(CORRUPTED_ERROR),
-                    "versions marked corrupted", problems)
+                    self._store.versions_marked_corrupted, "versions marked corrupted", problems)
                 if response.download_stats.error == CORRUPTED_ERROR]
 
     def _damaged_values(self) -> list[str]:
         """Read every stored request and version back as the API would; name those that fail."""
         problems = []
         try:
-            with self._store.reading() as t:
-                requests = list(t.request.select())
-                versions = list(t.version.select())
+            requests, versions = self._store.every_row()
         except CacheFileError as exc:
             return [f"The requests and versions cannot be read: {exc}"]
         urls = {}
@@ -6411,17 +6683,7 @@ class Cache:
         """Forget a request and all its versions; returns how many version rows were
         removed (0 for an unknown request). Content no other version uses is deleted."""
         identity = self._identity(url, method, params, headers, body, group)
-        with self._store.writing() as t:
-            request = self._find_request(t, identity)
-            if request is None:
-                return 0
-            content_ids = {row[0] for row in t.version.select(t.version.content_id).where(
-                (t.version.request_id == request.id) & t.version.content_id.is_null(False)).tuples()}
-            _record_removed(t, request, list(t.version.select().where(
-                (t.version.request_id == request.id) & (t.version.status == "ready"))), "deleted", self._store.now())
-            removed = t.version.delete().where(t.version.request_id == request.id).execute()
-            t.request.delete().where(t.request.id == request.id).execute()
-            freed = self._delete_unreferenced_contents(t, content_ids)
+        removed, freed = self._store.delete_request(identity.key)
         if freed:
             self._store.give_back_free_pages(checkpoint=False)
         return removed
@@ -6479,12 +6741,8 @@ class Cache:
             # Identities with secret values are keyed by each file's own salt.
             if has_secrets and seed.salt != self._store.salt:
                 continue
-            with seed.reading() as t:
-                seed_request = t.request.get_or_none(t.request.identity_key == call.identity.key)
-                seed_ready = [] if seed_request is None else list(
-                    t.version.select().where((t.version.request_id == seed_request.id)
-                                             & (t.version.status == "ready"))
-                    .order_by(t.version.version.desc()))
+            seed_request = seed.request_row(call.identity.key)
+            seed_ready = [] if seed_request is None else seed.versions_of(seed_request.id, "ready")
             chosen = self._choose(call, seed_ready, self._store.now(), hard=call.is_hard_choice)
             if chosen is None:
                 continue
@@ -6506,33 +6764,18 @@ class Cache:
         if columns is None:
             return False
         try:
-            with self._store.writing() as t:
-                target = t.request.get_or_none(t.request.identity_key == columns["identity_key"])
-                if target is None:
-                    request_id = t.request.insert(**columns).execute()
-                    hash_type = request_row.validation_hash_type
-                else:
-                    request_id, hash_type = target.id, target.validation_hash_type
-                    if hash_type != request_row.validation_hash_type:
-                        log.warning("Not importing version %s of %s: it is hashed with %s, this cache "
-                                    "with %s.", version_row.version, request_row.url,
-                                    request_row.validation_hash_type, hash_type)
-                        return False
-                if t.version.select().where((t.version.request_id == request_id)
-                                            & (t.version.version == version_row.version)).exists():
-                    return False
-                content = t.content.get_or_none((t.content.hash_type == hash_type)
-                                                & (t.content.hash_hex == version_row.content_hash_hex))
-                content_id = content.id if content is not None else _copy_content(
-                    t, source, version_row.content_id, hash_type, version_row.content_hash_hex)
-                t.version.insert(
-                    request_id=request_id, content_id=content_id, status="ready",
-                    **{name: getattr(version_row, name) for name in _IMPORTED_VERSION_COLUMNS}).execute()
-                return True
+            added, hash_type = self._store.import_version(
+                source, columns, {name: getattr(version_row, name) for name in _IMPORTED_VERSION_COLUMNS},
+                version_row.content_id)
         except _ContentMismatch as exc:
             log.warning("Not importing version %s of %s from %s: %s", version_row.version,
                         request_row.url, source.path, exc)
             return False
+        if hash_type != request_row.validation_hash_type:
+            log.warning("Not importing version %s of %s: it is hashed with %s, this cache "
+                        "with %s.", version_row.version, request_row.url,
+                        request_row.validation_hash_type, hash_type)
+        return added
 
     def _imported_request_columns(self, source: _Store, request_row, version_row) -> dict | None:
         """The request row another file's request gets in this one, or None (logged) when
@@ -6606,22 +6849,15 @@ class Cache:
             raise InvalidRequestError(f"pinned must be True, False or None, not {pinned!r}.")
         if group is not None and (not isinstance(group, str) or not group):
             raise InvalidRequestError(f"group must be a non-empty string, not {group!r}.")
-        with self._store.reading() as t:
-            query = t.request.select().order_by(t.request.id)
-            if group is not None:
-                query = query.where(t.request.group_name == group)
-            requests = list(query)
         now = self._store.now()
         entries = []
-        for request in requests:
+        for request in self._store.request_rows(group):
             try:
                 chosen = next((row for row in self._store.ready_rows(request.id)
                                if _matches(row, tag=tag, pinned=pinned, now=now)), None)
                 if chosen is None:
                     continue
-                with self._store.reading() as t:
-                    size, hash_type = t.content.select(t.content.size_bytes, t.content.hash_type).where(
-                        t.content.id == chosen.content_id).tuples().first() or (None, None)
+                size, hash_type = self._store.content_size_and_hash_type(chosen.content_id)
                 entries.append(_lock_entry(request, chosen, size, hash_type))
             except _DAMAGE_ERRORS as exc:
                 # Only this request is unusable (verify() reports it); the others are locked.
@@ -6677,9 +6913,7 @@ class Cache:
 
     def _requests_by_lock_key(self) -> dict[str, int]:
         """Lock key -> request id, for every stored request whose values can be read."""
-        with self._store.reading() as t:
-            rows = list(t.request.select())
-        return {key: row.id for row in rows
+        return {key: row.id for row in self._store.request_rows()
                 if (key := _stored_lock_key_or_none(row, self._store.path)) is not None}
 
     def backup(self, dest: str | os.PathLike, *, group: str | None = None,
@@ -6744,8 +6978,7 @@ class Cache:
         request with its ready versions, pins, tags and content, read from one snapshot."""
         store = _SqliteStore(path)
         try:
-            with store.writing() as t:
-                t.meta.update(value=self._store.salt.hex()).where(t.meta.key == "salt").execute()
+            store.replace_salt(self._store.salt)
         finally:
             store.close()
         with Cache(path) as copy:
@@ -6779,12 +7012,7 @@ class Cache:
                 if kind != "sets" and names:
                     self._store.remember_sensitive_names(kind, set(names))
             same_salt = other.salt == self._store.salt
-            with other.reading() as t:
-                query = t.request.select().order_by(t.request.id)
-                if group is not None:
-                    query = query.where(t.request.group_name == group)
-                requests = list(query)
-            for request in requests:
+            for request in other.request_rows(group):
                 try:
                     has_digests = _has_digests(request)
                 except _DAMAGE_ERRORS as exc:
@@ -6795,10 +7023,7 @@ class Cache:
                     log.warning("Not importing %s (group %s): its sensitive header values are "
                                 "digested with the salt of %s.", request.url, request.group_name, other.path)
                     continue
-                with other.reading() as t:
-                    rows = list(t.version.select().where((t.version.request_id == request.id)
-                                                         & (t.version.status == "ready"))
-                                .order_by(t.version.version))
+                rows = other.versions_of(request.id, "ready")[::-1]  # oldest first
                 added += sum(self._import_version(other, request, row) for row in rows)
         finally:
             other.close()
@@ -7071,27 +7296,10 @@ def _write_atomically(path: pathlib.Path, data: bytes) -> None:
         raise CacheFileError(f"Cannot write {path}: {exc}.", path=path) from exc
 
 
-def _copy_content(t: _Tables, source: _Store, source_content_id: int, hash_type: str,
-                  hash_hex: str) -> int:
-    """Copy a content chunk by chunk from ``source`` into this file, checking its hash.
-    Runs inside the caller's write transaction; returns the new content id."""
-    content_id = t.content.insert(hash_type=hash_type, hash_hex=None, size_bytes=0).execute()
-    hasher, size = hashlib.new(hash_type), 0
-    for seq, data in enumerate(source.iter_chunks(source_content_id)):
-        hasher.update(data)
-        size += len(data)
-        t.chunk.insert(content_id=content_id, seq=seq, data=data).execute()
-    if hasher.hexdigest() != hash_hex:
-        raise _ContentMismatch(f"its content hashes to {hasher.hexdigest()}, not {hash_hex}")
-    t.content.update(hash_hex=hash_hex, size_bytes=size).where(t.content.id == content_id).execute()
-    return content_id
-
-
 def _keep_only(store: _Store, group: str | None, locked: dict[str, LockEntry] | None) -> None:
     """In a private copy: remove every request outside ``group`` / the lockfile (and, for
     locked requests, every version but the locked one), then the content left unused."""
-    with store.reading() as t:
-        requests = list(t.request.select())
+    requests = store.request_rows()
     keep: dict[int, str | None] = {}  # request id -> locked digest (None: every version)
     for row in requests:
         if group is not None and row.group_name != group:
@@ -7100,25 +7308,7 @@ def _keep_only(store: _Store, group: str | None, locked: dict[str, LockEntry] | 
             keep[row.id] = None
         elif (entry := locked.get(_stored_lock_key_or_none(row, store.path))) is not None:
             keep[row.id] = _parse_expected_hash(entry.hash)[1]
-    dropped = [row.id for row in requests if row.id not in keep]
-    by_id = {row.id: row for row in requests}
-    now = store.now()
-    with store.writing() as t:
-        for start in range(0, len(dropped), 500):
-            batch = dropped[start:start + 500]
-            t.version.delete().where(t.version.request_id.in_(batch)).execute()
-            t.request.delete().where(t.request.id.in_(batch)).execute()
-        for request_id, digest in keep.items():
-            if digest is not None:
-                unlocked = (t.version.request_id == request_id) & (
-                    (t.version.status != "ready") | (t.version.content_hash_hex != digest))
-                # The copy still knows which versions it lacks: as_of never answers with an
-                # older version than the one current then.
-                _record_removed(t, by_id[request_id], list(t.version.select().where(
-                    unlocked & (t.version.status == "ready"))), "not locked", now)
-                t.version.delete().where(unlocked).execute()
-        used = t.version.select(t.version.content_id).where(t.version.content_id.is_null(False))
-        t.content.delete().where(t.content.id.not_in(used)).execute()  # chunks follow (cascade)
+    store.keep_requests(requests, keep)
 
 
 def _release_cache_resources(store: _Store, http: _HttpClient, seeds: "_Seeds") -> None:

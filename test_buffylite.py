@@ -4528,6 +4528,34 @@ def test_cli_fetch_tag_tags_returned_version(cli_run, cli_origin, cli_cache_path
         assert sorted(cache.get(url).tags) == ["golden", "release-1"]
 
 
+# --- A pin, lease or tag that cannot answer changes nothing (SPEC §9, §14) ---
+
+
+@pytest.mark.parametrize("change", [
+    lambda cache, resp: cache.pin(resp),
+    lambda cache, resp: cache.pin(resp, seconds=600),
+    lambda cache, resp: cache.lease(resp, 600).__enter__(),
+    lambda cache, resp: cache.tag(resp, "kept-out"),
+], ids=["pin", "pin-seconds", "lease", "tag"])
+def test_a_change_to_a_damaged_version_is_undone(cache, cache_path, origin, change):
+    """§9/§14: a pin, lease or tag of a version whose stored values cannot be read back
+    raises CacheFileError naming that version, and its row is as it was: the change and
+    the answer are one transaction."""
+    resp = fetch_body(cache, origin, "/damaged-pin", b"x")
+    table = table_with_columns(cache_path, {"content_attributes", "pinned_until_unix", "tags"})
+    columns = '"pinned", "pinned_until_unix", "tags"'
+    with contextlib.closing(sqlite3.connect(cache_path, timeout=10)) as connection:
+        connection.execute(f'UPDATE "{table}" SET content_attributes = ? WHERE id = ?', ("{bad", resp.id))
+        connection.commit()
+        before = connection.execute(f'SELECT {columns} FROM "{table}" WHERE id = ?', (resp.id,)).fetchall()
+    assert before == [(0, None, "[]")]
+    with pytest.raises(buffylite.CacheFileError, match=resp.version):
+        change(cache, resp)
+    with contextlib.closing(sqlite3.connect(cache_path, timeout=10)) as connection:
+        after = connection.execute(f'SELECT {columns} FROM "{table}" WHERE id = ?', (resp.id,)).fetchall()
+    assert after == before
+
+
 # --- Readers while another Cache deletes the version (SPEC §9) ---
 
 
