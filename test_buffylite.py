@@ -3,9 +3,11 @@
 The file follows SPEC's sections in order, and within each feature the API, fault
 and command-line tests stand side by side:
 
-- Fixtures and shared helpers: the constants, the origin (``http.server`` with a
-  route table), a fresh cache path and an open ``Cache``, the cache file read
-  through ``sqlite3``, the raw-socket fault origin and a forward proxy,
+- Fixtures and shared helpers: the constants, the two storage backends (every
+  test that opens a cache runs on a SQLite file and on a PostgreSQL schema, unless
+  marked ``sqlite_only``), the origin (``http.server`` with a route table), a fresh
+  cache path and an open ``Cache``, the store read directly (``sqlite3`` or
+  ``psycopg``), the raw-socket fault origin and a forward proxy,
   subprocess helpers (``python -c``, workers, ``python -m buffylite``), special
   files, and tests of the fixtures themselves.
 - §3 public API and names · §4 data model · §5 configuration · §6 re-caching
@@ -18,9 +20,10 @@ and command-line tests stand side by side:
   input · §16 portable caches · §17 content as files · §18 per-call control,
   failure backoff, the http strategy, async, pickling.
 
-Ground rules: real HTTP origins on 127.0.0.1 (no mocks of HTTP or SQLite), every
-wait has a timeout, the cache file is only ever inspected through the ``sqlite3``
-module where the public API cannot show what is being checked.
+Ground rules: real HTTP origins on 127.0.0.1 and a real PostgreSQL server (no mocks
+of HTTP, SQLite or PostgreSQL), every wait has a timeout, the store is only ever
+inspected directly (``sqlite3`` for a file, ``psycopg`` for a schema) where the
+public API cannot show what is being checked.
 """
 
 from __future__ import annotations
