@@ -4668,6 +4668,7 @@ def test_unusable_file_raises_cache_file_error_naming_the_path(tmp_path, write):
 
 
 @pytest.mark.parametrize("kind", ["text", "other-sqlite"])
+@pytest.mark.sqlite_only("the cache given by --cache is a text file or a foreign SQLite file")
 def test_cli_not_a_buffylite_file_exits_1_naming_path(cli_run, tmp_path, kind):
     """§13/§10: a cache path that is no buffylite file: exit 1, one line naming the path."""
     path = tmp_path / f"not-a-cache-{kind}.sqlite3"
@@ -4685,6 +4686,28 @@ def test_cli_not_a_buffylite_file_exits_1_naming_path(cli_run, tmp_path, kind):
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert str(path) in lines[0]
     assert path.read_bytes() == before
+
+
+def test_a_store_holding_someone_elses_tables_is_refused_and_left_alone(cache_path, cli_run):
+    """§10/§15: a database that holds tables but none of buffylite's (a SQLite file, a
+    PostgreSQL schema) is a CacheFileError naming it (password masked), from the API and
+    from the CLI (exit 1, one line); its tables stay as they were, nothing is added."""
+    with store_connection(cache_path, write=True) as connection:
+        if is_postgres_location(cache_path):
+            connection.execute(f'CREATE SCHEMA "{_postgres_connect_arguments(cache_path)[1]}"')
+        connection.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+        connection.execute("INSERT INTO notes (id, body) VALUES (1, 'someone else''s data')")
+    before = hostile_snapshot(cache_path)
+    shown = shown_location(cache_path)
+    with pytest.raises(buffylite.CacheFileError) as info:
+        with buffylite.Cache(cache_path) as opened:
+            opened.stats()
+    assert shown in str(info.value) or str(pathlib.Path(shown).resolve()) in str(info.value), str(info.value)
+    done = cli_run("--cache", str(cache_path), "info")
+    assert done.returncode == 1, done.stderr
+    lines = cli_stderr_lines(done)
+    assert len(lines) == 1 and "Traceback" not in done.stderr and shown in lines[0], done.stderr
+    assert hostile_snapshot(cache_path) == before == {"notes": [(1, "someone else's data")]}
 
 
 def test_a_version_1_file_is_upgraded_and_keeps_its_versions(tmp_path, origin):
