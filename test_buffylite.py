@@ -7685,15 +7685,20 @@ def test_async_read_only_and_stream_misuse_errors(cache_path_for, tmp_path, orig
                 after_close()
 
 
-def test_read_only_cache_writes_no_side_folders(tmp_path, origin):
-    """§16/§17: on a read-only cache as_file()/unpack() make no folder beside it; an existing file is reused."""
-    path = tmp_path / "c.sqlite3"
+def test_read_only_cache_writes_no_side_folders(tmp_path, cache_path_for, origin):
+    """§16/§17: on a read-only cache as_file()/unpack() make no folder beside it (or in
+    the user cache dir, for PostgreSQL); an existing file is reused."""
+    path = cache_path_for("c.sqlite3")
     origin.route("/plain", b"plain")
     origin.route("/pack.tar", tar_bytes([("inside.txt", b"inside")]))
     with buffylite.Cache(path) as opened:
         opened.fetch(origin.url("/plain"))
         made = opened.fetch(origin.url("/pack.tar")).as_file()
-    before = sorted(p.name for p in tmp_path.iterdir())
+    def everything_but_mine():
+        return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
+                      if p.relative_to(tmp_path).parts[0] != "mine" and not p.name.endswith(("-wal", "-shm")))
+
+    before = everything_but_mine()
     with buffylite.Cache(path, read_only=True) as readable:
         with pytest.raises(buffylite.CacheFileError, match="read-only"):
             readable.get(origin.url("/plain")).as_file()
@@ -7703,9 +7708,8 @@ def test_read_only_cache_writes_no_side_folders(tmp_path, origin):
         into = readable.get(origin.url("/pack.tar")).unpack(tmp_path / "mine")  # the caller's folder
         assert files_in(into) == {"inside.txt": b"inside"}
     # (SQLite's own -wal/-shm files of a read-only reader are another matter, not checked here.)
-    assert sorted(p.name for p in tmp_path.iterdir()
-                  if p.name != "mine" and not p.name.endswith(("-wal", "-shm"))) == before
-    assert not pathlib.Path(str(path) + ".unpacked").exists()
+    assert everything_but_mine() == before
+    assert not side_folder(path, ".unpacked").exists()
 
 
 def test_read_only_open_leaves_no_wal_files_behind(tmp_path, origin):
@@ -8874,20 +8878,21 @@ def test_read_only_option_on_a_writable_file_refuses_writes(cache_path, cache_pa
     assert cache_path.with_name("empty.sqlite3").read_bytes() == b""
 
 
-def test_seed_serves_a_first_launch_offline_and_the_version_stays(tmp_path):
+def test_seed_serves_a_first_launch_offline_and_the_version_stays(tmp_path, cache_path_for):
     """§16: an empty user cache with seeds=(shipped,) and the origin down serves the seed's
-    version (outcome "cached") and keeps it in the user cache."""
+    version (outcome "cached") and keeps it in the user cache. The shipped seed is a
+    backup file; the caches it came from and goes to are on either backend."""
     server = Origin()
     url = server.url("/app/data.json")
     try:
         server.route("/app/data.json", body=b'{"seeded": true}')
-        with buffylite.Cache(tmp_path / "dev.sqlite3") as dev:
+        with buffylite.Cache(cache_path_for("dev.sqlite3")) as dev:
             shipped_version = dev.fetch(url).version
             dev.backup(tmp_path / "shipped.sqlite3")
     finally:
         server.close()  # the origin is down from now on
     os.chmod(tmp_path / "shipped.sqlite3", 0o444)
-    user = tmp_path / "user" / "cache.sqlite3"
+    user = cache_path_for("user/cache.sqlite3")
     with buffylite.Cache(user, seeds=(tmp_path / "shipped.sqlite3",), retries=0, timeout=2) as cache:
         response = cache.fetch(url)
         assert (response.outcome, response.version, response.json()) == ("cached", shipped_version,
