@@ -8696,16 +8696,16 @@ def test_backup_of_a_group_or_a_lockfile_holds_exactly_that_subset(tmp_path, cac
     assert done.returncode == 2 and "already exists" in done.stderr
 
 
-def test_import_from_merges_versions_pins_tags_and_deduplicates_content(tmp_path, origin):
+def test_import_from_merges_versions_pins_tags_and_deduplicates_content(tmp_path, cache_path_for, origin):
     """§16: import_from keeps version strings, pins and tags, stores shared content once,
     and counts the versions it added (none on a second import)."""
-    with buffylite.Cache(tmp_path / "source.sqlite3") as source:
+    with buffylite.Cache(cache_path_for("source.sqlite3")) as source:
         requests = portable_fill(source, origin)
         source_contents = portable_contents(source)
     origin.route("/p/mine", body=b"plain round 2")  # same bytes as one source version
-    with buffylite.Cache(tmp_path / "target.sqlite3") as target:
+    with buffylite.Cache(cache_path_for("target.sqlite3")) as target:
         target.fetch(origin.url("/p/mine"))
-        added = target.import_from(tmp_path / "source.sqlite3")
+        added = target.import_from(cache_path_for("source.sqlite3"))
         # The secret request's digest uses the source's salt: it cannot be matched here.
         assert added == sum(1 for key in source_contents if key[1] != origin.url("/p/secret"))
         merged = portable_contents(target)
@@ -8717,17 +8717,17 @@ def test_import_from_merges_versions_pins_tags_and_deduplicates_content(tmp_path
         assert_chain(target, **requests["plain"])
         distinct = {value[0] for value in merged.values()}
         assert target.stats()["unique_contents"] == len(distinct)
-        assert target.import_from(tmp_path / "source.sqlite3") == 0
-        assert target.import_from(tmp_path / "source.sqlite3", group="nightly") == 0
+        assert target.import_from(cache_path_for("source.sqlite3")) == 0
+        assert target.import_from(cache_path_for("source.sqlite3"), group="nightly") == 0
         # Imported versions are served like any other.
         assert target.fetch(**requests["json"], offline=True).read() == b"json round 2"
     # A backup of a cache shares its salt: importing it back keeps even the secret request.
-    with buffylite.Cache(tmp_path / "source.sqlite3") as source:
+    with buffylite.Cache(cache_path_for("source.sqlite3")) as source:
         source.backup(tmp_path / "copy.sqlite3")
         source.delete(**requests["secret"])
         assert source.import_from(tmp_path / "copy.sqlite3") == 2
         assert source.fetch(**requests["secret"], offline=True).read() == b"secret round 2"
-    done = run_cli("--cache", str(tmp_path / "cli.sqlite3"), "--json", "import", str(tmp_path / "copy.sqlite3"),
+    done = run_cli("--cache", str(cache_path_for("cli.sqlite3")), "--json", "import", str(tmp_path / "copy.sqlite3"),
                    "--group", "nightly")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["versions_added"] == 2
@@ -9183,14 +9183,14 @@ def test_gc_prunes_removed_version_records_that_only_name_a_version(cache, cache
         cache.fetch(url, as_of=after[-1][1])
 
 
-def test_a_damaged_seed_version_is_not_copied_into_the_cache(tmp_path, origin):
+def test_a_damaged_seed_version_is_not_copied_into_the_cache(tmp_path, cache_path_for, origin):
     """§14, §16: a seed's version with a damaged stored value is skipped; the cache stays healthy."""
     origin.route("/seeded", b"from-origin")
     seed_path = tmp_path / "seed.sqlite3"
     with buffylite.Cache(seed_path) as seed:
         request_id = seed.fetch(origin.url("/seeded")).request_id
     _damage(seed_path, f"update version set content_attributes='{{bad' where request_id={request_id}")
-    with buffylite.Cache(tmp_path / "app.sqlite3", seeds=[seed_path]) as app:
+    with buffylite.Cache(cache_path_for("app.sqlite3"), seeds=[seed_path]) as app:
         response = app.fetch(origin.url("/seeded"))
         assert response.outcome == "downloaded" and response.read() == b"from-origin"
         assert app.verify().problems == []
