@@ -4547,16 +4547,13 @@ def test_a_change_to_a_damaged_version_is_undone(cache, cache_path, origin, chan
     resp = fetch_body(cache, origin, "/damaged-pin", b"x")
     table = table_with_columns(cache_path, {"content_attributes", "pinned_until_unix", "tags"})
     columns = '"pinned", "pinned_until_unix", "tags"'
-    with contextlib.closing(sqlite3.connect(cache_path, timeout=10)) as connection:
-        connection.execute(f'UPDATE "{table}" SET content_attributes = ? WHERE id = ?', ("{bad", resp.id))
-        connection.commit()
-        before = connection.execute(f'SELECT {columns} FROM "{table}" WHERE id = ?', (resp.id,)).fetchall()
-    assert before == [(0, None, "[]")]
+    assert store_execute(cache_path, f'UPDATE "{table}" SET content_attributes = ? WHERE id = ?',
+                         ("{bad", resp.id)) == 1
+    before = store_rows(cache_path, f'SELECT {columns} FROM "{table}" WHERE id = ?', (resp.id,))
+    assert before == [(0, None, "[]")]  # (False on PostgreSQL, equal to 0)
     with pytest.raises(buffylite.CacheFileError, match=resp.version):
         change(cache, resp)
-    with contextlib.closing(sqlite3.connect(cache_path, timeout=10)) as connection:
-        after = connection.execute(f'SELECT {columns} FROM "{table}" WHERE id = ?', (resp.id,)).fetchall()
-    assert after == before
+    assert store_rows(cache_path, f'SELECT {columns} FROM "{table}" WHERE id = ?', (resp.id,)) == before
 
 
 # --- Readers while another Cache deletes the version (SPEC §9) ---
