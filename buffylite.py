@@ -2094,22 +2094,6 @@ def _migrate_to_2(store: "_Store") -> None:
 _MIGRATIONS = ((1, _migrate_to_1), (2, _migrate_to_2), (3, _migrate_to_3))
 
 
-def _record_removed(t: _Tables, request, rows: list, reason: str, now: float) -> None:
-    """Remember ready versions that leave the cache (for ``as_of``): version, hash,
-    size, cached and removed times. Runs in the transaction that removes them."""
-    if not rows:
-        return
-    contents = {content_id: (hash_type, size) for content_id, hash_type, size in t.content.select(
-        t.content.id, t.content.hash_type, t.content.size_bytes).where(
-        t.content.id.in_([row.content_id for row in rows if row.content_id is not None])).tuples()}
-    t.removed_version.insert_many([
-        {"identity_key": request.identity_key, "request_id": request.id, "version": row.version,
-         "hash_type": contents.get(row.content_id, (request.validation_hash_type,))[0],
-         "hash_hex": row.content_hash_hex,
-         "size_bytes": contents.get(row.content_id, (None, None))[1], "cached_unix": row.cached_unix,
-         "removed_unix": now, "reason": reason} for row in rows]).execute()
-
-
 #: Removed-version records kept per request identity among those ``as_of`` only names in
 #: its message (see ``_Store.prune_removed``); the records it needs to answer honestly stay.
 REMOVED_VERSION_RECORDS_KEPT = 100
@@ -2665,11 +2649,158 @@ class _Store:
                     t.version.id == row.id).execute()
                 request = t.request.get_or_none(t.request.id == row.request_id)
                 if request is not None:
-                    _record_removed(t, request, [row], "corrupted", now)
+                    self.record_removed(request, [row], "corrupted", now)
         # A read that finds it says so loudly; verify() reports it in its own words.
         log.log(logging.WARNING if expected_hex is not None else logging.INFO,
                 "Content %s is corrupted; %d version(s) marked failed.", content.hash_hex, len(rows))
         return [row.id for row in rows]
+
+    def record_removed(self, request, rows: list, reason: str, now: float) -> None:
+        """Remember ready versions that leave the cache (for ``as_of``): version, hash,
+        size, cached and removed times. Runs in the transaction that removes them."""
+        if not rows:
+            return
+        t = self.tables
+        contents = {content_id: (hash_type, size) for content_id, hash_type, size in t.content.select(
+            t.content.id, t.content.hash_type, t.content.size_bytes).where(
+            t.content.id.in_([row.content_id for row in rows if row.content_id is not None])).tuples()}
+        t.removed_version.insert_many([
+            {"identity_key": request.identity_key, "request_id": request.id, "version": row.version,
+             "hash_type": contents.get(row.content_id, (request.validation_hash_type,))[0],
+             "hash_hex": row.content_hash_hex,
+             "size_bytes": contents.get(row.content_id, (None, None))[1], "cached_unix": row.cached_unix,
+             "removed_unix": now, "reason": reason} for row in rows]).execute()
+
+    # --- named transitions: downloads ---
+    #
+    # The claim, the lease, the content and the publication of a download. Those that
+    # say so run inside the caller's write transaction (the claim and the settlement
+    # each make one transaction of several of them); the others are one transaction.
+
+    def request_by_id(self, request_id: int):
+        """The request row ``request_id`` (a model instance); NotCachedError when it is gone."""
+        with self.reading() as t:
+            row = t.request.get_or_none(t.request.id == request_id)
+        if row is None:
+            raise NotCachedError(f"Request {request_id} is no longer in the cache {self.path}.")
+        return row
+
+    def in_flight_rows(self, request_id: int) -> list:
+        """The request's rows of downloads not settled yet (wait, in_progress), newest
+        first. Runs inside the caller's write transaction."""
+        version = self.tables.version
+        return list(version.select().where((version.request_id == request_id)
+                                           & version.status.in_(IN_FLIGHT_STATUSES))
+                    .order_by(version.version.desc()))
+
+    def newest_version_string(self, request_id: int, *, excluding: int | None = None) -> str | None:
+        """The greatest version string among the request's rows (but row ``excluding``).
+        Runs inside the caller's write transaction."""
+        version = self.tables.version
+        condition = version.request_id == request_id
+        if excluding is not None:
+            condition &= version.id != excluding
+        return version.select(peewee.fn.MAX(version.version)).where(condition).scalar()
+
+    def add_download_row(self, request_id: int, version: str, now: float, lease: dict) -> int:
+        """A new ``wait`` row for a download, leased as ``lease`` says; its id. Runs
+        inside the caller's write transaction."""
+        return self.insert_row("version", {"request_id": request_id, "version": version, "status": "wait",
+                                           "request_unix": now, **_VERSION_DEFAULTS, **lease})
+
+    def download_state(self, request_id: int, row_id: int):
+        """(the row of a download or None when it is gone, the request's note on how its
+        last download ended), from one snapshot each, for a call waiting on it."""
+        with self.reading() as t:
+            row = t.version.get_or_none(t.version.id == row_id)
+            settlement = t.request.select(t.request.last_settlement).where(
+                t.request.id == request_id).scalar()
+        return row, settlement
+
+    def owned_row(self, claim):
+        """The row of ``claim`` while it still holds the lease (see ``owned_by``), else
+        None. Runs inside the caller's write transaction."""
+        return self.tables.version.get_or_none(self.owned_by(claim))
+
+    def delete_version(self, row_id: int) -> None:
+        """Delete one version row. Runs inside the caller's write transaction."""
+        self.tables.version.delete().where(self.tables.version.id == row_id).execute()
+
+    def discard_download(self, claim) -> None:
+        """Delete the row of ``claim`` (while it holds the lease) and its partial
+        content, in one transaction."""
+        with self.writing():
+            row = self.owned_row(claim)
+            if row is not None:
+                self.delete_version(row.id)
+                if row.content_id is not None:
+                    self.delete_unreferenced_contents({row.content_id})
+
+    def give_up_lease(self, claim) -> None:
+        """End the lease of ``claim`` now, keeping its row and partial content for a
+        resume (or for gc())."""
+        with self.writing() as t:
+            t.version.update(lease_expires_unix=0.0).where(self.owned_by(claim)).execute()
+
+    def renew_lease(self, claim, lease_sec: float) -> bool:
+        """Extend the lease of ``claim`` to ``lease_sec`` from now; False when it was lost."""
+        with self.writing() as t:
+            return bool(t.version.update(lease_expires_unix=self.now() + lease_sec)
+                        .where(self.owned_by(claim)).execute())
+
+    def _require_lease(self, claim) -> None:
+        """Raise _LeaseLost unless ``claim`` still holds its lease: the recorded owner of a
+        lease not given up (another process takes a lease over only by writing its own
+        owner; judging the lease end by this process's clock would let a clock jump end a
+        live download). Runs inside the caller's write transaction, so nothing can take
+        the lease before it commits."""
+        version = self.tables.version
+        if not version.select().where(self.owned_by(claim) & (version.lease_expires_unix > 0)).exists():
+            raise _LeaseLost()
+
+    def append_chunk(self, claim, content_id: int | None, hash_type: str, seq: int, data: bytes | None,
+                     begin: dict | None) -> int:
+        """Store the next chunk of a download in one transaction, only while ``claim``
+        holds its lease (_LeaseLost otherwise, checked first): the first one creates the
+        partial content and points the row at it; ``begin`` (version columns the
+        response's headers gave) is written with it; ``data`` None stores no chunk.
+        Returns the content id."""
+        with self.writing() as t:
+            self._require_lease(claim)  # First: never write for a download someone took over.
+            if content_id is None:
+                content_id = self.insert_row("content", {"hash_type": hash_type, "hash_hex": None,
+                                                         "size_bytes": 0})
+                self.update_row("version", claim.row_id, {"content_id": content_id, **(begin or {})})
+            elif begin:  # the origin sent the whole body again (a restart)
+                self.update_row("version", claim.row_id, begin)
+            if data is not None:
+                self._run(_SQL_INSERT_CHUNK, content_id, seq, data)
+                t.content.update(size_bytes=t.content.size_bytes + len(data)).where(
+                    t.content.id == content_id).execute()
+        return content_id
+
+    def empty_partial_content(self, claim, content_id: int) -> None:
+        """Drop every chunk of a download's partial content (the origin sends the whole
+        body again), in one transaction, only while ``claim`` holds its lease."""
+        with self.writing() as t:
+            self._require_lease(claim)
+            t.chunk.delete().where(t.chunk.content_id == content_id).execute()
+            t.content.update(size_bytes=0).where(t.content.id == content_id).execute()
+
+    def settle_chunked_content(self, row_id: int, hash_type: str, hash_hex: str, content_id: int,
+                               size: int) -> int:
+        """Make a content stored chunk by chunk addressable by its hash, or drop it for the
+        identical content already stored (row ``row_id`` then points to that one);
+        returns the content id the version points to. Runs inside the caller's write
+        transaction."""
+        t = self.tables
+        existing = t.content.get_or_none((t.content.hash_type == hash_type) & (t.content.hash_hex == hash_hex))
+        if existing is not None and existing.id != content_id:
+            t.version.update(content_id=existing.id).where(t.version.id == row_id).execute()
+            t.content.delete().where(t.content.id == content_id).execute()
+            return existing.id
+        t.content.update(hash_hex=hash_hex, size_bytes=size).where(t.content.id == content_id).execute()
+        return content_id
 
     # --- named transitions: pins, tags, collection, listing, maintenance ---
     #
@@ -2711,7 +2842,7 @@ class _Store:
         transaction; returns the bytes freed."""
         version = self.tables.version
         removed = [row for row, _ in removals.values()]
-        _record_removed(self.tables, request, [row for row in removed if row.status == "ready"],
+        self.record_removed(request, [row for row in removed if row.status == "ready"],
                         "collected", now)
         version.delete().where(version.id.in_(list(removals))).execute()
         return self.delete_unreferenced_contents(
@@ -2924,7 +3055,7 @@ class _Store:
                 return 0, 0
             content_ids = {row[0] for row in t.version.select(t.version.content_id).where(
                 (t.version.request_id == request.id) & t.version.content_id.is_null(False)).tuples()}
-            _record_removed(t, request, list(t.version.select().where(
+            self.record_removed(request, list(t.version.select().where(
                 (t.version.request_id == request.id) & (t.version.status == "ready"))), "deleted", self.now())
             removed = t.version.delete().where(t.version.request_id == request.id).execute()
             t.request.delete().where(t.request.id == request.id).execute()
@@ -3003,7 +3134,7 @@ class _Store:
                 if digest is not None:
                     unlocked = (t.version.request_id == request_id) & (
                         (t.version.status != "ready") | (t.version.content_hash_hex != digest))
-                    _record_removed(t, by_id[request_id], list(t.version.select().where(
+                    self.record_removed(by_id[request_id], list(t.version.select().where(
                         unlocked & (t.version.status == "ready"))), "not locked", now)
                     t.version.delete().where(unlocked).execute()
             used = t.version.select(t.version.content_id).where(t.version.content_id.is_null(False))
@@ -4732,6 +4863,87 @@ def _matches(row, *, version=None, tag=None, pinned=None, now: float) -> bool:
     return True
 
 
+def _has_validators(row) -> bool:
+    """Can a conditional GET confirm this version (it has an ETag or a Last-Modified)?"""
+    attributes = json.loads(row.content_attributes or "{}")
+    return bool(attributes.get("etag") or attributes.get("last_modified_datetime_utc"))
+
+
+def _plan(strategy, newest, now: float, *, cron_first_run: bool = False) -> str:
+    """By the strategy: "serve" the newest ready version, "download", or "conditional" GET.
+
+    Policy, with no I/O: a function of the strategy, the newest ready version row (None
+    when there is none) and the time; ``cron_first_run``: the cron strategy's run at
+    start is due (its caller remembers which requests had theirs)."""
+    if newest is None:
+        return "download"
+    age = now - (newest.validated_unix or 0.0)
+    name = strategy.strategy_name
+    if name == "never":
+        return "serve"
+    if name == "age":
+        return "download" if age > strategy.seconds else "serve"
+    if name == "when_requested":
+        return "conditional" if _has_validators(newest) else "download"
+    if name == "when_remote_changed":
+        if age < strategy.check_interval_sec:
+            return "serve"
+        if _has_validators(newest):
+            return "conditional"
+        return "download" if age > strategy.fallback_max_age_sec else "serve"
+    if name == "http":
+        try:
+            stored = json.loads(newest.cache_headers or "{}")
+        except ValueError:
+            stored = {}  # damaged: as if the origin had said nothing
+        stored = {name: value for name, value in stored.items() if isinstance(value, str)} \
+            if isinstance(stored, dict) else {}
+        left = _http_freshness(stored, now, newest.validated_unix)
+        if left is None:
+            left = strategy.fallback_max_age_sec - age
+        if left > 0:
+            return "serve"
+        return "conditional" if _has_validators(newest) else "download"
+    # cron
+    if cron_first_run:
+        return "download"
+    next_tick = _optional_extra("croniter").croniter(strategy.cron, _to_datetime(newest.validated_unix)).get_next(float)
+    return "download" if next_tick <= now else "serve"
+
+
+def _choose_version(call, ready: list, now: float, *, hard: bool = False):
+    """The version row a fetch returns among ``ready`` (newest first), or None.
+
+    Policy, with no I/O: ``as_of`` keeps only the version newest at that moment;
+    ``expected_hash`` keeps those with that hash; ``hard`` (force_*) returns the newest
+    row matching every forced choice; otherwise the soft preferences are dropped in
+    Buffy's order (pinned, then tag, then version) until some row matches."""
+    if call.as_of is not None:
+        # Only the version newest at that moment may answer; the other choices then
+        # accept or refuse it, never pick an older one that was not current then.
+        current = next((row for row in ready if row.cached_unix is not None
+                        # Compared as shown: microsecond datetimes.
+                        and _to_datetime(row.cached_unix) <= call.as_of), None)
+        ready = [current] if current is not None else []
+    candidates = [row for row in ready
+                  if call.expected_hash is None or row.content_hash_hex == call.expected_hash]
+    if hard:
+        for row in candidates:
+            if _matches(row, version=call.force_version, tag=call.force_tag,
+                        pinned=call.force_pinned, now=now):
+                return row
+        return None
+    # Soft preferences are dropped in Buffy's order: pinned, then tag, then version.
+    for keep in (3, 2, 1, 0):
+        wanted = {"version": call.prefer_version if keep >= 1 else None,
+                  "tag": call.prefer_tag if keep >= 2 else None,
+                  "pinned": call.prefer_pinned if keep >= 3 else None}
+        for row in candidates:
+            if _matches(row, now=now, **wanted):
+                return row
+    return None
+
+
 class _LeaseKeeper:
     """Keeps a download lease alive, every third of its length, whatever the download
     is doing (waiting for headers, stalled, validating), and notes when the lease was
@@ -4754,9 +4966,7 @@ class _LeaseKeeper:
         """Renew the lease now (from the renewing thread)."""
         claim = self.claim
         try:
-            with self.store.writing() as t:
-                renewed = t.version.update(lease_expires_unix=self.store.now() + self.lease_sec).where(
-                    self.store.owned_by(claim)).execute()
+            renewed = self.store.renew_lease(claim, self.lease_sec)
         except BuffyliteError as exc:  # try again at the next beat
             log.debug("Renewing the download lease failed: %s", exc)
             return
@@ -4831,9 +5041,8 @@ class _Sink:
     chunk commits in its own short transaction (so a crash loses at most the chunk in
     memory), and only while this download still owns its lease."""
 
-    def __init__(self, cache: "Cache", claim: _Claim, hash_type: str, progress,
-                 keeper: _LeaseKeeper):
-        self._store = cache._store
+    def __init__(self, store: _Store, claim: _Claim, hash_type: str, progress, keeper: _LeaseKeeper):
+        self._store = store
         self._claim = claim
         self._hash_type = hash_type
         self._progress = progress
@@ -4864,10 +5073,7 @@ class _Sink:
     def restart(self) -> None:
         """Drop everything received so far (the origin sent a full body again)."""
         if self.content_id is not None:
-            with self._store.writing() as t:
-                self._check_ownership(t)
-                t.chunk.delete().where(t.chunk.content_id == self.content_id).execute()
-                t.content.update(size_bytes=0).where(t.content.id == self.content_id).execute()
+            self._store.empty_partial_content(self._claim, self.content_id)
         self.hasher = hashlib.new(self._hash_type)
         self.offset = 0
         self._buffer.clear()
@@ -4894,34 +5100,32 @@ class _Sink:
 
     def flush(self) -> None:
         """Store the buffered bytes as the next chunk, in one transaction."""
-        with self._store.writing() as t:
-            self._check_ownership(t)  # First: never write for a download someone took over.
-            if self.content_id is None:
-                self.content_id = t.content.insert(hash_type=self._hash_type, hash_hex=None).execute()
-                t.version.update(content_id=self.content_id, **(self.pending_begin or {})).where(
-                    t.version.id == self._claim.row_id).execute()
-                self.pending_begin = None
-            elif self.pending_begin:  # the origin sent the whole body again (a restart)
-                t.version.update(**self.pending_begin).where(t.version.id == self._claim.row_id).execute()
-                self.pending_begin = None
-            if self._buffer:
-                t.chunk.insert(content_id=self.content_id, seq=self._next_seq,
-                               data=bytes(self._buffer)).execute()
-                t.content.update(size_bytes=t.content.size_bytes + len(self._buffer)).where(
-                    t.content.id == self.content_id).execute()
-                self._next_seq += 1
+        self.content_id = self._store.append_chunk(
+            self._claim, self.content_id, self._hash_type, self._next_seq,
+            bytes(self._buffer) if self._buffer else None, self.pending_begin)
+        self.pending_begin = None
+        if self._buffer:
+            self._next_seq += 1
         self._buffer.clear()
 
-    def _check_ownership(self, t: _Tables) -> None:
-        """Raise _LeaseLost unless this download still holds its lease. Runs inside the
-        caller's write transaction, so nothing can take the lease before it commits.
-        Holding means being the recorded owner of a lease not given up: another process
-        takes a lease over only by writing its own owner, and judging the lease end by
-        this process's clock would make a clock jump end a live download."""
-        owned = t.version.select().where(
-            self._store.owned_by(self._claim) & (t.version.lease_expires_unix > 0)).exists()
-        if not owned:
-            raise _LeaseLost()
+
+@dataclasses.dataclass(frozen=True)
+class _RetrySettings:
+    """How a download retries: attempts after the first, and the cap on any wait (seconds)."""
+
+    retries: int
+    max_wait: float
+
+
+@dataclasses.dataclass
+class _DownloadResult:
+    """How one download ended, the one form it travels in from the transfer to its
+    settlement: ``kind`` "completed" (``received`` is the new content), "not_modified"
+    (``received`` holds the 304's headers) or "failed" (``failure`` says why)."""
+
+    kind: str
+    received: "_Completed | _NotModified | None" = None
+    failure: "_DownloadFailure | None" = None
 
 
 class _Transfer:
@@ -4929,8 +5133,11 @@ class _Transfer:
     If-Range, and the conditional GET of ``when_remote_changed``. Returns a _Completed
     or _NotModified, or raises _DownloadFailure once retrying cannot help."""
 
-    def __init__(self, cache: "Cache", call: _FetchCall, claim: _Claim, sink: _Sink, conditional_from):
-        self._cache = cache
+    def __init__(self, http: "_HttpClient", store: _Store, retry: "_RetrySettings", call: _FetchCall,
+                 claim: _Claim, sink: _Sink, conditional_from):
+        self._http = http
+        self._store = store
+        self._retry = retry
         self._call = call
         self._claim = claim
         self._sink = sink
@@ -4946,22 +5153,22 @@ class _Transfer:
             sink.load_partial(claim.resume.content_id)
 
     def run(self):
-        cache, identity = self._cache, self._call.identity
+        identity = self._call.identity
         headers = dict(identity.send_headers)
         if identity.body_kind == "json" and not any(name.lower() == "content-type" for name in headers):
             headers["Content-Type"] = "application/json"
         url = identity.request_url()
         if self._validators and self._sink.offset and self._sink.offset == self._validators.get("total"):
             return self._complete()  # A dead download had stored every byte already.
-        retries = cache._retries if self._call.retries is None else self._call.retries
+        retries = self._retry.retries if self._call.retries is None else self._call.retries
         attempt, status_code = 0, None
         while True:
             try:
-                response = cache._http.send(identity.method, url, self._headers_for_attempt(headers),
-                                            identity.body, timeout=self._call.timeout,
-                                            # (the claim checked the identity's names)
-                                            strip_on_redirect=identity.sensitive_sets[0]
-                                            if attempt == 0 else cache._sensitive)
+                # The claim checked the identity's sensitive names; later attempts read them again.
+                strip = identity.sensitive_sets[0] if attempt == 0 else \
+                    SENSITIVE_HEADERS | self._store.sensitive_names()["headers"]
+                response = self._http.send(identity.method, url, self._headers_for_attempt(headers),
+                                           identity.body, timeout=self._call.timeout, strip_on_redirect=strip)
                 try:
                     result = self._receive(response)
                 except BaseException:
@@ -4978,13 +5185,13 @@ class _Transfer:
                 if not error.retryable or attempt >= retries:
                     raise self._failure(str(error), status_code, error.cause, backs_off,
                                         error.retry_after) from error
-                if error.retry_after is not None and error.retry_after > cache._max_retry_wait:
+                if error.retry_after is not None and error.retry_after > self._retry.max_wait:
                     raise self._failure(
                         f"{error}; the origin asks to wait {error.retry_after:.0f} s, more than "
-                        f"max_retry_wait {cache._max_retry_wait:g} s", status_code, error.cause,
+                        f"max_retry_wait {self._retry.max_wait:g} s", status_code, error.cause,
                         backs_off, error.retry_after) from error
                 wait = (error.retry_after if error.retry_after is not None
-                        else _backoff_seconds(attempt, cache._max_retry_wait))
+                        else _backoff_seconds(attempt, self._retry.max_wait))
                 log.info("Attempt %d for %s failed (%s); retrying in %.1f s.", attempt + 1, identity.url,
                          identity.scrub(str(error)), wait)
                 time.sleep(wait)  # The lease keeper renews the lease meanwhile.
@@ -5585,7 +5792,7 @@ class Cache:
             plan = ("serve" if call.locked else self._stored_plan(strategy, newest, request, now)) \
                 if eligible else "download"
             if call.refresh and eligible and not call.locked:
-                plan = "conditional" if self._has_validators(newest) else "download"
+                plan = "conditional" if _has_validators(newest) else "download"
             if plan == "serve":
                 return self._serve(call, request, ready, "cached")
             # A download is due, but a recent failure of the origin says not to try yet.
@@ -5615,52 +5822,6 @@ class Cache:
             if settlement is not None:
                 return self._after_other_download(call, claim.request_id, settlement)
             # That download vanished (a 304 check) or died: decide again on fresh state.
-
-    def _plan(self, strategy, newest, request, now: float) -> str:
-        """By the strategy: "serve" the newest ready version, "download", or "conditional" GET."""
-        if newest is None:
-            return "download"
-        age = now - (newest.validated_unix or 0.0)
-        name = strategy.strategy_name
-        if name == "never":
-            return "serve"
-        if name == "age":
-            return "download" if age > strategy.seconds else "serve"
-        if name == "when_requested":
-            return "conditional" if self._has_validators(newest) else "download"
-        if name == "when_remote_changed":
-            if age < strategy.check_interval_sec:
-                return "serve"
-            if self._has_validators(newest):
-                return "conditional"
-            return "download" if age > strategy.fallback_max_age_sec else "serve"
-        if name == "http":
-            try:
-                stored = json.loads(newest.cache_headers or "{}")
-            except ValueError:
-                stored = {}  # damaged: as if the origin had said nothing
-            stored = {name: value for name, value in stored.items() if isinstance(value, str)} \
-                if isinstance(stored, dict) else {}
-            left = _http_freshness(stored, now, newest.validated_unix)
-            if left is None:
-                left = strategy.fallback_max_age_sec - age
-            if left > 0:
-                return "serve"
-            return "conditional" if self._has_validators(newest) else "download"
-        # cron
-        if strategy.run_at_start:
-            with self._cron_lock:
-                if request.id not in self._cron_started:
-                    self._cron_started.add(request.id)
-                    return "download"
-        next_tick = _optional_extra("croniter").croniter(strategy.cron, _to_datetime(newest.validated_unix)).get_next(float)
-        return "download" if next_tick <= now else "serve"
-
-    @staticmethod
-    def _has_validators(row) -> bool:
-        """Can a conditional GET confirm this version (it has an ETag or a Last-Modified)?"""
-        attributes = json.loads(row.content_attributes or "{}")
-        return bool(attributes.get("etag") or attributes.get("last_modified_datetime_utc"))
 
     def _is_backing_off(self, request, now: float) -> bool:
         """Is the request inside a failure backoff recorded in the file? A damaged
@@ -5697,8 +5858,13 @@ class Cache:
 
     def _stored_plan(self, strategy, newest, request, now: float) -> str:
         """``_plan`` on values read from the file: a damaged one makes this request unusable."""
+        cron_first_run = False
+        if newest is not None and strategy.strategy_name == "cron" and strategy.run_at_start:
+            with self._cron_lock:  # a download in this Cache is the cron strategy's run at start
+                cron_first_run = request.id not in self._cron_started
+                self._cron_started.add(request.id)
         try:
-            return self._plan(strategy, newest, request, now)
+            return _plan(strategy, newest, now, cron_first_run=cron_first_run)
         except _DAMAGE_ERRORS as exc:
             raise _DamagedValueError(
                 f"Version {getattr(newest, 'version', '?')!r} of {request.url!r} in the cache {self.path} "
@@ -5707,7 +5873,7 @@ class Cache:
     def _choose(self, call: _FetchCall, ready: list, now: float, *, hard: bool = False):
         """The newest ready row satisfying the call's choices, or None."""
         try:
-            return self._choose_of(call, ready, now, hard=hard)
+            return _choose_version(call, ready, now, hard=hard)
         except _DAMAGE_ERRORS as exc:
             damaged = "?"
             for row in ready:  # name the row that holds the damage
@@ -5720,32 +5886,6 @@ class Cache:
             raise _DamagedValueError(
                 f"Version {damaged!r} of {call.identity.url} in the cache {self.path} is damaged and "
                 f"cannot be read: {type(exc).__name__}.", path=self.path) from exc
-
-    def _choose_of(self, call: _FetchCall, ready: list, now: float, *, hard: bool = False):
-        if call.as_of is not None:
-            # Only the version newest at that moment may answer; the other choices then
-            # accept or refuse it, never pick an older one that was not current then.
-            current = next((row for row in ready if row.cached_unix is not None
-                            # Compared as shown: microsecond datetimes.
-                            and _to_datetime(row.cached_unix) <= call.as_of), None)
-            ready = [current] if current is not None else []
-        candidates = [row for row in ready
-                      if call.expected_hash is None or row.content_hash_hex == call.expected_hash]
-        if hard:
-            for row in candidates:
-                if _matches(row, version=call.force_version, tag=call.force_tag,
-                            pinned=call.force_pinned, now=now):
-                    return row
-            return None
-        # Soft preferences are dropped in Buffy's order: pinned, then tag, then version.
-        for keep in (3, 2, 1, 0):
-            wanted = {"version": call.prefer_version if keep >= 1 else None,
-                      "tag": call.prefer_tag if keep >= 2 else None,
-                      "pinned": call.prefer_pinned if keep >= 3 else None}
-            for row in candidates:
-                if _matches(row, now=now, **wanted):
-                    return row
-        return None
 
     def _serve(self, call: _FetchCall, request, ready: list, outcome: str, *, hard: bool = False):
         """Return a cached version without downloading (leasing it first if pin_for)."""
@@ -5801,8 +5941,8 @@ class Cache:
         """Store a changed configuration / description / hash type passed to fetch()."""
         changes = self._setting_changes(call, request)
         if changes and not self._store.read_only:
-            with self._store.writing() as t:
-                t.request.update(**changes).where(t.request.id == request.id).execute()
+            with self._store.writing():
+                self._store.update_row("request", request.id, changes)
 
     @staticmethod
     def _setting_changes(call: _FetchCall, request) -> dict:
@@ -5844,7 +5984,7 @@ class Cache:
         """
         identity = call.identity
         owner = f"{os.getpid()}:{threading.get_ident()}:{secrets.token_hex(6)}"
-        with self._store.writing() as t:
+        with self._store.writing():
             # Checked where the request row is written: a name another Cache declared
             # since the identity was built must not be stored in clear.
             if self._store.sensitive_names()["sets"] != identity.sensitive_sets:
@@ -5870,7 +6010,7 @@ class Cache:
                 # version string to follow.
                 version = {"request_id": request_id, "version": _next_version_string(now, None),
                            "status": "wait", "request_unix": now, **_VERSION_DEFAULTS, **lease}
-                row_id = self._store.insert_row("version", version)
+                row_id = self._store.add_download_row(request_id, version["version"], now, lease)
                 record = types.SimpleNamespace(
                     **{**dict.fromkeys(_REQUEST_COLUMNS), **columns, "id": request_id})
                 row = types.SimpleNamespace(**{**dict.fromkeys(_VERSION_COLUMNS), **version, "id": row_id})
@@ -5883,22 +6023,17 @@ class Cache:
                 if started is not None and self._settled_meanwhile(call, request, strategy, started,
                                                                    seen, now):
                     return _Claim(request_id, settled=True)
-            in_flight = list(t.version.select().where(
-                (t.version.request_id == request_id) & t.version.status.in_(IN_FLIGHT_STATUSES))
-                .order_by(t.version.version.desc()))
+            in_flight = self._store.in_flight_rows(request_id)
             for row in in_flight:
                 if _lease_is_live(self.path, row, self._download_lease_sec):
                     return _Claim(request_id, other_row_id=row.id)
             for row in in_flight:
                 # A row whose resume data is damaged is not resumed (GC reclaims it).
                 if row.content_id is not None and row.resume_from and _is_resumable_row(row):
-                    t.version.update(**lease).where(t.version.id == row.id).execute()
+                    self._store.update_row("version", row.id, lease)
                     return _Claim(request_id, row.id, owner, resume=row)
-            newest = (t.version.select(peewee.fn.MAX(t.version.version))
-                      .where(t.version.request_id == request_id).scalar())
-            row_id = t.version.insert(
-                request_id=request_id, version=_next_version_string(now, newest), status="wait",
-                request_unix=now, **lease).execute()
+            newest = self._store.newest_version_string(request_id)
+            row_id = self._store.add_download_row(request_id, _next_version_string(now, newest), now, lease)
             return _Claim(request_id, row_id, owner)
 
     def _is_abandoned_at(self, now: float) -> Callable[[Any], bool]:
@@ -5940,10 +6075,7 @@ class Cache:
         (its settlement), or None when its lease expired (its process died)."""
         pause = WAIT_POLL_MIN_SEC
         while True:
-            with self._store.reading() as t:
-                row = t.version.get_or_none(t.version.id == row_id)
-                settlement = t.request.select(t.request.last_settlement).where(
-                    t.request.id == request_id).scalar()
+            row, settlement = self._store.download_state(request_id, row_id)
             if row is None or row.status not in IN_FLIGHT_STATUSES:
                 try:
                     settlement = json.loads(settlement) if settlement else None
@@ -5996,20 +6128,18 @@ class Cache:
         partial content (cancelled), and return what the call's choices say to return."""
         request = claim.request
         if request is None:
-            with self._store.reading() as t:
-                request = t.request.get_by_id(claim.request_id)
+            request = self._store.request_by_id(claim.request_id)
         with self._cron_lock:  # A download in this Cache is the cron strategy's run at start.
             self._cron_started.add(claim.request_id)
         keeper = _LeaseKeeper(self._store, claim, self._download_lease_sec)
-        sink = _Sink(self, claim, request.validation_hash_type, call.progress, keeper)
+        sink = _Sink(self._store, claim, request.validation_hash_type, call.progress, keeper)
         sink.keep_small_in_memory = call.validator is None
         try:
             try:
-                kind, completed, failure = self._download_and_check(call, claim, request, sink,
-                                                                    conditional_from)
+                result = self._download_and_check(call, claim, request, sink, conditional_from)
             finally:
                 keeper.stop()
-            return self._finish(call, claim, request, kind, completed=completed, failure=failure)
+            return self._finish(call, claim, request, result)
         except _LeaseLost:
             log.warning("The download of %s was taken over by another process; waiting for it.",
                         request.url)
@@ -6026,24 +6156,23 @@ class Cache:
             raise
 
     def _download_and_check(self, call: _FetchCall, claim: _Claim, request, sink: _Sink,
-                            conditional_from) -> tuple[str, _Completed | _NotModified | None,
-                                                       _DownloadFailure | None]:
-        """Run the transfer, then the content checks (expected hash, validator).
-        Returns how the download settles: ("not_modified" | "completed" | "failed", the
-        transfer's result, the failure)."""
+                            conditional_from) -> _DownloadResult:
+        """Run the transfer, then the content checks (expected hash, validator); how the
+        download settles."""
         try:
-            result = _Transfer(self, call, claim, sink, conditional_from).run()
+            result = _Transfer(self._http, self._store, _RetrySettings(self._retries, self._max_retry_wait),
+                               call, claim, sink, conditional_from).run()
             if isinstance(result, _NotModified):
-                return "not_modified", result, None
+                return _DownloadResult("not_modified", result)
             if call.expected_hash is not None and result.hash_hex != call.expected_hash:
                 raise _DownloadFailure(f"hash mismatch: expected {call.expected_hash}, got {result.hash_hex}",
                                        stats=result.stats, cause="hash mismatch")
             if call.validator is not None and not self._is_duplicate_of_newest(claim.request_id, result):
                 self._run_validator(call, claim, request, result)
-            return "completed", result, None
+            return _DownloadResult("completed", result)
         except _DownloadFailure as failure:
             failure.stats.setdefault("downloaded_bytes", sink.offset)
-            return "failed", None, failure
+            return _DownloadResult("failed", failure=failure)
 
     def _is_duplicate_of_newest(self, request_id: int, result: _Completed) -> bool:
         ready = self._store.ready_rows(request_id)
@@ -6053,12 +6182,12 @@ class Cache:
         """Show the new, complete content to the user's validator before it is published."""
         # The version string the content will be published under is given now, so the
         # validator sees the version fetch() returns (and the one a failure is recorded as).
-        with self._store.writing() as t:
-            row = t.version.get_or_none(t.version.id == claim.row_id)
-            if row is None or row.lease_owner != claim.owner:
+        with self._store.writing():
+            row = self._store.owned_row(claim)
+            if row is None:
                 raise _LeaseLost()
-            row.version = claim.version = self._next_version_of(t, request.id, row.id, self._store.now())
-            t.version.update(version=row.version).where(t.version.id == row.id).execute()
+            row.version = claim.version = self._next_version_of(request.id, row.id, self._store.now())
+            self._store.update_row("version", row.id, {"version": row.version})
         row.content_attributes = json.dumps(result.attributes)
         row.content_hash_hex = result.hash_hex
         candidate = self._response(row, request.url, [])
@@ -6086,12 +6215,7 @@ class Cache:
         content. If even that cannot be written, the lease lapses on its own and gc()
         reclaims the row later."""
         try:
-            with self._store.writing() as t:
-                row = t.version.get_or_none(self._store.owned_by(claim))
-                if row is not None:
-                    t.version.delete().where(t.version.id == row.id).execute()
-                    if row.content_id is not None:
-                        self._delete_unreferenced_contents(t, {row.content_id})
+            self._store.discard_download(claim)
         except BuffyliteError as exc:
             log.debug("Discarding the download failed too (%s); gc() will reclaim it.", exc)
 
@@ -6100,25 +6224,24 @@ class Cache:
         so a later fetch can resume it (or gc() reclaim it)."""
         with contextlib.suppress(Exception):
             sink.flush()
-        with contextlib.suppress(Exception), self._store.writing() as t:
-            t.version.update(lease_expires_unix=0.0).where(self._store.owned_by(claim)).execute()
+        with contextlib.suppress(Exception):
+            self._store.give_up_lease(claim)
 
-    def _finish(self, call: _FetchCall, claim: _Claim, request, kind: str, *,
-                completed: _Completed | _NotModified | None = None,
-                failure: _DownloadFailure | None = None) -> Response:
+    def _finish(self, call: _FetchCall, claim: _Claim, request, result: _DownloadResult) -> Response:
         """Settle a download in one transaction: publish it (ready or duplicate), record the
         304 or the failure, collect garbage for the request, then choose the version to
         return and lease it (pin_for), so no GC can slip in between."""
-        if kind == "completed" and claim.first_row is not None:
+        if result.kind == "completed" and claim.first_row is not None:
             try:  # The first version of a request this call created: nothing to read back.
-                return self._settle(call, claim, request, kind, completed, failure, first=True)
+                return self._settle(call, claim, request, result, first=True)
             except _Crowded:
                 pass  # The lease was lost or another version appeared: the general way.
-        return self._settle(call, claim, request, kind, completed, failure, first=False)
+        return self._settle(call, claim, request, result, first=False)
 
-    def _settle(self, call: _FetchCall, claim: _Claim, request, kind: str, completed, failure, *,
+    def _settle(self, call: _FetchCall, claim: _Claim, request, result: _DownloadResult, *,
                 first: bool) -> Response:
-        with self._store.writing() as t:
+        kind, completed, failure = result.kind, result.received, result.failure
+        with self._store.writing():
             now = self._store.now()
             # One read gives the request as stored now and every version row: the
             # ownership check, the version string, the newest ready one, and GC's input.
@@ -6144,7 +6267,7 @@ class Cache:
                 _set(record, changes)
 
             if kind == "not_modified":
-                t.version.delete().where(t.version.id == row.id).execute()
+                self._store.delete_version(row.id)
                 rows.remove(row)
                 if newest is not None:
                     # A 304 updates the stored caching headers with those it carries (RFC 9111 section 4.3.4).
@@ -6152,7 +6275,7 @@ class Cache:
                         newest, completed.cache_headers if completed is not None else {}))
                 outcome, settled_id = "not_modified", newest.id if newest else None
             elif kind == "completed":
-                content_id = self._settle_content(t, row, request.validation_hash_type, completed)
+                content_id = self._settle_content(row, request.validation_hash_type, completed)
                 stats = dict(completed.stats, state="ready")
                 if newest is not None and newest.content_id == content_id:
                     stats["state"] = "duplicate"
@@ -6183,7 +6306,7 @@ class Cache:
                 update(row, status="failed", content_id=None, cached_unix=None,
                        download_stats=json.dumps(stats), **final)
                 if partial is not None:
-                    self._delete_unreferenced_contents(t, {partial})
+                    self._store.delete_unreferenced_contents({partial})
                 outcome, settled_id = "stale", None
             rows.sort(key=lambda record: record.version, reverse=True)
             # Tell the calls waiting for this download how it ended (its row may be gone).
@@ -6196,7 +6319,7 @@ class Cache:
             # Garbage collection of this request, before choosing what to return.
             freed = 0
             if kind != "not_modified":
-                freed = self._collect_request(t, request.id, now, request=request, rows=rows)[1]
+                freed = self._collect_request(request.id, now, request=request, rows=rows)[1]
             ready = [candidate for candidate in rows if candidate.status == "ready"]
             chosen = self._choose(call, ready, now)
             if chosen is not None and call.pin_for is not None:
@@ -6238,32 +6361,22 @@ class Cache:
         merged = {**(stored if isinstance(stored, dict) else {}), **fresh}
         return json.dumps(merged) if merged else row.cache_headers
 
-    @staticmethod
-    def _next_version_of(t: _Tables, request_id: int, row_id: int, now: float,
-                         keep: str | None = None) -> str:
+    def _next_version_of(self, request_id: int, row_id: int, now: float, keep: str | None = None) -> str:
         """The version string for row ``row_id`` of a request: ``keep`` (given earlier)
         while it is still newer than every other row's, else one for ``now`` after them.
         Runs inside the caller's write transaction."""
-        others = (t.version.select(peewee.fn.MAX(t.version.version))
-                  .where((t.version.request_id == request_id) & (t.version.id != row_id)).scalar())
+        others = self._store.newest_version_string(request_id, excluding=row_id)
         if keep is not None and (others is None or keep > others):
             return keep
         return _next_version_string(now, others)
 
-    def _settle_content(self, t: _Tables, row, hash_type: str, completed: _Completed) -> int:
+    def _settle_content(self, row, hash_type: str, completed: _Completed) -> int:
         """Make the received content addressable by its hash, or drop it for the identical
         content already stored. Returns the content id the version points to."""
         if completed.body is not None:  # small: stored now, unless already stored
             return self._store.store_small_content(hash_type, completed.hash_hex, completed.body)
-        existing = t.content.get_or_none((t.content.hash_type == hash_type)
-                                         & (t.content.hash_hex == completed.hash_hex))
-        if existing is not None and existing.id != completed.content_id:
-            t.version.update(content_id=existing.id).where(t.version.id == row.id).execute()
-            t.content.delete().where(t.content.id == completed.content_id).execute()
-            return existing.id
-        t.content.update(hash_hex=completed.hash_hex, size_bytes=completed.size).where(
-            t.content.id == completed.content_id).execute()
-        return completed.content_id
+        return self._store.settle_chunked_content(row.id, hash_type, completed.hash_hex,
+                                                  completed.content_id, completed.size)
 
     def _fall_back(self, call: _FetchCall, request, chosen, ready: list, failure: _DownloadFailure):
         """A due download failed: serve the newest suitable cached version (stale) unless the
@@ -6289,11 +6402,9 @@ class Cache:
 
     # --- garbage collection -------------------------------------------------------------
 
-    def _collect_request(self, t: _Tables, request_id: int, now: float, *, request,
-                         rows: list) -> tuple[dict, int]:
+    def _collect_request(self, request_id: int, now: float, *, request, rows: list) -> tuple[dict, int]:
         """Apply the GC rules (see ``gc``) to the request ``request_id``, given that request
-        and its version records read in the caller's write transaction ``t`` (newest
-        first); the store removes them inside that transaction, and the removed ones are
+        and its version records read in the caller's write transaction (newest first); the store removes them inside that transaction, and the removed ones are
         taken out of ``rows``. A damaged stored value of the request raises
         _DamagedValueError (nothing is removed). Returns (removed per reason, bytes freed)."""
         removals = self._gc_removals(request, rows, now)
@@ -6320,11 +6431,6 @@ class Cache:
         for _, reason in removals.values():
             counts[reason] = counts.get(reason, 0) + 1
         return counts
-
-    def _delete_unreferenced_contents(self, t: _Tables, content_ids: set) -> int:
-        """Delete those contents no version points to, inside the caller's write
-        transaction (``t``); return bytes freed."""
-        return self._store.delete_unreferenced_contents(content_ids)
 
     def gc(self, url: str | None = None, *, method: str = "get", params: dict | None = None,
            headers: dict | None = None, body=None, group: str = DEFAULT_GROUP) -> GCReport:
