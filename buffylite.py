@@ -3298,13 +3298,13 @@ def _postgres_location(location: str) -> tuple[str, str, str, list[str]]:
     return url, schema, shown, secrets_in_text
 
 
-def _postgres_database_class() -> tuple[type, dict]:
+def _postgres_database_class(shown: str) -> tuple[type, dict]:
     """peewee's database class for psycopg 3 (and the arguments it needs), with the
     connection tracking of ``_ClosingAll``; CacheFileError naming the extra when the
     driver is not installed."""
     if _optional_extra("psycopg") is None:
-        raise CacheFileError("A PostgreSQL cache needs the psycopg driver: install buffylite[postgres] "
-                             "(pip install 'buffylite[postgres]').")
+        raise CacheFileError(f"The cache {shown} is a PostgreSQL database, which needs the psycopg driver: "
+                             "install buffylite[postgres] (pip install 'buffylite[postgres]').", path=shown)
     try:  # peewee 3.17 has psycopg 3 in playhouse; later releases in PostgresqlDatabase
         from playhouse.psycopg3_ext import Psycopg3Database as base  # noqa: PLC0415
         options = {}
@@ -3329,7 +3329,7 @@ class _PostgresStore(_Store):
     def __init__(self, location: str, *, read_only: bool = False):
         self._url, self.schema_name, self.path, self._secrets = _postgres_location(location)
         self.read_only = bool(read_only)
-        self._database_class, self._driver_options = _postgres_database_class()
+        self._database_class, self._driver_options = _postgres_database_class(self.path)
         import psycopg  # noqa: PLC0415 - present: checked just above
         self.driver_errors = (peewee.DatabaseError, peewee.InterfaceError, psycopg.Error)
         self._lock_key = int.from_bytes(

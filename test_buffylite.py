@@ -845,9 +845,17 @@ class _BackendCounts:
     """A plugin counting test outcomes per backend, printed as one line after the run."""
 
     def __init__(self, items):
-        self._backend_of = {item.nodeid: getattr(item, "callspec", None) and item.callspec.params.get("backend")
-                            for item in items}
+        self._backend_of = {item.nodeid: self._backend_of_item(item) for item in items}
         self._outcome_of: dict[str, str] = {}
+
+    @staticmethod
+    def _backend_of_item(item) -> str | None:
+        """The backend a test runs on: its ``backend`` parameter, or "postgres" for a test
+        about PostgreSQL alone (it uses ``postgres_cache_url``), else None."""
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "backend" in callspec.params:
+            return callspec.params["backend"]
+        return "postgres" if "postgres_cache_url" in getattr(item, "fixturenames", ()) else None
 
     def pytest_runtest_logreport(self, report):
         """Record the test's outcome: a failure in any phase wins, then a skip, then a pass."""
@@ -8439,6 +8447,150 @@ def test_a_killed_downloader_whose_clock_ran_ahead_is_taken_over_after_its_lease
     assert 1.0 <= waited < 10.0
     cache.gc()
     assert [row.status for row in cache.versions(url, status=None)] == ["ready"]
+
+
+# --- PostgreSQL: the server's clock, the driver extra, lost connections, backups, space (SPEC §15) ---
+
+
+#: A child that fetches one URL with its wall clock moved by ``skew`` seconds (both
+#: ``time.time`` and buffylite's own ``_now``) and prints the version it got.
+_PG_SKEWED_FETCH = """
+import json, sys, time
+skew = float(sys.argv[3])
+real_time = time.time
+time.time = lambda: real_time() + skew
+import buffylite
+buffylite._now = time.time
+with buffylite.Cache(sys.argv[1]) as cache:
+    response = cache.fetch(sys.argv[2], refresh=True)
+    print(json.dumps({"version": response.version, "outcome": response.outcome}))
+"""
+
+
+def test_postgres_versions_come_from_the_server_clock_whatever_the_clients_say(postgres_cache_url, origin):
+    """§15: on PostgreSQL a version string is the server's time: processes whose clocks
+    run an hour ahead or behind still produce increasing versions near the true time."""
+    route = origin.route("/server-clock.txt", body=b"first")
+    versions = []
+    for step, skew in enumerate((3600.0, -3600.0, 0.0, -3600.0)):
+        route.body = f"body {step}".encode()
+        before = dt.datetime.now(UTC)
+        done = run_python(_PG_SKEWED_FETCH, postgres_cache_url, origin.url("/server-clock.txt"), str(skew))
+        after = dt.datetime.now(UTC)
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert result["outcome"] == "downloaded", result
+        moment = version_datetime(result["version"])
+        # The test server runs on this machine: its clock is this process's.
+        assert before - dt.timedelta(seconds=5) <= moment <= after + dt.timedelta(seconds=5), (skew, moment)
+        versions.append(result["version"])
+    assert versions == sorted(versions) and len(set(versions)) == len(versions), versions
+    with buffylite.Cache(postgres_cache_url) as cache:  # (GC keeps the newest two by default)
+        assert [resp.version for resp in assert_chain(cache, origin.url("/server-clock.txt"))] == versions[-2:]
+
+
+def test_a_postgresql_url_without_the_driver_names_the_extra():
+    """§15/§2: without psycopg, ``import buffylite`` works and a PostgreSQL URL gives a
+    CacheFileError naming ``buffylite[postgres]`` (and not the password)."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["psycopg"] = None  # as if the driver were not installed
+        import buffylite
+        try:
+            buffylite.Cache("postgresql://user:SECRETPW@127.0.0.1:1/db")
+        except buffylite.CacheFileError as exc:
+            print("CacheFileError:", exc)
+    """)
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("CacheFileError:") and "buffylite[postgres]" in done.stdout, done.stdout
+    assert "SECRETPW" not in done.stdout + done.stderr
+
+
+def test_a_connection_the_server_ended_is_replaced_on_the_next_call(postgres_cache_url, origin):
+    """§15: when the server ends the cache's connections (a restart, an administrator),
+    at most the call that finds them dead fails, with CacheFileError; the next one
+    connects again and serves what is cached."""
+    origin.route("/reconnect.txt", body=b"still here")
+    with buffylite.Cache(postgres_cache_url) as cache:
+        url = origin.url("/reconnect.txt")
+        assert cache.fetch(url).read() == b"still here"
+        with postgres_connection(postgres_cache_url) as admin:
+            ended = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                  "WHERE application_name = 'buffylite' AND pid <> pg_backend_pid()").fetchone()[0]
+        assert ended >= 1
+        failures = 0
+        for _ in range(2):
+            try:
+                response = cache.fetch(url)
+            except buffylite.CacheFileError as exc:
+                failures += 1
+                assert "***" in str(exc) or "password" not in str(exc).lower()
+                continue
+            assert response.outcome == "cached" and response.read() == b"still here"
+            break
+        else:
+            pytest.fail("the cache did not connect again")
+        assert failures <= 1
+    assert origin.hits("/reconnect.txt") == 1
+
+
+def test_backup_of_a_postgres_cache_is_a_sqlite_file_with_versions_pins_and_tags(postgres_cache_url, origin,
+                                                                                 tmp_path):
+    """§15/§16: ``backup()`` of a PostgreSQL cache writes an ordinary cache file holding
+    every request with its ready versions, pins, tags and content; it opens read-only."""
+    with buffylite.Cache(postgres_cache_url) as cache:
+        first = fetch_body(cache, origin, "/backup-a.bin", random_bytes(300_000))
+        second = fetch_body(cache, origin, "/backup-a.bin", random_bytes(200_000, seed=7))
+        other = fetch_body(cache, origin, "/backup-b.txt", b"b" * 1000, group="team")
+        cache.pin(first)
+        cache.tag(second, "release")
+        dest = cache.backup(tmp_path / "copy.sqlite3")
+    assert integrity_check(dest) == ["ok"]
+    dest.chmod(0o444)
+    with buffylite.Cache(dest, read_only=True) as copy:
+        versions = copy.versions(origin.url("/backup-a.bin"))
+        assert [(resp.version, resp.pinned, resp.tags) for resp in versions] == [
+            (second.version, False, ["release"]), (first.version, True, [])]
+        assert versions[1].read() == random_bytes(300_000)
+        assert versions[0].read() == random_bytes(200_000, seed=7)
+        copied = copy.get(origin.url("/backup-b.txt"), group="team")
+        assert copied.version == other.version and copied.read() == b"b" * 1000
+
+
+def test_gc_on_postgres_lets_the_space_of_collected_chunks_be_reused(postgres_cache_url, origin, small_chunks):
+    """§15/§10: GC on PostgreSQL deletes the chunk rows of collected content and vacuums,
+    so the next download reuses their space instead of growing the tables."""
+    size = 4 * 1024 * 1024
+    keep_one = config(keep=1)
+    with buffylite.Cache(postgres_cache_url) as cache:
+
+        def chunk_table_bytes() -> int:
+            return store_rows(postgres_cache_url, "SELECT pg_total_relation_size('chunk')")[0][0]
+
+        for seed in (1, 2):
+            fetch_body(cache, origin, "/space.bin", random_bytes(size, seed=seed), cache_configuration=keep_one)
+        cache.gc()
+        settled = chunk_table_bytes()
+        for seed in (3, 4, 5):
+            fetch_body(cache, origin, "/space.bin", random_bytes(size, seed=seed), cache_configuration=keep_one)
+            cache.gc()
+        grown = chunk_table_bytes() - settled
+        assert cache.stats()["content_bytes"] == size
+    # Three more versions of 4 MiB went through; without reuse the table would grow by 12 MiB.
+    assert grown < size, (settled, grown)
+
+
+def test_postgres_chunks_are_stored_with_lz4_where_the_server_has_it(postgres_cache_url, origin):
+    """§15: the chunk column of a new schema compresses with lz4 (or, on a server without
+    it, stores uncompressed): never PostgreSQL's slow default for large values."""
+    with buffylite.Cache(postgres_cache_url) as cache:
+        fetch_body(cache, origin, "/lz4.txt", b"0123456789abcdef" * 65536)
+        assert cache.fetch(origin.url("/lz4.txt"), offline=True).read() == b"0123456789abcdef" * 65536
+    [(compression, storage)] = store_rows(
+        postgres_cache_url, "SELECT attcompression, attstorage FROM pg_attribute "
+        "WHERE attrelid = 'chunk'::regclass AND attname = 'data'")
+    assert compression == "l" or storage == "e", (compression, storage)
 
 
 # ===========================================================================
