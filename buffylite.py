@@ -3728,12 +3728,10 @@ class _HttpClient:
         self._lock = threading.Lock()
 
     def _manager_for(self, url: str) -> urllib3.PoolManager:
-        import urllib.request  # noqa: PLC0415 - loaded once, on the first request sent
         if os.getpid() != self._pid:  # After fork: never share sockets with the parent.
             self._pid, self._direct, self._proxied = os.getpid(), urllib3.PoolManager(), {}
         parsed = urllib3.util.parse_url(url)
-        proxies = urllib.request.getproxies()
-        proxy = proxies.get(parsed.scheme) or proxies.get("all")
+        proxy = _proxy_for(parsed.scheme)
         if not proxy or _bypasses_proxy(parsed.host or ""):
             return self._direct
         with self._lock:
@@ -3816,6 +3814,29 @@ def _read_available(response: urllib3.BaseHTTPResponse, amount: int) -> bytes:
     (or the end), so progress and stall detection are coarser but the bytes the same."""
     read1 = getattr(response, "read1", None)
     return read1(amount) if read1 is not None else response.read(amount)
+
+
+def _proxy_for(scheme: str) -> str | None:
+    """The proxy the environment names for ``scheme`` (else for "all"), as the standard
+    library's ``getproxies()`` finds it: ``<scheme>_proxy`` before ``<SCHEME>_PROXY``, an
+    empty lower-case one meaning none, ``HTTP_PROXY`` ignored under CGI. On Linux it looks
+    up those few names instead of scanning the whole environment on every request; macOS
+    and Windows also have system settings, which ``getproxies()`` reads."""
+    if sys.platform in ("darwin", "win32"):
+        import urllib.request  # noqa: PLC0415 - see the imports note
+        proxies = urllib.request.getproxies()
+        return proxies.get(scheme) or proxies.get("all")
+    environ = os.environ
+    for name in (scheme, "all"):
+        lower = environ.get(f"{name}_proxy")
+        if lower is not None:
+            if lower:
+                return lower
+            continue
+        upper = environ.get(f"{name.upper()}_PROXY")
+        if upper and not (name == "http" and "REQUEST_METHOD" in environ):
+            return upper
+    return None
 
 
 def _bypasses_proxy(host: str) -> bool:

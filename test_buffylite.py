@@ -6135,6 +6135,36 @@ def test_https_proxy_not_used_for_http_urls(fault_origin, fault_proxy, fault_env
     assert len(fault_origin.hits("/plain")) == 1
 
 
+_PROXY_NAMES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+
+@pytest.mark.skipif(sys.platform in ("darwin", "win32"), reason="there getproxies() also reads system settings")
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.dictionaries(st.sampled_from(_PROXY_NAMES), st.sampled_from(["", "http://p1:3128", "http://p2:8080"])),
+       st.booleans())
+def test_the_proxy_found_is_the_one_the_standard_library_finds(variables, cgi):
+    """§11: the proxy a request goes through is the standard library's choice for its
+    scheme (lower case first, an empty lower-case name meaning none, HTTP_PROXY ignored
+    under CGI), found by looking up a few names rather than scanning the environment."""
+    import urllib.request
+    saved = {name: os.environ.get(name) for name in (*_PROXY_NAMES, "REQUEST_METHOD")}
+    try:
+        for name in saved:
+            os.environ.pop(name, None)
+        os.environ.update(variables)
+        if cgi:
+            os.environ["REQUEST_METHOD"] = "GET"
+        proxies = urllib.request.getproxies()
+        for scheme in ("http", "https"):
+            assert buffylite._proxy_for(scheme) == (proxies.get(scheme) or proxies.get("all")), (scheme, variables)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 # --- Sensitive headers and secrets in files, redirects, messages and logs (SPEC §11, §14) ---
 
 
