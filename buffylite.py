@@ -609,8 +609,10 @@ _HOSTNAME = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Z
 
 
 def _is_storable_text(value) -> bool:
-    """True when ``value`` is a str that UTF-8 can encode (no lone surrogates)."""
-    if not isinstance(value, str):
+    """True when ``value`` is a str that UTF-8 can encode (no lone surrogates) and holds
+    no NUL character (a PostgreSQL text column cannot store one; a cache must be able to
+    move between the two kinds of store)."""
+    if not isinstance(value, str) or "\x00" in value:
         return False
     try:
         value.encode("utf-8")
@@ -5684,8 +5686,8 @@ class Cache:
         """
         for name, value in (("description", description), ("documentation_link", documentation_link)):
             if value is not None and not _is_storable_text(value):
-                raise InvalidRequestError(f"{name} must be a str of valid Unicode text or None, not "
-                                          f"{type(value).__name__}.")
+                raise InvalidRequestError(f"{name} must be a str of valid Unicode text without NUL "
+                                          f"characters, or None, not {value!r}."[:300])
         for name, value in (("prefer_pinned", prefer_pinned), ("force_pinned", force_pinned)):
             if value is not None and not isinstance(value, bool):
                 raise InvalidRequestError(f"{name} must be True, False or None, not {value!r}.")
