@@ -3295,8 +3295,11 @@ def _postgres_location(location: str) -> tuple[str, str, str, list[str]]:
         rest.append(("connect_timeout", str(POSTGRES_CONNECT_TIMEOUT_SEC)))
     url = urllib.parse.urlunsplit(("postgresql", parts.netloc, parts.path, urllib.parse.urlencode(rest), ""))
     password = parts.password or ""
-    secrets_in_text = sorted({password, urllib.parse.quote(password, safe=""),
-                              parts.netloc.rpartition("@")[0].partition(":")[2]} - {""}, key=len, reverse=True)
+    # (A password of one or two characters is not scrubbed from driver messages: replacing
+    # every such letter would garble them; none of the driver's messages quotes it anyway.)
+    secrets_in_text = sorted({secret for secret in (password, urllib.parse.unquote(password),
+                                                   urllib.parse.quote(password, safe=""))
+                              if len(secret) >= 3}, key=len, reverse=True)
     return url, schema, shown, secrets_in_text
 
 
