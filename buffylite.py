@@ -1537,6 +1537,50 @@ def _unpickle_response(path: str | None, fields: dict, content_id: int | None,
     return _trusted_response(fields, private)
 
 
+#: The columns of a version row that a Response shows.
+_RESPONSE_SOURCE_COLUMNS = ("id", "request_id", "version", "status", "cached_unix", "validated_unix",
+                            "request_unix", "pinned", "pinned_until_unix", "tags", "content_hash_hex",
+                            "content_attributes", "download_stats")
+
+
+def _stored_response_fields(row) -> dict:
+    """The Response fields a version row determines, converted from the stored values
+    once per row object: the read memo hands the same row objects to every hit until the
+    file changes. Kept with the values they came from (a transaction may update a row
+    object it read); callers copy the mutable ones. A damaged value raises one of
+    ``_DAMAGE_ERRORS``."""
+    source = tuple([getattr(row, name) for name in _RESPONSE_SOURCE_COLUMNS])
+    converted = getattr(row, "_response_fields", None)
+    if converted is not None and converted[0] == source:
+        return converted[1]
+    if row.status not in VERSION_STATUSES or not _VERSION_PATTERN.fullmatch(row.version):
+        raise ValueError("bad status or version string")
+    fields = {
+        "id": row.id, "request_id": row.request_id, "version": row.version, "status": row.status,
+        "cached_datetime_utc": _to_datetime(row.cached_unix),
+        "validated_datetime_utc": _to_datetime(row.validated_unix),
+        "request_datetime_utc": _to_datetime(row.request_unix),
+        "pinned": bool(row.pinned), "pinned_until_utc": _to_datetime(row.pinned_until_unix),
+        "tags": _row_tags(row), "content_hash_hex": row.content_hash_hex,
+        "content_attributes": ResponseContentAttributes.model_validate_json(row.content_attributes or "{}"),
+        "download_stats": ResponseDownloadStats.model_validate_json(row.download_stats or "{}"),
+        "stale_reason": None}
+    with contextlib.suppress(AttributeError):
+        row._response_fields = (source, fields)
+    return fields
+
+
+def _copy_of(model: BaseModel) -> BaseModel:
+    """A shallow copy of a flat model whose field values are immutable (what
+    ``model_copy`` does, for a model without extra or private attributes, at half its cost)."""
+    copy = model.__class__.__new__(model.__class__)
+    object.__setattr__(copy, "__dict__", dict(model.__dict__))
+    object.__setattr__(copy, "__pydantic_fields_set__", set(model.__pydantic_fields_set__))
+    object.__setattr__(copy, "__pydantic_extra__", None)
+    object.__setattr__(copy, "__pydantic_private__", None)
+    return copy
+
+
 def _trusted_response(fields: dict, private: dict) -> Response:
     """A Response from values read back from the cache file, which were validated on
     the way in. Does what ``Response.model_construct`` does (sets the instance's
@@ -1786,6 +1830,11 @@ _SQL_REQUEST_AND_VERSIONS = (
 _SQL_INSERT_CONTENT = ('INSERT INTO "content" ("hash_type", "hash_hex", "size_bytes") VALUES (?, ?, ?) '
                        'ON CONFLICT DO NOTHING')
 _SQL_CONTENT_ID_BY_HASH = 'SELECT "id" FROM "content" WHERE "hash_type" = ? AND "hash_hex" = ?'
+#: A content's stored size and hash with its chunks in order (one row with empty chunk
+#: columns when it has none): a whole read in one statement, so one snapshot.
+_SQL_READ_CONTENT = ('SELECT c."size_bytes", c."hash_type", c."hash_hex", k."seq", k."data" '
+                     'FROM "content" AS c LEFT OUTER JOIN "chunk" AS k ON k."content_id" = c."id" '
+                     'WHERE c."id" = ? ORDER BY k."seq"')
 _SQL_INSERT_CHUNK = 'INSERT INTO "chunk" ("content_id", "seq", "data") VALUES (?, ?, ?)'
 #: A request by identity.
 _SQL_REQUEST_BY_IDENTITY = f'SELECT {_column_list("r", _REQUEST_COLUMNS)} FROM "request" AS r WHERE r."identity_key" = ?'
@@ -2547,13 +2596,8 @@ class _Store:
         corrupted), from one query, so one snapshot. Raises NotCachedError when the
         content was deleted, IntegrityError when the chunks do not assemble into the
         stored size (a chunk missing, or one cut short): never shorter content."""
-        def build(t: _Tables):
-            return (t.content.select(t.content.size_bytes, t.content.hash_type, t.content.hash_hex,
-                                     t.chunk.seq, t.chunk.data)
-                    .join(t.chunk, peewee.JOIN.LEFT_OUTER, on=(t.chunk.content_id == t.content.id))
-                    .where(t.content.id == _slot()).order_by(t.chunk.seq))
         with self.reading():
-            rows = self._execute("read_content", build, content_id).fetchall()
+            rows = self._run(_SQL_READ_CONTENT, content_id).fetchall()
         if not rows:
             raise NotCachedError(f"This version's content is no longer in the cache {self.path} "
                                  "(the version was deleted or collected).")
@@ -5586,24 +5630,16 @@ class Cache:
                 path=self.path) from exc
 
     def _response_of(self, row, url: str, chain: list[str], outcome: str | None) -> Response:
-        if row.status not in VERSION_STATUSES or not _VERSION_PATTERN.fullmatch(row.version):
-            raise ValueError("bad status or version string")
+        stored = _stored_response_fields(row)
         previous_version = next_version = None
         if row.status == "ready":
             index = bisect.bisect_left(chain, row.version)
             previous_version = chain[index - 1] if index > 0 else None
             next_version = chain[index + 1] if index + 1 < len(chain) else None
-        fields = {
-            "id": row.id, "request_id": row.request_id, "url": url, "version": row.version,
-            "previous_version": previous_version, "next_version": next_version, "status": row.status,
-            "cached_datetime_utc": _to_datetime(row.cached_unix),
-            "validated_datetime_utc": _to_datetime(row.validated_unix),
-            "request_datetime_utc": _to_datetime(row.request_unix),
-            "pinned": bool(row.pinned), "pinned_until_utc": _to_datetime(row.pinned_until_unix),
-            "tags": _row_tags(row), "content_hash_hex": row.content_hash_hex,
-            "content_attributes": ResponseContentAttributes.model_validate_json(row.content_attributes or "{}"),
-            "download_stats": ResponseDownloadStats.model_validate_json(row.download_stats or "{}"),
-            "outcome": outcome, "stale_reason": None}
+        # Every Response owns its mutable parts; the datetimes and strings are immutable.
+        fields = {**stored, "url": url, "previous_version": previous_version, "next_version": next_version,
+                  "tags": list(stored["tags"]), "content_attributes": _copy_of(stored["content_attributes"]),
+                  "download_stats": _copy_of(stored["download_stats"]), "outcome": outcome}
         return _trusted_response(fields, {"_cache": self, "_content_id": row.content_id})
 
     def _responses(self, rows: list, url: str, ready_rows: list, outcome: str | None = "cached"):
