@@ -1952,6 +1952,10 @@ def _sqlite_database(path: pathlib.Path, access: str | None = None) -> _SqliteDa
             ("synchronous", "normal"),
             ("journal_size_limit", WAL_SIZE_LIMIT_BYTES),
             ("busy_timeout", int(BUSY_TIMEOUT_SEC * 1000)),
+            # Statement journals in memory: with 16 KiB pages, the journal of one UPDATE of a
+            # version row and its indexes would otherwise spill to a temporary file, which
+            # made that statement cost ~100 µs instead of ~30.
+            ("temp_store", "memory"),
         ],
     )
 
@@ -2089,6 +2093,9 @@ def _sqlite_finish_copy(database: peewee.Database, *, compact: bool) -> None:
     """Make a private copy an ordinary cache file: compacted again after rows were
     removed (``compact``), and in WAL mode like every cache file."""
     if compact:
+        # VACUUM rebuilds the file through a temporary copy of it: on disk, not in memory
+        # (the connection keeps its temporary storage in memory otherwise).
+        database.execute_sql("PRAGMA temp_store=FILE")
         database.execute_sql("VACUUM")
     database.execute_sql("PRAGMA journal_mode=WAL")
 
