@@ -5068,6 +5068,8 @@ class _LeaseRenewer:
         self._pid = os.getpid()
         self._keepers: list[_LeaseKeeper] = []
         self._changed = threading.Condition()
+        #: When the thread wakes up next (monotonic), unless notified earlier.
+        self._wake_at = math.inf
         self._thread = threading.Thread(target=self._run, name="buffylite-lease", daemon=True)
         self._thread.start()
 
@@ -5081,7 +5083,11 @@ class _LeaseRenewer:
     def add(self, keeper: _LeaseKeeper) -> None:
         with self._changed:
             self._keepers.append(keeper)
-            self._changed.notify()
+            # Woken only when this lease falls due before the thread would wake anyway: a
+            # run of short downloads then costs the thread no wake-up each (on a small
+            # machine, each one took the interpreter away from the download).
+            if keeper.due < self._wake_at:
+                self._changed.notify()
 
     def discard(self, keeper: _LeaseKeeper) -> None:
         with self._changed:
@@ -5094,8 +5100,10 @@ class _LeaseRenewer:
                 now = time.monotonic()
                 due = [keeper for keeper in self._keepers if keeper.due <= now]
                 if not due:
-                    wait = min((keeper.due for keeper in self._keepers), default=now + 3600.0) - now
-                    self._changed.wait(max(wait, 0.001))
+                    wait = max(min((keeper.due for keeper in self._keepers), default=now + 3600.0) - now, 0.001)
+                    self._wake_at = now + wait
+                    self._changed.wait(wait)
+                    self._wake_at = -math.inf  # awake: whatever is added is seen before the next wait
                     continue
                 for keeper in due:
                     keeper.renewing.acquire()  # (released below, after the renewal)
