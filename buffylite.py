@@ -1850,10 +1850,6 @@ def _slot() -> peewee.Value:
     return peewee.Value(_SLOT, converter=False)
 
 
-def _columns(model, names: tuple[str, ...]) -> list:
-    return [getattr(model, name) for name in names]
-
-
 def _record(names: tuple[str, ...], values) -> types.SimpleNamespace:
     """A row as a plain object with one attribute per column."""
     return types.SimpleNamespace(**dict(zip(names, values)))
@@ -2233,11 +2229,6 @@ class _Store:
         if self.read_only:
             raise CacheFileError(f"The cache {self.path} is read-only: this operation needs to write "
                                  "to it. Write to a copy made with Cache.backup() instead.", path=self.path)
-
-    def close_thread_connection(self) -> None:
-        """Close the calling thread's connection (a helper thread is ending)."""
-        with contextlib.suppress(Exception):
-            self.db.close()
 
     def close(self) -> None:
         """Close every connection of this store."""
