@@ -3659,7 +3659,9 @@ class _ContentStream(io.RawIOBase):
             pieces.append(piece)
             self._position += len(piece)
             size -= len(piece)
-        data = b"".join(pieces)
+        # A read of exactly one whole chunk (what chunk-sized reads are) hands out the
+        # chunk's own bytes: no copy.
+        data = pieces[0] if len(pieces) == 1 and isinstance(pieces[0], bytes) else b"".join(pieces)
         self._hash_served(self._position - len(data), data)
         return data
 
@@ -3686,8 +3688,9 @@ class _ContentStream(io.RawIOBase):
         if self.closed:
             raise InvalidRequestError("I/O operation on a closed buffylite stream.")
 
-    def _piece_at(self, position: int, size: int) -> memoryview:
-        """Up to ``size`` bytes from ``position`` (inside the content), within one chunk."""
+    def _piece_at(self, position: int, size: int) -> memoryview | bytes:
+        """Up to ``size`` bytes from ``position`` (inside the content), within one chunk
+        (the chunk's bytes themselves when that is all of it)."""
         index = bisect.bisect_right(self._starts, position) - 1
         if index != self._chunk_index:
             with self._store._translated():
@@ -3705,6 +3708,8 @@ class _ContentStream(io.RawIOBase):
                 raise IntegrityError(f"A chunk of content {self._stored_hash or self._content_id} in "
                                      f"{self._store.path} changed size while being read.")
         start = position - self._starts[index]
+        if start == 0 and size >= len(self._chunk):
+            return self._chunk.obj
         return self._chunk[start:start + size]
 
     def _hash_served(self, start: int, data: bytes) -> None:
