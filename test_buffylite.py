@@ -8026,6 +8026,85 @@ def test_import_self_time_is_small(tmp_path):
     assert min(self_times[1:]) <= STORE_IMPORT_SELF_MAX_US, self_times
 
 
+def test_store_table_models_are_made_on_first_use_once_per_store(cache_path, origin):
+    """§15: a store makes a table model when a statement first needs it (a cache hit needs
+    the content and chunk tables only), the same one for every thread, and never shares
+    one with another store."""
+    origin.route("/tables.txt", body=b"tables")
+    with buffylite.Cache(cache_path) as first:
+        first.fetch(origin.url("/tables.txt"))
+    with buffylite.Cache(cache_path) as fresh:
+        tables = fresh._store.tables
+        response = fresh.fetch(origin.url("/tables.txt"))
+        assert response.outcome == "cached" and response.read() == b"tables"
+        made = sorted(name for name in vars(tables) if not name.startswith("_"))
+        assert made == ["chunk", "content"]
+        seen, barrier = [], threading.Barrier(8)
+
+        def first_use():
+            barrier.wait(timeout=10)
+            seen.append(tables.removed_version)
+
+        threads = [threading.Thread(target=first_use) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+        assert len(seen) == 8 and len(set(seen)) == 1
+        assert [model._meta.table_name for model in tables.all] == [
+            "meta", "request", "content", "chunk", "version", "removed_version"]
+        assert tables.all[5] is seen[0] and seen[0]._meta.database is fresh._store.db
+        with pytest.raises(AttributeError):
+            tables.versions  # noqa: B018 - no such table
+        with buffylite.Cache(cache_path) as other:
+            assert other._store.tables.version is not tables.version
+            assert other._store.tables.version._meta.database is other._store.db
+            assert [row.status for row in tables.version.select()] == ["ready"]
+
+
+def test_cli_run_as_the_program_freezes_only_what_the_imports_made(tmp_path, origin):
+    """§13/§15: ``main()`` without arguments (``python -m buffylite``, the ``buffylite``
+    script) moves what the imports made out of the cyclic collector's way and still
+    writes the whole content, closes the cache and leaves it consistent; ``main(argv)``
+    called by a program freezes nothing of that program's."""
+    body = bytes(range(256)) * 400
+    origin.route("/frozen.bin", body=body)
+    cache_file, url = tmp_path / "c.sqlite3", origin.url("/frozen.bin")
+    code = textwrap.dedent('''
+        import gc, json, sys, buffylite
+        as_program = sys.argv[1] == "program"
+        before = gc.get_freeze_count()
+        sys.argv = ["buffylite", "-q", "--cache", sys.argv[2], "fetch", sys.argv[3], "-o", sys.argv[4]]
+        status = buffylite.main() if as_program else buffylite.main(sys.argv[1:])
+        class Cycle:
+            pass
+        made = Cycle()
+        made.self = made
+        del made
+        print(json.dumps({"status": status, "before": before, "frozen": gc.get_freeze_count(),
+                          "collected": gc.collect() > 0}))
+    ''')
+    results = {}
+    for mode in ("program", "library"):
+        output = tmp_path / f"{mode}.bin"
+        done = run_python(code, mode, str(cache_file), url, str(output))
+        assert done.returncode == 0, done.stderr
+        results[mode] = json.loads(done.stdout)
+        assert output.read_bytes() == body
+    assert results["program"]["status"] == results["library"]["status"] == 0
+    assert results["program"]["before"] == 0 and results["program"]["frozen"] > 10_000
+    assert results["library"]["frozen"] == 0
+    assert results["program"]["collected"] and results["library"]["collected"]
+    assert origin.hits("/frozen.bin") == 1  # the second run was served from the file
+    connection = sqlite3.connect(cache_file)
+    try:
+        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    finally:
+        connection.close()
+    with buffylite.Cache(cache_file) as cache:
+        assert cache.fetch(url, offline=True).read() == body
+
+
 @pytest.mark.parametrize("error", [
     buffylite.BuffyliteError("Something went wrong with http://example.org/a."),
     buffylite.FetchError("Downloading http://example.org/a failed: HTTP 503.", url="http://example.org/a",
