@@ -1014,8 +1014,8 @@ Tag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{2,64}$")]
 
 @functools.cache
 def _tag_adapter() -> pydantic.TypeAdapter:
-    """The validator of a tag, built on first use (tags are checked by pin/tag calls, not
-    on a fetch; building it costs about a millisecond at import)."""
+    """The validator of a tag, built on first use: tags are checked by ``tag()`` and
+    ``untag()`` calls, never by a fetch, so an import need not build it."""
     return pydantic.TypeAdapter(Tag)
 
 
@@ -1045,9 +1045,10 @@ class _Model(BaseModel, metaclass=_ModelMetaclass):
 
 
 class _Strategy(_Model):
-    """Base of the strategy models; ``strategy_name`` discriminates them. Their validators
-    are built on first use (``RequestCacheConfiguration``'s, built at import, holds their
-    schemas: reading a stored configuration does not need their own)."""
+    """Base of the strategy models; ``strategy_name`` discriminates them. Built at import:
+    every fetch reads a stored configuration, the first one too."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=False)
 
     strategy_name: str
 
