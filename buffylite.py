@@ -1014,8 +1014,8 @@ Tag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{2,64}$")]
 
 @functools.cache
 def _tag_adapter() -> pydantic.TypeAdapter:
-    """The validator of a tag, built on first use: tags are checked by ``tag()`` and
-    ``untag()`` calls, never by a fetch, so an import need not build it."""
+    """The validator of a tag, built on first use: a tag is checked only when a call names
+    one (``tag()``, ``untag()``, ``lock(tag=)``, ``force_tag=``...), never by a plain fetch."""
     return pydantic.TypeAdapter(Tag)
 
 
