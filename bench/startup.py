@@ -1,8 +1,8 @@
 """Start-up time of buffylite: its own import time, and a whole cached command-line fetch
 against importing its three dependencies.
 
-    .venv/bin/python bench/startup.py            # full: 21 rounds, 15 -X importtime runs
-    .venv/bin/python bench/startup.py --quick    # about 20 seconds: 7 rounds, 7 runs
+    .venv/bin/python bench/startup.py            # full: 21 rounds, 15 -X importtime runs (~30 s)
+    .venv/bin/python bench/startup.py --quick    # about 12 seconds: 7 rounds, 7 runs
 
 Targets (SPEC §2, §15):
 
