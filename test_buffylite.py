@@ -7016,6 +7016,134 @@ def test_cli_read_only_commands_on_a_missing_cache_create_nothing(cli_run, tmp_p
     assert not (tmp_path / "typo").exists()
 
 
+# --- The command parser: help, usage errors, each command's parser made on demand (SPEC §13) ---
+
+
+#: Every command with the options and positionals its --help must list (SPEC §13).
+_CLI_GLOBAL_OPTIONS = ("--cache PATH", "--json", "-v, --verbose", "-q, --quiet", "--retries N",
+                       "--timeout SECONDS")
+_CLI_IDENTITY_OPTIONS = ("--method METHOD", "--header 'K: V'", "--param k=v", "--group GROUP")
+_CLI_COMMAND_OPTIONS = {
+    "fetch": _CLI_IDENTITY_OPTIONS + (
+        "url", "-o FILE, --output FILE", "-d DIR, --dir DIR", "--unpack DIR", "--strategy STRATEGY",
+        "--keep N", "--keep-pinned N", "--pin ", "--pin-for SECONDS", "--tag T", "--offline", "--refresh",
+        "--no-stale", "--expected-hash HASH", "--force-version V", "--force-tag T", "--force-pinned",
+        "--prefer-version V", "--prefer-tag T", "--prefer-pinned", "--as-of DATETIME"),
+    "path": _CLI_IDENTITY_OPTIONS + ("url", "version"),
+    "versions": _CLI_IDENTITY_OPTIONS + ("url", "--status {wait,in_progress,ready,duplicate,failed,all}"),
+    "requests": ("--group GROUP",),
+    "show": _CLI_IDENTITY_OPTIONS + ("url", "version"),
+    "pin": _CLI_IDENTITY_OPTIONS + ("url", "version", "--for SECONDS"),
+    "unpin": _CLI_IDENTITY_OPTIONS + ("url", "version"),
+    "tag": _CLI_IDENTITY_OPTIONS + ("url", "version", "tag"),
+    "untag": _CLI_IDENTITY_OPTIONS + ("url", "version", "tag"),
+    "gc": (),
+    "verify": (),
+    "refresh": ("--group GROUP",),
+    "delete": _CLI_IDENTITY_OPTIONS + ("url",),
+    "info": (),
+    "lock": ("-o FILE, --output FILE", "--group GROUP", "--tag T", "--pinned"),
+    "sync": ("FILE", "--offline"),
+    "backup": ("DEST", "--group GROUP", "--lock FILE"),
+    "import": ("SOURCE", "--group GROUP"),
+}
+
+
+def _cli_main_in_process(args: list[str], capsys) -> tuple[int, str, str]:
+    """``buffylite.main(args)`` in this process: (exit status, stdout, stderr). argparse
+    ends --help and usage errors with SystemExit, which is caught here."""
+    try:
+        status = buffylite.main(args)
+    except SystemExit as exc:
+        status = exc.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_cli_help_of_every_command_lists_its_options(capsys, monkeypatch):
+    """§13: ``COMMAND --help`` prints that command's usage and every one of its options
+    (the global ones too), with their help texts, and exits 0; the top-level --help lists
+    every command with its one-line help, in a fixed order."""
+    monkeypatch.setenv("COLUMNS", "120")
+    status, top, _ = _cli_main_in_process(["--help"], capsys)
+    assert status == 0
+    assert top.startswith("usage: buffylite [-h] [--cache PATH]")
+    listed = re.findall(r"^    (\w+)\s{2,}\S", top, re.MULTILINE)
+    assert listed == list(_CLI_COMMAND_OPTIONS), top
+    assert "fetch a URL through the cache (content to stdout)" in top
+    assert "--version" in top and all(option in top for option in _CLI_GLOBAL_OPTIONS)
+    checked = 0
+    for command, options in _CLI_COMMAND_OPTIONS.items():
+        status, text, err = _cli_main_in_process([command, "--help"], capsys)
+        assert status == 0 and err == "", (command, err)
+        assert text.startswith(f"usage: buffylite {command} [-h] [--cache PATH]"), text
+        for option in ("-h, --help",) + _CLI_GLOBAL_OPTIONS + options:
+            assert option in text, (command, option, text)
+            checked += 1
+        assert ("--method" in text) == (_CLI_IDENTITY_OPTIONS[0] in options), command
+    assert checked == 18 * 7 + sum(len(options) for options in _CLI_COMMAND_OPTIONS.values())
+    # Global options after the command, and a help text of a command's own option:
+    _, text, _ = _cli_main_in_process(["--json", "fetch", "-q", "--help"], capsys)
+    assert "fail (exit 5) instead of serving a stale version when the download fails" in text
+
+
+def test_cli_unknown_command_and_missing_arguments_are_usage_errors(capsys):
+    """§13: an unknown command exits 2 with argparse's message naming every command; a
+    command missing its arguments exits 2 with that command's usage; with --json the same
+    message is also the JSON error object on stdout."""
+    names = ", ".join(repr(name) for name in _CLI_COMMAND_OPTIONS)
+    status, out, err = _cli_main_in_process(["frobnicate"], capsys)
+    assert status == 2 and out == ""
+    assert err.startswith("usage: buffylite [-h]")
+    assert err.rstrip().endswith(f"buffylite: error: argument COMMAND: invalid choice: 'frobnicate' "
+                                 f"(choose from {names})"), err
+    status, out, err = _cli_main_in_process(["--json", "frobnicate"], capsys)
+    assert status == 2
+    assert json.loads(out) == {"error": {"type": "InvalidRequestError", "url": None, "status_code": None,
+                                         "message": f"argument COMMAND: invalid choice: 'frobnicate' "
+                                                    f"(choose from {names})"}}
+    for args, usage, message in (
+            (["pin", "http://example.org/a"], "usage: buffylite pin [-h]",
+             "the following arguments are required: version"),
+            (["--json", "tag", "http://example.org/a"], "usage: buffylite tag [-h]",
+             "the following arguments are required: version, tag"),
+            (["versions", "http://example.org/a", "--status", "gone"], "usage: buffylite versions [-h]",
+             "argument --status: invalid choice: 'gone' (choose from 'wait', 'in_progress', 'ready', "
+             "'duplicate', 'failed', 'all')"),
+            (["fetch", "http://example.org/a", "--bogus"], "usage: buffylite [-h]",
+             "unrecognized arguments: --bogus"),
+            ([], "usage: buffylite [-h]", "the following arguments are required: COMMAND")):
+        status, out, err = _cli_main_in_process(args, capsys)
+        assert status == 2, args
+        assert err.startswith(usage), (args, err)
+        assert err.rstrip().endswith(f"error: {message}"), (args, err)
+        if "--json" in args:
+            assert json.loads(out)["error"]["message"] == message
+        else:
+            assert out == ""
+
+
+def test_cli_parser_makes_only_the_chosen_commands_parser():
+    """§13: parsing a command line makes the parser of the command it names and no other
+    (a cached fetch should not pay for the options of all eighteen commands); two parses
+    of the same parser, and a parser per main() call, still work."""
+    parser = buffylite._build_parser()
+    commands = next(action for action in parser._actions if action.dest == "command")
+    assert list(commands.choices) == list(_CLI_COMMAND_OPTIONS)
+    assert all(made is None for made in commands.choices.values())
+    args = parser.parse_args(["--cache", "c.sqlite3", "fetch", "http://example.org/a", "-o", "out", "--pin"])
+    assert (args.command, args.url, args.output, args.pin, args.cache) == (
+        "fetch", "http://example.org/a", "out", True, "c.sqlite3")
+    assert args.handler is buffylite._cmd_fetch
+    made = [name for name, command_parser in commands.choices.items() if command_parser is not None]
+    assert made == ["fetch"]
+    args = parser.parse_args(["fetch", "http://example.org/b", "--tag", "t1"])
+    assert (args.url, args.tag, args.pin) == ("http://example.org/b", ["t1"], False)
+    args = parser.parse_args(["tag", "http://example.org/b", "20260101000000000000", "t2", "--json"])
+    assert (args.command, args.tag, args.json, args.handler) == ("tag", "t2", True, buffylite._cmd_tag)
+    assert sorted(name for name, made in commands.choices.items() if made is not None) == ["fetch", "tag"]
+
+
 # ===========================================================================
 # §14 Hostile input
 # ===========================================================================
@@ -7901,6 +8029,85 @@ def test_import_self_time_is_small(tmp_path):
         self_times.append(int(line.split("|")[0].split(":")[1]))
     assert list((tmp_path / "pycache").rglob("buffylite*.pyc")), "no bytecode was written"
     assert min(self_times[1:]) <= STORE_IMPORT_SELF_MAX_US, self_times
+
+
+def test_store_table_models_are_made_on_first_use_once_per_store(cache_path, origin):
+    """§15: a store makes a table model when a statement first needs it (a cache hit needs
+    the content and chunk tables only), the same one for every thread, and never shares
+    one with another store."""
+    origin.route("/tables.txt", body=b"tables")
+    with buffylite.Cache(cache_path) as first:
+        first.fetch(origin.url("/tables.txt"))
+    with buffylite.Cache(cache_path) as fresh:
+        tables = fresh._store.tables
+        response = fresh.fetch(origin.url("/tables.txt"))
+        assert response.outcome == "cached" and response.read() == b"tables"
+        made = sorted(name for name in vars(tables) if not name.startswith("_"))
+        assert made == ["chunk", "content"]
+        seen, barrier = [], threading.Barrier(8)
+
+        def first_use():
+            barrier.wait(timeout=10)
+            seen.append(tables.removed_version)
+
+        threads = [threading.Thread(target=first_use) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+        assert len(seen) == 8 and len(set(seen)) == 1
+        assert [model._meta.table_name for model in tables.all] == [
+            "meta", "request", "content", "chunk", "version", "removed_version"]
+        assert tables.all[5] is seen[0] and seen[0]._meta.database is fresh._store.db
+        with pytest.raises(AttributeError):
+            tables.versions  # noqa: B018 - no such table
+        with buffylite.Cache(cache_path) as other:
+            assert other._store.tables.version is not tables.version
+            assert other._store.tables.version._meta.database is other._store.db
+            assert [row.status for row in tables.version.select()] == ["ready"]
+
+
+def test_cli_run_as_the_program_freezes_only_what_the_imports_made(tmp_path, origin):
+    """§13/§15: ``main()`` without arguments (``python -m buffylite``, the ``buffylite``
+    script) moves what the imports made out of the cyclic collector's way and still
+    writes the whole content, closes the cache and leaves it consistent; ``main(argv)``
+    called by a program freezes nothing of that program's."""
+    body = bytes(range(256)) * 400
+    origin.route("/frozen.bin", body=body)
+    cache_file, url = tmp_path / "c.sqlite3", origin.url("/frozen.bin")
+    code = textwrap.dedent('''
+        import gc, json, sys, buffylite
+        as_program = sys.argv[1] == "program"
+        before = gc.get_freeze_count()
+        sys.argv = ["buffylite", "-q", "--cache", sys.argv[2], "fetch", sys.argv[3], "-o", sys.argv[4]]
+        status = buffylite.main() if as_program else buffylite.main(sys.argv[1:])
+        class Cycle:
+            pass
+        made = Cycle()
+        made.self = made
+        del made
+        print(json.dumps({"status": status, "before": before, "frozen": gc.get_freeze_count(),
+                          "collected": gc.collect() > 0}))
+    ''')
+    results = {}
+    for mode in ("program", "library"):
+        output = tmp_path / f"{mode}.bin"
+        done = run_python(code, mode, str(cache_file), url, str(output))
+        assert done.returncode == 0, done.stderr
+        results[mode] = json.loads(done.stdout)
+        assert output.read_bytes() == body
+    assert results["program"]["status"] == results["library"]["status"] == 0
+    assert results["program"]["before"] == 0 and results["program"]["frozen"] > 10_000
+    assert results["library"]["frozen"] == 0
+    assert results["program"]["collected"] and results["library"]["collected"]
+    assert origin.hits("/frozen.bin") == 1  # the second run was served from the file
+    connection = sqlite3.connect(cache_file)
+    try:
+        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    finally:
+        connection.close()
+    with buffylite.Cache(cache_file) as cache:
+        assert cache.fetch(url, offline=True).read() == body
 
 
 @pytest.mark.parametrize("error", [
