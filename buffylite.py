@@ -3068,16 +3068,30 @@ class _Store:
         """Add ``tag`` to a version's tags unless it is there, in one write transaction."""
         with self.writing() as t:
             row, url = self._checked_version(version_id, check)
-            tags = _row_tags(row)
+            tags = self._stored_tags(row, url)
             if tag not in tags:
                 t.version.update(tags=json.dumps(tags + [tag])).where(t.version.id == row.id).execute()
             return self._answered(row.id, url, answer)
+
+    def _stored_tags(self, row, url: str) -> list[str]:
+        """The tags stored on a version row; CacheFileError when the disk damaged them
+        (then the row is left as it is)."""
+        try:
+            tags = _row_tags(row)
+            if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+                raise ValueError("not a list of strings")
+        except _DAMAGE_ERRORS as exc:
+            raise _DamagedValueError(
+                f"The tags of version {row.version!r} of {url} in the cache {self.path} are damaged "
+                f"and cannot be read ({type(exc).__name__}); delete the version's request to clear them.",
+                path=self.path) from exc
+        return tags
 
     def remove_tag(self, version_id: int, tag: str, *, check, answer):
         """Remove ``tag`` from a version's tags (if there), in one write transaction."""
         with self.writing() as t:
             row, url = self._checked_version(version_id, check)
-            tags = [existing for existing in _row_tags(row) if existing != tag]
+            tags = [existing for existing in self._stored_tags(row, url) if existing != tag]
             t.version.update(tags=json.dumps(tags)).where(t.version.id == row.id).execute()
             return self._answered(row.id, url, answer)
 
@@ -8417,18 +8431,22 @@ def _build_parser(*, json_errors: bool = False):
 
 #: Commands that only read: they never create a cache file or its directory.
 _READ_ONLY_COMMANDS = frozenset({"versions", "requests", "show", "path", "info", "verify", "lock", "backup"})
+#: Commands that change what a cache holds and have nothing to act on in a new one.
+_CHANGING_COMMANDS = frozenset({"pin", "unpin", "tag", "untag", "gc", "delete", "refresh"})
 
 
-def _require_existing_cache(path: str | None) -> None:
+def _require_existing_cache(path: str | None, *, reads_only: bool = True) -> None:
     """Raise CacheFileError naming the cache file when it does not exist (URLs are
-    judged by Cache itself, without ever showing their password)."""
+    judged by Cache itself, without ever showing their password). ``reads_only``: what
+    the message says the command does."""
     location = path if path is not None else os.environ.get("BUFFYLITE_CACHE", "")
     _refuse_url_location(location)
     if _is_postgres_location(location):
         return
     resolved = pathlib.Path(path).expanduser() if path is not None else _default_cache_path()
     if not resolved.is_file():
-        raise CacheFileError(f"The cache file {resolved} does not exist; this command only reads "
+        does = "only reads" if reads_only else "changes a cache that exists"
+        raise CacheFileError(f"The cache file {resolved} does not exist; this command {does} "
                              "and does not create one (check --cache or $BUFFYLITE_CACHE).", path=resolved)
 
 
@@ -8470,10 +8488,16 @@ def main(argv: list[str] | None = None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING)
     try:
-        if args.command in _READ_ONLY_COMMANDS:
-            _require_existing_cache(args.cache)
+        if args.command in _READ_ONLY_COMMANDS | _CHANGING_COMMANDS:
+            # A mistyped path must not leave a new empty cache behind.
+            _require_existing_cache(args.cache, reads_only=args.command in _READ_ONLY_COMMANDS)
         if args.command == "sync":
             _read_lockfile(args.file)  # an unusable lockfile must not create the cache first
+        if args.command == "import" and not _is_postgres_location(args.source):
+            source = pathlib.Path(args.source).expanduser()
+            if not source.is_file():  # nor a missing source
+                raise CacheFileError(f"The cache file {source} to import from does not exist; nothing was "
+                                     "imported.", path=source)
         with Cache(args.cache, retries=args.retries, timeout=args.timeout) as cache:
             return args.handler(cache, args)
     except _UsageError as exc:

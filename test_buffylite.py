@@ -5345,8 +5345,9 @@ def test_a_damaged_stored_request_value_spoils_only_its_request(cache, cache_pat
 
 
 def test_a_damaged_version_row_spoils_only_that_version(cache, cache_path, origin):
-    """§14: a version row whose stored values are damaged (tags JSON, a number turned to
-    text) gives CacheFileError naming it; other requests and verify() keep working."""
+    """§14/§12: a version row whose stored values are damaged (tags JSON, a number turned to
+    text) gives CacheFileError naming it, also to tag() and untag(), which leave it as it
+    is; other requests and verify() keep working."""
     hurt = fetch_body(cache, origin, "/hurt-v", b"hurt body")
     fine = fetch_body(cache, origin, "/fine-v", b"fine body")
     table = table_with_columns(cache_path, {"content_hash_hex", "tags"})
@@ -5358,9 +5359,11 @@ def test_a_damaged_version_row_spoils_only_that_version(cache, cache_path, origi
         for call in (lambda: other.fetch(origin.url("/hurt-v"), offline=True),
                      lambda: other.fetch(origin.url("/hurt-v"), offline=True, prefer_tag="ok"),
                      lambda: other.get(origin.url("/hurt-v")),
-                     lambda: other.versions(origin.url("/hurt-v"))):
+                     lambda: other.versions(origin.url("/hurt-v")),
+                     lambda: other.tag(hurt, "new-tag"), lambda: other.untag(hurt, "ok")):
             with pytest.raises(buffylite.CacheFileError, match=hurt.version):
                 call()
+        assert store_rows(cache_path, f'SELECT tags FROM "{table}" WHERE id = ?', (hurt.id,)) == [('["ok", ',)]
         assert other.fetch(origin.url("/fine-v"), offline=True).version == fine.version
         assert len(other.requests()) == 2
         other.gc()
@@ -7014,6 +7017,36 @@ def test_cli_read_only_commands_on_a_missing_cache_create_nothing(cli_run, tmp_p
     assert as_json.returncode == 1
     assert json.loads(as_json.stdout)["error"]["type"] == "CacheFileError"
     assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["pin", "http://127.0.0.1:9/x", "20260101000000000000"], ["unpin", "http://127.0.0.1:9/x", "20260101000000000000"],
+    ["tag", "http://127.0.0.1:9/x", "20260101000000000000", "t1"],
+    ["untag", "http://127.0.0.1:9/x", "20260101000000000000", "t1"], ["gc"], ["delete", "http://127.0.0.1:9/x"],
+    ["refresh"]], ids=lambda command: command[0])
+def test_cli_changing_commands_on_a_missing_cache_create_nothing(cli_run, tmp_path, command):
+    """§13: commands that change what a cache holds have nothing to act on in a new one: on
+    a missing (mistyped) cache path they exit 1 naming it and create neither the file nor
+    its directory."""
+    missing = tmp_path / "typo" / "x.sqlite3"
+    done = cli_run("--cache", str(missing), *command)
+    assert done.returncode == 1, done.stderr
+    assert str(missing) in done.stderr and "does not exist" in done.stderr, done.stderr
+    assert len(cli_stderr_lines(done)) == 1, done.stderr
+    as_json = cli_run("--cache", str(missing), "--json", *command)
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stdout)["error"]["type"] == "CacheFileError"
+    assert not (tmp_path / "typo").exists()
+
+
+def test_cli_import_of_a_missing_source_creates_nothing(cli_run, tmp_path):
+    """§13/§16: `import` of a source that does not exist exits 1 naming it, before the
+    destination cache is created."""
+    destination, source = tmp_path / "new" / "c.sqlite3", tmp_path / "nowhere.sqlite3"
+    done = cli_run("--cache", str(destination), "import", str(source))
+    assert done.returncode == 1, done.stderr
+    assert str(source) in done.stderr and "does not exist" in done.stderr, done.stderr
+    assert not (tmp_path / "new").exists() and not source.exists()
 
 
 # --- The command parser: help, usage errors, each command's parser made on demand (SPEC §13) ---
