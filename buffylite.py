@@ -1977,8 +1977,14 @@ def _sqlite_database(path: pathlib.Path, access: str | None = None) -> _SqliteDa
             ("busy_timeout", int(BUSY_TIMEOUT_SEC * 1000)),
             # Statement journals in memory: with 16 KiB pages, the journal of one UPDATE of a
             # version row and its indexes would otherwise spill to a temporary file, which
-            # made that statement cost ~100 µs instead of ~30.
+            # made that statement cost ~100 µs instead of ~30. This stays bounded only
+            # because freed pages are not overwritten (next line): where SQLite is built to
+            # zero them (Debian's is), deleting a content would journal all of its pages.
             ("temp_store", "memory"),
+            # Deleted rows are still zeroed on the pages that keep living, but whole pages
+            # freed by a deletion are not rewritten with zeros: that wrote every byte of a
+            # deleted content to the WAL once more.
+            ("secure_delete", "fast"),
         ],
     )
 
@@ -3077,15 +3083,12 @@ class _Store:
         """The tags stored on a version row; CacheFileError when the disk damaged them
         (then the row is left as it is)."""
         try:
-            tags = _row_tags(row)
-            if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
-                raise ValueError("not a list of strings")
+            return _row_tags(row)
         except _DAMAGE_ERRORS as exc:
             raise _DamagedValueError(
                 f"The tags of version {row.version!r} of {url} in the cache {self.path} are damaged "
                 f"and cannot be read ({type(exc).__name__}); delete the version's request to clear them.",
                 path=self.path) from exc
-        return tags
 
     def remove_tag(self, version_id: int, tag: str, *, check, answer):
         """Remove ``tag`` from a version's tags (if there), in one write transaction."""
@@ -4963,7 +4966,11 @@ def _is_resumable_row(row) -> bool:
 
 
 def _row_tags(row) -> list[str]:
-    return json.loads(row.tags) if row.tags else []
+    """The tags stored on a version row; ValueError when they are not a JSON list of strings."""
+    tags = json.loads(row.tags) if row.tags else []
+    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+        raise ValueError("the stored tags are not a list of strings")
+    return tags
 
 
 def _matches(row, *, version=None, tag=None, pinned=None, now: float) -> bool:
@@ -8317,11 +8324,14 @@ def _build_parser(*, json_errors: bool = False):
                                        "no network")
         fetch_parser.set_defaults(handler=_cmd_fetch)
 
-    def path(commands: _Commands) -> None:
-        path_parser = commands.add_parser("path", parents=common() + [identity_options()])
-        path_parser.add_argument("url")
-        path_parser.add_argument("version", nargs="?")
-        path_parser.set_defaults(handler=_cmd_path)
+    def one_version(name: str, handler: Callable) -> Callable[[_Commands], None]:
+        """A command about one version of a request: URL, then the version (default: the newest)."""
+        def make(commands: _Commands) -> None:
+            version_parser = commands.add_parser(name, parents=common() + [identity_options()])
+            version_parser.add_argument("url")
+            version_parser.add_argument("version", nargs="?")
+            version_parser.set_defaults(handler=handler)
+        return make
 
     def versions(commands: _Commands) -> None:
         versions_parser = commands.add_parser("versions", parents=common() + [identity_options()])
@@ -8333,12 +8343,6 @@ def _build_parser(*, json_errors: bool = False):
         requests_parser = commands.add_parser("requests", parents=common())
         requests_parser.add_argument("--group")
         requests_parser.set_defaults(handler=_cmd_requests)
-
-    def show(commands: _Commands) -> None:
-        show_parser = commands.add_parser("show", parents=common() + [identity_options()])
-        show_parser.add_argument("url")
-        show_parser.add_argument("version", nargs="?")
-        show_parser.set_defaults(handler=_cmd_show)
 
     def pin(commands: _Commands) -> None:
         pin_parser = commands.add_parser("pin", parents=common() + [identity_options()])
@@ -8408,10 +8412,10 @@ def _build_parser(*, json_errors: bool = False):
     # In the order of the top-level --help.
     for name, text, make in (
             ("fetch", "fetch a URL through the cache (content to stdout)", fetch),
-            ("path", "print the path of a read-only file holding the content", path),
+            ("path", "print the path of a read-only file holding the content", one_version("path", _cmd_path)),
             ("versions", "list versions", versions),
             ("requests", "list stored requests", requests),
-            ("show", "show one version", show),
+            ("show", "show one version", one_version("show", _cmd_show)),
             ("pin", "pin a version", pin),
             ("unpin", "unpin a version", unpin),
             ("tag", "tag a version", tag("tag")),
@@ -8451,7 +8455,7 @@ def _require_existing_cache(path: str | None, *, reads_only: bool = True) -> Non
 
 
 def _settle_imports() -> None:
-    """Leave what the imports made to the end of the process (``main()`` run as the program).
+    """Leave what the imports made to the end of the process (``_run_as_program``).
 
     The program runs one command and ends. The modules, classes and pydantic validators
     the imports made (tens of thousands of objects in reference cycles) live until then
@@ -8472,11 +8476,8 @@ def main(argv: list[str] | None = None) -> int:
     Exit statuses: 0 success; 1 other errors; 2 usage (bad option or value); 3 not
     cached; 4 integrity; 5 download failed with nothing cached. With ``--json`` an
     error is also printed on stdout as ``{"error": {"type", "message", "url",
-    "status_code"}}``. Without ``argv`` it runs as the program (``python -m buffylite``,
-    the ``buffylite`` script): see ``_settle_imports``.
+    "status_code"}}``.
     """
-    if argv is None:
-        _settle_imports()
     argv = list(sys.argv[1:] if argv is None else argv)
     # Usage errors found while parsing are JSON too when --json was asked for.
     parser = _build_parser(json_errors="--json" in argv)
@@ -8533,8 +8534,16 @@ def main(argv: list[str] | None = None) -> int:
         log.removeHandler(handler)
 
 
+def _run_as_program() -> int:
+    """``python -m buffylite`` and the ``buffylite`` script: ``main()`` on the process's
+    arguments, in a process that ends with the command (see ``_settle_imports``). A
+    program that calls ``main()`` itself keeps its garbage collector as it is."""
+    _settle_imports()
+    return main()
+
+
 if __name__ == "__main__":
     # Under ``python -m buffylite`` this file runs as ``__main__``; alias it so an
     # ``import buffylite`` elsewhere gets this same module, not a second copy.
     sys.modules.setdefault("buffylite", sys.modules[__name__])
-    sys.exit(main())
+    sys.exit(_run_as_program())

@@ -1520,6 +1520,18 @@ def run_python(code: str, *args: str, env: dict[str, str] | None = None,
                           capture_output=True, text=True, timeout=timeout)
 
 
+#: Code for a child process: ``peak_rss()``, the peak resident memory of this process in
+#: bytes (VmHWM). Not ``getrusage``: on Linux its ``ru_maxrss`` keeps the peak of the process
+#: image that ran before ``exec`` (here the whole test run), which would hide any growth.
+PEAK_RSS_CODE = textwrap.dedent("""
+    import re, sys
+
+    def peak_rss():
+        with open("/proc/self/status") as status:
+            return int(re.search(r"VmHWM:\\s+(\\d+) kB", status.read()).group(1)) * 1024
+""")
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None,
             timeout: float = SUBPROCESS_TIMEOUT_SEC) -> subprocess.CompletedProcess:
     """Run ``python -m buffylite args...`` like ``run_python``; return the finished process."""
@@ -4943,6 +4955,33 @@ def test_gc_keeps_content_shared_with_a_surviving_version(cache, origin):
     assert cache.stats()["unique_contents"] == 2
 
 
+def test_deleting_a_large_content_keeps_memory_bounded(cache, cache_path, origin):
+    """§10: removing a 48 MiB content (here by delete(); collection and duplicates remove
+    content the same way) grows the process's peak RSS by far less than the content: the
+    freed pages are neither held in memory nor rewritten."""
+    body = random_bytes(48 * MiB, seed=177)
+    url = origin.url("/large-delete.bin")
+    origin.route("/large-delete.bin", body=body)
+    cache.fetch(url)
+    cache.close()  # its pages folded into the file, as after any earlier run
+    code = PEAK_RSS_CODE + textwrap.dedent("""
+        import buffylite
+        with buffylite.Cache(sys.argv[1]) as cache:
+            assert cache.get(sys.argv[2]).content_attributes.content_size_bytes == 48 << 20
+            before = peak_rss()
+            removed = cache.delete(sys.argv[2])
+            after = peak_rss()
+        print(removed, after - before)
+    """)
+    done = run_python(code, str(cache_path), url)
+    assert done.returncode == 0, done.stderr
+    removed, growth = done.stdout.split()
+    assert removed == "1"
+    assert int(growth) < 16 * MiB, f"peak RSS grew by {int(growth) / MiB:.1f} MiB"
+    with buffylite.Cache(cache_path) as reopened, pytest.raises(buffylite.NotCachedError):
+        reopened.get(url)
+
+
 @pytest.mark.sqlite_only("measures the size of the SQLite file and its WAL on disk")
 def test_deleting_a_50_mib_version_and_gc_shrinks_the_file(cache, cache_path, origin):
     """§10: after deleting a 50 MiB version, gc() returns the file to within 10% of its size before."""
@@ -5369,6 +5408,21 @@ def test_a_damaged_version_row_spoils_only_that_version(cache, cache_path, origi
         other.gc()
         problems = other.verify().problems
         assert len(problems) == 1 and hurt.version in problems[0]
+
+
+@pytest.mark.parametrize("stored", ['"abc"', '{"xy": 1}', '[1, 2]', '["ok", null]'])
+def test_stored_tags_that_are_not_a_list_of_strings_are_damage(cache, cache_path, origin, stored):
+    """§14: tags stored as valid JSON of the wrong shape are damage too: reading or changing
+    them gives CacheFileError naming the version, never a made-up list of tags."""
+    hurt = fetch_body(cache, origin, "/odd-tags", b"odd tags")
+    table = table_with_columns(cache_path, {"content_hash_hex", "tags"})
+    assert store_execute(cache_path, f'UPDATE "{table}" SET tags = ? WHERE id = ?', (stored, hurt.id)) == 1
+    with buffylite.Cache(cache_path) as other:
+        for call in (lambda: other.fetch(origin.url("/odd-tags"), offline=True),
+                     lambda: other.versions(origin.url("/odd-tags")),
+                     lambda: other.tag(hurt, "new-tag")):
+            with pytest.raises(buffylite.CacheFileError, match=hurt.version):
+                call()
 
 
 @pytest.mark.sqlite_only("overwrites a page of the SQLite file")
@@ -8101,19 +8155,21 @@ def test_store_table_models_are_made_on_first_use_once_per_store(cache_path, ori
 
 
 def test_cli_run_as_the_program_freezes_only_what_the_imports_made(tmp_path, origin):
-    """§13/§15: ``main()`` without arguments (``python -m buffylite``, the ``buffylite``
-    script) moves what the imports made out of the cyclic collector's way and still
-    writes the whole content, closes the cache and leaves it consistent; ``main(argv)``
-    called by a program freezes nothing of that program's."""
+    """§13/§15: run as the program (``python -m buffylite``, the ``buffylite`` script) the
+    command line moves what the imports made out of the cyclic collector's way and still
+    writes the whole content, closes the cache and leaves it consistent; ``main()``
+    called by a program, with or without arguments, freezes nothing of that program's."""
     body = bytes(range(256)) * 400
     origin.route("/frozen.bin", body=body)
     cache_file, url = tmp_path / "c.sqlite3", origin.url("/frozen.bin")
     code = textwrap.dedent('''
         import gc, json, sys, buffylite
-        as_program = sys.argv[1] == "program"
+        mode = sys.argv[1]
         before = gc.get_freeze_count()
         sys.argv = ["buffylite", "-q", "--cache", sys.argv[2], "fetch", sys.argv[3], "-o", sys.argv[4]]
-        status = buffylite.main() if as_program else buffylite.main(sys.argv[1:])
+        run = {"program": buffylite._run_as_program, "main": buffylite.main,
+               "main(argv)": lambda: buffylite.main(sys.argv[1:])}[mode]
+        status = run()
         class Cycle:
             pass
         made = Cycle()
@@ -8123,17 +8179,17 @@ def test_cli_run_as_the_program_freezes_only_what_the_imports_made(tmp_path, ori
                           "collected": gc.collect() > 0}))
     ''')
     results = {}
-    for mode in ("program", "library"):
-        output = tmp_path / f"{mode}.bin"
+    for mode in ("program", "main", "main(argv)"):
+        output = tmp_path / f"{len(results)}.bin"
         done = run_python(code, mode, str(cache_file), url, str(output))
         assert done.returncode == 0, done.stderr
         results[mode] = json.loads(done.stdout)
         assert output.read_bytes() == body
-    assert results["program"]["status"] == results["library"]["status"] == 0
+    assert [result["status"] for result in results.values()] == [0, 0, 0]
     assert results["program"]["before"] == 0 and results["program"]["frozen"] > 10_000
-    assert results["library"]["frozen"] == 0
-    assert results["program"]["collected"] and results["library"]["collected"]
-    assert origin.hits("/frozen.bin") == 1  # the second run was served from the file
+    assert results["main"]["frozen"] == results["main(argv)"]["frozen"] == 0
+    assert all(result["collected"] for result in results.values())
+    assert origin.hits("/frozen.bin") == 1  # the later runs were served from the file
     connection = sqlite3.connect(cache_file)
     try:
         assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
@@ -9990,16 +10046,16 @@ def test_as_file_of_a_large_content_keeps_memory_bounded(cache, cache_path, orig
     url = origin.url("/large.bin")
     origin.route("/large.bin", body=body)
     cache.fetch(url)
-    code = textwrap.dedent("""
-        import resource, sys, buffylite
+    code = PEAK_RSS_CODE + textwrap.dedent("""
+        import buffylite
         with buffylite.Cache(sys.argv[1]) as cache:
             response = cache.get(sys.argv[2])
             with response.open() as stream:
                 stream.read(1 << 20)
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            before = peak_rss()
             path = response.as_file()
-            after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(path, (after - before) * 1024)
+            after = peak_rss()
+        print(path, after - before)
     """)
     done = run_python(code, str(cache_path), url)
     assert done.returncode == 0, done.stderr
