@@ -1875,7 +1875,8 @@ class _Tables:
     objects on two files never share a binding), as attributes named by table.
 
     Each is made on first use: peewee copies every field into a new model class, which
-    costs more than the few statements a cache hit runs, and a hit needs two of the six."""
+    costs more than the few statements a cache hit runs, and a hit needs none of them
+    (its statements are SQL text written once)."""
 
     def __init__(self, database: peewee.Database):
         self._database = database
