@@ -162,6 +162,7 @@ import ipaddress
 import json
 import logging
 import math
+import operator
 import os
 import pathlib
 import random
@@ -281,6 +282,8 @@ WAIT_POLL_MAX_SEC = 0.5
 #: Entries in the per-Cache memo of plain request identities (URL, method, group),
 #: and in each thread's memo of the rows a fetch reads.
 IDENTITY_MEMO_SIZE = 4096
+#: Distinct stored cache configurations a Cache keeps parsed.
+PARSED_CONFIGURATIONS_KEPT = 64
 #: Version of the file layout; see ``_MIGRATIONS``.
 SCHEMA_VERSION = 3
 #: SQLite ``application_id`` marking a buffylite file ("BUFY").
@@ -701,6 +704,8 @@ def _mask_url(url: str, sensitive_params: frozenset | set = frozenset()) -> str:
 
 def _split_credentials(url: str) -> tuple[str, str | None]:
     """``http://user:pw@host/x`` -> (``http://host/x``, ``"user:pw"``); other URLs unchanged."""
+    if "@" not in url:  # no user information (the common case, without parsing again)
+        return url, None
     parts = urllib.parse.urlsplit(url)
     if parts.username is None and parts.password is None:
         return url, None
@@ -948,12 +953,17 @@ def _http_freshness(headers: dict, now: float, response_time: float | None = Non
     return lifetime - current_age
 
 
+#: Made once: ``json.dumps`` with these options would build an encoder on every call
+#: (a third of the cost of an identity's key). Encoding with it is thread-safe.
+_CANONICAL_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+
+
 def _canonical_json(value: Any) -> str:
     """Stable JSON text: sorted keys, no spaces; used for identities and stored dicts.
     InvalidRequestError for what a caller may pass but JSON cannot hold in a stable form:
     keys of mixed types (unsortable), nesting deeper than Python recursion, cycles."""
     try:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+        return _CANONICAL_ENCODER.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidRequestError(f"A body or params value cannot be written as JSON: {exc}.") from None
 
@@ -1547,6 +1557,7 @@ def _unpickle_response(path: str | None, fields: dict, content_id: int | None,
 _RESPONSE_SOURCE_COLUMNS = ("id", "request_id", "version", "status", "cached_unix", "validated_unix",
                             "request_unix", "pinned", "pinned_until_unix", "tags", "content_hash_hex",
                             "content_attributes", "download_stats")
+_response_source_of = operator.attrgetter(*_RESPONSE_SOURCE_COLUMNS)
 
 
 def _stored_response_fields(row) -> dict:
@@ -1555,7 +1566,7 @@ def _stored_response_fields(row) -> dict:
     file changes. Kept with the values they came from (a transaction may update a row
     object it read); callers copy the mutable ones. A damaged value raises one of
     ``_DAMAGE_ERRORS``."""
-    source = tuple([getattr(row, name) for name in _RESPONSE_SOURCE_COLUMNS])
+    source = _response_source_of(row)
     converted = getattr(row, "_response_fields", None)
     if converted is not None and converted[0] == source:
         return converted[1]
@@ -1858,7 +1869,9 @@ def _slot() -> peewee.Value:
 
 def _record(names: tuple[str, ...], values) -> types.SimpleNamespace:
     """A row as a plain object with one attribute per column."""
-    return types.SimpleNamespace(**dict(zip(names, values)))
+    record = types.SimpleNamespace()
+    record.__dict__.update(zip(names, values))
+    return record
 
 
 def _set(record, changes: dict) -> None:
@@ -4968,7 +4981,9 @@ def _is_resumable_row(row) -> bool:
 
 def _row_tags(row) -> list[str]:
     """The tags stored on a version row; ValueError when they are not a JSON list of strings."""
-    tags = json.loads(row.tags) if row.tags else []
+    if not row.tags or row.tags == "[]":  # most versions have none
+        return []
+    tags = json.loads(row.tags)
     if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
         raise ValueError("the stored tags are not a list of strings")
     return tags
@@ -5599,6 +5614,7 @@ class Cache:
         self._finalizer = weakref.finalize(self, _release_cache_resources, self._store, self._http,
                                            self._seeds)
         self._plain_identities: dict[tuple, _Identity] = {}
+        self._parsed_configurations: dict[str, RequestCacheConfiguration] = {}
         self._cron_started: set[int] = set()
         self._cron_lock = threading.Lock()
 
@@ -5666,7 +5682,7 @@ class Cache:
         # The plain case (URL, method, group) is memoised: identities are immutable. The
         # sensitive names are part of the key: another Cache may add some to the file.
         memo_key = (url, method, group, sets)
-        if not all(isinstance(part, str) for part in memo_key[:3]):
+        if not (isinstance(url, str) and isinstance(method, str) and isinstance(group, str)):
             return _Identity(url, method, None, None, None, group, salt=self._store.salt,
                              sensitive=sensitive)  # (raises InvalidRequestError)
         identity = self._plain_identities.get(memo_key)
@@ -5707,19 +5723,22 @@ class Cache:
         return [self._response(row, url, chain, outcome) for row in rows]
 
     def _configuration_of(self, request_row) -> RequestCacheConfiguration:
-        # Parsed once per row object (rows are re-read whenever the file changes).
-        parsed = getattr(request_row, "_parsed_configuration", None)
-        if parsed is None or parsed[0] != request_row.cache_configuration:
+        """The request row's stored configuration, parsed once per distinct text: most
+        requests of a cache share a few configurations, so a fresh process touching many
+        URLs parses each of them once. Shared: callers must not modify it."""
+        text = request_row.cache_configuration
+        configuration = self._parsed_configurations.get(text) if isinstance(text, str) else None
+        if configuration is None:
             try:
-                configuration = RequestCacheConfiguration.model_validate_json(request_row.cache_configuration)
+                configuration = RequestCacheConfiguration.model_validate_json(text)
             except _DAMAGE_ERRORS as exc:
                 raise _DamagedValueError(
                     f"The stored cache configuration of {request_row.url!r} (request {request_row.id}) in "
                     f"the cache {self.path} is damaged and cannot be read.", path=self.path) from exc
-            parsed = (request_row.cache_configuration, configuration)
-            with contextlib.suppress(AttributeError):
-                request_row._parsed_configuration = parsed
-        return parsed[1]
+            if len(self._parsed_configurations) >= PARSED_CONFIGURATIONS_KEPT:
+                self._parsed_configurations.clear()
+            self._parsed_configurations[text] = configuration
+        return configuration
 
     # --- fetch: argument validation ------------------------------------------------
 
@@ -6068,6 +6087,9 @@ class Cache:
 
     @staticmethod
     def _setting_changes(call: _FetchCall, request) -> dict:
+        if (call.configuration is None and call.description is None and call.documentation_link is None
+                and call.hash_type is None):
+            return {}  # the usual call: nothing passed that is stored with the request
         changes = {}
         if call.configuration is not None:
             stored = call.configuration.model_dump_json()
@@ -6612,7 +6634,7 @@ class Cache:
             http_request_body=_decode_body(row.body_kind, row.http_request_body),
             group_name=row.group_name, description=row.description,
             documentation_link=row.documentation_link, validation_hash_type=row.validation_hash_type,
-            cache_configuration=self._configuration_of(row))
+            cache_configuration=self._configuration_of(row).model_copy(deep=True))  # the caller's own
 
     def get_request(self, url: str, *, method: str = "get", params: dict | None = None,
                     headers: dict | None = None, body=None, group: str = DEFAULT_GROUP) -> Request | None:

@@ -2282,6 +2282,22 @@ def test_get_request_describes_the_stored_request(cache, origin):
     assert cache.get(url).content_hash_hex == hashlib.md5(b"x").hexdigest()
 
 
+def test_a_request_handed_out_is_the_callers_own(cache, origin):
+    """§3: changing the configuration of a Request that get_request() returned changes
+    nothing stored, nor how later fetches of this or another request decide."""
+    configuration = config(buffylite.ReCachingStrategy.age(seconds=3600))
+    for path in ("/own-a", "/own-b"):
+        origin.route(path, body=path.encode())
+        cache.fetch(origin.url(path), cache_configuration=configuration)
+    request = cache.get_request(origin.url("/own-a"))
+    request.cache_configuration.recaching_strategy = buffylite.ReCachingStrategy.when_requested()
+    request.cache_configuration.max_cached_unpinned_versions = 9
+    for path in ("/own-a", "/own-b"):
+        assert cache.fetch(origin.url(path)).outcome == "cached"
+        assert origin.hits(path) == 1
+        assert cache.get_request(origin.url(path)).cache_configuration == configuration
+
+
 def test_requests_lists_requests_by_group(cache, origin):
     """§3: requests() lists all; requests(group=...) one group."""
     for path, group in (("/r1", "g1"), ("/r2", "g1"), ("/r3", "g2"), ("/r4", None)):
