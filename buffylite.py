@@ -5735,9 +5735,10 @@ class Cache:
                 raise _DamagedValueError(
                     f"The stored cache configuration of {request_row.url!r} (request {request_row.id}) in "
                     f"the cache {self.path} is damaged and cannot be read.", path=self.path) from exc
-            if len(self._parsed_configurations) >= PARSED_CONFIGURATIONS_KEPT:
-                self._parsed_configurations.clear()
-            self._parsed_configurations[text] = configuration
+            if isinstance(text, str):
+                if len(self._parsed_configurations) >= PARSED_CONFIGURATIONS_KEPT:
+                    self._parsed_configurations.clear()
+                self._parsed_configurations[text] = configuration
         return configuration
 
     # --- fetch: argument validation ------------------------------------------------
