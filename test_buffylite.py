@@ -133,6 +133,9 @@ CLI_LARGE_BODY_BYTES = 4 * 1024 * 1024
 _SERVER_SEND_CHUNK_BYTES = 256 * 1024
 #: How long an idle keep-alive connection is kept open by the loopback servers.
 _SERVER_IDLE_SEC = 10.0
+#: How often a loopback server's accept loop looks for a shutdown request. Closing a
+#: server waits for that look, and every test closes one or more servers, so it is short.
+_SERVER_POLL_SEC = 0.005
 #: Upper bound of any single test (SIGALRM); a hung fetch fails instead of hanging CI.
 _FAULT_TEST_TIMEOUT_SEC = 150
 #: Environment variables that would change where requests go.
@@ -276,7 +279,7 @@ class LoopbackServer:
         self.port = self._server.server_address[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+            target=self._server.serve_forever, kwargs={"poll_interval": _SERVER_POLL_SEC}, daemon=True)
         self._thread.start()
 
     def url(self, path):
@@ -1355,7 +1358,7 @@ class FaultProxy:
         self._server.owner = self
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": _SERVER_POLL_SEC},
                          daemon=True).start()
 
     def close(self):
