@@ -2002,10 +2002,23 @@ def test_postgres_half_skips_without_a_server_and_fails_with_ci_true(tmp_path):
         port = probe.getsockname()[1]
     node = f"{pathlib.Path(__file__).name}::test_cache_accepts_a_urllib3_timeout[postgres]"
     outcomes = {}
-    for ci in ("", "true"):
-        env = subprocess_env(CI=ci, **{POSTGRES_URL_ENV: f"postgresql://someone:hush-{port}@127.0.0.1:{port}/none"})
-        done = subprocess.run([PYTHON, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", node], cwd=REPO_DIR,
-                              env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_SEC)
+    # Both sessions at once: each spends seconds collecting this file, not waiting on the other.
+    sessions, finished = {}, {}
+    try:
+        for ci in ("", "true"):
+            env = subprocess_env(CI=ci, **{POSTGRES_URL_ENV: f"postgresql://someone:hush-{port}@127.0.0.1:{port}/none"})
+            sessions[ci] = subprocess.Popen([PYTHON, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", node],
+                                            cwd=REPO_DIR, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True)
+        for ci, session in sessions.items():
+            stdout, stderr = session.communicate(timeout=SUBPROCESS_TIMEOUT_SEC)
+            finished[ci] = subprocess.CompletedProcess(session.args, session.returncode, stdout, stderr)
+    finally:
+        for session in sessions.values():  # only after a timeout: kill what still runs
+            if session.poll() is None:
+                session.kill()
+                session.wait(10)
+    for ci, done in finished.items():
         assert f"hush-{port}" not in done.stdout + done.stderr
         assert "someone:***@127.0.0.1" in done.stdout, done.stdout[-2000:]
         last_line = done.stdout.strip().splitlines()[-1]
