@@ -4144,9 +4144,10 @@ def test_a_waiter_gets_the_outcome_of_the_download_it_waited_for(second_reply, e
     that download settled as a duplicate, a 304 or a failure (and sends nothing itself)."""
     url = fault_origin.url("/settle")
     # "same": no ETag this time, or when_requested would revalidate (a 304, §18).
-    replies = {"same": FaultReply(body=b"v1\n", delay_sec=1.5),
-               "not_modified": FaultReply(body=b"v1\n", etag='"a"', delay_sec=1.5),
-               "fails": FaultReply(status=404, body=b"gone\n", delay_sec=1.5)}
+    # The waiter starts in this process as soon as the second GET arrives: 0.6 s is ample.
+    replies = {"same": FaultReply(body=b"v1\n", delay_sec=0.6),
+               "not_modified": FaultReply(body=b"v1\n", etag='"a"', delay_sec=0.6),
+               "fails": FaultReply(status=404, body=b"gone\n", delay_sec=0.6)}
     fault_origin.route("/settle", FaultReply(body=b"v1\n", etag='"a"'), replies[second_reply])
     cache = fault_open_cache(timeout=5.0, download_lease_sec=10.0, retries=0)
     strategy = (buffylite.ReCachingStrategy.when_remote_changed(check_interval_sec=0)
@@ -6060,8 +6061,11 @@ def test_resume_64mib_after_downloading_process_killed(fault_origin, fault_worke
         assert proc.poll() is None, fault_workers.stderr(proc)
         assert time.monotonic() < deadline, "the worker never reached half way"
         time.sleep(0.05)
-    time.sleep(1.5)  # let the worker store what it received
-    proc.send_signal(signal.SIGKILL)
+    while sum(length for _, _, length in chunk_rows(fault_cache_path)) < half:  # bounded by the deadline
+        assert proc.poll() is None, fault_workers.stderr(proc)
+        assert time.monotonic() < deadline, "the worker never stored half of the body"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # with half of the body stored
     proc.wait(10)
     first_sent = fault_origin.hits("/big-kill.bin")[0]["bytes_sent"]
     assert first_sent < len(body)
