@@ -8312,7 +8312,9 @@ def test_download_whose_lease_was_taken_over_publishes_nothing(fault_origin, fau
     fault_origin.route("/taken.bin",
                        FaultReply(body=first_body, drip_after=0, drip_bytes=400, drip_interval_sec=0.15),
                        FaultReply(body=second_body))
-    cache = fault_open_cache(download_lease_sec=3.0, retries=0)
+    # A 1 s lease: renewed (and the takeover noticed) several times during the 1.5 s drip,
+    # and the taker's silent lease is given up on after about 1.5 s of watching.
+    cache = fault_open_cache(download_lease_sec=1.0, retries=0)
     outcome = {}
 
     def fetch():
