@@ -3993,7 +3993,8 @@ def test_single_flight_8_threads_and_3_processes_one_upstream_get(
         fault_origin, fault_open_cache, fault_workers, fault_cache_path):
     """§7/§10: 8 threads + 3 processes, one uncached URL, slow origin: one GET, one version."""
     body = b"worth the wait\n" * 1000
-    fault_origin.route("/slow", FaultReply(body=body, etag='"slow"', delay_sec=2.0))
+    # The callers are all started (the processes are READY) before the 1 s delay runs out.
+    fault_origin.route("/slow", FaultReply(body=body, etag='"slow"', delay_sec=1.0))
     url = fault_origin.url("/slow")
     kwargs = {"timeout": 10.0, "retries": 0, "max_retry_wait": 1.0, "download_lease_sec": 10.0}
     cache = fault_open_cache(**kwargs)  # creates the file before the processes open it
@@ -5747,11 +5748,11 @@ def test_user_agent_names_buffylite_version(fault_origin, fault_open_cache):
 
 def test_read_timeout_is_per_read_not_total(fault_origin, fault_open_cache):
     """§3/§11: a drip whose gaps stay under the read timeout completes, however long it takes."""
-    fault_origin.route("/drip", FaultReply(body=b"abcdef", drip_after=0, drip_interval_sec=0.4))
-    cache = fault_open_cache(timeout=1.0, retries=0)
+    fault_origin.route("/drip", FaultReply(body=b"abcdef", drip_after=0, drip_interval_sec=0.2))
+    cache = fault_open_cache(timeout=0.5, retries=0)
     started = time.monotonic()
     resp = cache.fetch(fault_origin.url("/drip"))
-    assert time.monotonic() - started > 2.0
+    assert time.monotonic() - started > 1.0  # twice the read timeout, in gaps under it
     assert resp.read() == b"abcdef"
     assert len(fault_origin.hits("/drip")) == 1
 
@@ -10351,16 +10352,16 @@ def test_per_call_retries_override_the_cache(cache_path, origin, cache_retries, 
 
 def test_per_call_timeout_overrides_the_cache(fault_origin, fault_open_cache):
     """§18: fetch(timeout=0.3) gives up on a slow origin the Cache (timeout 10 s) would wait for."""
-    fault_origin.route("/slow", FaultReply(body=b"late", delay_sec=1.5))
+    fault_origin.route("/slow", FaultReply(body=b"late", delay_sec=0.8))
     cache = fault_open_cache(timeout=10.0, retries=0)
     url = fault_origin.url("/slow")
     started = time.monotonic()
     with pytest.raises(buffylite.FetchError):
         cache.fetch(url, timeout=0.3)
-    assert time.monotonic() - started < 1.4
+    assert time.monotonic() - started < 0.75
     started = time.monotonic()
     assert cache.fetch(url, timeout=urllib3.Timeout(connect=5, read=5)).read() == b"late"
-    assert time.monotonic() - started >= 1.4
+    assert time.monotonic() - started >= 0.75
     assert len(fault_origin.hits("/slow")) == 2
 
 
