@@ -5593,7 +5593,7 @@ def test_kill9_at_random_moments_keeps_cache_consistent(
     rng = random.Random(1234)
     # The dripped download takes ~0.36 s; the worker renews its lease while it runs, so a
     # lease shorter than the download is fine and ends soon after a kill.
-    lease_sec = 0.25
+    lease_sec = 0.15
     kwargs = {"timeout": 2.0, "retries": 0, "max_retry_wait": 1.0,
               "download_lease_sec": lease_sec}
     contents = {}
@@ -5655,7 +5655,7 @@ def test_kill9_at_random_moments_keeps_cache_consistent(
         for row in cache.versions(url):
             if row.read() not in contents.values():
                 found.append(f"ready {row.version} has content nobody served")
-        time.sleep(max(0.0, killed_at + lease_sec + 0.15 - time.monotonic()))  # its lease has ended
+        time.sleep(max(0.0, killed_at + lease_sec + 0.1 - time.monotonic()))  # its lease has ended
         cache.gc()
         leftovers = [(row.version, row.status) for row in cache.versions(url, status=None)
                      if row.status in ("wait", "in_progress")]
