@@ -6088,9 +6088,6 @@ class Cache:
 
     @staticmethod
     def _setting_changes(call: _FetchCall, request) -> dict:
-        if (call.configuration is None and call.description is None and call.documentation_link is None
-                and call.hash_type is None):
-            return {}  # the usual call: nothing passed that is stored with the request
         changes = {}
         if call.configuration is not None:
             stored = call.configuration.model_dump_json()
